@@ -1,0 +1,1527 @@
+"""Learning to Train with Synthetic Humans (Hoffmann et al., GCPR 2019): a minimal reproduction.
+
+One file, in the order data flows:
+  config -> skeleton -> datasets (COCO-format, demo benchmark, person bank) -> person-centric
+  crops and compositing -> targets and loss masks -> batches -> networks -> loss ->
+  inference and grouping -> COCO evaluation -> teacher -> training loop -> benchmark -> main.
+
+    python repro.py --mode augmented                 # demo benchmark, rendered on first use
+    python repro.py --mode real --coco-root COCO     # real COCO through pycocotools
+    python repro.py --mode eval --ckpt results/RUN/ckpt.pt
+    python repro.py --bench
+
+Facts of the paper and its released code are in PAPER.md of the project notes; every constant
+taken from there says so ("paper code: ...").  Our own choices are listed in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+cv2.setNumThreads(1)  # cv2's own pool fights torch for the cores; our images are small
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+MODES = ("real", "synthetic", "augmented", "student-teacher", "eval")
+
+
+@dataclass
+class Config:
+    mode: str = "augmented"
+    preset: str = "demo"
+    # data
+    data: str = "auto"  # auto | demo | coco
+    coco_root: str | None = None
+    train_json: str | None = None
+    train_images: str | None = None
+    val_json: str | None = None
+    val_images: str | None = None
+    synthetic_json: str | None = None  # purely synthetic scenes (COCO json, images beside in images/)
+    bank_json: str | None = None  # person bank (RGBA people, COCO json)
+    demo_dir: str = "data/demo"
+    demo_size: str = "small"  # small (first-run default) | large (experiments)
+    max_val_images: int = 0  # 0 = all
+    # method
+    synthetic_loss: str = "mask"  # mask (paper's best: pasted people out of the loss) | include
+    paste_mean: float = 4.0  # paper: Poisson(4) pasted people per real image ...
+    paste_min: int = 2  # ... at least 2
+    # network
+    arch: str = "small"
+    stages: int = 3
+    width: int = 96
+    pretrained: bool = False
+    # geometry (paper preset: 368 input, stride 8, sigma 7, PAF half-width 8)
+    input_size: int = 128
+    stride: int = 4
+    sigma: float = 7.0 * 128 / 368
+    paf_width: float = 8.0 * 128 / 368
+    person_fraction: float = 250 / 368  # paper code: scale 1.25/person_scale, MPII scale = height/200
+    scale_range: tuple[float, float] = (0.4, 1.6)  # paper code: x U(0.4, 1.6)
+    max_rotation: float = 40.0  # paper code: U(-40, 40) deg
+    max_center_offset: float = 49.0 * 128 / 368  # paper code: 0-49 px crop offset at 368
+    flip_prob: float = 0.5
+    # optimisation
+    batch_size: int = 16
+    lr: float = 1e-3
+    beta1: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | step (paper: x0.33 every 20k steps)
+    lr_step: int = 20000
+    lr_gamma: float = 0.33
+    steps: int = 2000
+    minutes: float = 0.0  # wall-clock training budget; 0 = use steps only
+    init: str | None = None
+    # inference
+    eval_height: int = 192  # whole val images are resized so their height is this at scale 1.0
+    eval_scales: tuple[float, ...] = (0.7, 1.0, 1.3)  # paper code
+    eval_flip: bool = False
+    eval_minutes: tuple[float, ...] = ()  # also evaluate when training time crosses these marks
+    # teacher
+    teacher_attribute: str = "min_dist"
+    teacher_arch: str = "small"
+    teacher_data: str = "synthetic"
+    teacher_interval: int = 20  # paper code: teacher acts every 20 student steps
+    bins: int = 10  # paper code: 10 bins
+    teacher_uniform: bool = False  # baseline: the same loop with uniform sampling
+    # run
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    ckpt: str | None = None
+    ckpt_every: int = 200
+    log_every: int = 20
+    workers: int = -1  # -1: pick by device
+    device: str = "auto"
+    amp: bool = True
+    threads: int = 0
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's student and schedule (paper code: Adam 5e-5, beta1 0.8, x0.33 every 20k steps,
+    # batch 16 synthetic/mixed + 16 real, 368 input, stride 8, 6 stages).
+    "paper": dict(arch="openpose", stages=6, input_size=368, stride=8, sigma=7.0, paf_width=8.0,
+                  max_center_offset=49.0, batch_size=32, lr=5e-5, beta1=0.8, lr_schedule="step",
+                  lr_step=20000, lr_gamma=0.33, steps=100000, eval_height=368, teacher_arch="vgg19",
+                  ckpt_every=2000, log_every=100, demo_size="large"),
+    # CPU scale: small input and light backbone; see README "Deviations and choices".
+    "demo": dict(arch="small", stages=3, width=96, input_size=128, stride=4, sigma=7.0 * 128 / 368,
+                 paf_width=8.0 * 128 / 368, max_center_offset=49.0 * 128 / 368, batch_size=16,
+                 lr=1e-3, beta1=0.9, lr_schedule="cosine", steps=2000, eval_height=192,
+                 teacher_arch="small"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default="augmented",
+                   help="training regime (real | synthetic | augmented | student-teacher) or eval")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="paper: the paper's network and schedule; demo: CPU-sized")
+    p.add_argument("--bench", action="store_true", help="print speed figures and exit")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.name in ("mode", "preset"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=FLAG_HELP.get(f.name, ""))
+        elif isinstance(value, tuple):
+            p.add_argument(flag, type=float, nargs="*", default=None, help=FLAG_HELP.get(f.name, ""))
+        else:
+            kind = type(value) if value is not None else str
+            p.add_argument(flag, type=kind, default=None, help=FLAG_HELP.get(f.name, ""))
+    args = p.parse_args(argv)
+    values = dataclasses.asdict(defaults) | PRESETS[args.preset]
+    values |= {k: v for k, v in vars(args).items() if v is not None and k in values}
+    for name in ("scale_range", "eval_scales", "eval_minutes"):
+        values[name] = tuple(values[name])
+    return Config(**values), args
+
+
+FLAG_HELP = {
+    "data": "auto: coco when --coco-root/--train-json is given, else the built-in demo benchmark",
+    "coco_root": "COCO root with train2017/, val2017/, annotations/person_keypoints_*2017.json",
+    "train_json": "any COCO-format keypoint json for training (with --train-images)",
+    "train_images": "image folder of --train-json",
+    "val_json": "COCO-format keypoint json to evaluate on (with --val-images)",
+    "val_images": "image folder of --val-json",
+    "synthetic_json": "purely synthetic scenes from render_humans.py (default: the demo's)",
+    "bank_json": "person bank from render_humans.py --kind bank (default: the demo's)",
+    "demo_dir": "where the built-in demo benchmark is rendered and cached",
+    "demo_size": "small: quick first run; large: more images for experiments",
+    "max_val_images": "evaluate on at most this many val images (0 = all)",
+    "synthetic_loss": "mask: pasted people are out of the loss (paper's best); include: supervised",
+    "paste_mean": "mean of the Poisson number of pasted people per augmented image",
+    "paste_min": "least number of pasted people per augmented image",
+    "arch": "openpose: VGG-19 + 6 CPM stages (paper); small: light backbone for CPUs",
+    "stages": "number of prediction stages (paper: 6)",
+    "width": "channels of the small network's stages",
+    "pretrained": "load torchvision's ImageNet VGG-19 weights (needs a download or a cached file)",
+    "input_size": "training crop side in pixels (paper: 368)",
+    "stride": "output stride of the network (paper: 8)",
+    "sigma": "heatmap Gaussian sigma in input pixels (paper: 7 at 368)",
+    "paf_width": "half-width of a limb's PAF in input pixels (paper: 8 at 368)",
+    "person_fraction": "a crop's centre person is scaled to this fraction of the input height ...",
+    "scale_range": "... times U(lo, hi) (paper: 0.4 1.6)",
+    "max_rotation": "rotation augmentation U(-r, r) degrees (paper: 40)",
+    "max_center_offset": "crop centre jitter in input pixels (paper: 49 at 368)",
+    "flip_prob": "horizontal flip probability (paper: 0.5), with left/right swap",
+    "batch_size": "crops per step; mixed modes use half synthetic/augmented, half real",
+    "lr": "Adam learning rate (paper: 5e-5)",
+    "beta1": "Adam beta1 (paper: 0.8)",
+    "weight_decay": "AdamW weight decay",
+    "lr_schedule": "cosine (demo) or step (paper: x lr_gamma every lr_step steps)",
+    "lr_step": "steps between learning-rate drops for the step schedule",
+    "lr_gamma": "factor of each learning-rate drop",
+    "steps": "training steps",
+    "minutes": "wall-clock training budget in minutes (0: steps only); the schedule follows it",
+    "init": "start from this checkpoint's weights (paper: a real-only student)",
+    "eval_height": "val images are resized to this height at scale 1.0",
+    "eval_scales": "inference scales (paper: 0.7 1.0 1.3)",
+    "eval_flip": "also average the flipped image's maps",
+    "eval_minutes": "evaluate on val when the training time crosses these minutes",
+    "teacher_attribute": "person attribute binned for the teacher",
+    "teacher_arch": "vgg19 (paper) or small",
+    "teacher_data": "synthetic scenes or augmented real images as the teacher's samples",
+    "teacher_interval": "student steps between teacher decisions (paper: 20)",
+    "bins": "number of bins of the teacher attribute (paper: 10)",
+    "teacher_uniform": "baseline: same loop, uniform sampling over all synthetic samples",
+    "seed": "seed for python, numpy and torch",
+    "out": "run folder (default results/<mode>-<data>-s<seed>)",
+    "resume": "continue from the run folder's checkpoint",
+    "ckpt": "checkpoint to evaluate (--mode eval)",
+    "ckpt_every": "steps between checkpoints",
+    "log_every": "steps between metric lines",
+    "workers": "data loader processes (-1: 0 on CPU, 4 on CUDA)",
+    "device": "auto | cpu | cuda",
+    "amp": "mixed precision on CUDA",
+    "threads": "torch CPU threads (0: torch's default)",
+}
+
+
+class ReproError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Skeleton: COCO-17 + neck as OpenPose (18 parts + background, 19 limbs = 38 PAF channels)
+# ----------------------------------------------------------------------------------------------
+
+COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+                  "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+                  "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")
+PARTS = COCO_KEYPOINTS + ("neck",)
+NECK = 17
+NUM_PARTS = len(PARTS)  # 18
+NUM_HEAT = NUM_PARTS + 1  # + background
+_n = {name: i for i, name in enumerate(PARTS)}
+LIMBS = np.array([(_n[a], _n[b]) for a, b in [  # OpenPose COCO order
+    ("neck", "right_shoulder"), ("neck", "left_shoulder"), ("right_shoulder", "right_elbow"),
+    ("right_elbow", "right_wrist"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
+    ("neck", "right_hip"), ("right_hip", "right_knee"), ("right_knee", "right_ankle"),
+    ("neck", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle"),
+    ("neck", "nose"), ("nose", "right_eye"), ("right_eye", "right_ear"), ("nose", "left_eye"),
+    ("left_eye", "left_ear"), ("right_shoulder", "right_ear"), ("left_shoulder", "left_ear")]])
+NUM_LIMBS = len(LIMBS)  # 19
+NUM_PAF = 2 * NUM_LIMBS  # 38
+FLIP_PARTS = np.array([_n[n.replace("left", "@").replace("right", "left").replace("@", "right")]
+                       for n in PARTS])
+# A flipped limb (a, b) is the limb (flip a, flip b); its PAF's x component changes sign.
+FLIP_LIMBS = np.array([next(j for j, (c, d) in enumerate(LIMBS) if (c, d) == (FLIP_PARTS[a], FLIP_PARTS[b]))
+                       for a, b in LIMBS])
+MIN_CENTRE_KEYPOINTS = 5  # OpenPose COCO: people with >= 5 keypoints are crop centres
+
+
+def add_neck(keypoints17: np.ndarray) -> np.ndarray:
+    """(..., 17, 3) COCO keypoints -> (..., 18, 3) with the neck as the shoulder midpoint."""
+    sho = keypoints17[..., [5, 6], :]
+    labelled = (sho[..., 0, 2] > 0) & (sho[..., 1, 2] > 0)
+    neck = np.zeros(keypoints17.shape[:-2] + (1, 3), np.float32)
+    neck[..., 0, :2] = sho[..., :2].mean(-2)
+    neck[..., 0, 2] = np.where(labelled, np.minimum(sho[..., 0, 2], sho[..., 1, 2]), 0)
+    return np.concatenate([keypoints17.astype(np.float32), neck], -2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: COCO-format json + images (real, stand-in, synthetic scenes, person bank)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    keypoints: np.ndarray  # (P, 18, 3) in image pixels, v: 0 unlabelled, 1 occluded, 2 visible
+    boxes: np.ndarray  # (P, 4) x, y, w, h
+    attributes: dict[str, np.ndarray]  # per person, e.g. min_dist, camera_angle (synthetic data)
+    ignore_rles: list = field(default_factory=list)  # crowd regions, people without keypoints
+
+
+@dataclass
+class KeypointSet:
+    """A COCO-format keypoint dataset: its json path and one record per image."""
+    json_path: Path
+    records: list[ImageRecord]
+    images: dict[int, np.ndarray] | None = None  # decoded images, when the set fits in memory
+
+    def image(self, index: int) -> np.ndarray:
+        rec = self.records[index]
+        if self.images is not None and rec.image_id in self.images:
+            return self.images[rec.image_id]
+        return read_image(rec.path, cv2.IMREAD_UNCHANGED if rec.path.suffix == ".png" else cv2.IMREAD_COLOR)
+
+    def preload(self, max_pixels: float = 4e8) -> None:
+        """Decode everything once when it fits in memory (the demo sets, person banks)."""
+        if sum(r.width * r.height for r in self.records) <= max_pixels:
+            self.images = {r.image_id: self.image(i) for i, r in enumerate(self.records)}
+
+    def centre_people(self) -> np.ndarray:
+        """(N, 2) (record, person) pairs that may be a crop's centre person."""
+        pairs = [(i, p) for i, r in enumerate(self.records)
+                 for p in range(len(r.keypoints)) if (r.keypoints[p, :17, 2] > 0).sum() >= MIN_CENTRE_KEYPOINTS]
+        return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    if not path.is_file():
+        raise ReproError(f"image not found: {path} (check the images folder given with the json)")
+    img = cv2.imread(str(path), flags)
+    if img is None:
+        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image; "
+                         "replace it or remove it from the json")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    return img
+
+
+def load_keypoint_set(json_path: str | Path, images_dir: str | Path) -> KeypointSet:
+    """Loads any COCO-format person-keypoint json with pycocotools."""
+    from pycocotools.coco import COCO
+
+    json_path, images_dir = Path(json_path), Path(images_dir)
+    if not json_path.is_file():
+        raise ReproError(f"annotation file not found: {json_path}")
+    if not images_dir.is_dir():
+        raise ReproError(f"image folder not found: {images_dir}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(json_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReproError(f"{json_path} is not valid json ({e}); re-download or re-render it") from None
+    except (KeyError, TypeError, AssertionError) as e:
+        raise ReproError(f"{json_path} is not a COCO-format annotation file (missing {e})") from None
+    anns = coco.dataset.get("annotations", [])
+    if not anns or not any("keypoints" in a for a in anns):
+        raise ReproError(f"{json_path} has no person keypoints: expected COCO person_keypoints "
+                         "annotations with 17 (x, y, v) keypoints each")
+    records = []
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.imgs[image_id]
+        people, boxes, ignore, attrs = [], [], [], {}
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+            kp = np.asarray(a.get("keypoints", []), np.float32)
+            if a.get("iscrowd", 0) or a.get("num_keypoints", int((kp[2::3] > 0).sum()) if kp.size else 0) == 0:
+                if a.get("segmentation"):
+                    ignore.append(coco.annToRLE(a))
+                continue
+            if kp.size != 51:
+                raise ReproError(f"{json_path}: annotation {a.get('id')} has {kp.size // 3} keypoints, "
+                                 "expected COCO's 17 (51 numbers)")
+            people.append(kp.reshape(17, 3))
+            boxes.append(a.get("bbox", keypoint_box(kp.reshape(17, 3))))
+            for key in ATTRIBUTES:
+                attrs.setdefault(key, []).append(float(a.get(key, np.nan)))
+        records.append(ImageRecord(
+            image_id=image_id, path=images_dir / info["file_name"], width=int(info["width"]),
+            height=int(info["height"]),
+            keypoints=add_neck(np.array(people, np.float32).reshape(-1, 17, 3)),
+            boxes=np.array(boxes, np.float32).reshape(-1, 4),
+            attributes={k: np.array(v, np.float32) for k, v in attrs.items()}, ignore_rles=ignore))
+    return KeypointSet(json_path, records)
+
+
+ATTRIBUTES = ("min_dist", "camera_angle", "visibility_ratio", "truncation", "scale", "num_people")
+
+
+def keypoint_box(kp: np.ndarray) -> list[float]:
+    pts = kp[kp[:, 2] > 0, :2]
+    if len(pts) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    lo, hi = pts.min(0), pts.max(0)
+    return [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])]
+
+
+def ignore_mask(rec: ImageRecord) -> np.ndarray:
+    """uint8 (H, W): 255 where the loss counts, 0 in crowd regions and unlabelled people (mask_miss)."""
+    from pycocotools import mask as mask_utils
+
+    mask = np.full((rec.height, rec.width), 255, np.uint8)
+    for rle in rec.ignore_rles:
+        mask[mask_utils.decode(rle).astype(bool)] = 0
+    return mask
+
+
+@dataclass
+class Data:
+    train: KeypointSet
+    val: KeypointSet
+    synthetic: KeypointSet | None
+    bank: KeypointSet | None
+    name: str  # "demo" or "coco"/the json's name: labels every result
+
+
+# The demo benchmark: a stand-in for real photos (train/val, disjoint seeds) and the synthetic
+# data, all rendered by render_humans.py.  Sizes chosen so a first run renders in a few minutes.
+DEMO_SIZES = {
+    "small": dict(standin_train=400, standin_val=100, synthetic=300, bank=300),
+    "large": dict(standin_train=2000, standin_val=200, synthetic=1000, bank=800),
+}
+DEMO_STANDIN = dict(style="standin", image_size=256, mean_people=2.5, min_people=1,
+                    camera_distance=(6.0, 0.5))
+DEMO_SYNTHETIC = dict(style="synthetic", image_size=320, mean_people=5.0, min_people=2,
+                      camera_distance=(7.0, 0.5))
+DEMO_BANK = dict(style="synthetic", image_size=160)
+
+
+def build_demo(cfg: Config) -> dict[str, Path]:
+    """Renders the demo benchmark on first use; later calls find the cache and return at once."""
+    import render_humans as rh
+
+    sizes = DEMO_SIZES[cfg.demo_size]
+    root = Path(cfg.demo_dir) / cfg.demo_size
+    jobs = {
+        "train": dict(kind="scenes", num_images=sizes["standin_train"], seed=1000, **DEMO_STANDIN),
+        "val": dict(kind="scenes", num_images=sizes["standin_val"], seed=2000, **DEMO_STANDIN),
+        "synthetic": dict(kind="scenes", num_images=sizes["synthetic"], seed=3000, **DEMO_SYNTHETIC),
+        "bank": dict(kind="bank", num_images=sizes["bank"], seed=4000, **DEMO_BANK),
+    }
+    paths = {}
+    for name, job in jobs.items():
+        out = root / name
+        if not (out / "annotations.json").is_file():
+            print(f"rendering the demo benchmark's {name} split into {out} (first use only)")
+        paths[name] = Path(rh.render_dataset(out, progress=True, **job))
+    return paths
+
+
+def load_data(cfg: Config) -> Data:
+    if cfg.coco_root:
+        root = Path(cfg.coco_root)
+        if not root.is_dir():
+            raise ReproError(f"--coco-root {root} does not exist; expected train2017/, val2017/ and "
+                             "annotations/person_keypoints_{train,val}2017.json inside")
+        cfg.train_json = cfg.train_json or str(root / "annotations/person_keypoints_train2017.json")
+        cfg.train_images = cfg.train_images or str(root / "train2017")
+        cfg.val_json = cfg.val_json or str(root / "annotations/person_keypoints_val2017.json")
+        cfg.val_images = cfg.val_images or str(root / "val2017")
+    real = bool(cfg.train_json or cfg.val_json)
+    if cfg.data == "coco" and not real:
+        raise ReproError("--data coco needs --coco-root DIR or --train-json/--train-images/--val-json/--val-images")
+    demo = None
+    if not real or cfg.mode in ("synthetic", "augmented", "student-teacher") and not (
+            cfg.synthetic_json and cfg.bank_json):
+        demo = build_demo(cfg)
+    if real:
+        for flag in ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ()):
+            if not getattr(cfg, flag):
+                raise ReproError(f"--{flag.replace('_', '-')} is missing (or give --coco-root)")
+        train = load_keypoint_set(cfg.train_json, cfg.train_images) if cfg.mode != "eval" else None
+        val = load_keypoint_set(cfg.val_json, cfg.val_images)
+        name = "coco" if cfg.coco_root else Path(cfg.val_json).stem
+    else:
+        train = load_keypoint_set(demo["train"], demo["train"].parent / "images")
+        val = load_keypoint_set(demo["val"], demo["val"].parent / "images")
+        name = "demo"
+    syn_json = Path(cfg.synthetic_json) if cfg.synthetic_json else demo and demo["synthetic"]
+    bank_json = Path(cfg.bank_json) if cfg.bank_json else demo and demo["bank"]
+    synthetic = load_keypoint_set(syn_json, syn_json.parent / "images") if syn_json else None
+    bank = load_keypoint_set(bank_json, bank_json.parent / "images") if bank_json else None
+    if bank is not None:
+        bank.preload()
+    for s in (train, val, synthetic):
+        if s is not None:
+            s.preload()
+    return Data(train, val, synthetic, bank, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Person-centric crops and compositing (numpy + cv2; one affine warp per crop)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    image: np.ndarray  # (S, S, 3) uint8 BGR crop
+    keypoints: np.ndarray  # (P, 18, 3) people in the targets, crop pixels
+    pasted: np.ndarray  # (Q, 18, 3) pasted people kept out of the loss ("mask")
+    mask: np.ndarray  # (S, S) uint8, 255 where the loss counts
+
+
+def crop_affine(centre: np.ndarray, person_height: float, cfg: Config, rng: np.random.Generator | None):
+    """2x3 matrix from image to crop pixels and whether it flips; rng None = no augmentation."""
+    size = cfg.input_size
+    scale = cfg.person_fraction * size / max(person_height, 1.0)
+    angle, offset, flip = 0.0, np.zeros(2), False
+    if rng is not None:
+        scale *= rng.uniform(*cfg.scale_range)
+        angle = math.radians(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
+        offset = rng.uniform(-1, 1, 2) * cfg.max_center_offset
+        flip = bool(rng.random() < cfg.flip_prob)
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    linear = np.array([[c, s], [-s, c]])
+    shift = (size - 1) / 2 + offset - linear @ centre
+    if flip:
+        linear, shift = linear * [[-1], [1]], shift * [-1, 1] + [size - 1, 0]
+    return np.hstack([linear, shift[:, None]]).astype(np.float32), flip
+
+
+def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray, flip: bool) -> np.ndarray:
+    out = keypoints.copy()
+    out[..., :2] = keypoints[..., :2] @ affine[:, :2].T + affine[:, 2]
+    return out[..., FLIP_PARTS, :] if flip else out
+
+
+def crop_person(image: np.ndarray, mask: np.ndarray | None, rec: ImageRecord, person: int,
+                cfg: Config, rng: np.random.Generator | None) -> Sample:
+    box = rec.boxes[person]
+    centre = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
+    affine, flip = crop_affine(centre, box[3], cfg, rng)
+    size = (cfg.input_size, cfg.input_size)
+    crop = cv2.warpAffine(image, affine, size, flags=cv2.INTER_LINEAR, borderValue=(128, 128, 128))
+    # Padding counts as background (OpenPose warps mask_miss with border 255).
+    crop_mask = (np.full(size, 255, np.uint8) if mask is None else
+                 cv2.warpAffine(mask, affine, size, flags=cv2.INTER_NEAREST, borderValue=255))
+    return Sample(crop, transform_keypoints(rec.keypoints, affine, flip), np.zeros((0, NUM_PARTS, 3), np.float32),
+                  crop_mask)
+
+
+def covered(keypoints: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """(..., 18) bool: keypoint inside the crop and under a pasted person's opaque pixels."""
+    h, w = alpha.shape
+    xy = np.round(keypoints[..., :2]).astype(np.int64)
+    inside = (xy[..., 0] >= 0) & (xy[..., 0] < w) & (xy[..., 1] >= 0) & (xy[..., 1] < h)
+    hit = np.zeros(keypoints.shape[:-1], bool)
+    hit[inside] = alpha[xy[..., 1][inside], xy[..., 0][inside]] > 0.5
+    return hit
+
+
+def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.Generator) -> Sample:
+    """Pastes Poisson(paste_mean) (>= paste_min) bank people in front of a real crop.
+
+    Real joints they cover become occluded (v=1) and stay supervised (paper). Pasting happens in
+    crop space, at the real people's scale distribution and anywhere in the crop (README)."""
+    size = cfg.input_size
+    image = sample.image.astype(np.float32)
+    keypoints, pasted = sample.keypoints.copy(), []
+    for _ in range(max(cfg.paste_min, int(rng.poisson(cfg.paste_mean)))):
+        j = int(rng.integers(len(bank.records)))
+        rgba, kp = bank.image(j), bank.records[j].keypoints[0]
+        height = cfg.person_fraction * size * rng.uniform(*cfg.scale_range)
+        s = height / rgba.shape[0]
+        flip = bool(rng.random() < 0.5)
+        centre = rng.uniform(0, size, 2)
+        linear = np.diag([-s if flip else s, s])
+        shift = centre - linear @ (np.array(rgba.shape[1::-1]) - 1) / 2
+        affine = np.hstack([linear, shift[:, None]]).astype(np.float32)
+        layer = cv2.warpAffine(rgba, affine, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+        alpha = layer[..., 3:].astype(np.float32) / 255
+        image = image * (1 - alpha) + layer[..., :3] * alpha
+        hidden = covered(keypoints, alpha[..., 0]) & (keypoints[..., 2] == 2)
+        keypoints[..., 2][hidden] = 1
+        for p in pasted:
+            p[..., 2][covered(p, alpha[..., 0]) & (p[..., 2] == 2)] = 1
+        pasted.append(transform_keypoints(kp[None], affine, flip)[0])
+    pasted = np.array(pasted, np.float32).reshape(-1, NUM_PARTS, 3)
+    image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    if cfg.synthetic_loss == "include":
+        return Sample(image, np.concatenate([keypoints, pasted]), pasted[:0], sample.mask)
+    return Sample(image, keypoints, pasted, sample.mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets and loss masks (torch, vectorised over batch, people, parts and grid)
+# ----------------------------------------------------------------------------------------------
+
+def grids(size: int | tuple[int, int], stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-pixel centres of the output cells along y and x."""
+    h, w = (size, size) if isinstance(size, int) else size
+    # paper code (OpenPose): output cell i sits on input pixel i*stride + (stride-1)/2
+    def centres(n):
+        return torch.arange(n // stride, device=device, dtype=torch.float32) * stride + (stride - 1) / 2
+    return centres(h), centres(w)
+
+
+def heatmap_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
+                    sigma: float) -> torch.Tensor:
+    """(B, P, 18, 3) -> (B, 19, H, W): Gaussians merged by max; the last channel is background.
+
+    size: the input's side, or its (height, width); the grid is size // stride."""
+    gy, gx = grids(size, stride, keypoints.device)
+    dx2 = (gx - keypoints[..., 0, None]) ** 2  # (B, P, 18, W)
+    dy2 = (gy - keypoints[..., 1, None]) ** 2  # (B, P, 18, H)
+    exponent = (dy2[..., :, None] + dx2[..., None, :]) / (2 * sigma ** 2)
+    # paper code: Gaussians truncated where exp(-d^2 / 2 sigma^2) < 0.01
+    heat = torch.where(exponent <= math.log(100), torch.exp(-exponent), 0.0)
+    heat = heat * (keypoints[..., 2] > 0)[..., None, None]
+    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], NUM_PARTS, len(gy), len(gx))
+    return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
+
+
+def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
+                width: float) -> torch.Tensor:
+    """(B, P, 18, 3) -> (B, 38, H, W): unit limb vectors within `width` px, averaged over people."""
+    gy, gx = grids(size, stride, keypoints.device)
+    a, b = keypoints[:, :, LIMBS[:, 0]], keypoints[:, :, LIMBS[:, 1]]  # (B, P, L, 3)
+    d = b[..., :2] - a[..., :2]
+    length = d.norm(dim=-1)
+    valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
+    u = d / length.clamp(min=1e-3)[..., None]
+    rx = gx[None, :] - a[..., 0, None, None]  # (B, P, L, 1, W)
+    ry = gy[:, None] - a[..., 1, None, None]  # (B, P, L, H, 1)
+    along = rx * u[..., 0, None, None] + ry * u[..., 1, None, None]
+    across = (rx * u[..., 1, None, None] - ry * u[..., 0, None, None]).abs()
+    # Like OpenPose's bounding box, the field reaches `width` past both joints, so that short
+    # limbs (eye-ear) still hold enough samples for the line integral.
+    inside = (along >= -width) & (along <= length[..., None, None] + width) & (across <= width)
+    inside = inside & valid[..., None, None]
+    count = inside.sum(1).clamp(min=1)  # (B, L, H, W)
+    field_ = (inside[..., None, :, :] * u[..., None, None]).sum(1) / count[:, :, None]  # (B, L, 2, H, W)
+    b_, l_, _, h_, w_ = field_.shape
+    return field_.reshape(b_, 2 * l_, h_, w_)
+
+
+def flip_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Mirror (B, 38 + 19, H, W) maps: swap left/right channels, negate PAF x."""
+    paf, heat = maps[:, :NUM_PAF].flip(-1), maps[:, NUM_PAF:].flip(-1)
+    paf = paf.reshape(paf.shape[0], NUM_LIMBS, 2, *paf.shape[2:])[:, FLIP_LIMBS]
+    paf = paf * torch.tensor([-1.0, 1.0], device=maps.device)[None, None, :, None, None]
+    heat = heat[:, list(FLIP_PARTS) + [NUM_PARTS]]
+    return torch.cat([paf.flatten(1, 2), heat], 1)
+
+
+PASTED_MASK_THRESHOLD = 0.25  # paper code (volumetricMask): heatmap / PAF magnitude > 0.25
+
+
+def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Tensor, cfg: Config):
+    """Targets (B, 57, H, W) in network output order (38 PAF, 19 heat) and the loss mask.
+
+    ignore: (B, S, S) uint8 crop masks; pasted: people kept out of the loss."""
+    size, stride = cfg.input_size, cfg.stride
+    target = torch.cat([paf_targets(keypoints, size, stride, cfg.paf_width),
+                        heatmap_targets(keypoints, size, stride, cfg.sigma)], 1)
+    grid = size // stride
+    mask = F.adaptive_avg_pool2d(ignore[:, None].float() / 255, grid)  # area-downsampled mask_miss
+    mask = mask.expand(-1, NUM_PAF + NUM_HEAT, -1, -1)
+    if pasted.shape[1]:
+        heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :NUM_PARTS]
+        paf = paf_targets(pasted, size, stride, cfg.paf_width)
+        paf_mag = paf.reshape(paf.shape[0], NUM_LIMBS, 2, grid, grid).norm(dim=2)
+        keep = torch.cat([(paf_mag <= PASTED_MASK_THRESHOLD).repeat_interleave(2, 1),
+                          heat <= PASTED_MASK_THRESHOLD,
+                          # background channel: the same rule on the pasted people's parts (the
+                          # paper code's background mask is broken; PAPER.md [ours])
+                          heat.amax(1, keepdim=True) <= PASTED_MASK_THRESHOLD], 1)
+        mask = mask * keep
+    return target, mask
+
+
+def supervised_joints(keypoints: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,) labelled COCO joints inside the crop: normalises a sample's loss for the teacher."""
+    xy, v = keypoints[..., :17, :2], keypoints[..., :17, 2]
+    inside = (xy >= 0).all(-1) & (xy <= size - 1).all(-1) & (v > 0)
+    return inside.flatten(1).sum(1).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: which samples a step trains on, built deterministically from (seed, step)
+# ----------------------------------------------------------------------------------------------
+
+REAL, AUGMENTED, SYNTHETIC = "real", "augmented", "synthetic"
+
+
+class BatchMaker:
+    """Turns a list of (source, record, person) specs into padded numpy arrays."""
+
+    def __init__(self, data: Data, cfg: Config):
+        self.data, self.cfg = data, cfg
+        self.sets = {REAL: data.train, AUGMENTED: data.train, SYNTHETIC: data.synthetic}
+        self.centres = {k: s.centre_people() for k, s in self.sets.items() if s is not None}
+        for k, c in self.centres.items():
+            if len(c) == 0:
+                raise ReproError(f"the {k} training set has no person with >= {MIN_CENTRE_KEYPOINTS} "
+                                 "labelled keypoints to centre a crop on")
+        self._masks: dict[tuple[str, int], np.ndarray | None] = {}
+
+    def mask(self, source: str, index: int) -> np.ndarray | None:
+        key = (source if source != AUGMENTED else REAL, index)
+        if key not in self._masks:
+            rec = self.sets[source].records[index]
+            self._masks[key] = ignore_mask(rec) if rec.ignore_rles else None
+        return self._masks[key]
+
+    def sample(self, source: str, index: int, person: int, rng: np.random.Generator | None) -> Sample:
+        kset = self.sets[source]
+        s = crop_person(kset.image(index), self.mask(source, index), kset.records[index], person, self.cfg, rng)
+        if source == AUGMENTED:
+            s = paste_people(s, self.data.bank, self.cfg, rng)
+        return s
+
+    def uniform_specs(self, source: str, n: int, rng: np.random.Generator) -> list[tuple[str, int, int]]:
+        picks = self.centres[source][rng.integers(len(self.centres[source]), size=n)]
+        return [(source, int(i), int(p)) for i, p in picks]
+
+    def batch(self, specs: list[tuple[str, int, int]], rng: np.random.Generator | None) -> dict:
+        samples = [self.sample(src, i, p, rng) for src, i, p in specs]
+        return collate(samples)
+
+
+def collate(samples: list[Sample]) -> dict:
+    def pad(arrays):
+        n = max(1, max(len(a) for a in arrays))
+        out = np.zeros((len(arrays), n, NUM_PARTS, 3), np.float32)
+        for i, a in enumerate(arrays):
+            out[i, :len(a)] = a
+        return out if any(len(a) for a in arrays) else out[:, :0]
+
+    return dict(image=np.stack([s.image for s in samples]), keypoints=pad([s.keypoints for s in samples]),
+                pasted=pad([s.pasted for s in samples]), mask=np.stack([s.mask for s in samples]))
+
+
+def batch_sources(mode: str, batch_size: int) -> list[str]:
+    """Per-slot sources: mixed modes fill half the batch (paper: 16 of 32), real the rest."""
+    other = {"synthetic": SYNTHETIC, "augmented": AUGMENTED, "student-teacher": SYNTHETIC}.get(mode)
+    if other is None:
+        return [REAL] * batch_size
+    return [other] * (batch_size // 2) + [REAL] * (batch_size - batch_size // 2)
+
+
+def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
+    # Data of step t depends on (seed, t) alone, so a resumed run sees exactly the same batches.
+    return np.random.default_rng([seed, step, rank])
+
+
+def plan_specs(maker: BatchMaker, mode: str, batch_size: int, rng: np.random.Generator,
+               synthetic_pool: np.ndarray | None = None) -> list[tuple[str, int, int]]:
+    """A step's specs; synthetic_pool (N, 2) restricts synthetic slots to a teacher's bin."""
+    specs = []
+    sources = batch_sources(mode, batch_size)
+    for source in dict.fromkeys(sources):
+        n = sources.count(source)
+        if source == SYNTHETIC and synthetic_pool is not None:
+            picks = synthetic_pool[rng.integers(len(synthetic_pool), size=n)]
+            specs += [(source, int(i), int(p)) for i, p in picks]
+        else:
+            specs += maker.uniform_specs(source, n, rng)
+    return specs
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item t is the whole batch of step start+t, so loader workers stay deterministic."""
+
+    def __init__(self, maker: BatchMaker, cfg: Config, start: int, stop: int, rank: int = 0):
+        self.maker, self.cfg, self.start, self.stop, self.rank = maker, cfg, start, stop, rank
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        rng = step_rng(self.cfg.seed, self.start + i, self.rank)
+        return self.maker.batch(plan_specs(self.maker, self.cfg.mode, self.cfg.batch_size, rng), rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks: OpenPose's two-branch multi-stage design on two backbones
+# ----------------------------------------------------------------------------------------------
+
+def conv(cin: int, cout: int, k: int, norm: bool = False, dilation: int = 1, relu: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=not norm)]
+    if norm:
+        layers.append(nn.BatchNorm2d(cout))
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+def branch(cin: int, hidden: int, head: int, cout: int, kernel: int, depth: int, norm: bool,
+           dilations: tuple[int, ...] | None = None) -> nn.Sequential:
+    dilations = dilations or (1,) * depth
+    layers = []
+    for i in range(depth):
+        layers += conv(cin if i == 0 else hidden, hidden, kernel, norm, dilations[i])
+    layers += conv(hidden, head, 1, norm) + conv(head, cout, 1, relu=False)
+    return nn.Sequential(*layers)
+
+
+class PoseNet(nn.Module):
+    """Backbone features -> stage 1 -> stages 2..T on concat(previous PAF, heatmaps, features).
+
+    forward returns every stage's (B, 38 + 19, H, W) maps: the loss supervises them all."""
+
+    def __init__(self, backbone: nn.Module, features: int, stages: int, stage1: dict, refine: dict):
+        super().__init__()
+        self.backbone = backbone
+        self.stages = nn.ModuleList()
+        for t in range(stages):
+            spec, cin = (stage1, features) if t == 0 else (refine, features + NUM_PAF + NUM_HEAT)
+            self.stages.append(nn.ModuleList([branch(cin, cout=NUM_PAF, **spec), branch(cin, cout=NUM_HEAT, **spec)]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(x)
+        outputs, inp = [], features
+        for paf_branch, heat_branch in self.stages:
+            out = torch.cat([paf_branch(inp), heat_branch(inp)], 1)
+            outputs.append(out)
+            inp = torch.cat([out, features], 1)
+        return outputs
+
+
+def openpose_net(stages: int = 6, pretrained: bool = False) -> PoseNet:
+    """The paper's student: VGG-19 conv1_1..conv4_2 + conv4_3_CPM 256 + conv4_4_CPM 128, stride 8."""
+    import torchvision
+
+    weights = None
+    if pretrained:
+        weights = torchvision.models.VGG19_Weights.IMAGENET1K_V1
+    try:
+        vgg = torchvision.models.vgg19(weights=weights)
+    except Exception as e:  # urllib/SSL/OSError: no network, no cached file
+        raise ReproError(f"--pretrained: cannot get torchvision's ImageNet VGG-19 weights ({type(e).__name__}); "
+                         "put vgg19-dcbb9e9d.pth into $TORCH_HOME/hub/checkpoints or drop --pretrained") from None
+    backbone = nn.Sequential(*vgg.features[:23], *conv(512, 256, 3), *conv(256, 128, 3))
+    return PoseNet(backbone, 128, stages,
+                   stage1=dict(hidden=128, head=512, kernel=3, depth=3, norm=False),  # paper code
+                   refine=dict(hidden=128, head=128, kernel=7, depth=5, norm=False))  # paper code
+
+
+def small_net(stages: int = 3, width: int = 96) -> PoseNet:
+    """CPU-sized student with the same two-branch stages: a stride-4 stem (downsample early, where
+    convolutions are cheap) and dilated 3x3 refinement convs in place of 7x7 for the receptive field."""
+    backbone = nn.Sequential(
+        *conv(3, 32, 3, True), nn.MaxPool2d(2),
+        *conv(32, 64, 3, True), nn.MaxPool2d(2),
+        *conv(64, 96, 3, True), *conv(96, 128, 3, True, 2), *conv(128, 128, 3, True))
+    return PoseNet(backbone, 128, stages,
+                   stage1=dict(hidden=width, head=2 * width, kernel=3, depth=3, norm=True),
+                   refine=dict(hidden=width, head=width, kernel=3, depth=5, norm=True, dilations=(1, 2, 4, 2, 1)))
+
+
+def build_model(cfg: Config) -> PoseNet:
+    if cfg.arch == "openpose":
+        return openpose_net(cfg.stages, cfg.pretrained)
+    if cfg.arch == "small":
+        return small_net(cfg.stages, cfg.width)
+    raise ReproError(f"unknown --arch {cfg.arch}: use openpose or small")
+
+
+IMAGE_MEAN = torch.tensor([0.406, 0.456, 0.485]) * 255  # torchvision's ImageNet statistics, BGR
+IMAGE_STD = torch.tensor([0.225, 0.224, 0.229]) * 255
+
+
+def to_input(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 BGR -> normalised float (B, 3, H, W), channels-last in memory."""
+    x = torch.as_tensor(images).to(device, non_blocking=True).float()
+    x = (x - IMAGE_MEAN.to(device)) / IMAGE_STD.to(device)
+    return x.permute(0, 3, 1, 2)  # a permuted NHWC tensor is already channels-last
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+def pose_loss(outputs: list[torch.Tensor], target: torch.Tensor, mask: torch.Tensor):
+    """paper code: sum over stages of 0.5 * sum(M * (pred - gt)^2) / batch.
+
+    Also returns each sample's last-stage loss (the teacher's hardness, before normalising)."""
+    batch = target.shape[0]
+    stage_losses = [0.5 * (mask * (o.float() - target) ** 2).flatten(1).sum(1) for o in outputs]
+    return sum(l.sum() for l in stage_losses) / batch, stage_losses[-1].detach()
+
+
+def peak_hits(heat: torch.Tensor, keypoints: torch.Tensor, stride: int, radius: int = 1,
+              threshold: float = 0.1) -> tuple[int, int]:
+    """Cheap learning signal: (hits, labelled keypoints) where the maximum of the part's heatmap
+    in a window of 3 * radius cells around the truth is above `threshold` and within `radius`
+    cells of it. Random maps score about 1/5; maps of stride `stride`, radius in map pixels."""
+    parts = heat[:, :NUM_PARTS].float()
+    b, _, h, w = parts.shape
+    reach = 3 * radius
+    cell = torch.round((keypoints[..., :2] - (stride - 1) / 2) / stride).long()  # (B, P, 18, 2)
+    ok = (keypoints[..., 2] > 0) & (cell[..., 0] >= 0) & (cell[..., 0] < w) & (cell[..., 1] >= 0) & (cell[..., 1] < h)
+    bi, pi, ki = torch.nonzero(ok, as_tuple=True)
+    if len(bi) == 0:
+        return 0, 0
+    padded = F.pad(parts, (reach, reach, reach, reach), value=-1.0)
+    offsets = torch.arange(-reach, reach + 1, device=heat.device)
+    ys = cell[bi, pi, ki, 1, None, None] + reach + offsets[None, :, None]  # (K, n, 1)
+    xs = cell[bi, pi, ki, 0, None, None] + reach + offsets[None, None, :]  # (K, 1, n)
+    window = padded[bi[:, None, None], ki[:, None, None], ys, xs].flatten(1)  # (K, n * n)
+    best, where = window.max(1)
+    n = len(offsets)
+    dy, dx = offsets[where // n], offsets[where % n]
+    hits = (best > threshold) & (dy.abs() <= radius) & (dx.abs() <= radius)
+    return int(hits.sum()), len(bi)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: multi-scale maps -> peaks -> greedy PAF grouping (paper's thresholds)
+# ----------------------------------------------------------------------------------------------
+
+HEAT_THRESHOLD = 0.05  # paper code: peaks above 0.05
+PAF_THRESHOLD = 0.01  # paper code: a limb sample counts when its PAF score is above 0.01 ...
+LIMB_SAMPLES, LIMB_MIN_HITS = 10, 7  # paper code: ... on >= 7 of 10 samples
+MIN_PARTS, MIN_PERSON_SCORE = 3, 0.2  # paper code: >= 3 parts, mean score >= 0.2
+SMOOTH_SIGMA = 3.0  # paper code: Gaussian smoothing of the heatmaps
+
+
+def upsample_maps(grid_maps: torch.Tensor, stride: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) output maps -> (B, C, H, W) input pixels (cell centres kept in place)."""
+    up = F.interpolate(grid_maps, scale_factor=stride, mode="bicubic", align_corners=False)
+    h, w = out_hw
+    if up.shape[-2] < h or up.shape[-1] < w:
+        up = F.pad(up, (0, max(0, w - up.shape[-1]), 0, max(0, h - up.shape[-2])), mode="replicate")
+    return up[..., :h, :w]
+
+
+def resize_maps(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    return maps if maps.shape[-2:] == hw else F.interpolate(maps, size=hw, mode="bicubic", align_corners=False)
+
+
+@torch.no_grad()
+def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device) -> tuple[torch.Tensor, float]:
+    """Averaged last-stage maps (57, H, W) at the base scale, and that scale (base / original)."""
+    base = cfg.eval_height / image.shape[0]
+    out_hw = (round(image.shape[0] * base), round(image.shape[1] * base))
+    total = None
+    for m in cfg.eval_scales:
+        h, w = round(image.shape[0] * base * m), round(image.shape[1] * base * m)
+        resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+        ph, pw = -h % cfg.stride, -w % cfg.stride  # pad to a whole number of cells
+        padded = cv2.copyMakeBorder(resized, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+        batch = padded[None] if not cfg.eval_flip else np.stack([padded, padded[:, ::-1]])
+        with autocast(device, cfg):
+            maps = model(to_input(batch, device).contiguous(memory_format=torch.channels_last))[-1].float()
+        if cfg.eval_flip:  # the flipped copy's padding sits on the left: undo the flip first
+            maps = torch.cat([maps[:1], flip_maps(maps[1:])])
+            maps = maps.mean(0, keepdim=True)
+        maps = upsample_maps(maps, cfg.stride, (h, w))
+        total = resize_maps(maps, out_hw) if total is None else total + resize_maps(maps, out_hw)
+    return total[0] / len(cfg.eval_scales), base
+
+
+def gaussian_kernel(sigma: float, device) -> torch.Tensor:
+    r = int(math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def find_peaks(heat: torch.Tensor, threshold: float = HEAT_THRESHOLD) -> list[np.ndarray]:
+    """(18, H, W) heatmaps -> per part (N, 3) x, y, score; Gaussian smoothing, 3x3 NMS, and a
+    log-parabola fit for sub-pixel positions (exact for a Gaussian peak)."""
+    k = gaussian_kernel(SMOOTH_SIGMA, heat.device)
+    r = len(k) // 2
+    h = heat[:, None]
+    h = F.conv2d(F.pad(h, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    h = F.conv2d(F.pad(h, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))[:, 0]
+    peak = (h == F.max_pool2d(h[:, None], 3, 1, 1)[:, 0]) & (h > threshold)
+    part, y, x = torch.nonzero(peak, as_tuple=True)
+    logh = torch.log(F.pad(h, (1, 1, 1, 1), mode="replicate").clamp(min=1e-6))
+
+    def offset(minus, centre, plus):
+        curvature = minus - 2 * centre + plus
+        return torch.where(curvature < -1e-6, (0.5 * (minus - plus) / curvature).clamp(-0.5, 0.5), 0.0)
+
+    yy, xx = y + 1, x + 1
+    dx = offset(logh[part, yy, xx - 1], logh[part, yy, xx], logh[part, yy, xx + 1])
+    dy = offset(logh[part, yy - 1, xx], logh[part, yy, xx], logh[part, yy + 1, xx])
+    found = torch.stack([x + dx, y + dy, h[part, y, x]], 1).cpu().numpy()
+    part = part.cpu().numpy()
+    return [found[part == j] for j in range(heat.shape[0])]
+
+
+def connect_limb(a: np.ndarray, b: np.ndarray, paf: np.ndarray, image_height: int) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one connections (i, j, score) between candidates a (N, 3) and b (M, 3)."""
+    if len(a) == 0 or len(b) == 0:
+        return []
+    d = b[None, :, :2] - a[:, None, :2]  # (N, M, 2)
+    norm = np.linalg.norm(d, axis=-1)
+    unit = d / np.maximum(norm, 1e-6)[..., None]
+    t = np.linspace(0, 1, LIMB_SAMPLES)
+    pts = a[:, None, None, :2] + t[None, None, :, None] * d[:, :, None]  # (N, M, S, 2)
+    xi = np.clip(np.round(pts[..., 0]).astype(np.int64), 0, paf.shape[2] - 1)
+    yi = np.clip(np.round(pts[..., 1]).astype(np.int64), 0, paf.shape[1] - 1)
+    field_ = paf[:, yi, xi]  # (2, N, M, S)
+    dots = field_[0] * unit[..., 0, None] + field_[1] * unit[..., 1, None]
+    # OpenPose: penalise limbs longer than half the image height
+    score = dots.mean(-1) + np.minimum(0.5 * image_height / np.maximum(norm, 1e-6) - 1, 0)
+    ok = ((dots > PAF_THRESHOLD).sum(-1) >= LIMB_MIN_HITS) & (score > 0)
+    i, j = np.nonzero(ok)
+    order = np.argsort(-score[i, j], kind="stable")
+    used_a, used_b, out = set(), set(), []
+    for k in order:
+        if i[k] not in used_a and j[k] not in used_b:
+            used_a.add(i[k]), used_b.add(j[k])
+            out.append((int(i[k]), int(j[k]), float(score[i, j][k])))
+    return out
+
+
+def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int) -> list[tuple[np.ndarray, float]]:
+    """OpenPose's greedy assembly. Returns (18, 3) keypoints (x, y, peak score) and the mean score."""
+    offsets = np.cumsum([0] + [len(p) for p in peaks])
+    all_peaks = np.concatenate([p for p in peaks] + [np.zeros((0, 3))])
+    people: list[dict] = []  # parts: global peak id per part (-1 none), score: summed scores
+    for k, (pa, pb) in enumerate(LIMBS):
+        for i, j, s in connect_limb(peaks[pa], peaks[pb], paf[2 * k:2 * k + 2], image_height):
+            ga, gb = offsets[pa] + i, offsets[pb] + j
+            owners = [p for p in people if p["parts"][pa] == ga or p["parts"][pb] == gb]
+            if len(owners) == 1:
+                p = owners[0]
+                if p["parts"][pb] != gb:
+                    p["parts"][pb] = gb
+                    p["score"] += all_peaks[gb, 2] + s
+            elif len(owners) == 2:
+                p, q = owners
+                if not ((p["parts"] >= 0) & (q["parts"] >= 0)).any():  # disjoint: merge
+                    p["parts"] = np.maximum(p["parts"], q["parts"])
+                    p["score"] += q["score"] + s
+                    people.remove(q)
+                elif p["parts"][pb] != gb:
+                    p["parts"][pb] = gb
+                    p["score"] += all_peaks[gb, 2] + s
+            elif k < NUM_LIMBS - 2:  # OpenPose: the ear-shoulder limbs never start a person
+                parts = np.full(NUM_PARTS, -1)
+                parts[pa], parts[pb] = ga, gb
+                people.append(dict(parts=parts, score=all_peaks[ga, 2] + all_peaks[gb, 2] + s))
+    out = []
+    for p in people:
+        count = int((p["parts"] >= 0).sum())
+        if count >= MIN_PARTS and p["score"] / count >= MIN_PERSON_SCORE:
+            kp = np.zeros((NUM_PARTS, 3), np.float32)
+            kp[p["parts"] >= 0] = all_peaks[p["parts"][p["parts"] >= 0]]
+            out.append((kp, float(p["score"] / count)))
+    return out
+
+
+def decode_maps(maps: torch.Tensor, base: float) -> list[tuple[np.ndarray, float]]:
+    """Base-scale maps (57, H, W) -> people in original image pixels: (17, 3) x, y, score."""
+    peaks = find_peaks(maps[NUM_PAF:NUM_PAF + NUM_PARTS])
+    people = group_people(peaks, maps[:NUM_PAF].cpu().numpy(), maps.shape[1])
+    out = []
+    for kp, score in people:
+        coco = kp[:17].copy()
+        found = coco[:, 2] > 0
+        coco[found, :2] = (coco[found, :2] + 0.5) / base - 0.5  # cv2.resize keeps pixel centres
+        out.append((coco, score))
+    return out
+
+
+def coco_results(image_id: int, people: list[tuple[np.ndarray, float]]) -> list[dict]:
+    results = []
+    for kp, score in people:
+        k = kp.copy()
+        k[:, 2] = (k[:, 2] > 0).astype(np.float32)
+        results.append(dict(image_id=int(image_id), category_id=1, keypoints=k.flatten().round(2).tolist(),
+                            score=round(score, 5)))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO evaluation
+# ----------------------------------------------------------------------------------------------
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def coco_eval(json_path: Path, results: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """COCOeval keypoints restricted to the evaluated images."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {k: 0.0 for k in STAT_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(json_path))
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "keypoints")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    return {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
+
+
+def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_images: int = 0,
+             progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """COCO keypoint AP of the model on whole images, plus the peak-hit rate at the base scale."""
+    from tqdm import tqdm
+
+    model.eval()
+    n = len(kset.records) if max_images <= 0 else min(max_images, len(kset.records))
+    results, hits, labelled = [], 0, 0
+    for i in tqdm(range(n), desc="evaluating", disable=not progress, leave=False):
+        rec = kset.records[i]
+        maps, base = network_maps(model, kset.image(i), cfg, device)
+        people = decode_maps(maps, base)
+        results += coco_results(rec.image_id, people)
+        kp = torch.as_tensor(rec.keypoints).clone()
+        kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
+        h, l = peak_hits(maps[None, NUM_PAF:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
+        hits, labelled = hits + h, labelled + l
+    stats = coco_eval(kset.json_path, results, [r.image_id for r in kset.records[:n]])
+    stats["peak_hit"] = hits / max(labelled, 1)
+    stats["images"] = n
+    model.train()
+    return stats, results
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop: checkpoints, metrics, plots
+# ----------------------------------------------------------------------------------------------
+
+def autocast(device: torch.device, cfg: Config):
+    # bfloat16 needs no loss scaling, so checkpoints and resume stay simple
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ReproError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a killed run never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ReproError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py checkpoint") from None
+
+
+def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
+    saved = ckpt.get("config", {})
+    differ = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(cfg, k)})"
+              for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if differ or "model" not in ckpt:
+        raise ReproError(f"checkpoint {path} is of another architecture: it has {', '.join(differ) or 'no weights'}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
+
+
+def learning_rate(cfg: Config, step: int, progress: float) -> float:
+    if cfg.lr_schedule == "step":
+        return cfg.lr * cfg.lr_gamma ** (step // cfg.lr_step)
+    warmup = min(1.0, (step + 1) / 100)  # a short warm-up keeps BatchNorm + Adam stable at start
+    return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def default_run_dir(cfg: Config, data_name: str) -> Path:
+    return Path("results") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
+
+
+def benchmark_label(data_name: str) -> str:
+    if data_name == "demo":
+        return "built-in demo benchmark, stand-in val split (rendered stand-in people, NOT real/COCO data)"
+    return f"{data_name} val"
+
+
+def print_table(stats: dict, label: str) -> None:
+    keys = ("AP", "AP50", "AP75", "APm", "APl", "AR", "peak_hit")
+    print(f"\nCOCO keypoint metrics on the {label}, {stats.get('images', '?')} images")
+    print("  ".join(f"{k:>8}" for k in keys))
+    print("  ".join(f"{stats.get(k, float('nan')):8.3f}" for k in keys))
+
+
+class Trainer:
+    """Holds the student (and the teacher in student-teacher mode) and runs the steps."""
+
+    def __init__(self, cfg: Config, data: Data, device: torch.device, out: Path, rank: int = 0, world: int = 1):
+        self.cfg, self.data, self.device, self.out, self.rank, self.world = cfg, data, device, out, rank, world
+        self.model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999),
+                                           weight_decay=cfg.weight_decay)
+        self.maker = BatchMaker(data, cfg)
+        self.step, self.seconds, self.evals_done = 0, 0.0, 0
+        self.teacher = make_teacher(cfg, self.maker, device) if cfg.mode == "student-teacher" else None
+        self.net = self.model
+        if world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step,
+                    seconds=self.seconds, evals_done=self.evals_done, config=dataclasses.asdict(self.cfg),
+                    teacher=self.teacher.state() if self.teacher else None,
+                    torch_rng=torch.get_rng_state())
+
+    def restore(self, ckpt: dict, path) -> None:
+        load_weights(self.model, ckpt, self.cfg, path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.seconds, self.evals_done = ckpt["step"], ckpt["seconds"], ckpt.get("evals_done", 0)
+        torch.set_rng_state(ckpt["torch_rng"])
+        if self.teacher and ckpt.get("teacher"):
+            self.teacher.restore(ckpt["teacher"])
+
+    # -- one step ----------------------------------------------------------------------------
+    def train_step(self, batch: dict, lr: float) -> dict:
+        cfg, device = self.cfg, self.device
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        keypoints = torch.as_tensor(batch["keypoints"]).to(device)
+        target, mask = make_targets(keypoints, torch.as_tensor(batch["pasted"]).to(device),
+                                    torch.as_tensor(batch["mask"]).to(device), cfg)
+        with autocast(device, cfg):
+            outputs = self.net(to_input(batch["image"], device))
+        loss, per_sample = pose_loss(outputs, target, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        hits, labelled = peak_hits(outputs[-1][:, NUM_PAF:].detach(), keypoints, cfg.stride)
+        joints = supervised_joints(keypoints, cfg.input_size)
+        return dict(loss=float(loss.detach()), per_sample=(per_sample / joints).cpu().numpy(), hits=hits, labelled=labelled)
+
+    def batches(self):
+        """Yields (step, batch). Prefetching workers, except when a teacher picks each window's bin."""
+        cfg = self.cfg
+        if self.teacher is not None:
+            while self.step < cfg.steps:
+                rng = step_rng(cfg.seed, self.step, self.rank)
+                pool = self.teacher.pool()
+                specs = plan_specs(self.maker, cfg.mode, cfg.batch_size // self.world, rng, pool)
+                yield self.step, self.maker.batch(specs, rng)
+            return
+        workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 0)
+        steps = StepBatches(self.maker, dataclasses.replace(cfg, batch_size=cfg.batch_size // self.world),
+                            self.step, cfg.steps, self.rank)
+        loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             prefetch_factor=4 if workers else None,
+                                             persistent_workers=False)
+        for i, batch in enumerate(loader):
+            yield steps.start + i, batch
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> None:
+        from tqdm import tqdm
+
+        cfg, main_rank = self.cfg, self.rank == 0
+        budget = cfg.minutes * 60
+        metrics_path = self.out / "metrics.jsonl"
+        window = dict(loss=0.0, n=0, hits=0, labelled=0, images=0, t0=self.seconds)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.mode}", disable=not main_rank, dynamic_ncols=True)
+        t_last = time.perf_counter()
+        for step, batch in self.batches():
+            progress = max(step / cfg.steps, self.seconds / budget if budget else 0.0)
+            lr = learning_rate(cfg, step, progress)
+            r = self.train_step(batch, lr)
+            if self.teacher is not None:
+                self.teacher.observe(step, batch, r)
+            now = time.perf_counter()
+            self.seconds += now - t_last
+            t_last = now
+            self.step = step + 1
+            window["loss"] += r["loss"]; window["n"] += 1; window["hits"] += r["hits"]
+            window["labelled"] += r["labelled"]; window["images"] += len(batch["image"])
+            bar.update(1)
+            if main_rank and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                elapsed = self.seconds - window["t0"]
+                line = dict(step=self.step, minutes=round(self.seconds / 60, 3), lr=lr,
+                            loss=window["loss"] / window["n"], peak_hit=window["hits"] / max(window["labelled"], 1),
+                            img_s=window["images"] / max(elapsed, 1e-9))
+                if self.teacher is not None:
+                    line["teacher"] = self.teacher.last_record()
+                append_jsonl(metrics_path, line)
+                bar.set_postfix(loss=f"{line['loss']:.2f}", hit=f"{line['peak_hit']:.2f}", img_s=f"{line['img_s']:.1f}")
+                window = dict(loss=0.0, n=0, hits=0, labelled=0, images=0, t0=self.seconds)
+            if main_rank and self.evals_done < len(cfg.eval_minutes) and self.seconds >= cfg.eval_minutes[self.evals_done] * 60:
+                stats, _ = evaluate(self.model, self.data.val, cfg, self.device, cfg.max_val_images, progress=False)
+                append_jsonl(metrics_path, dict(step=self.step, minutes=round(self.seconds / 60, 3), eval=stats))
+                self.evals_done += 1
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if main_rank and (self.step % cfg.ckpt_every == 0):
+                save_atomic(self.state(), self.out / "ckpt.pt")
+            if budget and self.seconds >= budget:
+                break
+        bar.close()
+        if main_rank:
+            save_atomic(self.state(), self.out / "ckpt.pt")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+COCO_SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
+                 (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]  # COCO's, 0-based
+
+
+def draw_people(image: np.ndarray, people: list[np.ndarray]) -> np.ndarray:
+    """Skeletons of (17, 3) keypoints (v or score > 0 drawn) on a copy of a BGR image."""
+    out = image.copy()
+    for n, kp in enumerate(people):
+        colour = tuple(int(c) for c in np.array(cv2.applyColorMap(np.uint8([[37 * n % 255]]), cv2.COLORMAP_HSV))[0, 0])
+        for a, b in COCO_SKELETON:
+            if kp[a, 2] > 0 and kp[b, 2] > 0:
+                cv2.line(out, tuple(int(v) for v in kp[a, :2]), tuple(int(v) for v in kp[b, :2]), colour, 2, cv2.LINE_AA)
+        for x, y, v in kp:
+            if v > 0:
+                cv2.circle(out, (int(x), int(y)), 3, (255, 255, 255), -1, cv2.LINE_AA)
+    return out
+
+
+def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, device, path: Path, n: int = 8) -> None:
+    model.eval()
+    tiles = []
+    for i in range(min(n, len(kset.records))):
+        image = kset.image(i)
+        maps, base = network_maps(model, image, cfg, device)
+        tile = draw_people(image, [kp for kp, _ in decode_maps(maps, base)])
+        tiles.append(cv2.resize(tile, (256, round(256 * tile.shape[0] / tile.shape[1]))))
+    model.train()
+    h = max(t.shape[0] for t in tiles)
+    tiles = [cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, 0, cv2.BORDER_CONSTANT) for t in tiles]
+    rows = [np.hstack(tiles[i:i + 4] + [np.zeros_like(tiles[0])] * (4 - len(tiles[i:i + 4]))) for i in range(0, len(tiles), 4)]
+    cv2.imwrite(str(path), np.vstack(rows), [cv2.IMWRITE_JPEG_QUALITY, 88])
+
+
+def save_curves(metrics_path: Path, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set(xlabel="step", ylabel="training loss (all stages)", yscale="log", title=title)
+    axes[1].plot([r["minutes"] for r in train], [r["peak_hit"] for r in train], label="train peak-hit")
+    if evals:
+        axes[1].plot([r["minutes"] for r in evals], [r["eval"]["AP"] for r in evals], "o-", label="val AP")
+        axes[1].plot([r["minutes"] for r in evals], [r["eval"]["AP50"] for r in evals], "s-", label="val AP50")
+    axes[1].set(xlabel="training minutes", ylim=(0, 1))
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: is the data pipeline ever the bottleneck? is grouping cheaper than the network?
+# ----------------------------------------------------------------------------------------------
+
+def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
+    cfg = dataclasses.replace(cfg, mode="augmented", workers=cfg.workers)
+    trainer = Trainer(cfg, data, device, Path("."))
+    maker, model = trainer.maker, trainer.model
+    rng = np.random.default_rng(0)
+    specs = plan_specs(maker, cfg.mode, cfg.batch_size, rng)
+
+    t = time.perf_counter()
+    for _ in range(5):
+        batch = maker.batch(specs, rng)
+    crop_ms = (time.perf_counter() - t) / 5 / cfg.batch_size * 1e3
+    tensors = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+    t = time.perf_counter()
+    for _ in range(10):
+        make_targets(tensors["keypoints"], tensors["pasted"], tensors["mask"], cfg)
+    target_ms = (time.perf_counter() - t) / 10 / cfg.batch_size * 1e3
+
+    fixed = dict(batch)
+    for _ in range(3):  # warm-up
+        trainer.train_step(fixed, cfg.lr)
+    t = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(fixed, cfg.lr)
+    premade = steps * cfg.batch_size / (time.perf_counter() - t)
+    trainer.step, cfg_steps = 0, steps + 3
+    trainer.cfg = dataclasses.replace(cfg, steps=cfg_steps)
+    it = trainer.batches()
+    for _, b in zip(range(3), it):
+        trainer.train_step(b, cfg.lr)
+    t = time.perf_counter()
+    for _, b in zip(range(steps), it):
+        trainer.train_step(b, cfg.lr)
+    end_to_end = steps * cfg.batch_size / (time.perf_counter() - t)
+
+    model.eval()
+    forward_s = group_s = 0.0
+    n = min(20, len(data.val.records))
+    for i in range(n):
+        image = data.val.image(i)
+        t = time.perf_counter()
+        maps, base = network_maps(model, image, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        decode_maps(maps, base)
+        forward_s, group_s = forward_s + t2 - t, group_s + time.perf_counter() - t2
+    figures = dict(crop_and_paste_ms_per_sample=crop_ms, target_ms_per_sample=target_ms,
+                   train_img_s_end_to_end=end_to_end, train_img_s_premade=premade,
+                   pipeline_ratio=end_to_end / premade, forward_ms_per_image=forward_s / n * 1e3,
+                   grouping_ms_per_image=group_s / n * 1e3)
+    print(f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
+          f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}")
+    for k, v in figures.items():
+        print(f"  {k:32s} {v:10.2f}")
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
+    if not cfg.ckpt:
+        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
+    ckpt = load_checkpoint(cfg.ckpt)
+    saved = ckpt.get("config", {})
+    arch = {k: saved[k] for k in ARCH_KEYS if k in saved}
+    cfg = dataclasses.replace(cfg, **arch)
+    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    load_weights(model, ckpt, cfg, cfg.ckpt)
+    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
+               out / f"eval-{data.name}.json")
+    print_table(stats, benchmark_label(data.name))
+    return stats
+
+
+def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not cfg.resume:
+        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR for a new one")
+    if cfg.resume and not ckpt_path.exists():
+        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, data, device, out, rank, world)
+    if cfg.resume:
+        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        print(f"resumed {out} at step {trainer.step}")
+    elif cfg.init:
+        load_weights(trainer.model, load_checkpoint(cfg.init), cfg, cfg.init)
+    if rank == 0:
+        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
+                        torch=torch.__version__, threads=torch.get_num_threads(), argv=sys.argv), out / "config.json")
+        if not cfg.resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+    trainer.fit()
+    if rank != 0:
+        return {}
+    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
+    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats))
+    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
+                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
+    write_json(results, out / "val_predictions.json")
+    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.jpg")
+    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
+    if trainer.teacher is not None:
+        trainer.teacher.save_plot(out / "teacher_bins.png")
+    print_table(stats, benchmark_label(data.name))
+    print(f"run folder: {out}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_args(argv)
+    try:
+        import render_humans
+        user_errors = (ReproError, getattr(render_humans, "RenderError", ReproError))
+    except ImportError:
+        user_errors = (ReproError,)
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        rank, world, device = setup_distributed(cfg)
+        seed_everything(cfg.seed + rank)
+        data = load_data(cfg)
+        if args.bench:
+            bench(cfg, data, device)
+        elif cfg.mode == "eval":
+            run_eval(cfg, data, device)
+        else:
+            run_training(cfg, data, device, rank, world)
+    except user_errors as e:
+        print(f"repro.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("repro.py: interrupted; the last checkpoint is kept: rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
