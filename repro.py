@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -101,6 +102,7 @@ class Config:
     teacher_interval: int = 20  # paper code: teacher acts every 20 student steps
     bins: int = 10  # paper code: 10 bins
     teacher_uniform: bool = False  # baseline: the same loop with uniform sampling
+    teacher_min_bin: int = 32  # paper code: a bin with <= 32 samples is penalised and re-picked
     # run
     seed: int = 0
     out: str | None = None
@@ -207,6 +209,7 @@ FLAG_HELP = {
     "teacher_interval": "student steps between teacher decisions (paper: 20)",
     "bins": "number of bins of the teacher attribute (paper: 10)",
     "teacher_uniform": "baseline: same loop, uniform sampling over all synthetic samples",
+    "teacher_min_bin": "bins with at most this many samples are penalised and re-picked (paper: 32)",
     "seed": "seed for python, numpy and torch",
     "out": "run folder (default results/<mode>-<data>-s<seed>)",
     "resume": "continue from the run folder's checkpoint",
@@ -526,7 +529,20 @@ def covered(keypoints: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return hit
 
 
-def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.Generator) -> Sample:
+def paste_centres(n: int, size: int, rng: np.random.Generator, near: tuple[float, float] | None) -> np.ndarray:
+    """Where pasted people go: anywhere in the crop; with `near` = (lo, hi), the nearest one to the
+    crop's centre person lies at a distance in [lo, hi) and the others no nearer."""
+    if near is None:
+        return rng.uniform(0, size, (n, 2))
+    middle = np.full(2, (size - 1) / 2)
+    first = rng.uniform(*near)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    dist = np.concatenate([[first], rng.uniform(first, max(first, size / 2) * 1.5, n - 1)])
+    return middle + dist[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+
+
+def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.Generator,
+                 near: tuple[float, float] | None = None) -> Sample:
     """Pastes Poisson(paste_mean) (>= paste_min) bank people in front of a real crop.
 
     Real joints they cover become occluded (v=1) and stay supervised (paper). Pasting happens in
@@ -534,19 +550,22 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
     size = cfg.input_size
     image = sample.image.astype(np.float32)
     keypoints, pasted = sample.keypoints.copy(), []
-    for _ in range(max(cfg.paste_min, int(rng.poisson(cfg.paste_mean)))):
+    count = max(cfg.paste_min, int(rng.poisson(cfg.paste_mean)))
+    for centre in paste_centres(count, size, rng, near):
         j = int(rng.integers(len(bank.records)))
         rgba, kp = bank.image(j), bank.records[j].keypoints[0]
         height = cfg.person_fraction * size * rng.uniform(*cfg.scale_range)
         s = height / rgba.shape[0]
         flip = bool(rng.random() < 0.5)
-        centre = rng.uniform(0, size, 2)
         linear = np.diag([-s if flip else s, s])
         shift = centre - linear @ (np.array(rgba.shape[1::-1]) - 1) / 2
         affine = np.hstack([linear, shift[:, None]]).astype(np.float32)
-        layer = cv2.warpAffine(rgba, affine, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
-        alpha = layer[..., 3:].astype(np.float32) / 255
-        image = image * (1 - alpha) + layer[..., :3] * alpha
+        # Resample premultiplied colour, or the person's edge blends towards black (a dark halo).
+        premultiplied = rgba.astype(np.float32)
+        premultiplied[..., :3] *= premultiplied[..., 3:] / 255
+        layer = cv2.warpAffine(premultiplied, affine, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+        alpha = layer[..., 3:] / 255
+        image = image * (1 - alpha) + layer[..., :3]
         hidden = covered(keypoints, alpha[..., 0]) & (keypoints[..., 2] == 2)
         keypoints[..., 2][hidden] = 1
         for p in pasted:
@@ -665,8 +684,12 @@ class BatchMaker:
 
     def __init__(self, data: Data, cfg: Config):
         self.data, self.cfg = data, cfg
-        self.sets = {REAL: data.train, AUGMENTED: data.train, SYNTHETIC: data.synthetic}
+        self.sets = {REAL: data.train, AUGMENTED: data.train if data.bank else None, SYNTHETIC: data.synthetic}
         self.centres = {k: s.centre_people() for k, s in self.sets.items() if s is not None}
+        needed = other_source(cfg)
+        if needed and needed not in self.centres:
+            what = "--bank-json (a person bank)" if needed == AUGMENTED else "--synthetic-json (synthetic scenes)"
+            raise ReproError(f"--mode {cfg.mode} needs {what}")
         for k, c in self.centres.items():
             if len(c) == 0:
                 raise ReproError(f"the {k} training set has no person with >= {MIN_CENTRE_KEYPOINTS} "
@@ -680,20 +703,16 @@ class BatchMaker:
             self._masks[key] = ignore_mask(rec) if rec.ignore_rles else None
         return self._masks[key]
 
-    def sample(self, source: str, index: int, person: int, rng: np.random.Generator | None) -> Sample:
-        kset = self.sets[source]
-        s = crop_person(kset.image(index), self.mask(source, index), kset.records[index], person, self.cfg, rng)
-        if source == AUGMENTED:
-            s = paste_people(s, self.data.bank, self.cfg, rng)
+    def sample(self, spec: Spec, rng: np.random.Generator | None) -> Sample:
+        kset = self.sets[spec.source]
+        s = crop_person(kset.image(spec.index), self.mask(spec.source, spec.index), kset.records[spec.index],
+                        spec.person, self.cfg, rng)
+        if spec.source == AUGMENTED:
+            s = paste_people(s, self.data.bank, self.cfg, rng, spec.near)
         return s
 
-    def uniform_specs(self, source: str, n: int, rng: np.random.Generator) -> list[tuple[str, int, int]]:
-        picks = self.centres[source][rng.integers(len(self.centres[source]), size=n)]
-        return [(source, int(i), int(p)) for i, p in picks]
-
-    def batch(self, specs: list[tuple[str, int, int]], rng: np.random.Generator | None) -> dict:
-        samples = [self.sample(src, i, p, rng) for src, i, p in specs]
-        return collate(samples)
+    def batch(self, specs: list[Spec], rng: np.random.Generator | None) -> dict:
+        return collate([self.sample(spec, rng) for spec in specs])
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -708,9 +727,25 @@ def collate(samples: list[Sample]) -> dict:
                 pasted=pad([s.pasted for s in samples]), mask=np.stack([s.mask for s in samples]))
 
 
-def batch_sources(mode: str, batch_size: int) -> list[str]:
-    """Per-slot sources: mixed modes fill half the batch (paper: 16 of 32), real the rest."""
-    other = {"synthetic": SYNTHETIC, "augmented": AUGMENTED, "student-teacher": SYNTHETIC}.get(mode)
+class Spec(NamedTuple):
+    """One crop of a batch: its source, image record and centre person; `near` (lo, hi) asks the
+    pasting to put the nearest pasted person at that distance (a teacher's augmented bin)."""
+    source: str
+    index: int
+    person: int
+    near: tuple[float, float] | None = None
+
+
+def other_source(cfg: Config) -> str | None:
+    """The source of a mixed batch's non-real half."""
+    if cfg.mode == "student-teacher":
+        return AUGMENTED if cfg.teacher_data == "augmented" else SYNTHETIC
+    return {"synthetic": SYNTHETIC, "augmented": AUGMENTED}.get(cfg.mode)
+
+
+def batch_sources(cfg: Config, batch_size: int) -> list[str]:
+    """Per-slot sources: mixed modes fill the first half (paper: 16 of 32), real the rest."""
+    other = other_source(cfg)
     if other is None:
         return [REAL] * batch_size
     return [other] * (batch_size // 2) + [REAL] * (batch_size - batch_size // 2)
@@ -721,18 +756,17 @@ def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, step, rank])
 
 
-def plan_specs(maker: BatchMaker, mode: str, batch_size: int, rng: np.random.Generator,
-               synthetic_pool: np.ndarray | None = None) -> list[tuple[str, int, int]]:
-    """A step's specs; synthetic_pool (N, 2) restricts synthetic slots to a teacher's bin."""
+def plan_specs(maker: BatchMaker, cfg: Config, batch_size: int, rng: np.random.Generator,
+               pool: np.ndarray | None = None, near: tuple[float, float] | None = None) -> list[Spec]:
+    """A step's crops. A teacher's bin restricts the non-real half: to `pool` ((N, 2) record,
+    person pairs; drawn with replacement, paper code) or to a pasting distance `near`."""
+    sources = batch_sources(cfg, batch_size)
     specs = []
-    sources = batch_sources(mode, batch_size)
     for source in dict.fromkeys(sources):
         n = sources.count(source)
-        if source == SYNTHETIC and synthetic_pool is not None:
-            picks = synthetic_pool[rng.integers(len(synthetic_pool), size=n)]
-            specs += [(source, int(i), int(p)) for i, p in picks]
-        else:
-            specs += maker.uniform_specs(source, n, rng)
+        candidates = pool if (pool is not None and source != REAL) else maker.centres[source]
+        picks = candidates[rng.integers(len(candidates), size=n)]
+        specs += [Spec(source, int(i), int(p), near if source != REAL else None) for i, p in picks]
     return specs
 
 
@@ -747,7 +781,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rng = step_rng(self.cfg.seed, self.start + i, self.rank)
-        return self.maker.batch(plan_specs(self.maker, self.cfg.mode, self.cfg.batch_size, rng), rng)
+        return self.maker.batch(plan_specs(self.maker, self.cfg, self.cfg.batch_size, rng), rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1094,6 +1128,236 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
 
 
 # ----------------------------------------------------------------------------------------------
+# Teacher: an adversarial network that picks the bin of synthetic samples the student sees next
+# ----------------------------------------------------------------------------------------------
+
+TEACHER_ALPHA = TEACHER_BETA = 0.01  # paper code: soft-label step sizes
+TEACHER_EXPLORE = 0.1  # paper code: 10% of picks uniform at random
+TEACHER_HISTORY = 10  # paper code: loss_last is the mean of the last 10 windows
+TEACHER_HARD_CROPS = 32  # paper code: the 32 hardest real crops of the window are its input
+TEACHER_LR = 1e-4  # [ours] not in the notes of the paper's code
+
+
+def bin_edges(attribute: str, values: np.ndarray, bins: int, image_size: float) -> tuple[float, float]:
+    """(low, width) of equal-width bins; the first and last bins are open-ended."""
+    if attribute == "min_dist":  # paper code: 0, 71.1, ..., 568.9 (+ the rest) for 640 px images
+        return 0.0, image_size / (bins - 1)
+    if attribute == "camera_angle":  # paper code: 3.68 ... 29.70 degrees
+        return 3.68, (29.70 - 3.68) / (bins - 1)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    return lo, max(hi - lo, 1e-6) / bins
+
+
+def assign_bins(values: np.ndarray, low: float, width: float, bins: int) -> np.ndarray:
+    return np.clip(np.floor((values - low) / width), 0, bins - 1).astype(np.int64)
+
+
+def soft_target(p: np.ndarray, picked: int, loss_rose: bool) -> np.ndarray:
+    """The teacher's soft label from its previous output p (paper code, alpha = beta = 0.01):
+    rewarded when the student's loss on the picked bin rose, punished when it fell."""
+    t, n, k = p.astype(np.float64).copy(), len(p), picked
+    gain = p[k] * (TEACHER_ALPHA if loss_rose else -TEACHER_BETA)
+    t[k] = p[k] + gain
+    others = np.arange(n) != k
+    t[others] = p[others] - gain / n  # the paper code skips the "fell" branch by a bug: [ours] do it
+    t = np.clip(t, 0, None)
+    return t / t.sum()
+
+
+def teacher_net(arch: str, bins: int, input_size: int) -> nn.Module:
+    if arch == "vgg19":  # paper code: own VGG-19 trunk, conv 256, conv 128, pool, conv 64 x2, pool, FC 512 x2
+        import torchvision
+        trunk = nn.Sequential(*torchvision.models.vgg19().features[:23], *conv(512, 256, 3), *conv(256, 128, 3),
+                              nn.MaxPool2d(2), *conv(128, 64, 3), *conv(64, 64, 3), nn.MaxPool2d(2))
+        hidden = 512
+    elif arch == "small":
+        trunk = nn.Sequential(*conv(3, 16, 3, True), nn.MaxPool2d(2), *conv(16, 32, 3, True), nn.MaxPool2d(2),
+                              *conv(32, 64, 3, True), nn.MaxPool2d(2), *conv(64, 64, 3, True), nn.MaxPool2d(2))
+        hidden = 128
+    else:
+        raise ReproError(f"unknown --teacher-arch {arch}: use vgg19 or small")
+    with torch.no_grad():
+        flat = trunk(torch.zeros(1, 3, input_size, input_size)).numel()
+    # linear logits: the paper code's ReLU on them is dropped (PAPER.md [ours])
+    return nn.Sequential(trunk, nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bins))
+
+
+class Teacher:
+    """Every `teacher_interval` student steps: reward or punish the last pick by whether the
+    student's loss on it rose, take one cross-entropy step towards that soft label, and pick
+    the next bin from the teacher's output on the hardest real crop (10% uniform).
+
+    With cfg.teacher_uniform the same loop samples all synthetic samples uniformly (baseline)."""
+
+    def __init__(self, cfg: Config, maker: BatchMaker, device: torch.device):
+        self.cfg, self.device, self.bins, self.min_bin = cfg, device, cfg.bins, cfg.teacher_min_bin
+        source = other_source(cfg)
+        centres = maker.centres[source]
+        if source == SYNTHETIC:
+            recs = maker.sets[SYNTHETIC].records
+            if cfg.teacher_attribute not in ATTRIBUTES:
+                raise ReproError(f"--teacher-attribute must be one of {', '.join(ATTRIBUTES)}")
+            values = np.array([recs[i].attributes.get(cfg.teacher_attribute, np.full(len(recs[i].keypoints), np.nan))[p]
+                               for i, p in centres], np.float64)
+            if np.isnan(values).all():
+                raise ReproError(f"the synthetic json has no '{cfg.teacher_attribute}' per person: "
+                                 "render it with render_humans.py, which writes the teacher's attributes")
+            self.low, self.width = bin_edges(cfg.teacher_attribute, values, cfg.bins, float(recs[0].width))
+            which = assign_bins(np.nan_to_num(values, nan=-np.inf), self.low, self.width, cfg.bins)
+            self.pools = [centres[which == k] for k in range(cfg.bins)]
+        else:
+            if cfg.teacher_attribute != "min_dist":
+                raise ReproError("--teacher-data augmented bins the distance to the nearest pasted person: "
+                                 "use --teacher-attribute min_dist")
+            # Generative bins: every real crop fits every bin; the bin sets the pasting distance.
+            self.low, self.width = 0.0, cfg.input_size / cfg.bins
+            self.pools = [centres] * cfg.bins
+        self.all = centres
+        self.counts = [len(p) for p in self.pools]
+        self.net = teacher_net(cfg.teacher_arch, cfg.bins, cfg.input_size).to(device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=TEACHER_LR)
+        self.rng = np.random.default_rng([cfg.seed, 1234])
+        self.probs = np.full(cfg.bins, 1 / cfg.bins)  # the teacher's output behind the current pick
+        self.picked = int(self.rng.integers(cfg.bins))  # paper code: the first pick is uniform
+        self.history: list[float] = []  # loss_current of past windows
+        self.window: list[float] = []  # mean normalised synthetic loss of each step of this window
+        self.hard_scores = np.zeros(0, np.float32)
+        self.hard_images = np.zeros((0, cfg.input_size, cfg.input_size, 3), np.uint8)
+        self.records: list[dict] = []
+        if not cfg.teacher_uniform:
+            self.picked = self.valid_pick(self.picked)
+
+    def describe(self) -> str:
+        edges = [self.low + k * self.width for k in range(self.bins)]
+        return (f"teacher bins of {self.cfg.teacher_attribute} (lower edges {', '.join(f'{e:.1f}' for e in edges)}): "
+                f"samples per bin {self.counts}")
+
+    def current_bin(self) -> tuple[np.ndarray | None, tuple[float, float] | None]:
+        """(pool, near) for the next student step."""
+        if self.cfg.teacher_uniform:
+            return self.all, None
+        if self.cfg.teacher_data == "augmented":
+            return self.all, (self.low + self.picked * self.width, self.low + (self.picked + 1) * self.width)
+        return self.pools[self.picked], None
+
+    # -- after every student step ----------------------------------------------------------
+    def observe(self, step: int, batch: dict, result: dict) -> None:
+        n_other = self.cfg.batch_size // 2  # batch_sources puts the synthetic half first
+        per_sample = result["per_sample"]
+        self.window.append(float(per_sample[:n_other].mean()))
+        scores = np.concatenate([self.hard_scores, per_sample[n_other:]])
+        images = np.concatenate([self.hard_images, batch["image"][n_other:]])
+        keep = np.argsort(-scores, kind="stable")[:TEACHER_HARD_CROPS]
+        self.hard_scores, self.hard_images = scores[keep], images[keep]
+        if (step + 1) % self.cfg.teacher_interval == 0:
+            self.decide(step + 1)
+
+    def logits(self) -> torch.Tensor:
+        return self.net(to_input(self.hard_images, self.device).contiguous(memory_format=torch.channels_last))
+
+    def learn(self, target: np.ndarray) -> None:
+        """One cross-entropy step of the teacher towards a soft label, on the hard crops."""
+        logits = self.logits()
+        target_t = torch.as_tensor(target, dtype=torch.float32, device=self.device).expand_as(logits)
+        loss = -(target_t * F.log_softmax(logits, 1)).sum(1).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def output(self) -> np.ndarray:
+        with torch.no_grad():
+            return F.softmax(self.logits()[0].float(), 0).cpu().numpy().astype(np.float64)  # the hardest crop
+
+    def choose(self) -> tuple[int, bool]:
+        if self.rng.random() < TEACHER_EXPLORE:
+            return int(self.rng.integers(self.bins)), True
+        p = self.probs / self.probs.sum()
+        return int(self.rng.choice(self.bins, p=p)), False
+
+    def valid_pick(self, picked: int) -> int:
+        """Penalise ("loss fell") and re-pick a bin too small to train on; a few tries, then the
+        teacher's most probable bin among the large enough ones."""
+        for _ in range(10):
+            if self.counts[picked] > self.min_bin:
+                return picked
+            if len(self.hard_images):
+                self.learn(soft_target(self.probs, picked, loss_rose=False))
+                self.probs = self.output()
+            picked, _ = self.choose()
+        ok = [k for k in range(self.bins) if self.counts[k] > self.min_bin]
+        if not ok:
+            raise ReproError(f"no teacher bin holds more than {self.min_bin} samples ({self.counts}): "
+                             "render more synthetic scenes or use fewer --bins")
+        return max(ok, key=lambda k: self.probs[k])
+
+    # -- every teacher_interval steps ----------------------------------------------------------
+    def decide(self, step: int) -> None:
+        loss_current = float(np.mean(self.window))
+        reward = None
+        if self.history and not self.cfg.teacher_uniform:
+            loss_last = float(np.mean(self.history[-TEACHER_HISTORY:]))
+            rose = loss_last <= loss_current
+            reward = loss_current - loss_last
+            self.learn(soft_target(self.probs, self.picked, rose))
+        self.history.append(loss_current)
+        record = dict(step=step, bin=self.picked, loss=loss_current, reward=reward, probs=self.probs.round(4).tolist())
+        if not self.cfg.teacher_uniform:
+            self.probs = self.output()
+            picked, explored = self.choose()
+            self.picked = self.valid_pick(picked)
+            record["explored"] = explored
+        self.records.append(record)
+        self.window = []
+        self.hard_scores, self.hard_images = self.hard_scores[:0], self.hard_images[:0]
+
+    def last_record(self) -> dict | None:
+        return self.records[-1] if self.records else None
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return dict(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.rng.bit_generator.state,
+                    probs=self.probs, picked=self.picked, history=self.history, window=self.window,
+                    hard_scores=self.hard_scores, hard_images=self.hard_images, records=self.records)
+
+    def restore(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        for key in ("probs", "picked", "history", "window", "hard_scores", "hard_images", "records"):
+            setattr(self, key, state[key])
+
+    def save_plot(self, path: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.records or self.cfg.teacher_uniform:
+            return
+        steps = [r["step"] for r in self.records]
+        probs = np.array([r["probs"] for r in self.records])
+        fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
+        colours = plt.cm.viridis(np.linspace(0, 1, self.bins))
+        axes[0].stackplot(steps, probs.T, colors=colours,
+                          labels=[f"{self.low + k * self.width:.0f}" for k in range(self.bins)])
+        axes[0].set(ylabel="teacher bin probability", ylim=(0, 1),
+                    title=f"teacher's bins of {self.cfg.teacher_attribute} over training")
+        axes[0].legend(title="bin lower edge", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        axes[1].plot(steps, [r["bin"] for r in self.records], ".", ms=4)
+        axes[1].set(xlabel="student step", ylabel="picked bin", ylim=(-0.5, self.bins - 0.5))
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teacher:
+    teacher = Teacher(cfg, maker, device)
+    print(teacher.describe())
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------
 # Training loop: checkpoints, metrics, plots
 # ----------------------------------------------------------------------------------------------
 
@@ -1235,8 +1499,8 @@ class Trainer:
         if self.teacher is not None:
             while self.step < cfg.steps:
                 rng = step_rng(cfg.seed, self.step, self.rank)
-                pool = self.teacher.pool()
-                specs = plan_specs(self.maker, cfg.mode, cfg.batch_size // self.world, rng, pool)
+                pool, near = self.teacher.current_bin()
+                specs = plan_specs(self.maker, cfg, cfg.batch_size // self.world, rng, pool, near)
                 yield self.step, self.maker.batch(specs, rng)
             return
         workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 0)
@@ -1369,7 +1633,7 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
     trainer = Trainer(cfg, data, device, Path("."))
     maker, model = trainer.maker, trainer.model
     rng = np.random.default_rng(0)
-    specs = plan_specs(maker, cfg.mode, cfg.batch_size, rng)
+    specs = plan_specs(maker, cfg, cfg.batch_size, rng)
 
     t = time.perf_counter()
     for _ in range(5):

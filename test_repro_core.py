@@ -293,7 +293,7 @@ def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", mode, "--lr", "3e-3", "--device", device))
     data = R.load_data(cfg)
     trainer = R.Trainer(cfg, data, torch.device(device), tmp_path)
-    specs = R.plan_specs(trainer.maker, mode, 4, np.random.default_rng(0))
+    specs = R.plan_specs(trainer.maker, cfg, 4, np.random.default_rng(0))
     batch = trainer.maker.batch(specs, np.random.default_rng(0))
     losses = [trainer.train_step(batch, cfg.lr)["loss"] for _ in range(25)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
@@ -430,3 +430,106 @@ def test_peak_hit_signal():
     assert R.peak_hits(heat, kp, 4) == (2, 2)
     assert R.peak_hits(torch.roll(heat, 3, -1), kp, 4) == (0, 2)  # peaks 3 cells away
     assert R.peak_hits(heat * 0.05, kp, 4) == (0, 2)  # below the threshold
+
+
+# ---- the teacher ------------------------------------------------------------------------------
+
+def test_soft_target_rewards_and_punishes_the_picked_bin():
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    rose = R.soft_target(p, 1, loss_rose=True)
+    # paper code: p[k] *= 1 + alpha; p[other] -= p[k] * alpha / n; renormalised
+    expect = p - 0.2 * 0.01 / 4
+    expect[1] = 0.2 * 1.01
+    assert np.allclose(rose, expect / expect.sum()) and rose[1] > p[1]
+    fell = R.soft_target(p, 1, loss_rose=False)
+    expect = p + 0.2 * 0.01 / 4
+    expect[1] = 0.2 * 0.99
+    assert np.allclose(fell, expect / expect.sum()) and fell[1] < p[1]
+    for t in (rose, fell, R.soft_target(np.array([1.0, 0, 0, 0]), 0, True)):
+        assert t.sum() == pytest.approx(1.0) and (t >= 0).all()
+
+
+def test_bins_follow_the_paper_edges():
+    low, width = R.bin_edges("min_dist", np.array([1.0]), 10, 640)
+    assert (low, round(width, 1)) == (0.0, 71.1)
+    assert list(R.assign_bins(np.array([0, 71.0, 71.2, 600, 900]), low, width, 10)) == [0, 0, 1, 8, 9]
+    low, width = R.bin_edges("camera_angle", np.array([1.0]), 10, 640)
+    assert (low, round(low + 9 * width, 2)) == (3.68, 29.70)
+    low, width = R.bin_edges("scale", np.array([2.0, 4.0, 12.0]), 10, 640)
+    assert (low, width) == (2.0, 1.0)
+
+
+def teacher_setup(toy, tmp_path, *extra):
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", "student-teacher", "--teacher-interval", "2",
+                                   "--teacher-min-bin", "0", "--bins", "3", *extra))
+    data = R.load_data(cfg)
+    return cfg, R.Trainer(cfg, data, torch.device("cpu"), tmp_path)
+
+
+def test_tiny_bins_are_penalised_and_never_trained_on(toy, tmp_path):
+    cfg, trainer = teacher_setup(toy, tmp_path, "--teacher-min-bin", "3")
+    teacher = trainer.teacher
+    teacher.counts = [0, 10, 2]  # bins 0 and 2 too small
+    teacher.hard_images = np.zeros((4, 64, 64, 3), np.uint8)
+    before = teacher.probs.copy()
+    picked = teacher.valid_pick(0)
+    assert picked == 1
+    assert not np.allclose(teacher.probs, before)  # the teacher learned from the penalty
+    for _ in range(50):
+        assert teacher.valid_pick(int(teacher.rng.integers(3))) == 1
+
+
+def test_forced_teacher_trains_only_on_its_bin(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "TEACHER_EXPLORE", 0.0)
+    monkeypatch.setattr(R.Teacher, "output", lambda self: np.array([0.0, 0.0, 1.0]))
+    cfg, trainer = teacher_setup(toy, tmp_path, "--teacher-attribute", "camera_angle", "--steps", "8")
+    teacher = trainer.teacher
+    assert sum(teacher.counts) == len(trainer.maker.centres["synthetic"])
+    seen = []
+    real_batch = R.BatchMaker.batch
+    monkeypatch.setattr(R.BatchMaker, "batch", lambda self, specs, rng: seen.append(specs) or real_batch(self, specs, rng))
+    for step, batch in trainer.batches():
+        result = trainer.train_step(batch, cfg.lr)
+        teacher.observe(step, batch, result)
+        trainer.step = step + 1
+    in_bin = {(int(i), int(p)) for i, p in teacher.pools[2]}
+    after_first_window = seen[cfg.teacher_interval:]
+    synthetic = [(s.index, s.person) for specs in after_first_window for s in specs if s.source == "synthetic"]
+    assert len(synthetic) == 6 * 2 and set(synthetic) <= in_bin
+    assert [r["bin"] for r in teacher.records[1:]] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, device):
+    common = ("--mode", "student-teacher", "--steps", "8", "--ckpt-every", "4", "--teacher-interval", "2",
+              "--teacher-min-bin", "0", "--bins", "3", "--device", device)
+    assert R.main(toy_args(toy, tmp_path / "straight", *common)) == 0
+    with monkeypatch.context() as m:
+        interrupt_at_step(m, 5)
+        assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
+    assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
+    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["teacher"]["net"]:
+        assert torch.equal(a["teacher"]["net"][k], b["teacher"]["net"][k]), k
+    assert a["teacher"]["records"] == b["teacher"]["records"] and len(a["teacher"]["records"]) == 4
+    assert (tmp_path / "straight/teacher_bins.png").is_file()
+    logged = [json.loads(l) for l in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("teacher") and "probs" in r["teacher"] for r in logged)
+
+
+def test_uniform_baseline_and_augmented_teacher_run(toy, tmp_path):
+    common = ("--mode", "student-teacher", "--steps", "4", "--teacher-interval", "2", "--teacher-min-bin", "0",
+              "--bins", "3")
+    assert R.main(toy_args(toy, tmp_path / "uniform", *common, "--teacher-uniform")) == 0
+    assert R.main(toy_args(toy, tmp_path / "aug", *common, "--teacher-data", "augmented")) == 0
+
+
+def test_paste_distance_follows_the_bin():
+    rng = np.random.default_rng(0)
+    for lo, hi in [(0, 10), (30, 40)]:
+        centres = R.paste_centres(5, 128, rng, (lo, hi))
+        dist = np.linalg.norm(centres - 63.5, axis=1)
+        assert lo <= dist.min() < hi
