@@ -216,7 +216,7 @@ FLAG_HELP = {
     "ckpt": "checkpoint to evaluate (--mode eval)",
     "ckpt_every": "steps between checkpoints",
     "log_every": "steps between metric lines",
-    "workers": "data loader processes (-1: 0 on CPU, 4 on CUDA)",
+    "workers": "data loader processes (-1: 1 on CPU, 4 on CUDA); 0 builds batches in the training process",
     "device": "auto | cpu | cuda",
     "amp": "mixed precision on CUDA",
     "threads": "torch CPU threads (0: torch's default)",
@@ -597,12 +597,12 @@ def heatmap_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride
 
     size: the input's side, or its (height, width); the grid is size // stride."""
     gy, gx = grids(size, stride, keypoints.device)
-    dx2 = (gx - keypoints[..., 0, None]) ** 2  # (B, P, 18, W)
-    dy2 = (gy - keypoints[..., 1, None]) ** 2  # (B, P, 18, H)
-    exponent = (dy2[..., :, None] + dx2[..., None, :]) / (2 * sigma ** 2)
-    # paper code: Gaussians truncated where exp(-d^2 / 2 sigma^2) < 0.01
-    heat = torch.where(exponent <= math.log(100), torch.exp(-exponent), 0.0)
-    heat = heat * (keypoints[..., 2] > 0)[..., None, None]
+    # The Gaussian is separable: two 1-D profiles and one outer product, no 2-D exp.
+    labelled = (keypoints[..., 2] > 0)[..., None]
+    along_x = torch.exp(-(gx - keypoints[..., 0, None]) ** 2 / (2 * sigma ** 2)) * labelled  # (B, P, 18, W)
+    along_y = torch.exp(-(gy - keypoints[..., 1, None]) ** 2 / (2 * sigma ** 2))  # (B, P, 18, H)
+    heat = along_y[..., :, None] * along_x[..., None, :]
+    heat = torch.where(heat >= 0.01, heat, 0.0)  # paper code: truncated below 0.01
     parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], NUM_PARTS, len(gy), len(gx))
     return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
 
@@ -613,7 +613,7 @@ def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: in
     gy, gx = grids(size, stride, keypoints.device)
     a, b = keypoints[:, :, LIMBS[:, 0]], keypoints[:, :, LIMBS[:, 1]]  # (B, P, L, 3)
     d = b[..., :2] - a[..., :2]
-    length = d.norm(dim=-1)
+    length = torch.sqrt((d ** 2).sum(-1))
     valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
     u = d / length.clamp(min=1e-3)[..., None]
     rx = gx[None, :] - a[..., 0, None, None]  # (B, P, L, 1, W)
@@ -655,8 +655,8 @@ def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Te
     if pasted.shape[1]:
         heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :NUM_PARTS]
         paf = paf_targets(pasted, size, stride, cfg.paf_width)
-        paf_mag = paf.reshape(paf.shape[0], NUM_LIMBS, 2, grid, grid).norm(dim=2)
-        keep = torch.cat([(paf_mag <= PASTED_MASK_THRESHOLD).repeat_interleave(2, 1),
+        paf_mag2 = paf[:, 0::2] ** 2 + paf[:, 1::2] ** 2  # (B, 19, H, W) squared limb magnitude
+        keep = torch.cat([(paf_mag2 <= PASTED_MASK_THRESHOLD ** 2).repeat_interleave(2, 1),
                           heat <= PASTED_MASK_THRESHOLD,
                           # background channel: the same rule on the pasted people's parts (the
                           # paper code's background mask is broken; PAPER.md [ours])
@@ -770,18 +770,28 @@ def plan_specs(maker: BatchMaker, cfg: Config, batch_size: int, rng: np.random.G
     return specs
 
 
-class StepBatches(torch.utils.data.Dataset):
-    """Item t is the whole batch of step start+t, so loader workers stay deterministic."""
+def attach_targets(batch: dict, cfg: Config, device=None) -> dict:
+    """Adds the targets and loss mask (torch) to a numpy batch."""
+    keypoints = torch.as_tensor(batch["keypoints"], device=device)
+    target, mask = make_targets(keypoints, torch.as_tensor(batch["pasted"], device=device),
+                                torch.as_tensor(batch["mask"], device=device), cfg)
+    return batch | dict(target=target, loss_mask=mask)
 
-    def __init__(self, maker: BatchMaker, cfg: Config, start: int, stop: int, rank: int = 0):
-        self.maker, self.cfg, self.start, self.stop, self.rank = maker, cfg, start, stop, rank
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item t is the whole batch of step start+t, so loader workers stay deterministic. On a CPU
+    the targets are made here too, so a loader worker takes them off the training process."""
+
+    def __init__(self, maker: BatchMaker, cfg: Config, start: int, stop: int, rank: int = 0, targets: bool = False):
+        self.maker, self.cfg, self.start, self.stop, self.rank, self.targets = maker, cfg, start, stop, rank, targets
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
         rng = step_rng(self.cfg.seed, self.start + i, self.rank)
-        return self.maker.batch(plan_specs(self.maker, self.cfg, self.cfg.batch_size, rng), rng)
+        batch = self.maker.batch(plan_specs(self.maker, self.cfg, self.cfg.batch_size, rng), rng)
+        return attach_targets(batch, self.cfg) if self.targets else batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1039,7 +1049,7 @@ def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int) ->
                 if not ((p["parts"] >= 0) & (q["parts"] >= 0)).any():  # disjoint: merge
                     p["parts"] = np.maximum(p["parts"], q["parts"])
                     p["score"] += q["score"] + s
-                    people.remove(q)
+                    people = [r for r in people if r is not q]
                 elif p["parts"][pb] != gb:
                     p["parts"][pb] = gb
                     p["score"] += all_peaks[gb, 2] + s
@@ -1480,9 +1490,10 @@ class Trainer:
         cfg, device = self.cfg, self.device
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if "target" not in batch:
+            batch = attach_targets(batch, cfg, device)
         keypoints = torch.as_tensor(batch["keypoints"]).to(device)
-        target, mask = make_targets(keypoints, torch.as_tensor(batch["pasted"]).to(device),
-                                    torch.as_tensor(batch["mask"]).to(device), cfg)
+        target, mask = batch["target"].to(device), batch["loss_mask"].to(device)
         with autocast(device, cfg):
             outputs = self.net(to_input(batch["image"], device))
         loss, per_sample = pose_loss(outputs, target, mask)
@@ -1503,9 +1514,9 @@ class Trainer:
                 specs = plan_specs(self.maker, cfg, cfg.batch_size // self.world, rng, pool, near)
                 yield self.step, self.maker.batch(specs, rng)
             return
-        workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 0)
+        workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 1)
         steps = StepBatches(self.maker, dataclasses.replace(cfg, batch_size=cfg.batch_size // self.world),
-                            self.step, cfg.steps, self.rank)
+                            self.step, cfg.steps, self.rank, targets=self.device.type == "cpu")
         loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=4 if workers else None,
@@ -1645,20 +1656,19 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
         make_targets(tensors["keypoints"], tensors["pasted"], tensors["mask"], cfg)
     target_ms = (time.perf_counter() - t) / 10 / cfg.batch_size * 1e3
 
-    fixed = dict(batch)
+    fixed = attach_targets(batch, cfg, device)  # pre-made: crops, targets and masks all ready
     for _ in range(3):  # warm-up
         trainer.train_step(fixed, cfg.lr)
     t = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(fixed, cfg.lr)
     premade = steps * cfg.batch_size / (time.perf_counter() - t)
-    trainer.step, cfg_steps = 0, steps + 3
-    trainer.cfg = dataclasses.replace(cfg, steps=cfg_steps)
-    it = trainer.batches()
-    for _, b in zip(range(3), it):
+    trainer.step, trainer.cfg = 0, dataclasses.replace(cfg, steps=steps + 3)
+    stream = (b for _, b in trainer.batches())
+    for _, b in zip(range(3), stream):
         trainer.train_step(b, cfg.lr)
     t = time.perf_counter()
-    for _, b in zip(range(steps), it):
+    for _, b in zip(range(steps), stream):
         trainer.train_step(b, cfg.lr)
     end_to_end = steps * cfg.batch_size / (time.perf_counter() - t)
 

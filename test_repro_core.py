@@ -533,3 +533,15 @@ def test_paste_distance_follows_the_bin():
         centres = R.paste_centres(5, 128, rng, (lo, hi))
         dist = np.linalg.norm(centres - 63.5, axis=1)
         assert lo <= dist.min() < hi
+
+
+def test_grouping_merges_fragments_joined_by_a_later_limb():
+    """Without a neck, arms and head start as separate fragments; the shoulder-ear limbs join them."""
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
+    kp[0, 0, :17, 2] = 2
+    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
+    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0)
+    joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
+    assert len(joined) == 1
+    assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
