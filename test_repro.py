@@ -1,8 +1,10 @@
-# ==============================================================================================
-# repro.py: targets, flips, masks, compositing, grouping, evaluation, training regimes
-# ==============================================================================================
+"""Tests for the reproduction (CPU only; run with `python -m pytest -x -q test_repro.py`)."""
 import json
-import math
+import os
+import pickle
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -10,9 +12,263 @@ import numpy as np
 import pytest
 import torch
 
-import repro as R
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared" / "data"
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+import repro as R  # noqa: E402
+
+# ==============================================================================================
+# Renderer (render_humans.py)
+# ==============================================================================================
+import render_humans as rh  # noqa: E402
+
+TINY = dict(image_size=96, mean_people=2.0, min_people=2, camera_distance=(9.0, 0.1), progress=False)
+
+
+@pytest.fixture(scope="module")
+def gl():
+    """Body model and GL context, loaded once; skip (with the reason) where headless GL is missing."""
+    try:
+        rh.get_renderer()
+    except rh.RenderError as e:
+        pytest.skip(f"no headless OpenGL: {e}")
+    return rh.get_body_model("anny", None)
+
+
+@pytest.fixture(scope="module")
+def scenes(gl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes")
+    ann = rh.render_dataset(out, num_images=3, seed=1, **{**TINY, "image_size": 160, "mean_people": 4.0})
+    return out, json.loads(ann.read_text())
+
+
+def _two_people(body, behind: float, shift_x: float = 0.0, size: int = 128):
+    """Two identical people facing the camera, the second `behind` metres further back."""
+    cfg = rh.RenderConfig(style="standin")
+    rng = np.random.default_rng(0)
+    shape, world, _, albedo = rh.sample_people(body, rng, 1, cfg)
+    world[:] = rh.canonical_fk(rh.angles_to_local(rh._pose_angles(np.random.default_rng(0), "stand")[None]))
+    verts, kps = rh.build_people(body, np.repeat(shape, 2, 0), np.repeat(world, 2, 0), np.zeros(2))
+    off = np.float32([[[shift_x, 0, 0]], [[shift_x, 0, -behind]]])
+    cam = rh.make_camera(6.0, 0.0, size, size, 0.9)
+    light = rh.sample_lighting(rng, "standin")
+    return rh.render_people(body, verts + off, kps + off, np.repeat(albedo, 2, 0), cam, light,
+                            np.zeros(3, np.uint8))
+
+
+def test_coco_json_loads_and_gt_as_detections_gives_ap_1(scenes):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    out, coco = scenes
+    gt = COCO(str(out / "annotations.json"))
+    assert gt.loadCats(1)[0]["keypoints"] == rh.COCO_KEYPOINT_NAMES
+    assert len(gt.getImgIds()) == 3 and len(gt.getAnnIds()) >= 6
+    for a in coco["annotations"]:
+        assert len(a["keypoints"]) == 51 and a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3])
+        assert isinstance(a["segmentation"]["counts"], str) and a["iscrowd"] == 0
+        for k in ("min_dist", "camera_angle", "visibility_ratio", "truncation", "scale", "num_people"):
+            assert k in a
+    for im in coco["images"]:
+        assert (out / "images" / im["file_name"]).is_file()
+    dets = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+            for a in coco["annotations"]]
+    ev = COCOeval(gt, gt.loadRes(dets), "keypoints")
+    ev.evaluate(); ev.accumulate(); ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_visible_keypoints_lie_on_their_persons_silhouette(scenes):
+    from pycocotools import mask as mask_utils
+
+    _, coco = scenes
+    n_visible = 0
+    for a in coco["annotations"]:
+        m = mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+        kp = np.array(a["keypoints"]).reshape(17, 3)
+        vis = kp[kp[:, 2] == 2]
+        assert m[vis[:, 1].astype(int), vis[:, 0].astype(int)].all()
+        assert m.sum() == a["area"]
+        n_visible += len(vis)
+    assert n_visible > 0
+
+
+def test_person_behind_another_is_occluded(gl):
+    _, inst, _, kl = _two_people(gl, behind=1.5)
+    front, back = kl[0], kl[1]
+    assert (front[[0, 5, 6, 11, 12], 2] == 2).all()  # nose, shoulders, hips of the front person
+    assert (back[[0, 5, 6, 11, 12], 2] == 1).all()  # hidden behind the front person's torso
+    assert (back[:, 2] == 1).sum() >= 10 and (back[:, 2] > 0).all()
+    assert (inst == 2).sum() < 0.2 * (inst == 1).sum()
+
+
+def test_keypoints_outside_the_frame_are_v0(gl):
+    _, _, _, kl = _two_people(gl, behind=3.0, shift_x=1.6, size=96)
+    p = kl[0]
+    out = p[:, 2] == 0
+    assert out.any() and (~out).any()                  # half in, half out
+    assert (p[out, :2] == 0).all()
+    assert ((p[~out, 0] >= 0) & (p[~out, 0] < 96)).all()
+
+
+def test_same_seed_same_bytes_and_sharded_resume(gl, tmp_path, monkeypatch):
+    monkeypatch.setitem(rh.CHUNK, "scenes", 2)
+    kw = dict(num_images=5, seed=3, **TINY)
+    a = rh.render_dataset(tmp_path / "a", **kw)
+    b = rh.render_dataset(tmp_path / "b", **kw)
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    fa = files(tmp_path / "a")
+    assert fa == files(tmp_path / "b") and a.read_bytes() == b.read_bytes()
+
+    # "kill" shard 0 of 2 in the middle of its second chunk, then resume both shards
+    real_write, calls = rh.atomic_write, []
+
+    def dying_write(path, data):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(rh, "atomic_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        rh.render_dataset(tmp_path / "c", num_shards=2, shard=0, **kw)
+    monkeypatch.setattr(rh, "atomic_write", real_write)
+    assert not (tmp_path / "c" / "annotations.json").exists()
+    first = rh.render_dataset(tmp_path / "c", num_shards=2, shard=0, **kw)
+    assert not first.exists()                        # shard 1 is still missing
+    rh.render_dataset(tmp_path / "c", num_shards=2, shard=1, **kw)
+    assert files(tmp_path / "c") == fa               # nothing lost, duplicated or left behind
+    assert rh.render_dataset(tmp_path / "c", **kw) == first  # finished: returns from the cache
+
+
+def test_bank_is_rgba_with_labels_in_crop_coordinates(gl, tmp_path):
+    import cv2
+
+    ann = rh.render_dataset(tmp_path, kind="bank", num_images=3, image_size=96, progress=False)
+    coco = json.loads(ann.read_text())
+    assert len(coco["images"]) == 3
+    for im, a in zip(coco["images"], coco["annotations"]):
+        rgba = cv2.imread(str(tmp_path / "images" / im["file_name"]), cv2.IMREAD_UNCHANGED)
+        assert rgba.shape == (im["height"], im["width"], 4)
+        assert 80 < a["scale"] < 115                  # person ~image_size px tall
+        kp = np.array(a["keypoints"]).reshape(17, 3)
+        assert (kp[:, 2] > 0).all() and set(kp[:, 2]) <= {1, 2}
+        vis = kp[kp[:, 2] == 2]
+        assert (rgba[vis[:, 1].astype(int), vis[:, 0].astype(int), 3] == 255).all()
+        assert (rgba[..., 3] > 0).sum() == a["area"]
+
+
+def test_small_demo_settings_with_min_people_1(gl, tmp_path):
+    ann = rh.render_dataset(tmp_path, num_images=4, style="standin", image_size=64, mean_people=0.5,
+                            min_people=1, camera_distance=(6.0, 0.5), progress=False)
+    coco = json.loads(ann.read_text())
+    assert {a["image_id"] for a in coco["annotations"]} == {1, 2, 3, 4}
+
+
+@pytest.mark.skipif(not (SHARED / "poses").is_dir(), reason="../shared/data/poses not present")
+def test_every_bvh_file_loads_and_retargets(gl):
+    files = sorted((SHARED / "poses").rglob("*.bvh"))
+    assert files
+    for f in files:
+        world = rh.bvh_to_canonical(f)
+        assert world.shape[1:] == (len(rh.CANON), 3, 3) and np.isfinite(world).all()
+        verts, kps = rh.build_people(gl, gl.sample_shape(np.random.default_rng(0), 1, "synthetic"),
+                                     world[:1], np.zeros(1))
+        height = verts[0, :, 1].max()
+        assert 0.3 < height < 2.6, f.name              # a body, not an explosion
+        assert np.isfinite(kps).all()
+
+
+def _main_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        rh.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("render_humans: error: ") and "\n" not in msg
+    return msg
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "SMPL_NEUTRAL.pkl" in _main_error([str(out), "--body-model", "smpl"], capsys)
+    assert "smplx/SMPLX_NEUTRAL.npz" in _main_error(
+        [str(out), "--body-model", "smplx", "--model-path", str(tmp_path)], capsys)
+    assert "does not exist" in _main_error([str(out), "--backgrounds", str(tmp_path / "nope")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _main_error([str(out), "--backgrounds", str(tmp_path / "empty")], capsys)
+    (tmp_path / "bvh").mkdir()
+    (tmp_path / "bvh" / "broken.bvh").write_text("HIERARCHY\nROOT Hips\n{ OFFSET 0 0 0\n")
+    assert "broken.bvh" in _main_error([str(out), "--poses", str(tmp_path / "bvh")], capsys)
+    assert not out.exists()
+    r = subprocess.run([sys.executable, str(ROOT / "render_humans.py"), str(out), "--body-model", "smplh",
+                        "--model-path", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "render_humans: error:" in r.stderr
+    assert not out.exists()
+
+
+def test_help_explains_every_flag():
+    r = subprocess.run([sys.executable, str(ROOT / "render_humans.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    flags = set(__import__("re").findall(r"--[a-z][a-z-]+", r.stdout))
+    assert {"--kind", "--num-images", "--style", "--image-size", "--mean-people", "--min-people",
+            "--camera-distance", "--seed", "--backgrounds", "--poses", "--body-model", "--model-path",
+            "--workers", "--num-shards", "--shard", "--bench", "--grid"} <= flags
+    assert all(a.help and len(a.help) > 10 for a in rh.build_parser()._actions)
+
+
+def test_smpl_pickles_load_without_chumpy(tmp_path):
+    import scipy.sparse
+
+    fake = types.ModuleType("chumpy"); fake_ch = types.ModuleType("chumpy.ch")
+
+    class Ch:
+        def __init__(self, x): self.x = x
+        def __getstate__(self): return {"x": self.x, "_dirty_vars": set()}
+
+    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
+    fake_ch.Ch = Ch
+    sys.modules.update({"chumpy": fake, "chumpy.ch": fake_ch})
+    try:
+        data = {"shapedirs": Ch(np.arange(12.0).reshape(2, 3, 2)), "f": np.array([[0, 1, 2]]),
+                "J_regressor": scipy.sparse.csc_matrix(np.eye(3))}
+        (tmp_path / "SMPL_NEUTRAL.pkl").write_bytes(pickle.dumps(data, protocol=2))
+    finally:
+        del sys.modules["chumpy"], sys.modules["chumpy.ch"]
+    arrays = rh.load_model_arrays(tmp_path / "SMPL_NEUTRAL.pkl")
+    assert np.array_equal(arrays["shapedirs"], np.arange(12.0).reshape(2, 3, 2))
+    assert np.array_equal(arrays["J_regressor"], np.eye(3)) and arrays["f"].shape == (1, 3)
+    assert rh.find_model_files("smpl", str(tmp_path)) == {"neutral": tmp_path / "SMPL_NEUTRAL.pkl"}
+
+
+def _fake_smpl(root: Path):
+    """A stick-figure stand-in with SMPL's array layout (6890 vertices, 24 joints), for smoke tests."""
+    par = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21]
+    J = np.array([[0, .9, 0], [.08, .82, 0], [-.08, .82, 0], [0, 1.0, 0], [.1, .45, 0], [-.1, .45, 0], [0, 1.15, 0],
+                  [.1, .08, 0], [-.1, .08, 0], [0, 1.25, 0], [.1, .02, .12], [-.1, .02, .12], [0, 1.45, 0],
+                  [.08, 1.38, 0], [-.08, 1.38, 0], [0, 1.6, .02], [.18, 1.4, 0], [-.18, 1.4, 0], [.45, 1.4, 0],
+                  [-.45, 1.4, 0], [.7, 1.4, 0], [-.7, 1.4, 0], [.78, 1.4, 0], [-.78, 1.4, 0]])
+    V, rng = 6890, np.random.default_rng(0)
+    owner = np.arange(V) % 24
+    Jr = np.zeros((24, V)); Jr[owner, np.arange(V)] = 1; Jr /= Jr.sum(1, keepdims=True)
+    W = np.zeros((V, 24)); W[np.arange(V), owner] = 1
+    data = dict(v_template=J[owner] + rng.normal(0, 0.04, (V, 3)), shapedirs=rng.normal(0, 1e-3, (V, 3, 10)),
+                posedirs=np.zeros((V, 3, 207)), J_regressor=Jr, weights=W,
+                kintree_table=np.array([[2**32 - 1 if p < 0 else p for p in par], list(range(24))]),
+                f=np.array([[i, i + 24, i + 48] for i in range(V - 48)]))
+    (root / "smpl").mkdir(parents=True)
+    (root / "smpl" / "SMPL_NEUTRAL.pkl").write_bytes(pickle.dumps(data, protocol=2))
+
+
+def test_smpl_body_model_path_renders(gl, tmp_path):
+    _fake_smpl(tmp_path / "models")
+    ann = rh.render_dataset(tmp_path / "out", num_images=1, body_model="smpl", model_path=tmp_path / "models",
+                            **{**TINY, "image_size": 64})
+    coco = json.loads(ann.read_text())
+    assert coco["images"] and all(len(a["keypoints"]) == 51 for a in coco["annotations"])
+
+
+# ==============================================================================================
+# repro.py: targets, flips, masks, compositing, grouping, evaluation, training regimes
+# ==============================================================================================
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 # A standing stick figure in a 1 x 2 box (x right, y down), COCO order.
