@@ -77,6 +77,8 @@ PNG_COMPRESSION = 1            # higher levels cost more than the whole render o
 CHUNK = {"scenes": 16, "bank": 64}  # images per resumable unit of work
 NEAR, FAR = 0.3, 60.0
 STYLES = ("synthetic", "standin")
+STANDIN_FACING_SHARE = 0.75    # [ours] stand-in people turned towards the camera ...
+STANDIN_FACING_STD_DEG = 45.0  # [ours] ... with yaw ~ N(0, 45 deg); the rest U(0, 360 deg)
 KINDS = ("scenes", "bank")
 BODY_MODELS = ("anny", "smpl", "smplh", "smplx")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -1283,7 +1285,12 @@ def sample_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
     """Random shapes, poses (canonical world rotations), yaws and albedos for n people."""
     shape = body.sample_shape(rng, n, cfg.style)
     world = pick_poses(rng, n, cfg.style, cfg.poses)
-    yaw = rng.uniform(0, 2 * math.pi, n)
+    yaw = rng.uniform(0, 2 * math.pi, n)  # paper code: random yaw U(0, 2 pi) per person
+    if cfg.style == "standin":
+        # [ours] Photos of people are biased towards people facing the camera (yaw 0); the
+        # stand-in for real photos keeps that bias, the synthetic style keeps the paper's U(0, 2 pi).
+        facing = rng.random(n) < STANDIN_FACING_SHARE
+        yaw = np.where(facing, rng.normal(0.0, math.radians(STANDIN_FACING_STD_DEG), n), yaw)
     with _timed("appearance"):
         albedo = np.stack([person_albedo(body, rng, cfg.style) for _ in range(n)])
     return shape, world, yaw, albedo
@@ -1426,7 +1433,7 @@ def atomic_write(path: Path, data: bytes):
 def _config_json(cfg: RenderConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["camera_distance"] = list(d["camera_distance"])
-    d["renderer_version"] = 1
+    d["renderer_version"] = 2  # bump when the same settings render differently
     return d
 
 

@@ -285,7 +285,7 @@ def stick_figure(rng, height):
 
 def draw_figure(canvas, kp, colour, alpha=None):
     thick = max(2, int(np.ptp(kp[:, 1]) / 14))
-    for a, b in R.COCO_SKELETON:
+    for a, b in np.array(rh.COCO_SKELETON) - 1:
         p, q = tuple(int(v) for v in kp[a]), tuple(int(v) for v in kp[b])
         cv2.line(canvas, p, q, colour, thick)
         if alpha is not None:
@@ -319,7 +319,7 @@ def write_toy_set(root: Path, n_images=6, size=128, people=(1, 3), seed=0, crowd
         cv2.imwrite(str(root / "images" / f"{i:04d}.jpg"), img)
         images.append(dict(id=i + 1, file_name=f"{i:04d}.jpg", width=size, height=size))
     categories = [dict(id=1, name="person", supercategory="person", keypoints=list(R.COCO_KEYPOINTS),
-                       skeleton=[[a + 1, b + 1] for a, b in R.COCO_SKELETON])]
+                       skeleton=rh.COCO_SKELETON)]
     path = root / "annotations.json"
     path.write_text(json.dumps(dict(images=images, annotations=anns, categories=categories)))
     return path
@@ -353,10 +353,14 @@ def toy(tmp_path_factory):
                 synthetic=write_toy_set(root / "synthetic", 6, people=(2, 4), seed=2), bank=write_toy_bank(root / "bank"))
 
 
-def toy_args(toy, out, *extra):
+def toy_data_args(toy):
     return ["--train-json", str(toy["train"]), "--train-images", str(toy["train"].parent / "images"),
             "--val-json", str(toy["val"]), "--val-images", str(toy["val"].parent / "images"),
-            "--synthetic-json", str(toy["synthetic"]), "--bank-json", str(toy["bank"]),
+            "--synthetic-json", str(toy["synthetic"]), "--bank-json", str(toy["bank"])]
+
+
+def toy_args(toy, out, *extra):
+    return toy_data_args(toy) + [
             "--out", str(out), "--batch-size", "4", "--input-size", "64", "--width", "16", "--stages", "2",
             "--eval-height", "64", "--eval-scales", "1.0", "--log-every", "1", "--threads", "2", *extra]
 
@@ -580,13 +584,15 @@ def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     common = ("--mode", "augmented", "--steps", "6", "--ckpt-every", "3")
     assert R.main(toy_args(toy, tmp_path / "straight", *common)) == 0
     with monkeypatch.context() as m:
-        interrupt_at_step(m, 4)
+        interrupt_at_step(m, 5)  # step 4 is logged after the step-3 checkpoint, then the run dies
         assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
     assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)["step"] == 3
     assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
     a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
     assert a["step"] == b["step"] == 6
+    steps = lambda run: [json.loads(l)["step"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert steps("stopped") == steps("straight")  # nothing logged twice
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
@@ -597,6 +603,8 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert R.main(toy_args(toy, tmp_path / "eval", "--mode", "eval", "--ckpt", str(ckpt))) == 0
     assert "AP" in json.loads((tmp_path / "eval" / f"eval-annotations.json").read_text())
     assert R.main(toy_args(toy, tmp_path / "ft", "--mode", "augmented", "--steps", "1", "--init", str(ckpt))) == 0
+    assert R.main(["--compare", str(tmp_path / "run"), str(tmp_path / "ft"), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
 
 
 # ---- real-format fixtures -----------------------------------------------------------------------
@@ -801,3 +809,15 @@ def test_grouping_merges_fragments_joined_by_a_later_limb():
     joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
     assert len(joined) == 1
     assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
+
+
+def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
+    small = ("--preset", "paper", "--mode", "real", "--input-size", "64", "--stages", "2", "--batch-size", "2",
+             "--steps", "2", "--eval-height", "64", "--max-val-images", "1")
+    argv = toy_data_args(toy) + ["--out", str(tmp_path / "paper"), "--threads", "2", *small]
+    assert R.main(argv) == 0
+    cfg, _ = R.parse_args(argv + ["--init", str(tmp_path / "paper/ckpt.pt")])
+    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
+    frozen = [p.requires_grad for p in trainer.model.backbone[:R.VGG_FROZEN_LAYERS].parameters()]
+    assert frozen and not any(frozen)
+    assert all(p.requires_grad for p in trainer.model.backbone[R.VGG_FROZEN_LAYERS:].parameters())
