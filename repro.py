@@ -1647,11 +1647,14 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
         for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):
             ax.plot(minutes, [e["eval"][key] for e in evals], "o-", label=run.name)
             ax.set(xlabel="training minutes", title=f"val {key}")
-        final = json.loads((run / "metrics.json").read_text())
+        if not evals:
+            raise ReproError(f"{run} holds no evaluation yet")
+        last = evals[-1]  # the final evaluation, or the last one of a run that was stopped
         argv = json.loads((run / "config.json").read_text()).get("argv", [])
         command = "python repro.py " + " ".join(a for a in argv[1:])
-        lines.append(f"| {run.name} | `{command}` | {final['train_minutes']:.1f} | {final['steps']} | {final['AP']:.4f} | "
-                     f"{final['AP50']:.4f} | {final['AP75']:.4f} | {final['AR']:.4f} | {final['peak_hit']:.3f} |")
+        e = last["eval"]
+        lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | {e['AP']:.4f} | "
+                     f"{e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | {e['peak_hit']:.3f} |")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
