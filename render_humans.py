@@ -22,7 +22,7 @@ per vertex on the CPU.
     python render_humans.py data/synth --num-images 1000 --workers 2
     python render_humans.py data/bank --kind bank --num-images 5000
     python render_humans.py --bench        # scenes/s and bank people/s on this machine
-    python render_humans.py --grid         # results/render-grid.jpg
+    python render_humans.py --grid         # results/render-grid.png
 
 Library use (what repro.py calls): `render_dataset(out_dir, kind=..., num_images=...)`.
 """
@@ -1608,7 +1608,7 @@ def draw_keypoints(img: np.ndarray, anns: list, scale: float = 1.0) -> np.ndarra
     return img
 
 
-def make_grid(path="results/render-grid.jpg", n_cols: int = 3, size: int = 640, seed: int = 0) -> Path:
+def make_grid(path="results/render-grid.png", n_cols: int = 3, size: int = 640, seed: int = 0) -> Path:
     """Two rows of scenes (synthetic, standin) and a row of bank people, keypoints drawn."""
     import cv2
     tiles = []
@@ -1641,7 +1641,7 @@ def make_grid(path="results/render-grid.jpg", n_cols: int = 3, size: int = 640, 
     grid = np.concatenate([np.concatenate(tiles[i * n_cols:(i + 1) * n_cols], 1) for i in range(2)] + [row], 0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), grid[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
+    cv2.imwrite(str(path), grid[:, :, ::-1])
     return path
 
 
@@ -1700,7 +1700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, default=0, help="which shard this run renders (0-based)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--bench", action="store_true", help="print scenes/s and bank people/s on this machine")
-    p.add_argument("--grid", nargs="?", const="results/render-grid.jpg", metavar="PATH",
+    p.add_argument("--grid", nargs="?", const="results/render-grid.png", metavar="PATH",
                    help="write a grid of rendered scenes and bank people with keypoints drawn")
     return p
 

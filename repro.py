@@ -1606,7 +1606,7 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
     h = max(t.shape[0] for t in tiles)
     tiles = [cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, 0, cv2.BORDER_CONSTANT) for t in tiles]
     rows = [np.hstack(tiles[i:i + 4] + [np.zeros_like(tiles[0])] * (4 - len(tiles[i:i + 4]))) for i in range(0, len(tiles), 4)]
-    cv2.imwrite(str(path), np.vstack(rows), [cv2.IMWRITE_JPEG_QUALITY, 88])
+    cv2.imwrite(str(path), np.vstack(rows))
 
 
 def save_curves(metrics_path: Path, path: Path, title: str) -> None:
@@ -1795,7 +1795,7 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
     write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
                     train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
     write_json(results, out / "val_predictions.json")
-    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.jpg")
+    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
     save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
     if trainer.teacher is not None:
         trainer.teacher.save_plot(out / "teacher_bins.png")

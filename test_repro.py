@@ -565,7 +565,7 @@ def test_each_mode_runs_end_to_end(toy, tmp_path, mode):
     assert R.main(toy_args(toy, out, "--mode", mode, "--steps", "3")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and 0.0 <= metrics["AP"] <= 1.0
-    assert (out / "config.json").is_file() and (out / "curves.png").is_file() and (out / "predictions.jpg").is_file()
+    assert (out / "config.json").is_file() and (out / "curves.png").is_file() and (out / "predictions.png").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # 3 steps + the final evaluation
 
 
