@@ -1262,7 +1262,8 @@ class Teacher:
 
     # -- after every student step ----------------------------------------------------------
     def observe(self, step: int, batch: dict, result: dict) -> None:
-        n_other = self.cfg.batch_size // 2  # batch_sources puts the synthetic half first
+        sources = batch_sources(self.cfg, len(batch["image"]))  # the non-real half comes first
+        n_other = len(sources) - sources.count(REAL)
         per_sample = result["per_sample"]
         self.window.append(float(per_sample[:n_other].mean()))
         scores = np.concatenate([self.hard_scores, per_sample[n_other:]])
