@@ -559,6 +559,16 @@ def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
+def test_cpu_mixed_precision_only_where_the_cpu_has_native_bf16():
+    layer = torch.nn.Linear(4, 4)
+    with R.autocast(torch.device("cpu"), R.Config()):
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == (torch.bfloat16 if R.cpu_has_native_bf16() else torch.float32)
+    assert layer.weight.dtype == torch.float32  # autocast: the weights (and Adam's state) stay float32
+    with R.autocast(torch.device("cpu"), R.Config(amp=False)):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+
+
 @pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
 def test_each_mode_runs_end_to_end(toy, tmp_path, mode):
     out = tmp_path / mode
@@ -797,6 +807,12 @@ def test_paste_distance_follows_the_bin():
         centres = R.paste_centres(5, 128, rng, (lo, hi))
         dist = np.linalg.norm(centres - 63.5, axis=1)
         assert lo <= dist.min() < hi
+
+
+def test_flat_maps_give_a_bounded_number_of_peaks():
+    peaks = R.find_peaks(torch.full((18, 96, 128), 0.5))  # every pixel ties with its neighbours
+    assert all(len(p) == R.MAX_PEAKS_PER_PART for p in peaks)
+    assert R.decode_maps(torch.full((57, 96, 128), 0.5), 1.0) is not None  # grouping stays small
 
 
 def test_grouping_merges_fragments_joined_by_a_later_limb():
