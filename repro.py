@@ -206,7 +206,7 @@ FLAG_HELP = {
     "lr_gamma": "factor of each learning-rate drop",
     "steps": "training steps",
     "minutes": "wall-clock training budget in minutes (0: steps only); the schedule follows it",
-    "init": "start from this checkpoint's weights (paper: a real-only student)",
+    "init": "start from this checkpoint's weights (paper: a real-only student); with --bench: time grouping on its maps",
     "eval_height": "val images are resized to this height at scale 1.0",
     "eval_scales": "inference scales (paper: 0.7 1.0 1.3)",
     "eval_flip": "also average the flipped image's maps",
@@ -1693,6 +1693,8 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
     cfg = dataclasses.replace(cfg, mode="augmented", workers=cfg.workers)
     trainer = Trainer(cfg, data, device, Path("."))
     maker, model = trainer.maker, trainer.model
+    if cfg.init:  # a trained network's maps, so that grouping is timed on realistic peaks
+        load_weights(model, load_checkpoint(cfg.init), cfg, cfg.init)
     rng = np.random.default_rng(0)
     specs = plan_specs(maker, cfg, cfg.batch_size, rng)
 
