@@ -809,6 +809,15 @@ def test_paste_distance_follows_the_bin():
         assert lo <= dist.min() < hi
 
 
+def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
+    assert R.main(toy_args(toy, tmp_path / "unused", "--bench", "--init", str(run / "ckpt.pt"))) == 0
+    out = capsys.readouterr().out
+    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", "bf16 autocast"):
+        assert figure in out
+
+
 def test_flat_maps_give_a_bounded_number_of_peaks():
     peaks = R.find_peaks(torch.full((18, 96, 128), 0.5))  # every pixel ties with its neighbours
     assert all(len(p) == R.MAX_PEAKS_PER_PART for p in peaks)
