@@ -1405,6 +1405,10 @@ def autocast(device: torch.device, cfg: Config):
     return contextlib.nullcontext()
 
 
+def precision(device: torch.device, cfg: Config) -> str:
+    return "bf16 autocast" if isinstance(autocast(device, cfg), torch.autocast) else "float32"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -1742,7 +1746,7 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
                    grouping_ms_per_image=group_s / n * 1e3)
     print(f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
           f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}, "
-          f"bf16 autocast {'on' if isinstance(autocast(device, cfg), torch.autocast) else 'off'}")
+          f"{precision(device, cfg)}")
     for k, v in figures.items():
         print(f"  {k:32s} {v:10.2f}")
     return figures
@@ -1806,7 +1810,8 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
         load_weights(trainer.model, load_checkpoint(cfg.init), cfg, cfg.init)
     if rank == 0:
         write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        torch=torch.__version__, threads=torch.get_num_threads(), argv=sys.argv), out / "config.json")
+                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
+                        argv=sys.argv), out / "config.json")
         if not cfg.resume and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
     trainer.fit()
