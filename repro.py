@@ -1391,22 +1391,24 @@ def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teache
 # ----------------------------------------------------------------------------------------------
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: there oneDNN runs bf16 convolutions about 1.8x faster than fp32 (measured
-    on the 2-core EPYC: 64 vs 36 img/s for the demo net); elsewhere bf16 on the CPU is emulated and slower."""
+    """AVX512-BF16 or AMX: there oneDNN runs bf16 convolutions about 2x faster than fp32 (`--bench` on
+    the 2-core EPYC: 61 vs 31 img/s for the demo net); elsewhere bf16 on the CPU is emulated and slower."""
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def uses_bf16(device: torch.device, cfg: Config) -> bool:
+    return cfg.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
 
 
 def autocast(device: torch.device, cfg: Config):
     # bfloat16 needs no loss scaling, so checkpoints and resume stay simple; weights, optimiser
     # state and the loss stay float32
-    if cfg.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, cfg) else contextlib.nullcontext()
 
 
 def precision(device: torch.device, cfg: Config) -> str:
-    return "bf16 autocast" if isinstance(autocast(device, cfg), torch.autocast) else "float32"
+    return "bf16 autocast" if uses_bf16(device, cfg) else "float32"
 
 
 def seed_everything(seed: int) -> None:
@@ -1492,6 +1494,8 @@ class Trainer:
     def __init__(self, cfg: Config, data: Data, device: torch.device, out: Path, rank: int = 0, world: int = 1):
         self.cfg, self.data, self.device, self.out, self.rank, self.world = cfg, data, device, out, rank, world
         self.model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+        if cfg.init and not cfg.resume:  # a resumed run gets its weights from its own checkpoint
+            load_weights(self.model, load_checkpoint(cfg.init), cfg, cfg.init)
         if cfg.arch == "openpose" and (cfg.pretrained or cfg.init):
             for p in self.model.backbone[:VGG_FROZEN_LAYERS].parameters():
                 p.requires_grad_(False)
@@ -1666,15 +1670,15 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
         if not (run / "metrics.jsonl").is_file():
             raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
         evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+        if not evals:
+            raise ReproError(f"{run} holds no evaluation yet")
         minutes = [e["minutes"] for e in evals]
         for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):
             ax.plot(minutes, [e["eval"][key] for e in evals], "o-", label=run.name)
             ax.set(xlabel="training minutes", title=f"val {key}")
-        if not evals:
-            raise ReproError(f"{run} holds no evaluation yet")
         last = evals[-1]  # the final evaluation, or the last one of a run that was stopped
         argv = json.loads((run / "config.json").read_text()).get("argv", [])
-        command = "python repro.py " + " ".join(a for a in argv[1:])
+        command = "python repro.py " + " ".join(argv[1:])
         e = last["eval"]
         lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | {e['AP']:.4f} | "
                      f"{e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | {e['peak_hit']:.3f} |")
@@ -1694,11 +1698,9 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
-    cfg = dataclasses.replace(cfg, mode="augmented", workers=cfg.workers)
-    trainer = Trainer(cfg, data, device, Path("."))
+    cfg = dataclasses.replace(cfg, mode="augmented")
+    trainer = Trainer(cfg, data, device, Path("."))  # with --init: grouping is timed on a trained net's maps
     maker, model = trainer.maker, trainer.model
-    if cfg.init:  # a trained network's maps, so that grouping is timed on realistic peaks
-        load_weights(model, load_checkpoint(cfg.init), cfg, cfg.init)
     rng = np.random.default_rng(0)
     specs = plan_specs(maker, cfg, cfg.batch_size, rng)
 
@@ -1806,8 +1808,6 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
             lines = (out / "metrics.jsonl").read_text().splitlines()
             kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= trainer.step]
             (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
-    elif cfg.init:
-        load_weights(trainer.model, load_checkpoint(cfg.init), cfg, cfg.init)
     if rank == 0:
         write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
                         torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
