@@ -1,23 +1,32 @@
 """Learning to Train with Synthetic Humans (Hoffmann et al., GCPR 2019): a minimal reproduction.
 
-One file, in the order data flows:
-  config -> skeleton -> datasets (COCO-format, demo benchmark, person bank) -> person-centric
-  crops and compositing -> targets and loss masks -> batches -> networks -> loss ->
-  inference and grouping -> COCO evaluation -> teacher -> training loop -> benchmark -> main.
-
     python repro.py --mode augmented                 # demo benchmark, rendered on first use
     python repro.py --mode real --coco-root COCO     # real COCO through pycocotools
     python repro.py --mode eval --ckpt results/RUN/ckpt.pt
     python repro.py --bench
 
-Facts of the paper and its released code are in PAPER.md of the project notes; every constant
-taken from there says so ("paper code: ...").  Our own choices are listed in README.md.
+Reading map. One file, in the order data flows; one training step goes
+  BatchMaker.plan (which crops: real, synthetic or augmented slots, or a teacher's bin)
+  -> crop_person and paste_people (person-centric crops; synthetic people pasted onto real ones)
+  -> make_targets (heatmaps, PAFs and the loss mask M)
+  -> Trainer.train_step (pose_loss: the masked L2 on every stage)
+  -> Teacher.observe / Teacher.decide (reward, soft-label update, next bin).
+Where the paper's rules live:
+  pasted people in or out of the loss ... people_in_targets, volumetric_mask, make_targets
+  the image's ignore mask ............... mask_miss
+  the PAF target ........................ paf_targets
+  the teacher's update .................. soft_target, Teacher.decide
+  inference and grouping ................ network_maps, find_peaks, group_people
+Every constant says where it comes from: "paper code:" for the authors' released code
+(DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
+"What the paper's code does" and "Deviations and choices" say both in words.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -40,85 +49,109 @@ import render_humans as rh
 cv2.setNumThreads(1)  # cv2's own pool fights torch for the cores; our images are small
 
 # ----------------------------------------------------------------------------------------------
-# Config
+# Config: every setting once, with its help text (the command line is built from these fields)
 # ----------------------------------------------------------------------------------------------
 
 MODES = ("real", "synthetic", "augmented", "student-teacher", "eval")
 
 
+def setting(default, help: str, choices: tuple | None = None):
+    """A Config field that carries its own command-line help and choices."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
 @dataclass
 class Config:
     """Every setting of a run; the defaults are the CPU-sized demo preset (README, "Deviations")."""
-    mode: str = "augmented"
-    preset: str = "demo"
+    mode: str = setting("augmented", "training regime, or eval of --ckpt", MODES)
+    preset: str = setting("demo", "paper: the paper's network and schedule; demo: CPU-sized", ("demo", "paper"))
     # data
-    data: str = "auto"  # auto | demo | coco
-    coco_root: str | None = None
-    train_json: str | None = None
-    train_images: str | None = None
-    val_json: str | None = None
-    val_images: str | None = None
-    synthetic_json: str | None = None  # purely synthetic scenes (COCO json, images beside in images/)
-    bank_json: str | None = None  # person bank (RGBA people, COCO json)
-    demo_dir: str = "data/demo"
-    demo_size: str = "small"  # small (first-run default) | large (experiments)
-    max_val_images: int = 0  # 0 = all
+    data: str = setting("auto", "auto: coco when --coco-root/--train-json is given, else the built-in demo "
+                        "benchmark", ("auto", "demo", "coco"))
+    coco_root: str | None = setting(None, "COCO root with train2017/, val2017/, "
+                                    "annotations/person_keypoints_*2017.json")
+    train_json: str | None = setting(None, "any COCO-format keypoint json for training (with --train-images)")
+    train_images: str | None = setting(None, "image folder of --train-json")
+    val_json: str | None = setting(None, "COCO-format keypoint json to evaluate on (with --val-images)")
+    val_images: str | None = setting(None, "image folder of --val-json")
+    synthetic_json: str | None = setting(None, "purely synthetic scenes from render_humans.py, images beside "
+                                         "it in images/ (default: the demo's)")
+    bank_json: str | None = setting(None, "person bank from render_humans.py --kind bank (default: the demo's)")
+    demo_dir: str = setting("data/demo", "where the built-in demo benchmark is rendered and cached")
+    demo_size: str = setting("small", "small: quick first run; large: more images for experiments",
+                             ("small", "large"))
+    max_val_images: int = setting(0, "evaluate on at most this many val images (0 = all)")
     # method
-    synthetic_loss: str = "mask"  # mask (paper's best: pasted people out of the loss) | include
-    paste_mean: float = 4.0  # paper: Poisson(4) pasted people per real image ...
-    paste_min: int = 2  # ... at least 2
+    synthetic_loss: str = setting("mask", "mask: pasted people are out of the loss (paper's best); "
+                                  "include: supervised", ("mask", "include"))
+    paste_mean: float = setting(4.0, "mean of the Poisson number of pasted people per augmented image "
+                                "(paper code: 4)")
+    paste_min: int = setting(2, "least number of pasted people per augmented image (paper code: 2)")
     # network
-    arch: str = "small"
-    stages: int = 3
-    width: int = 64
-    pretrained: bool = False
-    # geometry (paper preset: 368 input, stride 8, sigma 7, PAF half-width 8). The demo's sigma
-    # and PAF width are 1.25 output cells, not the paper's 0.6 at this scale: the sparser target
-    # was not picked up within minutes (README, design table).
-    input_size: int = 128
-    stride: int = 4
-    sigma: float = 5.0
-    paf_width: float = 5.0
-    person_fraction: float = 250 / 368  # paper code: scale 1.25/person_scale, MPII scale = height/200
-    scale_range: tuple[float, float] = (0.4, 1.6)  # paper code: x U(0.4, 1.6)
-    max_rotation: float = 40.0  # paper code: U(-40, 40) deg
-    max_center_offset: float = 49.0 * 128 / 368  # paper code: 0-49 px crop offset at 368
-    flip_prob: float = 0.5
+    arch: str = setting("small", "openpose: VGG-19 + 6 CPM stages (paper); small: light backbone for CPUs",
+                        ("small", "openpose"))
+    stages: int = setting(3, "number of prediction stages (paper: 6)")
+    width: int = setting(64, "channels of the small network's stages")
+    pretrained: bool = setting(False, "load torchvision's ImageNet VGG-19 weights (needs a download or a "
+                               "cached file)")
+    # geometry (paper preset: 368 input, stride 8, sigma 7, PAF half-width 8). The demo's sigma and
+    # PAF width are 1.25 output cells, not the paper's 0.6 at this scale: the sparser target was
+    # not picked up within minutes (README, design table).
+    input_size: int = setting(128, "training crop side in pixels (paper: 368)")
+    stride: int = setting(4, "output stride of the network (paper: 8)")
+    sigma: float = setting(5.0, "heatmap Gaussian sigma in input pixels (paper: 7 at 368)")
+    paf_width: float = setting(5.0, "half-width of a limb's PAF in input pixels (paper: 8 at 368)")
+    # paper code: scale 1.25/person_scale, MPII scale = height/200
+    person_fraction: float = setting(250 / 368, "a crop's centre person is scaled to this fraction of the "
+                                     "input height ...")
+    scale_range: tuple[float, ...] = setting((0.4, 1.6), "... times U(lo, hi) (paper code: 0.4 1.6)")
+    max_rotation: float = setting(40.0, "rotation augmentation U(-r, r) degrees (paper code: 40)")
+    max_center_offset: float = setting(49.0 * 128 / 368, "crop centre jitter in input pixels (paper code: 49 "
+                                       "at 368)")
+    flip_prob: float = setting(0.5, "horizontal flip probability, with left/right swap (paper code: 0.5)")
     # optimisation
-    batch_size: int = 16
-    lr: float = 1e-3
-    beta1: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"  # cosine | step (paper: x0.33 every 20k steps)
-    lr_step: int = 20000
-    lr_gamma: float = 0.33
-    steps: int = 100000
-    minutes: float = 5.0  # wall-clock training budget; 0 = use steps only
-    init: str | None = None
+    batch_size: int = setting(16, "crops per step; mixed modes use half synthetic/augmented, half real")
+    lr: float = setting(1e-3, "Adam learning rate (paper: 5e-5)")
+    beta1: float = setting(0.9, "Adam beta1 (paper: 0.8)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    lr_schedule: str = setting("cosine", "cosine (demo) or step (paper: x lr_gamma every lr_step steps)",
+                               ("cosine", "step"))
+    lr_step: int = setting(20000, "steps between learning-rate drops for the step schedule")
+    lr_gamma: float = setting(0.33, "factor of each learning-rate drop")
+    steps: int = setting(100000, "training steps (0: no training, only the evaluation of the start)")
+    minutes: float = setting(5.0, "wall-clock training budget in minutes (0: steps only); the schedule "
+                             "follows it")
+    init: str | None = setting(None, "start from this checkpoint's weights (paper: a real-only student); "
+                               "with --bench: time grouping on its maps")
     # inference
-    eval_height: int = 192  # whole val images are resized so their height is this at scale 1.0
-    eval_scales: tuple[float, ...] = (0.7, 1.0, 1.3)  # paper code
-    eval_flip: bool = False
-    eval_minutes: tuple[float, ...] = ()  # also evaluate when training time crosses these marks
+    eval_height: int = setting(192, "val images are resized to this height at scale 1.0")
+    eval_scales: tuple[float, ...] = setting((0.7, 1.0, 1.3), "inference scales (paper code: 0.7 1.0 1.3)")
+    eval_flip: bool = setting(False, "also average the flipped image's maps")
+    eval_minutes: tuple[float, ...] = setting((), "evaluate on val when the training time crosses these "
+                                              "minutes")
     # teacher
-    teacher_attribute: str = "min_dist"
-    teacher_arch: str = "small"
-    teacher_data: str = "synthetic"
-    teacher_interval: int = 20  # paper code: teacher acts every 20 student steps
-    bins: int = 10  # paper code: 10 bins
-    teacher_uniform: bool = False  # baseline: the same loop with uniform sampling
-    teacher_min_bin: int = 32  # paper code: a bin with <= 32 samples is penalised and re-picked
+    teacher_attribute: str = setting("min_dist", "person attribute binned for the teacher")
+    teacher_arch: str = setting("small", "vgg19 (paper) or small", ("small", "vgg19"))
+    teacher_data: str = setting("synthetic", "synthetic scenes or augmented real images as the teacher's "
+                                "samples", ("synthetic", "augmented"))
+    teacher_interval: int = setting(20, "student steps between teacher decisions (paper code: 20)")
+    bins: int = setting(10, "number of bins of the teacher attribute (paper code: 10)")
+    teacher_uniform: bool = setting(False, "baseline: same loop, uniform sampling over all synthetic samples")
+    teacher_min_bin: int = setting(32, "bins with at most this many samples are penalised and re-picked "
+                                   "(paper code: 32)")
     # run
-    seed: int = 0
-    out: str | None = None
-    resume: bool = False
-    ckpt: str | None = None
-    ckpt_every: int = 200
-    log_every: int = 20
-    workers: int = -1  # -1: pick by device
-    device: str = "auto"
-    amp: bool = True
-    threads: int = 0
+    seed: int = setting(0, "seed for python, numpy and torch")
+    out: str | None = setting(None, "run folder (default results/<mode>-<data>-s<seed>)")
+    resume: bool = setting(False, "continue from the run folder's checkpoint")
+    ckpt: str | None = setting(None, "checkpoint to evaluate (--mode eval)")
+    ckpt_every: int = setting(200, "steps between checkpoints")
+    log_every: int = setting(20, "steps between metric lines")
+    workers: int = setting(-1, "data loader processes (-1: 1 on CPU, 4 on CUDA); 0 builds batches in the "
+                           "training process")
+    device: str = setting("auto", "where to train", ("auto", "cpu", "cuda"))
+    amp: bool = setting(True, "bfloat16 mixed precision on CUDA and on CPUs with native bf16 "
+                        "(AVX512-BF16/AMX)")
+    threads: int = setting(0, "torch CPU threads (0: torch's default)")
 
 
 PRESETS: dict[str, dict] = {
@@ -130,105 +163,33 @@ PRESETS: dict[str, dict] = {
                   teacher_arch="vgg19", ckpt_every=2000, log_every=100, demo_size="large"),
     "demo": {},  # the Config defaults
 }
-CHOICES = dict(data=("auto", "demo", "coco"), demo_size=("small", "large"), synthetic_loss=("mask", "include"),
-               arch=("small", "openpose"), lr_schedule=("cosine", "step"), teacher_arch=("small", "vgg19"),
-               teacher_data=("synthetic", "augmented"), device=("auto", "cpu", "cuda"))
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=MODES, default="augmented",
-                   help="training regime (real | synthetic | augmented | student-teacher) or eval")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="paper: the paper's network and schedule; demo: CPU-sized")
-    p.add_argument("--bench", action="store_true", help="print speed figures and exit")
-    p.add_argument("--compare", nargs="+", metavar="RUN",
-                   help="plot val metrics of these run folders against minutes into --out (png + md table)")
-    defaults = Config()
-    for f in dataclasses.fields(Config):
-        if f.name in ("mode", "preset"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        paper = PRESETS["paper"].get(f.name, value)
-        shown = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-        default = f"demo: {shown(value)}" + (f", paper: {shown(paper)}" if paper != value else "")
-        text = f"{FLAG_HELP[f.name]} [{default}]"
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(value, tuple):
-            p.add_argument(flag, type=float, nargs="*", default=None, help=text)
-        else:
-            kind = type(value) if value is not None else str
-            p.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=text)
-    args = p.parse_args(argv)
-    values = dataclasses.asdict(defaults) | PRESETS[args.preset]
-    values |= {k: v for k, v in vars(args).items() if v is not None and k in values}
-    for name in ("scale_range", "eval_scales", "eval_minutes"):
-        values[name] = tuple(values[name])
-    return Config(**values), args
-
-
-FLAG_HELP = {
-    "data": "auto: coco when --coco-root/--train-json is given, else the built-in demo benchmark",
-    "coco_root": "COCO root with train2017/, val2017/, annotations/person_keypoints_*2017.json",
-    "train_json": "any COCO-format keypoint json for training (with --train-images)",
-    "train_images": "image folder of --train-json",
-    "val_json": "COCO-format keypoint json to evaluate on (with --val-images)",
-    "val_images": "image folder of --val-json",
-    "synthetic_json": "purely synthetic scenes from render_humans.py (default: the demo's)",
-    "bank_json": "person bank from render_humans.py --kind bank (default: the demo's)",
-    "demo_dir": "where the built-in demo benchmark is rendered and cached",
-    "demo_size": "small: quick first run; large: more images for experiments",
-    "max_val_images": "evaluate on at most this many val images (0 = all)",
-    "synthetic_loss": "mask: pasted people are out of the loss (paper's best); include: supervised",
-    "paste_mean": "mean of the Poisson number of pasted people per augmented image",
-    "paste_min": "least number of pasted people per augmented image",
-    "arch": "openpose: VGG-19 + 6 CPM stages (paper); small: light backbone for CPUs",
-    "stages": "number of prediction stages (paper: 6)",
-    "width": "channels of the small network's stages",
-    "pretrained": "load torchvision's ImageNet VGG-19 weights (needs a download or a cached file)",
-    "input_size": "training crop side in pixels (paper: 368)",
-    "stride": "output stride of the network (paper: 8)",
-    "sigma": "heatmap Gaussian sigma in input pixels (paper: 7 at 368)",
-    "paf_width": "half-width of a limb's PAF in input pixels (paper: 8 at 368)",
-    "person_fraction": "a crop's centre person is scaled to this fraction of the input height ...",
-    "scale_range": "... times U(lo, hi) (paper: 0.4 1.6)",
-    "max_rotation": "rotation augmentation U(-r, r) degrees (paper: 40)",
-    "max_center_offset": "crop centre jitter in input pixels (paper: 49 at 368)",
-    "flip_prob": "horizontal flip probability (paper: 0.5), with left/right swap",
-    "batch_size": "crops per step; mixed modes use half synthetic/augmented, half real",
-    "lr": "Adam learning rate (paper: 5e-5)",
-    "beta1": "Adam beta1 (paper: 0.8)",
-    "weight_decay": "AdamW weight decay",
-    "lr_schedule": "cosine (demo) or step (paper: x lr_gamma every lr_step steps)",
-    "lr_step": "steps between learning-rate drops for the step schedule",
-    "lr_gamma": "factor of each learning-rate drop",
-    "steps": "training steps",
-    "minutes": "wall-clock training budget in minutes (0: steps only); the schedule follows it",
-    "init": "start from this checkpoint's weights (paper: a real-only student); with --bench: time grouping on its maps",
-    "eval_height": "val images are resized to this height at scale 1.0",
-    "eval_scales": "inference scales (paper: 0.7 1.0 1.3)",
-    "eval_flip": "also average the flipped image's maps",
-    "eval_minutes": "evaluate on val when the training time crosses these minutes",
-    "teacher_attribute": "person attribute binned for the teacher",
-    "teacher_arch": "vgg19 (paper) or small",
-    "teacher_data": "synthetic scenes or augmented real images as the teacher's samples",
-    "teacher_interval": "student steps between teacher decisions (paper: 20)",
-    "bins": "number of bins of the teacher attribute (paper: 10)",
-    "teacher_uniform": "baseline: same loop, uniform sampling over all synthetic samples",
-    "teacher_min_bin": "bins with at most this many samples are penalised and re-picked (paper: 32)",
-    "seed": "seed for python, numpy and torch",
-    "out": "run folder (default results/<mode>-<data>-s<seed>)",
-    "resume": "continue from the run folder's checkpoint",
-    "ckpt": "checkpoint to evaluate (--mode eval)",
-    "ckpt_every": "steps between checkpoints",
-    "log_every": "steps between metric lines",
-    "workers": "data loader processes (-1: 1 on CPU, 4 on CUDA); 0 builds batches in the training process",
-    "device": "auto | cpu | cuda",
-    "amp": "bfloat16 mixed precision on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)",
-    "threads": "torch CPU threads (0: torch's default)",
-}
+def check_config(cfg: Config) -> None:
+    """Refuses settings that cannot run, before anything is read, rendered or written."""
+    mixed = cfg.mode in ("synthetic", "augmented", "student-teacher")
+    rules = [
+        (cfg.batch_size >= (2 if mixed else 1),
+         f"--batch-size must be at least {2 if mixed else 1}" + (" (half of it is real)" if mixed else "")),
+        (cfg.steps >= 0, "--steps must be 0 or more"),
+        (cfg.minutes >= 0, "--minutes must be 0 (steps only) or more"),
+        (cfg.input_size > 0 and cfg.stride > 0 and cfg.input_size % cfg.stride == 0,
+         "--input-size must be a positive multiple of --stride"),
+        (cfg.stages >= 1 and cfg.width >= 1, "--stages and --width must be at least 1"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.ckpt_every >= 1 and cfg.log_every >= 1, "--ckpt-every and --log-every must be at least 1"),
+        (cfg.max_val_images >= 0, "--max-val-images must be 0 (all) or more"),
+        (cfg.eval_height >= cfg.stride and all(s > 0 for s in cfg.eval_scales) and len(cfg.eval_scales) > 0,
+         "--eval-height must be at least --stride and --eval-scales positive"),
+        (len(cfg.scale_range) == 2 and 0 < cfg.scale_range[0] <= cfg.scale_range[1],
+         "--scale-range takes two numbers 0 < lo <= hi"),
+        (cfg.paste_min >= 0 and cfg.paste_mean >= 0, "--paste-min and --paste-mean must be 0 or more"),
+        (cfg.mode != "student-teacher" or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
+        (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ReproError(message)
 
 
 class ReproError(Exception):
@@ -241,7 +202,6 @@ class ReproError(Exception):
 
 COCO_KEYPOINTS = tuple(rh.COCO_KEYPOINT_NAMES)
 PARTS = COCO_KEYPOINTS + ("neck",)
-NECK = 17
 NUM_PARTS = len(PARTS)  # 18
 NUM_HEAT = NUM_PARTS + 1  # + background
 _n = {name: i for i, name in enumerate(PARTS)}
@@ -275,6 +235,10 @@ def add_neck(keypoints17: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Datasets: COCO-format json + images (real, stand-in, synthetic scenes, person bank)
 # ----------------------------------------------------------------------------------------------
+
+# Per-person attributes render_humans.py writes for the teacher's bins (paper code: minDist, camera_angle, ...)
+ATTRIBUTES = ("min_dist", "camera_angle", "visibility_ratio", "truncation", "scale", "num_people")
+
 
 @dataclass
 class ImageRecord:
@@ -371,9 +335,6 @@ def load_keypoint_set(json_path: str | Path, images_dir: str | Path) -> Keypoint
     return KeypointSet(json_path, records)
 
 
-ATTRIBUTES = ("min_dist", "camera_angle", "visibility_ratio", "truncation", "scale", "num_people")
-
-
 def keypoint_box(kp: np.ndarray) -> list[float]:
     pts = kp[kp[:, 2] > 0, :2]
     if len(pts) == 0:
@@ -382,8 +343,9 @@ def keypoint_box(kp: np.ndarray) -> list[float]:
     return [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])]
 
 
-def ignore_mask(rec: ImageRecord) -> np.ndarray:
-    """uint8 (H, W): 255 where the loss counts, 0 in crowd regions and unlabelled people (mask_miss)."""
+def mask_miss(rec: ImageRecord) -> np.ndarray:
+    """The image's ignore mask, named as in OpenPose: uint8 (H, W), 0 in crowd regions and on people
+    without keypoints (their loss is switched off), 255 elsewhere."""
     from pycocotools import mask as mask_utils
 
     mask = np.full((rec.height, rec.width), 255, np.uint8)
@@ -434,30 +396,37 @@ def build_demo(cfg: Config) -> dict[str, Path]:
     return paths
 
 
-def load_data(cfg: Config) -> Data:
+def real_data_paths(cfg: Config) -> dict[str, str | None]:
+    """--train-json/--train-images/--val-json/--val-images, filled in from --coco-root's layout."""
+    paths = {k: getattr(cfg, k) for k in ("train_json", "train_images", "val_json", "val_images")}
     if cfg.coco_root:
         root = Path(cfg.coco_root)
         if not root.is_dir():
             raise ReproError(f"--coco-root {root} does not exist; expected train2017/, val2017/ and "
                              "annotations/person_keypoints_{train,val}2017.json inside")
-        cfg.train_json = cfg.train_json or str(root / "annotations/person_keypoints_train2017.json")
-        cfg.train_images = cfg.train_images or str(root / "train2017")
-        cfg.val_json = cfg.val_json or str(root / "annotations/person_keypoints_val2017.json")
-        cfg.val_images = cfg.val_images or str(root / "val2017")
-    real = bool(cfg.train_json or cfg.val_json)
+        layout = dict(train_json="annotations/person_keypoints_train2017.json", train_images="train2017",
+                      val_json="annotations/person_keypoints_val2017.json", val_images="val2017")
+        paths = {k: v or str(root / layout[k]) for k, v in paths.items()}
+    return paths
+
+
+def load_data(cfg: Config) -> Data:
+    paths = real_data_paths(cfg)
+    real = bool(paths["train_json"] or paths["val_json"])
     if cfg.data == "coco" and not real:
         raise ReproError("--data coco needs --coco-root DIR or --train-json/--train-images/--val-json/--val-images")
+    needs_synthetic = cfg.mode in ("synthetic", "augmented", "student-teacher")
     demo = None
-    if not real or cfg.mode in ("synthetic", "augmented", "student-teacher") and not (
-            cfg.synthetic_json and cfg.bank_json):
+    if not real or (needs_synthetic and not (cfg.synthetic_json and cfg.bank_json)):
         demo = build_demo(cfg)
     if real:
-        for flag in ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ()):
-            if not getattr(cfg, flag):
+        needed = ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ())
+        for flag in needed:
+            if not paths[flag]:
                 raise ReproError(f"--{flag.replace('_', '-')} is missing (or give --coco-root)")
-        train = load_keypoint_set(cfg.train_json, cfg.train_images) if cfg.mode != "eval" else None
-        val = load_keypoint_set(cfg.val_json, cfg.val_images)
-        name = "coco" if cfg.coco_root else Path(cfg.val_json).stem
+        train = load_keypoint_set(paths["train_json"], paths["train_images"]) if cfg.mode != "eval" else None
+        val = load_keypoint_set(paths["val_json"], paths["val_images"])
+        name = "coco" if cfg.coco_root else Path(paths["val_json"]).stem
     else:
         train = load_keypoint_set(demo["train"], demo["train"].parent / "images")
         val = load_keypoint_set(demo["val"], demo["val"].parent / "images")
@@ -466,9 +435,7 @@ def load_data(cfg: Config) -> Data:
     bank_json = Path(cfg.bank_json) if cfg.bank_json else demo and demo["bank"]
     synthetic = load_keypoint_set(syn_json, syn_json.parent / "images") if syn_json else None
     bank = load_keypoint_set(bank_json, bank_json.parent / "images") if bank_json else None
-    if bank is not None:
-        bank.preload()
-    for s in (train, val, synthetic):
+    for s in (bank, train, val, synthetic):
         if s is not None:
             s.preload()
     return Data(train, val, synthetic, bank, name)
@@ -481,9 +448,9 @@ def load_data(cfg: Config) -> Data:
 @dataclass
 class Sample:
     image: np.ndarray  # (S, S, 3) uint8 BGR crop
-    keypoints: np.ndarray  # (P, 18, 3) people in the targets, crop pixels
-    pasted: np.ndarray  # (Q, 18, 3) pasted people kept out of the loss ("mask")
-    mask: np.ndarray  # (S, S) uint8, 255 where the loss counts
+    keypoints: np.ndarray  # (P, 18, 3) the image's own people, crop pixels
+    pasted: np.ndarray  # (Q, 18, 3) pasted synthetic people: make_targets decides their loss
+    mask_miss: np.ndarray  # (S, S) uint8 ignore mask: 0 where the loss is off, 255 elsewhere
 
 
 def crop_affine(centre: np.ndarray, person_height: float, cfg: Config, rng: np.random.Generator | None):
@@ -510,7 +477,7 @@ def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray, flip: bool) -
     return out[..., FLIP_PARTS, :] if flip else out
 
 
-def crop_person(image: np.ndarray, mask: np.ndarray | None, rec: ImageRecord, person: int,
+def crop_person(image: np.ndarray, miss: np.ndarray | None, rec: ImageRecord, person: int,
                 cfg: Config, rng: np.random.Generator | None) -> Sample:
     box = rec.boxes[person]
     centre = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
@@ -518,10 +485,10 @@ def crop_person(image: np.ndarray, mask: np.ndarray | None, rec: ImageRecord, pe
     size = (cfg.input_size, cfg.input_size)
     crop = cv2.warpAffine(image, affine, size, flags=cv2.INTER_LINEAR, borderValue=(128, 128, 128))
     # Padding counts as background (OpenPose warps mask_miss with border 255).
-    crop_mask = (np.full(size, 255, np.uint8) if mask is None else
-                 cv2.warpAffine(mask, affine, size, flags=cv2.INTER_NEAREST, borderValue=255))
-    return Sample(crop, transform_keypoints(rec.keypoints, affine, flip), np.zeros((0, NUM_PARTS, 3), np.float32),
-                  crop_mask)
+    crop_miss = (np.full(size, 255, np.uint8) if miss is None else
+                 cv2.warpAffine(miss, affine, size, flags=cv2.INTER_NEAREST, borderValue=255))
+    no_one = np.zeros((0, NUM_PARTS, 3), np.float32)
+    return Sample(crop, transform_keypoints(rec.keypoints, affine, flip), no_one, crop_miss)
 
 
 def covered(keypoints: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -550,8 +517,9 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
                  near: tuple[float, float] | None = None) -> Sample:
     """Pastes Poisson(paste_mean) (>= paste_min) bank people in front of a real crop.
 
-    Real joints they cover become occluded (v=1) and stay supervised (paper). Pasting happens in
-    crop space, at the real people's scale distribution and anywhere in the crop (README)."""
+    Real joints they cover become occluded (v=1) and stay supervised (paper code). Pasting happens
+    in crop space, at the real people's scale distribution and anywhere in the crop (README). Whether
+    the pasted people are in the loss is decided with the targets (make_targets)."""
     size = cfg.input_size
     image = sample.image.astype(np.float32)
     keypoints, pasted = sample.keypoints.copy(), []
@@ -578,9 +546,7 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
         pasted.append(transform_keypoints(kp[None], affine, flip)[0])
     pasted = np.array(pasted, np.float32).reshape(-1, NUM_PARTS, 3)
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
-    if cfg.synthetic_loss == "include":
-        return Sample(image, np.concatenate([keypoints, pasted]), pasted[:0], sample.mask)
-    return Sample(image, keypoints, pasted, sample.mask)
+    return Sample(image, keypoints, pasted, sample.mask_miss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,29 +610,43 @@ def flip_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.cat([paf.flatten(1, 2), heat], 1)
 
 
-PASTED_MASK_THRESHOLD = 0.25  # paper code (volumetricMask): heatmap / PAF magnitude > 0.25
+# The paper's rule for pasted people, in one place. "In the loss": their targets are drawn like
+# anyone's. "Not in the loss" (paper code: volumetricMask): targets as usual, but the loss is zeroed,
+# per channel, where their own heatmap or PAF magnitude exceeds this.
+PASTED_MASK_THRESHOLD = 0.25
 
 
-def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Tensor, cfg: Config):
-    """Targets (B, 57, H, W) in network output order (38 PAF, 19 heat) and the loss mask.
+def people_in_targets(keypoints: torch.Tensor, pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """(B, P, 18, 3) image people + (B, Q, 18, 3) pasted people -> the people whose targets are drawn."""
+    return torch.cat([keypoints, pasted], 1) if cfg.synthetic_loss == "include" else keypoints
 
-    ignore: (B, S, S) uint8 crop masks; pasted: people kept out of the loss."""
+
+def volumetric_mask(pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """(B, 57, H, W) bool: False where a pasted person's own heatmap / PAF magnitude > 0.25."""
     size, stride = cfg.input_size, cfg.stride
-    target = torch.cat([paf_targets(keypoints, size, stride, cfg.paf_width),
-                        heatmap_targets(keypoints, size, stride, cfg.sigma)], 1)
-    grid = size // stride
-    mask = F.adaptive_avg_pool2d(ignore[:, None].float() / 255, grid)  # area-downsampled mask_miss
+    heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :NUM_PARTS]
+    paf = paf_targets(pasted, size, stride, cfg.paf_width)
+    paf_mag2 = paf[:, 0::2] ** 2 + paf[:, 1::2] ** 2  # (B, 19, H, W) squared limb magnitude
+    return torch.cat([(paf_mag2 <= PASTED_MASK_THRESHOLD ** 2).repeat_interleave(2, 1),
+                      heat <= PASTED_MASK_THRESHOLD,
+                      # background: the same rule on the pasted people's parts; the paper code's
+                      # background mask is broken (README, "What the paper's code does") [ours]
+                      heat.amax(1, keepdim=True) <= PASTED_MASK_THRESHOLD], 1)
+
+
+def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, mask_miss: torch.Tensor, cfg: Config):
+    """Targets (B, 57, H, W) in network output order (38 PAF, 19 heat) and the loss mask M.
+
+    mask_miss: (B, S, S) uint8 ignore masks of the crops; pasted: (B, Q, 18, 3) pasted people,
+    in or out of the loss by --synthetic-loss."""
+    size, stride = cfg.input_size, cfg.stride
+    people = people_in_targets(keypoints, pasted, cfg)
+    target = torch.cat([paf_targets(people, size, stride, cfg.paf_width),
+                        heatmap_targets(people, size, stride, cfg.sigma)], 1)
+    mask = F.adaptive_avg_pool2d(mask_miss[:, None].float() / 255, size // stride)  # area-downsampled
     mask = mask.expand(-1, NUM_PAF + NUM_HEAT, -1, -1)
-    if pasted.shape[1]:
-        heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :NUM_PARTS]
-        paf = paf_targets(pasted, size, stride, cfg.paf_width)
-        paf_mag2 = paf[:, 0::2] ** 2 + paf[:, 1::2] ** 2  # (B, 19, H, W) squared limb magnitude
-        keep = torch.cat([(paf_mag2 <= PASTED_MASK_THRESHOLD ** 2).repeat_interleave(2, 1),
-                          heat <= PASTED_MASK_THRESHOLD,
-                          # background channel: the same rule on the pasted people's parts (the
-                          # paper code's background mask is broken; PAPER.md [ours])
-                          heat.amax(1, keepdim=True) <= PASTED_MASK_THRESHOLD], 1)
-        mask = mask * keep
+    if cfg.synthetic_loss == "mask" and pasted.shape[1]:
+        mask = mask * volumetric_mask(pasted, cfg)
     return target, mask
 
 
@@ -682,54 +662,6 @@ def supervised_joints(keypoints: torch.Tensor, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 REAL, AUGMENTED, SYNTHETIC = "real", "augmented", "synthetic"
-
-
-class BatchMaker:
-    """Turns a list of (source, record, person) specs into padded numpy arrays."""
-
-    def __init__(self, data: Data, cfg: Config):
-        self.data, self.cfg = data, cfg
-        self.sets = {REAL: data.train, AUGMENTED: data.train if data.bank else None, SYNTHETIC: data.synthetic}
-        self.centres = {k: s.centre_people() for k, s in self.sets.items() if s is not None}
-        needed = other_source(cfg)
-        if needed and needed not in self.centres:
-            what = "--bank-json (a person bank)" if needed == AUGMENTED else "--synthetic-json (synthetic scenes)"
-            raise ReproError(f"--mode {cfg.mode} needs {what}")
-        for k, c in self.centres.items():
-            if len(c) == 0:
-                raise ReproError(f"the {k} training set has no person with >= {MIN_CENTRE_KEYPOINTS} "
-                                 "labelled keypoints to centre a crop on")
-        self._masks: dict[tuple[str, int], np.ndarray | None] = {}
-
-    def mask(self, source: str, index: int) -> np.ndarray | None:
-        key = (source if source != AUGMENTED else REAL, index)
-        if key not in self._masks:
-            rec = self.sets[source].records[index]
-            self._masks[key] = ignore_mask(rec) if rec.ignore_rles else None
-        return self._masks[key]
-
-    def sample(self, spec: Spec, rng: np.random.Generator | None) -> Sample:
-        kset = self.sets[spec.source]
-        s = crop_person(kset.image(spec.index), self.mask(spec.source, spec.index), kset.records[spec.index],
-                        spec.person, self.cfg, rng)
-        if spec.source == AUGMENTED:
-            s = paste_people(s, self.data.bank, self.cfg, rng, spec.near)
-        return s
-
-    def batch(self, specs: list[Spec], rng: np.random.Generator | None) -> dict:
-        return collate([self.sample(spec, rng) for spec in specs])
-
-
-def collate(samples: list[Sample]) -> dict:
-    def pad(arrays):
-        n = max(1, max(len(a) for a in arrays))
-        out = np.zeros((len(arrays), n, NUM_PARTS, 3), np.float32)
-        for i, a in enumerate(arrays):
-            out[i, :len(a)] = a
-        return out if any(len(a) for a in arrays) else out[:, :0]
-
-    return dict(image=np.stack([s.image for s in samples]), keypoints=pad([s.keypoints for s in samples]),
-                pasted=pad([s.pasted for s in samples]), mask=np.stack([s.mask for s in samples]))
 
 
 class Spec(NamedTuple):
@@ -749,7 +681,7 @@ def other_source(cfg: Config) -> str | None:
 
 
 def batch_sources(cfg: Config, batch_size: int) -> list[str]:
-    """Per-slot sources: mixed modes fill the first half (paper: 16 of 32), real the rest."""
+    """Per-slot sources: mixed modes fill the first half (paper code: 16 of 32), real the rest."""
     other = other_source(cfg)
     if other is None:
         return [REAL] * batch_size
@@ -761,42 +693,85 @@ def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, step, rank])
 
 
-def plan_specs(maker: BatchMaker, cfg: Config, batch_size: int, rng: np.random.Generator,
-               pool: np.ndarray | None = None, near: tuple[float, float] | None = None) -> list[Spec]:
-    """A step's crops. A teacher's bin restricts the non-real half: to `pool` ((N, 2) record,
-    person pairs; drawn with replacement, paper code) or to a pasting distance `near`."""
-    sources = batch_sources(cfg, batch_size)
-    specs = []
-    for source in dict.fromkeys(sources):
-        n = sources.count(source)
-        candidates = pool if (pool is not None and source != REAL) else maker.centres[source]
-        picks = candidates[rng.integers(len(candidates), size=n)]
-        specs += [Spec(source, int(i), int(p), near if source != REAL else None) for i, p in picks]
-    return specs
+class BatchMaker:
+    """Turns a step's specs into a batch: the crops, and the targets and loss mask made from them.
+
+    A batch is a dict: image (B, S, S, 3) uint8, keypoints (B, P, 18, 3) and pasted (B, Q, 18, 3)
+    float32, mask_miss (B, S, S) uint8, source (B,) str, target (B, 57, h, w) and loss_mask
+    (B, 57, h, w) float32 CPU tensors. It is made in a loader worker, so targets cost the training
+    process nothing."""
+
+    def __init__(self, data: Data, cfg: Config):
+        self.data, self.cfg = data, cfg
+        self.sets = {REAL: data.train, AUGMENTED: data.train if data.bank else None, SYNTHETIC: data.synthetic}
+        self.centres = {k: s.centre_people() for k, s in self.sets.items() if s is not None}
+        needed = other_source(cfg)
+        if needed and needed not in self.centres:
+            what = "--bank-json (a person bank)" if needed == AUGMENTED else "--synthetic-json (synthetic scenes)"
+            raise ReproError(f"--mode {cfg.mode} needs {what}")
+        for k, c in self.centres.items():
+            if len(c) == 0:
+                raise ReproError(f"the {k} training set has no person with >= {MIN_CENTRE_KEYPOINTS} "
+                                 "labelled keypoints to centre a crop on")
+
+    @functools.cache
+    def mask_miss(self, source: str, index: int) -> np.ndarray | None:
+        rec = self.sets[source].records[index]
+        return mask_miss(rec) if rec.ignore_rles else None
+
+    def sample(self, spec: Spec, rng: np.random.Generator | None) -> Sample:
+        kset = self.sets[spec.source]
+        miss = self.mask_miss(REAL if spec.source == AUGMENTED else spec.source, spec.index)
+        s = crop_person(kset.image(spec.index), miss, kset.records[spec.index], spec.person, self.cfg, rng)
+        if spec.source == AUGMENTED:
+            s = paste_people(s, self.data.bank, self.cfg, rng, spec.near)
+        return s
+
+    def plan(self, batch_size: int, rng: np.random.Generator, pool: np.ndarray | None = None,
+             near: tuple[float, float] | None = None) -> list[Spec]:
+        """A step's crops. A teacher's bin restricts the non-real half: to `pool` ((N, 2) record,
+        person pairs; drawn with replacement, paper code) or to a pasting distance `near`."""
+        sources = batch_sources(self.cfg, batch_size)
+        specs = []
+        for source in dict.fromkeys(sources):
+            n = sources.count(source)
+            candidates = pool if (pool is not None and source != REAL) else self.centres[source]
+            picks = candidates[rng.integers(len(candidates), size=n)]
+            specs += [Spec(source, int(i), int(p), near if source != REAL else None) for i, p in picks]
+        return specs
+
+    def batch(self, specs: list[Spec], rng: np.random.Generator | None) -> dict:
+        batch = collate([self.sample(spec, rng) for spec in specs])
+        keypoints, pasted = torch.as_tensor(batch["keypoints"]), torch.as_tensor(batch["pasted"])
+        target, loss_mask = make_targets(keypoints, pasted, torch.as_tensor(batch["mask_miss"]), self.cfg)
+        return batch | dict(source=[s.source for s in specs], target=target, loss_mask=loss_mask)
 
 
-def attach_targets(batch: dict, cfg: Config, device=None) -> dict:
-    """Adds the targets and loss mask (torch) to a numpy batch."""
-    keypoints = torch.as_tensor(batch["keypoints"], device=device)
-    target, mask = make_targets(keypoints, torch.as_tensor(batch["pasted"], device=device),
-                                torch.as_tensor(batch["mask"], device=device), cfg)
-    return batch | dict(target=target, loss_mask=mask)
+def collate(samples: list[Sample]) -> dict:
+    def pad(arrays):
+        n = max(1, max(len(a) for a in arrays))
+        out = np.zeros((len(arrays), n, NUM_PARTS, 3), np.float32)
+        for i, a in enumerate(arrays):
+            out[i, :len(a)] = a
+        return out if any(len(a) for a in arrays) else out[:, :0]
+
+    return dict(image=np.stack([s.image for s in samples]), keypoints=pad([s.keypoints for s in samples]),
+                pasted=pad([s.pasted for s in samples]), mask_miss=np.stack([s.mask_miss for s in samples]))
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item t is the whole batch of step start+t, so loader workers stay deterministic. On a CPU
-    the targets are made here too, so a loader worker takes them off the training process."""
+    """Item t is the whole batch of step start+t, so loader workers stay deterministic."""
 
-    def __init__(self, maker: BatchMaker, cfg: Config, start: int, stop: int, rank: int = 0, targets: bool = False):
-        self.maker, self.cfg, self.start, self.stop, self.rank, self.targets = maker, cfg, start, stop, rank, targets
+    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int, rank: int = 0):
+        self.maker, self.batch_size, self.seed = maker, batch_size, seed
+        self.start, self.stop, self.rank = start, stop, rank
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        rng = step_rng(self.cfg.seed, self.start + i, self.rank)
-        batch = self.maker.batch(plan_specs(self.maker, self.cfg, self.cfg.batch_size, rng), rng)
-        return attach_targets(batch, self.cfg) if self.targets else batch
+        rng = step_rng(self.seed, self.start + i, self.rank)
+        return self.maker.batch(self.maker.plan(self.batch_size, rng), rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -907,7 +882,7 @@ def pose_loss(outputs: list[torch.Tensor], target: torch.Tensor, mask: torch.Ten
     Also returns each sample's last-stage loss (the teacher's hardness, before normalising)."""
     batch = target.shape[0]
     stage_losses = [0.5 * (mask * (o.float() - target) ** 2).flatten(1).sum(1) for o in outputs]
-    return sum(l.sum() for l in stage_losses) / batch, stage_losses[-1].detach()
+    return sum(s.sum() for s in stage_losses) / batch, stage_losses[-1].detach()
 
 
 def peak_hits(heat: torch.Tensor, keypoints: torch.Tensor, stride: int, radius: int = 1,
@@ -1146,8 +1121,8 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
         results += coco_results(rec.image_id, people)
         kp = torch.as_tensor(rec.keypoints).clone()
         kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
-        h, l = peak_hits(maps[None, NUM_PAF:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
-        hits, labelled = hits + h, labelled + l
+        h, n = peak_hits(maps[None, NUM_PAF:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
+        hits, labelled = hits + h, labelled + n
     stats = coco_eval(kset.json_path, results, [r.image_id for r in kset.records[:n]])
     stats["peak_hit"] = hits / max(labelled, 1)
     stats["images"] = n
@@ -1181,6 +1156,37 @@ def assign_bins(values: np.ndarray, low: float, width: float, bins: int) -> np.n
     return np.clip(np.floor((values - low) / width), 0, bins - 1).astype(np.int64)
 
 
+def person_attribute(kset: KeypointSet, people: np.ndarray, attribute: str) -> np.ndarray:
+    """(N,) float64 attribute of (record, person) pairs; NaN where the json has none."""
+    if attribute not in ATTRIBUTES:
+        raise ReproError(f"--teacher-attribute must be one of {', '.join(ATTRIBUTES)}")
+    recs = kset.records
+    return np.array([recs[i].attributes.get(attribute, np.full(len(recs[i].keypoints), np.nan))[p]
+                     for i, p in people], np.float64).reshape(-1)
+
+
+def teacher_bins(cfg: Config, maker: BatchMaker) -> tuple[list[np.ndarray], float, float]:
+    """The teacher's pools of (record, person) pairs per bin, and the bins' (low, width).
+
+    Synthetic scenes are binned by a person attribute. Augmented bins are generative: every real
+    crop fits every bin, and the bin sets the distance of the nearest pasted person."""
+    source = other_source(cfg)
+    centres = maker.centres[source]
+    if source == AUGMENTED:
+        if cfg.teacher_attribute != "min_dist":
+            raise ReproError("--teacher-data augmented bins the distance to the nearest pasted person: "
+                             "use --teacher-attribute min_dist")
+        return [centres] * cfg.bins, 0.0, cfg.input_size / cfg.bins
+    kset = maker.sets[SYNTHETIC]
+    values = person_attribute(kset, centres, cfg.teacher_attribute)
+    if np.isnan(values).all():
+        raise ReproError(f"the synthetic json has no '{cfg.teacher_attribute}' per person: "
+                         "render it with render_humans.py, which writes the teacher's attributes")
+    low, width = bin_edges(cfg.teacher_attribute, values, cfg.bins, float(kset.records[0].width))
+    which = assign_bins(np.nan_to_num(values, nan=-np.inf), low, width, cfg.bins)
+    return [centres[which == k] for k in range(cfg.bins)], low, width
+
+
 def soft_target(p: np.ndarray, picked: int, loss_rose: bool) -> np.ndarray:
     """The teacher's soft label from its previous output p (paper code, alpha = beta = 0.01):
     rewarded when the student's loss on the picked bin rose, punished when it fell."""
@@ -1207,7 +1213,7 @@ def teacher_net(arch: str, bins: int, input_size: int) -> nn.Module:
         raise ReproError(f"unknown --teacher-arch {arch}: use vgg19 or small")
     with torch.no_grad():
         flat = trunk(torch.zeros(1, 3, input_size, input_size)).numel()
-    # linear logits: the paper code's ReLU on them is dropped (PAPER.md [ours])
+    # linear logits: the paper code puts a ReLU on them, which we drop [ours] (README, deviations)
     return nn.Sequential(trunk, nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True),
                          nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bins))
 
@@ -1221,29 +1227,8 @@ class Teacher:
 
     def __init__(self, cfg: Config, maker: BatchMaker, device: torch.device):
         self.cfg, self.device, self.bins, self.min_bin = cfg, device, cfg.bins, cfg.teacher_min_bin
-        source = other_source(cfg)
-        centres = maker.centres[source]
-        if source == SYNTHETIC:
-            recs = maker.sets[SYNTHETIC].records
-            if cfg.teacher_attribute not in ATTRIBUTES:
-                raise ReproError(f"--teacher-attribute must be one of {', '.join(ATTRIBUTES)}")
-            values = np.array([recs[i].attributes.get(cfg.teacher_attribute, np.full(len(recs[i].keypoints), np.nan))[p]
-                               for i, p in centres], np.float64)
-            if np.isnan(values).all():
-                raise ReproError(f"the synthetic json has no '{cfg.teacher_attribute}' per person: "
-                                 "render it with render_humans.py, which writes the teacher's attributes")
-            self.low, self.width = bin_edges(cfg.teacher_attribute, values, cfg.bins, float(recs[0].width))
-            which = assign_bins(np.nan_to_num(values, nan=-np.inf), self.low, self.width, cfg.bins)
-            self.pools = [centres[which == k] for k in range(cfg.bins)]
-        else:
-            if cfg.teacher_attribute != "min_dist":
-                raise ReproError("--teacher-data augmented bins the distance to the nearest pasted person: "
-                                 "use --teacher-attribute min_dist")
-            # Generative bins: every real crop fits every bin; the bin sets the pasting distance.
-            self.low, self.width = 0.0, cfg.input_size / cfg.bins
-            self.pools = [centres] * cfg.bins
-        self.all = centres
-        self.counts = [len(p) for p in self.pools]
+        self.pools, self.low, self.width = teacher_bins(cfg, maker)
+        self.all = maker.centres[other_source(cfg)]
         self.net = teacher_net(cfg.teacher_arch, cfg.bins, cfg.input_size).to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=TEACHER_LR)
         self.rng = np.random.default_rng([cfg.seed, 1234])
@@ -1257,10 +1242,16 @@ class Teacher:
         if not cfg.teacher_uniform:
             self.picked = self.valid_pick(self.picked)
 
+    @property
+    def counts(self) -> list[int]:
+        return [len(p) for p in self.pools]
+
+    def edges(self) -> list[float]:
+        return [self.low + k * self.width for k in range(self.bins)]
+
     def describe(self) -> str:
-        edges = [self.low + k * self.width for k in range(self.bins)]
-        return (f"teacher bins of {self.cfg.teacher_attribute} (lower edges {', '.join(f'{e:.1f}' for e in edges)}): "
-                f"samples per bin {self.counts}")
+        edges = ", ".join(f"{e:.1f}" for e in self.edges())
+        return f"teacher bins of {self.cfg.teacher_attribute} (lower edges {edges}): samples per bin {self.counts}"
 
     def current_bin(self) -> tuple[np.ndarray | None, tuple[float, float] | None]:
         """(pool, near) for the next student step."""
@@ -1272,12 +1263,11 @@ class Teacher:
 
     # -- after every student step ----------------------------------------------------------
     def observe(self, step: int, batch: dict, result: dict) -> None:
-        sources = batch_sources(self.cfg, len(batch["image"]))  # the non-real half comes first
-        n_other = len(sources) - sources.count(REAL)
+        real = np.array([s == REAL for s in batch["source"]])
         per_sample = result["per_sample"]
-        self.window.append(float(per_sample[:n_other].mean()))
-        scores = np.concatenate([self.hard_scores, per_sample[n_other:]])
-        images = np.concatenate([self.hard_images, batch["image"][n_other:]])
+        self.window.append(float(per_sample[~real].mean()))
+        scores = np.concatenate([self.hard_scores, per_sample[real]])
+        images = np.concatenate([self.hard_images, np.asarray(batch["image"])[real]])
         keep = np.argsort(-scores, kind="stable")[:TEACHER_HARD_CROPS]
         self.hard_scores, self.hard_images = scores[keep], images[keep]
         if (step + 1) % self.cfg.teacher_interval == 0:
@@ -1357,28 +1347,6 @@ class Teacher:
         for key in ("probs", "picked", "history", "window", "hard_scores", "hard_images", "records"):
             setattr(self, key, state[key])
 
-    def save_plot(self, path: Path) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        if not self.records or self.cfg.teacher_uniform:
-            return
-        steps = [r["step"] for r in self.records]
-        probs = np.array([r["probs"] for r in self.records])
-        fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
-        colours = plt.cm.viridis(np.linspace(0, 1, self.bins))
-        axes[0].stackplot(steps, probs.T, colors=colours,
-                          labels=[f"{self.low + k * self.width:.0f}" for k in range(self.bins)])
-        axes[0].set(ylabel="teacher bin probability", ylim=(0, 1),
-                    title=f"teacher's bins of {self.cfg.teacher_attribute} over training")
-        axes[0].legend(title="bin lower edge", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        axes[1].plot(steps, [r["bin"] for r in self.records], ".", ms=4)
-        axes[1].set(xlabel="student step", ylabel="picked bin", ylim=(-0.5, self.bins - 0.5))
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-
 
 def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teacher:
     teacher = Teacher(cfg, maker, device)
@@ -1425,18 +1393,30 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
+    a killed run or a full disk never leaves half a file (the previous version stays)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, ReproError):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise ReproError(f"cannot write {path} ({reason}); the previous version, if any, is kept") from None
+        raise
+
+
+def save_atomic(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride")
@@ -1449,7 +1429,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py checkpoint") from None
+        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
+                         "checkpoint") from None
 
 
 def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
@@ -1502,35 +1483,37 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=(cfg.beta1, 0.999), weight_decay=cfg.weight_decay)
         self.maker = BatchMaker(data, cfg)
-        self.step, self.seconds, self.evals_done = 0, 0.0, 0
+        self.step, self.seconds, self.evals_done, self.log_window = 0, 0.0, 0, LogWindow()
         self.teacher = make_teacher(cfg, self.maker, device) if cfg.mode == "student-teacher" else None
         self.net = self.model
         if world > 1:
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step,
                     seconds=self.seconds, evals_done=self.evals_done, config=dataclasses.asdict(self.cfg),
                     teacher=self.teacher.state() if self.teacher else None,
-                    torch_rng=torch.get_rng_state())
+                    torch_rng=torch.get_rng_state(), log_window=dataclasses.asdict(self.log_window))
 
     def restore(self, ckpt: dict, path) -> None:
         load_weights(self.model, ckpt, self.cfg, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.seconds, self.evals_done = ckpt["step"], ckpt["seconds"], ckpt.get("evals_done", 0)
+        self.log_window = LogWindow(**ckpt.get("log_window", dict(t0=self.seconds)))
         torch.set_rng_state(ckpt["torch_rng"])
         if self.teacher and ckpt.get("teacher"):
             self.teacher.restore(ckpt["teacher"])
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, batch: dict, lr: float) -> dict:
+        """One optimiser step on a batch from BatchMaker.batch."""
         cfg, device = self.cfg, self.device
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if "target" not in batch:
-            batch = attach_targets(batch, cfg, device)
-        keypoints = torch.as_tensor(batch["keypoints"]).to(device)
+        people = people_in_targets(torch.as_tensor(batch["keypoints"]), torch.as_tensor(batch["pasted"]), cfg)
+        people = people.to(device)
         target, mask = batch["target"].to(device), batch["loss_mask"].to(device)
         with autocast(device, cfg):
             outputs = self.net(to_input(batch["image"], device))
@@ -1538,41 +1521,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        hits, labelled = peak_hits(outputs[-1][:, NUM_PAF:].detach(), keypoints, cfg.stride)
-        joints = supervised_joints(keypoints, cfg.input_size)
-        return dict(loss=float(loss.detach()), per_sample=(per_sample / joints).cpu().numpy(), hits=hits, labelled=labelled)
+        hits, labelled = peak_hits(outputs[-1][:, NUM_PAF:].detach(), people, cfg.stride)
+        joints = supervised_joints(people, cfg.input_size)
+        return dict(loss=float(loss.detach()), per_sample=(per_sample / joints).cpu().numpy(), hits=hits,
+                    labelled=labelled, images=len(batch["image"]))
 
     def batches(self):
         """Yields (step, batch). Prefetching workers, except when a teacher picks each window's bin."""
-        cfg = self.cfg
+        cfg, batch_size = self.cfg, self.cfg.batch_size // self.world
         if self.teacher is not None:
             while self.step < cfg.steps:
                 rng = step_rng(cfg.seed, self.step, self.rank)
                 pool, near = self.teacher.current_bin()
-                specs = plan_specs(self.maker, cfg, cfg.batch_size // self.world, rng, pool, near)
-                yield self.step, self.maker.batch(specs, rng)
+                yield self.step, self.maker.batch(self.maker.plan(batch_size, rng, pool, near), rng)
             return
         workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 1)
-        steps = StepBatches(self.maker, dataclasses.replace(cfg, batch_size=cfg.batch_size // self.world),
-                            self.step, cfg.steps, self.rank, targets=self.device.type == "cpu")
+        steps = StepBatches(self.maker, batch_size, cfg.seed, self.step, cfg.steps, self.rank)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
-                                             prefetch_factor=4 if workers else None,
-                                             persistent_workers=False)
+                                             prefetch_factor=4 if workers else None, persistent_workers=False)
         for i, batch in enumerate(loader):
             yield steps.start + i, batch
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> None:
-        from tqdm import tqdm
-
         cfg, main_rank = self.cfg, self.rank == 0
         budget = cfg.minutes * 60
-        metrics_path = self.out / "metrics.jsonl"
-        window = dict(loss=0.0, n=0, hits=0, labelled=0, images=0, t0=self.seconds)
         # With a time budget the bar counts training seconds, so its ETA means something.
-        bar = tqdm(total=round(budget) if budget else cfg.steps, initial=round(self.seconds) if budget else self.step,
-                   unit="s" if budget else "step", desc=cfg.mode, disable=not main_rank, dynamic_ncols=True)
+        bar = _progress(total=round(budget) if budget else cfg.steps,
+                          initial=round(self.seconds) if budget else self.step,
+                          unit="s" if budget else "step", desc=cfg.mode, enabled=main_rank)
         t_last = time.perf_counter()
         for step, batch in self.batches():
             progress = max(step / cfg.steps, self.seconds / budget if budget else 0.0)
@@ -1584,23 +1562,18 @@ class Trainer:
             self.seconds += now - t_last
             t_last = now
             self.step = step + 1
-            window["loss"] += r["loss"]; window["n"] += 1; window["hits"] += r["hits"]
-            window["labelled"] += r["labelled"]; window["images"] += len(batch["image"])
+            self.log_window.add(r)
             bar.update(round(self.seconds) - bar.n if budget else 1)
             if main_rank and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                elapsed = self.seconds - window["t0"]
-                line = dict(step=self.step, minutes=round(self.seconds / 60, 3), lr=lr,
-                            loss=window["loss"] / window["n"], peak_hit=window["hits"] / max(window["labelled"], 1),
-                            img_s=window["images"] / max(elapsed, 1e-9))
+                line = self.log_window.line(self.step, self.seconds, lr)
                 if self.teacher is not None:
                     line["teacher"] = self.teacher.last_record()
-                append_jsonl(metrics_path, line)
-                bar.set_postfix(loss=f"{line['loss']:.2f}", hit=f"{line['peak_hit']:.2f}", img_s=f"{line['img_s']:.1f}")
-                window = dict(loss=0.0, n=0, hits=0, labelled=0, images=0, t0=self.seconds)
-            if main_rank and self.evals_done < len(cfg.eval_minutes) and self.seconds >= cfg.eval_minutes[self.evals_done] * 60:
-                stats, _ = evaluate(self.model, self.data.val, cfg, self.device, cfg.max_val_images, progress=False)
-                append_jsonl(metrics_path, dict(step=self.step, minutes=round(self.seconds / 60, 3), eval=stats))
-                self.evals_done += 1
+                append_jsonl(self.out / "metrics.jsonl", line)
+                bar.set_postfix(loss=f"{line['loss']:.2f}", hit=f"{line['peak_hit']:.2f}",
+                                img_s=f"{line['img_s']:.1f}")
+                self.log_window = LogWindow(t0=self.seconds)
+            if main_rank and self.eval_due():
+                self.evaluate_now()
                 t_last = time.perf_counter()  # evaluation time is not training time
             if main_rank and (self.step % cfg.ckpt_every == 0):
                 save_atomic(self.state(), self.out / "ckpt.pt")
@@ -1610,10 +1583,77 @@ class Trainer:
         if main_rank:
             save_atomic(self.state(), self.out / "ckpt.pt")
 
+    def eval_due(self) -> bool:
+        marks = self.cfg.eval_minutes
+        return self.evals_done < len(marks) and self.seconds >= marks[self.evals_done] * 60
+
+    def evaluate_now(self) -> dict:
+        stats, _ = evaluate(self.model, self.data.val, self.cfg, self.device, self.cfg.max_val_images, progress=False)
+        append_jsonl(self.out / "metrics.jsonl", dict(step=self.step, minutes=round(self.seconds / 60, 3), eval=stats))
+        self.evals_done += 1
+        return stats
+
+
+class _progress:  # interim: to move to render_humans.progress
+    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line on stdout every 30 s and
+    one at the end, so a redirected run writes a few lines, not hundreds of bar updates."""
+    EVERY_S = 30.0
+
+    def __init__(self, total, initial=0, unit="it", desc="", enabled=True):
+        self.total, self.n, self.unit, self.desc, self.enabled = total, initial, unit, desc, enabled
+        self.postfix, self.bar, self.last = "", None, time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
+
+    def update(self, k=1):
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif self.enabled and time.perf_counter() - self.last >= self.EVERY_S:
+            self.print_line()
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def print_line(self):
+        self.last = time.perf_counter()
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}" + (f" ({self.postfix})" if self.postfix else ""),
+              flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            self.print_line()
+
+
+@dataclass
+class LogWindow:
+    """Training figures summed since the last metric line. It is part of the checkpoint, so the
+    first line after a resume averages the same steps as an uninterrupted run's."""
+    t0: float = 0.0  # training seconds at the window's start
+    loss: float = 0.0
+    n: int = 0
+    hits: int = 0
+    labelled: int = 0
+    images: int = 0
+
+    def add(self, r: dict) -> None:
+        self.loss, self.n, self.images = self.loss + r["loss"], self.n + 1, self.images + r["images"]
+        self.hits, self.labelled = self.hits + r["hits"], self.labelled + r["labelled"]
+
+    def line(self, step: int, seconds: float, lr: float) -> dict:
+        return dict(step=step, minutes=round(seconds / 60, 3), lr=lr, loss=self.loss / max(self.n, 1),
+                    peak_hit=self.hits / max(self.labelled, 1),
+                    img_s=self.images / max(seconds - self.t0, 1e-9))
+
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
+        f.write(json.dumps(record, default=float) + "\n")  # one write per line: a cut run loses whole lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1626,13 +1666,15 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
     for i in range(min(n, len(kset.records))):
         image = kset.image(i)
         maps, base = network_maps(model, image, cfg, device)
-        people = [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1)) for kp, _ in decode_maps(maps, base)]
+        people = [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
+                  for kp, _ in decode_maps(maps, base)]
         tile = rh.draw_keypoints(image, people)
         tiles.append(cv2.resize(tile, (256, round(256 * tile.shape[0] / tile.shape[1]))))
     model.train()
     h = max(t.shape[0] for t in tiles)
     tiles = [cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, 0, cv2.BORDER_CONSTANT) for t in tiles]
-    rows = [np.hstack(tiles[i:i + 4] + [np.zeros_like(tiles[0])] * (4 - len(tiles[i:i + 4]))) for i in range(0, len(tiles), 4)]
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)
+    rows = [np.hstack(tiles[i:i + 4]) for i in range(0, len(tiles), 4)]
     cv2.imwrite(str(path), np.vstack(rows))
 
 
@@ -1641,7 +1683,7 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -1658,6 +1700,30 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def save_teacher_plot(teacher: Teacher, path: Path) -> None:
+    """The paper's "informative samples change over training" figure: bin probabilities over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = teacher.records
+    if not records or teacher.cfg.teacher_uniform:
+        return
+    steps = [r["step"] for r in records]
+    probs = np.array([r["probs"] for r in records])
+    fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
+    colours = plt.cm.viridis(np.linspace(0, 1, teacher.bins))
+    axes[0].stackplot(steps, probs.T, colors=colours, labels=[f"{e:.0f}" for e in teacher.edges()])
+    axes[0].set(ylabel="teacher bin probability", ylim=(0, 1),
+                title=f"teacher's bins of {teacher.cfg.teacher_attribute} over training")
+    axes[0].legend(title="bin lower edge", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[1].plot(steps, [r["bin"] for r in records], ".", ms=4)
+    axes[1].set(xlabel="student step", ylabel="picked bin", ylim=(-0.5, teacher.bins - 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def compare_runs(run_dirs: list[str], out: Path) -> str:
     """Figure (val AP, AP50, peak-hit against training minutes) and markdown table of runs."""
     import matplotlib
@@ -1669,7 +1735,7 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
     for run in map(Path, run_dirs):
         if not (run / "metrics.jsonl").is_file():
             raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
-        evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
         if not evals:
             raise ReproError(f"{run} holds no evaluation yet")
         minutes = [e["minutes"] for e in evals]
@@ -1697,38 +1763,31 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
 # Benchmark: is the data pipeline ever the bottleneck? is grouping cheaper than the network?
 # ----------------------------------------------------------------------------------------------
 
+def seconds_per_call(fn, n: int, warmup: int = 0) -> float:
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
 def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
-    cfg = dataclasses.replace(cfg, mode="augmented")
+    cfg = dataclasses.replace(cfg, mode="augmented", steps=steps + 3)
     trainer = Trainer(cfg, data, device, Path("."))  # with --init: grouping is timed on a trained net's maps
     maker, model = trainer.maker, trainer.model
     rng = np.random.default_rng(0)
-    specs = plan_specs(maker, cfg, cfg.batch_size, rng)
-
-    t = time.perf_counter()
-    for _ in range(5):
-        batch = maker.batch(specs, rng)
-    crop_ms = (time.perf_counter() - t) / 5 / cfg.batch_size * 1e3
-    tensors = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
-    t = time.perf_counter()
-    for _ in range(10):
-        make_targets(tensors["keypoints"], tensors["pasted"], tensors["mask"], cfg)
-    target_ms = (time.perf_counter() - t) / 10 / cfg.batch_size * 1e3
-
-    fixed = attach_targets(batch, cfg, device)  # pre-made: crops, targets and masks all ready
-    for _ in range(3):  # warm-up
-        trainer.train_step(fixed, cfg.lr)
-    t = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(fixed, cfg.lr)
-    premade = steps * cfg.batch_size / (time.perf_counter() - t)
-    trainer.step, trainer.cfg = 0, dataclasses.replace(cfg, steps=steps + 3)
+    specs = maker.plan(cfg.batch_size, rng)
+    crops = collate([maker.sample(spec, rng) for spec in specs])
+    crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
+    tensors = {k: torch.as_tensor(crops[k]).to(device) for k in ("keypoints", "pasted", "mask_miss")}
+    target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
+                                                     tensors["mask_miss"], cfg), 10)
+    fixed = maker.batch(specs, rng)  # pre-made: crops, targets and masks all ready
+    premade_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), steps, warmup=3)
     stream = (b for _, b in trainer.batches())
-    for _, b in zip(range(3), stream):
-        trainer.train_step(b, cfg.lr)
-    t = time.perf_counter()
-    for _, b in zip(range(steps), stream):
-        trainer.train_step(b, cfg.lr)
-    end_to_end = steps * cfg.batch_size / (time.perf_counter() - t)
+    streamed_s = seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr), steps, warmup=3)
+    premade, end_to_end = cfg.batch_size / premade_s, cfg.batch_size / streamed_s
 
     model.eval()
     forward_s = group_s = 0.0
@@ -1742,7 +1801,8 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
         t2 = time.perf_counter()
         decode_maps(maps, base)
         forward_s, group_s = forward_s + t2 - t, group_s + time.perf_counter() - t2
-    figures = dict(crop_and_paste_ms_per_sample=crop_ms, target_ms_per_sample=target_ms,
+    figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
+                   target_ms_per_sample=target_s / cfg.batch_size * 1e3,
                    train_img_s_end_to_end=end_to_end, train_img_s_premade=premade,
                    pipeline_ratio=end_to_end / premade, forward_ms_per_image=forward_s / n * 1e3,
                    grouping_ms_per_image=group_s / n * 1e3)
@@ -1757,6 +1817,42 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, derived from Config's fields; help shows the demo and paper defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bench", action="store_true", help="print speed figures and exit")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="plot val metrics of these run folders against minutes into --out (png + md table)")
+    demo, paper = Config(), PRESETS["paper"]
+
+    def shown(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    for f in dataclasses.fields(Config):
+        value = getattr(demo, f.name)
+        default = f"demo: {shown(value)}"
+        if paper.get(f.name, value) != value:
+            default += f", paper: {shown(paper[f.name])}"
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{default}]"
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif isinstance(value, tuple):
+            p.add_argument(flag, type=float, nargs="*", default=None, help=text)
+        else:
+            p.add_argument(flag, type=type(value) if value is not None else str, default=None,
+                           choices=f.metadata["choices"], help=text)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Config defaults, then the preset, then the flags given."""
+    args = build_parser().parse_args(argv)
+    values = dataclasses.asdict(Config()) | PRESETS[args.preset or "demo"]
+    values |= {k: v for k, v in vars(args).items() if v is not None and k in values}
+    values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+    return Config(**values), args
+
 
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
@@ -1792,31 +1888,72 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
     return stats
 
 
-def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
+LOCK_NAME = "run.lock"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def hold_run_dir(out: Path) -> Path:
+    """Creates the run folder and holds it with a lock file naming this process. A folder held by a
+    live process is refused; a lock left by a dead one is stale and taken over."""
+    lock = out / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                text = lock.read_text().strip()
+                if text.isdigit() and process_alive(int(text)):
+                    raise ReproError(f"{out} is in use by another run (pid {text}); wait for it to finish, "
+                                     "or use another --out") from None
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return lock
+    except OSError as e:
+        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
+
+
+def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int, world: int) -> Trainer:
+    """Everything that can refuse a run happens before the run folder is touched."""
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists() and not cfg.resume:
         raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR for a new one")
     if cfg.resume and not ckpt_path.exists():
         raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, data, device, out, rank, world)
     if cfg.resume:
         trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
-        print(f"resumed {out} at step {trainer.step}")
-        if rank == 0 and (out / "metrics.jsonl").exists():  # drop what was logged after the checkpoint
-            lines = (out / "metrics.jsonl").read_text().splitlines()
-            kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= trainer.step]
-            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
-    if rank == 0:
-        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
-                        argv=sys.argv), out / "config.json")
-        if not cfg.resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-    trainer.fit()
-    if rank != 0:
-        return {}
+    if cfg.steps == 0:
+        print("--steps 0: no training; the starting weights are evaluated (untrained unless --init)")
+    return trainer
+
+
+def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
+    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its checkpoint."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    if cfg.resume:
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
+    """Final evaluation, metrics, predictions and figures of a finished run."""
+    cfg, device = trainer.cfg, trainer.device
     stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
     append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats))
     write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
@@ -1825,16 +1962,36 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
     save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
     save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
     if trainer.teacher is not None:
-        trainer.teacher.save_plot(out / "teacher_bins.png")
+        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
     print_table(stats, benchmark_label(data.name))
     print(f"run folder: {out}")
     return stats
 
 
+def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
+    trainer = start_run(cfg, data, device, out, rank, world)
+    if rank != 0:
+        trainer.fit()
+        return {}
+    lock = hold_run_dir(out)
+    try:
+        if cfg.resume:
+            print(f"resumed {out} at step {trainer.step}")
+        prepare_metrics(out, cfg, trainer.step)
+        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
+                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
+                        argv=sys.argv), out / "config.json")
+        trainer.fit()
+        return finish_run(trainer, data, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
-    user_errors = (ReproError, rh.RenderError)
     try:
+        check_config(cfg)
         if args.compare:
             compare_runs(args.compare, Path(cfg.out or "results/compare.png"))
             return 0
@@ -1849,9 +2006,12 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(cfg, data, device)
         else:
             run_training(cfg, data, device, rank, world)
-    except user_errors as e:
+    except (ReproError, rh.RenderError) as e:
         print(f"repro.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder: one line, and atomic writes left no half-files
+        print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("repro.py: interrupted; the last checkpoint is kept: rerun with --resume", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
 """Tests for the reproduction (CPU only; run with `python -m pytest -x -q test_repro.py`)."""
+import errno
 import json
 import os
 import pickle
@@ -471,8 +472,8 @@ def test_flipped_crop_mirrors_image_and_keypoints(toy):
 
 # ---- loss masks and compositing ---------------------------------------------------------------
 
-def grad_of_loss(cfg, keypoints, pasted, ignore):
-    target, mask = R.make_targets(keypoints, pasted, ignore, cfg)
+def grad_of_loss(cfg, keypoints, pasted, mask_miss):
+    target, mask = R.make_targets(keypoints, pasted, mask_miss, cfg)
     pred = torch.zeros_like(target, requires_grad=True)
     loss, _ = R.pose_loss([pred], target, mask)
     loss.backward()
@@ -495,17 +496,18 @@ def test_pasted_people_masked_out_of_the_loss():
     under = torch.cat([paf_mag > 0.25, own[:, R.NUM_PAF:-1] > 0.25, own[:, R.NUM_PAF:-1].amax(1, keepdim=True) > 0.25], 1)
     assert under.sum() > 50 and g[under].abs().max() == 0
     assert g[:, -1][under[:, -1]].numel() > 0  # the background channel is masked too
-    # ... while include mode supervises them (targets of the pasted people, non-zero gradient)
-    both = torch.cat([real, pasted], 1)
-    g_inc, _, _ = grad_of_loss(cfg, both, pasted[:, :0], ignore)
-    assert g_inc[under].abs().max() > 0
+    # ... while include mode supervises them: their targets are drawn, as if they were real people
+    include = R.dataclasses.replace(cfg, synthetic_loss="include")
+    g_inc, target_inc, mask_inc = grad_of_loss(include, real, pasted, ignore)
+    assert g_inc[under].abs().max() > 0 and (mask_inc == 1).all()
+    assert torch.equal(target_inc, R.make_targets(torch.cat([real, pasted], 1), pasted[:, :0], ignore, cfg)[0])
 
 
 def test_crowd_and_unlabelled_regions_get_zero_loss(toy):
     kset = R.load_keypoint_set(toy["train"], toy["train"].parent / "images")
     rec = kset.records[0]
     assert rec.ignore_rles, "the crowd annotation goes into the ignore mask"
-    mask = R.ignore_mask(rec)
+    mask = R.mask_miss(rec)
     assert (mask[:20, :20] == 0).all() and mask[40:, 40:].min() == 255
     cfg = toy_config(input_size=128)
     keypoints = torch.as_tensor(rec.keypoints[None])
@@ -514,14 +516,14 @@ def test_crowd_and_unlabelled_regions_get_zero_loss(toy):
     assert g[..., 10:, 10:].abs().max() > 0
 
 
-def test_person_without_keypoints_goes_into_ignore_mask(tmp_path):
+def test_person_without_keypoints_goes_into_mask_miss(tmp_path):
     path = write_toy_set(tmp_path, 1, people=(1, 1))
     data = json.loads(path.read_text())
     data["annotations"].append(dict(id=99, image_id=1, category_id=1, iscrowd=0, num_keypoints=0, keypoints=[0] * 51,
                                     bbox=[100, 100, 20, 20], area=400.0, segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
     path.write_text(json.dumps(data))
     rec = R.load_keypoint_set(path, tmp_path / "images").records[0]
-    assert len(rec.keypoints) == 1 and (R.ignore_mask(rec)[105:115, 105:115] == 0).all()
+    assert len(rec.keypoints) == 1 and (R.mask_miss(rec)[105:115, 105:115] == 0).all()
 
 
 def test_pasted_person_occludes_real_keypoints(toy):
@@ -541,8 +543,6 @@ def test_pasted_person_occludes_real_keypoints(toy):
     assert under.any() and clear.any()
     assert (out.keypoints[0, under, 2] == 1).all() and (out.keypoints[0, clear, 2] == 2).all()
     assert len(out.pasted) == 8 and (out.pasted[..., 2] > 0).any()
-    include = R.paste_people(sample, bank, R.dataclasses.replace(cfg, synthetic_loss="include"), np.random.default_rng(0))
-    assert len(include.keypoints) == 9 and len(include.pasted) == 0
 
 
 # ---- training regimes -------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", mode, "--lr", "3e-3", "--device", device))
     data = R.load_data(cfg)
     trainer = R.Trainer(cfg, data, torch.device(device), tmp_path)
-    specs = R.plan_specs(trainer.maker, cfg, 4, np.random.default_rng(0))
+    specs = trainer.maker.plan(4, np.random.default_rng(0))
     batch = trainer.maker.batch(specs, np.random.default_rng(0))
     losses = [trainer.train_step(batch, cfg.lr)["loss"] for _ in range(25)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
@@ -602,8 +602,11 @@ def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
     assert a["step"] == b["step"] == 6
-    steps = lambda run: [json.loads(l)["step"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert steps("stopped") == steps("straight")  # nothing logged twice
+    def logged(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged("stopped")] == [r["step"] for r in logged("straight")]  # nothing twice
+    # the logging window is in the checkpoint: the line after a resume averages the same steps
+    assert [r.get("loss") for r in logged("stopped")] == [r.get("loss") for r in logged("straight")]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
@@ -701,6 +704,67 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
     assert "--resume" in run_main_error(capsys, toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1"))
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--batch-size", "0"], "--batch-size must be at least 2"),
+    (["--mode", "real", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--mode", "student-teacher", "--bins", "0"], "--bins must be at least 2"),
+    (["--mode", "student-teacher", "--bins", "1"], "--bins must be at least 2"),
+    (["--steps", "-5"], "--steps must be 0 or more"),
+    (["--minutes", "-1"], "--minutes must be 0"),
+    (["--input-size", "30"], "multiple of --stride"),
+])
+def test_impossible_settings_are_refused_before_anything_happens(capsys, tmp_path, argv, words):
+    out = tmp_path / "run"
+    assert words in run_main_error(capsys, argv + ["--out", str(out)])
+    assert not out.exists()
+
+
+def test_steps_0_says_it_evaluates_the_start(toy, tmp_path, capsys):
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "0")) == 0
+    assert "--steps 0: no training" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["steps"] == 0
+
+
+def test_bad_init_leaves_no_run_folder(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    assert "checkpoint not found" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--init",
+                                                                      str(tmp_path / "missing.pt")))
+    assert not out.exists()
+
+
+def test_read_only_run_folder_gives_one_line(capsys, tmp_path, toy, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(R.Path, "mkdir", refuse)
+    out = tmp_path / "run"
+    assert "Read-only file system" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "1"))
+    assert not out.exists()
+
+
+def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch):
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(R.torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert "No space left" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
+    assert not list(out.glob("*.tmp")) and not (out / "ckpt.pt").exists()
+    assert not (out / R.LOCK_NAME).exists()  # the folder is released
+
+
+def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    out.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as other:  # a live process holds the folder
+        (out / R.LOCK_NAME).write_text(str(other.pid))
+        assert "in use by another run" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "1"))
+        other.kill()
+    assert not (out / "metrics.jsonl").exists()
+    # its process is gone: the lock is stale, the next run takes the folder over and releases it
+    assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+    assert not (out / R.LOCK_NAME).exists()
+
+
 def test_peak_hit_signal():
     kp = torch.zeros(1, 1, 18, 3)
     kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
@@ -748,7 +812,8 @@ def teacher_setup(toy, tmp_path, *extra):
 def test_tiny_bins_are_penalised_and_never_trained_on(toy, tmp_path):
     cfg, trainer = teacher_setup(toy, tmp_path, "--teacher-min-bin", "3")
     teacher = trainer.teacher
-    teacher.counts = [0, 10, 2]  # bins 0 and 2 too small
+    pool = teacher.pools[0][:1]
+    teacher.pools = [pool[:0], pool.repeat(10, 0), pool.repeat(2, 0)]  # bins 0 and 2 too small
     teacher.hard_images = np.zeros((4, 64, 64, 3), np.uint8)
     before = teacher.probs.copy()
     picked = teacher.valid_pick(0)
