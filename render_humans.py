@@ -10,6 +10,8 @@ Tzionas, Black, Tang; GCPR 2019). It renders
 
 and writes COCO person-keypoint json (exact visibility from depth and instance buffers, RLE
 masks, plus the per-person attributes the paper's teacher bins on: min_dist, camera_angle).
+Labels follow COCO's 17 keypoints, or with `--skeleton mpii` MPII's 16 joints (the paper's
+MPII benchmark).
 
 Bodies come from `anny` (open, CC0 data, built-in COCO-17 regressor) or, with
 `--body-model smpl|smplh|smplx --model-path DIR`, from the official SMPL-family files through
@@ -21,16 +23,20 @@ per vertex on the CPU.
 
     python render_humans.py data/synth --num-images 1000 --workers 2
     python render_humans.py data/bank --kind bank --num-images 5000
+    python render_humans.py data/mpii-synth --skeleton mpii
     python render_humans.py --bench        # scenes/s and bank people/s on this machine
     python render_humans.py --grid         # results/render-grid.png
 
-Library use (what repro.py calls): `render_dataset(out_dir, kind=..., num_images=...)`.
+Library use (what repro.py calls): `render_dataset(out_dir, kind=..., num_images=...)`, with
+any RenderConfig field as a keyword; `progress(...)` for progress that suits a terminal or a
+log.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes.util
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,7 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +63,58 @@ COCO_SKELETON = [  # COCO's 19 limbs, 1-based (as in person_keypoints_*.json)
     [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
     [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
 ]
-CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person",
-               "keypoints": COCO_KEYPOINT_NAMES, "skeleton": COCO_SKELETON}]
+
+
+def _category(names: list, limbs: list) -> dict:
+    return {"id": 1, "name": "person", "supercategory": "person", "keypoints": names, "skeleton": limbs}
+
+
+CATEGORIES = [_category(COCO_KEYPOINT_NAMES, COCO_SKELETON)]
+# MPII's joint ids 0-15, named as in its annotations ("_" for " ")
+MPII_KEYPOINT_NAMES = [
+    "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax", "upper_neck",
+    "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist",
+]
+MPII_SKELETON = [  # MPII's 15 limbs, 1-based: legs to the pelvis, spine to the head top, arms to the thorax
+    [1, 2], [2, 3], [3, 7], [7, 4], [4, 5], [5, 6], [7, 8], [8, 9], [9, 10], [11, 12], [12, 13],
+    [13, 8], [8, 14], [14, 15], [15, 16],
+]
+# Points every body model can compute: COCO's 17, then these MPII joints that COCO lacks
+# (paper code: SMPL-H head_top = vertex 411, upper_neck = "head" joint, thorax = "neck"
+# joint, pelvis = root; see EXTRA_CANON).
+EXTRA_POINTS = ["head_top", "upper_neck", "thorax", "pelvis"]
+MPII_FROM_COCO = {"r_ankle": "right_ankle", "r_knee": "right_knee", "r_hip": "right_hip",
+                  "l_hip": "left_hip", "l_knee": "left_knee", "l_ankle": "left_ankle",
+                  "r_wrist": "right_wrist", "r_elbow": "right_elbow", "r_shoulder": "right_shoulder",
+                  "l_shoulder": "left_shoulder", "l_elbow": "left_elbow", "l_wrist": "left_wrist"}
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """A label set: keypoint names, limbs (1-based) and where each keypoint comes from."""
+    names: list
+    limbs: list
+    source: tuple   # per keypoint: index into COCO_KEYPOINT_NAMES + EXTRA_POINTS
+
+    @property
+    def extended(self) -> bool:
+        """Whether the body models must compute EXTRA_POINTS too."""
+        return max(self.source) >= len(COCO_KEYPOINT_NAMES)
+
+    def labels(self, points: np.ndarray) -> np.ndarray:
+        """(n, P, 3) labels of the computed points -> (n, K, 3) in this skeleton's order."""
+        return points[:, list(self.source)]
+
+
+def _mpii_source() -> tuple:
+    points = COCO_KEYPOINT_NAMES + EXTRA_POINTS
+    return tuple(points.index(MPII_FROM_COCO.get(n, n)) for n in MPII_KEYPOINT_NAMES)
+
+
+SKELETONS = {
+    "coco": Skeleton(COCO_KEYPOINT_NAMES, COCO_SKELETON, tuple(range(len(COCO_KEYPOINT_NAMES)))),
+    "mpii": Skeleton(MPII_KEYPOINT_NAMES, MPII_SKELETON, _mpii_source()),
+}
 
 CAMERA_DISTANCE = (9.0, 0.1)   # paper code: camera distance N(9.0, 0.1) m
 PITCH_MAX_DEG = 37.0           # paper code: camera pitch from 0 to about 37 deg
@@ -88,21 +145,73 @@ class RenderError(Exception):
     """Bad input or an unusable environment; main() prints it as one line."""
 
 
+def _optional_str(value) -> str | None:
+    return str(value) if value else None
+
+
+def _two_floats(value) -> tuple:
+    return tuple(float(x) for x in value)
+
+
+def _setting(default, help: str, convert=None, choices=None, new: bool = False, **cli):
+    """A RenderConfig field. help and choices serve --help; convert normalises library input; new:
+    added after renderer_version 2, so parts/config.json omits it at its default and caches
+    rendered before it existed stay valid; cli: extra argparse keywords."""
+    meta = dict(help=help, convert=convert, choices=choices, new=new, cli=cli)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class RenderConfig:
-    """Everything that determines the output bytes (workers and sharding do not)."""
-    kind: str = "scenes"
-    num_images: int = 100
-    style: str = "synthetic"
-    image_size: int = 640
-    mean_people: float = MEAN_PEOPLE
-    min_people: int = MIN_PEOPLE
-    camera_distance: tuple = CAMERA_DISTANCE
-    seed: int = 0
-    backgrounds: str | None = None
-    poses: str | None = None
-    body_model: str = "anny"
-    model_path: str | None = None
+    """Every setting that determines the output bytes (workers and sharding do not).
+
+    The single list of settings: the CLI flags, render_dataset's keywords and parts/config.json
+    all come from these fields.
+    """
+    kind: str = _setting("scenes", "scenes: full images with many people; bank: one person per RGBA crop",
+                         choices=KINDS)
+    num_images: int = _setting(100, "number of images (bank: people)", int)
+    style: str = _setting("synthetic", "synthetic: paper-like SH lighting, blur, procedural+photo "
+                          "backgrounds, varied poses; standin: photo backgrounds, patterned clothes, "
+                          "warm key light, everyday poses", choices=STYLES)
+    image_size: int = _setting(640, "scene width=height in px; bank: approximate person height in px", int)
+    mean_people: float = _setting(MEAN_PEOPLE, "Poisson mean of people per scene", float)
+    min_people: int = _setting(MIN_PEOPLE, "at least this many people per scene", int)
+    camera_distance: tuple = _setting(CAMERA_DISTANCE, "camera distance ~ N(MEAN, STD) metres", _two_floats,
+                                      type=float, nargs=2, metavar=("MEAN", "STD"))
+    seed: int = _setting(0, "same seed and settings give byte-identical output", int)
+    backgrounds: str | None = _setting(None, "folder of background photos (e.g. SUN397); default: "
+                                       "people-free photos shipped with scikit-image and scikit-learn",
+                                       _optional_str)
+    poses: str | None = _setting(None, "folder of BVH mocap (CMU or MakeHuman joint names); 75%% of people "
+                                 "then take a mocap frame, the rest a sampled pose", _optional_str)
+    body_model: str = _setting("anny", "anny (built in) or an SMPL-family model (needs --model-path)",
+                               choices=BODY_MODELS)
+    model_path: str | None = _setting(None, "folder with the SMPL-family files: DIR/smpl/SMPL_NEUTRAL.pkl, "
+                                      "DIR/smplh/SMPLH_MALE.pkl, DIR/smplx/SMPLX_NEUTRAL.npz, ...",
+                                      _optional_str)
+    skeleton: str = _setting("coco", "keypoint labels: coco (17 keypoints) or mpii (16 joints, MPII order)",
+                             choices=tuple(SKELETONS), new=True)
+
+    def __post_init__(self):
+        for f in fields(self):
+            convert, value = f.metadata["convert"], getattr(self, f.name)
+            if convert is None:
+                continue
+            try:
+                object.__setattr__(self, f.name, convert(value))
+            except (TypeError, ValueError):
+                raise RenderError(f"{f.name} cannot be {value!r}") from None
+
+
+SETTINGS = tuple(f.name for f in fields(RenderConfig))
+
+
+def make_config(settings: dict) -> RenderConfig:
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise RenderError(f"unknown render setting {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    return RenderConfig(**settings)
 
 
 def _rng(cfg: RenderConfig, index: int, stream: int = 0) -> np.random.Generator:
@@ -112,21 +221,27 @@ def _rng(cfg: RenderConfig, index: int, stream: int = 0) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rotations (numpy, batched)
+# Rotations (numpy, batched). scipy's Rotation gives matrices that differ from these in the last
+# bit (it goes through quaternions), which could change rendered bytes; these stay.
 # ----------------------------------------------------------------------------------------------
+def _cos_sin_one_zero(a):
+    a = np.asarray(a, dtype=np.float64)
+    return a.shape, np.cos(a), np.sin(a), np.ones_like(a), np.zeros_like(a)
+
+
 def rot_x(a):
-    a = np.asarray(a, dtype=np.float64); c, s = np.cos(a), np.sin(a); o, z = np.ones_like(a), np.zeros_like(a)
-    return np.stack([o, z, z, z, c, -s, z, s, c], -1).reshape(a.shape + (3, 3))
+    shape, c, s, o, z = _cos_sin_one_zero(a)
+    return np.stack([o, z, z, z, c, -s, z, s, c], -1).reshape(shape + (3, 3))
 
 
 def rot_y(a):
-    a = np.asarray(a, dtype=np.float64); c, s = np.cos(a), np.sin(a); o, z = np.ones_like(a), np.zeros_like(a)
-    return np.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(a.shape + (3, 3))
+    shape, c, s, o, z = _cos_sin_one_zero(a)
+    return np.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(shape + (3, 3))
 
 
 def rot_z(a):
-    a = np.asarray(a, dtype=np.float64); c, s = np.cos(a), np.sin(a); o, z = np.ones_like(a), np.zeros_like(a)
-    return np.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(a.shape + (3, 3))
+    shape, c, s, o, z = _cos_sin_one_zero(a)
+    return np.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(shape + (3, 3))
 
 
 def align(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -199,7 +314,12 @@ PART = {n: i for i, n in enumerate(["head", "eye", "neck", "torso", "upperarm", 
                                      "pelvis", "upperleg", "lowerleg", "foot"])}
 
 
-@dataclass
+# MPII joints COCO lacks, as canonical skeleton joints (paper code: upper_neck = SMPL's "head"
+# joint, thorax = its "neck" joint, pelvis = its root); every rig maps these through its CANON.
+EXTRA_CANON = {"upper_neck": "head", "thorax": "neck", "pelvis": "pelvis"}
+
+
+@dataclass(eq=False)  # hashed by identity: caches keyed by a body (merged faces, landmarks)
 class BodyModel:
     """A posable body in canonical axes. `run(shape, world_rot)` -> vertices, keypoints (metres).
 
@@ -211,31 +331,36 @@ class BodyModel:
     rest: np.ndarray           # (V, 3) canonical rest vertices, feet at y=0, for appearance rules
     rest_kp: np.ndarray        # (17, 3) canonical rest keypoints (same frame as rest)
     part: np.ndarray           # (V,) int8 body part of each vertex
-    kp_depth: np.ndarray       # (17,) how far under the skin each keypoint sits (m)
+    kp_depth: np.ndarray       # (17 + 4,) how far under the skin each keypoint, then EXTRA_POINTS, sits (m)
     bone_parent: np.ndarray    # (B,) parent bone, -1 for the root
     bone_src: np.ndarray       # (B,) canonical joint whose rotation the bone follows
     bone_align: np.ndarray     # (B, 3, 3) rest alignment of that joint (canonical axes)
     M: np.ndarray              # model -> canonical axes
-    forward: object            # (shape (n, S), local rotations in model axes (n, B, 3, 3)) -> (verts, kps)
+    forward: object            # (shape (n, S), local rotations in model axes (n, B, 3, 3))
+    #                            -> (verts, COCO keypoints (n, 17, 3), EXTRA_POINTS (n, 4, 3))
     sample_shape: object       # (rng, n, style) -> (n, S) shape parameters
 
-    def run(self, shape: np.ndarray, world_rot: np.ndarray):
+    def run(self, shape: np.ndarray, world_rot: np.ndarray, extended: bool = False):
+        """-> vertices (n, V, 3), keypoints (n, 17, 3), or (n, 21, 3) with EXTRA_POINTS when extended."""
         w = world_rot[:, self.bone_src] @ self.bone_align[None]
         parent = np.where(self.bone_parent < 0, 0, self.bone_parent)
         local = np.swapaxes(w[:, parent], -1, -2) @ w
         local[:, self.bone_parent < 0] = w[:, self.bone_parent < 0]
         local = self.M.T @ local @ self.M
-        verts, kps = self.forward(shape, local)
-        return verts @ self.M.T.astype(np.float32), kps @ self.M.T.astype(np.float32)
+        verts, kps, extra = self.forward(shape, local)
+        to_canon = self.M.T.astype(np.float32)
+        kps = kps @ to_canon  # the COCO points alone: their bytes do not depend on `extended`
+        if extended:
+            kps = np.concatenate([kps, extra @ to_canon], 1)
+        return verts @ to_canon, kps
 
 
-def _finish_model(name, faces, verts0, kps0, part, bone_parent, bone_names, bone_pos,
-                  canon_bone, toe, forward, sample_shape, M) -> BodyModel:
-    """Shared set-up: rest frame, keypoint depths and the canonical->bone retarget tables."""
-    rest, rest_kp = verts0 @ M.T, kps0 @ M.T
-    floor = rest[:, 1].min()
-    rest, rest_kp = rest - [0, floor, 0], rest_kp - [0, floor, 0]
-    d = np.sqrt(((rest_kp[:, None] - rest[None, ::3]) ** 2).sum(-1)).min(1)
+def _depth_under_skin(points: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    return np.sqrt(((points[:, None] - rest[None, ::3]) ** 2).sum(-1)).min(1)
+
+
+def _retarget_tables(bone_parent, bone_names, bone_pos, canon_bone, toe, M):
+    """Per model bone: the canonical joint it follows and that joint's rest alignment."""
     pos = {c: bone_pos[bone_names.index(b)] for c, b in canon_bone.items()}
     al = limb_alignments(pos, M, toe)
     B = len(bone_names)
@@ -247,6 +372,17 @@ def _finish_model(name, faces, verts0, kps0, part, bone_parent, bone_names, bone
             bone_align[b] = al.get(CANON[mapped[b]], np.eye(3)).T  # rest direction -> T-pose
         elif bone_parent[b] >= 0:
             src[b], bone_align[b] = src[bone_parent[b]], bone_align[bone_parent[b]]
+    return src, bone_align
+
+
+def _finish_model(name, faces, verts0, kps0, extra0, part, bone_parent, bone_names, bone_pos,
+                  canon_bone, toe, forward, sample_shape, M) -> BodyModel:
+    """Shared set-up: rest frame, keypoint depths and the canonical->bone retarget tables."""
+    rest, rest_kp, rest_extra = verts0 @ M.T, kps0 @ M.T, extra0 @ M.T
+    floor = rest[:, 1].min()
+    rest, rest_kp, rest_extra = rest - [0, floor, 0], rest_kp - [0, floor, 0], rest_extra - [0, floor, 0]
+    d = np.concatenate([_depth_under_skin(rest_kp, rest), _depth_under_skin(rest_extra, rest)])
+    src, bone_align = _retarget_tables(bone_parent, bone_names, bone_pos, canon_bone, toe, M)
     return BodyModel(name, faces.astype(np.int32), rest.astype(np.float32), rest_kp.astype(np.float32),
                      part.astype(np.int8), d.astype(np.float32), np.asarray(bone_parent), src,
                      bone_align, M, forward, sample_shape)
@@ -280,6 +416,9 @@ def _anny_shape(rng: np.random.Generator, n: int, style: str) -> np.ndarray:
                      rng.uniform(0.2, 0.9, n), rng.uniform(0.3, 0.7, n)], 1)
 
 
+ANNY_HEAD_TOP = 881  # [ours] MPII head_top: anny's topmost vertex in the rest pose (all phenotypes 0.5)
+
+
 def load_anny() -> BodyModel:
     import torch
     import anny
@@ -289,6 +428,8 @@ def load_anny() -> BodyModel:
     w17 = regressor.regression_weights[:17].clone()
     labels = list(model.bone_labels)
     faces = model.get_triangular_faces().numpy()
+    # a bone's head, posed, is its pose's translation (anny's rest bone frames sit at their heads)
+    extra_bones = [labels.index(ANNY_CANON[EXTRA_CANON[p]]) for p in EXTRA_POINTS[1:]]
 
     def forward(shape, local):
         n = len(shape)
@@ -298,20 +439,21 @@ def load_anny() -> BodyModel:
             out = model(pose_parameters=pose, phenotype_kwargs=torch.from_numpy(shape.astype(np.float32)))
             v = out["vertices"]
             k = torch.einsum("kv,bvd->bkd", w17, v)
-        return v.numpy(), k.numpy()
+            e = torch.cat([v[:, [ANNY_HEAD_TOP]], out["bone_poses"][:, extra_bones, :3, 3]], 1)
+        return v.numpy(), k.numpy(), e.numpy()
 
     with torch.no_grad():
         coeffs = model._get_phenotype_blendshape_coefficients(
             torch.full((1, len(model.phenotype_labels)), 0.5), torch.zeros(1, 0), torch.zeros(1, 0))
         heads = model.get_rest_model(coeffs)["rest_bone_heads"][0].numpy().astype(np.float64)
-    v0, k0 = forward(np.full((1, 6), 0.5), np.tile(np.eye(3), (1, len(labels), 1, 1)))
-    v0, k0 = v0[0].astype(np.float64), k0[0].astype(np.float64)
+    v0, k0, e0 = (a[0].astype(np.float64) for a in
+                  forward(np.full((1, 6), 0.5), np.tile(np.eye(3), (1, len(labels), 1, 1))))
     M = frame_from(k0[5:7].mean(0) - k0[11:13].mean(0), k0[11] - k0[12])
     dominant = model.vertex_bone_indices.gather(1, model.vertex_bone_weights.argmax(1, keepdim=True))[:, 0]
     part = np.array([_anny_part(labels[i]) for i in dominant.numpy()])
     toe = {"l": heads[labels.index("toe3-1.L")], "r": heads[labels.index("toe3-1.R")]}
     parents = np.array([int(p) for p in model.bone_parents])
-    return _finish_model("anny", faces, v0, k0, part, parents, labels, heads, ANNY_CANON, toe,
+    return _finish_model("anny", faces, v0, k0, e0, part, parents, labels, heads, ANNY_CANON, toe,
                          forward, lambda rng, n, style: _anny_shape(rng, n, style), M)
 
 
@@ -320,7 +462,9 @@ SMPL_CANON = {"pelvis": 0, "spine": 3, "chest": 6, "neck": 12, "head": 15, "l_hi
               "l_knee": 4, "l_ankle": 7, "r_hip": 2, "r_knee": 5, "r_ankle": 8, "l_collar": 13,
               "l_shoulder": 16, "l_elbow": 18, "l_wrist": 20, "r_collar": 14, "r_shoulder": 17,
               "r_elbow": 19, "r_wrist": 21}
-SMPL_BODY_KP = [16, 17, 18, 19, 20, 21, 1, 2, 4, 5, 7, 8]  # COCO shoulders..ankles (PAPER.md)
+# COCO shoulders..ankles from SMPL's limb joints (paper code labels MPII's limbs with the same joints)
+SMPL_BODY_KP = [16, 17, 18, 19, 20, 21, 1, 2, 4, 5, 7, 8]
+SMPL_HEAD_TOP = 411  # paper code: MPII head_top = SMPL(-H) vertex 411, the top of the head
 SMPL_PART = {0: "pelvis", 1: "upperleg", 2: "upperleg", 3: "torso", 4: "lowerleg", 5: "lowerleg",
              6: "torso", 7: "foot", 8: "foot", 9: "torso", 10: "foot", 11: "foot", 12: "neck",
              13: "torso", 14: "torso", 15: "head", 16: "upperarm", 17: "upperarm",
@@ -383,7 +527,8 @@ def find_model_files(kind: str, model_path: str | None) -> dict:
     for gender in ("NEUTRAL", "MALE", "FEMALE"):
         for d in (root / sub, root):
             for ext in exts:
-                for name in (f"{stem}_{gender}.{ext}", f"basicModel_{gender[0].lower()}_lbs_10_207_0_v1.0.0.pkl"):
+                old_name = f"basicModel_{gender[0].lower()}_lbs_10_207_0_v1.0.0.pkl"
+                for name in (f"{stem}_{gender}.{ext}", old_name):
                     if (d / name).is_file() and gender.lower() not in found:
                         found[gender.lower()] = d / name
     if not found:
@@ -391,51 +536,64 @@ def find_model_files(kind: str, model_path: str | None) -> dict:
     return found
 
 
-def load_smpl(kind: str, model_path: str | None) -> BodyModel:
+def _load_smpl_gender(kind: str, gender: str, path: Path):
+    """One official SMPL-family file -> an smplx model (eval mode), or a one-line RenderError."""
     import contextlib
     import io
-    import torch
     import smplx
     from smplx.utils import Struct
-    from smplx.vertex_ids import vertex_ids as VIDS
 
-    files = find_model_files(kind, model_path)
-    models = {}
-    for gender, f in files.items():
-        try:
-            arrays = load_model_arrays(f)
-            cls = {"smpl": smplx.SMPL, "smplh": smplx.SMPLH, "smplx": smplx.SMPLX}[kind]
-            kw = dict(gender=gender, num_betas=10)
-            quiet = contextlib.redirect_stdout(io.StringIO())  # smplx prints notices
-            if kind == "smplx":
-                tmp = Path(tempfile.mkdtemp()) / f"SMPLX_{gender.upper()}.npz"
-                np.savez(tmp, **arrays)
-                with quiet:
-                    m = cls(str(tmp), ext="npz", use_pca=False, flat_hand_mean=True, **kw)
-            else:
-                if kind == "smplh":
-                    kw.update(use_pca=False, flat_hand_mean=True)
-                with quiet:
-                    m = cls("", data_struct=Struct(**arrays), **kw)
-        except RenderError:
-            raise
-        except Exception as e:
-            raise RenderError(f"cannot load {f}: {type(e).__name__}: {e}") from None
-        models[gender] = m.eval()
-    base = models.get("neutral") or next(iter(models.values()))
-    genders = sorted(models)
-    vid = VIDS["smplx" if kind == "smplx" else "smplh"]
-    face_v = [vid["nose"], vid["leye"], vid["reye"], vid["lear"], vid["rear"]]
-    parents = base.parents.numpy().astype(int)
-    parents[0] = -1
-    nj = len(parents)
+    try:
+        arrays = load_model_arrays(path)
+        cls = {"smpl": smplx.SMPL, "smplh": smplx.SMPLH, "smplx": smplx.SMPLX}[kind]
+        kw = dict(gender=gender, num_betas=10)
+        quiet = contextlib.redirect_stdout(io.StringIO())  # smplx prints notices
+        if kind == "smplx":  # SMPL-X takes a file, not arrays
+            tmp = Path(tempfile.mkdtemp()) / f"SMPLX_{gender.upper()}.npz"
+            np.savez(tmp, **arrays)
+            with quiet:
+                m = cls(str(tmp), ext="npz", use_pca=False, flat_hand_mean=True, **kw)
+        else:
+            if kind == "smplh":
+                kw.update(use_pca=False, flat_hand_mean=True)
+            with quiet:
+                m = cls("", data_struct=Struct(**arrays), **kw)
+    except RenderError:
+        raise
+    except Exception as e:
+        raise RenderError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+    return m.eval()
+
+
+def _smpl_call(kind: str, m, rotvecs, betas):
+    """Run one gendered smplx model on axis-angle rotations (b, joints, 3); hands, face neutral."""
+    import torch
+    b = len(betas)
     n_body = 23 if kind == "smpl" else 21
+    kw = dict(betas=torch.from_numpy(betas.astype(np.float32)), global_orient=rotvecs[:, 0],
+              body_pose=rotvecs[:, 1:1 + n_body].reshape(b, -1))
+    if kind != "smpl":
+        kw.update(left_hand_pose=torch.zeros(b, 45), right_hand_pose=torch.zeros(b, 45))
+    if kind == "smplx":
+        kw.update(jaw_pose=torch.zeros(b, 3), leye_pose=torch.zeros(b, 3), reye_pose=torch.zeros(b, 3),
+                  expression=torch.zeros(b, 10))
+    with torch.no_grad():
+        return m(**kw)
+
+
+def _smpl_forward(kind: str, models: dict, face_v: list, head_top: int):
+    """BodyModel.forward for SMPL-family models; shape[:, 10] in [0, 1) picks the gender."""
+    genders = sorted(models)
+    n_verts = next(iter(models.values())).v_template.shape[0]
+    extra_joints = [SMPL_CANON[EXTRA_CANON[p]] for p in EXTRA_POINTS[1:]]
 
     def forward(shape, local):
+        import torch
         from scipy.spatial.transform import Rotation
         n = len(shape)
-        verts = np.zeros((n, base.v_template.shape[0], 3), np.float32)
+        verts = np.zeros((n, n_verts, 3), np.float32)
         kps = np.zeros((n, 17, 3), np.float32)
+        extra = np.zeros((n, len(EXTRA_POINTS), 3), np.float32)
         aa = torch.from_numpy(Rotation.from_matrix(local.reshape(-1, 3, 3)).as_rotvec()
                               .reshape(n, -1, 3).astype(np.float32))
         g_idx = np.clip((shape[:, 10] * len(genders)).astype(int), 0, len(genders) - 1)
@@ -443,53 +601,64 @@ def load_smpl(kind: str, model_path: str | None) -> BodyModel:
             sel = np.nonzero(g_idx == gi)[0]
             if len(sel) == 0:
                 continue
-            m, r, b = models[g], aa[sel], len(sel)
-            kw = dict(betas=torch.from_numpy(shape[sel, :10].astype(np.float32)),
-                      global_orient=r[:, 0], body_pose=r[:, 1:1 + n_body].reshape(b, -1))
-            if kind != "smpl":
-                kw.update(left_hand_pose=torch.zeros(b, 45), right_hand_pose=torch.zeros(b, 45))
-            if kind == "smplx":
-                kw.update(jaw_pose=torch.zeros(b, 3), leye_pose=torch.zeros(b, 3), reye_pose=torch.zeros(b, 3),
-                          expression=torch.zeros(b, 10))
-            with torch.no_grad():
-                out = m(**kw)
-            v = out.vertices.numpy()
+            out = _smpl_call(kind, models[g], aa[sel], shape[sel, :10])
+            v, joints = out.vertices.numpy(), out.joints.numpy()
             verts[sel] = v
             kps[sel, :5] = v[:, face_v]
-            kps[sel, 5:] = out.joints[:, SMPL_BODY_KP].numpy()
-        return verts, kps
+            kps[sel, 5:] = joints[:, SMPL_BODY_KP]
+            extra[sel] = np.concatenate([v[:, [head_top]], joints[:, extra_joints]], 1)
+        return verts, kps, extra
 
-    def sample_shape(rng, n, style):
-        return np.concatenate([rng.normal(0, 1.0, (n, 10)).clip(-2.5, 2.5), rng.random((n, 1))], 1)
+    return forward
 
+
+def _smpl_parts(kind: str, lbs_weights: np.ndarray) -> np.ndarray:
+    """Body part per vertex from its dominant joint (SMPL-X's jaw and eyes count as head)."""
+    w = lbs_weights.argmax(1)
+    return np.array([PART[SMPL_PART[j]] if j in SMPL_PART else
+                     (PART["head"] if kind == "smplx" and j in (22, 23, 24) else PART["hand"]) for j in w])
+
+
+def _smpl_sample_shape(rng, n, style):
+    return np.concatenate([rng.normal(0, 1.0, (n, 10)).clip(-2.5, 2.5), rng.random((n, 1))], 1)
+
+
+def load_smpl(kind: str, model_path: str | None) -> BodyModel:
+    import torch
+    from smplx.vertex_ids import vertex_ids as VIDS
+
+    models = {g: _load_smpl_gender(kind, g, f) for g, f in find_model_files(kind, model_path).items()}
+    base = models.get("neutral") or next(iter(models.values()))
+    vid = VIDS["smplx" if kind == "smplx" else "smplh"]
+    face_v = [vid["nose"], vid["leye"], vid["reye"], vid["lear"], vid["rear"]]
+    parents = base.parents.numpy().astype(int)
+    parents[0] = -1
+    nj = len(parents)
+    part = _smpl_parts(kind, base.lbs_weights.numpy())
+    head_top = SMPL_HEAD_TOP
+    if kind == "smplx":  # [ours] another topology: its topmost head vertex in the rest pose (y up)
+        template = base.v_template.numpy()
+        head_top = int(np.argmax(np.where(part == PART["head"], template[:, 1], -np.inf)))
+    forward = _smpl_forward(kind, models, face_v, head_top)
     with torch.no_grad():
         joints0 = base().joints[0].numpy().astype(np.float64)
-    v0, k0 = forward(np.zeros((1, 11)), np.tile(np.eye(3), (1, nj, 1, 1)))
-    v0, k0 = v0[0].astype(np.float64), k0[0].astype(np.float64)
+    rest_pose = forward(np.zeros((1, 11)), np.tile(np.eye(3), (1, nj, 1, 1)))
+    v0, k0, e0 = (a[0].astype(np.float64) for a in rest_pose)
     M = frame_from(k0[5:7].mean(0) - k0[11:13].mean(0), k0[11] - k0[12])
-    w = base.lbs_weights.numpy().argmax(1)
-    part = np.array([PART[SMPL_PART[j]] if j in SMPL_PART else
-                     (PART["head"] if kind == "smplx" and j in (22, 23, 24) else PART["hand"]) for j in w])
     names = [str(i) for i in range(nj)]
     canon = {c: str(j) for c, j in SMPL_CANON.items()}
     toe = {"l": joints0[10], "r": joints0[11]}
-    return _finish_model(kind, base.faces.astype(np.int64), v0, k0, part, parents, names,
-                         joints0[:nj], canon, toe, forward, sample_shape, M)
+    return _finish_model(kind, base.faces.astype(np.int64), v0, k0, e0, part, parents, names,
+                         joints0[:nj], canon, toe, forward, _smpl_sample_shape, M)
 
 
-_MODELS: dict = {}
-
-
+@functools.cache
 def get_body_model(name: str, model_path: str | None) -> BodyModel:
-    key = (name, model_path)
-    if key not in _MODELS:
-        if name == "anny":
-            _MODELS[key] = load_anny()
-        elif name in MODEL_FILES:
-            _MODELS[key] = load_smpl(name, model_path)
-        else:
-            raise RenderError(f"unknown body model {name!r}; choose from {', '.join(BODY_MODELS)}")
-    return _MODELS[key]
+    if name == "anny":
+        return load_anny()
+    if name in MODEL_FILES:
+        return load_smpl(name, model_path)
+    raise RenderError(f"unknown body model {name!r}; choose from {', '.join(BODY_MODELS)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,69 +683,95 @@ STYLE_MIX = {  # [ours] synthetic: varied, mocap-like; standin: an everyday mix
 }
 
 
-def _pose_angles(rng: np.random.Generator, archetype: str) -> np.ndarray:
-    """(J, 3) angles in degrees (x, z, y) for one person, left-side convention for both sides."""
-    A = np.zeros((len(CANON), 3))
-    u = rng.uniform
+# The sampler's archetypes write (x, z, y) degree angles into A (J, 3); u is rng.uniform. The
+# order of the random draws is part of the output: keep it when editing.
+def _arm(A, u, side, x, z, elbow):
+    A[J[side + "_shoulder"]] = [x, z, u(-20, 20)]
+    A[J[side + "_elbow"]] = [0, 0, -elbow]
 
-    def arm(side, x, z, elbow):
-        A[J[side + "_shoulder"]] = [x, z, u(-20, 20)]
-        A[J[side + "_elbow"]] = [0, 0, -elbow]
 
-    def leg(side, hip_x, knee, hip_z=None):
-        A[J[side + "_hip"]] = [hip_x, u(0, 8) if hip_z is None else hip_z, u(-10, 10)]
-        A[J[side + "_knee"]] = [knee, 0, 0]
+def _leg(A, u, side, hip_x, knee, hip_z=None):
+    A[J[side + "_hip"]] = [hip_x, u(0, 8) if hip_z is None else hip_z, u(-10, 10)]
+    A[J[side + "_knee"]] = [knee, 0, 0]
 
+
+def _stand(A, u, rng):
     A[J["head"]] = [u(-10, 20), u(-8, 8), u(-35, 35)]
     A[J["spine"]] = [u(-5, 8), u(-5, 5), u(-8, 8)]
     for s in "lr":
-        arm(s, u(-20, 15), u(-80, -62), u(0, 35))
-        leg(s, u(-8, 8), u(0, 10))
+        _arm(A, u, s, u(-20, 15), u(-80, -62), u(0, 35))
+        _leg(A, u, s, u(-8, 8), u(0, 10))
         A[J[s + "_collar"]] = [0, u(-5, 8), 0]
         A[J[s + "_ankle"]] = [u(-10, 10), 0, 0]
-    if archetype == "walk":
-        phase, amp = u(0, 2 * math.pi), u(15, 32)
-        sw = math.sin(phase)
-        leg("l", -amp * sw, u(5, 15) + 40 * max(0.0, math.cos(phase)))
-        leg("r", amp * sw, u(5, 15) + 40 * max(0.0, -math.cos(phase)))
-        arm("l", 0.8 * amp * sw, u(-80, -68), u(10, 45))
-        arm("r", -0.8 * amp * sw, u(-80, -68), u(10, 45))
-        A[J["chest"], 2] = -0.3 * amp * sw
-    elif archetype == "reach":
-        s = "l" if rng.random() < 0.5 else "r"
-        arm(s, u(-130, -40), u(-30, 60), u(0, 30))
-        if rng.random() < 0.4:
-            arm("r" if s == "l" else "l", u(-110, -40), u(-40, 30), u(0, 40))
-        A[J["chest"]] = [u(-5, 15), u(-15, 15), u(-25, 25)]
-        if rng.random() < 0.5:
-            leg("l", u(-30, 0), u(0, 25))
-    elif archetype == "bend":
-        tilt = [u(25, 60), u(5, 20), u(0, 15)]
-        A[J["pelvis"], 0], A[J["spine"], 0], A[J["chest"], 0] = tilt
-        for s in "lr":
-            leg(s, -tilt[0] + u(-8, 5), u(0, 25))
-            arm(s, -sum(tilt) + u(-25, 15), u(-85, -65), u(0, 40))
-        A[J["head"], 0] = u(-30, 0)
-    elif archetype == "sit":
-        for s in "lr":
-            leg(s, u(-100, -78), u(75, 100), u(0, 15))
-            arm(s, u(-55, -20), u(-80, -65), u(40, 90))
-        A[J["spine"], 0] = u(-5, 15)
-    elif archetype == "arms_up":
-        for s in "lr" if rng.random() < 0.7 else ("l" if rng.random() < 0.5 else "r"):
-            arm(s, u(-40, 10), u(30, 82), u(0, 50))
-        A[J["chest"], 0] = u(-12, 5)
-    elif archetype == "squat":
-        A[J["pelvis"], 0] = u(15, 40)
-        for s in "lr":
-            leg(s, -A[J["pelvis"], 0] + u(-100, -75), u(100, 130), u(10, 25))
-            arm(s, -A[J["pelvis"], 0] + u(-80, -30), u(-60, -30), u(0, 60))
-            A[J[s + "_ankle"], 0] = u(-25, -10)
-    elif archetype == "floor_sit":
-        for s in "lr":
-            leg(s, u(-95, -75), u(0, 35), u(5, 20))
-            arm(s, u(10, 35), u(-82, -70), u(0, 20))
-        A[J["spine"], 0] = u(-10, 10)
+
+
+def _walk(A, u, rng):
+    phase, amp = u(0, 2 * math.pi), u(15, 32)
+    sw = math.sin(phase)
+    _leg(A, u, "l", -amp * sw, u(5, 15) + 40 * max(0.0, math.cos(phase)))
+    _leg(A, u, "r", amp * sw, u(5, 15) + 40 * max(0.0, -math.cos(phase)))
+    _arm(A, u, "l", 0.8 * amp * sw, u(-80, -68), u(10, 45))
+    _arm(A, u, "r", -0.8 * amp * sw, u(-80, -68), u(10, 45))
+    A[J["chest"], 2] = -0.3 * amp * sw
+
+
+def _reach(A, u, rng):
+    s = "l" if rng.random() < 0.5 else "r"
+    _arm(A, u, s, u(-130, -40), u(-30, 60), u(0, 30))
+    if rng.random() < 0.4:
+        _arm(A, u, "r" if s == "l" else "l", u(-110, -40), u(-40, 30), u(0, 40))
+    A[J["chest"]] = [u(-5, 15), u(-15, 15), u(-25, 25)]
+    if rng.random() < 0.5:
+        _leg(A, u, "l", u(-30, 0), u(0, 25))
+
+
+def _bend(A, u, rng):
+    tilt = [u(25, 60), u(5, 20), u(0, 15)]
+    A[J["pelvis"], 0], A[J["spine"], 0], A[J["chest"], 0] = tilt
+    for s in "lr":
+        _leg(A, u, s, -tilt[0] + u(-8, 5), u(0, 25))
+        _arm(A, u, s, -sum(tilt) + u(-25, 15), u(-85, -65), u(0, 40))
+    A[J["head"], 0] = u(-30, 0)
+
+
+def _sit(A, u, rng):
+    for s in "lr":
+        _leg(A, u, s, u(-100, -78), u(75, 100), u(0, 15))
+        _arm(A, u, s, u(-55, -20), u(-80, -65), u(40, 90))
+    A[J["spine"], 0] = u(-5, 15)
+
+
+def _arms_up(A, u, rng):
+    for s in "lr" if rng.random() < 0.7 else ("l" if rng.random() < 0.5 else "r"):
+        _arm(A, u, s, u(-40, 10), u(30, 82), u(0, 50))
+    A[J["chest"], 0] = u(-12, 5)
+
+
+def _squat(A, u, rng):
+    A[J["pelvis"], 0] = u(15, 40)
+    for s in "lr":
+        _leg(A, u, s, -A[J["pelvis"], 0] + u(-100, -75), u(100, 130), u(10, 25))
+        _arm(A, u, s, -A[J["pelvis"], 0] + u(-80, -30), u(-60, -30), u(0, 60))
+        A[J[s + "_ankle"], 0] = u(-25, -10)
+
+
+def _floor_sit(A, u, rng):
+    for s in "lr":
+        _leg(A, u, s, u(-95, -75), u(0, 35), u(5, 20))
+        _arm(A, u, s, u(10, 35), u(-82, -70), u(0, 20))
+    A[J["spine"], 0] = u(-10, 10)
+
+
+ARCHETYPE_POSES = {"walk": _walk, "reach": _reach, "bend": _bend, "sit": _sit, "arms_up": _arms_up,
+                   "squat": _squat, "floor_sit": _floor_sit}  # on top of _stand
+
+
+def _pose_angles(rng: np.random.Generator, archetype: str) -> np.ndarray:
+    """(J, 3) angles in degrees (x, z, y) for one person, left-side convention for both sides."""
+    A = np.zeros((len(CANON), 3))
+    _stand(A, rng.uniform, rng)
+    if archetype in ARCHETYPE_POSES:
+        ARCHETYPE_POSES[archetype](A, rng.uniform, rng)
     return A
 
 
@@ -608,68 +803,103 @@ BVH_NAMES = {
     "head": ["Head", "head"], "l_hip": ["LeftUpLeg", "LeftHip", "upperleg01.L"],
     "l_knee": ["LeftLeg", "LeftKnee", "lowerleg01.L"], "l_ankle": ["LeftFoot", "LeftAnkle", "foot.L"],
     "r_hip": ["RightUpLeg", "RightHip", "upperleg01.R"], "r_knee": ["RightLeg", "RightKnee", "lowerleg01.R"],
-    "r_ankle": ["RightFoot", "RightAnkle", "foot.R"], "l_collar": ["LeftShoulder", "LeftCollar", "clavicle.L"],
-    "l_shoulder": ["LeftArm", "LeftShoulder", "upperarm01.L"], "l_elbow": ["LeftForeArm", "LeftElbow", "lowerarm01.L"],
-    "l_wrist": ["LeftHand", "LeftWrist", "wrist.L"], "r_collar": ["RightShoulder", "RightCollar", "clavicle.R"],
-    "r_shoulder": ["RightArm", "RightShoulder", "upperarm01.R"], "r_elbow": ["RightForeArm", "RightElbow", "lowerarm01.R"],
+    "r_ankle": ["RightFoot", "RightAnkle", "foot.R"],
+    "l_collar": ["LeftShoulder", "LeftCollar", "clavicle.L"],
+    "l_shoulder": ["LeftArm", "LeftShoulder", "upperarm01.L"],
+    "l_elbow": ["LeftForeArm", "LeftElbow", "lowerarm01.L"],
+    "l_wrist": ["LeftHand", "LeftWrist", "wrist.L"],
+    "r_collar": ["RightShoulder", "RightCollar", "clavicle.R"],
+    "r_shoulder": ["RightArm", "RightShoulder", "upperarm01.R"],
+    "r_elbow": ["RightForeArm", "RightElbow", "lowerarm01.R"],
     "r_wrist": ["RightHand", "RightWrist", "wrist.R"],
 }
 BVH_STRIDE_S = 1 / 15          # [ours] keep ~15 poses per second of mocap (neighbours are near-duplicates)
 
 
-def parse_bvh(path: Path):
-    """-> joint names, parents, offsets (K, 3), per-joint channel names, motion (T, C)."""
-    text = path.read_text(errors="replace")
-    head, sep, motion = text.partition("MOTION")
-    if not sep:
-        raise RenderError(f"{path}: not a BVH file (no MOTION section)")
-    names, parents, offsets, channels, stack, ends = [], [], [], [], [], []
-    tokens = head.split()
+def _skip_end_site(tokens: list, i: int):
+    """tokens[i] is the '{' of an End Site -> (index after its '}', its OFFSET or None)."""
+    depth, offset = 0, None
+    while i < len(tokens):
+        if tokens[i] == "{":
+            depth += 1
+        if tokens[i] == "}":
+            depth -= 1
+            if depth == 0:
+                break
+        if tokens[i] == "OFFSET" and depth == 1:
+            offset = np.array(tokens[i + 1:i + 4], float)
+        i += 1
+    return i + 1, offset
+
+
+def _parse_hierarchy(tokens: list):
+    """HIERARCHY tokens -> joint names, parents, offsets, channel names, {joint: End Site offset}."""
+    names, parents, offsets, channels, stack, end_sites = [], [], [], [], [], {}
     i, pending = 0, None
     while i < len(tokens):
         t = tokens[i]
         if t in ("ROOT", "JOINT"):
-            pending = tokens[i + 1]; i += 2
+            pending, i = tokens[i + 1], i + 2
         elif t == "End":
-            pending = None; i += 2
-            ends.append(stack[-1] if stack else -1)
-            stack.append(None)
-            depth = 0
-            while i < len(tokens):  # skip the End Site block
-                if tokens[i] == "{": depth += 1
-                if tokens[i] == "}":
-                    depth -= 1
-                    if depth == 0: break
-                if tokens[i] == "OFFSET" and depth == 1:
-                    ends[-1] = (ends[-1], np.array(tokens[i + 1:i + 4], float))
-                i += 1
-            stack.pop(); i += 1
+            i, offset = _skip_end_site(tokens, i + 2)
+            pending = None
+            if offset is not None:
+                end_sites[stack[-1] if stack else -1] = offset
         elif t == "{":
             if pending is not None:
-                names.append(pending); parents.append(stack[-1] if stack else -1)
-                offsets.append(np.zeros(3)); channels.append([])
-                stack.append(len(names) - 1); pending = None
+                names.append(pending)
+                parents.append(stack[-1] if stack else -1)
+                offsets.append(np.zeros(3))
+                channels.append([])
+                stack.append(len(names) - 1)
+                pending = None
             i += 1
         elif t == "}":
-            stack.pop(); i += 1
+            stack.pop()
+            i += 1
         elif t == "OFFSET":
-            offsets[stack[-1]] = np.array(tokens[i + 1:i + 4], float); i += 4
+            offsets[stack[-1]] = np.array(tokens[i + 1:i + 4], float)
+            i += 4
         elif t == "CHANNELS":
-            c = int(tokens[i + 1]); channels[stack[-1]] = tokens[i + 2:i + 2 + c]; i += 2 + c
+            c = int(tokens[i + 1])
+            channels[stack[-1]] = tokens[i + 2:i + 2 + c]
+            i += 2 + c
         else:
             i += 1
+    return names, parents, offsets, channels, end_sites
+
+
+def _parse_motion(path: Path, numbers: list, frames: int, nch: int) -> np.ndarray:
+    """MOTION numbers -> (frames, nch). Strict: a file that holds fewer (or more) numbers than its
+    header promises is refused, not used in part: it is usually a cut-off download or copy, and
+    using what is left would make the pose bank, so the rendered bytes, differ from a complete
+    copy's without anyone noticing."""
+    if nch == 0 or frames < 1:
+        raise RenderError(f"{path}: malformed BVH ({nch} channels, {frames} frames)")
+    if len(numbers) != frames * nch:
+        whole, rest = divmod(len(numbers), nch)
+        held = f"{whole} frames" + (f" and {rest} numbers" if rest else "")
+        raise RenderError(f"{path}: truncated or malformed BVH: its header promises {frames} frames of {nch} "
+                          f"channels, the file holds {held}")
+    try:
+        return np.array(numbers, float).reshape(frames, nch)
+    except ValueError:
+        raise RenderError(f"{path}: motion data holds something that is not a number") from None
+
+
+def parse_bvh(path: Path):
+    """-> joint names, parents, offsets (K, 3), per-joint channel names, motion (T, C), frame time,
+    {joint: End Site offset}."""
+    text = path.read_text(errors="replace")
+    head, sep, motion = text.partition("MOTION")
+    if not sep:
+        raise RenderError(f"{path}: not a BVH file (no MOTION section)")
+    names, parents, offsets, channels, end_sites = _parse_hierarchy(head.split())
     m = re.search(r"Frames:\s*(\d+)\s*Frame Time:\s*([0-9.eE+-]+)", motion)
     if not names or not m:
         raise RenderError(f"{path}: malformed BVH (no joints or no 'Frames:'/'Frame Time:' header)")
-    frame_time = float(m.group(2))
-    data = np.array(motion[m.end():].split(), float)
-    nch = sum(len(c) for c in channels)
-    frames = int(m.group(1))
-    if nch == 0 or data.size < nch or data.size // nch < min(frames, 1):
-        raise RenderError(f"{path}: motion data does not match its {nch} channels")
-    data = data[: data.size // nch * nch].reshape(-1, nch)
-    end_sites = {e[0]: e[1] for e in ends if isinstance(e, tuple)}
-    return names, parents, np.array(offsets), channels, data, frame_time, end_sites
+    data = _parse_motion(path, motion[m.end():].split(), int(m.group(1)), sum(len(c) for c in channels))
+    return names, parents, np.array(offsets), channels, data, float(m.group(2)), end_sites
 
 
 def bvh_to_canonical(path: Path) -> np.ndarray:
@@ -724,13 +954,9 @@ def bvh_to_canonical(path: Path) -> np.ndarray:
     return out
 
 
-_POSE_BANKS: dict = {}
-
-
+@functools.cache
 def load_pose_bank(poses_dir: str) -> np.ndarray:
     """All BVH files under a folder -> (N, J, 3, 3); cached per process."""
-    if poses_dir in _POSE_BANKS:
-        return _POSE_BANKS[poses_dir]
     root = Path(poses_dir)
     if not root.is_dir():
         raise RenderError(f"poses folder {root} does not exist")
@@ -738,7 +964,7 @@ def load_pose_bank(poses_dir: str) -> np.ndarray:
     if not files:
         raise RenderError(f"poses folder {root} holds no .bvh files")
     bank = np.concatenate([bvh_to_canonical(f) for f in files]).astype(np.float32)
-    _POSE_BANKS[poses_dir] = bank
+    bank.flags.writeable = False  # shared by every caller
     return bank
 
 
@@ -791,90 +1017,135 @@ def _pattern(rng, P: np.ndarray, style: str) -> np.ndarray:
     if kind == "plaid":
         return np.maximum(np.sin(y * f) > 0.7, np.sin(ang * 10) > 0.7).astype(float)
     d = rng.normal(size=(4, 3))
-    return (sum(np.sin(P @ d[i] * rng.uniform(5, 15) + rng.uniform(0, 6)) for i in range(4)) > 0.3).astype(float)
+    waves = sum(np.sin(P @ d[i] * rng.uniform(5, 15) + rng.uniform(0, 6)) for i in range(4))
+    return (waves > 0.3).astype(float)
 
 
-def person_albedo(body: BodyModel, rng: np.random.Generator, style: str) -> np.ndarray:
-    """(V, 3) float albedo for one person. Front/back and left/right cues: face, hair on the
-    back of the head, a collar/print/buttons on the front of the top, shoes."""
+@functools.cache
+def _figure(body: BodyModel) -> types.SimpleNamespace:
+    """Rest-frame landmarks of a body for the appearance rules (no randomness: once per body)."""
     P, part, kp = body.rest, body.part, body.rest_kp
     x, y, z = P[:, 0], P[:, 1], P[:, 2]
-    skin = SKIN[rng.integers(len(SKIN))] * rng.uniform(0.92, 1.06, 3)
-    col = np.tile(skin, (len(P), 1))
-    nose, leye, reye, lear = kp[0], kp[1], kp[2], kp[3]
-    sh_y, hip_y, knee_y, ank_y = kp[5:7, 1].mean(), kp[11:13, 1].mean(), kp[13:15, 1].mean(), kp[15:17, 1].mean()
-    eye_y = (leye[1] + reye[1]) / 2
     head_cz = (kp[3, 2] + kp[4, 2]) / 2
-    in_head = (part == PART["head"]) | (part == PART["eye"]) | (part == PART["neck"])
-    upper_arm_len = np.linalg.norm(kp[5] - kp[7])
-    arm_d = np.minimum(np.linalg.norm(P - kp[5], axis=1), np.linalg.norm(P - kp[6], axis=1))
-    is_arm = np.isin(part, [PART["upperarm"], PART["lowerarm"]])
+    return types.SimpleNamespace(
+        P=P, part=part, x=x, y=y, z=z, nose=kp[0], leye=kp[1], reye=kp[2], lear=kp[3],
+        sh_y=kp[5:7, 1].mean(), hip_y=kp[11:13, 1].mean(), knee_y=kp[13:15, 1].mean(),
+        ank_y=kp[15:17, 1].mean(), eye_y=(kp[1][1] + kp[2][1]) / 2, head_cz=head_cz,
+        in_head=(part == PART["head"]) | (part == PART["eye"]) | (part == PART["neck"]),
+        upper_arm_len=np.linalg.norm(kp[5] - kp[7]),
+        arm_d=np.minimum(np.linalg.norm(P - kp[5], axis=1), np.linalg.norm(P - kp[6], axis=1)),
+        is_arm=np.isin(part, [PART["upperarm"], PART["lowerarm"]]), front=z > head_cz - 0.02,
+        torso_mid_z=np.median(z[part == PART["torso"]]))
+
+
+# The appearance rules below paint col (V, 3) in place. The order of their random draws is part of
+# the output: keep it when editing.
+def _garment(col, P, mask, c, rng, style, p_tex):
+    """One garment: a plain colour with a faint weave, or a two-colour pattern."""
+    c2 = _garment_colour(rng, style)
+    if rng.random() < p_tex:
+        t = _pattern(rng, P[mask], style)[:, None]
+        col[mask] = c * (1 - t) + c2 * t
+    else:
+        col[mask] = c * (1 + 0.06 * np.sin(P[mask] @ rng.normal(size=3) * 30))[:, None]
+
+
+def _dress(col, F, rng, style) -> dict:
+    """Lower and upper garments -> the top's mask, colour and cut (the front cues go on it)."""
+    part, x, y = F.part, F.x, F.y
     # lower garment: trousers, three-quarter, shorts
-    low_cut = [ank_y + 0.04, knee_y - 0.12, knee_y + 0.12][rng.choice(3, p=[0.6, 0.15, 0.25])]
-    waist = hip_y + rng.uniform(0.06, 0.12)
+    low_cut = [F.ank_y + 0.04, F.knee_y - 0.12, F.knee_y + 0.12][rng.choice(3, p=[0.6, 0.15, 0.25])]
+    waist = F.hip_y + rng.uniform(0.06, 0.12)
     lower = ((np.isin(part, [PART["pelvis"], PART["upperleg"], PART["lowerleg"]]) & (y > low_cut))
              | ((part == PART["torso"]) & (y < waist)))
     # upper garment: sleeveless, short, elbow, long sleeves; round or V neckline
-    sleeve = [0.0, 0.5, 1.05, 2.2][rng.choice(4, p=[0.1, 0.45, 0.15, 0.3])] * upper_arm_len
-    neck_y = sh_y + rng.uniform(0.02, 0.06)
-    front = z > head_cz - 0.02
+    sleeve = [0.0, 0.5, 1.05, 2.2][rng.choice(4, p=[0.1, 0.45, 0.15, 0.3])] * F.upper_arm_len
+    neck_y = F.sh_y + rng.uniform(0.02, 0.06)
     vdepth = rng.uniform(0.0, 0.12)
-    neckline = front & (y > neck_y - vdepth - 0.03 + 1.5 * np.abs(x)) & (np.abs(x) < 0.09)
+    neckline = F.front & (y > neck_y - vdepth - 0.03 + 1.5 * np.abs(x)) & (np.abs(x) < 0.09)
     upper = (((part == PART["torso"]) & (y >= waist) & ~neckline)
-             | (is_arm & (arm_d < sleeve)) | ((part == PART["neck"]) & (y < neck_y - 0.04) & ~front))
+             | (F.is_arm & (F.arm_d < sleeve)) | ((part == PART["neck"]) & (y < neck_y - 0.04) & ~F.front))
     c_low, c_up = _garment_colour(rng, style), _garment_colour(rng, style)
     p_tex = 0.75 if style == "standin" else 0.3
     for mask, c in ((lower, c_low), (upper, c_up)):
-        c2 = _garment_colour(rng, style)
-        if rng.random() < p_tex:
-            t = _pattern(rng, P[mask], style)[:, None]
-            col[mask] = c * (1 - t) + c2 * t
-        else:
-            col[mask] = c * (1 + 0.06 * np.sin(P[mask] @ rng.normal(size=3) * 30))[:, None]
-    # front cues on the top: collar band, a chest print or pocket, buttons down the placket
+        _garment(col, F.P, mask, c, rng, style, p_tex)
+    return dict(mask=upper, colour=c_up, waist=waist, neck_y=neck_y, vdepth=vdepth)
+
+
+def _front_cues(col, F, top: dict, rng, style):
+    """Collar band, then a chest print, a pocket or a buttoned placket on the front of the top."""
+    x, y, upper, c_up = F.x, F.y, top["mask"], top["colour"]
     accent = _garment_colour(rng, style)
     if np.linalg.norm(accent - c_up) < 0.25:
         accent = 1 - c_up
-    collar = upper & front & (y > neck_y - vdepth - 0.055 + 1.5 * np.abs(x)) & (np.abs(x) < 0.11)
+    collar = (upper & F.front & (y > top["neck_y"] - top["vdepth"] - 0.055 + 1.5 * np.abs(x))
+              & (np.abs(x) < 0.11))
     col[collar] = c_up * 0.55
-    chest_y = sh_y - rng.uniform(0.1, 0.16)
+    chest_y = F.sh_y - rng.uniform(0.1, 0.16)
     kind = rng.integers(3)
-    front_face = upper & (z > np.median(z[part == PART["torso"]]) + 0.02)
+    front_face = upper & (F.z > F.torso_mid_z + 0.02)
     if kind == 0:   # print in the middle of the chest
         w, h = rng.uniform(0.05, 0.09), rng.uniform(0.04, 0.07)
         col[front_face & (np.abs(x) < w) & (np.abs(y - chest_y) < h)] = accent
     elif kind == 1:  # pocket / logo on the left chest
         col[front_face & (np.abs(x - 0.08) < 0.035) & (np.abs(y - chest_y - 0.02) < 0.03)] = accent
     else:           # placket with buttons
-        placket = front_face & (np.abs(x) < 0.012) & (y > waist)
+        placket = front_face & (np.abs(x) < 0.012) & (y > top["waist"])
         col[placket] = c_up * 0.7
         col[placket & (np.sin(y * 2 * math.pi / 0.08) > 0.6)] = accent
-    # shoes (and socks under trousers)
-    shoe = (part == PART["foot"]) | ((part == PART["lowerleg"]) & (y < ank_y + 0.02))
+
+
+def _shoes(col, F, rng, style):
+    """Shoes (and socks under trousers)."""
+    shoe = (F.part == PART["foot"]) | ((F.part == PART["lowerleg"]) & (F.y < F.ank_y + 0.02))
     col[shoe] = [[0.08, 0.08, 0.08], [0.92, 0.92, 0.9], [0.35, 0.22, 0.12],
                  _garment_colour(rng, style)][rng.choice(4, p=[0.45, 0.25, 0.15, 0.15])]
-    # hair: top and back of the head, down the neck for long hair; none when bald
+
+
+def _hair(col, F, rng) -> np.ndarray:
+    """Top and back of the head, down the neck for long hair; none when bald. -> hair colour."""
+    x, y, z = F.x, F.y, F.z
     hair_c = HAIR[rng.integers(len(HAIR))] * rng.uniform(0.85, 1.15)
     long_hair = rng.random() < 0.35
     if rng.random() > 0.05:
-        fwd = np.clip((z - head_cz) / 0.09, 0, 1)
-        hairline = eye_y + 0.035 + 0.02 * fwd
-        back = (z < head_cz - 0.015) & (y > lear[1] - (0.14 if long_hair else 0.03))
-        hair = (in_head & ((y > hairline) | back))
+        fwd = np.clip((z - F.head_cz) / 0.09, 0, 1)
+        hairline = F.eye_y + 0.035 + 0.02 * fwd
+        back = (z < F.head_cz - 0.015) & (y > F.lear[1] - (0.14 if long_hair else 0.03))
+        hair = (F.in_head & ((y > hairline) | back))
         if long_hair:
-            hair |= (part == PART["torso"]) & (z < head_cz - 0.06) & (y > sh_y - 0.12) & (np.abs(x) < 0.12)
+            hair |= ((F.part == PART["torso"]) & (z < F.head_cz - 0.06) & (y > F.sh_y - 0.12)
+                     & (np.abs(x) < 0.12))
         col[hair] = hair_c
-    # face: eyes (sclera, iris, pupil), brows, lips, a darker nose tip
-    face = in_head & (z > head_cz + 0.03)
-    for e in (leye, reye):
+    return hair_c
+
+
+def _face(col, F, rng, skin, hair_c):
+    """Eyes (sclera, iris, pupil), brows, lips, a darker nose tip."""
+    x, y, z, nose = F.x, F.y, F.z, F.nose
+    face = F.in_head & (z > F.head_cz + 0.03)
+    for e in (F.leye, F.reye):
         r = np.hypot(x - e[0], y - e[1])
         col[face & (r < 0.012)] = [0.93, 0.93, 0.9]
         col[face & (r < 0.0065)] = IRIS[rng.integers(len(IRIS))]
         col[face & (r < 0.003)] = [0.03, 0.03, 0.03]
         col[face & (np.abs(x - e[0]) < 0.02) & (y > e[1] + 0.014) & (y < e[1] + 0.024)] = hair_c * 0.6
     mouth_y = nose[1] - rng.uniform(0.032, 0.04)
-    col[face & (np.abs(x) < 0.022 - 20 * (y - mouth_y) ** 2 * 10) & (np.abs(y - mouth_y) < 0.006)] = skin * [0.75, 0.45, 0.45]
+    lips = face & (np.abs(x) < 0.022 - 20 * (y - mouth_y) ** 2 * 10) & (np.abs(y - mouth_y) < 0.006)
+    col[lips] = skin * [0.75, 0.45, 0.45]
     col[face & (np.hypot(x - nose[0], y - nose[1] + 0.012) < 0.012) & (z > nose[2] - 0.02)] = skin * 0.85
+
+
+def person_albedo(body: BodyModel, rng: np.random.Generator, style: str) -> np.ndarray:
+    """(V, 3) float albedo for one person. Front/back and left/right cues: face, hair on the
+    back of the head, a collar/print/buttons on the front of the top, shoes."""
+    F = _figure(body)
+    skin = SKIN[rng.integers(len(SKIN))] * rng.uniform(0.92, 1.06, 3)
+    col = np.tile(skin, (len(F.P), 1))
+    top = _dress(col, F, rng, style)
+    _front_cues(col, F, top, rng, style)
+    _shoes(col, F, rng, style)
+    hair_c = _hair(col, F, rng)
+    _face(col, F, rng, skin, hair_c)
     return np.clip(col, 0, 1).astype(np.float32)
 
 
@@ -942,22 +1213,24 @@ def background_files(folder: str | None) -> list:
     return [f for f in files if f.is_file()]
 
 
-_BG_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=256)  # bounded: a folder of large photos would not fit in memory
 def _load_photo(path: Path) -> np.ndarray | None:
     import cv2
-    if path not in _BG_CACHE:
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is not None:
-            s = 1024 / max(img.shape[:2])
-            if s < 1:  # keep memory bounded when a folder of large photos is used
-                img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
-            img = img[:, :, ::-1].copy()
-        if len(_BG_CACHE) > 256:
-            _BG_CACHE.clear()
-        _BG_CACHE[path] = img
-    return _BG_CACHE[path]
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is not None:
+        s = 1024 / max(img.shape[:2])
+        if s < 1:  # keep memory bounded when a folder of large photos is used
+            img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        img = img[:, :, ::-1].copy()
+        img.flags.writeable = False  # shared by every caller
+    return img
+
+
+def unreadable_backgrounds(files: list) -> list:
+    """Files no image decoder recognises (checked from their first bytes: cheap for big folders).
+    Rendering skips them: its draws still pick them (so output stays as before), then redraw."""
+    import cv2
+    return [f for f in files if not cv2.haveImageReader(str(f))]
 
 
 def photo_background(rng, files: list, size: int) -> np.ndarray:
@@ -996,7 +1269,8 @@ def procedural_background(rng, size: int) -> np.ndarray:
     if rng.random() < 0.4:
         period = rng.uniform(0.03, 0.15) * size
         xx = np.arange(size, dtype=np.float32)
-        tiles = ((np.sin(xx[None] * 2 * math.pi / period) > 0) ^ (np.sin(xx[:, None] * 2 * math.pi / period) > 0))
+        tiles = ((np.sin(xx[None] * 2 * math.pi / period) > 0)
+                 ^ (np.sin(xx[:, None] * 2 * math.pi / period) > 0))
         img *= (0.8 + 0.2 * tiles[..., None])
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -1028,14 +1302,17 @@ class Camera:
         return self.w / 2 + self.f * p[..., 0] / safe, self.h / 2 - self.f * p[..., 1] / safe, d
 
     def gl_matrix(self) -> np.ndarray:
-        t = np.eye(4); t[:3, :3] = self.R; t[:3, 3] = -self.R @ self.c
+        t = np.eye(4)
+        t[:3, :3] = self.R
+        t[:3, 3] = -self.R @ self.c
         sx, sy = 2 * self.f / self.w, 2 * self.f / self.h
         proj = np.array([[sx, 0, 0, 0], [0, sy, 0, 0],
                          [0, 0, -(FAR + NEAR) / (FAR - NEAR), -2 * FAR * NEAR / (FAR - NEAR)], [0, 0, -1, 0]])
         return (proj @ t).astype(np.float32)
 
 
-def make_camera(distance: float, pitch_deg: float, w: int, h: int, look_height: float = LOOK_HEIGHT) -> Camera:
+def make_camera(distance: float, pitch_deg: float, w: int, h: int,
+                look_height: float = LOOK_HEIGHT) -> Camera:
     p = pitch_deg * DEG
     fwd = np.array([0.0, -math.sin(p), -math.cos(p)])
     look = np.array([0.0, look_height, 0.0])
@@ -1057,7 +1334,7 @@ def place_people(rng, cam: Camera, verts: np.ndarray, distance: float):
         for _ in range(80):
             z = rng.uniform(-depth_range, depth_range)
             x = rng.uniform(-1, 1) * distance * 0.5
-            foot = np.array([x, 0.0, z]); head = np.array([x, heights[i], z])
+            foot, head = np.array([x, 0.0, z]), np.array([x, heights[i], z])
             (uf, ut), (vf, vt), _ = zip(*[cam.project(foot), cam.project(head)])
             if not (cam.w * (1 - PLACE_WIDTH) / 2 < uf < cam.w * (1 + PLACE_WIDTH) / 2):
                 continue
@@ -1065,7 +1342,8 @@ def place_people(rng, cam: Camera, verts: np.ndarray, distance: float):
                 continue
             if all((x - pos[j][0]) ** 2 + (z - pos[j][1]) ** 2 > (radius[i] + radius[placed[j]] + 0.05) ** 2
                    for j in range(len(placed))):
-                placed.append(i); pos.append((x, z))
+                placed.append(i)
+                pos.append((x, z))
                 break
     return np.array(placed, int), np.array(pos, float).reshape(-1, 2)
 
@@ -1089,24 +1367,63 @@ void main() { frag = vec4(v_col, v_id); }
 """
 
 
+GL_PLATFORMS = {"egl": "EGL", "osmesa": "OSMesa"}  # PYOPENGL_PLATFORM -> its library (and pyrender class)
+GL_INSTALL = {"egl": "apt-get install libegl1 libegl-mesa0 libgbm1 libgl1-mesa-dri",
+              "osmesa": "apt-get install libosmesa6"}
+_GL_PROBE = ("import os; os.environ['PYOPENGL_PLATFORM']='{0}'; "
+             "from pyrender.platforms.{0} import {1}Platform as P; p=P(8,8); p.init_context(); "
+             "p.make_current(); from OpenGL import GL; GL.glGetString(GL.GL_VERSION); print('ok')")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+@functools.cache
+def gl_probe(name: str) -> bool:
+    """Whether a fresh process can make a `name` GL context (GL stays out of this process)."""
+    r = subprocess.run([sys.executable, "-c", _GL_PROBE.format(name, GL_PLATFORMS[name])],
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode == 0 and "ok" in r.stdout
+
+
 def choose_gl_platform() -> str:
-    """EGL, else OSMesa; decided before OpenGL is imported (PyOpenGL binds it at import)."""
-    if os.environ.get("PYOPENGL_PLATFORM"):
-        return os.environ["PYOPENGL_PLATFORM"]
-    probe = ("import os; os.environ['PYOPENGL_PLATFORM']='{}'; "
-             "from pyrender.platforms.{} import {}Platform as P; p=P(8,8); p.init_context(); p.make_current(); "
-             "from OpenGL import GL; GL.glGetString(GL.GL_VERSION); print('ok')")
-    for name, cls in (("egl", "EGL"), ("osmesa", "OSMesa")):
-        lib = {"egl": "EGL", "osmesa": "OSMesa"}[name]
-        if not ctypes.util.find_library(lib):
-            continue
-        r = subprocess.run([sys.executable, "-c", probe.format(name, name, cls)], capture_output=True,
-                           text=True, timeout=120)
-        if r.returncode == 0 and "ok" in r.stdout:
+    """EGL, else OSMesa; decided before OpenGL is imported (PyOpenGL binds it at import).
+
+    A PYOPENGL_PLATFORM the user set is checked, not trusted: anything but egl or osmesa, or a
+    platform whose library is missing, is a one-line RenderError rather than a failure deep in GL.
+    """
+    name = os.environ.get("PYOPENGL_PLATFORM")
+    if name:
+        if name not in GL_PLATFORMS:
+            raise RenderError(f"PYOPENGL_PLATFORM={name} is not a headless platform this renderer can use: "
+                              f"set it to {' or '.join(GL_PLATFORMS)}, or unset it to pick one automatically")
+        if not ctypes.util.find_library(GL_PLATFORMS[name]):
+            raise RenderError(f"PYOPENGL_PLATFORM={name}, but lib{GL_PLATFORMS[name]} is not installed "
+                              f"({GL_INSTALL[name]}); or unset PYOPENGL_PLATFORM to pick one automatically")
+        return name
+    for name, lib in GL_PLATFORMS.items():
+        if ctypes.util.find_library(lib) and gl_probe(name):
             os.environ["PYOPENGL_PLATFORM"] = name
             return name
-    raise RenderError("no headless OpenGL: install EGL (apt-get install libegl1 libegl-mesa0 libgbm1 "
-                      "libgl1-mesa-dri) or OSMesa (apt-get install libosmesa6)")
+    raise RenderError(f"no headless OpenGL: install EGL ({GL_INSTALL['egl']}) "
+                      f"or OSMesa ({GL_INSTALL['osmesa']})")
+
+
+def _gl_context(name: str):
+    """A current headless GL context of platform `name`, or a one-line RenderError."""
+    try:
+        if name == "egl":
+            from pyrender.platforms.egl import EGLPlatform as Platform
+        else:
+            from pyrender.platforms.osmesa import OSMesaPlatform as Platform
+        platform = Platform(64, 64)
+        platform.init_context()
+        platform.make_current()
+    except Exception as e:
+        raise RenderError(f"cannot make a headless OpenGL context (PYOPENGL_PLATFORM={name}): "
+                          f"{type(e).__name__}: {_one_line(e)}; {GL_INSTALL[name]} may help") from None
+    return platform
 
 
 class GLRenderer:
@@ -1114,26 +1431,10 @@ class GLRenderer:
 
     def __init__(self):
         import torch._dynamo  # noqa: F401  (imported after a llvmpipe context exists, it segfaults)
-        name = choose_gl_platform()
-        if name == "egl":
-            from pyrender.platforms.egl import EGLPlatform as Platform
-        else:
-            from pyrender.platforms.osmesa import OSMesaPlatform as Platform
+        self.platform = _gl_context(choose_gl_platform())
         from OpenGL import GL as gl
         self.gl = gl
-        self.platform = Platform(64, 64)
-        self.platform.init_context()
-        self.platform.make_current()
-        prog = gl.glCreateProgram()
-        for src, kind in ((VERT_SHADER, gl.GL_VERTEX_SHADER), (FRAG_SHADER, gl.GL_FRAGMENT_SHADER)):
-            sh = gl.glCreateShader(kind)
-            gl.glShaderSource(sh, src)
-            gl.glCompileShader(sh)
-            if not gl.glGetShaderiv(sh, gl.GL_COMPILE_STATUS):
-                raise RenderError(f"shader compile failed: {gl.glGetShaderInfoLog(sh)}")
-            gl.glAttachShader(prog, sh)
-        gl.glLinkProgram(prog)
-        self.prog, self.mvp_loc = prog, gl.glGetUniformLocation(prog, "mvp")
+        self.prog, self.mvp_loc = self._program()
         self.vao = gl.glGenVertexArrays(1)
         gl.glBindVertexArray(self.vao)
         self.vbo_pos, self.vbo_col, self.ebo = gl.glGenBuffers(3)
@@ -1146,6 +1447,19 @@ class GLRenderer:
         gl.glBindBuffer(gl.GL_ELEMENT_ARRAY_BUFFER, self.ebo)
         self.fbo, self.size, self.faces_key = gl.glGenFramebuffers(1), None, None
         self.rbos = gl.glGenRenderbuffers(2)
+
+    def _program(self):
+        gl = self.gl
+        prog = gl.glCreateProgram()
+        for src, kind in ((VERT_SHADER, gl.GL_VERTEX_SHADER), (FRAG_SHADER, gl.GL_FRAGMENT_SHADER)):
+            sh = gl.glCreateShader(kind)
+            gl.glShaderSource(sh, src)
+            gl.glCompileShader(sh)
+            if not gl.glGetShaderiv(sh, gl.GL_COMPILE_STATUS):
+                raise RenderError(f"shader compile failed: {_one_line(gl.glGetShaderInfoLog(sh))}")
+            gl.glAttachShader(prog, sh)
+        gl.glLinkProgram(prog)
+        return prog, gl.glGetUniformLocation(prog, "mvp")
 
     def _resize(self, w, h):
         gl = self.gl
@@ -1189,20 +1503,16 @@ class GLRenderer:
         return rgba, depth.astype(np.float32)
 
 
-_GL: list = []
-
-
+@functools.cache
 def get_renderer() -> GLRenderer:
-    if not _GL:
-        _GL.append(GLRenderer())
-    return _GL[0]
+    return GLRenderer()
 
 
 # ----------------------------------------------------------------------------------------------
 # Labels: exact visibility from the depth and instance buffers, masks, per-person attributes
 # ----------------------------------------------------------------------------------------------
 def keypoint_labels(cam: Camera, kps: np.ndarray, inst: np.ndarray, depth: np.ndarray, kp_tol: np.ndarray):
-    """kps (n, 17, 3) world -> (n, 17, 3) x, y, v with v=2 visible, 1 occluded, 0 outside."""
+    """kps (n, K, 3) world -> (n, K, 3) x, y, v with v=2 visible, 1 occluded, 0 outside."""
     u, v, d = cam.project(kps)
     inside = (u >= 0) & (u < cam.w) & (v >= 0) & (v < cam.h) & (d > NEAR)
     ui, vi = np.clip(u.astype(int), 0, cam.w - 1), np.clip(v.astype(int), 0, cam.h - 1)
@@ -1225,7 +1535,7 @@ def annotations_for(image_id: int, cam: Camera, kp_labels: np.ndarray, inst: np.
     """One COCO annotation per person with at least one visible pixel.
 
     scale: the person's full projected height in pixels (occlusion and truncation ignored);
-    visibility_ratio: share of the 17 keypoints labelled visible (v=2); truncation: share of
+    visibility_ratio: share of the keypoints labelled visible (v=2); truncation: share of
     the person's full projected box outside the image; min_dist: pixels from the person's hip
     centre to the nearest other person's; camera_angle: the camera pitch in degrees.
     """
@@ -1266,19 +1576,23 @@ TIMERS: dict = {}
 
 
 class _timed:
-    def __init__(self, name): self.name = name
-    def __enter__(self): self.t = time.perf_counter()
-    def __exit__(self, *a): TIMERS[self.name] = TIMERS.get(self.name, 0.0) + time.perf_counter() - self.t
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *a):
+        TIMERS[self.name] = TIMERS.get(self.name, 0.0) + time.perf_counter() - self.t
 
 
-_FACES: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def merged_faces(body: BodyModel, n: int) -> np.ndarray:
-    if (body.name, n) not in _FACES:
-        V = len(body.rest)
-        _FACES[(body.name, n)] = (body.faces[None].astype(np.uint32) + (np.arange(n, dtype=np.uint32) * V)[:, None, None]).reshape(-1, 3)
-    return _FACES[(body.name, n)]
+    """Faces of n copies of the body in one mesh (uint32, as the index buffer takes them)."""
+    offsets = np.arange(n, dtype=np.uint32) * len(body.rest)
+    faces = (body.faces[None].astype(np.uint32) + offsets[:, None, None]).reshape(-1, 3)
+    faces.flags.writeable = False  # shared by every caller
+    return faces
 
 
 def sample_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
@@ -1296,10 +1610,11 @@ def sample_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
     return shape, world, yaw, albedo
 
 
-def build_people(body: BodyModel, shape, world, yaw):
-    """-> canonical vertices (n, V, 3) and keypoints (n, 17, 3): hips centred on x=z=0, feet on y=0."""
+def build_people(body: BodyModel, shape, world, yaw, extended: bool = False):
+    """-> canonical vertices (n, V, 3) and keypoints (n, 17, 3), (n, 21, 3) with EXTRA_POINTS when
+    extended: hips centred on x=z=0, feet on y=0."""
     with _timed("body model"):
-        verts, kps = body.run(shape, world)
+        verts, kps = body.run(shape, world, extended)
         R = np.swapaxes(rot_y(yaw), 1, 2).astype(np.float32)
         root = kps[:, 11:13].mean(1, keepdims=True) * np.float32([1, 0, 1])
         verts, kps = (verts - root) @ R, (kps - root) @ R
@@ -1309,7 +1624,7 @@ def build_people(body: BodyModel, shape, world, yaw):
 
 def pose_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
     shape, world, yaw, albedo = sample_people(body, rng, n, cfg)
-    verts, kps = build_people(body, shape, world, yaw)
+    verts, kps = build_people(body, shape, world, yaw, SKELETONS[cfg.skeleton].extended)
     return verts, kps, albedo
 
 
@@ -1324,22 +1639,23 @@ def lit_colors(body, verts: np.ndarray, albedo: np.ndarray, light: dict) -> np.n
 
 def render_people(body: BodyModel, verts: np.ndarray, kps: np.ndarray, albedo: np.ndarray, cam: Camera,
                   light: dict, bg: np.ndarray):
-    """Placed people (world coordinates) -> composited RGB, instance ids (0 = none), depth, keypoint labels."""
+    """Placed people (world coordinates) -> composited RGB, instance ids (0 = none), depth, labels
+    of the keypoints given (n, K, 3), K = 17 or 21 (see build_people)."""
     n = len(verts)
     with _timed("shading"):
         colors = lit_colors(body, verts, albedo, light)
     with _timed("gl render+readback"):
-        rgba, depth = get_renderer().render(verts.reshape(-1, 3), colors, merged_faces(body, n), (body.name, n),
-                                            cam.gl_matrix(), cam.w, cam.h)
+        rgba, depth = get_renderer().render(verts.reshape(-1, 3), colors, merged_faces(body, n),
+                                            (body.name, n), cam.gl_matrix(), cam.w, cam.h)
     with _timed("labels"):
         inst = rgba[..., 3]
         img = np.where(inst[..., None] > 0, rgba[..., :3], bg)
-        kl = keypoint_labels(cam, kps, inst, depth, body.kp_depth * 1.5 + VIS_MARGIN)
+        kl = keypoint_labels(cam, kps, inst, depth, body.kp_depth[:kps.shape[1]] * 1.5 + VIS_MARGIN)
     return img, inst, depth, kl
 
 
 def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list):
-    """One purely synthetic scene (paper's dataset 1) -> RGB uint8 image, COCO annotations."""
+    """One purely synthetic scene (paper's dataset 1) -> RGB uint8 image, COCO-format annotations."""
     rng = _rng(cfg, index)
     S = cfg.image_size
     n = int(min(MAX_PEOPLE, max(cfg.min_people, rng.poisson(cfg.mean_people))))
@@ -1349,7 +1665,8 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
     cam = make_camera(dist, pitch, S, S, LOOK_HEIGHT * min(1.0, dist / CAMERA_DISTANCE[0]))
     keep, pos = place_people(rng, cam, verts, dist)
     if len(keep) < min(cfg.min_people, n):  # crowded: fall back to anything inside the frame
-        keep, pos = np.arange(min(cfg.min_people, n)), rng.uniform(-0.3, 0.3, (min(cfg.min_people, n), 2)) * dist * 0.3
+        m = min(cfg.min_people, n)
+        keep, pos = np.arange(m), rng.uniform(-0.3, 0.3, (m, 2)) * dist * 0.3
         pos[:, 1] = np.linspace(-1, 1, len(keep)) * GROUND_DEPTH * dist
     verts, kps, albedo = verts[keep], kps[keep], albedo[keep]
     off = np.stack([pos[:, 0], np.zeros(len(pos)), pos[:, 1]], 1)[:, None].astype(np.float32)
@@ -1359,6 +1676,7 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
     bg = sample_background(rng, cfg, bg_files)
     img, inst, depth, kl = render_people(body, verts, kps, albedo, cam, light, bg)
     with _timed("labels"):
+        kl = SKELETONS[cfg.skeleton].labels(kl)
         u, v, _ = cam.project(verts)
         boxes = np.stack([u.min(1), u.max(1), v.min(1), v.max(1)], 1)
         cu, cv_, _ = cam.project(kps[:, 11:13].mean(1))
@@ -1388,13 +1706,16 @@ def post_process(rng, img: np.ndarray, style: str) -> np.ndarray:
 
 
 def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
-    """Single people as RGBA crops -> list of (rgba, annotations); their bodies go through the model at once."""
+    """Single people as RGBA crops -> list of (rgba, annotations); their bodies go through the model
+    at once."""
     S = cfg.image_size
     canvas = int(S * 1.35)
     f = canvas / (2 * (SENSOR_MM / 2) / FOCAL_MM)
     rngs = [_rng(cfg, i) for i in indices]
     people = [sample_people(body, rng, 1, cfg) for rng in rngs]
-    verts, kps = build_people(body, *(np.concatenate([p[k] for p in people]) for k in range(3)))
+    skeleton = SKELETONS[cfg.skeleton]
+    verts, kps = build_people(body, *(np.concatenate([p[k] for p in people]) for k in range(3)),
+                              extended=skeleton.extended)
     out = []
     for k, (rng, index) in enumerate(zip(rngs, indices)):
         height = float(verts[k, :, 1].max())
@@ -1403,6 +1724,7 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
         rgb, inst, depth, kl = render_people(body, verts[k:k + 1], kps[k:k + 1], people[k][3], cam,
                                            sample_lighting(rng, cfg.style), np.zeros(3, np.uint8))
         with _timed("labels"):
+            kl = skeleton.labels(kl)
             ys, xs = np.nonzero(inst.any(1))[0], np.nonzero(inst.any(0))[0]
             m = int(0.04 * S) + 2
             y0, y1 = max(0, ys[0] - m), min(canvas, ys[-1] + 1 + m)
@@ -1414,7 +1736,7 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
             kl[outside] = 0
             u, v, _ = cam.project(verts[k:k + 1])
             boxes = np.stack([u.min(1) - x0, u.max(1) - x0, v.min(1) - y0, v.max(1) - y0], 1)
-            anns = annotations_for(index + 1, dataclasses.replace(cam, w=x1 - x0, h=y1 - y0), kl,
+            anns = annotations_for(index + 1, replace(cam, w=x1 - x0, h=y1 - y0), kl,
                                    inst[y0:y1, x0:x1], boxes, np.zeros((1, 2)), 1)
         out.append((crop, anns))
     return out
@@ -1424,15 +1746,28 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
 # Writing, chunks, shards, workers
 # ----------------------------------------------------------------------------------------------
 def atomic_write(path: Path, data: bytes):
+    """Write through a temp file and a rename: readers see the old file or the whole new one. On
+    any failure (full disk, read-only folder, interrupt) the temp file is removed; an OSError
+    becomes a one-line RenderError."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RenderError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def _config_json(cfg: RenderConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["camera_distance"] = list(d["camera_distance"])
+    d = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not (f.metadata["new"] and value == f.default):
+            d[f.name] = list(value) if isinstance(value, tuple) else value
     d["renderer_version"] = 2  # bump when the same settings render differently
     return d
 
@@ -1441,44 +1776,55 @@ def num_chunks(cfg: RenderConfig) -> int:
     return (cfg.num_images + CHUNK[cfg.kind] - 1) // CHUNK[cfg.kind]
 
 
+def chunk_size(cfg: RenderConfig, c: int) -> int:
+    return min(CHUNK[cfg.kind], cfg.num_images - c * CHUNK[cfg.kind])
+
+
 def chunk_path(out: Path, c: int) -> Path:
     return out / "parts" / f"chunk-{c:06d}.json"
 
 
-_WORKER: dict = {}
+@functools.cache
+def _resources(body_model: str, model_path: str | None, backgrounds: str | None):
+    return get_body_model(body_model, model_path), background_files(backgrounds)
 
 
 def _worker_state(cfg: RenderConfig):
-    key = (cfg.body_model, cfg.model_path, cfg.backgrounds)
-    if _WORKER.get("key") != key:
-        _WORKER.update(key=key, body=get_body_model(cfg.body_model, cfg.model_path),
-                       bg=background_files(cfg.backgrounds))
-    return _WORKER["body"], _WORKER["bg"]
+    """This process's body model and background files (loaded once per process)."""
+    return _resources(cfg.body_model, cfg.model_path, cfg.backgrounds)
+
+
+def _write_image(out: Path, kind: str, i: int, img: np.ndarray) -> dict:
+    """A scene as JPEG (RGB) or a bank crop as PNG (RGBA) -> its COCO image entry."""
+    import cv2
+    if kind == "scenes":
+        name = f"{i:06d}.jpg"
+        ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    else:
+        name = f"{i:06d}.png"
+        bgra = img[:, :, [2, 1, 0, 3]]
+        ok, buf = cv2.imencode(".png", bgra, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise RenderError(f"cannot encode {name}")
+    atomic_write(out / "images" / name, buf.tobytes())
+    return {"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]}
 
 
 def render_chunk(args) -> int:
     """Render one chunk's images, then atomically write its annotation part (the commit point)."""
-    import cv2
     cfg, out, c = args
     out = Path(out)
     body, bg_files = _worker_state(cfg)
     lo, hi = c * CHUNK[cfg.kind], min(cfg.num_images, (c + 1) * CHUNK[cfg.kind])
-    images, anns = [], []
-    if cfg.kind == "scenes":
-        for i in range(lo, hi):
-            img, a = render_scene(cfg, i, body, bg_files)
-            with _timed("encode+write"):
-                ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-                atomic_write(out / "images" / f"{i:06d}.jpg", buf.tobytes())
-            images.append({"id": i + 1, "file_name": f"{i:06d}.jpg", "width": img.shape[1], "height": img.shape[0]})
-            anns += a
+    if cfg.kind == "scenes":  # one scene at a time; a bank's bodies go through the model together
+        rendered = (render_scene(cfg, i, body, bg_files) for i in range(lo, hi))
     else:
-        for i, (crop, a) in zip(range(lo, hi), render_bank_group(cfg, list(range(lo, hi)), body)):
-            with _timed("encode+write"):
-                ok, buf = cv2.imencode(".png", crop[:, :, [2, 1, 0, 3]], [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-                atomic_write(out / "images" / f"{i:06d}.png", buf.tobytes())
-            images.append({"id": i + 1, "file_name": f"{i:06d}.png", "width": crop.shape[1], "height": crop.shape[0]})
-            anns += a
+        rendered = render_bank_group(cfg, list(range(lo, hi)), body)
+    images, anns = [], []
+    for i, (img, a) in zip(range(lo, hi), rendered):
+        with _timed("encode+write"):
+            images.append(_write_image(out, cfg.kind, i, img))
+        anns += a
     atomic_write(chunk_path(out, c), json.dumps({"images": images, "annotations": anns}).encode())
     return hi - lo
 
@@ -1489,12 +1835,25 @@ def _init_worker(env: dict):
     torch.set_num_threads(1)
 
 
+def check_backgrounds(folder: str | None):
+    """A user's folder must hold readable photos; files that are not are counted on stderr."""
+    files = background_files(folder)
+    if not folder:
+        return
+    junk = unreadable_backgrounds(files)
+    good = [f for f in files if f not in set(junk)]
+    if not any(_load_photo(f) is not None for f in good[:50]):
+        raise RenderError(f"backgrounds folder {folder}: none of its images can be read")
+    if junk:
+        print(f"render_humans: backgrounds: skipping {len(junk)} of {len(files)} files that are not "
+              f"readable images (e.g. {junk[0]})", file=sys.stderr)
+
+
 def validate(cfg: RenderConfig):
     """Every check that can fail on user input, before anything is written."""
-    if cfg.kind not in KINDS:
-        raise RenderError(f"kind must be one of {KINDS}, not {cfg.kind!r}")
-    if cfg.style not in STYLES:
-        raise RenderError(f"style must be one of {STYLES}, not {cfg.style!r}")
+    for name, allowed in (("kind", KINDS), ("style", STYLES), ("skeleton", tuple(SKELETONS))):
+        if getattr(cfg, name) not in allowed:
+            raise RenderError(f"{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
     if cfg.num_images < 1 or cfg.image_size < 32 or cfg.min_people < 1 or cfg.mean_people < 0:
         raise RenderError("need num_images >= 1, image_size >= 32, min_people >= 1, mean_people >= 0")
     if len(cfg.camera_distance) != 2 or cfg.camera_distance[0] <= 1 or cfg.camera_distance[1] < 0:
@@ -1503,11 +1862,52 @@ def validate(cfg: RenderConfig):
         raise RenderError(f"unknown body model {cfg.body_model!r}; choose from {', '.join(BODY_MODELS)}")
     if cfg.body_model != "anny":
         find_model_files(cfg.body_model, cfg.model_path)
-    files = background_files(cfg.backgrounds)
-    if cfg.backgrounds and not any(_load_photo(f) is not None for f in files[:50]):
-        raise RenderError(f"backgrounds folder {cfg.backgrounds}: none of its images can be read")
+    check_backgrounds(cfg.backgrounds)
     if cfg.poses:
         load_pose_bank(cfg.poses)
+
+
+def preflight(cfg: RenderConfig, in_process: bool):
+    """Everything that can fail before the first file is written: the inputs, the GL context
+    (made here when this process renders; probed in a fresh process for spawned workers, since
+    GL stays out of a parent of workers) and the body model."""
+    validate(cfg)
+    name = choose_gl_platform()  # also checks a user's PYOPENGL_PLATFORM when a context is cached
+    if in_process:
+        get_renderer()
+    elif not gl_probe(name):
+        raise RenderError(f"cannot make a headless OpenGL context (PYOPENGL_PLATFORM={name}); "
+                          f"{GL_INSTALL[name]} may help")
+    _worker_state(cfg)
+
+
+def _finished(out: Path, cfg: RenderConfig) -> Path | None:
+    """annotations.json of a finished render with these settings, or None; a folder rendered with
+    other settings is a RenderError."""
+    cfg_file = out / "parts" / "config.json"
+    if not cfg_file.exists():
+        return None
+    if json.loads(cfg_file.read_text()) != _config_json(cfg):
+        raise RenderError(f"{out} holds a dataset rendered with other settings; use another folder")
+    return out / "annotations.json" if (out / "annotations.json").exists() else None
+
+
+def _start_output(out: Path, cfg: RenderConfig):
+    """images/, parts/ and parts/config.json. An unwritable out_dir is a one-line RenderError, and
+    the folders made here are removed again."""
+    made = [d for d in (out, out / "images", out / "parts") if not d.exists()]
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "parts").mkdir(exist_ok=True)
+        if not (out / "parts" / "config.json").exists():
+            atomic_write(out / "parts" / "config.json", json.dumps(_config_json(cfg), indent=1).encode())
+    except (OSError, RenderError) as e:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(e, RenderError):
+            raise
+        raise RenderError(f"cannot write into {out}: {e.strerror or e}") from None
 
 
 def merge(out: Path, cfg: RenderConfig) -> Path | None:
@@ -1518,93 +1918,164 @@ def merge(out: Path, cfg: RenderConfig) -> Path | None:
     images, anns = [], []
     for p in parts:
         d = json.loads(p.read_text())
-        images += d["images"]; anns += d["annotations"]
+        images += d["images"]
+        anns += d["annotations"]
+    skeleton = SKELETONS[cfg.skeleton]
     coco = {"info": {"description": "render_humans.py synthetic people", "config": _config_json(cfg)},
-            "licenses": [], "images": images, "annotations": anns, "categories": CATEGORIES}
+            "licenses": [], "images": images, "annotations": anns,
+            "categories": [_category(skeleton.names, skeleton.limbs)]}
     path = out / "annotations.json"
     atomic_write(path, json.dumps(coco).encode())
     return path
 
 
-def render_dataset(out_dir, *, kind: str = "scenes", num_images: int, style: str = "synthetic",
-                   image_size: int = 640, mean_people: float = MEAN_PEOPLE, min_people: int = MIN_PEOPLE,
-                   camera_distance=CAMERA_DISTANCE, seed: int = 0, backgrounds=None, poses=None,
-                   body_model: str = "anny", model_path=None, workers: int = 1, num_shards: int = 1,
-                   shard: int = 0, progress: bool = True) -> Path:
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)  # small ops: threads only spin, and badly so on a busy machine
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_jobs(jobs: list, workers: int, bar):
+    if workers <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            bar.update(render_chunk(j))
+        return
+    import multiprocessing as mp
+    env = {"PYOPENGL_PLATFORM": choose_gl_platform()}
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(env,)) as pool:
+        for k in pool.imap_unordered(render_chunk, jobs):
+            bar.update(k)
+
+
+def render_dataset(out_dir, *, workers: int = 1, num_shards: int = 1, shard: int = 0, progress: bool = True,
+                   **settings) -> Path:
     """Render a COCO keypoint dataset into out_dir; returns out_dir/annotations.json.
 
-    Finished outputs are a cache: a second call with the same settings returns at once. With
-    num_shards > 1 this call renders chunks c with c % num_shards == shard; whichever shard
-    finds every chunk done writes annotations.json (until then the returned path does not exist).
-    A killed run resumes: finished chunks are skipped, every file is written atomically.
+    settings: RenderConfig's fields (kind, num_images, style, image_size, mean_people, min_people,
+    camera_distance, seed, backgrounds, poses, body_model, model_path, skeleton); an unknown one
+    is a RenderError. Finished outputs are a cache: a second call with the same settings returns
+    at once. With num_shards > 1 this call renders chunks c with c % num_shards == shard;
+    whichever shard finds every chunk done writes annotations.json (until then the returned path
+    does not exist). A killed run resumes: finished chunks are skipped, every file is written
+    atomically. Every check (inputs, GL, body model) runs before the first file is written.
     """
-    cfg = RenderConfig(kind, int(num_images), style, int(image_size), float(mean_people), int(min_people),
-                       tuple(float(x) for x in camera_distance), int(seed),
-                       str(backgrounds) if backgrounds else None, str(poses) if poses else None,
-                       body_model, str(model_path) if model_path else None)
+    cfg = make_config(settings)
     if not (0 <= shard < num_shards):
         raise RenderError(f"shard must be in [0, {num_shards}), got {shard}")
     out = Path(out_dir)
-    cfg_file = out / "parts" / "config.json"
-    want = _config_json(cfg)
-    if cfg_file.exists():
-        if json.loads(cfg_file.read_text()) != want:
-            raise RenderError(f"{out} holds a dataset rendered with other settings; use another folder")
-        if (out / "annotations.json").exists():
-            return out / "annotations.json"
-    validate(cfg)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "parts").mkdir(exist_ok=True)
-    if not cfg_file.exists():
-        atomic_write(cfg_file, json.dumps(want, indent=1).encode())
-    todo = [c for c in range(num_chunks(cfg)) if c % num_shards == shard and not chunk_path(out, c).exists()]
-    done_before = sum(min(CHUNK[kind], cfg.num_images - c * CHUNK[kind])
-                      for c in range(num_chunks(cfg)) if c % num_shards == shard) - \
-        sum(min(CHUNK[kind], cfg.num_images - c * CHUNK[kind]) for c in todo)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=done_before + sum(min(CHUNK[kind], cfg.num_images - c * CHUNK[kind]) for c in todo),
-                   initial=done_before, desc=f"render {kind}/{style}", unit="img")
+    done = _finished(out, cfg)
+    if done:
+        return done
+    mine = [c for c in range(num_chunks(cfg)) if c % num_shards == shard]
+    todo = [c for c in mine if not chunk_path(out, c).exists()]
     jobs = [(cfg, str(out), c) for c in todo]
-    if workers <= 1 or len(jobs) <= 1:
-        import torch
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small ops: threads only spin, and badly so on a busy machine
+    with _torch_threads(1):
+        preflight(cfg, in_process=workers <= 1 or len(jobs) <= 1)
+        _start_output(out, cfg)
+        bar = _render_progress(cfg, mine, todo, enabled=progress)
         try:
-            for j in jobs:
-                k = render_chunk(j)
-                bar.update(k) if bar else None
+            _run_jobs(jobs, workers, bar)
         finally:
-            torch.set_num_threads(threads)
-    else:
-        import multiprocessing as mp
-        env = {"PYOPENGL_PLATFORM": choose_gl_platform()}
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(env,)) as pool:
-            for k in pool.imap_unordered(render_chunk, jobs):
-                bar.update(k) if bar else None
-    if bar:
-        bar.close()
+            bar.close()
     return merge(out, cfg) or (out / "annotations.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: a bar on a terminal, sparse plain lines in logs
+# ----------------------------------------------------------------------------------------------
+PROGRESS_EVERY_S = 30.0  # [ours] in a log, one progress line per 30 s (and one at the end) is plenty
+
+
+class PlainProgress:
+    """tqdm's n, update, set_postfix and close for logs and pipes: a plain line at most every
+    `every_s` seconds and one at close, instead of a bar redrawn many times a second. With
+    enabled=False it only counts."""
+
+    def __init__(self, total: int | None, initial: int = 0, desc: str = "", unit: str = "it",
+                 enabled: bool = True, stream=None, every_s: float = PROGRESS_EVERY_S):
+        self.total, self.n, self.start, self.desc, self.unit = total, initial, initial, desc, unit
+        self.enabled, self.stream, self.every_s = enabled, stream or sys.stderr, every_s
+        self.t0 = self.shown = time.monotonic()
+        self.postfix, self.closed = "", False
+
+    def update(self, n: int = 1):
+        self.n += n
+        if self.enabled and time.monotonic() - self.shown >= self.every_s:
+            self._show()
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self):
+        if self.enabled and not self.closed:
+            self._show()
+        self.closed = True
+
+    def _show(self):
+        self.shown = time.monotonic()
+        dt = self.shown - self.t0
+        done = f"{self.n} {self.unit}"
+        if self.total:
+            done = f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)"
+        rate = f", {(self.n - self.start) / dt:.1f} {self.unit}/s" if dt > 0 else ""
+        postfix = f" ({self.postfix})" if self.postfix else ""
+        print(f"{self.desc}: {done}{rate}, {dt:.0f} s{postfix}", file=self.stream, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def progress(total: int | None, initial: int = 0, desc: str = "", unit: str = "it", enabled: bool = True,
+             stream=None):
+    """Progress that fits where it is shown: a tqdm bar where `stream` (default stderr) is a
+    terminal, else a PlainProgress (sparse lines). Both have n, update(k), set_postfix(**values),
+    close() and work as context managers."""
+    stream = stream or sys.stderr
+    if enabled and getattr(stream, "isatty", lambda: False)():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True)
+    return PlainProgress(total, initial, desc, unit, enabled, stream)
+
+
+def _render_progress(cfg: RenderConfig, mine: list, todo: list, enabled: bool):
+    total = sum(chunk_size(cfg, c) for c in mine)
+    done = total - sum(chunk_size(cfg, c) for c in todo)
+    return progress(total, done, f"render {cfg.kind}/{cfg.style}", "img", enabled)
 
 
 # ----------------------------------------------------------------------------------------------
 # Showing it: keypoint overlays, the grid image, the speed benchmark
 # ----------------------------------------------------------------------------------------------
+LIMBS_BY_COUNT = {len(sk.names): sk.limbs for sk in SKELETONS.values()}  # 17: COCO, 16: MPII
+
+
 def draw_keypoints(img: np.ndarray, anns: list, scale: float = 1.0) -> np.ndarray:
+    """Skeletons of COCO (17 keypoints) or MPII (16 joints) annotations drawn on a copy of img."""
     import cv2
     img = np.ascontiguousarray(img.copy())
     colors = [(255, 64, 64), (64, 160, 255), (255, 220, 0), (0, 220, 120), (220, 80, 255)]
+
+    def px(p):
+        return int(p[0] * scale), int(p[1] * scale)
+
     for k, a in enumerate(anns):
-        kp = np.array(a["keypoints"], float).reshape(17, 3)
+        kp = np.array(a["keypoints"], float).reshape(-1, 3)
         c = colors[k % len(colors)]
-        for i, j in COCO_SKELETON:
+        for i, j in LIMBS_BY_COUNT[len(kp)]:
             p, q = kp[i - 1], kp[j - 1]
             if p[2] > 0 and q[2] > 0:
-                cv2.line(img, tuple(int(t * scale) for t in p[:2]), tuple(int(t * scale) for t in q[:2]), c, 1, cv2.LINE_AA)
+                cv2.line(img, px(p), px(q), c, 1, cv2.LINE_AA)
         for p in kp:
             if p[2] > 0:
-                cv2.circle(img, (int(p[0] * scale), int(p[1] * scale)), 2, (255, 255, 255) if p[2] == 2 else (90, 90, 90), -1)
+                cv2.circle(img, px(p), 2, (255, 255, 255) if p[2] == 2 else (90, 90, 90), -1)
     return img
 
 
@@ -1638,7 +2109,8 @@ def make_grid(path="results/render-grid.png", n_cols: int = 3, size: int = 640, 
                 break
             row[4:4 + drawn.shape[0], x:x + drawn.shape[1]] = drawn
             x += drawn.shape[1] + 8
-    grid = np.concatenate([np.concatenate(tiles[i * n_cols:(i + 1) * n_cols], 1) for i in range(2)] + [row], 0)
+    rows = [np.concatenate(tiles[i * n_cols:(i + 1) * n_cols], 1) for i in range(2)]
+    grid = np.concatenate(rows + [row], 0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), grid[:, :, ::-1])
@@ -1656,10 +2128,11 @@ def bench(n_scenes: int = 20, n_bank: int = 128):
         for kind, n in (("scenes", n_scenes), ("bank", n_bank)):
             TIMERS.clear()
             t = time.perf_counter()
-            render_dataset(Path(tmp) / kind, kind=kind, num_images=n, image_size=640 if kind == "scenes" else 256,
-                           progress=False)
+            render_dataset(Path(tmp) / kind, kind=kind, num_images=n,
+                           image_size=640 if kind == "scenes" else 256, progress=False)
             dt = time.perf_counter() - t
-            unit = "scenes/s (640x640, Poisson(10) people)" if kind == "scenes" else "bank people/s (~256 px tall)"
+            unit = ("scenes/s (640x640, Poisson(10) people)" if kind == "scenes"
+                    else "bank people/s (~256 px tall)")
             print(f"{kind}: {n / dt:.2f} {unit}")
             for k, v in sorted(TIMERS.items(), key=lambda kv: -kv[1]):
                 print(f"    {k:<20} {1000 * v / n:7.1f} ms/{'scene' if kind == 'scenes' else 'person'}")
@@ -1668,37 +2141,31 @@ def bench(n_scenes: int = 20, n_bank: int = 128):
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
+def _add_setting(p: argparse.ArgumentParser, f):
+    """One RenderConfig field as a --flag: its help, choices and type come from the field."""
+    meta = f.metadata
+    kw = dict(default=list(f.default) if isinstance(f.default, tuple) else f.default, help=meta["help"])
+    if meta["choices"]:
+        kw["choices"] = meta["choices"]
+    if meta["convert"] in (int, float):
+        kw["type"] = meta["convert"]
+    p.add_argument("--" + f.name.replace("_", "-"), **{**kw, **meta["cli"]})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="render_humans.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Render synthetic people (anny or SMPL-family bodies) into COCO keypoint datasets: "
                     "multi-person scenes (JPEG) or a bank of single people (RGBA PNG crops).")
     p.add_argument("out_dir", nargs="?", help="output folder (images/, annotations.json, parts/)")
-    p.add_argument("--kind", choices=KINDS, default="scenes",
-                   help="scenes: full images with many people; bank: one person per RGBA crop")
-    p.add_argument("--num-images", type=int, default=100, help="number of images (bank: people)")
-    p.add_argument("--style", choices=STYLES, default="synthetic",
-                   help="synthetic: paper-like SH lighting, blur, procedural+photo backgrounds, varied poses; "
-                        "standin: photo backgrounds, patterned clothes, warm key light, everyday poses")
-    p.add_argument("--image-size", type=int, default=640,
-                   help="scene width=height in px; bank: approximate person height in px")
-    p.add_argument("--mean-people", type=float, default=MEAN_PEOPLE, help="Poisson mean of people per scene")
-    p.add_argument("--min-people", type=int, default=MIN_PEOPLE, help="at least this many people per scene")
-    p.add_argument("--camera-distance", type=float, nargs=2, default=list(CAMERA_DISTANCE),
-                   metavar=("MEAN", "STD"), help="camera distance ~ N(MEAN, STD) metres")
-    p.add_argument("--seed", type=int, default=0, help="same seed and settings give byte-identical output")
-    p.add_argument("--backgrounds", help="folder of background photos (e.g. SUN397); default: people-free "
-                                         "photos shipped with scikit-image and scikit-learn")
-    p.add_argument("--poses", help="folder of BVH mocap (CMU or MakeHuman joint names); 75%% of people "
-                                   "then take a mocap frame, the rest a sampled pose")
-    p.add_argument("--body-model", choices=BODY_MODELS, default="anny",
-                   help="anny (built in) or an SMPL-family model (needs --model-path)")
-    p.add_argument("--model-path", help="folder with the SMPL-family files: DIR/smpl/SMPL_NEUTRAL.pkl, "
-                                        "DIR/smplh/SMPLH_MALE.pkl, DIR/smplx/SMPLX_NEUTRAL.npz, ...")
+    for f in fields(RenderConfig):
+        _add_setting(p, f)
     p.add_argument("--workers", type=int, default=1, help="parallel processes (spawned, one GL context each)")
-    p.add_argument("--num-shards", type=int, default=1, help="split the work into this many shards (cluster jobs)")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the work into this many shards (cluster jobs)")
     p.add_argument("--shard", type=int, default=0, help="which shard this run renders (0-based)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, else a line every 30 s)")
     p.add_argument("--bench", action="store_true", help="print scenes/s and bank people/s on this machine")
     p.add_argument("--grid", nargs="?", const="results/render-grid.png", metavar="PATH",
                    help="write a grid of rendered scenes and bank people with keypoints drawn")
@@ -1719,15 +2186,12 @@ def main(argv=None):
         elif not args.out_dir:
             raise RenderError("give an output folder (or --bench / --grid); see --help")
         else:
-            path = render_dataset(args.out_dir, kind=args.kind, num_images=args.num_images, style=args.style,
-                                  image_size=args.image_size, mean_people=args.mean_people,
-                                  min_people=args.min_people, camera_distance=tuple(args.camera_distance),
-                                  seed=args.seed, backgrounds=args.backgrounds, poses=args.poses,
-                                  body_model=args.body_model, model_path=args.model_path, workers=args.workers,
-                                  num_shards=args.num_shards, shard=args.shard, progress=not args.no_progress)
+            settings = {name: getattr(args, name) for name in SETTINGS}
+            path = render_dataset(args.out_dir, workers=args.workers, num_shards=args.num_shards,
+                                  shard=args.shard, progress=not args.no_progress, **settings)
             print(path if path.exists() else f"shard {args.shard} done; {path} appears when all shards are")
-    except RenderError as e:
-        sys.exit(f"render_humans: error: {e}")
+    except (RenderError, OSError) as e:  # user input or environment: one line, no traceback
+        sys.exit(f"render_humans: error: {_one_line(e)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import os
 import random
 import sys
 import time
+import types
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +83,10 @@ class Config:
     demo_size: str = setting("small", "small: quick first run; large: more images for experiments",
                              ("small", "large"))
     max_val_images: int = setting(0, "evaluate on at most this many val images (0 = all)")
+    skeleton: str = setting("coco", "coco: COCO-17 + neck, COCO AP; mpii: the paper's OpenPose-MPI parts, "
+                            "MPII multi-person mAP", ("coco", "mpii"))
+    mpii_root: str | None = setting(None, "MPII root: mpii_human_pose_v1_u12_1.mat (the official RELEASE) "
+                                    "and images/ (implies --skeleton mpii)")
     # method
     synthetic_loss: str = setting("mask", "mask: pasted people are out of the loss (paper's best); "
                                   "include: supervised", ("mask", "include"))
@@ -186,6 +192,9 @@ def check_config(cfg: Config) -> None:
         (cfg.paste_min >= 0 and cfg.paste_mean >= 0, "--paste-min and --paste-mean must be 0 or more"),
         (cfg.mode != "student-teacher" or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
         (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
+        (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
+        (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
+         "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
     ]
     for ok, message in rules:
         if not ok:
@@ -197,39 +206,77 @@ class ReproError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Skeleton: COCO-17 + neck as OpenPose (18 parts + background, 19 limbs = 38 PAF channels)
+# Skeletons: one table each (COCO as OpenPose, MPII as the paper's OpenPose-MPI model)
 # ----------------------------------------------------------------------------------------------
 
-COCO_KEYPOINTS = tuple(rh.COCO_KEYPOINT_NAMES)
-PARTS = COCO_KEYPOINTS + ("neck",)
-NUM_PARTS = len(PARTS)  # 18
-NUM_HEAT = NUM_PARTS + 1  # + background
-_n = {name: i for i, name in enumerate(PARTS)}
-LIMBS = np.array([(_n[a], _n[b]) for a, b in [  # OpenPose COCO order
-    ("neck", "right_shoulder"), ("neck", "left_shoulder"), ("right_shoulder", "right_elbow"),
-    ("right_elbow", "right_wrist"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
-    ("neck", "right_hip"), ("right_hip", "right_knee"), ("right_knee", "right_ankle"),
-    ("neck", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle"),
-    ("neck", "nose"), ("nose", "right_eye"), ("right_eye", "right_ear"), ("nose", "left_eye"),
-    ("left_eye", "left_ear"), ("right_shoulder", "right_ear"), ("left_shoulder", "left_ear")]])
-NUM_LIMBS = len(LIMBS)  # 19
-NUM_PAF = 2 * NUM_LIMBS  # 38
-FLIP_PARTS = np.array([_n[n.replace("left", "@").replace("right", "left").replace("@", "right")]
-                       for n in PARTS])
-# A flipped limb (a, b) is the limb (flip a, flip b); its PAF's x component changes sign.
-FLIP_LIMBS = np.array([next(j for j, (c, d) in enumerate(LIMBS) if (c, d) == (FLIP_PARTS[a], FLIP_PARTS[b]))
-                       for a, b in LIMBS])
-MIN_CENTRE_KEYPOINTS = 5  # OpenPose COCO: people with >= 5 keypoints are crop centres
+def mirror(name: str) -> str:
+    return name.replace("left", "@").replace("right", "left").replace("@", "right")
 
 
-def add_neck(keypoints17: np.ndarray) -> np.ndarray:
-    """(..., 17, 3) COCO keypoints -> (..., 18, 3) with the neck as the shoulder midpoint."""
-    sho = keypoints17[..., [5, 6], :]
-    labelled = (sho[..., 0, 2] > 0) & (sho[..., 1, 2] > 0)
-    neck = np.zeros(keypoints17.shape[:-2] + (1, 3), np.float32)
-    neck[..., 0, :2] = sho[..., :2].mean(-2)
-    neck[..., 0, 2] = np.where(labelled, np.minimum(sho[..., 0, 2], sho[..., 1, 2]), 0)
-    return np.concatenate([keypoints17.astype(np.float32), neck], -2)
+class Skeleton:
+    """A dataset's joints (the json's keypoint order), the network's parts (heatmap channels, the
+    background follows) and limbs (PAF channels, x and y each), and the maps between them. Every
+    step that depends on the parts reads this table; nothing else names a part."""
+
+    def __init__(self, name: str, num_joints: int, parts: dict[str, tuple[int, int]],
+                 limbs: list[tuple[str, str]], min_centre_keypoints: int, never_start: int = 0):
+        self.name, self.num_joints, self.parts = name, num_joints, tuple(parts)
+        self.from_joints = np.array(list(parts.values()))  # (K, 2): a part is the midpoint of two joints
+        index = {n: i for i, n in enumerate(parts)}
+        self.limbs = np.array([(index[a], index[b]) for a, b in limbs])  # (L, 2)
+        self.num_parts, self.num_limbs = len(parts), len(limbs)
+        self.num_heat, self.num_paf = self.num_parts + 1, 2 * self.num_limbs
+        self.flip_parts = np.array([index[mirror(n)] for n in parts])
+        # A flipped limb (a, b) is the limb (flip a, flip b); its PAF's x component changes sign.
+        pairs = [tuple(limb) for limb in self.limbs.tolist()]
+        self.flip_limbs = np.array([pairs.index((self.flip_parts[a], self.flip_parts[b])) for a, b in pairs])
+        self.joint_parts = np.nonzero(self.from_joints[:, 0] == self.from_joints[:, 1])[0]  # labelled parts
+        self.min_centre_keypoints, self.never_start = min_centre_keypoints, never_start
+
+    def to_parts(self, joints: np.ndarray) -> np.ndarray:
+        """(..., J, 3) dataset joints -> (..., K, 3) parts; a midpoint part is labelled when both
+        of its joints are, with the lower visibility of the two."""
+        pair = joints[..., self.from_joints, :].astype(np.float32)  # (..., K, 2, 3)
+        out = np.empty(joints.shape[:-2] + (self.num_parts, 3), np.float32)
+        out[..., :2] = pair[..., :2].mean(-2)
+        labelled = (pair[..., 0, 2] > 0) & (pair[..., 1, 2] > 0)
+        out[..., 2] = np.where(labelled, np.minimum(pair[..., 0, 2], pair[..., 1, 2]), 0)
+        return out
+
+    def to_joints(self, parts: np.ndarray) -> np.ndarray:
+        """(..., K, C) parts -> (..., J, C) dataset joints; joints no part copies (MPII's thorax and
+        pelvis, which are not scored) are all zeros."""
+        out = np.zeros(parts.shape[:-2] + (self.num_joints, parts.shape[-1]), parts.dtype)
+        out[..., self.from_joints[self.joint_parts, 0], :] = parts[..., self.joint_parts, :]
+        return out
+
+
+COCO = Skeleton(  # COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 PAF channels (OpenPose)
+    "coco", 17, {n: (i, i) for i, n in enumerate(rh.COCO_KEYPOINT_NAMES)} | {"neck": (5, 6)},
+    [("neck", "right_shoulder"), ("neck", "left_shoulder"), ("right_shoulder", "right_elbow"),
+     ("right_elbow", "right_wrist"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
+     ("neck", "right_hip"), ("right_hip", "right_knee"), ("right_knee", "right_ankle"),
+     ("neck", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle"),
+     ("neck", "nose"), ("nose", "right_eye"), ("right_eye", "right_ear"), ("nose", "left_eye"),
+     ("left_eye", "left_ear"), ("right_shoulder", "right_ear"), ("left_shoulder", "left_ear")],
+    min_centre_keypoints=5,  # OpenPose COCO: people with >= 5 keypoints are crop centres
+    never_start=2)  # OpenPose COCO: the ear-shoulder limbs never start a person
+MPII = Skeleton(  # paper code (OpenPose's MPI model): 15 parts, 14 limbs = 28 PAF channels
+    "mpii", 16,  # MPII joint ids: 0 r ankle ... 5 l ankle, 6 pelvis, 7 thorax, 8 upper neck, 9 head top, ...
+    {"head_top": (9, 9), "upper_neck": (8, 8), "right_shoulder": (12, 12), "right_elbow": (11, 11),
+     "right_wrist": (10, 10), "left_shoulder": (13, 13), "left_elbow": (14, 14), "left_wrist": (15, 15),
+     "right_hip": (2, 2), "right_knee": (1, 1), "right_ankle": (0, 0), "left_hip": (3, 3), "left_knee": (4, 4),
+     "left_ankle": (5, 5), "centre": (7, 6)},  # paper code: centre = mean of thorax and pelvis
+    [("head_top", "upper_neck"), ("upper_neck", "right_shoulder"), ("right_shoulder", "right_elbow"),
+     ("right_elbow", "right_wrist"), ("upper_neck", "left_shoulder"), ("left_shoulder", "left_elbow"),
+     ("left_elbow", "left_wrist"), ("upper_neck", "centre"), ("centre", "right_hip"), ("right_hip", "right_knee"),
+     ("right_knee", "right_ankle"), ("centre", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle")],
+    min_centre_keypoints=1)  # paper code: one training sample per annotated MPII person
+SKELETONS = {s.name: s for s in (COCO, MPII)}
+
+
+def skeleton(cfg: Config) -> Skeleton:
+    return SKELETONS[cfg.skeleton]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +293,7 @@ class ImageRecord:
     path: Path
     width: int
     height: int
-    keypoints: np.ndarray  # (P, 18, 3) in image pixels, v: 0 unlabelled, 1 occluded, 2 visible
+    keypoints: np.ndarray  # (P, K, 3) the skeleton's parts in image pixels, v: 0 unlabelled, 1 occluded, 2 visible
     boxes: np.ndarray  # (P, 4) x, y, w, h
     attributes: dict[str, np.ndarray]  # per person, e.g. min_dist, camera_angle (synthetic data)
     ignore_rles: list = field(default_factory=list)  # crowd regions, people without keypoints
@@ -254,9 +301,12 @@ class ImageRecord:
 
 @dataclass
 class KeypointSet:
-    """A COCO-format keypoint dataset: its json path and one record per image."""
-    json_path: Path
+    """A keypoint dataset: one record per image (per group for MPII validation), its skeleton, and
+    what its evaluation needs: the COCO json, or the MPII ground-truth groups."""
+    json_path: Path | None
     records: list[ImageRecord]
+    skeleton: Skeleton = COCO
+    groups: list[Group] | None = None  # MPII: the ground truth of each record, head boxes included
     images: dict[int, np.ndarray] | None = None  # decoded images, when the set fits in memory
 
     def image(self, index: int) -> np.ndarray:
@@ -272,8 +322,9 @@ class KeypointSet:
 
     def centre_people(self) -> np.ndarray:
         """(N, 2) (record, person) pairs that may be a crop's centre person."""
-        pairs = [(i, p) for i, r in enumerate(self.records)
-                 for p in range(len(r.keypoints)) if (r.keypoints[p, :17, 2] > 0).sum() >= MIN_CENTRE_KEYPOINTS]
+        sk = self.skeleton
+        pairs = [(i, p) for i, r in enumerate(self.records) for p in range(len(r.keypoints))
+                 if (r.keypoints[p, sk.joint_parts, 2] > 0).sum() >= sk.min_centre_keypoints]
         return np.array(pairs, np.int64).reshape(-1, 2)
 
 
@@ -289,8 +340,9 @@ def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     return img
 
 
-def load_keypoint_set(json_path: str | Path, images_dir: str | Path) -> KeypointSet:
-    """Loads any COCO-format person-keypoint json with pycocotools."""
+def load_keypoint_set(json_path: str | Path, images_dir: str | Path, sk: Skeleton = COCO) -> KeypointSet:
+    """Loads any COCO-format person-keypoint json with pycocotools; its keypoints are the skeleton's
+    joints (COCO's 17, or MPII's 16 as render_humans.py --skeleton mpii writes them)."""
     from pycocotools.coco import COCO
 
     json_path, images_dir = Path(json_path), Path(images_dir)
@@ -307,8 +359,8 @@ def load_keypoint_set(json_path: str | Path, images_dir: str | Path) -> Keypoint
         raise ReproError(f"{json_path} is not a COCO-format annotation file (missing {e})") from None
     anns = coco.dataset.get("annotations", [])
     if not anns or not any("keypoints" in a for a in anns):
-        raise ReproError(f"{json_path} has no person keypoints: expected COCO person_keypoints "
-                         "annotations with 17 (x, y, v) keypoints each")
+        raise ReproError(f"{json_path} has no person keypoints: expected COCO-format person keypoint "
+                         f"annotations with {sk.num_joints} (x, y, v) keypoints each")
     records = []
     for image_id in sorted(coco.getImgIds()):
         info = coco.imgs[image_id]
@@ -319,20 +371,22 @@ def load_keypoint_set(json_path: str | Path, images_dir: str | Path) -> Keypoint
                 if a.get("segmentation"):
                     ignore.append(coco.annToRLE(a))
                 continue
-            if kp.size != 51:
-                raise ReproError(f"{json_path}: annotation {a.get('id')} has {kp.size // 3} keypoints, "
-                                 "expected COCO's 17 (51 numbers)")
-            people.append(kp.reshape(17, 3))
-            boxes.append(a.get("bbox", keypoint_box(kp.reshape(17, 3))))
+            if kp.size != 3 * sk.num_joints:
+                other = next((s.name for s in SKELETONS.values() if 3 * s.num_joints == kp.size), None)
+                hint = f" (that is --skeleton {other})" if other else ""
+                raise ReproError(f"{json_path}: annotation {a.get('id')} has {kp.size // 3} keypoints{hint}, "
+                                 f"expected {sk.name.upper()}'s {sk.num_joints} ({3 * sk.num_joints} numbers)")
+            people.append(kp.reshape(sk.num_joints, 3))
+            boxes.append(a.get("bbox", keypoint_box(people[-1])))
             for key in ATTRIBUTES:
                 attrs.setdefault(key, []).append(float(a.get(key, np.nan)))
         records.append(ImageRecord(
             image_id=image_id, path=images_dir / info["file_name"], width=int(info["width"]),
             height=int(info["height"]),
-            keypoints=add_neck(np.array(people, np.float32).reshape(-1, 17, 3)),
+            keypoints=sk.to_parts(np.array(people, np.float32).reshape(-1, sk.num_joints, 3)),
             boxes=np.array(boxes, np.float32).reshape(-1, 4),
             attributes={k: np.array(v, np.float32) for k, v in attrs.items()}, ignore_rles=ignore))
-    return KeypointSet(json_path, records)
+    return KeypointSet(json_path, records, sk)
 
 
 def keypoint_box(kp: np.ndarray) -> list[float]:
@@ -380,7 +434,9 @@ DEMO_BANK = dict(style="synthetic", image_size=160)
 def build_demo(cfg: Config) -> dict[str, Path]:
     """Renders the demo benchmark on first use; later calls find the cache and return at once."""
     sizes = DEMO_SIZES[cfg.demo_size]
-    root = Path(cfg.demo_dir) / f"v{DEMO_VERSION}-{cfg.demo_size}"
+    # the MPII demo: the same scenes, labelled with MPII's 16 joints, in a cache of its own
+    labels = {} if cfg.skeleton == "coco" else dict(skeleton=cfg.skeleton)
+    root = Path(cfg.demo_dir) / (f"v{DEMO_VERSION}-{cfg.demo_size}" + ("" if not labels else f"-{cfg.skeleton}"))
     jobs = {
         "train": dict(kind="scenes", num_images=sizes["standin_train"], seed=1000, **DEMO_STANDIN),
         "val": dict(kind="scenes", num_images=sizes["standin_val"], seed=2000, **DEMO_STANDIN),
@@ -392,7 +448,7 @@ def build_demo(cfg: Config) -> dict[str, Path]:
         out = root / name
         if not (out / "annotations.json").is_file():
             print(f"rendering the demo benchmark's {name} split into {out} (first use only)")
-        paths[name] = Path(rh.render_dataset(out, progress=True, **job))
+        paths[name] = Path(rh.render_dataset(out, progress=True, **job, **labels))
     return paths
 
 
@@ -411,34 +467,81 @@ def real_data_paths(cfg: Config) -> dict[str, str | None]:
 
 
 def load_data(cfg: Config) -> Data:
+    sk = skeleton(cfg)
     paths = real_data_paths(cfg)
-    real = bool(paths["train_json"] or paths["val_json"])
+    real = bool(paths["train_json"] or paths["val_json"] or cfg.mpii_root)
     if cfg.data == "coco" and not real:
         raise ReproError("--data coco needs --coco-root DIR or --train-json/--train-images/--val-json/--val-images")
     needs_synthetic = cfg.mode in ("synthetic", "augmented", "student-teacher")
     demo = None
     if not real or (needs_synthetic and not (cfg.synthetic_json and cfg.bank_json)):
         demo = build_demo(cfg)
-    if real:
+    if cfg.mpii_root:
+        train, val = load_mpii(Path(cfg.mpii_root))
+        name = "mpii"
+    elif real:
         needed = ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ())
         for flag in needed:
             if not paths[flag]:
                 raise ReproError(f"--{flag.replace('_', '-')} is missing (or give --coco-root)")
-        train = load_keypoint_set(paths["train_json"], paths["train_images"]) if cfg.mode != "eval" else None
-        val = load_keypoint_set(paths["val_json"], paths["val_images"])
+        train = load_keypoint_set(paths["train_json"], paths["train_images"], sk) if cfg.mode != "eval" else None
+        val = load_keypoint_set(paths["val_json"], paths["val_images"], sk)
         name = "coco" if cfg.coco_root else Path(paths["val_json"]).stem
     else:
-        train = load_keypoint_set(demo["train"], demo["train"].parent / "images")
-        val = load_keypoint_set(demo["val"], demo["val"].parent / "images")
-        name = "demo"
+        train = load_keypoint_set(demo["train"], demo["train"].parent / "images", sk)
+        val = load_keypoint_set(demo["val"], demo["val"].parent / "images", sk)
+        name = "demo" if sk is COCO else f"demo-{sk.name}"
     syn_json = Path(cfg.synthetic_json) if cfg.synthetic_json else demo and demo["synthetic"]
     bank_json = Path(cfg.bank_json) if cfg.bank_json else demo and demo["bank"]
-    synthetic = load_keypoint_set(syn_json, syn_json.parent / "images") if syn_json else None
-    bank = load_keypoint_set(bank_json, bank_json.parent / "images") if bank_json else None
+    synthetic = load_keypoint_set(syn_json, syn_json.parent / "images", sk) if syn_json else None
+    bank = load_keypoint_set(bank_json, bank_json.parent / "images", sk) if bank_json else None
     for s in (bank, train, val, synthetic):
         if s is not None:
             s.preload()
     return Data(train, val, synthetic, bank, name)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image file's header."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise ReproError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError:
+        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image") from None
+
+
+def mpii_records(groups: list[Group], images: Path, first_id: int = 1) -> list[ImageRecord]:
+    """MPII groups -> records: parts from the 16 joints, and a box from each person's objpos and
+    scale (paper code: person height = 200 x scale px; the crop centres on objpos). MPII has no
+    masks of its unannotated people: [ours] they count as background (README, deviations)."""
+    records = []
+    for i, g in enumerate(groups):
+        height = 200 * g.scales
+        boxes = np.stack([g.objpos[:, 0] - height / 4, g.objpos[:, 1] - height / 2, height / 2, height], 1)
+        fallback = np.array([keypoint_box(j) for j in g.joints], np.float32).reshape(-1, 4)
+        boxes = np.where(np.isfinite(boxes).all(1, keepdims=True), boxes, fallback)  # people without objpos
+        width, tall = image_size(images / g.image)
+        records.append(ImageRecord(first_id + i, images / g.image, width, tall, MPII.to_parts(g.joints),
+                                   boxes.astype(np.float32), {}))
+    return records
+
+
+def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
+    """The official release in root: mpii_human_pose_v1_u12_1.mat and images/ (and, if present, the
+    toolkit's groups_v12.mat): training people, and the held-out multi-person validation groups."""
+    mat = root / "mpii_human_pose_v1_u12_1.mat"
+    if not mat.is_file():
+        raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside (the official release)")
+    groups_mat = root / "groups_v12.mat"
+    train, val = load_release(mat, root / "images", groups_mat=groups_mat if groups_mat.is_file() else None)
+    if not val:
+        raise ReproError(f"{mat}: no multi-person validation group was held out")
+    return (KeypointSet(None, mpii_records(train, root / "images"), MPII),
+            KeypointSet(None, mpii_records(val, root / "images"), MPII, groups=val))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,10 +574,11 @@ def crop_affine(centre: np.ndarray, person_height: float, cfg: Config, rng: np.r
     return np.hstack([linear, shift[:, None]]).astype(np.float32), flip
 
 
-def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray, flip: bool) -> np.ndarray:
+def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray, flip_parts: np.ndarray | None) -> np.ndarray:
+    """(..., K, 3) through a 2x3 affine; a mirroring affine also swaps left and right parts."""
     out = keypoints.copy()
     out[..., :2] = keypoints[..., :2] @ affine[:, :2].T + affine[:, 2]
-    return out[..., FLIP_PARTS, :] if flip else out
+    return out[..., flip_parts, :] if flip_parts is not None else out
 
 
 def crop_person(image: np.ndarray, miss: np.ndarray | None, rec: ImageRecord, person: int,
@@ -487,8 +591,9 @@ def crop_person(image: np.ndarray, miss: np.ndarray | None, rec: ImageRecord, pe
     # Padding counts as background (OpenPose warps mask_miss with border 255).
     crop_miss = (np.full(size, 255, np.uint8) if miss is None else
                  cv2.warpAffine(miss, affine, size, flags=cv2.INTER_NEAREST, borderValue=255))
-    no_one = np.zeros((0, NUM_PARTS, 3), np.float32)
-    return Sample(crop, transform_keypoints(rec.keypoints, affine, flip), no_one, crop_miss)
+    sk = skeleton(cfg)
+    no_one = np.zeros((0, sk.num_parts, 3), np.float32)
+    return Sample(crop, transform_keypoints(rec.keypoints, affine, sk.flip_parts if flip else None), no_one, crop_miss)
 
 
 def covered(keypoints: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -543,8 +648,8 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
         keypoints[..., 2][hidden] = 1
         for p in pasted:
             p[..., 2][covered(p, alpha[..., 0]) & (p[..., 2] == 2)] = 1
-        pasted.append(transform_keypoints(kp[None], affine, flip)[0])
-    pasted = np.array(pasted, np.float32).reshape(-1, NUM_PARTS, 3)
+        pasted.append(transform_keypoints(kp[None], affine, bank.skeleton.flip_parts if flip else None)[0])
+    pasted = np.array(pasted, np.float32).reshape(-1, keypoints.shape[1], 3)
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
     return Sample(image, keypoints, pasted, sample.mask_miss)
 
@@ -574,15 +679,16 @@ def heatmap_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride
     along_y = torch.exp(-(gy - keypoints[..., 1, None]) ** 2 / (2 * sigma ** 2))  # (B, P, 18, H)
     heat = along_y[..., :, None] * along_x[..., None, :]
     heat = torch.where(heat >= 0.01, heat, 0.0)  # paper code: truncated below 0.01
-    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], NUM_PARTS, len(gy), len(gx))
+    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], keypoints.shape[2], len(gy), len(gx))
     return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
 
 
 def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
-                width: float) -> torch.Tensor:
-    """(B, P, 18, 3) -> (B, 38, H, W): unit limb vectors within `width` px, averaged over people."""
+                width: float, limbs: np.ndarray) -> torch.Tensor:
+    """(B, P, K, 3) -> (B, 2L, H, W): unit vectors of the (L, 2) limbs within `width` px, averaged
+    over people."""
     gy, gx = grids(size, stride, keypoints.device)
-    a, b = keypoints[:, :, LIMBS[:, 0]], keypoints[:, :, LIMBS[:, 1]]  # (B, P, L, 3)
+    a, b = keypoints[:, :, limbs[:, 0]], keypoints[:, :, limbs[:, 1]]  # (B, P, L, 3)
     d = b[..., :2] - a[..., :2]
     length = torch.sqrt((d ** 2).sum(-1))
     valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
@@ -601,12 +707,12 @@ def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: in
     return field_.reshape(b_, 2 * l_, h_, w_)
 
 
-def flip_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Mirror (B, 38 + 19, H, W) maps: swap left/right channels, negate PAF x."""
-    paf, heat = maps[:, :NUM_PAF].flip(-1), maps[:, NUM_PAF:].flip(-1)
-    paf = paf.reshape(paf.shape[0], NUM_LIMBS, 2, *paf.shape[2:])[:, FLIP_LIMBS]
+def flip_maps(maps: torch.Tensor, sk: Skeleton) -> torch.Tensor:
+    """Mirror (B, PAF + heat, H, W) maps: swap left/right channels, negate PAF x."""
+    paf, heat = maps[:, :sk.num_paf].flip(-1), maps[:, sk.num_paf:].flip(-1)
+    paf = paf.reshape(paf.shape[0], sk.num_limbs, 2, *paf.shape[2:])[:, sk.flip_limbs]
     paf = paf * torch.tensor([-1.0, 1.0], device=maps.device)[None, None, :, None, None]
-    heat = heat[:, list(FLIP_PARTS) + [NUM_PARTS]]
+    heat = heat[:, list(sk.flip_parts) + [sk.num_parts]]
     return torch.cat([paf.flatten(1, 2), heat], 1)
 
 
@@ -622,11 +728,11 @@ def people_in_targets(keypoints: torch.Tensor, pasted: torch.Tensor, cfg: Config
 
 
 def volumetric_mask(pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """(B, 57, H, W) bool: False where a pasted person's own heatmap / PAF magnitude > 0.25."""
-    size, stride = cfg.input_size, cfg.stride
-    heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :NUM_PARTS]
-    paf = paf_targets(pasted, size, stride, cfg.paf_width)
-    paf_mag2 = paf[:, 0::2] ** 2 + paf[:, 1::2] ** 2  # (B, 19, H, W) squared limb magnitude
+    """(B, PAF + heat, H, W) bool: False where a pasted person's own heatmap / PAF magnitude > 0.25."""
+    size, stride, sk = cfg.input_size, cfg.stride, skeleton(cfg)
+    heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :sk.num_parts]
+    paf = paf_targets(pasted, size, stride, cfg.paf_width, sk.limbs)
+    paf_mag2 = paf[:, 0::2] ** 2 + paf[:, 1::2] ** 2  # (B, L, H, W) squared limb magnitude
     return torch.cat([(paf_mag2 <= PASTED_MASK_THRESHOLD ** 2).repeat_interleave(2, 1),
                       heat <= PASTED_MASK_THRESHOLD,
                       # background: the same rule on the pasted people's parts; the paper code's
@@ -635,24 +741,26 @@ def volumetric_mask(pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
 
 
 def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, mask_miss: torch.Tensor, cfg: Config):
-    """Targets (B, 57, H, W) in network output order (38 PAF, 19 heat) and the loss mask M.
+    """Targets (B, PAF + heat, H, W) in network output order (COCO: 38 PAF, 19 heat) and the loss
+    mask M.
 
-    mask_miss: (B, S, S) uint8 ignore masks of the crops; pasted: (B, Q, 18, 3) pasted people,
+    mask_miss: (B, S, S) uint8 ignore masks of the crops; pasted: (B, Q, K, 3) pasted people,
     in or out of the loss by --synthetic-loss."""
-    size, stride = cfg.input_size, cfg.stride
+    size, stride, sk = cfg.input_size, cfg.stride, skeleton(cfg)
     people = people_in_targets(keypoints, pasted, cfg)
-    target = torch.cat([paf_targets(people, size, stride, cfg.paf_width),
+    target = torch.cat([paf_targets(people, size, stride, cfg.paf_width, sk.limbs),
                         heatmap_targets(people, size, stride, cfg.sigma)], 1)
     mask = F.adaptive_avg_pool2d(mask_miss[:, None].float() / 255, size // stride)  # area-downsampled
-    mask = mask.expand(-1, NUM_PAF + NUM_HEAT, -1, -1)
+    mask = mask.expand(-1, sk.num_paf + sk.num_heat, -1, -1)
     if cfg.synthetic_loss == "mask" and pasted.shape[1]:
         mask = mask * volumetric_mask(pasted, cfg)
     return target, mask
 
 
-def supervised_joints(keypoints: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,) labelled COCO joints inside the crop: normalises a sample's loss for the teacher."""
-    xy, v = keypoints[..., :17, :2], keypoints[..., :17, 2]
+def supervised_joints(keypoints: torch.Tensor, size: int, sk: Skeleton) -> torch.Tensor:
+    """(B,) labelled joints inside the crop (derived parts such as the neck not counted):
+    normalises a sample's loss for the teacher (paper code)."""
+    xy, v = keypoints[..., sk.joint_parts, :2], keypoints[..., sk.joint_parts, 2]
     inside = (xy >= 0).all(-1) & (xy <= size - 1).all(-1) & (v > 0)
     return inside.flatten(1).sum(1).clamp(min=1)
 
@@ -711,7 +819,7 @@ class BatchMaker:
             raise ReproError(f"--mode {cfg.mode} needs {what}")
         for k, c in self.centres.items():
             if len(c) == 0:
-                raise ReproError(f"the {k} training set has no person with >= {MIN_CENTRE_KEYPOINTS} "
+                raise ReproError(f"the {k} training set has no person with >= {skeleton(cfg).min_centre_keypoints} "
                                  "labelled keypoints to centre a crop on")
 
     @functools.cache
@@ -750,7 +858,7 @@ class BatchMaker:
 def collate(samples: list[Sample]) -> dict:
     def pad(arrays):
         n = max(1, max(len(a) for a in arrays))
-        out = np.zeros((len(arrays), n, NUM_PARTS, 3), np.float32)
+        out = np.zeros((len(arrays), n) + arrays[0].shape[1:], np.float32)
         for i, a in enumerate(arrays):
             out[i, :len(a)] = a
         return out if any(len(a) for a in arrays) else out[:, :0]
@@ -800,15 +908,16 @@ def branch(cin: int, hidden: int, head: int, cout: int, kernel: int, depth: int,
 class PoseNet(nn.Module):
     """Backbone features -> stage 1 -> stages 2..T on concat(previous PAF, heatmaps, features).
 
-    forward returns every stage's (B, 38 + 19, H, W) maps: the loss supervises them all."""
+    forward returns every stage's (B, PAF + heat, H, W) maps: the loss supervises them all."""
 
-    def __init__(self, backbone: nn.Module, features: int, stages: int, stage1: dict, refine: dict):
+    def __init__(self, backbone: nn.Module, features: int, stages: int, stage1: dict, refine: dict, sk: Skeleton):
         super().__init__()
         self.backbone = backbone
         self.stages = nn.ModuleList()
         for t in range(stages):
-            spec, cin = (stage1, features) if t == 0 else (refine, features + NUM_PAF + NUM_HEAT)
-            self.stages.append(nn.ModuleList([branch(cin, cout=NUM_PAF, **spec), branch(cin, cout=NUM_HEAT, **spec)]))
+            spec, cin = (stage1, features) if t == 0 else (refine, features + sk.num_paf + sk.num_heat)
+            self.stages.append(nn.ModuleList([branch(cin, cout=sk.num_paf, **spec),
+                                              branch(cin, cout=sk.num_heat, **spec)]))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = self.backbone(x)
@@ -823,7 +932,7 @@ class PoseNet(nn.Module):
 VGG_FROZEN_LAYERS = 10  # paper code: conv1_x and conv2_x (torchvision vgg19.features[:10]) frozen when fine-tuning
 
 
-def openpose_net(stages: int = 6, pretrained: bool = False) -> PoseNet:
+def openpose_net(sk: Skeleton, stages: int = 6, pretrained: bool = False) -> PoseNet:
     """The paper's student: VGG-19 conv1_1..conv4_2 + conv4_3_CPM 256 + conv4_4_CPM 128, stride 8."""
     import torchvision
 
@@ -838,10 +947,10 @@ def openpose_net(stages: int = 6, pretrained: bool = False) -> PoseNet:
     backbone = nn.Sequential(*vgg.features[:23], *conv(512, 256, 3), *conv(256, 128, 3))
     return PoseNet(backbone, 128, stages,
                    stage1=dict(hidden=128, head=512, kernel=3, depth=3, norm=False),  # paper code
-                   refine=dict(hidden=128, head=128, kernel=7, depth=5, norm=False))  # paper code
+                   refine=dict(hidden=128, head=128, kernel=7, depth=5, norm=False), sk=sk)  # paper code
 
 
-def small_net(stages: int = 3, width: int = 96) -> PoseNet:
+def small_net(sk: Skeleton, stages: int = 3, width: int = 96) -> PoseNet:
     """CPU-sized student with the same two-branch stages: a stride-4 stem (downsample early, where
     convolutions are cheap) and dilated 3x3 refinement convs in place of 7x7 for the receptive field."""
     backbone = nn.Sequential(
@@ -850,14 +959,15 @@ def small_net(stages: int = 3, width: int = 96) -> PoseNet:
         *conv(64, 96, 3, True), *conv(96, 128, 3, True, 2), *conv(128, 128, 3, True))
     return PoseNet(backbone, 128, stages,
                    stage1=dict(hidden=width, head=2 * width, kernel=3, depth=3, norm=True),
-                   refine=dict(hidden=width, head=width, kernel=3, depth=5, norm=True, dilations=(1, 2, 4, 2, 1)))
+                   refine=dict(hidden=width, head=width, kernel=3, depth=5, norm=True, dilations=(1, 2, 4, 2, 1)),
+                   sk=sk)
 
 
 def build_model(cfg: Config) -> PoseNet:
     if cfg.arch == "openpose":
-        return openpose_net(cfg.stages, cfg.pretrained)
+        return openpose_net(skeleton(cfg), cfg.stages, cfg.pretrained)
     if cfg.arch == "small":
-        return small_net(cfg.stages, cfg.width)
+        return small_net(skeleton(cfg), cfg.stages, cfg.width)
     raise ReproError(f"unknown --arch {cfg.arch}: use openpose or small")
 
 
@@ -890,7 +1000,7 @@ def peak_hits(heat: torch.Tensor, keypoints: torch.Tensor, stride: int, radius: 
     """Cheap learning signal: (hits, labelled keypoints) where the maximum of the part's heatmap
     in a window of 3 * radius cells around the truth is above `threshold` and within `radius`
     cells of it. Random maps score about 1/5; maps of stride `stride`, radius in map pixels."""
-    parts = heat[:, :NUM_PARTS].float()
+    parts = heat[:, :keypoints.shape[2]].float()
     b, _, h, w = parts.shape
     reach = 3 * radius
     cell = torch.round((keypoints[..., :2] - (stride - 1) / 2) / stride).long()  # (B, P, 18, 2)
@@ -938,9 +1048,11 @@ def resize_maps(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device) -> tuple[torch.Tensor, float]:
-    """Averaged last-stage maps (57, H, W) at the base scale, and that scale (base / original)."""
-    base = cfg.eval_height / image.shape[0]
+def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device,
+                 base: float | None = None) -> tuple[torch.Tensor, float]:
+    """Averaged last-stage maps (PAF + heat, H, W) at the base scale, and that scale (resized /
+    original; by default the one that makes the image --eval-height tall)."""
+    base = base or cfg.eval_height / image.shape[0]
     out_hw = (round(image.shape[0] * base), round(image.shape[1] * base))
     total = None
     for m in cfg.eval_scales:
@@ -952,7 +1064,7 @@ def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device) -> tu
         with autocast(device, cfg):
             maps = model(to_input(batch, device).contiguous(memory_format=torch.channels_last))[-1].float()
         if cfg.eval_flip:  # the flipped copy's padding sits on the left: undo the flip first
-            maps = torch.cat([maps[:1], flip_maps(maps[1:])])
+            maps = torch.cat([maps[:1], flip_maps(maps[1:], skeleton(cfg))])
             maps = maps.mean(0, keepdim=True)
         maps = upsample_maps(maps, cfg.stride, (h, w))
         total = resize_maps(maps, out_hw) if total is None else total + resize_maps(maps, out_hw)
@@ -1023,12 +1135,13 @@ def connect_limb(a: np.ndarray, b: np.ndarray, paf: np.ndarray, image_height: in
     return out
 
 
-def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int) -> list[tuple[np.ndarray, float]]:
-    """OpenPose's greedy assembly. Returns (18, 3) keypoints (x, y, peak score) and the mean score."""
+def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int,
+                 sk: Skeleton) -> list[tuple[np.ndarray, float]]:
+    """OpenPose's greedy assembly. Returns (K, 3) parts (x, y, peak score) and the mean score."""
     offsets = np.cumsum([0] + [len(p) for p in peaks])
     all_peaks = np.concatenate([p for p in peaks] + [np.zeros((0, 3))])
     people: list[dict] = []  # parts: global peak id per part (-1 none), score: summed scores
-    for k, (pa, pb) in enumerate(LIMBS):
+    for k, (pa, pb) in enumerate(sk.limbs):
         for i, j, s in connect_limb(peaks[pa], peaks[pb], paf[2 * k:2 * k + 2], image_height):
             ga, gb = offsets[pa] + i, offsets[pb] + j
             owners = [p for p in people if p["parts"][pa] == ga or p["parts"][pb] == gb]
@@ -1046,30 +1159,31 @@ def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int) ->
                 elif p["parts"][pb] != gb:
                     p["parts"][pb] = gb
                     p["score"] += all_peaks[gb, 2] + s
-            elif k < NUM_LIMBS - 2:  # OpenPose: the ear-shoulder limbs never start a person
-                parts = np.full(NUM_PARTS, -1)
+            elif k < sk.num_limbs - sk.never_start:
+                parts = np.full(sk.num_parts, -1)
                 parts[pa], parts[pb] = ga, gb
                 people.append(dict(parts=parts, score=all_peaks[ga, 2] + all_peaks[gb, 2] + s))
     out = []
     for p in people:
         count = int((p["parts"] >= 0).sum())
         if count >= MIN_PARTS and p["score"] / count >= MIN_PERSON_SCORE:
-            kp = np.zeros((NUM_PARTS, 3), np.float32)
+            kp = np.zeros((sk.num_parts, 3), np.float32)
             kp[p["parts"] >= 0] = all_peaks[p["parts"][p["parts"] >= 0]]
             out.append((kp, float(p["score"] / count)))
     return out
 
 
-def decode_maps(maps: torch.Tensor, base: float) -> list[tuple[np.ndarray, float]]:
-    """Base-scale maps (57, H, W) -> people in original image pixels: (17, 3) x, y, score."""
-    peaks = find_peaks(maps[NUM_PAF:NUM_PAF + NUM_PARTS])
-    people = group_people(peaks, maps[:NUM_PAF].cpu().numpy(), maps.shape[1])
+def decode_maps(maps: torch.Tensor, base: float, sk: Skeleton) -> list[tuple[np.ndarray, float]]:
+    """Base-scale maps (PAF + heat, H, W) -> people in original image pixels: (J, 3) dataset
+    joints x, y, score (0 where not found)."""
+    peaks = find_peaks(maps[sk.num_paf:sk.num_paf + sk.num_parts])
+    people = group_people(peaks, maps[:sk.num_paf].cpu().numpy(), maps.shape[1], sk)
     out = []
     for kp, score in people:
-        coco = kp[:17].copy()
-        found = coco[:, 2] > 0
-        coco[found, :2] = (coco[found, :2] + 0.5) / base - 0.5  # cv2.resize keeps pixel centres
-        out.append((coco, score))
+        joints = sk.to_joints(kp)
+        found = joints[:, 2] > 0
+        joints[found, :2] = (joints[found, :2] + 0.5) / base - 0.5  # cv2.resize keeps pixel centres
+        out.append((joints, score))
     return out
 
 
@@ -1106,28 +1220,494 @@ def coco_eval(json_path: Path, results: list[dict], image_ids: list[int]) -> dic
     return {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
 
 
-def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_images: int = 0,
-             progress: bool = True) -> tuple[dict[str, float], list[dict]]:
-    """COCO keypoint AP of the model on whole images, plus the peak-hit rate at the base scale."""
-    from tqdm import tqdm
+def eval_base(rec: ImageRecord, cfg: Config, sk: Skeleton) -> float | None:
+    """The inference base scale (resized / original) of an MPII group; None: --eval-height's."""
+    if sk is MPII and len(rec.boxes):
+        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a 368 input;
+        # [ours] times input_size / 368, so that people come out as tall as in the training crops
+        return MPII_BASE / float(np.mean(rec.boxes[:, 3] / 200)) * cfg.input_size / 368
+    return None
 
+
+def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_images: int = 0,
+             progress: bool = True) -> tuple[dict[str, float], list]:
+    """COCO keypoint AP or MPII multi-person mAP (by the set's skeleton) on whole images, plus the
+    peak-hit rate at the base scale. Also returns the predictions: COCO results, or MPII groups."""
+    sk = kset.skeleton
     model.eval()
     n = len(kset.records) if max_images <= 0 else min(max_images, len(kset.records))
-    results, hits, labelled = [], 0, 0
-    for i in tqdm(range(n), desc="evaluating", disable=not progress, leave=False):
+    people, hits, labelled = [], 0, 0
+    bar = rh.progress(total=n, unit="img", desc="evaluating", enabled=progress, stream=sys.stdout)
+    for i in range(n):
         rec = kset.records[i]
-        maps, base = network_maps(model, kset.image(i), cfg, device)
-        people = decode_maps(maps, base)
-        results += coco_results(rec.image_id, people)
+        maps, base = network_maps(model, kset.image(i), cfg, device, eval_base(rec, cfg, sk))
+        people.append(decode_maps(maps, base, sk))
         kp = torch.as_tensor(rec.keypoints).clone()
         kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
-        h, n = peak_hits(maps[None, NUM_PAF:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
-        hits, labelled = hits + h, labelled + n
-    stats = coco_eval(kset.json_path, results, [r.image_id for r in kset.records[:n]])
+        h, m = peak_hits(maps[None, sk.num_paf:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
+        hits, labelled = hits + h, labelled + m
+        bar.update()
+    bar.close()
+    if sk is MPII:
+        truth = (kset.groups or groups_of_records(kset))[:n]
+        predictions = [predicted_group(g, found) for g, found in zip(truth, people)]
+        result = evaluate_mpii(truth, predictions)
+        stats = dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"})
+    else:
+        predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
+        stats = coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]])
     stats["peak_hit"] = hits / max(labelled, 1)
     stats["images"] = n
     model.train()
-    return stats, results
+    return stats, predictions
+
+
+# ----------------------------------------------------------------------------------------------
+# MPII Human Pose: annotation lists (.mat / .json), the RELEASE split, the multi-person AP
+# ----------------------------------------------------------------------------------------------
+
+MPII_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
+               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow",
+               "l_wrist")  # MPII joint ids 0-15
+MPII_NUM_JOINTS = len(MPII_JOINTS)  # 16
+# official toolkit: assignGTmulti's jidxMap (LSP order); pelvis (6) and thorax (7) are not scored
+MPII_SCORED = np.array([0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 8, 9])
+# official toolkit: genTableAP's columns, each the mean AP of two joints; Total is the mean of all 14
+MPII_TABLE = (("Head", (9, 8)), ("Shoulder", (12, 13)), ("Elbow", (11, 14)), ("Wrist", (10, 15)),
+              ("Hip", (2, 3)), ("Knee", (1, 4)), ("Ankle", (0, 5)))
+MPII_HEAD_SIZE = 0.6  # official toolkit: util_get_head_size, SC_BIAS x head-box diagonal
+MPII_PCKH = 0.5  # official toolkit: evaluateAP, thresh (PCKh 0.5)
+MPII_VARS = ("annolist_test_multi", "pred", "annolist")  # variables read_annolist looks for
+MPII_VAL_MODULUS = 10  # [ours] default held-out share: multi-person training images with crc32(name) % 10 == 0
+
+
+@dataclass
+class Group:
+    """One MPII evaluation unit (a multi-person group) or one image's annotated people."""
+    image: str  # image file name ("" where the list has none, as in annolist_test_multi)
+    # (P, 16, 3) float32 x, y, v: 0 absent, 1 annotated as not visible, 2 visible or visibility
+    # not given (MPII leaves it empty for head top and upper neck; predicted joints have none)
+    joints: np.ndarray
+    head_boxes: np.ndarray  # (P, 4) float32 x1, y1, x2, y2 (NaN where absent, e.g. predictions)
+    scales: np.ndarray  # (P,) float32 person height / 200 px (NaN where absent)
+    objpos: np.ndarray  # (P, 2) float32 rough person centre (NaN where absent)
+    scores: np.ndarray | None = None  # (P, 16) float32 per-joint prediction scores, 0 where absent
+    rects: np.ndarray | None = None  # (P,) int64 index of each person in the image's annorect
+
+
+def empty_group(image: str = "", with_scores: bool = False) -> Group:
+    return Group(image, np.zeros((0, MPII_NUM_JOINTS, 3), np.float32), np.zeros((0, 4), np.float32),
+                 np.zeros(0, np.float32), np.zeros((0, 2), np.float32),
+                 np.zeros((0, MPII_NUM_JOINTS), np.float32) if with_scores else None, np.zeros(0, np.int64))
+
+
+# -- reading: loadmat(struct_as_record=False, squeeze_me=True) squeezes a one-element struct array
+# to the bare struct and an empty one to an empty numeric array; json objects read as namespaces.
+
+def _items(x) -> list:
+    """A struct array / cell / list as a Python list, whatever squeezing did to it."""
+    if x is None:
+        return []
+    if isinstance(x, list):
+        return x
+    if isinstance(x, np.ndarray):
+        return list(x.ravel()) if x.dtype == object else []  # numeric: an empty [] in Matlab
+    return [x]
+
+
+def _field(s, name: str):
+    return getattr(s, name, None)
+
+
+def _num(x, default: float = np.nan) -> float:
+    """First number in x (a scalar, a 1-element array, a string such as '1'); default if none."""
+    a = np.asarray(x if x is not None else []).ravel()
+    if a.size == 0:
+        return default
+    try:
+        return float(a[0])
+    except (TypeError, ValueError):
+        return default
+
+
+def _name(image) -> str:
+    """annolist(i).image.name, or "" where the list has no image field."""
+    name = _field(image, "name") if image is not None and not isinstance(image, (str, np.ndarray)) else image
+    if isinstance(name, np.ndarray):
+        name = name.item() if name.size == 1 else ""
+    return str(name) if name is not None else ""
+
+
+def _parse_rects(rects: list, where: str) -> Group:
+    """annorect(k): head box x1 y1 x2 y2, scale, objpos, annopoints.point(j) x y id [is_visible]
+    [score] -> a Group.  A joint is missing when its id is absent from point (MPII never writes
+    (0, 0) for one); the first point of a repeated id counts, as in util_get_annopoint_by_id."""
+    n = len(rects)
+    joints = np.zeros((n, MPII_NUM_JOINTS, 3), np.float32)
+    scores = np.zeros((n, MPII_NUM_JOINTS), np.float32)
+    boxes = np.full((n, 4), np.nan, np.float32)
+    scales = np.full(n, np.nan, np.float32)
+    objpos = np.full((n, 2), np.nan, np.float32)
+    has_score = False
+    for k, r in enumerate(rects):
+        boxes[k] = [_num(_field(r, f)) for f in ("x1", "y1", "x2", "y2")]
+        scales[k] = _num(_field(r, "scale"))
+        pos = _field(r, "objpos")
+        if pos is not None and not isinstance(pos, np.ndarray):
+            objpos[k] = _num(_field(pos, "x")), _num(_field(pos, "y"))
+        ap = _field(r, "annopoints")
+        points = [] if ap is None or isinstance(ap, (np.ndarray, list)) else _items(_field(ap, "point"))
+        for p in points:
+            jid = _num(_field(p, "id"))
+            if not (np.isfinite(jid) and jid == int(jid) and 0 <= jid < MPII_NUM_JOINTS):
+                raise ReproError(f"{where}, person {k + 1}: joint id {_field(p, 'id')} is outside MPII's 0-15")
+            j = int(jid)
+            if joints[k, j, 2] > 0:
+                continue
+            visible = _num(_field(p, "is_visible"))  # empty for head top / upper neck: unknown
+            joints[k, j] = _num(_field(p, "x")), _num(_field(p, "y")), 1.0 if visible == 0 else 2.0
+            s = _field(p, "score")
+            if s is not None:
+                scores[k, j], has_score = _num(s, 0.0), True
+    return Group("", joints, boxes, scales, objpos, scores if has_score else None, np.arange(n))
+
+
+def _loadmat(path: Path) -> dict:
+    import scipy.io
+    from scipy.io.matlab import MatReadError
+
+    if not path.is_file():
+        raise ReproError(f"MPII file not found: {path}")
+    try:
+        return scipy.io.loadmat(str(path), struct_as_record=False, squeeze_me=True)
+    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError) as e:  # junk bytes
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""  # v7.3 = HDF5
+        raise ReproError(f"{path} is not a readable Matlab .mat file ({reason}){hint}") from None
+
+
+def _annolist_of(data: dict, path: Path, var: str | None):
+    """The annotation list in a loaded .mat/.json: var, else RELEASE.annolist or a known name."""
+    keys = [k for k in data if not k.startswith("__")]
+    if var is not None:
+        if var not in data:
+            raise ReproError(f"{path} has no variable {var!r} (it has: {', '.join(keys) or 'nothing'})")
+        return data[var]
+    if "RELEASE" in data and _field(data["RELEASE"], "annolist") is not None:
+        return data["RELEASE"].annolist
+    for k in MPII_VARS:
+        if k in data:
+            return data[k]
+    raise ReproError(f"{path} has no MPII annotation list: expected RELEASE, {', '.join(MPII_VARS)} "
+                     f"(it has: {', '.join(keys) or 'nothing'})")
+
+
+def read_annolist(path: str | Path, var: str | None = None, image_names: list[str] | None = None) -> list[Group]:
+    """An MPII annotation or prediction list (.mat from the toolkit, or our .json) -> one Group per
+    entry, in file order (the toolkit pairs ground truth and predictions by position).
+    image_names: names for lists without image fields (annolist_test_multi), e.g. read_image_list."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise ReproError(f"MPII file not found: {path}")
+        try:
+            data = json.loads(path.read_text(), object_hook=lambda d: types.SimpleNamespace(**d))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReproError(f"{path} is not valid json ({e})") from None
+        data = vars(data) if isinstance(data, types.SimpleNamespace) else {}
+    else:
+        data = _loadmat(path)
+    entries = _items(_annolist_of(data, path, var))
+    if image_names is not None and len(image_names) != len(entries):
+        raise ReproError(f"{path}: {len(entries)} entries but {len(image_names)} image names")
+    groups = []
+    for i, e in enumerate(entries):
+        g = _parse_rects(_items(_field(e, "annorect")), f"{path}: entry {i + 1}")
+        g.image = image_names[i] if image_names is not None else _name(_field(e, "image"))
+        groups.append(g)
+    return groups
+
+
+def read_image_list(json_path: str | Path) -> list[str]:
+    """Image names of a multi-person list json ({"root": [{"im_name": ...}, ...]}, as published
+    with the validation groups of NieXC/pytorch-ppn), in its order."""
+    json_path = Path(json_path)
+    try:
+        return [str(r["im_name"]) for r in json.loads(json_path.read_text())["root"]]
+    except FileNotFoundError:
+        raise ReproError(f"image list not found: {json_path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReproError(f"{json_path} is not an MPII image list (expected root[].im_name; {e!r})") from None
+
+
+def _subset(g: Group, keep: np.ndarray) -> Group:
+    return Group(g.image, g.joints[keep], g.head_boxes[keep], g.scales[keep], g.objpos[keep],
+                 None if g.scores is None else g.scores[keep], None if g.rects is None else g.rects[keep])
+
+
+def _indices(x) -> np.ndarray:
+    """A Matlab index list (scalar, vector or []) -> 0-based int64 array."""
+    return np.atleast_1d(np.asarray(x if x is not None else [], np.float64)).ravel().astype(np.int64) - 1
+
+
+def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
+                 val_images: list[str] | None = None, groups_mat: str | Path | None = None
+                 ) -> tuple[list[Group], list[Group]]:
+    """The official mpii_human_pose_v1_u12_1.mat -> (train, val): train holds one Group per
+    training image (RELEASE.img_train == 1) with its annotated people (one training sample per
+    person); val the held-out multi-person groups.  The test set's labels are not public, so the
+    groups come from training images, as in the toolkit's getMultiPersonGroups(groups, RELEASE,
+    bTrain=true): a group counts when none of its people is in RELEASE.single_person.  With the
+    toolkit's groups_v12.mat (groups_mat) an image may hold several groups; without it the
+    annotated people of the image not in single_person form its one group.  Held-out images are
+    val_images (e.g. read_image_list of a published split) or, by default, the multi-person
+    training images with crc32(name) % 10 == 0 ([ours]); a held-out image gives nothing to train."""
+    mat_path = Path(mat_path)
+    data = _loadmat(mat_path)
+    rel = data.get("RELEASE")
+    if rel is None or _field(rel, "annolist") is None:
+        keys = ", ".join(k for k in data if not k.startswith("__")) or "nothing"
+        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the official "
+                         "mpii_human_pose_v1_u12_1.mat")
+    annolist = _items(rel.annolist)
+    train_flag = np.atleast_1d(np.asarray(_field(rel, "img_train"), np.float64)).astype(np.int64)
+    single = _items(_field(rel, "single_person"))
+    if not len(annolist) == len(train_flag) == len(single):
+        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, {len(train_flag)} img_train flags "
+                         f"and {len(single)} single_person entries; they must match")
+    groups_of = None
+    if groups_mat is not None:
+        gdata = _loadmat(Path(groups_mat))
+        if "groups" not in gdata:
+            raise ReproError(f"{groups_mat} has no variable 'groups' (expected the toolkit's groups_v12.mat)")
+        groups_of = _items(gdata["groups"])
+        if len(groups_of) != len(annolist):
+            raise ReproError(f"{groups_mat}: {len(groups_of)} entries for {len(annolist)} RELEASE images")
+    wanted = None if val_images is None else set(val_images)
+    train, val, found = [], [], set()
+    for i, e in enumerate(annolist):
+        if train_flag[i] != 1:
+            continue
+        name = _name(_field(e, "image"))
+        people = _parse_rects(_items(_field(e, "annorect")), f"{mat_path}: RELEASE.annolist({i + 1})")
+        people.image = name
+        annotated = (people.joints[..., 2] > 0).any(1)
+        singles = _indices(single[i])
+        if groups_of is not None:  # official toolkit: getMultiPersonGroups
+            rect_sets = [_indices(g) for g in _items(groups_of[i])]
+            rect_sets = [r for r in rect_sets if len(r) and not np.isin(r, singles).any()]
+        else:
+            multi = np.nonzero(annotated & ~np.isin(np.arange(len(annotated)), singles))[0]
+            rect_sets = [multi] if len(multi) else []
+        rect_sets = [r[(r >= 0) & (r < len(annotated))] for r in rect_sets]
+        held_out = name in wanted if wanted is not None else (
+            bool(rect_sets) and zlib.crc32(name.encode()) % MPII_VAL_MODULUS == 0)
+        if held_out:
+            found.add(name)
+            val += [_subset(people, r) for r in rect_sets if len(r)]
+        elif annotated.any():
+            train.append(_subset(people, annotated))
+    if wanted is not None and wanted - found:
+        missing = sorted(wanted - found)
+        raise ReproError(f"{len(missing)} validation images are not MPII training images in {mat_path}: "
+                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if images_dir is not None:
+        images_dir = Path(images_dir)
+        for g in train + val:
+            if not (images_dir / g.image).is_file():
+                raise ReproError(f"image not found: {images_dir / g.image} (the MPII images folder "
+                                 "must hold every image of RELEASE's training set)")
+    return train, val
+
+
+# -- scoring: the official toolkit's evaluateAP / assignGTmulti / getRPC / VOCap
+
+def head_sizes(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) head boxes x1 y1 x2 y2 -> (P,) PCKh reference lengths (official toolkit: util_get_head_size)."""
+    return MPII_HEAD_SIZE * np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+
+
+def assign_group(gt: Group, pred: Group, thresh: float = MPII_PCKH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The toolkit's assignGTmulti for one group -> labels (Q, 14) bool (true positive), has (Q, 14)
+    bool (joint predicted), n_gt (14,) annotated joints, columns in MPII_SCORED order.
+    A pair's score is the share of the GT person's annotated joints predicted within thresh head
+    sizes; each prediction keeps its best person, each person then its best prediction (first on
+    ties).  A matched prediction's joints are TP within thresh, all its other joints FP; an
+    unmatched prediction (a duplicate, a person outside the group) is all FP; joints it lacks count
+    nowhere, while every annotated joint counts in the recall's denominator."""
+    has_gt = gt.joints[:, MPII_SCORED, 2] > 0  # (P, 14)
+    has = pred.joints[:, MPII_SCORED, 2] > 0  # (Q, 14)
+    q, p = len(has), len(has_gt)
+    labels = np.zeros((q, len(MPII_SCORED)), bool)
+    if q and p:
+        d = np.linalg.norm(pred.joints[:, None, MPII_SCORED, :2] - gt.joints[None, :, MPII_SCORED, :2], axis=-1)
+        d = d / head_sizes(gt.head_boxes)[None, :, None]  # (Q, P, 14)
+        match = (d <= thresh) & has[:, None] & has_gt[None]  # NaN (no head box) never matches
+        n_annot = has_gt.sum(1)
+        # a person without annotated joints (0/0 in Matlab, which max() skips) is nobody's best
+        pck = np.where(n_annot > 0, match.sum(2) / np.maximum(n_annot, 1), 0.0)  # (Q, P)
+        best = pck.argmax(1)
+        kept = np.zeros_like(pck)
+        kept[np.arange(q), best] = pck[np.arange(q), best]
+        winner = kept.argmax(0)  # (P,) per person its best prediction
+        won = kept[winner, np.arange(p)] > 0
+        labels[winner[won]] = match[winner[won], np.nonzero(won)[0]]
+    return labels & has, has, has_gt.sum(0)
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray, n_positive: int) -> float:
+    """(N,) scores, (N,) bool labels, positives in the set -> AP in [0, 1]: precision/recall in
+    descending score order, stable on ties and NaN first like Matlab's sort (official toolkit:
+    getRPC), area under the monotone envelope over all points (VOCap).  NaN without positives."""
+    if n_positive == 0:
+        return float("nan")
+    key = np.where(np.isnan(scores), np.inf, scores)
+    tp = np.cumsum(labels[np.argsort(-key, kind="stable")])
+    precision = np.concatenate([[0.0], tp / np.arange(1, len(tp) + 1), [0.0]])
+    recall = np.concatenate([[0.0], tp / n_positive, [1.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    step = np.nonzero(recall[1:] != recall[:-1])[0] + 1
+    return float(((recall[step] - recall[step - 1]) * precision[step]).sum())
+
+
+def evaluate_mpii(gt: list[Group], pred: list[Group], thresh: float = MPII_PCKH) -> dict:
+    """Multi-person AP (official toolkit: evaluateAP) of pred against gt, paired by position ->
+    {"joints": {name: AP %} for the 14 scored joints, "table": {Head .. Ankle, Total: AP %},
+    "mAP": Total, "groups", "people"}.  Per joint every predicted joint of the set is pooled and
+    ranked by its own score."""
+    if len(gt) != len(pred):
+        raise ReproError(f"{len(pred)} predicted groups for {len(gt)} ground-truth groups: the toolkit pairs "
+                         "them by position, so both lists must come from the same group list")
+    scores, labels, n_gt = [], [], np.zeros(len(MPII_SCORED), np.int64)
+    for i, (g, p) in enumerate(zip(gt, pred)):
+        if g.image and p.image and g.image != p.image:
+            raise ReproError(f"group {i + 1}: prediction for {p.image} but ground truth for {g.image}")
+        lab, has, n = assign_group(g, p, thresh)
+        s = p.scores[:, MPII_SCORED] if p.scores is not None else np.ones(has.shape, np.float32)
+        scores.append(np.where(has, s, np.nan)), labels.append(np.where(has, lab, -1).astype(np.int8))
+        n_gt += n
+    scores = np.concatenate(scores + [np.zeros((0, len(MPII_SCORED)))])
+    labels = np.concatenate(labels + [np.zeros((0, len(MPII_SCORED)), np.int8)])
+    ap = {}
+    for c, j in enumerate(MPII_SCORED):  # per joint, only the predictions that have it
+        present = labels[:, c] >= 0
+        ap[MPII_JOINTS[j]] = 100 * average_precision(scores[present, c], labels[present, c] == 1, int(n_gt[c]))
+    table = {row: (ap[MPII_JOINTS[a]] + ap[MPII_JOINTS[b]]) / 2 for row, (a, b) in MPII_TABLE}
+    table["Total"] = float(np.mean(list(ap.values())))
+    return dict(joints=ap, table=table, mAP=table["Total"], groups=len(gt), people=sum(len(g.joints) for g in gt))
+
+
+def format_mpii_table(result: dict) -> str:
+    """The toolkit's table: Head Shoulder Elbow Wrist Hip Knee Ankle Total, AP in % to 1 decimal."""
+    names = [row for row, _ in MPII_TABLE] + ["Total"]
+    width = max(map(len, names)) + 1
+    return ("".join(f"{n:>{width}}" for n in names) + "\n"
+            + "".join(f"{result['table'][n]:>{width}.1f}" for n in names))
+
+
+def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
+    """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
+    the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
+    result = evaluate_mpii(read_annolist(gt_path), read_annolist(pred_path))
+    print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, {result['people']} people")
+    print(format_mpii_table(result))
+    print(f"mAP {result['mAP']:.1f}")
+    return result
+
+
+# -- writing predictions in the toolkit's pred layout
+
+def _pred_entries(groups: list[Group]) -> list[dict]:
+    """pred(i).image.name, pred(i).annorect(k).annopoints.point(j) x y id score as plain dicts.
+    Only joints with v > 0 are written (absent ids are the toolkit's missing joints); people with
+    none are left out (they can match nobody); scores default to 1 where a Group has none."""
+    out = []
+    for g in groups:
+        rects = []
+        for k in range(len(g.joints)):
+            ids = np.nonzero(g.joints[k, :, 2] > 0)[0]
+            if len(ids) == 0:
+                continue
+            s = g.scores[k, ids] if g.scores is not None else np.ones(len(ids))
+            rects.append([dict(x=float(g.joints[k, j, 0]), y=float(g.joints[k, j, 1]), id=float(j),
+                               score=float(sc)) for j, sc in zip(ids, s)])
+        out.append(dict(name=g.image, rects=rects))
+    return out
+
+
+def _struct_array(rows: list[dict], fields: tuple[str, ...]) -> np.ndarray:
+    """A list of dicts -> a numpy record array that savemat writes as a 1 x N struct array."""
+    arr = np.empty(len(rows), dtype=[(f, object) for f in fields])
+    for i, r in enumerate(rows):
+        arr[i] = tuple(r[f] for f in fields)
+    return arr
+
+
+def write_pred_mat(path: str | Path, groups: list[Group]) -> None:
+    """Predictions as the toolkit's `pred` (evaluateAP loads pred_keypoints_mpii_multi.mat), atomically."""
+    import scipy.io
+
+    path = Path(path)
+    pred = _struct_array([dict(image=dict(name=e["name"]), annorect=_struct_array(
+        [dict(annopoints=dict(point=_struct_array(pts, ("x", "y", "id", "score")))) for pts in e["rects"]],
+        ("annopoints",))) for e in _pred_entries(groups)], ("image", "annorect"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: savemat would append .mat to a .tmp name
+        scipy.io.savemat(f, {"pred": pred}, do_compression=True)
+    os.replace(tmp, path)
+
+
+def write_pred_json(path: str | Path, groups: list[Group]) -> None:
+    """The same `pred` layout as json (read back by read_annolist), atomically."""
+    path = Path(path)
+    pred = [dict(image=dict(name=e["name"]), annorect=[dict(annopoints=dict(point=pts)) for pts in e["rects"]])
+            for e in _pred_entries(groups)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"pred": pred}))
+    os.replace(tmp, path)
+
+
+MPII_BASE = 41 / 35  # paper code: the inference scale of a group is (41/35) / its mean MPII scale
+
+
+def groups_of_records(kset: KeypointSet) -> list[Group]:
+    """MPII ground truth of a COCO-format set with MPII joints (the demo): one group per image.
+    [ours] Rendered people have no head box: a square with the head top - upper neck distance as
+    its side, centred between them, stands in (MPII's boxes frame the head similarly)."""
+    groups = []
+    for rec in kset.records:
+        joints = MPII.to_joints(rec.keypoints)
+        top, neck = joints[:, 9, :2], joints[:, 8, :2]
+        half = np.linalg.norm(top - neck, axis=1, keepdims=True) / 2
+        middle = (top + neck) / 2
+        labelled = (joints[:, 9, 2] > 0) & (joints[:, 8, 2] > 0)
+        boxes = np.where(labelled[:, None], np.concatenate([middle - half, middle + half], 1), np.nan)
+        centre = rec.boxes[:, :2] + rec.boxes[:, 2:] / 2
+        groups.append(Group(rec.path.name, joints, boxes.astype(np.float32), rec.boxes[:, 3] / 200,
+                            centre.astype(np.float32)))
+    return groups
+
+
+def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Group:
+    """Decoded people -> an MPII prediction for one group; each joint is scored by its own peak.
+    [ours] Official groups are parts of an image: a predicted person counts for the group when the
+    mean of its joints lies in the group's region, the union of squares 200 x scale px around each
+    person's objpos (the toolkit would count every other prediction as a false positive)."""
+    joints = np.array([kp for kp, _ in people], np.float32).reshape(-1, MPII.num_joints, 3)
+    found = joints[..., 2] > 0
+    if len(joints) and np.isfinite(truth.objpos).all() and len(truth.objpos):
+        half = 100 * truth.scales[:, None]
+        lo, hi = (truth.objpos - half).min(0), (truth.objpos + half).max(0)
+        centre = (joints[..., :2] * found[..., None]).sum(1) / np.maximum(found.sum(1, keepdims=True), 1)
+        inside = ((centre >= lo) & (centre <= hi)).all(1)
+        joints, found = joints[inside], found[inside]
+    scores = np.where(found, joints[..., 2], 0).astype(np.float32)
+    joints[..., 2] = np.where(found, 2, 0)
+    n = len(joints)
+    return Group(truth.image, joints, np.full((n, 4), np.nan, np.float32), np.full(n, np.nan, np.float32),
+                 np.full((n, 2), np.nan, np.float32), scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1463,6 +2043,11 @@ def benchmark_label(data_name: str) -> str:
 
 
 def print_table(stats: dict, label: str) -> None:
+    if "mAP" in stats:
+        print(f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, {stats.get('images', '?')} groups")
+        print(format_mpii_table(dict(table=stats | dict(Total=stats["mAP"]))))
+        print(f"peak_hit {stats['peak_hit']:.3f}")
+        return
     keys = ("AP", "AP50", "AP75", "APm", "APl", "AR", "peak_hit")
     print(f"\nCOCO keypoint metrics on the {label}, {stats.get('images', '?')} images")
     print("  ".join(f"{k:>8}" for k in keys))
@@ -1521,8 +2106,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        hits, labelled = peak_hits(outputs[-1][:, NUM_PAF:].detach(), people, cfg.stride)
-        joints = supervised_joints(people, cfg.input_size)
+        sk = skeleton(cfg)
+        hits, labelled = peak_hits(outputs[-1][:, sk.num_paf:].detach(), people, cfg.stride)
+        joints = supervised_joints(people, cfg.input_size, sk)
         return dict(loss=float(loss.detach()), per_sample=(per_sample / joints).cpu().numpy(), hits=hits,
                     labelled=labelled, images=len(batch["image"]))
 
@@ -1548,9 +2134,9 @@ class Trainer:
         cfg, main_rank = self.cfg, self.rank == 0
         budget = cfg.minutes * 60
         # With a time budget the bar counts training seconds, so its ETA means something.
-        bar = _progress(total=round(budget) if budget else cfg.steps,
+        bar = rh.progress(total=round(budget) if budget else cfg.steps,
                           initial=round(self.seconds) if budget else self.step,
-                          unit="s" if budget else "step", desc=cfg.mode, enabled=main_rank)
+                          unit="s" if budget else "step", desc=cfg.mode, enabled=main_rank, stream=sys.stdout)
         t_last = time.perf_counter()
         for step, batch in self.batches():
             progress = max(step / cfg.steps, self.seconds / budget if budget else 0.0)
@@ -1594,42 +2180,6 @@ class Trainer:
         return stats
 
 
-class _progress:  # interim: to move to render_humans.progress
-    """A tqdm bar on a terminal; elsewhere (a log file, CI) a plain line on stdout every 30 s and
-    one at the end, so a redirected run writes a few lines, not hundreds of bar updates."""
-    EVERY_S = 30.0
-
-    def __init__(self, total, initial=0, unit="it", desc="", enabled=True):
-        self.total, self.n, self.unit, self.desc, self.enabled = total, initial, unit, desc, enabled
-        self.postfix, self.bar, self.last = "", None, time.perf_counter()
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
-
-    def update(self, k=1):
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-        elif self.enabled and time.perf_counter() - self.last >= self.EVERY_S:
-            self.print_line()
-
-    def set_postfix(self, **values):
-        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
-        if self.bar is not None:
-            self.bar.set_postfix(**values)
-
-    def print_line(self):
-        self.last = time.perf_counter()
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}" + (f" ({self.postfix})" if self.postfix else ""),
-              flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            self.print_line()
-
-
 @dataclass
 class LogWindow:
     """Training figures summed since the last metric line. It is part of the checkpoint, so the
@@ -1665,9 +2215,9 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
     tiles = []
     for i in range(min(n, len(kset.records))):
         image = kset.image(i)
-        maps, base = network_maps(model, image, cfg, device)
+        maps, base = network_maps(model, image, cfg, device, eval_base(kset.records[i], cfg, kset.skeleton))
         people = [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
-                  for kp, _ in decode_maps(maps, base)]
+                  for kp, _ in decode_maps(maps, base, kset.skeleton)]
         tile = rh.draw_keypoints(image, people)
         tiles.append(cv2.resize(tile, (256, round(256 * tile.shape[0] / tile.shape[1]))))
     model.train()
@@ -1690,9 +2240,10 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
     axes[0].set(xlabel="step", ylabel="training loss (all stages)", yscale="log", title=title)
     axes[1].plot([r["minutes"] for r in train], [r["peak_hit"] for r in train], label="train peak-hit")
-    if evals:
-        axes[1].plot([r["minutes"] for r in evals], [r["eval"]["AP"] for r in evals], "o-", label="val AP")
-        axes[1].plot([r["minutes"] for r in evals], [r["eval"]["AP50"] for r in evals], "s-", label="val AP50")
+    for key, marker in (("AP", "o-"), ("AP50", "s-"), ("mAP", "o-")):  # COCO, or MPII's mAP in %
+        points = [(r["minutes"], r["eval"][key] / (100 if key == "mAP" else 1)) for r in evals if key in r["eval"]]
+        if points:
+            axes[1].plot(*zip(*points), marker, label=f"val {key}" + (" / 100" if key == "mAP" else ""))
     axes[1].set(xlabel="training minutes", ylim=(0, 1))
     axes[1].legend()
     fig.tight_layout()
@@ -1739,13 +2290,13 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
         if not evals:
             raise ReproError(f"{run} holds no evaluation yet")
         minutes = [e["minutes"] for e in evals]
-        for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):
-            ax.plot(minutes, [e["eval"][key] for e in evals], "o-", label=run.name)
+        for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):  # MPII runs have none of COCO's APs
+            ax.plot(minutes, [e["eval"].get(key, np.nan) for e in evals], "o-", label=run.name)
             ax.set(xlabel="training minutes", title=f"val {key}")
         last = evals[-1]  # the final evaluation, or the last one of a run that was stopped
         argv = json.loads((run / "config.json").read_text()).get("argv", [])
         command = "python repro.py " + " ".join(argv[1:])
-        e = last["eval"]
+        e = {k: last["eval"].get(k, np.nan) for k in ("AP", "AP50", "AP75", "AR", "peak_hit")}
         lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | {e['AP']:.4f} | "
                      f"{e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | {e['peak_hit']:.3f} |")
     axes[-1].legend(fontsize=7)
@@ -1799,7 +2350,7 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        decode_maps(maps, base)
+        decode_maps(maps, base, skeleton(cfg))
         forward_s, group_s = forward_s + t2 - t, group_s + time.perf_counter() - t2
     figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
                    target_ms_per_sample=target_s / cfg.batch_size * 1e3,
@@ -1824,6 +2375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="plot val metrics of these run folders against minutes into --out (png + md table)")
+    p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
+                   help="score MPII multi-person predictions (.mat pred struct or .json) against a ground-truth "
+                        "annotation list with the official rules; prints the table and 'mAP <value>'")
     demo, paper = Config(), PRESETS["paper"]
 
     def shown(v):
@@ -1851,6 +2405,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     values = dataclasses.asdict(Config()) | PRESETS[args.preset or "demo"]
     values |= {k: v for k, v in vars(args).items() if v is not None and k in values}
     values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+    if args.mpii_root and args.skeleton is None:
+        values["skeleton"] = "mpii"
     return Config(**values), args
 
 
@@ -1958,7 +2514,11 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats))
     write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
                     train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
-    write_json(results, out / "val_predictions.json")
+    if data.val.skeleton is MPII:  # the toolkit's pred struct, so that its Matlab code can score them too
+        write_pred_mat(out / "val_predictions.mat", results)
+        write_pred_json(out / "val_predictions.json", results)
+    else:
+        write_json(results, out / "val_predictions.json")
     save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
     save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
     if trainer.teacher is not None:
@@ -1994,6 +2554,9 @@ def main(argv: list[str] | None = None) -> int:
         check_config(cfg)
         if args.compare:
             compare_runs(args.compare, Path(cfg.out or "results/compare.png"))
+            return 0
+        if args.score_mpii:
+            score_mpii_files(*args.score_mpii)
             return 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -6,11 +6,13 @@ import pickle
 import subprocess
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import scipy.io
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -43,13 +45,14 @@ def scenes(gl, tmp_path_factory):
     return out, json.loads(ann.read_text())
 
 
-def _two_people(body, behind: float, shift_x: float = 0.0, size: int = 128):
-    """Two identical people facing the camera, the second `behind` metres further back."""
+def _two_people(body, behind: float, shift_x: float = 0.0, size: int = 128, extended: bool = False):
+    """Two identical people facing the camera, the second `behind` metres further back; extended:
+    their labels cover COCO's 17 keypoints and then rh.EXTRA_POINTS."""
     cfg = rh.RenderConfig(style="standin")
     rng = np.random.default_rng(0)
     shape, world, _, albedo = rh.sample_people(body, rng, 1, cfg)
     world[:] = rh.canonical_fk(rh.angles_to_local(rh._pose_angles(np.random.default_rng(0), "stand")[None]))
-    verts, kps = rh.build_people(body, np.repeat(shape, 2, 0), np.repeat(world, 2, 0), np.zeros(2))
+    verts, kps = rh.build_people(body, np.repeat(shape, 2, 0), np.repeat(world, 2, 0), np.zeros(2), extended)
     off = np.float32([[[shift_x, 0, 0]], [[shift_x, 0, -behind]]])
     cam = rh.make_camera(6.0, 0.0, size, size, 0.9)
     light = rh.sample_lighting(rng, "standin")
@@ -75,7 +78,9 @@ def test_coco_json_loads_and_gt_as_detections_gives_ap_1(scenes):
     dets = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
             for a in coco["annotations"]]
     ev = COCOeval(gt, gt.loadRes(dets), "keypoints")
-    ev.evaluate(); ev.accumulate(); ev.summarize()
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
 
 
@@ -117,7 +122,8 @@ def test_same_seed_same_bytes_and_sharded_resume(gl, tmp_path, monkeypatch):
     kw = dict(num_images=5, seed=3, **TINY)
     a = rh.render_dataset(tmp_path / "a", **kw)
     b = rh.render_dataset(tmp_path / "b", **kw)
-    files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    def files(d):
+        return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
     fa = files(tmp_path / "a")
     assert fa == files(tmp_path / "b") and a.read_bytes() == b.read_bytes()
 
@@ -212,14 +218,15 @@ def test_help_explains_every_flag():
     flags = set(__import__("re").findall(r"--[a-z][a-z-]+", r.stdout))
     assert {"--kind", "--num-images", "--style", "--image-size", "--mean-people", "--min-people",
             "--camera-distance", "--seed", "--backgrounds", "--poses", "--body-model", "--model-path",
-            "--workers", "--num-shards", "--shard", "--bench", "--grid"} <= flags
+            "--workers", "--num-shards", "--shard", "--bench", "--grid", "--skeleton"} <= flags
     assert all(a.help and len(a.help) > 10 for a in rh.build_parser()._actions)
 
 
 def test_smpl_pickles_load_without_chumpy(tmp_path):
     import scipy.sparse
 
-    fake = types.ModuleType("chumpy"); fake_ch = types.ModuleType("chumpy.ch")
+    fake = types.ModuleType("chumpy")
+    fake_ch = types.ModuleType("chumpy.ch")
 
     class Ch:
         def __init__(self, x): self.x = x
@@ -249,8 +256,11 @@ def _fake_smpl(root: Path):
                   [-.45, 1.4, 0], [.7, 1.4, 0], [-.7, 1.4, 0], [.78, 1.4, 0], [-.78, 1.4, 0]])
     V, rng = 6890, np.random.default_rng(0)
     owner = np.arange(V) % 24
-    Jr = np.zeros((24, V)); Jr[owner, np.arange(V)] = 1; Jr /= Jr.sum(1, keepdims=True)
-    W = np.zeros((V, 24)); W[np.arange(V), owner] = 1
+    Jr = np.zeros((24, V))
+    Jr[owner, np.arange(V)] = 1
+    Jr /= Jr.sum(1, keepdims=True)
+    W = np.zeros((V, 24))
+    W[np.arange(V), owner] = 1
     data = dict(v_template=J[owner] + rng.normal(0, 0.04, (V, 3)), shapedirs=rng.normal(0, 1e-3, (V, 3, 10)),
                 posedirs=np.zeros((V, 3, 207)), J_regressor=Jr, weights=W,
                 kintree_table=np.array([[2**32 - 1 if p < 0 else p for p in par], list(range(24))]),
@@ -265,6 +275,234 @@ def test_smpl_body_model_path_renders(gl, tmp_path):
                             **{**TINY, "image_size": 64})
     coco = json.loads(ann.read_text())
     assert coco["images"] and all(len(a["keypoints"]) == 51 for a in coco["annotations"])
+
+
+def test_smpl_body_model_path_writes_mpii_joints(gl, tmp_path):
+    _fake_smpl(tmp_path / "models")
+    ann = rh.render_dataset(tmp_path / "out", num_images=1, body_model="smpl", model_path=tmp_path / "models",
+                            skeleton="mpii", **{**TINY, "image_size": 64})
+    coco = json.loads(ann.read_text())
+    assert coco["categories"][0]["keypoints"] == rh.MPII_KEYPOINT_NAMES
+    assert coco["annotations"] and all(len(a["keypoints"]) == 48 for a in coco["annotations"])
+    body = rh.get_body_model("smpl", str(tmp_path / "models"))
+    verts, kps = rh.build_people(body, body.sample_shape(np.random.default_rng(0), 2, "synthetic"),
+                                 rh.sample_poses(np.random.default_rng(1), 2, "synthetic"), np.zeros(2), extended=True)
+    assert kps.shape == (2, 21, 3)
+    assert np.allclose(kps[:, 17], verts[:, rh.SMPL_HEAD_TOP], atol=1e-5)  # head_top: SMPL vertex 411
+
+
+@pytest.fixture(scope="module")
+def mpii_scenes(scenes, tmp_path_factory):
+    """The `scenes` fixture's settings with MPII labels."""
+    out = tmp_path_factory.mktemp("mpii")
+    ann = rh.render_dataset(out, num_images=3, seed=1, skeleton="mpii",
+                            **{**TINY, "image_size": 160, "mean_people": 4.0})
+    return out, json.loads(ann.read_text())
+
+
+def test_mpii_scenes_label_16_joints_on_the_same_images(scenes, mpii_scenes):
+    (coco_dir, coco), (mpii_dir, mpii) = scenes, mpii_scenes
+    cat = mpii["categories"][0]
+    assert cat["keypoints"] == rh.MPII_KEYPOINT_NAMES and cat["skeleton"] == rh.MPII_SKELETON
+    assert mpii["info"]["config"]["skeleton"] == "mpii" and "skeleton" not in coco["info"]["config"]
+    for a, b in zip(coco["images"], mpii["images"], strict=True):  # the labels change, the pixels do not
+        assert (coco_dir / "images" / a["file_name"]).read_bytes() == \
+            (mpii_dir / "images" / b["file_name"]).read_bytes()
+    names = rh.COCO_KEYPOINT_NAMES
+    for c, m in zip(coco["annotations"], mpii["annotations"], strict=True):
+        assert c["segmentation"] == m["segmentation"] and len(m["keypoints"]) == 48
+        kc, km = np.array(c["keypoints"]).reshape(17, 3), np.array(m["keypoints"]).reshape(16, 3)
+        assert m["num_keypoints"] == (km[:, 2] > 0).sum()
+        for j, name in enumerate(rh.MPII_KEYPOINT_NAMES):  # limbs: the points COCO uses
+            if name in rh.MPII_FROM_COCO:
+                k = kc[names.index(rh.MPII_FROM_COCO[name])]
+                assert np.allclose(km[j, :2], k[:2], atol=0.02) and km[j, 2] == k[2]
+    people = [m for m in mpii["annotations"] if m["image_id"] == 1]
+    assert rh.draw_keypoints(np.zeros((160, 160, 3), np.uint8), people).any()
+
+
+def test_mpii_head_top_above_upper_neck_above_thorax_when_standing(gl):
+    assert np.argmax(gl.rest[:, 1]) == rh.ANNY_HEAD_TOP  # the pinned vertex is the top of the head
+    _, _, _, kl = _two_people(gl, behind=1.5, extended=True)
+    front = rh.SKELETONS["mpii"].labels(kl)[0]
+    assert front.shape == (16, 3) and (front[:, 2] > 0).all()
+    x, y = ({n: front[i, d] for i, n in enumerate(rh.MPII_KEYPOINT_NAMES)} for d in (0, 1))
+    assert y["head_top"] < y["upper_neck"] < y["thorax"] < y["pelvis"] < y["r_knee"] < y["r_ankle"]
+    assert y["upper_neck"] - y["head_top"] > 0.05 * (y["r_ankle"] - y["head_top"])
+    assert x["r_shoulder"] < x["thorax"] < x["l_shoulder"]  # facing the camera: the right side on the left
+
+
+def test_bank_labels_mpii_joints_in_crop_coordinates(gl, tmp_path):
+    ann = rh.render_dataset(tmp_path, kind="bank", num_images=3, image_size=96, skeleton="mpii", progress=False)
+    coco = json.loads(ann.read_text())
+    assert coco["categories"][0]["keypoints"] == rh.MPII_KEYPOINT_NAMES
+    for im, a in zip(coco["images"], coco["annotations"], strict=True):
+        rgba = cv2.imread(str(tmp_path / "images" / im["file_name"]), cv2.IMREAD_UNCHANGED)
+        kp = np.array(a["keypoints"]).reshape(16, 3)
+        assert (kp[:, 2] > 0).all() and a["num_keypoints"] == 16
+        assert ((kp[:, 0] < im["width"]) & (kp[:, 1] < im["height"]) & (kp[:, :2] >= 0).all(1)).all()
+        vis = kp[kp[:, 2] == 2]
+        assert (rgba[vis[:, 1].astype(int), vis[:, 0].astype(int), 3] == 255).all()
+
+
+def test_settings_come_from_one_place(tmp_path):
+    with pytest.raises(rh.RenderError, match="unknown render setting colour"):
+        rh.render_dataset(tmp_path / "x", num_images=1, colour="red")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(rh.RenderError, match="num_images"):
+        rh.RenderConfig(num_images="many")
+    legacy = ["kind", "num_images", "style", "image_size", "mean_people", "min_people", "camera_distance", "seed",
+              "backgrounds", "poses", "body_model", "model_path", "renderer_version"]
+    assert list(rh._config_json(rh.RenderConfig())) == legacy  # caches rendered before --skeleton stay valid
+    assert rh._config_json(rh.RenderConfig(skeleton="mpii"))["skeleton"] == "mpii"
+    args = rh.parse_args(["out", "--skeleton", "mpii", "--camera-distance", "6", "0.5", "--num-images", "7"])
+    cfg = rh.make_config({n: getattr(args, n) for n in rh.SETTINGS})
+    assert cfg == rh.RenderConfig(skeleton="mpii", camera_distance=(6.0, 0.5), num_images=7)
+    assert rh.RenderConfig(mean_people=2, poses=Path("p")) == rh.RenderConfig(mean_people=2.0, poses="p")
+
+
+_TINY_BVH = """HIERARCHY
+ROOT Hips
+{
+  OFFSET 0 0 0
+  CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation
+  JOINT Spine
+  {
+    OFFSET 0 10 0
+    CHANNELS 3 Zrotation Xrotation Yrotation
+    End Site
+    {
+      OFFSET 0 5 0
+    }
+  }
+}
+MOTION
+Frames: 3
+Frame Time: 0.0333
+"""
+
+
+def test_truncated_bvh_is_refused_in_one_line(tmp_path, capsys):
+    frame = " ".join(["0"] * 9) + "\n"
+    (tmp_path / "good.bvh").write_text(_TINY_BVH + frame * 3)
+    names, parents, _, _, data, _, end_sites = rh.parse_bvh(tmp_path / "good.bvh")
+    assert names == ["Hips", "Spine"] and parents == [-1, 0] and data.shape == (3, 9)
+    assert np.allclose(end_sites[1], [0, 5, 0])
+    (tmp_path / "bvh").mkdir()
+    (tmp_path / "bvh" / "cut.bvh").write_text(_TINY_BVH + frame * 2 + "0 0 0 0")  # cut off in frame 3
+    with pytest.raises(rh.RenderError, match="promises 3 frames of 9 channels, the file holds 2 frames and 4"):
+        rh.parse_bvh(tmp_path / "bvh" / "cut.bvh")
+    out = tmp_path / "out"
+    msg = _main_error([str(out), "--poses", str(tmp_path / "bvh")], capsys)
+    assert "cut.bvh" in msg and "truncated" in msg and not out.exists()
+
+
+def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "render_humans.py"), str(out), "--num-images", "1"],
+                       capture_output=True, text=True, env={**os.environ, "PYOPENGL_PLATFORM": "bogus"})
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "PYOPENGL_PLATFORM=bogus" in r.stderr
+    assert not out.exists()
+    # osmesa asked for where libOSMesa is missing (simulated: the library lookup finds nothing)
+    real_find = rh.ctypes.util.find_library
+    monkeypatch.setattr(rh.ctypes.util, "find_library", lambda name: None if name == "OSMesa" else real_find(name))
+    monkeypatch.setenv("PYOPENGL_PLATFORM", "osmesa")
+    assert "libOSMesa is not installed" in _main_error([str(out), "--num-images", "1"], capsys)
+    assert not out.exists()
+    # a GL context that cannot be made: found before the first file is written
+    monkeypatch.setattr(rh.ctypes.util, "find_library", lambda name: "libfound.so")
+
+    def no_context():
+        raise rh.RenderError("cannot make a headless OpenGL context (simulated)")
+
+    monkeypatch.setattr(rh, "get_renderer", no_context)
+    assert "simulated" in _main_error([str(out), "--num-images", "1"], capsys) and not out.exists()
+
+
+def test_read_only_out_dir_is_one_line(gl, tmp_path, monkeypatch, capsys):
+    import errno
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores the mode: simulate a read-only file system instead
+            def refuse(self, *args, **kwargs):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+            monkeypatch.setattr(Path, "mkdir", refuse)
+        msg = _main_error([str(ro / "out"), "--num-images", "1", "--image-size", "64"], capsys)
+    finally:
+        monkeypatch.undo()
+        ro.chmod(0o700)
+    assert "cannot write into" in msg and ("Read-only" in msg or "Permission denied" in msg)
+    assert not (ro / "out").exists()
+
+
+def test_full_disk_leaves_no_temp_file(gl, tmp_path, monkeypatch, capsys):
+    import errno
+
+    real_open = open
+
+    class FullDisk:  # a file on a full disk: it opens, its writes fail
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_on_full_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode and Path(path).parent.name == "images" else f
+
+    monkeypatch.setattr(rh, "open", open_on_full_disk, raising=False)
+    out = tmp_path / "out"
+    msg = _main_error([str(out), "--num-images", "2", "--image-size", "64", "--mean-people", "1"], capsys)
+    assert "No space left on device" in msg and "000000.jpg" in msg
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["config.json"]  # no .tmp, image or chunk part
+
+
+def test_junk_backgrounds_are_counted(gl, tmp_path, capsys):
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    cv2.imwrite(str(bg / "photo.png"), np.full((64, 64, 3), 128, np.uint8))
+    (bg / "notes.jpg").write_text("not an image")
+    (bg / "empty.png").write_bytes(b"")
+    rh.render_dataset(tmp_path / "out", num_images=1, style="standin", backgrounds=bg, **{**TINY, "image_size": 64})
+    lines = [s for s in capsys.readouterr().err.splitlines() if "backgrounds" in s]
+    assert len(lines) == 1 and "skipping 2 of 3 files" in lines[0]
+
+
+def test_progress_off_a_terminal_is_sparse_plain_lines(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert type(rh.progress(10, stream=Terminal())).__name__ == "tqdm"
+    clock = [0.0]
+    monkeypatch.setattr(rh, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    log = io.StringIO()
+    bar = rh.progress(100, 10, "render scenes/standin", "img", stream=log)
+    for _ in range(9):  # 45 s of work
+        clock[0] += 5.0
+        bar.update(10)
+    bar.set_postfix(loss="0.12")
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and bar.n == 100  # one line after 30 s, one at the end
+    assert lines[-1] == "render scenes/standin: 100/100 img (100%), 2.0 img/s, 45 s (loss=0.12)"
+    quiet = rh.progress(5, stream=log, enabled=False)
+    quiet.update(5)
+    quiet.close()
+    assert log.getvalue().count("\n") == 2
 
 
 # ==============================================================================================
@@ -304,13 +542,15 @@ def write_toy_set(root: Path, n_images=6, size=128, people=(1, 3), seed=0, crowd
         count = rng.integers(people[0], people[1] + 1)
         for j in range(count):
             h = rng.uniform(0.5, 0.9) * min(size, 2 * size / count)
-            kp = stick_figure(rng, h) + [j * size / count + rng.uniform(0, size / count - h / 2), rng.uniform(0, size - h)]
+            corner = [j * size / count + rng.uniform(0, size / count - h / 2), rng.uniform(0, size - h)]
+            kp = stick_figure(rng, h) + corner
             draw_figure(img, kp, tuple(int(c) for c in rng.integers(120, 255, 3)))
             full = np.concatenate([kp, np.full((17, 1), 2, np.float32)], 1)
             x0, y0 = kp.min(0)
             x1, y1 = kp.max(0)
             anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=1, iscrowd=0, num_keypoints=17,
-                             keypoints=full.flatten().tolist(), bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                             keypoints=full.flatten().tolist(),
+                             bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                              area=float((x1 - x0) * (y1 - y0)), min_dist=float(rng.uniform(0, size)),
                              camera_angle=float(rng.uniform(0, 37))))
         if crowd:
@@ -319,7 +559,7 @@ def write_toy_set(root: Path, n_images=6, size=128, people=(1, 3), seed=0, crowd
                              segmentation=[[0, 0, 20, 0, 20, 20, 0, 20]]))
         cv2.imwrite(str(root / "images" / f"{i:04d}.jpg"), img)
         images.append(dict(id=i + 1, file_name=f"{i:04d}.jpg", width=size, height=size))
-    categories = [dict(id=1, name="person", supercategory="person", keypoints=list(R.COCO_KEYPOINTS),
+    categories = [dict(id=1, name="person", supercategory="person", keypoints=list(R.COCO.parts[:17]),
                        skeleton=rh.COCO_SKELETON)]
     path = root / "annotations.json"
     path.write_text(json.dumps(dict(images=images, annotations=anns, categories=categories)))
@@ -351,7 +591,8 @@ def write_toy_bank(root: Path, n=4, seed=1):
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     return dict(train=write_toy_set(root / "train", 6, seed=0, crowd=True), val=write_toy_set(root / "val", 3, seed=1),
-                synthetic=write_toy_set(root / "synthetic", 6, people=(2, 4), seed=2), bank=write_toy_bank(root / "bank"))
+                synthetic=write_toy_set(root / "synthetic", 6, people=(2, 4), seed=2),
+                bank=write_toy_bank(root / "bank"))
 
 
 def toy_data_args(toy):
@@ -371,18 +612,25 @@ def toy_config(**kw):
     return R.dataclasses.replace(cfg, **kw)
 
 
-def perfect_results(kset, cfg):
-    """Grid maps built from the ground truth, decoded exactly as network output would be."""
-    results = []
+def perfect_people(kset, cfg):
+    """Per record, the people decoded from grid maps built from the ground truth, exactly as
+    network output would be."""
+    sk, found = kset.skeleton, []
     for rec in kset.records:
         base = cfg.eval_height / rec.height
         hb, wb = round(rec.height * base), round(rec.width * base)
         kp = torch.as_tensor(rec.keypoints).clone()
         kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
         size = (hb + (-hb % cfg.stride), wb + (-wb % cfg.stride))
-        grid = torch.cat([R.paf_targets(kp[None], size, cfg.stride, cfg.paf_width),
+        grid = torch.cat([R.paf_targets(kp[None], size, cfg.stride, cfg.paf_width, sk.limbs),
                           R.heatmap_targets(kp[None], size, cfg.stride, cfg.sigma)], 1)
-        results += R.coco_results(rec.image_id, R.decode_maps(R.upsample_maps(grid, cfg.stride, (hb, wb))[0], base))
+        found.append(R.decode_maps(R.upsample_maps(grid, cfg.stride, (hb, wb))[0], base, sk))
+    return found
+
+
+def perfect_results(kset, cfg):
+    results = [r for rec, people in zip(kset.records, perfect_people(kset, cfg))
+               for r in R.coco_results(rec.image_id, people)]
     return R.coco_eval(kset.json_path, results, [r.image_id for r in kset.records])
 
 
@@ -412,14 +660,15 @@ def test_heatmap_and_paf_values():
     kp[0, 0, 7] = torch.tensor([29.5, 21.5, 2])  # left elbow 20 px to its right
     heat = R.heatmap_targets(kp, 64, 4, sigma=3.0)
     assert heat.shape == (1, 19, 16, 16)
-    cell = lambda x: round((x - 1.5) / 4)
+    def cell(x):
+        return round((x - 1.5) / 4)
     assert heat[0, 5, cell(21.5), cell(9.5)] == pytest.approx(1.0) and heat[0, 0].max() == 0
     assert heat[0, 18, cell(21.5), cell(9.5)] == pytest.approx(0.0)  # background = 1 - max over parts
     # truncated where the Gaussian drops below 0.01 (paper code)
     d = (R.grids(64, 4)[1] - 9.5).abs()
     assert torch.all((heat[0, 5, cell(21.5)] > 0) == (torch.exp(-d ** 2 / 18) >= 0.01))
-    paf = R.paf_targets(kp, 64, 4, width=2.0)
-    limb = [i for i, (a, b) in enumerate(R.LIMBS) if (a, b) == (5, 7)][0]
+    paf = R.paf_targets(kp, 64, 4, width=2.0, limbs=R.COCO.limbs)
+    limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
     px, py = paf[0, 2 * limb], paf[0, 2 * limb + 1]
     assert px[cell(21.5), cell(9.5):cell(29.5) + 1].min() == pytest.approx(1.0) and py.abs().max() == 0
     assert px[cell(21.5) + 2].abs().max() == 0  # 8 px off the limb, width 2
@@ -430,33 +679,36 @@ def test_paf_averages_overlapping_people():
     kp = torch.zeros(1, 2, 18, 3)
     kp[0, 0, 5], kp[0, 0, 7] = torch.tensor([1.5, 9.5, 2]), torch.tensor([29.5, 9.5, 2])  # pointing right
     kp[0, 1, 5], kp[0, 1, 7] = torch.tensor([13.5, 1.5, 2]), torch.tensor([13.5, 29.5, 2])  # pointing down
-    paf = R.paf_targets(kp, 32, 4, width=2.0)
-    limb = [i for i, (a, b) in enumerate(R.LIMBS) if (a, b) == (5, 7)][0]
+    paf = R.paf_targets(kp, 32, 4, width=2.0, limbs=R.COCO.limbs)
+    limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
     vec = paf[0, 2 * limb:2 * limb + 2, 2, 3]  # cell (3, 2) = pixel (13.5, 9.5), on both limbs
     assert torch.allclose(vec, torch.tensor([0.5, 0.5]))
 
 
 # ---- flips ------------------------------------------------------------------------------------
 
-def test_flip_of_targets_equals_targets_of_flipped_keypoints():
+@pytest.mark.parametrize("sk", [R.COCO, R.MPII], ids=["coco", "mpii"])
+def test_flip_of_targets_equals_targets_of_flipped_keypoints(sk):
     rng = np.random.default_rng(0)
-    size, stride = 64, 4
-    kp = np.zeros((2, 3, 18, 3), np.float32)
-    kp[..., :2] = rng.uniform(0, size - 1, (2, 3, 18, 2))
-    kp[..., 2] = rng.choice([0, 1, 2], (2, 3, 18))
-    flipped = kp[:, :, R.FLIP_PARTS].copy()
+    size, stride, k = 64, 4, sk.num_parts
+    kp = np.zeros((2, 3, k, 3), np.float32)
+    kp[..., :2] = rng.uniform(0, size - 1, (2, 3, k, 2))
+    kp[..., 2] = rng.choice([0, 1, 2], (2, 3, k))
+    flipped = kp[:, :, sk.flip_parts].copy()
     flipped[..., 0] = size - 1 - flipped[..., 0]
-    targets = lambda k: torch.cat([R.paf_targets(torch.as_tensor(k), size, stride, 3.0),
-                                   R.heatmap_targets(torch.as_tensor(k), size, stride, 2.5)], 1)
-    assert torch.allclose(R.flip_maps(targets(kp)), targets(flipped), atol=1e-5)
+
+    def targets(k):
+        return torch.cat([R.paf_targets(torch.as_tensor(k), size, stride, 3.0, sk.limbs),
+                          R.heatmap_targets(torch.as_tensor(k), size, stride, 2.5)], 1)
+    assert torch.allclose(R.flip_maps(targets(kp), sk), targets(flipped), atol=1e-5)
 
 
 def test_flip_swaps_left_and_right():
-    names = R.PARTS
-    for i, j in enumerate(R.FLIP_PARTS):
+    names = R.COCO.parts
+    for i, j in enumerate(R.COCO.flip_parts):
         assert names[j] == names[i].replace("left", "#").replace("right", "left").replace("#", "right")
-    for (a, b), k in zip(R.LIMBS, R.FLIP_LIMBS):
-        assert tuple(R.LIMBS[k]) == (R.FLIP_PARTS[a], R.FLIP_PARTS[b])
+    for (a, b), k in zip(R.COCO.limbs, R.COCO.flip_limbs):
+        assert tuple(R.COCO.limbs[k]) == (R.COCO.flip_parts[a], R.COCO.flip_parts[b])
 
 
 def test_flipped_crop_mirrors_image_and_keypoints(toy):
@@ -465,7 +717,7 @@ def test_flipped_crop_mirrors_image_and_keypoints(toy):
     plain = R.crop_person(image, None, rec, 0, toy_config(flip_prob=0.0), np.random.default_rng(3))
     mirrored = R.crop_person(image, None, rec, 0, toy_config(flip_prob=1.0), np.random.default_rng(3))
     assert np.abs(mirrored.image.astype(int) - plain.image[:, ::-1].astype(int)).mean() < 1.0
-    expect = plain.keypoints[:, R.FLIP_PARTS].copy()
+    expect = plain.keypoints[:, R.COCO.flip_parts].copy()
     expect[..., 0] = 63 - expect[..., 0]
     assert np.allclose(mirrored.keypoints, expect, atol=1e-3)
 
@@ -491,9 +743,11 @@ def test_pasted_people_masked_out_of_the_loss():
     ignore = torch.full((1, 64, 64), 255, dtype=torch.uint8)
     # mask mode: zero gradient wherever the pasted people's own heatmap / PAF exceeds 0.25 ...
     g, _, _ = grad_of_loss(cfg, real, pasted, ignore)
-    own = torch.cat([R.paf_targets(pasted, 64, 4, cfg.paf_width), R.heatmap_targets(pasted, 64, 4, cfg.sigma)], 1)
-    paf_mag = own[:, :R.NUM_PAF].reshape(1, R.NUM_LIMBS, 2, 16, 16).norm(dim=2).repeat_interleave(2, 1)
-    under = torch.cat([paf_mag > 0.25, own[:, R.NUM_PAF:-1] > 0.25, own[:, R.NUM_PAF:-1].amax(1, keepdim=True) > 0.25], 1)
+    own = torch.cat([R.paf_targets(pasted, 64, 4, cfg.paf_width, R.COCO.limbs),
+                     R.heatmap_targets(pasted, 64, 4, cfg.sigma)], 1)
+    paf_mag = own[:, :R.COCO.num_paf].reshape(1, R.COCO.num_limbs, 2, 16, 16).norm(dim=2).repeat_interleave(2, 1)
+    heat = own[:, R.COCO.num_paf:-1]
+    under = torch.cat([paf_mag > 0.25, heat > 0.25, heat.amax(1, keepdim=True) > 0.25], 1)
     assert under.sum() > 50 and g[under].abs().max() == 0
     assert g[:, -1][under[:, -1]].numel() > 0  # the background channel is masked too
     # ... while include mode supervises them: their targets are drawn, as if they were real people
@@ -520,7 +774,8 @@ def test_person_without_keypoints_goes_into_mask_miss(tmp_path):
     path = write_toy_set(tmp_path, 1, people=(1, 1))
     data = json.loads(path.read_text())
     data["annotations"].append(dict(id=99, image_id=1, category_id=1, iscrowd=0, num_keypoints=0, keypoints=[0] * 51,
-                                    bbox=[100, 100, 20, 20], area=400.0, segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
+                                    bbox=[100, 100, 20, 20], area=400.0,
+                                    segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
     path.write_text(json.dumps(data))
     rec = R.load_keypoint_set(path, tmp_path / "images").records[0]
     assert len(rec.keypoints) == 1 and (R.mask_miss(rec)[105:115, 105:115] == 0).all()
@@ -534,7 +789,8 @@ def test_pasted_person_occludes_real_keypoints(toy):
     kp = np.zeros((1, 18, 3), np.float32)
     kp[0, :, :2] = rng.uniform(0, 63, (18, 2))
     kp[0, :, 2] = 2
-    sample = R.Sample(np.zeros((64, 64, 3), np.uint8), kp, np.zeros((0, 18, 3), np.float32), np.full((64, 64), 255, np.uint8))
+    sample = R.Sample(np.zeros((64, 64, 3), np.uint8), kp, np.zeros((0, 18, 3), np.float32),
+                      np.full((64, 64), 255, np.uint8))
     out = R.paste_people(sample, bank, cfg, rng)
     # The real crop is black and pasted people are (200, 60, 60): brightness says how opaque they are.
     xy = np.round(kp[0, :, :2]).astype(int)
@@ -615,7 +871,7 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "2")) == 0
     ckpt = tmp_path / "run/ckpt.pt"
     assert R.main(toy_args(toy, tmp_path / "eval", "--mode", "eval", "--ckpt", str(ckpt))) == 0
-    assert "AP" in json.loads((tmp_path / "eval" / f"eval-annotations.json").read_text())
+    assert "AP" in json.loads((tmp_path / "eval" / "eval-annotations.json").read_text())
     cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "augmented", "--init", str(ckpt)))
     saved = torch.load(ckpt, weights_only=False)["model"]
     started = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "x").model.state_dict()
@@ -831,7 +1087,10 @@ def test_forced_teacher_trains_only_on_its_bin(toy, tmp_path, monkeypatch):
     assert sum(teacher.counts) == len(trainer.maker.centres["synthetic"])
     seen = []
     real_batch = R.BatchMaker.batch
-    monkeypatch.setattr(R.BatchMaker, "batch", lambda self, specs, rng: seen.append(specs) or real_batch(self, specs, rng))
+    def batch(self, specs, rng):
+        seen.append(specs)
+        return real_batch(self, specs, rng)
+    monkeypatch.setattr(R.BatchMaker, "batch", batch)
     for step, batch in trainer.batches():
         result = trainer.train_step(batch, cfg.lr)
         teacher.observe(step, batch, result)
@@ -860,7 +1119,7 @@ def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, de
         assert torch.equal(a["teacher"]["net"][k], b["teacher"]["net"][k]), k
     assert a["teacher"]["records"] == b["teacher"]["records"] and len(a["teacher"]["records"]) == 4
     assert (tmp_path / "straight/teacher_bins.png").is_file()
-    logged = [json.loads(l) for l in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("teacher") and "probs" in r["teacher"] for r in logged)
 
 
@@ -884,7 +1143,8 @@ def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
     assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
     assert R.main(toy_args(toy, tmp_path / "unused", "--bench", "--init", str(run / "ckpt.pt"))) == 0
     out = capsys.readouterr().out
-    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", R.precision(torch.device("cpu"), R.Config())):
+    precision = R.precision(torch.device("cpu"), R.Config())
+    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
         assert figure in out
 
 
@@ -900,8 +1160,8 @@ def test_grouping_merges_fragments_joined_by_a_later_limb():
     kp = torch.zeros(1, 1, 18, 3)
     kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
     kp[0, 0, :17, 2] = 2
-    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
-    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0)
+    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
+    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0, R.COCO)
     joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
     assert len(joined) == 1
     assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
@@ -917,3 +1177,307 @@ def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_
     frozen = [p.requires_grad for p in trainer.model.backbone[:R.VGG_FROZEN_LAYERS].parameters()]
     assert frozen and not any(frozen)
     assert all(p.requires_grad for p in trainer.model.backbone[R.VGG_FROZEN_LAYERS:].parameters())
+
+
+# ==============================================================================================
+# MPII multi-person: loading, the official evaluation, the skeleton
+# ==============================================================================================
+MPII_DIR = SHARED / "real" / "mpii"
+MPII_GT, MPII_PRED = MPII_DIR / "mpii_val_multi_groundtruth.mat", MPII_DIR / "mpii_val_multi_predictions.mat"
+needs_mpii = pytest.mark.skipif(not MPII_GT.is_file(), reason=f"MPII fixture not found in {MPII_DIR}")
+
+
+@pytest.fixture(scope="module")
+def mpii_gt():
+    return R.read_annolist(MPII_GT, image_names=R.read_image_list(MPII_DIR / "mpii_val_multi_images.json"))
+
+
+@pytest.fixture(scope="module")
+def mpii_pred():
+    return R.read_annolist(MPII_PRED)
+
+
+def _with_scores(groups, value=1.0):
+    return [R.Group(g.image, g.joints.copy(), g.head_boxes, g.scales, g.objpos,
+                    np.where(g.joints[..., 2] > 0, value, 0).astype(np.float32)) for g in groups]
+
+
+@needs_mpii
+def test_mpii_fixture_ground_truth_loads(mpii_gt):
+    assert len(mpii_gt) == 350 and sum(len(g.joints) for g in mpii_gt) == 902
+    sizes = [len(g.joints) for g in mpii_gt]
+    assert min(sizes) == 2 and max(sizes) == 8
+    g = mpii_gt[0]
+    assert g.image == "015457215.jpg" and g.joints.shape == (3, 16, 3) and g.scores is None
+    assert np.isfinite(np.concatenate([g.head_boxes for g in mpii_gt])).all()
+    assert (g.joints[0, [0, 5], 2] == 0).all() and (g.joints[0, [8, 9], 2] == 2).all()  # absent ankles
+
+
+@needs_mpii
+def test_mpii_fixture_predictions_score_like_a_published_model(mpii_gt, mpii_pred, capsys):
+    result = R.score_mpii_files(MPII_PRED, MPII_GT)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"mAP {result['mAP']:.1f}" and "Shoulder" in out[-3]
+    assert 60 < result["mAP"] < 85  # bottom-up models published on this split
+    assert len(result["joints"]) == 14 and set(result["table"]) == {r for r, _ in R.MPII_TABLE} | {"Total"}
+    assert result["table"]["Head"] > result["table"]["Ankle"]
+    assert result["mAP"] == pytest.approx(np.mean(list(result["joints"].values())))
+
+
+@needs_mpii
+def test_mpii_ground_truth_as_predictions_scores_100_and_degrades(mpii_gt):
+    assert R.evaluate_mpii(mpii_gt, _with_scores(mpii_gt))["mAP"] == pytest.approx(100)
+    dropped = [R._subset(g, np.arange(len(g.joints)) % 2 == 0) for g in _with_scores(mpii_gt)]
+    assert 0 < R.evaluate_mpii(mpii_gt, dropped)["mAP"] < 100
+    for shift, low, high in ((0.45, 100, 100), (0.55, 0, 5)):  # head sizes to the right: PCKh 0.5
+        moved = _with_scores(mpii_gt)
+        for g in moved:
+            g.joints[..., 0] += shift * R.head_sizes(g.head_boxes)[:, None]
+        # beyond the threshold a joint may still land on a neighbour's joint: not quite 0
+        assert low - 1e-9 <= R.evaluate_mpii(mpii_gt, moved)["mAP"] <= high + 1e-9
+
+
+@needs_mpii
+def test_mpii_duplicate_of_a_person_is_a_false_positive(mpii_gt):
+    gt = mpii_gt[:20]
+    preds = _with_scores(gt, 0.5)
+    for g in preds:  # an identical second copy of person 0 ranked first: the tie goes to the first
+        g.joints = np.concatenate([g.joints, g.joints[:1]])
+        g.scores = np.concatenate([g.scores, g.scores[:1] * 0 + 0.9])
+    result = R.evaluate_mpii(gt, preds)
+    assert result["mAP"] < 100
+    assert result["joints"]["head_top"] < 100
+
+
+@needs_mpii
+def test_mpii_prediction_files_round_trip(mpii_pred, mpii_gt, tmp_path):
+    before = R.evaluate_mpii(mpii_gt, mpii_pred)["mAP"]
+    for path, write in ((tmp_path / "pred.mat", R.write_pred_mat), (tmp_path / "pred.json", R.write_pred_json)):
+        write(path, mpii_pred)
+        back = R.read_annolist(path)
+        assert R.evaluate_mpii(mpii_gt, back)["mAP"] == pytest.approx(before, abs=1e-9)
+        np.testing.assert_allclose(back[5].joints, mpii_pred[5].joints)
+        np.testing.assert_allclose(back[5].scores, mpii_pred[5].scores)
+        assert not list(tmp_path.glob("*.tmp"))
+    raw = scipy.io.loadmat(tmp_path / "pred.mat", struct_as_record=False, squeeze_me=True)["pred"]
+    point = np.atleast_1d(np.atleast_1d(raw[0].annorect)[0].annopoints.point)[0]
+    assert set(point._fieldnames) == {"x", "y", "id", "score"}  # the toolkit's pred layout
+
+
+def test_mpii_average_precision_hand_made_case():
+    # ranked TP, FP, TP, FP with 3 positives: precision 1, 1/2, 2/3, 1/2 at recall 1/3, 1/3, 2/3, 2/3;
+    # the envelope gives 1 x 1/3 + 2/3 x 1/3 = 5/9 (the third positive is never found)
+    scores, labels = np.array([0.6, 0.9, 0.7, 0.8]), np.array([False, True, True, False])
+    assert R.average_precision(scores, labels, 3) == pytest.approx(5 / 9)
+    assert R.average_precision(np.ones(2), np.array([False, True]), 1) == pytest.approx(0.5)  # ties: file order
+    assert R.average_precision(np.ones(2), np.array([True, False]), 1) == pytest.approx(1.0)
+    assert np.isnan(R.average_precision(np.zeros(0), np.zeros(0, bool), 0))
+
+
+def _person(xy_by_id: dict, box=(0, 0, 10, 10)) -> R.Group:
+    g = R.empty_group("x.jpg", with_scores=True)
+    joints = np.zeros((1, 16, 3), np.float32)
+    for j, (x, y) in xy_by_id.items():
+        joints[0, j] = x, y, 2
+    return R.Group("x.jpg", joints, np.float32([box]), np.ones(1, np.float32), np.zeros((1, 2), np.float32),
+                   (joints[..., 2] > 0).astype(np.float32), g.rects)
+
+
+def _stack(people):
+    return R.Group("x.jpg", *(np.concatenate([getattr(p, f) for p in people]) for f in
+                              ("joints", "head_boxes", "scales", "objpos", "scores")))
+
+
+def test_mpii_assignment_rules():
+    # head size 0.6 * sqrt(200) = 8.49 px: the threshold is 4.24 px
+    a = _person({9: (0, 0), 8: (0, 10), 12: (-5, 15)})
+    b = _person({9: (100, 0), 8: (100, 10)}, box=(100, 0, 110, 10))
+    pred = _stack([_person({9: (100, 3), 8: (100, 10), 6: (0, 0)}),  # b; pelvis is not scored
+                   _person({9: (0, 1), 8: (0, 30), 0: (50, 50)}),  # a: 1 of 3, ankle not in a
+                   _person({9: (0, 0)})])  # a again, also 1 of 3: the first keeps a
+    labels, has, n_gt = R.assign_group(_stack([a, b]), pred)
+    col = {j: c for c, j in enumerate(R.MPII_SCORED)}
+    assert n_gt[col[9]] == 2 and n_gt[col[12]] == 1 and n_gt.sum() == 5
+    assert labels[0, col[9]] and labels[0, col[8]]
+    assert labels[1, col[9]] and not labels[1, col[8]] and not labels[1, col[0]] and has[1, col[0]]
+    assert not labels[2].any() and has[2, col[9]]  # the duplicate: all false positives
+    assert has.sum() == 6  # the pelvis counts nowhere
+
+
+# -- the official RELEASE struct, made up in miniature
+
+def _records(rows: list[dict]) -> np.ndarray:
+    arr = np.empty(len(rows), dtype=[(k, object) for k in rows[0]])
+    for i, r in enumerate(rows):
+        arr[i] = tuple(r.values())
+    return arr
+
+
+def _rect(x0: float, ids=range(16)) -> dict:
+    rows = [dict(x=float(x0 + j), y=float(j), id=float(j), is_visible=1.0) for j in ids]
+    return dict(x1=x0, y1=0.0, x2=x0 + 10, y2=10.0, scale=1.0, objpos=dict(x=x0, y=5.0),
+                annopoints=dict(point=_records(rows)) if rows else np.zeros((0, 0)))  # MPII: [] when none
+
+
+def _release(path: Path, names, rects, img_train, single) -> Path:
+    cells = np.empty(len(single), dtype=object)
+    cells[:] = [np.array(s, np.float64) for s in single]
+    annolist = _records([dict(image=dict(name=n), annorect=_records(r) if r else np.zeros((0, 0)))
+                         for n, r in zip(names, rects)])
+    scipy.io.savemat(path, {"RELEASE": dict(annolist=annolist, img_train=np.array(img_train, np.float64),
+                                            single_person=cells)})
+    return path
+
+
+def _tiny_release(tmp_path: Path, joint_ids=range(16)) -> Path:
+    names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+    rects = [[_rect(0), _rect(50)],  # train, both people well separated
+             [_rect(0, joint_ids), _rect(50), _rect(60)],  # train, people 2 and 3 close together
+             [_rect(0), _rect(10)],  # test image: never used
+             [_rect(0, ids=[])],  # train, nobody annotated
+             [_rect(5, ids=[9])]]  # train, one person with one point (squeezed to a bare struct)
+    return _release(tmp_path / "release.mat", names, rects, [1, 1, 0, 1, 1], [[1, 2], [1], [], [], [1]])
+
+
+def test_mpii_release_split_follows_img_train(tmp_path):
+    mat = _tiny_release(tmp_path)
+    train, val = R.load_release(mat, val_images=["b.jpg"])
+    assert [g.image for g in train] == ["a.jpg", "e.jpg"]  # held-out b gives nothing to train
+    assert [len(g.joints) for g in train] == [2, 1] and train[1].joints[0, 9, 2] == 2
+    assert [g.image for g in val] == ["b.jpg"] and list(val[0].rects) == [1, 2]
+    np.testing.assert_allclose(val[0].head_boxes[0], [50, 0, 60, 10])
+    train, val = R.load_release(mat, val_images=[])
+    assert [g.image for g in train] == ["a.jpg", "b.jpg", "e.jpg"] and val == []
+    train, val = R.load_release(mat)  # default: multi-person training images with crc32 % 10 == 0
+    expect = ["b.jpg"] if zlib.crc32(b"b.jpg") % R.MPII_VAL_MODULUS == 0 else []
+    assert [g.image for g in val] == expect
+    scipy.io.savemat(tmp_path / "groups.mat", {"groups": np.array(
+        [[], [np.array([1.0]), np.array([2.0, 3.0])], [], [], []], dtype=object)})
+    _, val = R.load_release(mat, val_images=["b.jpg"], groups_mat=tmp_path / "groups.mat")
+    assert len(val) == 1 and list(val[0].rects) == [1, 2]  # the group holding a single person is dropped
+    all_images = R.read_annolist(mat)  # RELEASE.annolist read as plain groups
+    assert len(all_images) == 5 and all_images[3].joints.shape == (1, 16, 3) and all_images[3].joints[..., 2].sum() == 0
+
+
+def test_mpii_bad_input_is_one_line(tmp_path):
+    def one_line_error(fn, *args, match, **kw):
+        with pytest.raises(R.ReproError, match=match) as e:
+            fn(*args, **kw)
+        assert "\n" not in str(e.value)
+
+    scipy.io.savemat(tmp_path / "other.mat", {"foo": np.ones(3)})
+    one_line_error(R.load_release, tmp_path / "other.mat", match="no RELEASE")
+    one_line_error(R.read_annolist, tmp_path / "other.mat", match="no MPII annotation list")
+    (tmp_path / "junk.mat").write_bytes(b"not a mat file at all")
+    one_line_error(R.read_annolist, tmp_path / "junk.mat", match="not a readable")
+    one_line_error(R.load_release, _tiny_release(tmp_path, joint_ids=[0, 17]), match="joint id 17")
+    mat = _tiny_release(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (images / name).write_bytes(b"")
+    one_line_error(R.load_release, mat, images, val_images=[], match="image not found: .*e.jpg")
+    one_line_error(R.load_release, mat, val_images=["c.jpg"], match="not MPII training images")
+    one_line_error(R.evaluate_mpii, [R.empty_group()], [], match="pairs them by position")
+
+# ---- MPII: the skeleton, the paper's benchmark on the same code path ----------------------------
+
+COCO_TO_MPII = {0: 16, 1: 14, 2: 12, 3: 11, 4: 13, 5: 15, 10: 10, 11: 8, 12: 6, 13: 5, 14: 7, 15: 9}
+
+
+def relabel_mpii(path: Path) -> Path:
+    """A toy COCO-format set relabelled with MPII's 16 joints, beside the original: thorax and
+    pelvis at the shoulder and hip midpoints, upper neck between thorax and nose, head top above."""
+    data = json.loads(path.read_text())
+    for a in data["annotations"]:
+        c = np.array(a["keypoints"], np.float32).reshape(17, 3)
+        m = np.zeros((16, 3), np.float32)
+        if a.get("num_keypoints", 1):
+            for j, k in COCO_TO_MPII.items():
+                m[j] = c[k]
+            m[6], m[7] = (c[11] + c[12]) / 2, (c[5] + c[6]) / 2
+            m[8] = (c[0] + m[7]) / 2
+            m[9] = 2 * c[0] - m[8]
+            m[6:10, 2] = 2
+        a["keypoints"], a["num_keypoints"] = m.flatten().tolist(), int((m[:, 2] > 0).sum())
+    out = path.with_name("mpii.json")
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mpii_toy(toy):
+    return {k: relabel_mpii(v) for k, v in toy.items()}
+
+
+def test_mpii_skeleton_tables():
+    sk = R.MPII
+    assert (sk.num_parts, sk.num_limbs, sk.num_heat, sk.num_paf) == (15, 14, 16, 28)
+    for i, j in enumerate(sk.flip_parts):
+        assert sk.parts[j] == R.mirror(sk.parts[i])
+    for (a, b), k in zip(sk.limbs, sk.flip_limbs):
+        assert tuple(sk.limbs[k]) == (sk.flip_parts[a], sk.flip_parts[b])
+    joints = np.zeros((16, 3), np.float32)
+    joints[:, 0], joints[:, 2] = np.arange(16), 2
+    parts = sk.to_parts(joints)
+    assert parts[0, 0] == 9 and parts[1, 0] == 8 and parts[14, 0] == 6.5  # head top, upper neck, centre
+    back = sk.to_joints(parts)
+    scored = [j for j in range(16) if j not in (6, 7)]
+    assert np.array_equal(back[scored], joints[scored]) and (back[[6, 7]] == 0).all()
+    coco = np.zeros((17, 3), np.float32)
+    coco[[5, 6], :2], coco[[5, 6], 2] = [[10, 0], [20, 4]], [2, 1]
+    assert R.COCO.to_parts(coco)[17].tolist() == [15, 2, 1]  # the neck: shoulder midpoint, lower visibility
+
+
+@pytest.mark.parametrize("preset", ["demo", "paper"])
+def test_mpii_perfect_maps_give_map_100(mpii_toy, preset):
+    cfg, _ = R.parse_args(["--preset", preset, "--skeleton", "mpii"])
+    kset = R.load_keypoint_set(mpii_toy["train"], mpii_toy["train"].parent / "images", R.MPII)
+    assert kset.records[0].keypoints.shape[1:] == (15, 3)
+    truth = R.groups_of_records(kset)
+    predictions = [R.predicted_group(g, people) for g, people in zip(truth, perfect_people(kset, cfg))]
+    assert R.evaluate_mpii(truth, predictions)["mAP"] == pytest.approx(100)
+    for p in predictions:  # every head top 50 px too high: that joint's AP drops to 0
+        p.joints[:, 9, 1] -= 50
+    result = R.evaluate_mpii(truth, predictions)
+    assert result["joints"]["head_top"] == 0 and result["joints"]["upper_neck"] == pytest.approx(100)
+
+
+def test_a_json_of_the_other_skeleton_names_the_flag(capsys, tmp_path, mpii_toy, toy):
+    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
+    argv[argv.index("--val-json") + 1] = str(mpii_toy["val"])
+    assert "that is --skeleton mpii" in run_main_error(capsys, argv)
+
+
+def test_mpii_demo_path_runs_end_to_end(mpii_toy, tmp_path):
+    out = tmp_path / "run"
+    argv = toy_args(mpii_toy, out, "--mode", "augmented", "--skeleton", "mpii", "--steps", "3")
+    assert R.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["mAP"] <= 100 and {"Head", "Ankle"} <= set(metrics)
+    back = R.read_annolist(out / "val_predictions.mat")  # the toolkit's pred struct
+    assert len(back) == 3 and len(R.read_annolist(out / "val_predictions.json")) == 3
+
+
+@needs_mpii
+def test_score_mpii_command_prints_the_table_and_map(capsys):
+    assert R.main(["--score-mpii", str(MPII_PRED), str(MPII_GT)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("mAP ") and 60 < float(out[-1].split()[1]) < 85
+
+
+@needs_mpii
+def test_mpii_fixture_groups_become_records_and_evaluate(mpii_gt, tmp_path):
+    listed = json.loads((MPII_DIR / "mpii_val_multi_images.json").read_text())["root"]
+    (tmp_path / "images").mkdir()
+    groups = mpii_gt[:4]
+    for g, info in zip(groups, listed):  # the fixture has no images: blank ones of the listed sizes
+        blank = np.zeros((int(info["im_height"]), int(info["im_width"]), 3), np.uint8)
+        cv2.imwrite(str(tmp_path / "images" / g.image), blank)
+    records = R.mpii_records(groups, tmp_path / "images")
+    assert records[0].keypoints.shape == (len(groups[0].joints), 15, 3) and (records[0].boxes[:, 3] > 0).all()
+    kset = R.KeypointSet(None, records, R.MPII, groups=groups)
+    cfg, _ = R.parse_args(["--skeleton", "mpii", "--input-size", "64", "--width", "16", "--stages", "1",
+                           "--eval-scales", "1.0"])
+    stats, predictions = R.evaluate(R.build_model(cfg), kset, cfg, torch.device("cpu"), progress=False)
+    assert stats["images"] == 4 and 0 <= stats["mAP"] <= 100 and len(predictions) == 4
