@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 import types
@@ -82,7 +83,10 @@ class Config:
     demo_dir: str = setting("data/demo", "where the built-in demo benchmark is rendered and cached")
     demo_size: str = setting("small", "small: quick first run; large: more images for experiments",
                              ("small", "large"))
+    demo_val: str = setting("standard", "the demo's val split: standard, or crowded (more people per image, "
+                            "about 2400 in all: the claims protocol's, README)", ("standard", "crowded"))
     max_val_images: int = setting(0, "evaluate on at most this many val images (0 = all)")
+    train_subset: int = setting(0, "train on the first N training images only (0 = all); subsets are nested")
     skeleton: str = setting("coco", "coco: COCO-17 + neck, COCO AP; mpii: the paper's OpenPose-MPI parts, "
                             "MPII multi-person mAP", ("coco", "mpii"))
     mpii_root: str | None = setting(None, "MPII root: mpii_human_pose_v1_u12_1.mat (the official RELEASE) "
@@ -117,6 +121,8 @@ class Config:
     flip_prob: float = setting(0.5, "horizontal flip probability, with left/right swap (paper code: 0.5)")
     # optimisation
     batch_size: int = setting(16, "crops per step; mixed modes use half synthetic/augmented, half real")
+    real_share: float = setting(0.5, "share of real crops in a mixed mode's batch (paper code: 16 of 32); "
+                                "0 with --mode synthetic trains on synthetic data only")
     lr: float = setting(1e-3, "Adam learning rate (paper: 5e-5)")
     beta1: float = setting(0.9, "Adam beta1 (paper: 0.8)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -133,6 +139,8 @@ class Config:
     eval_height: int = setting(192, "val images are resized to this height at scale 1.0")
     eval_scales: tuple[float, ...] = setting((0.7, 1.0, 1.3), "inference scales (paper code: 0.7 1.0 1.3)")
     eval_flip: bool = setting(False, "also average the flipped image's maps")
+    eval_steps: tuple[float, ...] = setting((), "also evaluate on val after these steps")
+    eval_init: bool = setting(True, "evaluate the --init weights before training (prints AP before and after)")
     eval_minutes: tuple[float, ...] = setting((), "evaluate on val when the training time crosses these "
                                               "minutes")
     # teacher
@@ -142,6 +150,8 @@ class Config:
                                 "samples", ("synthetic", "augmented"))
     teacher_interval: int = setting(20, "student steps between teacher decisions (paper code: 20)")
     bins: int = setting(10, "number of bins of the teacher attribute (paper code: 10)")
+    teacher_step: float = setting(0.01, "soft-label step of the teacher's update (paper code: alpha = beta = "
+                                  "0.01); larger moves the teacher faster [ours]")
     teacher_uniform: bool = setting(False, "baseline: same loop, uniform sampling over all synthetic samples")
     teacher_min_bin: int = setting(32, "bins with at most this many samples are penalised and re-picked "
                                    "(paper code: 32)")
@@ -190,6 +200,11 @@ def check_config(cfg: Config) -> None:
         (len(cfg.scale_range) == 2 and 0 < cfg.scale_range[0] <= cfg.scale_range[1],
          "--scale-range takes two numbers 0 < lo <= hi"),
         (cfg.paste_min >= 0 and cfg.paste_mean >= 0, "--paste-min and --paste-mean must be 0 or more"),
+        (0 <= cfg.real_share <= 1 and (not mixed or cfg.batch_size * (1 - cfg.real_share) >= 1),
+         "--real-share must be in [0, 1] and leave at least one synthetic/augmented crop per batch"),
+        (cfg.mode != "student-teacher" or cfg.batch_size * cfg.real_share >= 1,
+         "the student-teacher needs real crops in its batches (--real-share > 0): the teacher sees them"),
+        (cfg.train_subset >= 0, "--train-subset must be 0 (all) or more"),
         (cfg.mode != "student-teacher" or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
         (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
         (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
@@ -429,6 +444,9 @@ DEMO_STANDIN = dict(style="standin", image_size=256, mean_people=2.5, min_people
 DEMO_SYNTHETIC = dict(style="synthetic", image_size=320, mean_people=5.0, min_people=2,
                       camera_distance=(7.0, 0.5))
 DEMO_BANK = dict(style="synthetic", image_size=160)
+# [ours] the claims protocol's val split: enough people that sampling noise sits under the effects
+# (about 2400), and more of them per image, so that the heavy-occlusion bin is populated
+DEMO_CROWDED_VAL = dict(kind="scenes", num_images=800, seed=5000, **(DEMO_STANDIN | dict(mean_people=3.0)))
 
 
 def build_demo(cfg: Config) -> dict[str, Path]:
@@ -439,13 +457,14 @@ def build_demo(cfg: Config) -> dict[str, Path]:
     root = Path(cfg.demo_dir) / (f"v{DEMO_VERSION}-{cfg.demo_size}" + ("" if not labels else f"-{cfg.skeleton}"))
     jobs = {
         "train": dict(kind="scenes", num_images=sizes["standin_train"], seed=1000, **DEMO_STANDIN),
-        "val": dict(kind="scenes", num_images=sizes["standin_val"], seed=2000, **DEMO_STANDIN),
+        "val": dict(kind="scenes", num_images=sizes["standin_val"], seed=2000, **DEMO_STANDIN)
+        if cfg.demo_val == "standard" else DEMO_CROWDED_VAL,
         "synthetic": dict(kind="scenes", num_images=sizes["synthetic"], seed=3000, **DEMO_SYNTHETIC),
         "bank": dict(kind="bank", num_images=sizes["bank"], seed=4000, **DEMO_BANK),
     }
     paths = {}
     for name, job in jobs.items():
-        out = root / name
+        out = root / (name if name != "val" or cfg.demo_val == "standard" else f"val-{cfg.demo_val}")
         if not (out / "annotations.json").is_file():
             print(f"rendering the demo benchmark's {name} split into {out} (first use only)")
         paths[name] = Path(rh.render_dataset(out, progress=True, **job, **labels))
@@ -495,6 +514,8 @@ def load_data(cfg: Config) -> Data:
     bank_json = Path(cfg.bank_json) if cfg.bank_json else demo and demo["bank"]
     synthetic = load_keypoint_set(syn_json, syn_json.parent / "images", sk) if syn_json else None
     bank = load_keypoint_set(bank_json, bank_json.parent / "images", sk) if bank_json else None
+    if train is not None and cfg.train_subset:
+        train.records = train.records[:cfg.train_subset]  # the first N: smaller subsets are nested in larger
     for s in (bank, train, val, synthetic):
         if s is not None:
             s.preload()
@@ -789,11 +810,12 @@ def other_source(cfg: Config) -> str | None:
 
 
 def batch_sources(cfg: Config, batch_size: int) -> list[str]:
-    """Per-slot sources: mixed modes fill the first half (paper code: 16 of 32), real the rest."""
+    """Per-slot sources: mixed modes fill the first share (paper code: 16 of 32), real the rest."""
     other = other_source(cfg)
     if other is None:
         return [REAL] * batch_size
-    return [other] * (batch_size // 2) + [REAL] * (batch_size - batch_size // 2)
+    n_other = math.floor(batch_size * (1 - cfg.real_share))
+    return [other] * n_other + [REAL] * (batch_size - n_other)
 
 
 def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
@@ -1204,20 +1226,120 @@ def coco_results(image_id: int, people: list[tuple[np.ndarray, float]]) -> list[
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
-def coco_eval(json_path: Path, results: list[dict], image_ids: list[int]) -> dict[str, float]:
-    """COCOeval keypoints restricted to the evaluated images."""
-    from pycocotools.coco import COCO
+# [ours] A person's occlusion index: the largest IoU of its box with another person's box in the
+# image (0 when alone). The bins were fixed from the ground truth of the crowded demo val split,
+# before any result (README, "The claims protocol").
+OCCLUSION_BINS = {"none": (0.0, 0.05), "partial": (0.05, 0.3), "heavy": (0.3, 1.01)}
+BOOTSTRAP_SAMPLES = 200  # [ours] resamples of the val images for the AP's spread
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) and (M, 4) x, y, w, h boxes -> (N, M) IoU."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), -1)
+    union = a[:, None, 2:].prod(-1) + b[None, :, 2:].prod(-1) - inter
+    return inter / np.maximum(union, 1e-9)
+
+
+def occlusion_index(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) boxes of one image's people -> (P,) the largest IoU with any other of them."""
+    iou = box_iou(boxes, boxes)
+    np.fill_diagonal(iou, 0.0)
+    return iou.max(1) if len(boxes) > 1 else np.zeros(len(boxes))
+
+
+def coco_evaluator(gt, results: list[dict], image_ids: list[int]):
+    """COCOeval keypoints of results against a COCO object, restricted to the images, evaluated."""
     from pycocotools.cocoeval import COCOeval
 
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, gt.loadRes(results), "keypoints")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def coco_ap(ev, image_counts: np.ndarray | None = None) -> float:
+    """AP (OKS 0.50:0.95, area all) from an evaluated COCOeval, each image counted image_counts[i]
+    times (a bootstrap resample); COCOeval.accumulate's rule: 101 recall points, precision made
+    monotone, mean over the OKS thresholds."""
+    p = ev.params
+    max_det, n_images = p.maxDets[-1], len(p.imgIds)
+    counts = np.ones(n_images, np.int64) if image_counts is None else image_counts
+    images = [(e, c) for e, c in zip(ev.evalImgs[:n_images], counts) if e is not None and c > 0]
+    if not images:
+        return 0.0
+    scores = np.concatenate([np.tile(e["dtScores"][:max_det], c) for e, c in images])
+    matched = np.concatenate([np.tile(e["dtMatches"][:, :max_det], c) for e, c in images], 1)
+    ignored = np.concatenate([np.tile(e["dtIgnore"][:, :max_det], c) for e, c in images], 1)
+    positives = sum(int((e["gtIgnore"] == 0).sum()) * c for e, c in images)
+    if positives == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="mergesort")
+    tp = np.cumsum((matched[:, order] > 0) & ~ignored[:, order].astype(bool), 1)
+    fp = np.cumsum((matched[:, order] == 0) & ~ignored[:, order].astype(bool), 1)
+    aps = []
+    for t in range(len(p.iouThrs)):
+        recall = tp[t] / positives
+        precision = np.maximum.accumulate((tp[t] / np.maximum(tp[t] + fp[t], 1e-12))[::-1])[::-1]
+        at = np.searchsorted(recall, p.recThrs, side="left")
+        aps.append(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0).mean())
+    return float(np.mean(aps))
+
+
+def coco_eval(json_path: Path, results: list[dict], image_ids: list[int],
+              detail: bool = False) -> dict[str, float]:
+    """COCOeval keypoints restricted to the evaluated images. With detail: also the AP per
+    occlusion bin (people outside the bin become crowd regions, which no detection is charged
+    for; unmatched detections count in every bin) and the AP's bootstrap spread over images."""
+    from pycocotools.coco import COCO
+
     if not results:
-        return {k: 0.0 for k in STAT_NAMES}
+        return {k: 0.0 for k in STAT_NAMES} | (dict(ap_by_occlusion={k: 0.0 for k in OCCLUSION_BINS},
+                                                    ap_sd=0.0) if detail else {})
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(json_path))
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "keypoints")
-        ev.params.imgIds = sorted(image_ids)
-        ev.evaluate(), ev.accumulate(), ev.summarize()
-    return {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
+    ev = coco_evaluator(gt, results, image_ids)
+    stats = {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
+    if detail:
+        stats["ap_by_occlusion"] = {name: coco_ap(coco_evaluator(occlusion_subset(gt, lo, hi), results, image_ids))
+                                    for name, (lo, hi) in OCCLUSION_BINS.items()}
+        rng = np.random.default_rng(0)
+        n = len(ev.params.imgIds)
+        samples = [coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n)) for _ in range(BOOTSTRAP_SAMPLES)]
+        stats["ap_sd"] = float(np.std(samples))
+    return stats
+
+
+def person_occlusion(dataset: dict) -> dict[int, float]:
+    """Annotation id -> occlusion index, over the people with keypoints (crowds left out)."""
+    people: dict[int, list] = {}
+    for a in dataset["annotations"]:
+        if not a.get("iscrowd", 0) and a.get("num_keypoints", 0) > 0:
+            people.setdefault(a["image_id"], []).append(a)
+    index = {}
+    for anns in people.values():
+        for a, o in zip(anns, occlusion_index(np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4))):
+            index[a["id"]] = float(o)
+    return index
+
+
+def occlusion_subset(gt, lo: float, hi: float):
+    """A copy of a COCO object in which the people outside [lo, hi) are crowd regions (ignored)."""
+    from pycocotools.coco import COCO
+
+    index = person_occlusion(gt.dataset)
+    dataset = dict(gt.dataset, annotations=[
+        a | dict(iscrowd=1) if a["id"] in index and not lo <= index[a["id"]] < hi else a
+        for a in gt.dataset["annotations"]])
+    subset = COCO()
+    subset.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        subset.createIndex()
+    return subset
 
 
 def eval_base(rec: ImageRecord, cfg: Config, sk: Skeleton) -> float | None:
@@ -1255,7 +1377,7 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
         stats = dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"})
     else:
         predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
-        stats = coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]])
+        stats = coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True)
     stats["peak_hit"] = hits / max(labelled, 1)
     stats["images"] = n
     model.train()
@@ -1450,6 +1572,19 @@ def _indices(x) -> np.ndarray:
     return np.atleast_1d(np.asarray(x if x is not None else [], np.float64)).ravel().astype(np.int64) - 1
 
 
+def _multi_person_groups(annotated: np.ndarray, singles: np.ndarray, groups: list | None) -> list[np.ndarray]:
+    """One image's multi-person groups as arrays of person indices (official toolkit:
+    getMultiPersonGroups): its groups (groups_v12.mat) holding no single person, or else its
+    annotated people that are not single persons, as one group."""
+    if groups is not None:
+        rect_sets = [_indices(g) for g in groups]
+        rect_sets = [r for r in rect_sets if len(r) and not np.isin(r, singles).any()]
+    else:
+        multi = np.nonzero(annotated & ~np.isin(np.arange(len(annotated)), singles))[0]
+        rect_sets = [multi] if len(multi) else []
+    return [r[(r >= 0) & (r < len(annotated))] for r in rect_sets]
+
+
 def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
                  val_images: list[str] | None = None, groups_mat: str | Path | None = None
                  ) -> tuple[list[Group], list[Group]]:
@@ -1492,14 +1627,8 @@ def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
         people = _parse_rects(_items(_field(e, "annorect")), f"{mat_path}: RELEASE.annolist({i + 1})")
         people.image = name
         annotated = (people.joints[..., 2] > 0).any(1)
-        singles = _indices(single[i])
-        if groups_of is not None:  # official toolkit: getMultiPersonGroups
-            rect_sets = [_indices(g) for g in _items(groups_of[i])]
-            rect_sets = [r for r in rect_sets if len(r) and not np.isin(r, singles).any()]
-        else:
-            multi = np.nonzero(annotated & ~np.isin(np.arange(len(annotated)), singles))[0]
-            rect_sets = [multi] if len(multi) else []
-        rect_sets = [r[(r >= 0) & (r < len(annotated))] for r in rect_sets]
+        rect_sets = _multi_person_groups(annotated, _indices(single[i]),
+                                         None if groups_of is None else _items(groups_of[i]))
         held_out = name in wanted if wanted is not None else (
             bool(rect_sets) and zlib.crc32(name.encode()) % MPII_VAL_MODULUS == 0)
         if held_out:
@@ -1714,7 +1843,6 @@ def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Gro
 # Teacher: an adversarial network that picks the bin of synthetic samples the student sees next
 # ----------------------------------------------------------------------------------------------
 
-TEACHER_ALPHA = TEACHER_BETA = 0.01  # paper code: soft-label step sizes
 TEACHER_EXPLORE = 0.1  # paper code: 10% of picks uniform at random
 TEACHER_HISTORY = 10  # paper code: loss_last is the mean of the last 10 windows
 TEACHER_HARD_CROPS = 32  # paper code: the 32 hardest real crops of the window are its input
@@ -1767,11 +1895,11 @@ def teacher_bins(cfg: Config, maker: BatchMaker) -> tuple[list[np.ndarray], floa
     return [centres[which == k] for k in range(cfg.bins)], low, width
 
 
-def soft_target(p: np.ndarray, picked: int, loss_rose: bool) -> np.ndarray:
-    """The teacher's soft label from its previous output p (paper code, alpha = beta = 0.01):
+def soft_target(p: np.ndarray, picked: int, loss_rose: bool, step: float = 0.01) -> np.ndarray:
+    """The teacher's soft label from its previous output p (paper code: alpha = beta = step = 0.01):
     rewarded when the student's loss on the picked bin rose, punished when it fell."""
     t, n, k = p.astype(np.float64).copy(), len(p), picked
-    gain = p[k] * (TEACHER_ALPHA if loss_rose else -TEACHER_BETA)
+    gain = p[k] * (step if loss_rose else -step)
     t[k] = p[k] + gain
     others = np.arange(n) != k
     t[others] = p[others] - gain / n  # the paper code skips the "fell" branch by a bug: [ours] do it
@@ -1882,7 +2010,7 @@ class Teacher:
             if self.counts[picked] > self.min_bin:
                 return picked
             if len(self.hard_images):
-                self.learn(soft_target(self.probs, picked, loss_rose=False))
+                self.learn(soft_target(self.probs, picked, loss_rose=False, step=self.cfg.teacher_step))
                 self.probs = self.output()
             picked, _ = self.choose()
         ok = [k for k in range(self.bins) if self.counts[k] > self.min_bin]
@@ -1899,7 +2027,7 @@ class Teacher:
             loss_last = float(np.mean(self.history[-TEACHER_HISTORY:]))
             rose = loss_last <= loss_current
             reward = loss_current - loss_last
-            self.learn(soft_target(self.probs, self.picked, rose))
+            self.learn(soft_target(self.probs, self.picked, rose, self.cfg.teacher_step))
         self.history.append(loss_current)
         record = dict(step=step, bin=self.picked, loss=loss_current, reward=reward, probs=self.probs.round(4).tolist())
         if not self.cfg.teacher_uniform:
@@ -2037,8 +2165,9 @@ def default_run_dir(cfg: Config, data_name: str) -> Path:
 
 
 def benchmark_label(data_name: str) -> str:
-    if data_name == "demo":
-        return "built-in demo benchmark, stand-in val split (rendered stand-in people, NOT real/COCO data)"
+    if data_name.startswith("demo"):
+        labels = "MPII joints, " if data_name == "demo-mpii" else ""
+        return f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, NOT real data)"
     return f"{data_name} val"
 
 
@@ -2170,13 +2299,15 @@ class Trainer:
             save_atomic(self.state(), self.out / "ckpt.pt")
 
     def eval_due(self) -> bool:
+        """After one of --eval-steps, or when training time crosses the next of --eval-minutes."""
         marks = self.cfg.eval_minutes
-        return self.evals_done < len(marks) and self.seconds >= marks[self.evals_done] * 60
+        at_minute = self.evals_done < len(marks) and self.seconds >= marks[self.evals_done] * 60
+        self.evals_done += at_minute
+        return at_minute or self.step in {int(s) for s in self.cfg.eval_steps}
 
     def evaluate_now(self) -> dict:
         stats, _ = evaluate(self.model, self.data.val, self.cfg, self.device, self.cfg.max_val_images, progress=False)
         append_jsonl(self.out / "metrics.jsonl", dict(step=self.step, minutes=round(self.seconds / 60, 3), eval=stats))
-        self.evals_done += 1
         return stats
 
 
@@ -2199,6 +2330,14 @@ class LogWindow:
         return dict(step=step, minutes=round(seconds / 60, 3), lr=lr, loss=self.loss / max(self.n, 1),
                     peak_hit=self.hits / max(self.labelled, 1),
                     img_s=self.images / max(seconds - self.t0, 1e-9))
+
+
+def headline(stats: dict) -> str:
+    return f"MPII mAP {stats['mAP']:.1f}" if "mAP" in stats else f"AP {stats['AP']:.3f} (AP50 {stats['AP50']:.3f})"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -2233,7 +2372,7 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -2286,7 +2425,7 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
     for run in map(Path, run_dirs):
         if not (run / "metrics.jsonl").is_file():
             raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
-        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval" in r]
         if not evals:
             raise ReproError(f"{run} holds no evaluation yet")
         minutes = [e["minutes"] for e in evals]
@@ -2308,6 +2447,257 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
     out.with_suffix(".md").write_text(table)
     print(table)
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# The claims protocol: every condition fine-tuned from one real-only student, paired seeds
+# ----------------------------------------------------------------------------------------------
+
+# [ours] Fixed by the pilot from learning speed and noise, before any condition was compared
+# (README, "The claims protocol"). Budgets are in steps; wall time is recorded beside them.
+PROTOCOL_REGIMES = {"full": 0, "scarce": 100}  # --train-subset: all 1000 stand-in images, or the first 100
+PROTOCOL_STUDENT_STEPS = {"full": 4000, "scarce": 2000}
+PROTOCOL_FINETUNE_STEPS = 800
+PROTOCOL_SEEDS = (0, 1, 2)
+PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes", "0", "--log-every", "50",
+                   "--ckpt-every", "200"]
+PROTOCOL_FINETUNE = ["--lr", "3e-4", "--no-eval-init"]
+# Each condition's flags; real crops per step in a batch of 16: 16 for the control, 8 for the rest.
+CONDITIONS = {
+    "real": ["--mode", "real"],  # the control (paper code: --onlyReal): real crops fill the whole batch
+    "synthetic": ["--mode", "synthetic"],  # + purely synthetic scenes, sampled uniformly
+    "augmented-include": ["--mode", "augmented", "--synthetic-loss", "include"],
+    "augmented-mask": ["--mode", "augmented", "--synthetic-loss", "mask"],
+    "teacher": ["--mode", "student-teacher"],  # the paper's teacher on synthetic scenes, min_dist bins
+    "uniform": ["--mode", "student-teacher", "--teacher-uniform"],  # the identical loop, uniform sampling
+    "teacher-fast": ["--mode", "student-teacher", "--teacher-step", "0.1"],  # [ours] a teacher that can move
+}
+# claim -> (condition expected better, condition expected worse); claim 3 is the probe's
+CLAIMS = {
+    1: ("augmented-mask", "synthetic", "augmented real data beats purely synthetic data"),
+    2: ("augmented-mask", "augmented-include", "pasted people out of the loss beat pasted people in it"),
+    3: (None, None, "not all synthetic samples are equally informative, and which ones changes over training"),
+    4: ("teacher", "uniform", "the adversarial teacher beats uniform sampling of synthetic data"),
+}
+PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from their seeds when missing
+PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
+
+
+class ProtocolRun(NamedTuple):
+    name: str  # e.g. "full/augmented-mask-s1"
+    regime: str
+    condition: str
+    seed: int
+    argv: list[str]
+    init: str | None  # the run whose checkpoint this one starts from
+
+
+def protocol_runs() -> list[ProtocolRun]:
+    """Students first, then seed by seed over every condition (a partial grid stays paired), then the
+    domain gap: a student of synthetic data only."""
+    runs = []
+    for regime, subset in PROTOCOL_REGIMES.items():
+        data = ["--train-subset", str(subset)] + PROTOCOL_COMMON
+        runs.append(ProtocolRun(f"{regime}/student", regime, "student", 0,
+                                ["--mode", "real", "--steps", str(PROTOCOL_STUDENT_STEPS[regime]), "--seed", "0",
+                                 "--eval-steps", *learning_curve(PROTOCOL_STUDENT_STEPS[regime])] + data, None))
+    for seed in PROTOCOL_SEEDS:
+        for regime, subset in PROTOCOL_REGIMES.items():
+            for condition, flags in CONDITIONS.items():
+                argv = flags + ["--steps", str(PROTOCOL_FINETUNE_STEPS), "--seed", str(seed),
+                                "--train-subset", str(subset)] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+                runs.append(ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed, argv,
+                                        f"{regime}/student"))
+    runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
+                            ["--mode", "synthetic", "--real-share", "0", "--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
+                             "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
+    return runs
+
+
+def learning_curve(steps: int) -> list[str]:
+    """Evaluations at every quarter of a student's training: the protocol's record of learning speed."""
+    return [str(steps * k // 4) for k in (1, 2, 3)]
+
+
+def summary_path(run: ProtocolRun) -> Path:
+    return PROTOCOL_RESULTS / (run.name.replace("/", "-") + ".json")
+
+
+def teacher_drift(metrics: list[dict]) -> dict | None:
+    """How far the teacher's bin probabilities moved over a run (L1 between its first and last)."""
+    probs = [r["teacher"]["probs"] for r in metrics if (r.get("teacher") or {}).get("probs")]
+    if not probs:
+        return None
+    first, last = np.array(probs[0]), np.array(probs[-1])
+    return dict(updates=len(probs), first=probs[0], last=probs[-1], l1=float(np.abs(last - first).sum()),
+                max_prob=float(np.max(probs)))
+
+
+def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
+    final = json.loads((folder / "metrics.json").read_text())
+    return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
+                minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
+                ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
+                command=command, teacher=teacher_drift(read_jsonl(folder / "metrics.jsonl")))
+
+
+def run_protocol(python: str = sys.executable) -> None:
+    """Runs what is missing: skips finished runs (their summary is in results/protocol), resumes
+    runs that were cut off, and retrains a missing starting checkpoint from its seed."""
+    runs = {r.name: r for r in protocol_runs()}
+    for run in runs.values():
+        if summary_path(run).is_file():
+            continue
+        init_ckpt = PROTOCOL_RUNS / run.init / "ckpt.pt" if run.init else None
+        if init_ckpt is not None and not init_ckpt.is_file():
+            print(f"protocol: {run.init}'s checkpoint is missing: training it again from its seed")
+            train_protocol_run(runs[run.init], python)
+        train_protocol_run(run, python, init_ckpt)
+    report_protocol()
+
+
+def train_protocol_run(run: ProtocolRun, python: str, init_ckpt: Path | None = None) -> None:
+    folder = PROTOCOL_RUNS / run.name
+    resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
+    if folder.exists() and not resume:
+        import shutil
+        shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
+    argv = run.argv + (["--init", str(init_ckpt)] if init_ckpt else []) + ["--out", str(folder)]
+    command = "python repro.py " + " ".join(argv)
+    print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
+    done = subprocess.run([python, __file__, *argv] + (["--resume"] if resume else []))
+    if done.returncode != 0:
+        raise ReproError(f"protocol run {run.name} failed (exit status {done.returncode}); rerun to resume it")
+    PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(run_summary(run, folder, command), summary_path(run))
+
+
+def paired_verdict(better: list[float], worse: list[float]) -> tuple[str, str]:
+    """The rule, fixed before any run: d = better - worse per seed (same student, same val images);
+    reproduced when mean(d) > 2 SE, contradicted when mean(d) < -2 SE, else inconclusive; fewer
+    than 3 pairs is inconclusive."""
+    d = np.array(better) - np.array(worse)
+    if len(d) < 3:
+        return "inconclusive", f"{len(d)} of 3 seed pairs finished"
+    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    word = "reproduced" if mean > 2 * se else "contradicted" if mean < -2 * se else "inconclusive"
+    return word, f"mean paired AP difference {mean:+.4f}, 2 SE {2 * se:.4f}, {len(d)} seeds"
+
+
+def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
+    """Per claim: the verdict in each regime, then overall: reproduced if reproduced in a regime and
+    contradicted in none, contradicted the other way round, else inconclusive."""
+    def aps(condition, regime):
+        return {r["seed"]: r["ap"] for r in runs if r["condition"] == condition and r["regime"] == regime}
+
+    verdicts = {}
+    for claim, (better, worse, text) in CLAIMS.items():
+        if better is None:
+            probe = probe or {}
+            verdicts[claim] = dict(claim=text, verdict=probe.get("verdict", "inconclusive"),
+                                   reason=probe.get("reason", "the probe has not run"))
+            continue
+        per_regime = {}
+        for regime in PROTOCOL_REGIMES:
+            a, b = aps(better, regime), aps(worse, regime)
+            seeds = sorted(set(a) & set(b))
+            per_regime[regime] = paired_verdict([a[s] for s in seeds], [b[s] for s in seeds])
+        words = [w for w, _ in per_regime.values()]
+        overall = ("reproduced" if "reproduced" in words and "contradicted" not in words else
+                   "contradicted" if "contradicted" in words and "reproduced" not in words else "inconclusive")
+        reason = "; ".join(f"{regime}: {w} ({why})" for regime, (w, why) in per_regime.items())
+        verdicts[claim] = dict(claim=text, verdict=overall, reason=reason)
+    return verdicts
+
+
+README_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
+
+
+def report_protocol(results: Path | None = None, readme: Path = Path("README.md")) -> dict:
+    """claims.json, claims.md, claims.png and the README's results table, from the run summaries in
+    results/protocol alone (no training)."""
+    results = results or PROTOCOL_RESULTS.parent
+    runs = [json.loads(p.read_text()) for p in sorted((results / "protocol").glob("*.json"))]
+    probe_path = results / "probe.json"
+    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
+    claims = dict(runs=runs, verdicts=claim_verdicts(runs, probe), probe=probe, teacher=teacher,
+                  protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
+                                finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
+                                conditions=CONDITIONS, common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
+    write_json(claims, results / "claims.json")
+    table = claims_table(claims)
+    with atomic_path(results / "claims.md") as tmp:
+        tmp.write_text(table)
+    if runs:
+        save_claims_figure(runs, results / "claims.png")
+    if readme.is_file() and all(m in readme.read_text() for m in README_MARKERS):
+        text = readme.read_text()
+        head, rest = text.split(README_MARKERS[0], 1)
+        tail = rest.split(README_MARKERS[1], 1)[1]
+        with atomic_path(readme) as tmp:
+            tmp.write_text(f"{head}{README_MARKERS[0]}\n{table}{README_MARKERS[1]}{tail}")
+    print(table)
+    return claims
+
+
+def mean_sd(values: list[float], scale: float = 1.0) -> str:
+    if not values:
+        return "-"
+    v = np.array(values) * scale
+    return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
+
+
+def claims_table(claims: dict) -> str:
+    runs = claims["runs"]
+    bins = list(OCCLUSION_BINS)
+    lines = ["`python repro.py --reproduce` runs (and resumes) the protocol; `python repro.py --report` rebuilds "
+             "this table, `results/claims.{json,md,png}` from `results/protocol/` alone.", "",
+             "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
+             + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min |",
+             "|---" * (9 + len(bins)) + "|"]
+    order = ["student", "synthetic-only"] + list(CONDITIONS)
+    for regime in PROTOCOL_REGIMES:
+        for condition in order:
+            rs = [r for r in runs if r["regime"] == regime and r["condition"] == condition]
+            if not rs:
+                continue
+            real = {"real": 16, "student": 16, "synthetic-only": 0}.get(condition, 8)
+            occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
+            lines.append(f"| {regime} | {condition} | {real} | {len(rs)} | {rs[0]['steps']} | "
+                         f"{mean_sd([r['ap'] for r in rs])} | {mean_sd([r['ap50'] for r in rs])} | "
+                         + " | ".join(occ) + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
+                         f" | {np.mean([r['minutes'] for r in rs]):.1f} |")
+    lines += ["", "| claim | verdict | reason |", "|---|---|---|"]
+    for claim, v in claims["verdicts"].items():
+        lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
+    drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
+    if drift:
+        lines += ["", "| teacher run | updates | L1 drift of its bin probabilities | largest probability |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {t['updates']} | {t['l1']:.3f} | {t['max_prob']:.3f} |" for name, t in drift]
+    return "\n".join(lines) + "\n"
+
+
+def save_claims_figure(runs: list[dict], path: Path) -> None:
+    """AP per condition and regime: every seed as a dot, the mean as a bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = [c for c in ["student", "synthetic-only", *CONDITIONS] if any(r["condition"] == c for r in runs)]
+    fig, axes = plt.subplots(1, len(PROTOCOL_REGIMES), figsize=(6 * len(PROTOCOL_REGIMES), 3.8), sharey=True)
+    for ax, regime in zip(np.atleast_1d(axes), PROTOCOL_REGIMES):
+        for i, c in enumerate(conditions):
+            ap = [r["ap"] for r in runs if r["regime"] == regime and r["condition"] == c]
+            if ap:
+                ax.bar(i, np.mean(ap), color="lightsteelblue")
+                ax.plot([i] * len(ap), ap, "k.", ms=6)
+        ax.set_xticks(range(len(conditions)), conditions, rotation=35, ha="right", fontsize=8)
+        ax.set(title=f"{regime} regime: val AP (stand-in, crowded val)", ylabel="AP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2375,6 +2765,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="plot val metrics of these run folders against minutes into --out (png + md table)")
+    p.add_argument("--reproduce", action="store_true",
+                   help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
+    p.add_argument("--report", action="store_true",
+                   help="rebuild results/claims.{json,md,png} and the README's claims table from results/protocol")
     p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
                    help="score MPII multi-person predictions (.mat pred struct or .json) against a ground-truth "
                         "annotation list with the official rules; prints the table and 'mAP <value>'")
@@ -2524,8 +2918,12 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     if trainer.teacher is not None:
         save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
     print_table(stats, benchmark_label(data.name))
+    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl") if "eval" in r and r["step"] == 0]
+    if start and trainer.step > 0:
+        print(f"from --init to the end of training: {headline(start[0])} -> {headline(stats)}")
     print(f"run folder: {out}")
     return stats
+
 
 
 def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
@@ -2542,6 +2940,8 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
         write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
                         torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
                         argv=sys.argv), out / "config.json")
+        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
+            print_table(trainer.evaluate_now(), f"{benchmark_label(data.name)}, before training (--init)")
         trainer.fit()
         return finish_run(trainer, data, out)
     finally:
@@ -2557,6 +2957,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.score_mpii:
             score_mpii_files(*args.score_mpii)
+            return 0
+        if args.reproduce or args.report:
+            run_protocol() if args.reproduce else report_protocol()
             return 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

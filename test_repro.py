@@ -685,6 +685,35 @@ def test_paf_averages_overlapping_people():
     assert torch.allclose(vec, torch.tensor([0.5, 0.5]))
 
 
+def test_peak_hit_signal():
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
+    kp[0, 0, :2, 2] = 2
+    heat = R.heatmap_targets(kp, 64, 4, 2.5)
+    assert R.peak_hits(heat, kp, 4) == (2, 2)
+    assert R.peak_hits(torch.roll(heat, 3, -1), kp, 4) == (0, 2)  # peaks 3 cells away
+    assert R.peak_hits(heat * 0.05, kp, 4) == (0, 2)  # below the threshold
+
+
+def test_flat_maps_give_a_bounded_number_of_peaks():
+    peaks = R.find_peaks(torch.full((18, 96, 128), 0.5))  # every pixel ties with its neighbours
+    assert all(len(p) == R.MAX_PEAKS_PER_PART for p in peaks)
+    kept = R.strongest(np.array([[0, 0, 0.1], [1, 0, 0.9], [2, 0, 0.5]]), 2)
+    assert kept[:, 0].tolist() == [1, 2]  # the two strongest, in their original order
+
+
+def test_grouping_merges_fragments_joined_by_a_later_limb():
+    """Without a neck, arms and head start as separate fragments; the shoulder-ear limbs join them."""
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
+    kp[0, 0, :17, 2] = 2
+    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
+    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0, R.COCO)
+    joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
+    assert len(joined) == 1
+    assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
+
+
 # ---- flips ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sk", [R.COCO, R.MPII], ids=["coco", "mpii"])
@@ -881,6 +910,28 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
 
 
+def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
+    assert R.main(toy_args(toy, tmp_path / "unused", "--bench", "--init", str(run / "ckpt.pt"))) == 0
+    out = capsys.readouterr().out
+    precision = R.precision(torch.device("cpu"), R.Config())
+    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
+        assert figure in out
+
+
+def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
+    small = ("--preset", "paper", "--mode", "real", "--input-size", "64", "--stages", "2", "--batch-size", "2",
+             "--steps", "2", "--eval-height", "64", "--max-val-images", "1")
+    argv = toy_data_args(toy) + ["--out", str(tmp_path / "paper"), "--threads", "2", *small]
+    assert R.main(argv) == 0
+    cfg, _ = R.parse_args(argv + ["--init", str(tmp_path / "paper/ckpt.pt")])
+    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
+    frozen = [p.requires_grad for p in trainer.model.backbone[:R.VGG_FROZEN_LAYERS].parameters()]
+    assert frozen and not any(frozen)
+    assert all(p.requires_grad for p in trainer.model.backbone[R.VGG_FROZEN_LAYERS:].parameters())
+
+
 # ---- real-format fixtures -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,json_name", [("coco", "test_coco.json"), ("ochuman", "test_ochuman.json")])
@@ -1021,16 +1072,6 @@ def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
     assert not (out / R.LOCK_NAME).exists()
 
 
-def test_peak_hit_signal():
-    kp = torch.zeros(1, 1, 18, 3)
-    kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
-    kp[0, 0, :2, 2] = 2
-    heat = R.heatmap_targets(kp, 64, 4, 2.5)
-    assert R.peak_hits(heat, kp, 4) == (2, 2)
-    assert R.peak_hits(torch.roll(heat, 3, -1), kp, 4) == (0, 2)  # peaks 3 cells away
-    assert R.peak_hits(heat * 0.05, kp, 4) == (0, 2)  # below the threshold
-
-
 # ---- the teacher ------------------------------------------------------------------------------
 
 def test_soft_target_rewards_and_punishes_the_picked_bin():
@@ -1136,47 +1177,6 @@ def test_paste_distance_follows_the_bin():
         centres = R.paste_centres(5, 128, rng, (lo, hi))
         dist = np.linalg.norm(centres - 63.5, axis=1)
         assert lo <= dist.min() < hi
-
-
-def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
-    assert R.main(toy_args(toy, tmp_path / "unused", "--bench", "--init", str(run / "ckpt.pt"))) == 0
-    out = capsys.readouterr().out
-    precision = R.precision(torch.device("cpu"), R.Config())
-    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
-        assert figure in out
-
-
-def test_flat_maps_give_a_bounded_number_of_peaks():
-    peaks = R.find_peaks(torch.full((18, 96, 128), 0.5))  # every pixel ties with its neighbours
-    assert all(len(p) == R.MAX_PEAKS_PER_PART for p in peaks)
-    kept = R.strongest(np.array([[0, 0, 0.1], [1, 0, 0.9], [2, 0, 0.5]]), 2)
-    assert kept[:, 0].tolist() == [1, 2]  # the two strongest, in their original order
-
-
-def test_grouping_merges_fragments_joined_by_a_later_limb():
-    """Without a neck, arms and head start as separate fragments; the shoulder-ear limbs join them."""
-    kp = torch.zeros(1, 1, 18, 3)
-    kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
-    kp[0, 0, :17, 2] = 2
-    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
-    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0, R.COCO)
-    joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
-    assert len(joined) == 1
-    assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
-
-
-def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
-    small = ("--preset", "paper", "--mode", "real", "--input-size", "64", "--stages", "2", "--batch-size", "2",
-             "--steps", "2", "--eval-height", "64", "--max-val-images", "1")
-    argv = toy_data_args(toy) + ["--out", str(tmp_path / "paper"), "--threads", "2", *small]
-    assert R.main(argv) == 0
-    cfg, _ = R.parse_args(argv + ["--init", str(tmp_path / "paper/ckpt.pt")])
-    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
-    frozen = [p.requires_grad for p in trainer.model.backbone[:R.VGG_FROZEN_LAYERS].parameters()]
-    assert frozen and not any(frozen)
-    assert all(p.requires_grad for p in trainer.model.backbone[R.VGG_FROZEN_LAYERS:].parameters())
 
 
 # ==============================================================================================
@@ -1481,3 +1481,34 @@ def test_mpii_fixture_groups_become_records_and_evaluate(mpii_gt, tmp_path):
                            "--eval-scales", "1.0"])
     stats, predictions = R.evaluate(R.build_model(cfg), kset, cfg, torch.device("cpu"), progress=False)
     assert stats["images"] == 4 and 0 <= stats["mAP"] <= 100 and len(predictions) == 4
+
+
+# ---- the claims protocol: occlusion bins, the AP's spread ----------------------------------------
+
+def test_occlusion_index_on_hand_made_people():
+    boxes = np.array([[0, 0, 10, 10], [5, 0, 10, 10], [100, 100, 10, 10]], np.float64)
+    index = R.occlusion_index(boxes)
+    assert index == pytest.approx([50 / 150, 50 / 150, 0.0])  # two half-overlapping people, one alone
+    assert R.occlusion_index(boxes[:1]).tolist() == [0.0]
+    assert [name for name, (lo, hi) in R.OCCLUSION_BINS.items() if lo <= index[0] < hi] == ["heavy"]
+
+
+def test_coco_ap_from_evaluated_images_matches_cocoeval_and_bins_split_the_people(toy):
+    kset = R.load_keypoint_set(toy["val"], toy["val"].parent / "images")
+    cfg, _ = R.parse_args(["--preset", "paper"])
+    results = [r for rec, people in zip(kset.records, perfect_people(kset, cfg))
+               for r in R.coco_results(rec.image_id, people)]
+    results = [r | dict(keypoints=(np.array(r["keypoints"]) + (i % 3) * 2.0).tolist())  # some imperfect
+               for i, r in enumerate(results)]
+    from pycocotools.coco import COCO
+    gt = COCO(str(kset.json_path))
+    ids = [r.image_id for r in kset.records]
+    ev = R.coco_evaluator(gt, results, ids)
+    assert R.coco_ap(ev) == pytest.approx(ev.stats[0], abs=1e-9) and 0 < ev.stats[0] < 1
+    assert R.coco_ap(ev, np.array([2, 0, 1])) != pytest.approx(ev.stats[0])  # a resample differs
+    stats = R.coco_eval(kset.json_path, results, ids, detail=True)
+    assert set(stats["ap_by_occlusion"]) == set(R.OCCLUSION_BINS) and stats["ap_sd"] > 0
+    people = R.person_occlusion(gt.dataset)
+    for name, (lo, hi) in R.OCCLUSION_BINS.items():
+        kept = [a for a in R.occlusion_subset(gt, lo, hi).dataset["annotations"] if not a.get("iscrowd")]
+        assert all(lo <= people[a["id"]] < hi for a in kept)
