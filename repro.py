@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import io
@@ -123,7 +124,8 @@ class Config:
     batch_size: int = setting(16, "crops per step; mixed modes use half synthetic/augmented, half real")
     real_share: float = setting(0.5, "share of real crops in a mixed mode's batch (paper code: 16 of 32); "
                                 "0 with --mode synthetic trains on synthetic data only")
-    lr: float = setting(1e-3, "Adam learning rate (paper: 5e-5)")
+    lr: float = setting(1e-3, "Adam learning rate (paper: 5e-5); the demo preset fine-tunes from --init at 3e-4 "
+                        "unless --lr is given")
     beta1: float = setting(0.9, "Adam beta1 (paper: 0.8)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     lr_schedule: str = setting("cosine", "cosine (demo) or step (paper: x lr_gamma every lr_step steps)",
@@ -133,8 +135,9 @@ class Config:
     steps: int = setting(100000, "training steps (0: no training, only the evaluation of the start)")
     minutes: float = setting(5.0, "wall-clock training budget in minutes (0: steps only); the schedule "
                              "follows it")
-    init: str | None = setting(None, "start from this checkpoint's weights (paper: a real-only student); "
-                               "with --bench: time grouping on its maps")
+    init: str | None = setting("auto", "start from this checkpoint's weights (paper: a real-only student); auto: "
+                               "the shipped demo student on the demo data with its network, else none (from "
+                               "scratch); with --bench: time grouping on its maps")
     # inference
     eval_height: int = setting(192, "val images are resized to this height at scale 1.0")
     eval_scales: tuple[float, ...] = setting((0.7, 1.0, 1.3), "inference scales (paper code: 0.7 1.0 1.3)")
@@ -2127,7 +2130,39 @@ def write_json(obj, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
-ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride")
+ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
+# The demo's initial student: the claims protocol's full-regime real-only student in half precision,
+# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt` (README).
+SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
+FINETUNE_LR = 3e-4  # [ours] the demo's fine-tuning learning rate (the protocol's)
+
+
+def shipped_student_fits(cfg: Config) -> bool:
+    try:
+        saved = load_checkpoint(SHIPPED_STUDENT).get("config", {})
+    except ReproError:  # absent or unreadable: train from scratch
+        return False
+    return all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
+
+
+def resolve_init(cfg: Config, lr_given: bool) -> Config:
+    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
+    --init none -> from scratch. A demo-preset fine-tune without --lr runs at FINETUNE_LR."""
+    init = cfg.init
+    if init == "auto":
+        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
+        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
+    init = None if init == "none" else init
+    lr = FINETUNE_LR if init and cfg.preset == "demo" and not lr_given else cfg.lr
+    return dataclasses.replace(cfg, init=init, lr=lr)
+
+
+def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT) -> None:
+    """A training checkpoint -> the shipped student: weights in float16, config and step, nothing else."""
+    ckpt = load_checkpoint(ckpt_path)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
+    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -2499,7 +2534,8 @@ def protocol_runs() -> list[ProtocolRun]:
     for regime, subset in PROTOCOL_REGIMES.items():
         data = ["--train-subset", str(subset)] + PROTOCOL_COMMON
         runs.append(ProtocolRun(f"{regime}/student", regime, "student", 0,
-                                ["--mode", "real", "--steps", str(PROTOCOL_STUDENT_STEPS[regime]), "--seed", "0",
+                                ["--mode", "real", "--init", "none", "--steps", str(PROTOCOL_STUDENT_STEPS[regime]),
+                                 "--seed", "0",
                                  "--eval-steps", *learning_curve(PROTOCOL_STUDENT_STEPS[regime])] + data, None))
     for seed in PROTOCOL_SEEDS:
         for regime, subset in PROTOCOL_REGIMES.items():
@@ -2509,7 +2545,8 @@ def protocol_runs() -> list[ProtocolRun]:
                 runs.append(ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed, argv,
                                         f"{regime}/student"))
     runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
-                            ["--mode", "synthetic", "--real-share", "0", "--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
+                            ["--mode", "synthetic", "--real-share", "0", "--init", "none",
+                             "--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
                              "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
     return runs
 
@@ -2542,27 +2579,47 @@ def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
 
 
 def run_protocol(python: str = sys.executable) -> None:
-    """Runs what is missing: skips finished runs (their summary is in results/protocol), resumes
-    runs that were cut off, and retrains a missing starting checkpoint from its seed."""
+    """Runs what is missing: the students, the probe, then the grid. Skips finished runs (their
+    summary is in results/protocol), resumes runs that were cut off, and retrains a missing
+    starting checkpoint from its seed."""
     runs = {r.name: r for r in protocol_runs()}
-    for run in runs.values():
-        if summary_path(run).is_file():
-            continue
-        init_ckpt = PROTOCOL_RUNS / run.init / "ckpt.pt" if run.init else None
-        if init_ckpt is not None and not init_ckpt.is_file():
-            print(f"protocol: {run.init}'s checkpoint is missing: training it again from its seed")
-            train_protocol_run(runs[run.init], python)
-        train_protocol_run(run, python, init_ckpt)
+    students = [r for r in runs.values() if r.condition == "student"]
+    for run in students + [None] + [r for r in runs.values() if r.condition != "student"]:
+        if run is None:
+            run_probe_once(runs["full/student"], python)
+        elif not summary_path(run).is_file():
+            init_ckpt = PROTOCOL_RUNS / run.init / "ckpt.pt" if run.init else None
+            if init_ckpt is not None and not init_ckpt.is_file():
+                print(f"protocol: {run.init}'s checkpoint is missing: training it again from its seed")
+                train_protocol_run(runs[run.init], python)
+            train_protocol_run(run, python)
     report_protocol()
 
 
-def train_protocol_run(run: ProtocolRun, python: str, init_ckpt: Path | None = None) -> None:
+def run_probe_once(student: ProtocolRun, python: str) -> None:
+    if (PROTOCOL_RESULTS.parent / "probe.json").is_file():
+        return
+    ckpt = PROTOCOL_RUNS / student.name / "ckpt.pt"
+    if not ckpt.is_file():
+        train_protocol_run(student, python)
+    argv = ["--probe", "--init", str(ckpt), "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+    print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
+    if subprocess.run([python, __file__, *argv]).returncode != 0:
+        raise ReproError("the probe failed; rerun --reproduce")
+
+
+def protocol_argv(run: ProtocolRun) -> list[str]:
+    init = ["--init", str(PROTOCOL_RUNS / run.init / "ckpt.pt")] if run.init else []
+    return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
+
+
+def train_protocol_run(run: ProtocolRun, python: str) -> None:
     folder = PROTOCOL_RUNS / run.name
     resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
     if folder.exists() and not resume:
         import shutil
         shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
-    argv = run.argv + (["--init", str(init_ckpt)] if init_ckpt else []) + ["--out", str(folder)]
+    argv = protocol_argv(run)
     command = "python repro.py " + " ".join(argv)
     print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
     done = subprocess.run([python, __file__, *argv] + (["--resume"] if resume else []))
@@ -2610,6 +2667,126 @@ def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
     return verdicts
 
 
+# [ours] The informativeness probe (claim 3), fixed before any probe result: at points of a run
+# that samples synthetic data uniformly (the "uniform" condition, from the full regime's student),
+# copies of the student train a few steps on one teacher bin each (same real half, same step
+# rule); a bin's usefulness is how much that lowers the loss on a fixed set of real val crops.
+PROBE_POINTS = (0, 400, 800)
+PROBE_STEPS = 20
+PROBE_SEEDS = (0, 1, 2)
+PROBE_VAL_CROPS = 64
+
+
+def fixed_val_batch(data: Data, cfg: Config) -> dict:
+    """PROBE_VAL_CROPS person-centric crops of the val set, without augmentation: the probe's yardstick."""
+    maker = BatchMaker(dataclasses.replace(data, train=data.val, synthetic=None, bank=None),
+                       dataclasses.replace(cfg, mode="real"))
+    return maker.batch(maker.plan(PROBE_VAL_CROPS, np.random.default_rng(PROBE_VAL_CROPS)), None)
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, batch: dict, cfg: Config, device) -> float:
+    model.eval()
+    with autocast(device, cfg):
+        outputs = model(to_input(batch["image"], device))
+    loss, _ = pose_loss(outputs, batch["target"].to(device), batch["loss_mask"].to(device))
+    model.train()
+    return float(loss)
+
+
+def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float) -> np.ndarray:
+    """(bins, seeds) drop of the val loss after PROBE_STEPS steps on one bin; NaN for bins too small
+    to train on. The student and its optimiser are restored afterwards."""
+    cfg, teacher = trainer.cfg, trainer.teacher
+    saved = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
+    before = val_loss(trainer.model, val_batch, cfg, trainer.device)
+    out = np.full((cfg.bins, len(PROBE_SEEDS)), np.nan)
+    for b, pool in enumerate(teacher.pools):
+        if len(pool) <= cfg.teacher_min_bin:
+            continue
+        for s, seed in enumerate(PROBE_SEEDS):
+            trainer.model.load_state_dict(saved[0])
+            trainer.optimizer.load_state_dict(saved[1])
+            for t in range(PROBE_STEPS):
+                rng = np.random.default_rng([cfg.seed, trainer.step, b, seed, t])
+                trainer.train_step(trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
+            out[b, s] = before - val_loss(trainer.model, val_batch, cfg, trainer.device)
+    trainer.model.load_state_dict(saved[0])
+    trainer.optimizer.load_state_dict(saved[1])
+    return out
+
+
+def run_probe(cfg: Config, data: Data, device: torch.device, out: Path) -> dict:
+    """Trains the uniform condition to the last probe point, probing every bin at each point."""
+    cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True, steps=max(PROBE_POINTS))
+    trainer = Trainer(cfg, data, device, out)
+    val_batch = fixed_val_batch(data, cfg)
+    points = []
+
+    def probe_here():
+        lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
+        points.append(dict(step=trainer.step, usefulness=bin_usefulness(trainer, val_batch, lr).tolist()))
+        print(f"probe at step {trainer.step}: mean usefulness per bin "
+              f"{np.round(np.nanmean(points[-1]['usefulness'], 1), 2).tolist()}", flush=True)
+
+    for step, batch in trainer.batches():
+        if step in PROBE_POINTS:
+            probe_here()
+        r = trainer.train_step(batch, learning_rate(cfg, step, step / cfg.steps))
+        trainer.teacher.observe(step, batch, r)
+        trainer.step = step + 1
+    probe_here()
+    use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
+    verdict, reason = probe_verdict(use)
+    return dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
+                usefulness=use.tolist(), steps_per_probe=PROBE_STEPS, seeds=list(PROBE_SEEDS),
+                val_crops=PROBE_VAL_CROPS, verdict=verdict, reason=reason)
+
+
+def probe_verdict(use: np.ndarray) -> tuple[str, str]:
+    """The rule for claim 3 on (points, bins, seeds) usefulness, fixed before the probe ran.
+    Unequal: at some point a one-way ANOVA over the bins (probe seeds as replicates) gives
+    p < 0.01. Changing: Kendall's tau between the first and last points' bin rankings < 0.5.
+    Reproduced: unequal and changing; contradicted: never unequal, or unequal with tau >= 0.8."""
+    from scipy.stats import f_oneway, kendalltau
+
+    ok = np.isfinite(use).all((0, 2))  # bins that every point could probe
+    mean = use[:, ok].mean(2)
+    p_values = [float(f_oneway(*point[ok]).pvalue) for point in use]
+    unequal = [p < 0.01 for p in p_values]
+    tau = float(kendalltau(mean[0], mean[-1]).statistic) if ok.sum() >= 3 else float("nan")
+    reason = (f"bins unequal (ANOVA p < 0.01) at {sum(unequal)} of {len(unequal)} points "
+              f"(p = {', '.join(f'{p:.2g}' for p in p_values)}); rank tau first-last {tau:.2f}")
+    if any(unequal) and tau < 0.5:
+        return "reproduced", reason
+    if not any(unequal) or tau >= 0.8:
+        return "contradicted", reason
+    return "inconclusive", reason
+
+
+def save_probe_figure(probe: dict, path: Path) -> None:
+    """Each bin's usefulness against training progress (mean and SE over probe seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use = np.array(probe["usefulness"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = plt.cm.viridis(np.linspace(0, 1, use.shape[1]))
+    for b in range(use.shape[1]):
+        if np.isfinite(use[:, b]).all():
+            se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
+            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
+                        label=f"{probe['edges'][b]:.0f} ({probe['counts'][b]})")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="step of the uniform run", ylabel="val loss drop after a few steps on the bin",
+           title="informativeness of each min_dist bin over training (claim 3)")
+    ax.legend(title="bin lower edge (samples)", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 README_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
 
 
@@ -2617,7 +2794,11 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     """claims.json, claims.md, claims.png and the README's results table, from the run summaries in
     results/protocol alone (no training)."""
     results = results or PROTOCOL_RESULTS.parent
+    current = {r.name: r for r in protocol_runs()}
     runs = [json.loads(p.read_text()) for p in sorted((results / "protocol").glob("*.json"))]
+    for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
+        if r["name"] in current:
+            r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
     probe_path = results / "probe.json"
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
@@ -2631,6 +2812,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
         tmp.write_text(table)
     if runs:
         save_claims_figure(runs, results / "claims.png")
+    if probe:
+        save_probe_figure(probe, results / "probe.png")
     if readme.is_file() and all(m in readme.read_text() for m in README_MARKERS):
         text = readme.read_text()
         head, rest = text.split(README_MARKERS[0], 1)
@@ -2765,8 +2948,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="plot val metrics of these run folders against minutes into --out (png + md table)")
+    p.add_argument("--export-student", metavar="CKPT",
+                   help="write CKPT's weights in half precision to results/student-demo.pt (the shipped student)")
     p.add_argument("--reproduce", action="store_true",
                    help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
+    p.add_argument("--probe", action="store_true",
+                   help="the informativeness probe of claim 3 from --init (README): results/probe.{json,png}")
     p.add_argument("--report", action="store_true",
                    help="rebuild results/claims.{json,md,png} and the README's claims table from results/protocol")
     p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
@@ -2801,7 +2988,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
     if args.mpii_root and args.skeleton is None:
         values["skeleton"] = "mpii"
-    return Config(**values), args
+    return resolve_init(Config(**values), lr_given=args.lr is not None), args
 
 
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
@@ -2958,6 +3145,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.score_mpii:
             score_mpii_files(*args.score_mpii)
             return 0
+        if args.export_student:
+            export_student(args.export_student)
+            return 0
         if args.reproduce or args.report:
             run_protocol() if args.reproduce else report_protocol()
             return 0
@@ -2968,6 +3158,10 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg)
         if args.bench:
             bench(cfg, data, device)
+        elif args.probe:
+            probe = run_probe(cfg, data, device, Path(cfg.out or PROTOCOL_RUNS / "probe"))
+            write_json(probe, PROTOCOL_RESULTS.parent / "probe.json")
+            save_probe_figure(probe, PROTOCOL_RESULTS.parent / "probe.png")
         elif cfg.mode == "eval":
             run_eval(cfg, data, device)
         else:

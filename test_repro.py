@@ -1512,3 +1512,94 @@ def test_coco_ap_from_evaluated_images_matches_cocoeval_and_bins_split_the_peopl
     for name, (lo, hi) in R.OCCLUSION_BINS.items():
         kept = [a for a in R.occlusion_subset(gt, lo, hi).dataset["annotations"] if not a.get("iscrowd")]
         assert all(lo <= people[a["id"]] < hi for a in kept)
+
+
+def test_paired_verdict_rule_on_made_up_numbers():
+    assert R.paired_verdict([0.40, 0.41, 0.42], [0.30, 0.32, 0.31])[0] == "reproduced"
+    assert R.paired_verdict([0.30, 0.32, 0.31], [0.40, 0.41, 0.42])[0] == "contradicted"
+    assert R.paired_verdict([0.40, 0.30, 0.35], [0.35, 0.36, 0.34])[0] == "inconclusive"  # noise swamps it
+    assert R.paired_verdict([0.5, 0.5], [0.1, 0.1])[0] == "inconclusive"  # two pairs are too few
+    runs = [dict(condition=c, regime=g, seed=s, ap=ap) for g in R.PROTOCOL_REGIMES for s in range(3)
+            for c, ap in (("augmented-mask", 0.4 + 0.01 * s), ("synthetic", 0.3 + 0.01 * s),
+                          ("augmented-include", 0.4 + 0.01 * s), ("teacher", 0.2 + 0.02 * s), ("uniform", 0.3))]
+    verdicts = R.claim_verdicts(runs, None)
+    assert verdicts[1]["verdict"] == "reproduced" and verdicts[2]["verdict"] == "inconclusive"  # equal: d = 0
+    assert verdicts[3]["verdict"] == "inconclusive" and "probe" in verdicts[3]["reason"]
+    assert verdicts[4]["verdict"] == "contradicted"
+
+
+def test_probe_verdict_on_made_up_usefulness():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.01, (3, 6, 3))
+    rising = np.linspace(0, 1, 6)[None, :, None]
+    changing = np.concatenate([rising, rising[:, ::-1] * 0.5 + 0.2, rising[:, ::-1]]) + noise
+    assert R.probe_verdict(changing)[0] == "reproduced"
+    assert R.probe_verdict(np.repeat(rising, 3, 0) + noise)[0] == "contradicted"  # the same ranking throughout
+    assert R.probe_verdict(noise)[0] == "contradicted"  # every bin equally informative
+
+
+def test_probe_runs_on_a_tiny_model(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "PROBE_POINTS", (0, 2))
+    monkeypatch.setattr(R, "PROBE_STEPS", 2)
+    monkeypatch.setattr(R, "PROBE_SEEDS", (0, 1))
+    monkeypatch.setattr(R, "PROBE_VAL_CROPS", 4)
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
+    data = R.load_data(cfg)
+    probe = R.run_probe(cfg, data, torch.device("cpu"), tmp_path)
+    use = np.array(probe["usefulness"])
+    assert use.shape == (2, 3, 2) and probe["points"] == [0, 2]
+    assert np.isfinite(use[:, np.array(probe["counts"]) > 0]).all()
+    assert probe["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    R.save_probe_figure(probe, tmp_path / "probe.png")
+    assert (tmp_path / "probe.png").is_file()
+
+
+def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = R.protocol_runs()
+    done = [r for r in runs if r.name in ("full/student", "full/real-s0")]
+    for r in done:
+        R.PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
+        R.write_json(dict(name=r.name, condition=r.condition, regime=r.regime, seed=r.seed, steps=1, minutes=0.1,
+                          ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init, command="x",
+                          teacher=None), R.summary_path(r))
+    (tmp_path / "results" / "probe.json").write_text("{}")
+    trained = []
+
+    def train(run, python):
+        trained.append(run.name)
+        (R.PROTOCOL_RUNS / run.name).mkdir(parents=True, exist_ok=True)
+        (R.PROTOCOL_RUNS / run.name / "ckpt.pt").write_bytes(b"")
+    monkeypatch.setattr(R, "train_protocol_run", train)
+    R.run_protocol()
+    assert "full/real-s0" not in trained and trained[0] == "scarce/student"
+    # full/student finished before, but its checkpoint is gone (a fresh machine): rebuilt before its first user
+    assert trained.index("full/student") < trained.index("full/synthetic-s0")
+    assert len(trained) == len(runs) - len(done) + 1
+    claims = json.loads((tmp_path / "results" / "claims.json").read_text())
+    assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
+    assert (tmp_path / "results" / "claims.md").is_file()
+
+
+def test_teacher_drift_from_the_metrics_log():
+    log = [dict(step=20, teacher=dict(probs=[0.5, 0.5])), dict(step=40), dict(step=60, teacher=dict(probs=[0.7, 0.3]))]
+    drift = R.teacher_drift(log)
+    assert drift["updates"] == 2 and drift["l1"] == pytest.approx(0.4) and drift["max_prob"] == pytest.approx(0.7)
+    assert R.teacher_drift([dict(step=1)]) is None
+
+
+def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "student.pt")
+    cfg, _ = R.parse_args(["--mode", "augmented"])
+    assert cfg.init is None and cfg.lr == 1e-3  # nothing shipped: from scratch
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
+    R.export_student(str(tmp_path / "run/ckpt.pt"), tmp_path / "student.pt")
+    half = torch.load(tmp_path / "student.pt", weights_only=False)
+    assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
+    argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
+    cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
+    assert cfg.init == str(tmp_path / "student.pt") and cfg.lr == R.FINETUNE_LR
+    assert R.parse_args(["--mode", "augmented", "--lr", "1e-3"] + argv)[0].lr == 1e-3
+    assert R.parse_args(["--mode", "augmented", "--init", "none"] + argv)[0].init is None
+    assert R.parse_args(["--mode", "augmented"])[0].init is None  # another network: from scratch
+    assert R.parse_args(toy_data_args(toy) + argv)[0].init is None  # real data gets no shipped student
