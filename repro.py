@@ -133,7 +133,7 @@ class Config:
     lr_step: int = setting(20000, "steps between learning-rate drops for the step schedule")
     lr_gamma: float = setting(0.33, "factor of each learning-rate drop")
     steps: int = setting(100000, "training steps (0: no training, only the evaluation of the start)")
-    minutes: float = setting(5.0, "wall-clock training budget in minutes (0: steps only); the schedule "
+    minutes: float = setting(4.0, "wall-clock training budget in minutes (0: steps only); the schedule "
                              "follows it")
     init: str | None = setting("auto", "start from this checkpoint's weights (paper: a real-only student); auto: "
                                "the shipped demo student on the demo data with its network, else none (from "
