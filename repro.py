@@ -2518,6 +2518,12 @@ PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from 
 PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
 
 
+def student_export(regime: str) -> Path:
+    """A regime's initial student in half precision, committed: every fine-tune of the regime starts
+    from it, on any machine, and the full regime's is the demo's shipped student."""
+    return SHIPPED_STUDENT if regime == "full" else SHIPPED_STUDENT.with_name(f"student-demo-{regime}.pt")
+
+
 class ProtocolRun(NamedTuple):
     name: str  # e.g. "full/augmented-mask-s1"
     regime: str
@@ -2588,9 +2594,8 @@ def run_protocol(python: str = sys.executable) -> None:
         if run is None:
             run_probe_once(runs["full/student"], python)
         elif not summary_path(run).is_file():
-            init_ckpt = PROTOCOL_RUNS / run.init / "ckpt.pt" if run.init else None
-            if init_ckpt is not None and not init_ckpt.is_file():
-                print(f"protocol: {run.init}'s checkpoint is missing: training it again from its seed")
+            if run.init and not student_export(run.regime).is_file():
+                print(f"protocol: {run.init} is missing: training it again from its seed")
                 train_protocol_run(runs[run.init], python)
             train_protocol_run(run, python)
     report_protocol()
@@ -2599,17 +2604,17 @@ def run_protocol(python: str = sys.executable) -> None:
 def run_probe_once(student: ProtocolRun, python: str) -> None:
     if (PROTOCOL_RESULTS.parent / "probe.json").is_file():
         return
-    ckpt = PROTOCOL_RUNS / student.name / "ckpt.pt"
-    if not ckpt.is_file():
+    if not student_export(student.regime).is_file():
         train_protocol_run(student, python)
-    argv = ["--probe", "--init", str(ckpt), "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+    argv = ["--probe", "--init", str(student_export(student.regime)), "--seed", "0",
+            "--train-subset", "0"] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
     print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
     if subprocess.run([python, __file__, *argv]).returncode != 0:
         raise ReproError("the probe failed; rerun --reproduce")
 
 
 def protocol_argv(run: ProtocolRun) -> list[str]:
-    init = ["--init", str(PROTOCOL_RUNS / run.init / "ckpt.pt")] if run.init else []
+    init = ["--init", str(student_export(run.regime).relative_to(SHIPPED_STUDENT.parent.parent))] if run.init else []
     return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
 
 
@@ -2625,6 +2630,8 @@ def train_protocol_run(run: ProtocolRun, python: str) -> None:
     done = subprocess.run([python, __file__, *argv] + (["--resume"] if resume else []))
     if done.returncode != 0:
         raise ReproError(f"protocol run {run.name} failed (exit status {done.returncode}); rerun to resume it")
+    if run.condition == "student":
+        export_student(str(folder / "ckpt.pt"), student_export(run.regime))
     PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(run_summary(run, folder, command), summary_path(run))
 

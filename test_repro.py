@@ -1556,6 +1556,7 @@ def test_probe_runs_on_a_tiny_model(toy, tmp_path, monkeypatch):
 
 def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
     runs = R.protocol_runs()
     done = [r for r in runs if r.name in ("full/student", "full/real-s0")]
     for r in done:
@@ -1568,12 +1569,12 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
 
     def train(run, python):
         trained.append(run.name)
-        (R.PROTOCOL_RUNS / run.name).mkdir(parents=True, exist_ok=True)
-        (R.PROTOCOL_RUNS / run.name / "ckpt.pt").write_bytes(b"")
+        if run.condition == "student":
+            R.student_export(run.regime).write_bytes(b"")
     monkeypatch.setattr(R, "train_protocol_run", train)
     R.run_protocol()
     assert "full/real-s0" not in trained and trained[0] == "scarce/student"
-    # full/student finished before, but its checkpoint is gone (a fresh machine): rebuilt before its first user
+    # full/student finished before, but its exported weights are gone: rebuilt before its first user
     assert trained.index("full/student") < trained.index("full/synthetic-s0")
     assert len(trained) == len(runs) - len(done) + 1
     claims = json.loads((tmp_path / "results" / "claims.json").read_text())
