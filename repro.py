@@ -507,7 +507,9 @@ def load_data(cfg: Config) -> Data:
             if not paths[flag]:
                 raise ReproError(f"--{flag.replace('_', '-')} is missing (or give --coco-root)")
         train = load_keypoint_set(paths["train_json"], paths["train_images"], sk) if cfg.mode != "eval" else None
-        val = load_keypoint_set(paths["val_json"], paths["val_images"], sk)
+        val = (load_mpii_annolist(Path(paths["val_json"]), Path(paths["val_images"]))
+               if sk is MPII and paths["val_json"].endswith(".mat") else
+               load_keypoint_set(paths["val_json"], paths["val_images"], sk))
         name = "coco" if cfg.coco_root else Path(paths["val_json"]).stem
     else:
         train = load_keypoint_set(demo["train"], demo["train"].parent / "images", sk)
@@ -552,6 +554,14 @@ def mpii_records(groups: list[Group], images: Path, first_id: int = 1) -> list[I
         records.append(ImageRecord(first_id + i, images / g.image, width, tall, MPII.to_parts(g.joints),
                                    boxes.astype(np.float32), {}))
     return records
+
+
+def load_mpii_annolist(mat: Path, images: Path) -> KeypointSet:
+    """An evaluation set given as an MPII annotation list (.mat, e.g. multi-person groups), with images."""
+    groups = read_annolist(mat)
+    if any(not g.image for g in groups):
+        raise ReproError(f"{mat} names no images (annolist(i).image.name): evaluating it needs them")
+    return KeypointSet(None, mpii_records(groups, images), MPII, groups=groups)
 
 
 def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:

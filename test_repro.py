@@ -1604,3 +1604,22 @@ def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, m
     assert R.parse_args(["--mode", "augmented", "--init", "none"] + argv)[0].init is None
     assert R.parse_args(["--mode", "augmented"])[0].init is None  # another network: from scratch
     assert R.parse_args(toy_data_args(toy) + argv)[0].init is None  # real data gets no shipped student
+
+
+def test_an_mpii_annolist_as_the_val_set(mpii_toy, toy, tmp_path):
+    kset = R.load_keypoint_set(mpii_toy["val"], mpii_toy["val"].parent / "images", R.MPII)
+    entries = []
+    for g in R.groups_of_records(kset):  # the toolkit's ground-truth layout, written with scipy
+        rects = [dict(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]), scale=float(sc),
+                      objpos=dict(x=float(o[0]), y=float(o[1])),
+                      annopoints=dict(point=_records([dict(x=float(x), y=float(y), id=float(j), is_visible=1.0)
+                                                      for j, (x, y, v) in enumerate(person) if v > 0])))
+                 for person, b, sc, o in zip(g.joints, g.head_boxes, g.scales, g.objpos)]
+        entries.append(dict(image=dict(name=g.image), annorect=_records(rects)))
+    scipy.io.savemat(tmp_path / "val.mat", {"annolist": _records(entries)})
+    val = R.load_mpii_annolist(tmp_path / "val.mat", mpii_toy["val"].parent / "images")
+    assert len(val.records) == len(kset.records) and np.isfinite(val.groups[0].head_boxes).all()
+    out = tmp_path / "run"
+    argv = toy_args(mpii_toy, out, "--mode", "real", "--skeleton", "mpii", "--steps", "1")
+    argv[argv.index("--val-json") + 1] = str(tmp_path / "val.mat")
+    assert R.main(argv) == 0 and json.loads((out / "metrics.json").read_text())["images"] == len(kset.records)
