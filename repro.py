@@ -2743,8 +2743,10 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path) -> dict:
     def probe_here():
         lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
         points.append(dict(step=trainer.step, usefulness=bin_usefulness(trainer, val_batch, lr).tolist()))
-        print(f"probe at step {trainer.step}: mean usefulness per bin "
-              f"{np.round(np.nanmean(points[-1]['usefulness'], 1), 2).tolist()}", flush=True)
+        use = np.array(points[-1]["usefulness"])
+        probed = np.isfinite(use).all(1)
+        print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
+              f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
 
     for step, batch in trainer.batches():
         if step in PROBE_POINTS:
