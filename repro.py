@@ -1794,10 +1794,8 @@ def write_pred_mat(path: str | Path, groups: list[Group]) -> None:
         [dict(annopoints=dict(point=_struct_array(pts, ("x", "y", "id", "score")))) for pts in e["rects"]],
         ("annopoints",))) for e in _pred_entries(groups)], ("image", "annorect"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: savemat would append .mat to a .tmp name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
         scipy.io.savemat(f, {"pred": pred}, do_compression=True)
-    os.replace(tmp, path)
 
 
 def write_pred_json(path: str | Path, groups: list[Group]) -> None:
@@ -1806,9 +1804,8 @@ def write_pred_json(path: str | Path, groups: list[Group]) -> None:
     pred = [dict(image=dict(name=e["name"]), annorect=[dict(annopoints=dict(point=pts)) for pts in e["rects"]])
             for e in _pred_entries(groups)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pred": pred}))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"pred": pred}))
 
 
 MPII_BASE = 41 / 35  # paper code: the inference scale of a group is (41/35) / its mean MPII scale
