@@ -171,6 +171,7 @@ class Config:
     amp: bool = setting(True, "bfloat16 mixed precision on CUDA and on CPUs with native bf16 "
                         "(AVX512-BF16/AMX)")
     threads: int = setting(0, "torch CPU threads (0: torch's default)")
+    compile: bool = setting(False, "torch.compile the student for training (README, Speed: slower on 2 CPU cores)")
 
 
 PRESETS: dict[str, dict] = {
@@ -2245,6 +2246,8 @@ class Trainer:
         if world > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:  # checkpoints and evaluation keep using self.model, the uncompiled module
+            self.net = torch.compile(self.net)
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -2924,7 +2927,8 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
     target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
                                                      tensors["mask_miss"], cfg), 10)
     fixed = maker.batch(specs, rng)  # pre-made: crops, targets and masks all ready
-    premade_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), steps, warmup=3)
+    first_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), 1)  # with --compile: compiling
+    premade_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), steps, warmup=2)
     stream = (b for _, b in trainer.batches())
     streamed_s = seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr), steps, warmup=3)
     premade, end_to_end = cfg.batch_size / premade_s, cfg.batch_size / streamed_s
@@ -2941,7 +2945,7 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
         t2 = time.perf_counter()
         decode_maps(maps, base, skeleton(cfg))
         forward_s, group_s = forward_s + t2 - t, group_s + time.perf_counter() - t2
-    figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
+    figures = dict(first_step_s=first_s, crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
                    target_ms_per_sample=target_s / cfg.batch_size * 1e3,
                    train_img_s_end_to_end=end_to_end, train_img_s_premade=premade,
                    pipeline_ratio=end_to_end / premade, forward_ms_per_image=forward_s / n * 1e3,

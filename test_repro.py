@@ -844,6 +844,20 @@ def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
+def test_compiled_student_trains_the_weights_that_checkpoints_save(toy, tmp_path):
+    trainers, losses = [], []
+    for flags in ((), ("--compile",)):
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", "real", "--no-amp", *flags))
+        R.seed_everything(0)
+        trainers.append(R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path))
+        batch = trainers[-1].maker.batch(trainers[-1].maker.plan(4, np.random.default_rng(0)), np.random.default_rng(0))
+        losses.append([trainers[-1].train_step(batch, 1e-3)["loss"] for _ in range(3)])
+    compiled = trainers[1]
+    assert compiled.net is not compiled.model
+    assert all(p is q for p, q in zip(compiled.net.parameters(), compiled.model.parameters()))
+    assert np.allclose(losses[0], losses[1], rtol=1e-3) and losses[1][2] < losses[1][0]  # later steps see the update
+
+
 def test_cpu_mixed_precision_only_where_the_cpu_has_native_bf16():
     layer = torch.nn.Linear(4, 4)
     with R.autocast(torch.device("cpu"), R.Config()):
