@@ -2821,7 +2821,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     probe_path = results / "probe.json"
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
-    claims = dict(runs=runs, verdicts=claim_verdicts(runs, probe), probe=probe, teacher=teacher,
+    progress = dict(finished=sum(r["name"] in current for r in runs), total=len(current), probe=bool(probe))
+    claims = dict(runs=runs, progress=progress, verdicts=claim_verdicts(runs, probe), probe=probe, teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
                                 conditions=CONDITIONS, common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
@@ -2851,10 +2852,13 @@ def mean_sd(values: list[float], scale: float = 1.0) -> str:
 
 
 def claims_table(claims: dict) -> str:
-    runs = claims["runs"]
+    runs, progress = claims["runs"], claims["progress"]
     bins = list(OCCLUSION_BINS)
     lines = ["`python repro.py --reproduce` runs (and resumes) the protocol; `python repro.py --report` rebuilds "
              "this table, `results/claims.{json,md,png}` from `results/protocol/` alone.", "",
+             f"**Progress: {progress['finished']} of {progress['total']} runs finished; the probe "
+             f"{'finished' if progress['probe'] else 'not run yet'}.** Claims 1, 2 and 4 stay inconclusive "
+             "in a regime until it has 3 paired seeds.", "",
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min |",
              "|---" * (9 + len(bins)) + "|"]

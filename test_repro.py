@@ -1595,7 +1595,8 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert len(trained) == len(runs) - len(done) + 1
     claims = json.loads((tmp_path / "results" / "claims.json").read_text())
     assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
-    assert (tmp_path / "results" / "claims.md").is_file()
+    assert claims["progress"] == dict(finished=2, total=len(runs), probe=False)  # the probe's json is empty
+    assert f"2 of {len(runs)} runs finished" in (tmp_path / "results" / "claims.md").read_text()
 
 
 def test_teacher_drift_from_the_metrics_log():
