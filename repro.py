@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -2394,6 +2395,14 @@ def append_jsonl(path: Path, record: dict) -> None:
 # Figures
 # ----------------------------------------------------------------------------------------------
 
+def pyplot():
+    """matplotlib on its headless backend, imported only when a figure is drawn (it is slow to import)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, device, path: Path, n: int = 8) -> None:
     model.eval()
     tiles = []
@@ -2413,9 +2422,7 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
 
 
 def save_curves(metrics_path: Path, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_jsonl(metrics_path)
     train = [r for r in rows if "loss" in r]
@@ -2437,9 +2444,7 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
 
 def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     """The paper's "informative samples change over training" figure: bin probabilities over steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = teacher.records
     if not records or teacher.cfg.teacher_uniform:
@@ -2461,9 +2466,7 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
 
 def compare_runs(run_dirs: list[str], out: Path) -> str:
     """Figure (val AP, AP50, peak-hit against training minutes) and markdown table of runs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     lines = ["| run | command | minutes | steps | AP | AP50 | AP75 | AR | val peak-hit |", "|---" * 9 + "|"]
@@ -2632,7 +2635,6 @@ def train_protocol_run(run: ProtocolRun, python: str) -> None:
     folder = PROTOCOL_RUNS / run.name
     resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
     if folder.exists() and not resume:
-        import shutil
         shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
     argv = protocol_argv(run)
     command = "python repro.py " + " ".join(argv)
@@ -2785,9 +2787,7 @@ def probe_verdict(use: np.ndarray) -> tuple[str, str]:
 
 def save_probe_figure(probe: dict, path: Path) -> None:
     """Each bin's usefulness against training progress (mean and SE over probe seeds)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     use = np.array(probe["usefulness"])
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -2887,9 +2887,7 @@ def claims_table(claims: dict) -> str:
 
 def save_claims_figure(runs: list[dict], path: Path) -> None:
     """AP per condition and regime: every seed as a dot, the mean as a bar."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     conditions = [c for c in ["student", "synthetic-only", *CONDITIONS] if any(r["condition"] == c for r in runs)]
     fig, axes = plt.subplots(1, len(PROTOCOL_REGIMES), figsize=(6 * len(PROTOCOL_REGIMES), 3.8), sharey=True)
