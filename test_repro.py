@@ -1599,6 +1599,31 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert f"2 of {len(runs)} runs finished" in (tmp_path / "results" / "claims.md").read_text()
 
 
+def test_protocol_conditions_mean_what_their_names_say():
+    cfgs = {name: R.parse_args(flags)[0] for name, flags in R.CONDITIONS.items()}
+    gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
+    cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
+    real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
+    assert real_crops == dict(real=16, synthetic=8, **{"augmented-include": 8, "augmented-mask": 8}, teacher=8,
+                              uniform=8, **{"teacher-fast": 8, "synthetic-only": 0})
+    assert R.batch_sources(cfgs["synthetic-only"], 16) == [R.SYNTHETIC] * 16  # the domain gap: no real crop
+    assert [cfgs[c].synthetic_loss for c in ("augmented-include", "augmented-mask")] == ["include", "mask"]
+    teachers = [cfgs[c] for c in ("teacher", "uniform", "teacher-fast")]
+    assert all(c.mode == "student-teacher" and c.teacher_attribute == "min_dist" for c in teachers)
+    assert [(c.teacher_uniform, c.teacher_step) for c in teachers] == [(False, 0.01), (True, 0.01), (False, 0.1)]
+    with pytest.raises(R.ReproError):  # the teacher ranks real crops: a batch without any is refused
+        R.check_config(R.dataclasses.replace(cfgs["teacher"], real_share=0.0))
+
+
+def test_teacher_step_scales_the_soft_label_update():
+    p = np.full(4, 0.25)
+    for step in (0.01, 0.1):
+        t = R.soft_target(p, 2, loss_rose=True, step=step)
+        expect = np.full(4, 0.25 - 0.25 * step / 4)
+        expect[2] = 0.25 * (1 + step)
+        assert np.allclose(t, expect / expect.sum())
+
+
 def test_teacher_drift_from_the_metrics_log():
     log = [dict(step=20, teacher=dict(probs=[0.5, 0.5])), dict(step=40), dict(step=60, teacher=dict(probs=[0.7, 0.3]))]
     drift = R.teacher_drift(log)
