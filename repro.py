@@ -2660,12 +2660,20 @@ def paired_verdict(better: list[float], worse: list[float]) -> tuple[str, str]:
     return word, f"mean paired AP difference {mean:+.4f}, 2 SE {2 * se:.4f}, {len(d)} seeds"
 
 
+def paired_aps(runs: list[dict], better: str, worse: str, regime: str) -> tuple[list[float], list[float]]:
+    """The APs of two conditions of a regime on the seeds both have finished, in seed order: the pairs
+    that the verdicts and the figure compare."""
+    def aps(condition):
+        return {r["seed"]: r["ap"] for r in runs if r["condition"] == condition and r["regime"] == regime}
+
+    a, b = aps(better), aps(worse)
+    seeds = sorted(set(a) & set(b))
+    return [a[s] for s in seeds], [b[s] for s in seeds]
+
+
 def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
     """Per claim: the verdict in each regime, then overall: reproduced if reproduced in a regime and
     contradicted in none, contradicted the other way round, else inconclusive."""
-    def aps(condition, regime):
-        return {r["seed"]: r["ap"] for r in runs if r["condition"] == condition and r["regime"] == regime}
-
     verdicts = {}
     for claim, (better, worse, text) in CLAIMS.items():
         if better is None:
@@ -2675,9 +2683,7 @@ def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
             continue
         per_regime = {}
         for regime in PROTOCOL_REGIMES:
-            a, b = aps(better, regime), aps(worse, regime)
-            seeds = sorted(set(a) & set(b))
-            per_regime[regime] = paired_verdict([a[s] for s in seeds], [b[s] for s in seeds])
+            per_regime[regime] = paired_verdict(*paired_aps(runs, better, worse, regime))
         words = [w for w, _ in per_regime.values()]
         overall = ("reproduced" if "reproduced" in words and "contradicted" not in words else
                    "contradicted" if "contradicted" in words and "reproduced" not in words else "inconclusive")
@@ -2886,19 +2892,33 @@ def claims_table(claims: dict) -> str:
 
 
 def save_claims_figure(runs: list[dict], path: Path) -> None:
-    """AP per condition and regime: every seed as a dot, the mean as a bar."""
+    """Top: AP per condition and regime, every seed as a dot, the mean as a bar. Bottom: what the
+    verdicts of claims 1, 2 and 4 read, the paired AP differences per seed with mean +- 2 SE."""
     plt = pyplot()
 
     conditions = [c for c in ["student", "synthetic-only", *CONDITIONS] if any(r["condition"] == c for r in runs)]
-    fig, axes = plt.subplots(1, len(PROTOCOL_REGIMES), figsize=(6 * len(PROTOCOL_REGIMES), 3.8), sharey=True)
-    for ax, regime in zip(np.atleast_1d(axes), PROTOCOL_REGIMES):
+    paired = {k: v for k, v in CLAIMS.items() if v[0]}
+    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(6 * len(PROTOCOL_REGIMES), 7.6), sharey="row",
+                             squeeze=False)
+    for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
         for i, c in enumerate(conditions):
             ap = [r["ap"] for r in runs if r["regime"] == regime and r["condition"] == c]
             if ap:
-                ax.bar(i, np.mean(ap), color="lightsteelblue")
-                ax.plot([i] * len(ap), ap, "k.", ms=6)
-        ax.set_xticks(range(len(conditions)), conditions, rotation=35, ha="right", fontsize=8)
-        ax.set(title=f"{regime} regime: val AP (stand-in, crowded val)", ylabel="AP")
+                top.bar(i, np.mean(ap), color="lightsteelblue")
+                top.plot([i] * len(ap), ap, "k.", ms=6)
+        top.set_xticks(range(len(conditions)), conditions, rotation=35, ha="right", fontsize=8)
+        top.set(title=f"{regime} regime: val AP (stand-in, crowded val)", ylabel="AP")
+        for i, (better, worse, _) in enumerate(paired.values()):
+            d = np.subtract(*paired_aps(runs, better, worse, regime))
+            bottom.plot([i] * len(d), d, "k.", ms=6)
+            if len(d) > 1:
+                bottom.errorbar(i + 0.15, d.mean(), 2 * d.std(ddof=1) / np.sqrt(len(d)), fmt="o", color="C3",
+                                capsize=4)
+        bottom.axhline(0, color="grey", lw=0.5)
+        labels = [f"claim {k}\n{b} - {w}".replace("augmented-", "aug-") for k, (b, w, _) in paired.items()]
+        bottom.set_xticks(range(len(paired)), labels, fontsize=8)
+        bottom.set(xlim=(-0.5, len(paired) - 0.5), ylabel="paired AP difference",
+                   title=f"{regime} regime: seeds (dots), mean +- 2 SE (red)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
