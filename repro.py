@@ -3154,7 +3154,6 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     return stats
 
 
-
 def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
     trainer = start_run(cfg, data, device, out, rank, world)
