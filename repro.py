@@ -2579,9 +2579,19 @@ def summary_path(run: ProtocolRun) -> Path:
     return PROTOCOL_RESULTS / (run.name.replace("/", "-") + ".json")
 
 
-def teacher_drift(metrics: list[dict]) -> dict | None:
+def teacher_records(folder: Path) -> list[dict]:
+    """Every teacher update of a finished run, from its final checkpoint; without one, the metric lines,
+    which carry only the latest update at each line."""
+    if (folder / "ckpt.pt").is_file():
+        records = (load_checkpoint(folder / "ckpt.pt").get("teacher") or {}).get("records")
+        if records is not None:
+            return records
+    return [r["teacher"] for r in read_jsonl(folder / "metrics.jsonl") if r.get("teacher")]
+
+
+def teacher_drift(records: list[dict]) -> dict | None:
     """How far the teacher's bin probabilities moved over a run (L1 between its first and last)."""
-    probs = [r["teacher"]["probs"] for r in metrics if (r.get("teacher") or {}).get("probs")]
+    probs = [r["probs"] for r in records if r.get("probs")]
     if not probs:
         return None
     first, last = np.array(probs[0]), np.array(probs[-1])
@@ -2594,7 +2604,7 @@ def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
     return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
                 minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
                 ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
-                command=command, teacher=teacher_drift(read_jsonl(folder / "metrics.jsonl")))
+                command=command, teacher=teacher_drift(teacher_records(folder)))
 
 
 def run_protocol(python: str = sys.executable) -> None:

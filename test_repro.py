@@ -1624,11 +1624,16 @@ def test_teacher_step_scales_the_soft_label_update():
         assert np.allclose(t, expect / expect.sum())
 
 
-def test_teacher_drift_from_the_metrics_log():
-    log = [dict(step=20, teacher=dict(probs=[0.5, 0.5])), dict(step=40), dict(step=60, teacher=dict(probs=[0.7, 0.3]))]
-    drift = R.teacher_drift(log)
-    assert drift["updates"] == 2 and drift["l1"] == pytest.approx(0.4) and drift["max_prob"] == pytest.approx(0.7)
+def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
+    records = [dict(step=20 * k, probs=[0.5 + 0.1 * k, 0.5 - 0.1 * k]) for k in range(3)]
+    drift = R.teacher_drift(records)
+    assert drift["updates"] == 3 and drift["l1"] == pytest.approx(0.4) and drift["max_prob"] == pytest.approx(0.7)
     assert R.teacher_drift([dict(step=1)]) is None
+    # the metric lines carry only the latest update at each line: the checkpoint's records win
+    R.append_jsonl(tmp_path / "metrics.jsonl", dict(step=50, teacher=records[-1]))
+    assert R.teacher_records(tmp_path) == records[-1:]
+    torch.save(dict(teacher=dict(records=records)), tmp_path / "ckpt.pt")
+    assert R.teacher_records(tmp_path) == records
 
 
 def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, monkeypatch):
