@@ -2520,6 +2520,11 @@ CONDITIONS = {
     "uniform": ["--mode", "student-teacher", "--teacher-uniform"],  # the identical loop, uniform sampling
     "teacher-fast": ["--mode", "student-teacher", "--teacher-step", "0.1"],  # [ours] a teacher that can move
 }
+# [ours] The paper's baseline for the teacher, the identical loop with uniform sampling, draws exactly
+# the batches of the synthetic condition (same (seed, step) draws, uniform over every synthetic
+# person; tested, and full/uniform-s0 repeated full/synthetic-s0 bit for bit), so its runs are read
+# from synthetic's instead of being trained again.
+SAME_RUNS = {"uniform": "synthetic"}
 # claim -> (condition expected better, condition expected worse); claim 3 is the probe's
 CLAIMS = {
     1: ("augmented-mask", "synthetic", "augmented real data beats purely synthetic data"),
@@ -2559,6 +2564,8 @@ def protocol_runs() -> list[ProtocolRun]:
     for seed in PROTOCOL_SEEDS:
         for regime, subset in PROTOCOL_REGIMES.items():
             for condition, flags in CONDITIONS.items():
+                if condition in SAME_RUNS:
+                    continue
                 argv = flags + ["--steps", str(PROTOCOL_FINETUNE_STEPS), "--seed", str(seed),
                                 "--train-subset", str(subset)] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
                 runs.append(ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed, argv,
@@ -2670,11 +2677,17 @@ def paired_verdict(better: list[float], worse: list[float]) -> tuple[str, str]:
     return word, f"mean paired AP difference {mean:+.4f}, 2 SE {2 * se:.4f}, {len(d)} seeds"
 
 
+def condition_runs(runs: list[dict], condition: str, regime: str) -> list[dict]:
+    """A condition's finished runs in a regime; a condition in SAME_RUNS reads the runs it equals."""
+    source = SAME_RUNS.get(condition, condition)
+    return [r for r in runs if r["condition"] == source and r["regime"] == regime]
+
+
 def paired_aps(runs: list[dict], better: str, worse: str, regime: str) -> tuple[list[float], list[float]]:
     """The APs of two conditions of a regime on the seeds both have finished, in seed order: the pairs
     that the verdicts and the figure compare."""
     def aps(condition):
-        return {r["seed"]: r["ap"] for r in runs if r["condition"] == condition and r["regime"] == regime}
+        return {r["seed"]: r["ap"] for r in condition_runs(runs, condition, regime)}
 
     a, b = aps(better), aps(worse)
     seeds = sorted(set(a) & set(b))
@@ -2881,12 +2894,13 @@ def claims_table(claims: dict) -> str:
     order = ["student", "synthetic-only"] + list(CONDITIONS)
     for regime in PROTOCOL_REGIMES:
         for condition in order:
-            rs = [r for r in runs if r["regime"] == regime and r["condition"] == condition]
+            rs = condition_runs(runs, condition, regime)
             if not rs:
                 continue
             real = {"real": 16, "student": 16, "synthetic-only": 0}.get(condition, 8)
             occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
-            lines.append(f"| {regime} | {condition} | {real} | {len(rs)} | {rs[0]['steps']} | "
+            label = f"{condition} (= {SAME_RUNS[condition]}'s runs)" if condition in SAME_RUNS else condition
+            lines.append(f"| {regime} | {label} | {real} | {len(rs)} | {rs[0]['steps']} | "
                          f"{mean_sd([r['ap'] for r in rs])} | {mean_sd([r['ap50'] for r in rs])} | "
                          + " | ".join(occ) + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
                          f" | {np.mean([r['minutes'] for r in rs]):.1f} |")
@@ -2906,17 +2920,19 @@ def save_claims_figure(runs: list[dict], path: Path) -> None:
     verdicts of claims 1, 2 and 4 read, the paired AP differences per seed with mean +- 2 SE."""
     plt = pyplot()
 
-    conditions = [c for c in ["student", "synthetic-only", *CONDITIONS] if any(r["condition"] == c for r in runs)]
+    conditions = [c for c in ["student", "synthetic-only", *CONDITIONS]
+                  if any(condition_runs(runs, c, regime) for regime in PROTOCOL_REGIMES)]
     paired = {k: v for k, v in CLAIMS.items() if v[0]}
     fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(6 * len(PROTOCOL_REGIMES), 7.6), sharey="row",
                              squeeze=False)
     for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
         for i, c in enumerate(conditions):
-            ap = [r["ap"] for r in runs if r["regime"] == regime and r["condition"] == c]
+            ap = [r["ap"] for r in condition_runs(runs, c, regime)]
             if ap:
                 top.bar(i, np.mean(ap), color="lightsteelblue")
                 top.plot([i] * len(ap), ap, "k.", ms=6)
-        top.set_xticks(range(len(conditions)), conditions, rotation=35, ha="right", fontsize=8)
+        top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
+                       rotation=35, ha="right", fontsize=8)
         top.set(title=f"{regime} regime: val AP (stand-in, crowded val)", ylabel="AP")
         for i, (better, worse, _) in enumerate(paired.values()):
             d = np.subtract(*paired_aps(runs, better, worse, regime))

@@ -1,5 +1,6 @@
 """Tests for the reproduction (CPU only; run with `python -m pytest -x -q test_repro.py`)."""
 import errno
+import itertools
 import json
 import os
 import pickle
@@ -1613,6 +1614,27 @@ def test_protocol_conditions_mean_what_their_names_say():
     assert [(c.teacher_uniform, c.teacher_step) for c in teachers] == [(False, 0.01), (True, 0.01), (False, 0.1)]
     with pytest.raises(R.ReproError):  # the teacher ranks real crops: a batch without any is refused
         R.check_config(R.dataclasses.replace(cfgs["teacher"], real_share=0.0))
+
+
+def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy, tmp_path):
+    batches = []
+    for name in ("synthetic", "uniform"):
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name], "--steps", "3", "--workers", "0"))
+        trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
+        batches.append([])
+        for step, batch in itertools.islice(trainer.batches(), 3):
+            batches[-1].append(batch)
+            trainer.step = step + 1  # as fit() does: the teacher's loop draws each step's data from it
+    assert len(batches[0]) == len(batches[1]) == 3
+    for a, b in zip(*batches):
+        assert a["source"] == b["source"] and R.SYNTHETIC in a["source"]
+        assert all(np.array_equal(a[k], b[k]) for k in ("image", "keypoints", "mask_miss"))
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+    assert R.SAME_RUNS == {"uniform": "synthetic"}
+    assert not any(r.condition == "uniform" for r in R.protocol_runs())  # read from synthetic's runs
+    runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
+            (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
+    assert R.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
 
 
 def test_teacher_step_scales_the_soft_label_update():
