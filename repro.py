@@ -2880,6 +2880,13 @@ def mean_sd(values: list[float], scale: float = 1.0) -> str:
     return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
 
 
+def real_crops_per_step(condition: str) -> int:
+    """Real crops in a step's batch of a protocol condition, from the flags its runs are trained with."""
+    run = next(r for r in protocol_runs() if r.condition == SAME_RUNS.get(condition, condition))
+    cfg, _ = parse_args(run.argv)
+    return batch_sources(cfg, cfg.batch_size).count(REAL)
+
+
 def claims_table(claims: dict) -> str:
     runs, progress = claims["runs"], claims["progress"]
     bins = list(OCCLUSION_BINS)
@@ -2897,7 +2904,7 @@ def claims_table(claims: dict) -> str:
             rs = condition_runs(runs, condition, regime)
             if not rs:
                 continue
-            real = {"real": 16, "student": 16, "synthetic-only": 0}.get(condition, 8)
+            real = real_crops_per_step(condition)
             occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
             label = f"{condition} (= {SAME_RUNS[condition]}'s runs)" if condition in SAME_RUNS else condition
             lines.append(f"| {regime} | {label} | {real} | {len(rs)} | {rs[0]['steps']} | "

@@ -1608,6 +1608,7 @@ def test_protocol_conditions_mean_what_their_names_say():
     assert real_crops == dict(real=16, synthetic=8, **{"augmented-include": 8, "augmented-mask": 8}, teacher=8,
                               uniform=8, **{"teacher-fast": 8, "synthetic-only": 0})
     assert R.batch_sources(cfgs["synthetic-only"], 16) == [R.SYNTHETIC] * 16  # the domain gap: no real crop
+    assert all(R.real_crops_per_step(c) == n for c, n in real_crops.items())  # what the claims table prints
     assert [cfgs[c].synthetic_loss for c in ("augmented-include", "augmented-mask")] == ["include", "mask"]
     teachers = [cfgs[c] for c in ("teacher", "uniform", "teacher-fast")]
     assert all(c.mode == "student-teacher" and c.teacher_attribute == "min_dist" for c in teachers)
