@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import fnmatch
 import functools
 import io
 import json
@@ -787,7 +788,7 @@ def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, mask_miss: torch
     target = torch.cat([paf_targets(people, size, stride, cfg.paf_width, sk.limbs),
                         heatmap_targets(people, size, stride, cfg.sigma)], 1)
     mask = F.adaptive_avg_pool2d(mask_miss[:, None].float() / 255, size // stride)  # area-downsampled
-    mask = mask.expand(-1, sk.num_paf + sk.num_heat, -1, -1)
+    mask = mask.expand(-1, sk.num_paf + sk.num_heat, -1, -1).contiguous()  # a loader pins it for CUDA: no aliasing
     if cfg.synthetic_loss == "mask" and pasted.shape[1]:
         mask = mask * volumetric_mask(pasted, cfg)
     return target, mask
@@ -2611,23 +2612,36 @@ def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
     return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
                 minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
                 ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
-                command=command, teacher=teacher_drift(teacher_records(folder)))
+                command=command, teacher=teacher_drift(teacher_records(folder)), device=run_device(folder))
 
 
-def run_protocol(python: str = sys.executable) -> None:
+def run_device(folder: Path) -> str:
+    """Where a run trained, as its config.json recorded it: "cpu", or the GPU's name."""
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("device_name") or config.get("device", "?").split(":")[0]
+
+
+def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
     """Runs what is missing: the students, the probe, then the grid. Skips finished runs (their
     summary is in results/protocol), resumes runs that were cut off, and retrains a missing
-    starting checkpoint from its seed."""
+    starting checkpoint from its seed. `only`: globs over run names (the probe is "probe");
+    `jobs` runs that many fine-tunes at once (one GPU with spare CPU cores)."""
     runs = {r.name: r for r in protocol_runs()}
-    students = [r for r in runs.values() if r.condition == "student"]
-    for run in students + [None] + [r for r in runs.values() if r.condition != "student"]:
-        if run is None:
-            run_probe_once(runs["full/student"], python)
-        elif not summary_path(run).is_file():
-            if run.init and not student_export(run.regime).is_file():
-                print(f"protocol: {run.init} is missing: training it again from its seed")
-                train_protocol_run(runs[run.init], python)
+    todo = [r for r in runs.values() if matches(r.name, only) and not summary_path(r).is_file()]
+    for run in [r for r in todo if r.condition == "student"]:
+        train_protocol_run(run, python)
+    if matches("probe", only):
+        run_probe_once(runs["full/student"], python)
+    rest = [r for r in todo if r.condition != "student"]
+    for init in dict.fromkeys(r.init for r in rest if r.init):  # a fine-tune's student, before any job starts
+        if not student_export(runs[init].regime).is_file():
+            print(f"protocol: {init} is missing: training it again from its seed")
+            train_protocol_run(runs[init], python)
+    if jobs <= 1:
+        for run in rest:
             train_protocol_run(run, python)
+    else:
+        train_in_parallel(rest, python, jobs)
     report_protocol()
 
 
@@ -2648,7 +2662,21 @@ def protocol_argv(run: ProtocolRun) -> list[str]:
     return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
 
 
-def train_protocol_run(run: ProtocolRun, python: str) -> None:
+def matches(name: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def check_protocol_flags(jobs: int, only: tuple[str, ...]) -> None:
+    if jobs < 1:
+        raise ReproError(f"--jobs must be 1 or more, got {jobs}")
+    names = [r.name for r in protocol_runs()] + ["probe"]
+    for glob in only:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise ReproError(f"--only {glob!r} matches no protocol run; names look like {names[0]}, "
+                             f"full/augmented-mask-s1, full/synthetic-only or probe")
+
+
+def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
     folder = PROTOCOL_RUNS / run.name
     resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
     if folder.exists() and not resume:
@@ -2656,13 +2684,49 @@ def train_protocol_run(run: ProtocolRun, python: str) -> None:
     argv = protocol_argv(run)
     command = "python repro.py " + " ".join(argv)
     print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
-    done = subprocess.run([python, __file__, *argv] + (["--resume"] if resume else []))
-    if done.returncode != 0:
-        raise ReproError(f"protocol run {run.name} failed (exit status {done.returncode}); rerun to resume it")
+    process = subprocess.Popen([python, __file__, *argv] + (["--resume"] if resume else []),
+                               stdout=log, stderr=log and subprocess.STDOUT, env=env)
+    return process, command
+
+
+def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: str) -> None:
+    if process.wait() != 0:
+        raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
+    folder = PROTOCOL_RUNS / run.name
     if run.condition == "student":
         export_student(str(folder / "ckpt.pt"), student_export(run.regime))
     PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(run_summary(run, folder, command), summary_path(run))
+
+
+def train_protocol_run(run: ProtocolRun, python: str) -> None:
+    finish_protocol_run(run, *start_protocol_run(run, python))
+
+
+def train_in_parallel(runs: list[ProtocolRun], python: str, jobs: int) -> None:
+    """Up to `jobs` runs at once, each logging to runs/protocol/<name>.log and sharing the CPU
+    cores evenly; a failed run is reported after the others finish."""
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    pending, active, failed = list(runs), [], []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            log_path = PROTOCOL_RUNS / f"{run.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = log_path.open("a")
+            active.append((run, log, *start_protocol_run(run, python, log, env)))
+        time.sleep(0.2)
+        for job in [j for j in active if j[2].poll() is not None]:
+            active.remove(job)
+            run, log, process, command = job
+            log.close()
+            try:
+                finish_protocol_run(run, process, command)
+                print(f"protocol: finished {run.name}", flush=True)
+            except ReproError as e:
+                failed.append(f"{e} (log: {PROTOCOL_RUNS / run.name}.log)")
+    if failed:
+        raise ReproError("; ".join(failed))
 
 
 def paired_verdict(better: list[float], worse: list[float]) -> tuple[str, str]:
@@ -2911,7 +2975,8 @@ def claims_table(claims: dict) -> str:
                          f"{mean_sd([r['ap'] for r in rs])} | {mean_sd([r['ap50'] for r in rs])} | "
                          + " | ".join(occ) + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
                          f" | {np.mean([r['minutes'] for r in rs]):.1f} |")
-    lines += ["", "| claim | verdict | reason |", "|---|---|---|"]
+    lines += ["", f"Where the runs trained: {where_trained(runs)}. Train minutes compare only within a device.",
+              "", "| claim | verdict | reason |", "|---|---|---|"]
     for claim, v in claims["verdicts"].items():
         lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
     drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
@@ -2920,6 +2985,18 @@ def claims_table(claims: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {name} | {t['updates']} | {t['l1']:.3f} | {t['max_prob']:.3f} |" for name, t in drift]
     return "\n".join(lines) + "\n"
+
+
+def where_trained(runs: list[dict]) -> str:
+    """Each device with what was trained on it: the fine-tunes by seed (a seed's pairs share a
+    device), the students and the domain gap by name."""
+    places: dict[str, dict[str, set]] = {}
+    for r in runs:
+        what = f"seed {r['seed']}" if r.get("init") else r["condition"]
+        places.setdefault(r.get("device", "?"), {}).setdefault(r["regime"], set()).add(what)
+    return "; ".join(f"{device}: " + ", ".join(f"{regime} " + " + ".join(sorted(items))
+                                               for regime, items in sorted(regimes.items()))
+                     for device, regimes in sorted(places.items()))
 
 
 def save_claims_figure(runs: list[dict], path: Path) -> None:
@@ -3027,6 +3104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write CKPT's weights in half precision to results/student-demo.pt (the shipped student)")
     p.add_argument("--reproduce", action="store_true",
                    help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="with --reproduce: fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
+                        "runs/protocol/<run>.log")
+    p.add_argument("--only", nargs="+", default=["*"], metavar="GLOB",
+                   help="with --reproduce: only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
+                        "full/synthetic-only (the probe is 'probe')")
     p.add_argument("--probe", action="store_true",
                    help="the informativeness probe of claim 3 from --init (README): results/probe.{json,png}")
     p.add_argument("--report", action="store_true",
@@ -3199,6 +3282,7 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
             print(f"resumed {out} at step {trainer.step}")
         prepare_metrics(out, cfg, trainer.step)
         write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
+                        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                         torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
                         argv=sys.argv), out / "config.json")
         if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
@@ -3223,7 +3307,11 @@ def main(argv: list[str] | None = None) -> int:
             export_student(args.export_student)
             return 0
         if args.reproduce or args.report:
-            run_protocol() if args.reproduce else report_protocol()
+            if args.reproduce:
+                check_protocol_flags(args.jobs, tuple(args.only))
+                run_protocol(jobs=args.jobs, only=tuple(args.only))
+            else:
+                report_protocol()
             return 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

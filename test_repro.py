@@ -834,6 +834,23 @@ def test_pasted_person_occludes_real_keypoints(toy):
 
 # ---- training regimes -------------------------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
+def test_batches_own_their_memory(toy, tmp_path, mode):
+    """A CUDA loader pins every tensor of a batch, and pinning refuses aliased (expanded) memory."""
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", mode, "--synthetic-loss", "include"))
+    maker = R.BatchMaker(R.load_data(cfg), cfg)
+    rng = np.random.default_rng(0)
+    batch = maker.batch(maker.plan(cfg.batch_size, rng), rng)
+    assert all(v.is_contiguous() for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_through_the_loader_workers(toy, tmp_path, device):
+    args = toy_args(toy, tmp_path / "run", "--mode", "synthetic", "--steps", "3", "--workers", "1", "--device", device)
+    assert R.main(args) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
 def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
@@ -1598,6 +1615,47 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
     assert claims["progress"] == dict(finished=2, total=len(runs), probe=False)  # the probe's json is empty
     assert f"2 of {len(runs)} runs finished" in (tmp_path / "results" / "claims.md").read_text()
+
+
+FAKE_RUN = """#!{python}
+import json, os, pathlib, sys, time
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True)
+running = pathlib.Path("running")
+(running / out.name).mkdir(parents=True)
+time.sleep(0.5)
+with open("concurrency.txt", "a") as f:
+    f.write(f"{{len(list(running.iterdir()))}} {{os.environ['OMP_NUM_THREADS']}}\\n")
+(running / out.name).rmdir()
+if out.name == "teacher-s1":
+    sys.exit(3)
+(out / "config.json").write_text(json.dumps(dict(device="cpu")))
+(out / "metrics.json").write_text(json.dumps(dict(steps=800, train_minutes=0.1, AP=0.2, AP50=0.5, AP75=0.1)))
+"""
+
+
+def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
+    for regime in R.PROTOCOL_REGIMES:
+        R.student_export(regime).parent.mkdir(parents=True, exist_ok=True)
+        R.student_export(regime).write_bytes(b"")
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_RUN.format(python=sys.executable))
+    fake.chmod(0o755)
+    with pytest.raises(R.ReproError, match="scarce/teacher-s1 failed .exit status 3"):
+        R.run_protocol(str(fake), jobs=2, only=("scarce/*-s1", "scarce/nothing"))
+    summaries = sorted(p.name for p in R.PROTOCOL_RESULTS.glob("*.json"))
+    assert summaries == sorted(f"scarce-{c}-s1.json" for c in R.CONDITIONS if c not in R.SAME_RUNS and c != "teacher")
+    seen = [line.split() for line in (tmp_path / "concurrency.txt").read_text().splitlines()]
+    assert len(seen) == 6 and max(int(n) for n, _ in seen) == 2  # two at a time, never more
+    assert {threads for _, threads in seen} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    assert json.loads((R.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
+    assert (R.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
+    with pytest.raises(R.ReproError, match="matches no protocol run"):
+        R.check_protocol_flags(1, ("full/*", "scarce/nothing-*"))
+    with pytest.raises(R.ReproError, match="--jobs"):
+        R.check_protocol_flags(0, ("*",))
 
 
 def test_protocol_conditions_mean_what_their_names_say():
