@@ -2671,7 +2671,7 @@ def check_protocol_flags(jobs: int, only: tuple[str, ...]) -> None:
         raise ReproError(f"--jobs must be 1 or more, got {jobs}")
     names = [r.name for r in protocol_runs()] + ["probe"]
     for glob in only:
-        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+        if not any(matches(n, (glob,)) for n in names):
             raise ReproError(f"--only {glob!r} matches no protocol run; names look like {names[0]}, "
                              f"full/augmented-mask-s1, full/synthetic-only or probe")
 
@@ -2685,7 +2685,7 @@ def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tup
     command = "python repro.py " + " ".join(argv)
     print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
     process = subprocess.Popen([python, __file__, *argv] + (["--resume"] if resume else []),
-                               stdout=log, stderr=log and subprocess.STDOUT, env=env)
+                               stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
     return process, command
 
 
@@ -2951,16 +2951,24 @@ def real_crops_per_step(condition: str) -> int:
     return batch_sources(cfg, cfg.batch_size).count(REAL)
 
 
+def minutes_by_device(runs: list[dict]) -> str:
+    """Mean training minutes per device: a GPU's minutes and a CPU's do not average."""
+    devices = sorted({r.get("device", "?") for r in runs})
+    return ", ".join(f"{np.mean([r['minutes'] for r in runs if r.get('device', '?') == d]):.1f} ({d})"
+                     for d in devices)
+
+
 def claims_table(claims: dict) -> str:
     runs, progress = claims["runs"], claims["progress"]
     bins = list(OCCLUSION_BINS)
     lines = ["`python repro.py --reproduce` runs (and resumes) the protocol; `python repro.py --report` rebuilds "
              "this table, `results/claims.{json,md,png}` from `results/protocol/` alone.", "",
              f"**Progress: {progress['finished']} of {progress['total']} runs finished; the probe "
-             f"{'finished' if progress['probe'] else 'not run yet'}.** Claims 1, 2 and 4 stay inconclusive "
-             "in a regime until it has 3 paired seeds.", "",
+             f"{'finished' if progress['probe'] else 'not run yet'}.** "
+             + ("The grid is complete." if progress["finished"] == progress["total"] else
+                "Claims 1, 2 and 4 stay inconclusive in a regime until it has 3 paired seeds."), "",
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
-             + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min |",
+             + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
     order = ["student", "synthetic-only"] + list(CONDITIONS)
     for regime in PROTOCOL_REGIMES:
@@ -2974,7 +2982,7 @@ def claims_table(claims: dict) -> str:
             lines.append(f"| {regime} | {label} | {real} | {len(rs)} | {rs[0]['steps']} | "
                          f"{mean_sd([r['ap'] for r in rs])} | {mean_sd([r['ap50'] for r in rs])} | "
                          + " | ".join(occ) + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
-                         f" | {np.mean([r['minutes'] for r in rs]):.1f} |")
+                         f" | {minutes_by_device(rs)} |")
     lines += ["", f"Where the runs trained: {where_trained(runs)}. Train minutes compare only within a device.",
               "", "| claim | verdict | reason |", "|---|---|---|"]
     for claim, v in claims["verdicts"].items():
