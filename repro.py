@@ -2666,7 +2666,9 @@ def matches(name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-def check_protocol_flags(jobs: int, only: tuple[str, ...]) -> None:
+def check_protocol_flags(reproduce: bool, jobs: int, only: tuple[str, ...]) -> None:
+    if not reproduce:
+        raise ReproError("--jobs and --only choose how --reproduce runs the protocol; add --reproduce")
     if jobs < 1:
         raise ReproError(f"--jobs must be 1 or more, got {jobs}")
     names = [r.name for r in protocol_runs()] + ["probe"]
@@ -3314,12 +3316,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.export_student:
             export_student(args.export_student)
             return 0
-        if args.reproduce or args.report:
-            if args.reproduce:
-                check_protocol_flags(args.jobs, tuple(args.only))
-                run_protocol(jobs=args.jobs, only=tuple(args.only))
-            else:
-                report_protocol()
+        if args.reproduce or args.jobs != 1 or args.only != ["*"]:
+            check_protocol_flags(args.reproduce, args.jobs, tuple(args.only))
+            run_protocol(jobs=args.jobs, only=tuple(args.only))
+            return 0
+        if args.report:
+            report_protocol()
             return 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -1653,9 +1653,10 @@ def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_pa
     assert json.loads((R.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
     assert (R.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
     with pytest.raises(R.ReproError, match="matches no protocol run"):
-        R.check_protocol_flags(1, ("full/*", "scarce/nothing-*"))
+        R.check_protocol_flags(True, 1, ("full/*", "scarce/nothing-*"))
     with pytest.raises(R.ReproError, match="--jobs"):
-        R.check_protocol_flags(0, ("*",))
+        R.check_protocol_flags(True, 0, ("*",))
+    assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
 
 
 def test_protocol_conditions_mean_what_their_names_say():
