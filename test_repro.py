@@ -1659,6 +1659,17 @@ def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_pa
     assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
 
 
+def test_claims_table_keeps_each_devices_minutes_apart():
+    runs = [dict(name=f"scarce/real-s{s}", condition="real", regime="scarce", seed=s, steps=800, minutes=m,
+                 ap=0.1, ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, init="scarce/student",
+                 teacher=None, device=d) for s, m, d in ((0, 8.0, "cpu"), (1, 0.6, "GPU X"), (2, 0.8, "GPU X"))]
+    claims = dict(runs=runs, progress=dict(finished=3, total=39, probe=False), teacher={},
+                  verdicts=R.claim_verdicts(runs, None))
+    table = R.claims_table(claims)
+    assert "| 0.7 (GPU X), 8.0 (cpu) |" in table  # never the 3.1 of all three averaged
+    assert "Where the runs trained: GPU X: scarce seed 1 + seed 2; cpu: scarce seed 0." in table
+
+
 def test_protocol_conditions_mean_what_their_names_say():
     cfgs = {name: R.parse_args(flags)[0] for name, flags in R.CONDITIONS.items()}
     gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
