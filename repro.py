@@ -15,7 +15,7 @@ Where the paper's rules live:
   pasted people in or out of the loss ... people_in_targets, volumetric_mask, make_targets
   the image's ignore mask ............... mask_miss
   the PAF target ........................ paf_targets
-  the teacher's update .................. soft_target, Teacher.decide
+  the teacher's update .................. soft_target, Teacher.decide (its optimiser: SharedAdam)
   inference and grouping ................ network_maps, find_peaks, group_people
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
@@ -158,6 +158,8 @@ class Config:
     teacher_step: float = setting(0.01, "soft-label step of the teacher's update (paper code: alpha = beta = "
                                   "0.01); larger moves the teacher faster [ours]")
     teacher_uniform: bool = setting(False, "baseline: same loop, uniform sampling over all synthetic samples")
+    teacher_stratified: bool = setting(False, "control [ours]: same loop, each window's bin picked uniformly at "
+                                       "random among the bins large enough to train on, no learning")
     teacher_min_bin: int = setting(32, "bins with at most this many samples are penalised and re-picked "
                                    "(paper code: 32)")
     # run
@@ -213,6 +215,8 @@ def check_config(cfg: Config) -> None:
         (cfg.train_subset >= 0, "--train-subset must be 0 (all) or more"),
         (cfg.mode != "student-teacher" or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
         (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
+        (not (cfg.teacher_uniform and cfg.teacher_stratified), "give --teacher-uniform or --teacher-stratified, "
+         "not both"),
         (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
         (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
          "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
@@ -1859,7 +1863,6 @@ def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Gro
 TEACHER_EXPLORE = 0.1  # paper code: 10% of picks uniform at random
 TEACHER_HISTORY = 10  # paper code: loss_last is the mean of the last 10 windows
 TEACHER_HARD_CROPS = 32  # paper code: the 32 hardest real crops of the window are its input
-TEACHER_LR = 1e-4  # [ours] not in the notes of the paper's code
 
 
 def bin_edges(attribute: str, values: np.ndarray, bins: int, image_size: float) -> tuple[float, float]:
@@ -1939,19 +1942,64 @@ def teacher_net(arch: str, bins: int, input_size: int) -> nn.Module:
                          nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bins))
 
 
+class SharedAdam:
+    """The teacher's optimiser as the paper's code has it (train_with_adversarial_teacher.py): its
+    train op is built by the student's tf.train.AdamOptimizer, so it steps with the student's
+    learning rate at that step and the student's betas, and the bias correction counts every step
+    of that one optimiser object, the student's and the teacher's together (TF1's Adam keeps one
+    beta-power pair per optimiser). Adam as TF1 computes it; weight decay as the student's AdamW."""
+
+    def __init__(self, params, betas: tuple[float, float], weight_decay: float = 0.0, eps: float = 1e-8):
+        self.params = [p for p in params if p.requires_grad]
+        self.betas, self.weight_decay, self.eps = betas, weight_decay, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float, count: int) -> None:
+        """One update; `count` is the optimiser's steps so far including this one (student + teacher)."""
+        b1, b2 = self.betas
+        lr_t = lr * math.sqrt(1 - b2 ** count) / (1 - b1 ** count)
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            p.mul_(1 - lr * self.weight_decay)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, v.sqrt().add_(self.eps), value=-lr_t)
+
+    def state_dict(self) -> dict:
+        return dict(m=[m.clone() for m in self.m], v=[v.clone() for v in self.v])
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.m + self.v, state["m"] + state["v"]):
+            mine.copy_(saved)
+
+
 class Teacher:
     """Every `teacher_interval` student steps: reward or punish the last pick by whether the
     student's loss on it rose, take one cross-entropy step towards that soft label, and pick
     the next bin from the teacher's output on the hardest real crop (10% uniform).
 
-    With cfg.teacher_uniform the same loop samples all synthetic samples uniformly (baseline)."""
+    The teacher always learns on the crops its output p came from (paper code: `teacher_train_old`,
+    the hard crops of the window before the pick was made). It starts from random weights: only the
+    student is restored from --init (paper code: a Saver of the student's variables).
+    With cfg.teacher_uniform the same loop samples all synthetic samples uniformly (the paper's
+    baseline); with cfg.teacher_stratified each window's bin is drawn uniformly among the bins
+    large enough to train on [ours]: neither learns."""
 
     def __init__(self, cfg: Config, maker: BatchMaker, device: torch.device):
         self.cfg, self.device, self.bins, self.min_bin = cfg, device, cfg.bins, cfg.teacher_min_bin
+        self.learns = not (cfg.teacher_uniform or cfg.teacher_stratified)
         self.pools, self.low, self.width = teacher_bins(cfg, maker)
         self.all = maker.centres[other_source(cfg)]
         self.net = teacher_net(cfg.teacher_arch, cfg.bins, cfg.input_size).to(device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=TEACHER_LR)
+        self.optimizer = SharedAdam(self.net.parameters(), (cfg.beta1, 0.999), cfg.weight_decay)
+        self.updates = 0  # the teacher's optimiser steps so far
         self.rng = np.random.default_rng([cfg.seed, 1234])
         self.probs = np.full(cfg.bins, 1 / cfg.bins)  # the teacher's output behind the current pick
         self.picked = int(self.rng.integers(cfg.bins))  # paper code: the first pick is uniform
@@ -1959,9 +2007,12 @@ class Teacher:
         self.window: list[float] = []  # mean normalised synthetic loss of each step of this window
         self.hard_scores = np.zeros(0, np.float32)
         self.hard_images = np.zeros((0, cfg.input_size, cfg.input_size, 3), np.uint8)
+        self.pick_images = self.hard_images  # the hard crops self.probs came from
         self.records: list[dict] = []
-        if not cfg.teacher_uniform:
-            self.picked = self.valid_pick(self.picked)
+        if cfg.teacher_stratified:
+            self.picked = self.random_valid_bin()
+        elif self.learns:
+            self.picked = self.valid_pick(self.picked, lr=cfg.lr, step=0)
 
     @property
     def counts(self) -> list[int]:
@@ -1983,7 +2034,8 @@ class Teacher:
         return self.pools[self.picked], None
 
     # -- after every student step ----------------------------------------------------------
-    def observe(self, step: int, batch: dict, result: dict) -> None:
+    def observe(self, step: int, batch: dict, result: dict, lr: float) -> None:
+        """After student step `step` at learning rate `lr`: the window's synthetic loss and hard crops."""
         real = np.array([s == REAL for s in batch["source"]])
         per_sample = result["per_sample"]
         self.window.append(float(per_sample[~real].mean()))
@@ -1992,23 +2044,25 @@ class Teacher:
         keep = np.argsort(-scores, kind="stable")[:TEACHER_HARD_CROPS]
         self.hard_scores, self.hard_images = scores[keep], images[keep]
         if (step + 1) % self.cfg.teacher_interval == 0:
-            self.decide(step + 1)
+            self.decide(step + 1, lr)
 
-    def logits(self) -> torch.Tensor:
-        return self.net(to_input(self.hard_images, self.device).contiguous(memory_format=torch.channels_last))
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        return self.net(to_input(images, self.device).contiguous(memory_format=torch.channels_last))
 
-    def learn(self, target: np.ndarray) -> None:
-        """One cross-entropy step of the teacher towards a soft label, on the hard crops."""
-        logits = self.logits()
+    def learn(self, target: np.ndarray, images: np.ndarray, lr: float, step: int) -> None:
+        """One cross-entropy step of the teacher towards a soft label on `images`, after `step`
+        student steps (paper code: the label broadcast over the crops, the losses summed)."""
+        logits = self.logits(images)
         target_t = torch.as_tensor(target, dtype=torch.float32, device=self.device).expand_as(logits)
-        loss = -(target_t * F.log_softmax(logits, 1)).sum(1).mean()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = -(target_t * F.log_softmax(logits, 1)).sum()
+        self.optimizer.zero_grad()
         loss.backward()
-        self.optimizer.step()
+        self.updates += 1
+        self.optimizer.step(lr, count=step + self.updates)
 
-    def output(self) -> np.ndarray:
-        with torch.no_grad():
-            return F.softmax(self.logits()[0].float(), 0).cpu().numpy().astype(np.float64)  # the hardest crop
+    def output(self, images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():  # paper code: run on all the crops, read the hardest one's
+            return F.softmax(self.logits(images)[0].float(), 0).cpu().numpy().astype(np.float64)
 
     def choose(self) -> tuple[int, bool]:
         if self.rng.random() < TEACHER_EXPLORE:
@@ -2016,38 +2070,51 @@ class Teacher:
         p = self.probs / self.probs.sum()
         return int(self.rng.choice(self.bins, p=p)), False
 
-    def valid_pick(self, picked: int) -> int:
-        """Penalise ("loss fell") and re-pick a bin too small to train on; a few tries, then the
-        teacher's most probable bin among the large enough ones."""
-        for _ in range(10):
-            if self.counts[picked] > self.min_bin:
-                return picked
-            if len(self.hard_images):
-                self.learn(soft_target(self.probs, picked, loss_rose=False, step=self.cfg.teacher_step))
-                self.probs = self.output()
-            picked, _ = self.choose()
+    def large_enough(self) -> list[int]:
         ok = [k for k in range(self.bins) if self.counts[k] > self.min_bin]
         if not ok:
             raise ReproError(f"no teacher bin holds more than {self.min_bin} samples ({self.counts}): "
                              "render more synthetic scenes or use fewer --bins")
-        return max(ok, key=lambda k: self.probs[k])
+        return ok
+
+    def random_valid_bin(self) -> int:
+        return int(self.rng.choice(self.large_enough()))
+
+    def valid_pick(self, picked: int, lr: float, step: int) -> int:
+        """Penalise ("loss fell", on the crops behind p) and re-pick a bin too small to train on; a
+        few tries, then the teacher's most probable bin among the large enough ones."""
+        for _ in range(10):
+            if self.counts[picked] > self.min_bin:
+                return picked
+            if len(self.pick_images):
+                target = soft_target(self.probs, picked, loss_rose=False, step=self.cfg.teacher_step)
+                self.learn(target, self.pick_images, lr, step)
+                self.probs = self.output(self.pick_images)
+            picked, _ = self.choose()
+        return max(self.large_enough(), key=lambda k: self.probs[k])
 
     # -- every teacher_interval steps ----------------------------------------------------------
-    def decide(self, step: int) -> None:
+    def decide(self, step: int, lr: float) -> None:
+        """The paper's update (Teacher section of README, "What the paper's code does"): the reward
+        of the window that ended, one step towards its soft label on the crops behind the old p,
+        then the new p on this window's hard crops and the next pick."""
         loss_current = float(np.mean(self.window))
-        reward = None
-        if self.history and not self.cfg.teacher_uniform:
+        record = dict(step=step, bin=self.picked, loss=loss_current, reward=None)
+        if self.learns and self.history and len(self.pick_images):
             loss_last = float(np.mean(self.history[-TEACHER_HISTORY:]))
-            rose = loss_last <= loss_current
-            reward = loss_current - loss_last
-            self.learn(soft_target(self.probs, self.picked, rose, self.cfg.teacher_step))
+            record["reward"] = loss_current - loss_last
+            target = soft_target(self.probs, self.picked, loss_last <= loss_current, self.cfg.teacher_step)
+            self.learn(target, self.pick_images, lr, step)
         self.history.append(loss_current)
-        record = dict(step=step, bin=self.picked, loss=loss_current, reward=reward, probs=self.probs.round(4).tolist())
-        if not self.cfg.teacher_uniform:
-            self.probs = self.output()
+        if self.learns:
+            self.pick_images = self.hard_images
+            self.probs = self.output(self.pick_images)
             picked, explored = self.choose()
-            self.picked = self.valid_pick(picked)
-            record["explored"] = explored
+            self.picked = self.valid_pick(picked, lr, step)
+            record |= dict(probs=self.probs.round(4).tolist(), next_bin=self.picked, explored=explored)
+        elif self.cfg.teacher_stratified:
+            self.picked = self.random_valid_bin()
+            record["next_bin"] = self.picked
         self.records.append(record)
         self.window = []
         self.hard_scores, self.hard_images = self.hard_scores[:0], self.hard_images[:0]
@@ -2059,13 +2126,18 @@ class Teacher:
     def state(self) -> dict:
         return dict(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.rng.bit_generator.state,
                     probs=self.probs, picked=self.picked, history=self.history, window=self.window,
-                    hard_scores=self.hard_scores, hard_images=self.hard_images, records=self.records)
+                    hard_scores=self.hard_scores, hard_images=self.hard_images, records=self.records,
+                    pick_images=self.pick_images, updates=self.updates)
 
     def restore(self, state: dict) -> None:
+        if "updates" not in state:
+            raise ReproError("this checkpoint's teacher was saved by an earlier version, which learned on other "
+                             "crops with another optimiser: it cannot resume; start the run again")
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
-        for key in ("probs", "picked", "history", "window", "hard_scores", "hard_images", "records"):
+        for key in ("probs", "picked", "history", "window", "hard_scores", "hard_images", "records", "pick_images",
+                    "updates"):
             setattr(self, key, state[key])
 
 
@@ -2319,7 +2391,7 @@ class Trainer:
             lr = learning_rate(cfg, step, progress)
             r = self.train_step(batch, lr)
             if self.teacher is not None:
-                self.teacher.observe(step, batch, r)
+                self.teacher.observe(step, batch, r, lr)
             now = time.perf_counter()
             self.seconds += now - t_last
             t_last = now
@@ -2448,7 +2520,7 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     plt = pyplot()
 
     records = teacher.records
-    if not records or teacher.cfg.teacher_uniform:
+    if not records or not teacher.learns:
         return
     steps = [r["step"] for r in records]
     probs = np.array([r["probs"] for r in records])
@@ -2533,6 +2605,33 @@ CLAIMS = {
     3: (None, None, "not all synthetic samples are equally informative, and which ones changes over training"),
     4: ("teacher", "uniform", "the adversarial teacher beats uniform sampling of synthetic data"),
 }
+
+# [ours] Round 2 and its rule v2, fixed before any of its runs (README, "Rule v2"); round 1's runs,
+# rule and verdicts stay as they are. Claim 4 is retested with the paper's teacher as its code does
+# it, at 150 teacher updates, against uniform sampling and against a bin picked at random.
+V2_DELTA = {"full": 0.007, "scarce": 0.003}  # smallest effect of interest: ~2.5% of round 1's real-only AP
+V2_POWER = 0.8  # seeds: the fewest with P(95% half-width < delta) >= 0.8 at round 1's paired sd
+V2_LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
+V2_CONDITIONS = {
+    "teacher-3000": ["--mode", "student-teacher"],
+    "stratified-3000": ["--mode", "student-teacher", "--teacher-stratified"],  # a random large-enough bin
+    "synthetic-3000": ["--mode", "synthetic"],  # = the teacher loop with uniform sampling (SAME_RUNS)
+}
+SAME_RUNS["uniform-3000"] = "synthetic-3000"
+# claim -> (better, worse, regimes); claims 1 and 2 compare round 1's conditions on more seeds
+CLAIMS_V2 = {
+    1: ("augmented-mask", "synthetic", ("full", "scarce")),
+    2: ("augmented-mask", "augmented-include", ("full", "scarce")),
+    4: ("teacher-3000", "uniform-3000", ("scarce",)),  # the scarce regime had the smallest paired sd
+}
+V2_SPLIT = {  # claim 4's difference in two parts: what the teacher learns, and what per-bin sampling costs
+    "teacher - stratified": ("teacher-3000", "stratified-3000", ("scarce",)),
+    "stratified - uniform": ("stratified-3000", "uniform-3000", ("scarce",)),
+}
+# Round 1's paired sd (claim 4: at 800 steps, the only pilot) -> seeds_for_power; a test recomputes them.
+V2_PILOT_SD = {(1, "full"): 0.00292, (1, "scarce"): 0.00259, (2, "full"): 0.00177, (2, "scarce"): 0.00153,
+               (4, "scarce"): 0.00172}
+V2_SEEDS = {(1, "full"): 4, (1, "scarce"): 7, (2, "full"): 3, (2, "scarce"): 5, (4, "scarce"): 5}
 PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from their seeds when missing
 PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
 
@@ -2553,6 +2652,12 @@ class ProtocolRun(NamedTuple):
 
 
 def protocol_runs() -> list[ProtocolRun]:
+    """Round 1, then the runs of round 2 that round 1 does not already have."""
+    first = round1_runs()
+    return first + [r for r in round2_runs() if r.name not in {q.name for q in first}]
+
+
+def round1_runs() -> list[ProtocolRun]:
     """Students first, then seed by seed over every condition (a partial grid stays paired), then the
     domain gap: a student of synthetic data only."""
     runs = []
@@ -2563,19 +2668,36 @@ def protocol_runs() -> list[ProtocolRun]:
                                  "--seed", "0",
                                  "--eval-steps", *learning_curve(PROTOCOL_STUDENT_STEPS[regime])] + data, None))
     for seed in PROTOCOL_SEEDS:
-        for regime, subset in PROTOCOL_REGIMES.items():
-            for condition, flags in CONDITIONS.items():
-                if condition in SAME_RUNS:
-                    continue
-                argv = flags + ["--steps", str(PROTOCOL_FINETUNE_STEPS), "--seed", str(seed),
-                                "--train-subset", str(subset)] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
-                runs.append(ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed, argv,
-                                        f"{regime}/student"))
+        for regime in PROTOCOL_REGIMES:
+            runs += [finetune_run(regime, condition, seed, flags, PROTOCOL_FINETUNE_STEPS)
+                     for condition, flags in CONDITIONS.items() if condition not in SAME_RUNS]
     runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
                             ["--mode", "synthetic", "--real-share", "0", "--init", "none",
                              "--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
                              "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
     return runs
+
+
+def finetune_run(regime: str, condition: str, seed: int, flags: list[str], steps: int) -> ProtocolRun:
+    argv = flags + ["--steps", str(steps), "--seed", str(seed), "--train-subset", str(PROTOCOL_REGIMES[regime])]
+    return ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed,
+                       argv + PROTOCOL_COMMON + PROTOCOL_FINETUNE, f"{regime}/student")
+
+
+def round2_runs() -> list[ProtocolRun]:
+    """Rule v2's runs: claims 1 and 2 on the seeds the power calculation asked for (800 steps, as
+    round 1), then claim 4 at V2_LONG_STEPS, seed by seed. Round 1's seeds 0-2 are reused."""
+    short, long = {}, []
+    for (claim, regime), n in V2_SEEDS.items():
+        better, worse, _ = CLAIMS_V2[claim]
+        for seed in range(n):
+            for condition in (better, worse):
+                if condition in CONDITIONS:
+                    run = finetune_run(regime, condition, seed, CONDITIONS[condition], PROTOCOL_FINETUNE_STEPS)
+                    short[run.name] = run
+    for seed in range(V2_SEEDS[(4, "scarce")]):
+        long += [finetune_run("scarce", c, seed, flags, V2_LONG_STEPS) for c, flags in V2_CONDITIONS.items()]
+    return sorted(short.values(), key=lambda r: (r.seed, r.regime, r.condition)) + long
 
 
 def learning_curve(steps: int) -> list[str]:
@@ -2598,13 +2720,21 @@ def teacher_records(folder: Path) -> list[dict]:
 
 
 def teacher_drift(records: list[dict]) -> dict | None:
-    """How far the teacher's bin probabilities moved over a run (L1 between its first and last)."""
+    """How far the teacher's bin probabilities moved over a run: L1 between its first output and its
+    last, their entropy (nats; uniform over 10 bins is 2.303), and the output at every update.
+    Round 1's records began with the [1/bins] placeholder the first pick was drawn from; round 2's
+    (records with `next_bin`) hold the network's own outputs only."""
     probs = [r["probs"] for r in records if r.get("probs")]
     if not probs:
         return None
     first, last = np.array(probs[0]), np.array(probs[-1])
-    return dict(updates=len(probs), first=probs[0], last=probs[-1], l1=float(np.abs(last - first).sum()),
-                max_prob=float(np.max(probs)))
+    entropy = [float(-(np.array(q) * np.log(np.clip(q, 1e-12, None))).sum()) for q in probs]
+    out = dict(updates=len(probs), first=probs[0], last=probs[-1], l1=float(np.abs(last - first).sum()),
+               max_prob=float(np.max(probs)))
+    if "next_bin" in records[0]:
+        out |= dict(entropy_first=entropy[0], entropy_last=entropy[-1], entropy_min=min(entropy),
+                    series=[[r["step"], *r["probs"]] for r in records if r.get("probs")])
+    return out
 
 
 def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
@@ -2612,7 +2742,18 @@ def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
     return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
                 minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
                 ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
-                command=command, teacher=teacher_drift(teacher_records(folder)), device=run_device(folder))
+                command=command, teacher=teacher_drift(teacher_records(folder)), device=run_device(folder),
+                code=code_version())
+
+
+def code_version() -> str | None:
+    """The commit the runner's code came from (pairs of runs are compared within one), if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def run_device(folder: Path) -> str:
@@ -2749,15 +2890,17 @@ def condition_runs(runs: list[dict], condition: str, regime: str) -> list[dict]:
     return [r for r in runs if r["condition"] == source and r["regime"] == regime]
 
 
-def paired_aps(runs: list[dict], better: str, worse: str, regime: str) -> tuple[list[float], list[float]]:
-    """The APs of two conditions of a regime on the seeds both have finished, in seed order: the pairs
-    that the verdicts and the figure compare."""
+def paired_aps(runs: list[dict], better: str, worse: str, regime: str,
+               seeds: tuple[int, ...] | None = None) -> tuple[list[float], list[float]]:
+    """The APs of two conditions of a regime on the seeds both have finished (of `seeds`, if given), in
+    seed order: the pairs that the verdicts and the figure compare."""
     def aps(condition):
-        return {r["seed"]: r["ap"] for r in condition_runs(runs, condition, regime)}
+        return {r["seed"]: r["ap"] for r in condition_runs(runs, condition, regime)
+                if seeds is None or r["seed"] in seeds}
 
     a, b = aps(better), aps(worse)
-    seeds = sorted(set(a) & set(b))
-    return [a[s] for s in seeds], [b[s] for s in seeds]
+    both = sorted(set(a) & set(b))
+    return [a[s] for s in both], [b[s] for s in both]
 
 
 def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
@@ -2772,12 +2915,84 @@ def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
             continue
         per_regime = {}
         for regime in PROTOCOL_REGIMES:
-            per_regime[regime] = paired_verdict(*paired_aps(runs, better, worse, regime))
+            per_regime[regime] = paired_verdict(*paired_aps(runs, better, worse, regime, PROTOCOL_SEEDS))
         words = [w for w, _ in per_regime.values()]
         overall = ("reproduced" if "reproduced" in words and "contradicted" not in words else
                    "contradicted" if "contradicted" in words and "reproduced" not in words else "inconclusive")
         reason = "; ".join(f"{regime}: {w} ({why})" for regime, (w, why) in per_regime.items())
-        verdicts[claim] = dict(claim=text, verdict=overall, reason=reason)
+        verdicts[claim] = dict(claim=text, verdict=overall, reason=reason,
+                               per_regime={regime: w for regime, (w, _) in per_regime.items()})
+    return verdicts
+
+
+def power_of(n: int, sd: float, delta: float) -> float:
+    """P(the 95% interval's half-width of n paired differences with sd `sd` is below delta)."""
+    from scipy.stats import chi2, t
+
+    limit = delta * math.sqrt(n) / (t.ppf(0.975, n - 1) * sd)
+    return float(chi2.cdf((n - 1) * limit ** 2, n - 1))
+
+
+def seeds_for_power(sd: float, delta: float, power: float = V2_POWER) -> int:
+    n = 3
+    while power_of(n, sd, delta) < power:
+        n += 1
+    return n
+
+
+def paired_test(d: list[float], delta: float) -> dict:
+    """Rule v2 (README, "Rule v2"), written before its runs: a paired two-sided t-test at 5% with its 95%
+    interval. Reproduced: the interval lies above 0; contradicted: below 0; no effect of delta or
+    more: inside (-delta, +delta); otherwise inconclusive. Fewer than 3 pairs is inconclusive."""
+    from scipy.stats import t
+
+    d = np.asarray(d, np.float64)
+    out = dict(n=len(d), delta=delta, mean=float(d.mean()) if len(d) else None)
+    if len(d) < 3:
+        return out | dict(verdict="inconclusive", reason=f"{len(d)} seed pairs finished")
+    se = float(d.std(ddof=1) / math.sqrt(len(d)))
+    half = float(t.ppf(0.975, len(d) - 1) * se)
+    lo, hi = out["mean"] - half, out["mean"] + half
+    p = float(2 * t.sf(abs(out["mean"]) / se, len(d) - 1)) if se > 0 else 0.0
+    verdict = ("reproduced" if lo > 0 else "contradicted" if hi < 0 else
+               "no effect of delta or more" if -delta < lo and hi < delta else "inconclusive")
+    reason = f"mean {out['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}, {len(d)} seeds, delta {delta}"
+    return out | dict(lo=lo, hi=hi, p=p, sd=float(d.std(ddof=1)), verdict=verdict, reason=reason)
+
+
+def overall_v2(words: list[str]) -> str:
+    """Across regimes: pending while a regime lacks its planned seeds; reproduced (or contradicted) if
+    so in a regime and the other way in none; no effect if every regime says so; else inconclusive."""
+    if any(w.startswith("pending") for w in words):
+        return "pending"
+    if any(w == "reproduced" for w in words) and "contradicted" not in words:
+        return "reproduced"
+    if any(w == "contradicted" for w in words) and "reproduced" not in words:
+        return "contradicted"
+    if words and all(w == "no effect of delta or more" for w in words):
+        return words[0]
+    return "inconclusive"
+
+
+def claim_verdicts_v2(runs: list[dict]) -> dict:
+    """Rule v2 per claim and regime, with the power calculation at the measured paired sd; claim 4
+    with its two parts (V2_SPLIT). Claim 3 is the probe's."""
+    verdicts = {}
+    for claim, (better, worse, regimes) in {**CLAIMS_V2, **V2_SPLIT}.items():
+        per_regime = {}
+        for regime in regimes:
+            a, b = paired_aps(runs, better, worse, regime)
+            test = paired_test(np.subtract(a, b).tolist(), V2_DELTA[regime])
+            planned = V2_SEEDS.get((claim if claim in CLAIMS_V2 else 4, regime))
+            sd = test.get("sd")
+            test |= dict(planned_seeds=planned, pilot_sd=V2_PILOT_SD.get((claim if claim in CLAIMS_V2 else 4, regime)),
+                         power_now=power_of(planned, sd, V2_DELTA[regime]) if sd else None,
+                         seeds_needed_now=seeds_for_power(sd, V2_DELTA[regime]) if sd else None)
+            if test["n"] < planned:  # read only at the planned number of seeds: no optional stopping
+                test["verdict"] = f"pending ({test['n']} of {planned} seeds)"
+            per_regime[regime] = test
+        verdicts[claim] = dict(better=better, worse=worse, per_regime=per_regime,
+                               verdict=overall_v2([t["verdict"] for t in per_regime.values()]))
     return verdicts
 
 
@@ -2848,8 +3063,9 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path) -> dict:
     for step, batch in trainer.batches():
         if step in PROBE_POINTS:
             probe_here()
-        r = trainer.train_step(batch, learning_rate(cfg, step, step / cfg.steps))
-        trainer.teacher.observe(step, batch, r)
+        lr = learning_rate(cfg, step, step / cfg.steps)
+        r = trainer.train_step(batch, lr)
+        trainer.teacher.observe(step, batch, r, lr)
         trainer.step = step + 1
     probe_here()
     use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
@@ -2916,8 +3132,12 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     probe_path = results / "probe.json"
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
-    progress = dict(finished=sum(r["name"] in current for r in runs), total=len(current), probe=bool(probe))
-    claims = dict(runs=runs, progress=progress, verdicts=claim_verdicts(runs, probe), probe=probe, teacher=teacher,
+    round2 = set(current) - {r.name for r in round1_runs()}
+    progress = dict(finished=sum(r["name"] in current and r["name"] not in round2 for r in runs),
+                    total=len(current) - len(round2), probe=bool(probe),
+                    round2_finished=sum(r["name"] in round2 for r in runs), round2_total=len(round2))
+    claims = dict(runs=runs, progress=progress, verdicts=claim_verdicts(runs, probe),
+                  verdicts_v2=claim_verdicts_v2(runs), probe=probe, teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
                                 conditions=CONDITIONS, common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
@@ -2972,7 +3192,7 @@ def claims_table(claims: dict) -> str:
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
-    order = ["student", "synthetic-only"] + list(CONDITIONS)
+    order = ["student", "synthetic-only", *CONDITIONS, *V2_CONDITIONS, "uniform-3000"]
     for regime in PROTOCOL_REGIMES:
         for condition in order:
             rs = condition_runs(runs, condition, regime)
@@ -2989,12 +3209,44 @@ def claims_table(claims: dict) -> str:
               "", "| claim | verdict | reason |", "|---|---|---|"]
     for claim, v in claims["verdicts"].items():
         lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
+    lines += ["", *verdicts_v2_table(claims)]
     drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
     if drift:
         lines += ["", "| teacher run | updates | L1 drift of its bin probabilities | largest probability |",
                   "|---|---|---|---|"]
         lines += [f"| {name} | {t['updates']} | {t['l1']:.3f} | {t['max_prob']:.3f} |" for name, t in drift]
     return "\n".join(lines) + "\n"
+
+
+def interval_reading(t: dict) -> str:
+    """What a rule-v2 interval can and cannot exclude, in words."""
+    if "lo" not in t:
+        return "no interval yet"
+    inside = [name for name, x in (("0", 0.0), ("+delta", t["delta"]), ("-delta", -t["delta"]))
+              if t["lo"] <= x <= t["hi"]]
+    return (f"excludes effects below {t['lo']:+.4f} and above {t['hi']:+.4f}"
+            + (f"; cannot exclude {', '.join(inside)}" if inside else ""))
+
+
+def verdicts_v2_table(claims: dict) -> list[str]:
+    """Rule v2 (written after round 1's results were known): each claim and regime with its 95%
+    interval, p-value, delta, seeds finished of those planned, and what the interval excludes."""
+    progress = claims["progress"]
+    lines = [f"**Rule v2** (written after round 1's results were known; README, \"Rule v2\"): round 2 has "
+             f"{progress.get('round2_finished', 0)} of {progress.get('round2_total', 0)} of its runs.", "",
+             "| claim | regime | v1 verdict | v2 verdict | paired AP difference, 95% CI, p | seeds (planned) | "
+             "power at the measured sd | what the interval excludes |", "|---" * 8 + "|"]
+    v1 = claims["verdicts"]
+    for claim, v in claims.get("verdicts_v2", {}).items():
+        for regime, t in v["per_regime"].items():
+            old = v1.get(claim, {}).get("per_regime", {}).get(regime, "-")
+            old = old if claim != 4 else f"{old} (teacher - uniform, 800 steps)"
+            ci = f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], p = {t['p']:.2g}" if "lo" in t else "-"
+            power = (f"{t['power_now']:.2f} (needs {t['seeds_needed_now']})" if t.get("power_now") is not None
+                     else "-")
+            lines.append(f"| {claim}: {v['better']} - {v['worse']} | {regime} | {old} | **{t['verdict']}** | {ci} | "
+                         f"{t['n']} ({t['planned_seeds']}) | {power} | {interval_reading(t)} (delta {t['delta']}) |")
+    return lines
 
 
 def where_trained(runs: list[dict]) -> str:

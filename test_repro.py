@@ -2,6 +2,7 @@
 import errno
 import itertools
 import json
+import math
 import os
 import pickle
 import shutil
@@ -1145,18 +1146,18 @@ def test_tiny_bins_are_penalised_and_never_trained_on(toy, tmp_path):
     teacher = trainer.teacher
     pool = teacher.pools[0][:1]
     teacher.pools = [pool[:0], pool.repeat(10, 0), pool.repeat(2, 0)]  # bins 0 and 2 too small
-    teacher.hard_images = np.zeros((4, 64, 64, 3), np.uint8)
+    teacher.pick_images = np.zeros((4, 64, 64, 3), np.uint8)
     before = teacher.probs.copy()
-    picked = teacher.valid_pick(0)
+    picked = teacher.valid_pick(0, cfg.lr, 10)
     assert picked == 1
     assert not np.allclose(teacher.probs, before)  # the teacher learned from the penalty
     for _ in range(50):
-        assert teacher.valid_pick(int(teacher.rng.integers(3))) == 1
+        assert teacher.valid_pick(int(teacher.rng.integers(3)), cfg.lr, 10) == 1
 
 
 def test_forced_teacher_trains_only_on_its_bin(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(R, "TEACHER_EXPLORE", 0.0)
-    monkeypatch.setattr(R.Teacher, "output", lambda self: np.array([0.0, 0.0, 1.0]))
+    monkeypatch.setattr(R.Teacher, "output", lambda self, images: np.array([0.0, 0.0, 1.0]))
     cfg, trainer = teacher_setup(toy, tmp_path, "--teacher-attribute", "camera_angle", "--steps", "8")
     teacher = trainer.teacher
     assert sum(teacher.counts) == len(trainer.maker.centres["synthetic"])
@@ -1168,13 +1169,117 @@ def test_forced_teacher_trains_only_on_its_bin(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(R.BatchMaker, "batch", batch)
     for step, batch in trainer.batches():
         result = trainer.train_step(batch, cfg.lr)
-        teacher.observe(step, batch, result)
+        teacher.observe(step, batch, result, cfg.lr)
         trainer.step = step + 1
     in_bin = {(int(i), int(p)) for i, p in teacher.pools[2]}
     after_first_window = seen[cfg.teacher_interval:]
     synthetic = [(s.index, s.person) for specs in after_first_window for s in specs if s.source == "synthetic"]
     assert len(synthetic) == 6 * 2 and set(synthetic) <= in_bin
     assert [r["bin"] for r in teacher.records[1:]] == [2, 2, 2]
+
+
+def crops(seed, n=4, size=64):
+    return np.random.default_rng(seed).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_teacher_learns_on_the_crops_behind_its_previous_pick(toy, tmp_path):
+    cfg, trainer = teacher_setup(toy, tmp_path)
+    teacher, lr = trainer.teacher, 1e-3
+    teacher.pools = [teacher.all] * cfg.bins  # no penalty steps in between
+    old, new = crops(1), crops(2)
+    teacher.window, teacher.hard_images = [1.0], old
+    teacher.decide(2, lr)  # the first window: nothing to compare with, no step; p comes from `old`
+    assert teacher.updates == 0 and teacher.pick_images is old
+    assert np.allclose(teacher.probs, teacher.output(old))
+    teacher.window, teacher.hard_images = [2.0], new  # the loss rose: reward the pick made on `old`
+    target = R.soft_target(teacher.probs, teacher.picked, True, cfg.teacher_step)
+    on_old, on_new = R.copy.deepcopy(teacher), R.copy.deepcopy(teacher)
+    on_old.learn(target, old, lr, 4)
+    on_new.learn(target, new, lr, 4)
+    teacher.decide(4, lr)
+    weights = [(a, b, c) for a, b, c in zip(teacher.net.parameters(), on_old.net.parameters(),
+                                            on_new.net.parameters())]
+    assert all(torch.equal(a, b) for a, b, _ in weights)
+    assert not all(torch.equal(a, c) for a, _, c in weights)
+    assert teacher.pick_images is new and teacher.updates == 1
+
+
+def test_teacher_steps_with_the_students_learning_rate_betas_and_adam_counter(toy, tmp_path, monkeypatch):
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = R.SharedAdam([p], betas=(0.8, 0.999))
+    for count, g in ((41, torch.tensor([0.5, -1.0])), (62, torch.tensor([0.2, 0.3]))):
+        before = p.detach().clone()
+        p.grad = g
+        opt.step(5e-5, count)
+    m = 0.8 * (0.2 * torch.tensor([0.5, -1.0])) + 0.2 * torch.tensor([0.2, 0.3])  # TF1's Adam, by hand
+    v = 0.999 * (0.001 * torch.tensor([0.25, 1.0])) + 0.001 * torch.tensor([0.04, 0.09])
+    lr_t = 5e-5 * math.sqrt(1 - 0.999 ** 62) / (1 - 0.8 ** 62)
+    assert torch.allclose(p.detach(), before - lr_t * m / (v.sqrt() + 1e-8), rtol=0, atol=1e-9)
+    steps = []
+    monkeypatch.setattr(R.SharedAdam, "step", lambda self, lr, count: steps.append((lr, count)))
+    cfg, trainer = teacher_setup(toy, tmp_path, "--steps", "8", "--beta1", "0.8", "--lr", "2e-3")
+    assert trainer.teacher.optimizer.betas == (0.8, 0.999) == trainer.optimizer.param_groups[0]["betas"]
+    trainer.teacher.pools = [trainer.teacher.all] * cfg.bins  # no penalty step: every bin is large enough
+    trainer.fit()
+    assert len(steps) == 3  # after windows 2-4
+    for (lr, count), k in zip(steps, (4, 6, 8)):
+        assert lr == R.learning_rate(cfg, k - 1, (k - 1) / cfg.steps) and count == k + (k // 2 - 1)
+
+
+def test_teacher_starts_from_random_weights_under_init(toy, tmp_path):
+    R.seed_everything(0)
+    _, fresh = teacher_setup(toy, tmp_path / "a")
+    state = fresh.state()
+    state["teacher"]["net"] = {k: torch.full_like(v, 0.5) for k, v in state["teacher"]["net"].items()}
+    torch.save(state, tmp_path / "init.pt")
+    R.seed_everything(0)
+    _, from_init = teacher_setup(toy, tmp_path / "b", "--init", str(tmp_path / "init.pt"))
+    for a, b in zip(from_init.teacher.net.state_dict().values(), fresh.teacher.net.state_dict().values()):
+        assert torch.equal(a, b)  # the teacher is built afresh; only the student comes from --init
+
+
+def rigged_teacher(teacher, interval, updates, good, lr):
+    """A student whose loss rises on bin `good` each time it trains on it, and falls a little on any
+    other bin, without noise."""
+    hard, level, probs = crops(0, 32), 1.0, []
+    for u in range(updates):
+        level += 0.01 if teacher.picked == good else -0.001
+        teacher.window, teacher.hard_images = [level + 0.1 * (teacher.picked == good)], hard
+        teacher.decide((u + 1) * interval, lr)
+        probs.append(teacher.probs)
+    return np.array(probs)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_teacher_learns_the_bin_that_raises_the_students_loss(toy, tmp_path, seed):
+    """The paper's update (1% soft-label steps, the student's Adam) at the grid's peak learning rate,
+    10 bins: within the grid's 150 updates the rewarded bin must hold most of the probability (it
+    did for each of seeds 0-5, after 25-150 updates)."""
+    R.seed_everything(seed)
+    cfg, trainer = teacher_setup(toy, tmp_path, "--bins", "10", "--teacher-interval", "20")
+    teacher = trainer.teacher
+    teacher.pools = [teacher.all] * 10
+    probs = rigged_teacher(teacher, cfg.teacher_interval, 150, good=2, lr=3e-4)
+    assert probs[0, 2] < 0.2 and probs[-1, 2] > 0.5 and probs[-1, 2] > 3 * np.delete(probs[-1], 2).max()
+
+
+def test_stratified_control_draws_large_enough_bins_and_never_learns(toy, tmp_path):
+    cfg, trainer = teacher_setup(toy, tmp_path, "--teacher-stratified", "--teacher-min-bin", "3")
+    teacher = trainer.teacher
+    pool = teacher.pools[0][:1]
+    teacher.pools = [pool.repeat(2, 0), pool.repeat(10, 0), pool.repeat(8, 0)]  # bin 0 too small
+    before = [q.detach().clone() for q in teacher.net.parameters()]
+    picks = []
+    for k in range(60):
+        teacher.window, teacher.hard_images = [1.0 + k % 3], crops(k)
+        teacher.decide(2 * (k + 1), cfg.lr)
+        picks.append(teacher.picked)
+        assert teacher.current_bin()[0] is teacher.pools[teacher.picked]
+    assert set(picks) == {1, 2} and teacher.updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.net.parameters()))
+    with pytest.raises(R.ReproError, match="not both"):
+        R.check_config(R.parse_args(toy_args(toy, tmp_path, "--mode", "student-teacher", "--teacher-stratified",
+                                             "--teacher-uniform"))[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1613,8 +1718,10 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert len(trained) == len(runs) - len(done) + 1
     claims = json.loads((tmp_path / "results" / "claims.json").read_text())
     assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
-    assert claims["progress"] == dict(finished=2, total=len(runs), probe=False)  # the probe's json is empty
-    assert f"2 of {len(runs)} runs finished" in (tmp_path / "results" / "claims.md").read_text()
+    first = len(R.round1_runs())
+    assert claims["progress"] == dict(finished=2, total=first, probe=False,  # the probe's json is empty
+                                      round2_finished=0, round2_total=len(runs) - first)
+    assert f"2 of {first} runs finished" in (tmp_path / "results" / "claims.md").read_text()
 
 
 FAKE_RUN = """#!{python}
@@ -1644,7 +1751,7 @@ def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_pa
     fake.write_text(FAKE_RUN.format(python=sys.executable))
     fake.chmod(0o755)
     with pytest.raises(R.ReproError, match="scarce/teacher-s1 failed .exit status 3"):
-        R.run_protocol(str(fake), jobs=2, only=("scarce/*-s1", "scarce/nothing"))
+        R.run_protocol(str(fake), jobs=2, only=("scarce/*[!0-9]-s1", "scarce/nothing"))  # round 1's seed 1
     summaries = sorted(p.name for p in R.PROTOCOL_RESULTS.glob("*.json"))
     assert summaries == sorted(f"scarce-{c}-s1.json" for c in R.CONDITIONS if c not in R.SAME_RUNS and c != "teacher")
     seen = [line.split() for line in (tmp_path / "concurrency.txt").read_text().splitlines()]
@@ -1701,11 +1808,80 @@ def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy
         assert a["source"] == b["source"] and R.SYNTHETIC in a["source"]
         assert all(np.array_equal(a[k], b[k]) for k in ("image", "keypoints", "mask_miss"))
         assert torch.equal(a["target"], b["target"]) and torch.equal(a["loss_mask"], b["loss_mask"])
-    assert R.SAME_RUNS == {"uniform": "synthetic"}
-    assert not any(r.condition == "uniform" for r in R.protocol_runs())  # read from synthetic's runs
+    assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
+    assert R.V2_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
+    assert not any(r.condition.startswith("uniform") for r in R.protocol_runs())  # read from synthetic's runs
     runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
             (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
     assert R.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
+
+
+def test_rule_v2_reads_a_paired_t_interval_against_delta():
+    from scipy.stats import ttest_1samp
+    d = [0.004, 0.006, 0.005, 0.0055]
+    t = R.paired_test(d, 0.003)
+    assert t["p"] == pytest.approx(ttest_1samp(d, 0).pvalue) and t["verdict"] == "reproduced"
+    ci = ttest_1samp(d, 0).confidence_interval(0.95)
+    assert (t["lo"], t["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert R.paired_test([-x for x in d], 0.003)["verdict"] == "contradicted"
+    assert R.paired_test([0.0005, -0.0004, 0.0002, -0.0001], 0.003)["verdict"] == "no effect of delta or more"
+    assert R.paired_test([0.004, -0.004, 0.003, -0.002], 0.003)["verdict"] == "inconclusive"
+    assert R.paired_test([0.01, 0.02], 0.003)["verdict"] == "inconclusive"  # fewer than 3 pairs
+    assert R.overall_v2(["reproduced", "no effect of delta or more"]) == "reproduced"
+    assert R.overall_v2(["reproduced", "contradicted"]) == "inconclusive"
+    assert R.overall_v2(["reproduced", "pending (3 of 5 seeds)"]) == "pending"
+
+
+def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
+    assert all(R.seeds_for_power(sd, R.V2_DELTA[regime]) == R.V2_SEEDS[(claim, regime)]
+               for (claim, regime), sd in R.V2_PILOT_SD.items())
+    from scipy.stats import t
+    rng = np.random.default_rng(0)  # the formula against simulated paired differences
+    for n in (3, 5, 7):
+        d = rng.normal(0.001, 0.0017, (20000, n))
+        half = t.ppf(0.975, n - 1) * d.std(1, ddof=1) / np.sqrt(n)
+        assert (half < 0.003).mean() == pytest.approx(R.power_of(n, 0.0017, 0.003), abs=0.01)
+    summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("*-s[012].json"))
+    if not summaries:
+        pytest.skip("round 1's summaries are not here")
+    runs = [json.loads(p.read_text()) for p in summaries]
+    for (claim, regime), sd in R.V2_PILOT_SD.items():  # the pilot sd is round 1's, as committed
+        better, worse = R.CLAIMS[claim][:2]
+        d = np.subtract(*R.paired_aps(runs, better, worse, regime, R.PROTOCOL_SEEDS))
+        assert d.std(ddof=1) == pytest.approx(sd, abs=0.000006), (claim, regime)
+
+
+def test_rule_v2_waits_for_the_planned_seeds():
+    runs = [dict(name=f"scarce/{c}-s{s}", condition=c, regime="scarce", seed=s, ap=0.1 + 0.01 * (c == "augmented-mask")
+                 + 0.0001 * s) for s in range(4) for c in ("augmented-mask", "synthetic", "augmented-include")]
+    v = R.claim_verdicts_v2(runs)
+    assert v[1]["per_regime"]["scarce"]["verdict"] == "pending (4 of 7 seeds)" and v[1]["verdict"] == "pending"
+    runs += [dict(r, seed=s, name=r["name"][:-1] + str(s)) for s in (4, 5, 6) for r in runs[:2]]
+    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["scarce"]["verdict"] == "reproduced"
+    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["full"]["verdict"] == "pending (0 of 4 seeds)"
+
+
+def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
+    first = {r.name: r for r in R.round1_runs()}
+    second = [r for r in R.protocol_runs() if r.name not in first]
+    assert all(r.init == f"{r.regime}/student" for r in second)
+    short = [r for r in second if "3000" not in r.condition]
+    assert {(r.regime, r.condition, r.seed) for r in short} == (
+        {("full", c, 3) for c in ("augmented-mask", "synthetic")}
+        | {("scarce", c, s) for s in (3, 4, 5, 6) for c in ("augmented-mask", "synthetic")}
+        | {("scarce", "augmented-include", s) for s in (3, 4)})
+    for r in short:  # the same command as round 1's runs of the condition, with another seed
+        argv, twin = list(r.argv), first[f"{r.regime}/{r.condition}-s0"]
+        argv[argv.index("--seed") + 1] = "0"
+        assert argv == twin.argv
+    long = [r for r in second if "3000" in r.condition]
+    assert len(long) == 3 * R.V2_SEEDS[(4, "scarce")] and all(r.regime == "scarce" for r in long)
+    for r in long:
+        cfg, _ = R.parse_args(r.argv)
+        assert cfg.steps == 3000 and cfg.steps // cfg.teacher_interval >= 150
+        assert (cfg.mode, cfg.teacher_stratified) == {"teacher-3000": ("student-teacher", False),
+                                                      "stratified-3000": ("student-teacher", True),
+                                                      "synthetic-3000": ("synthetic", False)}[r.condition]
 
 
 def test_teacher_step_scales_the_soft_label_update():
@@ -1721,6 +1897,11 @@ def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
     records = [dict(step=20 * k, probs=[0.5 + 0.1 * k, 0.5 - 0.1 * k]) for k in range(3)]
     drift = R.teacher_drift(records)
     assert drift["updates"] == 3 and drift["l1"] == pytest.approx(0.4) and drift["max_prob"] == pytest.approx(0.7)
+    assert "entropy_first" not in drift  # round 1's records began with the placeholder: no entropy
+    new = R.teacher_drift([dict(r, next_bin=0) for r in records])  # round 2's: the network's outputs only
+    assert new["entropy_first"] == pytest.approx(math.log(2)) and new["entropy_min"] == pytest.approx(
+        -(0.7 * math.log(0.7) + 0.3 * math.log(0.3)))
+    assert new["series"] == [[r["step"], *r["probs"]] for r in records]
     assert R.teacher_drift([dict(step=1)]) is None
     # the metric lines carry only the latest update at each line: the checkpoint's records win
     R.append_jsonl(tmp_path / "metrics.jsonl", dict(step=50, teacher=records[-1]))
