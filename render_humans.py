@@ -483,22 +483,65 @@ class _ChumpyStub:
         self.__dict__.update(state if isinstance(state, dict) else {"x": state})
 
 
+def _model_pickle_classes() -> dict:
+    """(module, name) -> object: all that an official SMPL/SMPL-H/SMPL-X pickle may name (numpy arrays,
+    scipy's sparse J_regressor, chumpy's Ch, whose stand-in takes its place, and the set inside a Ch's
+    state), under every module path numpy and scipy have used. Loading a model file never runs code."""
+    import codecs
+
+    import scipy.sparse
+
+    from numpy._core import multiarray
+    allowed = {}
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed |= {(core, "_reconstruct"): multiarray._reconstruct, (core, "scalar"): multiarray.scalar}
+    allowed |= {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                ("__builtin__", "set"): set, ("builtins", "set"): set,
+                ("_codecs", "encode"): codecs.encode}  # how Python 3 writes bytes in a protocol-2 pickle
+    for kind in ("csc", "csr"):
+        cls = getattr(scipy.sparse, f"{kind}_matrix")
+        for module in ("scipy.sparse", f"scipy.sparse.{kind}", f"scipy.sparse._{kind}"):
+            allowed[(module, f"{kind}_matrix")] = cls
+    return allowed
+
+
+MODEL_PICKLED_KEYS = ("joint2num", "part2num")  # SMPL-X .npz: name tables as pickled dicts, unused here
+
+
 def load_model_arrays(path: Path) -> dict:
-    """SMPL-family .pkl (chumpy inside, no chumpy needed) or .npz -> dict of numpy arrays."""
+    """SMPL-family .pkl (chumpy inside, no chumpy needed) or .npz -> dict of numpy arrays. Only the
+    classes such a file needs are let through; anything else is refused in one line naming it."""
     import pickle
 
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=True) as z:
-            data = {k: z[k] for k in z.files}
+        data = {}
+        with np.load(path, allow_pickle=False) as z:
+            for k in z.files:
+                try:
+                    data[k] = z[k]
+                except ValueError:  # an object array: reading it would unpickle
+                    if k not in MODEL_PICKLED_KEYS:
+                        raise RenderError(f"refused {path}: its array {k!r} holds pickled Python objects, "
+                                          "which an official model file does not") from None
     else:
+        allowed = _model_pickle_classes()
+
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
                 if module.split(".")[0] == "chumpy":
                     return _ChumpyStub
-                return super().find_class(module, name)
+                if (module, name) not in allowed:
+                    raise RenderError(f"refused {path}: it names {module}.{name}, which an official SMPL "
+                                      "model file does not hold (loading it could run code)")
+                return allowed[(module, name)]
 
-        with open(path, "rb") as f:
-            data = Unpickler(f, encoding="latin1").load()
+        try:
+            with open(path, "rb") as f:
+                data = Unpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise RenderError(f"cannot read {path} ({type(e).__name__}): corrupt or not a SMPL model file") from None
+        if not isinstance(data, dict):
+            raise RenderError(f"{path} holds a {type(data).__name__}, not a SMPL model's dict of arrays")
     out = {}
     for k, v in data.items():
         if isinstance(v, _ChumpyStub):
@@ -2190,8 +2233,9 @@ def main(argv=None):
             path = render_dataset(args.out_dir, workers=args.workers, num_shards=args.num_shards,
                                   shard=args.shard, progress=not args.no_progress, **settings)
             print(path if path.exists() else f"shard {args.shard} done; {path} appears when all shards are")
-    except (RenderError, OSError) as e:  # user input or environment: one line, no traceback
-        sys.exit(f"render_humans: error: {_one_line(e)}")
+    except (RenderError, OSError) as e:  # user input or environment: one line, no traceback, status 2
+        print(f"render_humans: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -2056,17 +2058,23 @@ class Teacher:
         return self.records[-1] if self.records else None
 
     # -- checkpoint ------------------------------------------------------------------------------
+    # numpy arrays travel as tensors (bit for bit, dtype kept): a checkpoint holds only what
+    # torch.load(weights_only=True) reads, so loading one never runs code
+    ARRAYS = ("probs", "hard_scores", "hard_images")
+
     def state(self) -> dict:
         return dict(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.rng.bit_generator.state,
-                    probs=self.probs, picked=self.picked, history=self.history, window=self.window,
-                    hard_scores=self.hard_scores, hard_images=self.hard_images, records=self.records)
+                    picked=self.picked, history=self.history, window=self.window, records=self.records,
+                    **{key: torch.from_numpy(getattr(self, key).copy()) for key in self.ARRAYS})
 
     def restore(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
-        for key in ("probs", "picked", "history", "window", "hard_scores", "hard_images", "records"):
+        for key in ("picked", "history", "window", "records"):
             setattr(self, key, state[key])
+        for key in self.ARRAYS:
+            setattr(self, key, state[key].numpy())
 
 
 def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teacher:
@@ -2176,14 +2184,26 @@ def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict, read with torch's safe loader: tensors and plain values only, so a
+    crafted file cannot run code. Checkpoints of repro.py before weights_only (numpy arrays in a
+    teacher's state) are refused with what to do."""
     path = Path(path)
     if not path.is_file():
         raise ReproError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "objects beyond tensors and plain values"
+        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
+                         "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
+                         "checkpoints: such a run must be trained again with this version") from None
     except Exception as e:
         raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
                          "checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict with 'model')")
+    return ckpt
 
 
 def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:

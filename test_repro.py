@@ -189,10 +189,13 @@ def test_every_bvh_file_loads_and_retargets(gl):
 
 
 def _main_error(argv, capsys) -> str:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         rh.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("render_humans: error: ") and "\n" not in msg
+    lines = capsys.readouterr().err.strip().splitlines()  # progress lines may come before it
+    msg = lines[-1] if lines else ""
+    assert e.value.code == 2 and msg.startswith("render_humans: error: "), (e.value.code, lines)
+    assert sum("error" in line for line in lines) == 1, lines
     return msg
 
 
@@ -247,6 +250,39 @@ def test_smpl_pickles_load_without_chumpy(tmp_path):
     assert np.array_equal(arrays["shapedirs"], np.arange(12.0).reshape(2, 3, 2))
     assert np.array_equal(arrays["J_regressor"], np.eye(3)) and arrays["f"].shape == (1, 3)
     assert rh.find_model_files("smpl", str(tmp_path)) == {"neutral": tmp_path / "SMPL_NEUTRAL.pkl"}
+
+
+class _Touch:
+    """Unpickles by creating a file: what a crafted data file could do in place of any command."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_crafted_smpl_files_are_refused_before_any_code_runs(tmp_path, capsys):
+    hit = tmp_path / "pwned"
+    evil = {"f": np.array([[0, 1, 2]]), "v_template": _Touch(hit)}
+    (tmp_path / "smpl").mkdir()
+    argv = [str(tmp_path / "out"), "--body-model", "smpl", "--model-path", str(tmp_path), "--num-images", "1"]
+    for protocol, named in ((2, "__builtin__.getattr"), (4, "pathlib.Path.touch")):
+        (tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").write_bytes(pickle.dumps(evil, protocol=protocol))
+        assert f"refused {tmp_path / 'smpl' / 'SMPL_NEUTRAL.pkl'}: it names {named}," in _main_error(argv, capsys)
+        assert not hit.exists() and not (tmp_path / "out").exists()
+    # the same file through a plain unpickler does create it: the test would see code running
+    pickle.loads((tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").read_bytes())
+    assert hit.exists()
+    hit.unlink()
+    # an .npz is read without pickles: an object array is refused, not unpickled
+    np.savez(tmp_path / "model.npz", f=np.array([[0, 1, 2]]), v_template=np.array([_Touch(hit)], dtype=object))
+    with pytest.raises(rh.RenderError, match="refused .*'v_template' holds pickled"):
+        rh.load_model_arrays(tmp_path / "model.npz")
+    assert not hit.exists()
+    # SMPL-X's unused name tables are skipped, the arrays kept
+    np.savez(tmp_path / "x.npz", f=np.array([[0, 1, 2]]), joint2num=np.array([{"pelvis": 0}], dtype=object))
+    assert set(rh.load_model_arrays(tmp_path / "x.npz")) == {"f"}
 
 
 def _fake_smpl(root: Path):
@@ -403,7 +439,7 @@ def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypat
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "render_humans.py"), str(out), "--num-images", "1"],
                        capture_output=True, text=True, env={**os.environ, "PYOPENGL_PLATFORM": "bogus"})
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "PYOPENGL_PLATFORM=bogus" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "PYOPENGL_PLATFORM=bogus" in r.stderr
     assert not out.exists()
     # osmesa asked for where libOSMesa is missing (simulated: the library lookup finds nothing)
     real_find = rh.ctypes.util.find_library
@@ -916,10 +952,10 @@ def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         interrupt_at_step(m, 5)  # step 4 is logged after the step-3 checkpoint, then the run dies
         assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
-    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)["step"] == 3
     assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
-    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     def logged(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -936,7 +972,7 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert R.main(toy_args(toy, tmp_path / "eval", "--mode", "eval", "--ckpt", str(ckpt))) == 0
     assert "AP" in json.loads((tmp_path / "eval" / "eval-annotations.json").read_text())
     cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "augmented", "--init", str(ckpt)))
-    saved = torch.load(ckpt, weights_only=False)["model"]
+    saved = torch.load(ckpt, weights_only=True)["model"]
     started = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "x").model.state_dict()
     assert all(torch.equal(started[k], saved[k]) for k in saved)  # --init weights, not a fresh net
     assert R.main(toy_args(toy, tmp_path / "ft", "--mode", "augmented", "--steps", "1", "--init", str(ckpt))) == 0
@@ -1038,6 +1074,32 @@ def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
     argv = toy_args(toy, tmp_path / "other", "--mode", "real", "--steps", "1", "--init", str(tmp_path / "run/ckpt.pt"))
     argv[argv.index("--width") + 1] = "24"
     assert "another architecture" in run_main_error(capsys, argv)
+
+
+def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, toy):
+    hit = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save(dict(model={}, config={}, step=1, payload=_Touch(hit)), evil)
+    run = tmp_path / "run"
+    eval_argv = toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(evil)]
+    for argv in (eval_argv, toy_args(toy, run, "--mode", "real", "--init", str(evil)),
+                 toy_args(toy, run, "--mode", "real", "--resume"), ["--export-student", str(evil), "--out", str(run)]):
+        if "--resume" in argv:
+            run.mkdir()
+            (run / "ckpt.pt").write_bytes(evil.read_bytes())
+        line = run_main_error(capsys, argv)
+        assert "refused checkpoint" in line and "it holds getattr" in line, line
+        assert not hit.exists() and (not run.exists() or sorted(p.name for p in run.iterdir()) == ["ckpt.pt"])
+    r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *eval_argv], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refused checkpoint" in r.stderr
+    assert not hit.exists()
+    torch.load(evil, weights_only=False)  # the unsafe loader runs it: the test would see it
+    assert hit.exists()
+    # a student-teacher checkpoint of an older version (numpy arrays in it): refused, saying what to do
+    torch.save(dict(model={}, teacher=dict(probs=np.full(3, 1 / 3))), tmp_path / "old.pt")
+    line = run_main_error(capsys, toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(tmp_path / "old.pt")])
+    assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
 
 
 def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
@@ -1186,8 +1248,8 @@ def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, de
         interrupt_at_step(m, 5)
         assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
     assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
-    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["teacher"]["net"]:
@@ -1735,7 +1797,7 @@ def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, m
     assert cfg.init is None and cfg.lr == 1e-3  # nothing shipped: from scratch
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
     R.export_student(str(tmp_path / "run/ckpt.pt"), tmp_path / "student.pt")
-    half = torch.load(tmp_path / "student.pt", weights_only=False)
+    half = torch.load(tmp_path / "student.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
     argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
     cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
