@@ -1107,6 +1107,40 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
     assert "--resume" in run_main_error(capsys, toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1"))
 
 
+def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    argv = toy_args(toy, out, "--mode", "real", "--steps", "2")
+    assert R.main(argv) == 0
+    logged = (out / "metrics.jsonl").read_text()
+    assert "is finished (step 2 of --steps 2" in run_main_error(capsys, argv + ["--resume"])
+    assert (out / "metrics.jsonl").read_text() == logged
+    (out / "metrics.json").unlink()  # cut off after the final evaluation's line, before metrics.json
+    assert R.main(argv + ["--resume"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 2] and [bool(r.get("final")) for r in lines] == [False, False, True]
+
+
+def test_export_student_writes_out_and_never_replaces_a_file_unasked(capsys, tmp_path, toy, monkeypatch):
+    shipped = tmp_path / "results" / "student-demo.pt"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"the committed student")
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", shipped)
+    assert R.main(toy_args(toy, tmp_path / "tiny", "--mode", "real", "--steps", "1")) == 0
+    ckpt = str(tmp_path / "tiny" / "ckpt.pt")
+    assert R.main(["--export-student", ckpt, "--out", str(tmp_path / "exported.pt")]) == 0
+    assert R.load_checkpoint(tmp_path / "exported.pt")["step"] == 1 and shipped.read_bytes() == b"the committed student"
+    assert "is not replaced unless named" in run_main_error(capsys, ["--export-student", ckpt])
+    assert shipped.read_bytes() == b"the committed student"
+    assert R.main(["--export-student", ckpt, "--out", str(shipped)]) == 0  # named: replaced
+    assert R.load_checkpoint(shipped)["step"] == 1
+    torch.save(dict(config={}, step=3), tmp_path / "nomodel.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for bad, words in (("nomodel.pt", "holds no network weights"), ("tensor.pt", "holds a Tensor, not a repro.py")):
+        line = run_main_error(capsys, ["--export-student", str(tmp_path / bad), "--out", str(tmp_path / "e2.pt")])
+        assert words in line, line
+    assert not (tmp_path / "e2.pt").exists()
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--batch-size", "0"], "--batch-size must be at least 2"),
     (["--mode", "real", "--batch-size", "0"], "--batch-size must be at least 1"),
@@ -1144,13 +1178,17 @@ def test_read_only_run_folder_gives_one_line(capsys, tmp_path, toy, monkeypatch)
     assert not out.exists()
 
 
-def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch, error):
     def full_disk(obj, path, *args, **kwargs):
         Path(path).write_bytes(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
     monkeypatch.setattr(R.torch, "save", full_disk)
     out = tmp_path / "run"
-    assert "No space left" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
+    line = run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
+    assert "no space left on the device" in line and " MB needed, " in line and "MB free" in line, line
+    assert "enforce fail" not in line
     assert not list(out.glob("*.tmp")) and not (out / "ckpt.pt").exists()
     assert not (out / R.LOCK_NAME).exists()  # the folder is released
 
@@ -1166,6 +1204,44 @@ def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
     # its process is gone: the lock is stale, the next run takes the folder over and releases it
     assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
     assert not (out / R.LOCK_NAME).exists()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+            if p.read_text().rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
+    out = tmp_path / "run"
+    argv = toy_args(toy, out, "--mode", "real", "--steps", "100000", "--ckpt-every", "2", "--workers", "1",
+                    "--minutes", "0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "repro.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for(lambda: (out / "ckpt.pt").is_file() or proc.poll() is not None)
+    workers = _children(proc.pid)
+    assert workers  # the loader's worker
+    proc.send_signal(R.signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == 143 and err[-1:] == ["repro.py: interrupted; the last checkpoint is kept: rerun with "
+                                                   "--resume"], err
+    assert not (out / R.LOCK_NAME).exists() and R.load_checkpoint(out / "ckpt.pt")["step"] >= 2
+    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10)  # no worker outlives it
+
+
+def test_a_lock_whose_pid_now_names_another_program_is_stale(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    out.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as other:  # the lock's pid, reused by a program started later
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started="1", host=os.uname().nodename)))
+        assert R.lock_holder(out) is None
+        assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
+                                                       host=os.uname().nodename)))
+        assert R.lock_holder(out) == other.pid  # the same process: held
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=1, host="another-host")))
+        assert R.lock_holder(out) == 1  # another machine's run cannot be checked: held
+        other.kill()
 
 
 # ---- the teacher ------------------------------------------------------------------------------
@@ -1719,6 +1795,119 @@ def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_pa
     with pytest.raises(R.ReproError, match="--jobs"):
         R.check_protocol_flags(True, 0, ("*",))
     assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
+
+
+LIVE_RUN = """#!{python}
+import os, pathlib, signal, sys, time
+sys.path.insert(0, {root!r})
+import repro
+signal.signal(signal.SIGTERM, repro.on_sigterm)  # as repro.py's main does
+repro.watch_parent(0.1)
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "pid").write_text(str(os.getpid()))
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    (out / "ended").write_text("checkpoint kept")
+    sys.exit(143)
+"""
+
+
+def _protocol_sandbox(tmp_path, monkeypatch, script):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
+    for regime in R.PROTOCOL_REGIMES:
+        R.student_export(regime).parent.mkdir(parents=True, exist_ok=True)
+        R.student_export(regime).write_bytes(b"")
+    fake = tmp_path / "fake-python"
+    fake.write_text(script.format(python=sys.executable, root=str(ROOT)))
+    fake.chmod(0o755)
+    return fake
+
+
+def _wait_for(condition, seconds=60.0):
+    deadline = R.time.time() + seconds
+    while not condition():
+        assert R.time.time() < deadline, "timed out"
+        R.time.sleep(0.1)
+
+
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
+def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, monkeypatch, kill):
+    fake = _protocol_sandbox(tmp_path, monkeypatch, LIVE_RUN)
+    runner = (f"import functools, sys; sys.path.insert(0, {str(ROOT)!r}); import repro as R; "
+              f"R.SHIPPED_STUDENT = R.Path({str(R.SHIPPED_STUDENT)!r}); "
+              f"R.run_protocol = functools.partial(R.run_protocol, {str(fake)!r}); "
+              "sys.exit(R.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
+    folders = [R.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: all((f / "pid").is_file() for f in folders))
+    children = [int((f / "pid").read_text()) for f in folders]
+    os.kill(proc.pid, getattr(R.signal, kill))
+    proc.wait(60)
+    if kill == "SIGTERM":  # one line, and its runs were told to checkpoint and end
+        assert proc.returncode == 143 and proc.stderr.read().strip().count("\n") == 0
+    _wait_for(lambda: not any(R.process_alive(pid) and R.process_started(pid) for pid in children), 30)
+    assert all((f / "ended").is_file() for f in folders)  # ended through SIGTERM: the checkpoint kept
+    # a rerun while a live process holds a folder neither deletes it nor starts a second writer there
+    folder = folders[0]
+    with subprocess.Popen(["sleep", "60"]) as other:
+        (folder / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
+                                                          host=os.uname().nodename)))
+        for jobs in (1, 2):
+            with pytest.raises(R.ReproError, match=f"real-s0 is still running .pid {other.pid} holds"):
+                R.run_protocol(str(fake), jobs=jobs, only=("scarce/real-s0",))
+            assert (folder / "ended").is_file() and (folder / "pid").read_text() == str(children[0])
+        other.kill()
+
+
+def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = {r.name: r for r in R.protocol_runs()}
+    R.PROTOCOL_RESULTS.mkdir(parents=True)
+    good = dict(name="full/real-s0", condition="real", regime="full", seed=0, steps=800, minutes=1.0, ap=0.3,
+                ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init="full/student", command="x", teacher=None)
+    R.write_json(good, R.summary_path(runs["full/real-s0"]))
+    bad = R.summary_path(runs["scarce/real-s0"])
+    for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
+                        ("[1, 2]", "bad or missing name"),
+                        (json.dumps(good | dict(name="scarce/real-s0", ap="high")), "bad or missing ap"),
+                        (json.dumps(good), "bad or missing name"),  # another run's summary under this name
+                        (json.dumps({k: v for k, v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
+                         "bad or missing condition")):
+        bad.write_text(text)
+        line = run_main_error(capsys, ["--report"])
+        assert str(bad) in line and words in line, line
+        assert not (tmp_path / "results" / "claims.json").exists()  # nothing written from a partial set
+        trained = []
+        monkeypatch.setattr(R, "train_protocol_run", lambda run, python: trained.append(run.name))
+        monkeypatch.setattr(R, "report_protocol", lambda: None)
+        capsys.readouterr()
+        R.run_protocol(only=("*/real-s0",))
+        assert trained == ["scarce/real-s0"] and f"protocol: {bad} is not" in capsys.readouterr().out
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "probe.json").write_text("{")
+    bad.unlink()
+    assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
+
+
+def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    for stale in ("claims.png", "probe.png"):
+        (tmp_path / "results" / stale).write_bytes(b"an older report's figure")
+    claims = R.report_protocol()
+    assert claims["progress"]["finished"] == 0 and "0 of" in (tmp_path / "results" / "claims.md").read_text()
+    assert not (tmp_path / "results" / "claims.png").exists() and not (tmp_path / "results" / "probe.png").exists()
+    target = tmp_path / "x.json"
+    with R.atomic_path(target) as a, R.atomic_path(target) as b:  # two --report at once
+        assert a != b and a.name.endswith(".tmp") and b.name.endswith(".tmp")
+        a.write_text("1")
+        b.write_text("2")
+    assert target.read_text() == "1" and not list(tmp_path.glob("*.tmp"))
 
 
 def test_claims_table_keeps_each_devices_minutes_apart():
