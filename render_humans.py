@@ -1897,8 +1897,13 @@ def validate(cfg: RenderConfig):
     for name, allowed in (("kind", KINDS), ("style", STYLES), ("skeleton", tuple(SKELETONS))):
         if getattr(cfg, name) not in allowed:
             raise RenderError(f"{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
+    if not math.isfinite(cfg.mean_people):
+        raise RenderError(f"mean_people must be a finite number, not {cfg.mean_people}")
     if cfg.num_images < 1 or cfg.image_size < 32 or cfg.min_people < 1 or cfg.mean_people < 0:
         raise RenderError("need num_images >= 1, image_size >= 32, min_people >= 1, mean_people >= 0")
+    if cfg.min_people > MAX_PEOPLE or cfg.mean_people > MAX_PEOPLE:
+        raise RenderError(f"a scene holds at most {MAX_PEOPLE} people (instance ids live in one byte): "
+                          f"min_people {cfg.min_people} and mean_people {cfg.mean_people:g} must be at most that")
     if len(cfg.camera_distance) != 2 or cfg.camera_distance[0] <= 1 or cfg.camera_distance[1] < 0:
         raise RenderError("camera_distance must be (mean > 1 m, std >= 0)")
     if cfg.body_model not in BODY_MODELS:
@@ -1969,7 +1974,21 @@ def merge(out: Path, cfg: RenderConfig) -> Path | None:
             "categories": [_category(skeleton.names, skeleton.limbs)]}
     path = out / "annotations.json"
     atomic_write(path, json.dumps(coco).encode())
+    if cfg.kind == "scenes":
+        warn_crowding(images, anns, cfg)
     return path
+
+
+def warn_crowding(images: list, anns: list, cfg: RenderConfig) -> None:
+    """One line when scenes hold fewer people than min_people: the frame at this camera distance and
+    image size fits no more, and the count is never short without a word."""
+    index = {im["id"]: k for k, im in enumerate(images)}
+    counts = np.bincount([index[a["image_id"]] for a in anns], minlength=len(images)).astype(int)
+    short = counts < cfg.min_people
+    if short.any():
+        print(f"render_humans: {short.sum()} of {len(images)} scenes hold fewer than min_people {cfg.min_people} "
+              f"people (from {counts.min()} to {counts.max()} per scene): at image size {cfg.image_size} and "
+              f"camera distance {cfg.camera_distance[0]:g} m the frame fits no more", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -2221,6 +2240,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.bench:
             bench()
@@ -2236,6 +2259,18 @@ def main(argv=None):
     except (RenderError, OSError) as e:  # user input or environment: one line, no traceback, status 2
         print(f"render_humans: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: finished chunks are kept, a rerun resumes
+        print("render_humans: interrupted; finished chunks are kept: rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the renderer is, so that it ends like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -457,6 +457,30 @@ def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypat
     assert "simulated" in _main_error([str(out), "--num-images", "1"], capsys) and not out.exists()
 
 
+def test_people_counts_the_scene_cannot_hold_are_refused_or_named(gl, tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, words in ((["--mean-people", "inf"], "finite"), (["--mean-people", "nan"], "finite"),
+                        (["--mean-people", "1e9"], "at most 60 people"), (["--min-people", "1000"], "at most 60")):
+        assert words in _main_error([str(out), "--num-images", "1", *argv], capsys)
+        assert not out.exists()  # validated before parts/config.json: the next run into it is not refused
+    capsys.readouterr()
+    rh.render_dataset(out, num_images=2, **{**TINY, "image_size": 64, "min_people": 40, "mean_people": 1.0})
+    err = capsys.readouterr().err
+    assert "scenes hold fewer than min_people 40 people" in err and err.count("render_humans:") == 1, err
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_renderer_interrupted_is_one_line(tmp_path, sig, status):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "render_humans.py"), str(tmp_path / "out"), "--num-images",
+                             "400", "--image-size", "64", "--no-progress"], stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "out").exists() or proc.poll() is not None)
+    R.time.sleep(1.0)
+    proc.send_signal(getattr(R.signal, sig))
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == status and err == ["render_humans: interrupted; finished chunks are kept: rerun the "
+                                                 "same command to resume"], err
+
+
 def test_read_only_out_dir_is_one_line(gl, tmp_path, monkeypatch, capsys):
     import errno
 
