@@ -379,6 +379,9 @@ def load_keypoint_set(json_path: str | Path, images_dir: str | Path, sk: Skeleto
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(str(json_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if json_path.suffix.lower() == ".mat":
+            raise ReproError(f"{json_path} is a Matlab .mat file, not COCO json: an MPII annotation list is read "
+                             "with --skeleton mpii") from None
         raise ReproError(f"{json_path} is not valid json ({e}); re-download or re-render it") from None
     except (KeyError, TypeError, AssertionError) as e:
         raise ReproError(f"{json_path} is not a COCO-format annotation file (missing {e})") from None
@@ -1522,7 +1525,8 @@ def _loadmat(path: Path) -> dict:
         raise ReproError(f"MPII file not found: {path}")
     try:
         return scipy.io.loadmat(str(path), struct_as_record=False, squeeze_me=True)
-    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError) as e:  # junk bytes
+    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError,
+            zlib.error) as e:  # junk bytes (zlib: inside a compressed variable)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""  # v7.3 = HDF5
         raise ReproError(f"{path} is not a readable Matlab .mat file ({reason}){hint}") from None
@@ -1754,10 +1758,34 @@ def format_mpii_table(result: dict) -> str:
             + "".join(f"{result['table'][n]:>{width}.1f}" for n in names))
 
 
+def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_path: Path) -> None:
+    """What would score silently wrong: swapped files (ground truth has head boxes, predictions have
+    scores) and NaN in predicted joints (the toolkit would count them as false positives)."""
+    def boxed(groups):
+        return any(np.isfinite(g.head_boxes).all(1).any() for g in groups)
+
+    def scored(groups):
+        return any(g.scores is not None for g in groups)
+    if not boxed(gt) and any(len(g.joints) for g in gt):
+        if boxed(pred) or scored(gt):
+            raise ReproError(f"the arguments look swapped: {gt_path} has scores and no head boxes, {pred_path} "
+                             f"has head boxes: the order is --score-mpii PRED GT")
+        raise ReproError(f"{gt_path} has no head boxes (x1 y1 x2 y2), which PCKh needs: not a ground-truth list")
+    present = np.concatenate([g.joints[..., 2] > 0 for g in pred] + [np.zeros((0, MPII_NUM_JOINTS), bool)])
+    xy = np.concatenate([g.joints[..., :2] for g in pred] + [np.zeros((0, MPII_NUM_JOINTS, 2), np.float32)])
+    bad_xy = int((present & ~np.isfinite(xy).all(-1)).sum())
+    bad_score = sum(int((g.joints[..., 2] > 0)[~np.isfinite(g.scores)].sum()) for g in pred if g.scores is not None)
+    if bad_xy or bad_score:
+        raise ReproError(f"{pred_path}: {bad_xy} of {int(present.sum())} predicted joints have NaN or infinite "
+                         f"coordinates and {bad_score} a NaN score: leave a joint out of annopoints.point instead")
+
+
 def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
     """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
     the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
-    result = evaluate_mpii(read_annolist(gt_path), read_annolist(pred_path))
+    gt, pred = read_annolist(gt_path), read_annolist(pred_path)
+    check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
+    result = evaluate_mpii(gt, pred)
     print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, {result['people']} people")
     print(format_mpii_table(result))
     print(f"mAP {result['mAP']:.1f}")
@@ -3324,6 +3352,10 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
         raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
     ckpt = load_checkpoint(cfg.ckpt)
     saved = ckpt.get("config", {})
+    if saved.get("skeleton", data.val.skeleton.name) != data.val.skeleton.name:
+        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {saved['skeleton']} skeleton but the val data is "
+                         f"{data.val.skeleton.name}: evaluate it on {saved['skeleton']} data (--skeleton "
+                         f"{saved['skeleton']})")
     arch = {k: saved[k] for k in ARCH_KEYS if k in saved}
     cfg = dataclasses.replace(cfg, **arch)
     model = build_model(cfg).to(device).to(memory_format=torch.channels_last)

@@ -1576,6 +1576,59 @@ def test_mpii_bad_input_is_one_line(tmp_path):
     one_line_error(R.load_release, mat, val_images=["c.jpg"], match="not MPII training images")
     one_line_error(R.evaluate_mpii, [R.empty_group()], [], match="pairs them by position")
 
+def _gt_annolist(path: Path) -> Path:
+    """One group of two people with head boxes, in the toolkit's ground-truth layout."""
+    people = [{j: (10.0 + 3 * j + 50 * k, 20.0 + 2 * j) for j in range(16)} for k in range(2)]
+    rects = [dict(x1=5.0 + 50 * k, y1=0.0, x2=25.0 + 50 * k, y2=20.0, scale=1.0, objpos=dict(x=20.0, y=30.0),
+                  annopoints=dict(point=_records([dict(x=x, y=y, id=float(j), is_visible=1.0)
+                                                  for j, (x, y) in person.items()])))
+             for k, person in enumerate(people)]
+    scipy.io.savemat(path, {"annolist": _records([dict(image=dict(name="a.jpg"), annorect=_records(rects))])},
+                     do_compression=True)
+    return path
+
+
+def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
+    gt_path = _gt_annolist(tmp_path / "gt.mat")
+    gt = R.read_annolist(gt_path)
+    pred = [R.Group(g.image, g.joints.copy(), np.full_like(g.head_boxes, np.nan), g.scales, g.objpos,
+                    np.ones(g.joints.shape[:2], np.float32), g.rects) for g in gt]
+    R.write_pred_json(tmp_path / "pred.json", pred)
+    assert R.main(["--score-mpii", str(tmp_path / "pred.json"), str(gt_path)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "mAP 100.0"
+    assert "look swapped" in run_main_error(capsys, ["--score-mpii", str(gt_path), str(tmp_path / "pred.json")])
+    nan_xy, nan_score = [R.copy.deepcopy(pred) for _ in range(2)]
+    nan_xy[0].joints[0, :5, 0] = np.nan
+    nan_score[0].scores[1, 2] = np.nan
+    for groups, words in ((nan_xy, "5 of 32 predicted joints have NaN or infinite coordinates and 0 a NaN score"),
+                          (nan_score, "0 of 32 predicted joints have NaN or infinite coordinates and 1 a NaN")):
+        R.write_pred_json(tmp_path / "nan.json", groups)
+        assert words in run_main_error(capsys, ["--score-mpii", str(tmp_path / "nan.json"), str(gt_path)])
+    # junk bytes inside a compressed variable: zlib's error, named like any other unreadable .mat
+    raw = bytearray(gt_path.read_bytes())
+    raw[200:204] = b"\xde\xad\xbe\xef"
+    (tmp_path / "junk.mat").write_bytes(bytes(raw))
+    line = run_main_error(capsys, ["--score-mpii", str(tmp_path / "pred.json"), str(tmp_path / "junk.mat")])
+    assert "is not a readable Matlab .mat file" in line
+
+
+def test_mpii_val_mat_and_checkpoints_of_the_other_skeleton_are_named(capsys, tmp_path, toy, mpii_toy):
+    gt_path = _gt_annolist(tmp_path / "val.mat")
+    argv = toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")
+    argv[argv.index("--val-json") + 1] = str(gt_path)
+    assert "is a Matlab .mat file, not COCO json: an MPII annotation list is read with --skeleton mpii" in \
+        run_main_error(capsys, argv)
+    assert R.main(toy_args(toy, tmp_path / "coco", "--mode", "real", "--steps", "1")) == 0
+    assert R.main(toy_args(mpii_toy, tmp_path / "mpii", "--mode", "real", "--skeleton", "mpii", "--steps", "1")) == 0
+    for data, ckpt, words in ((toy, "mpii", "predicts the mpii skeleton but the val data is coco"),
+                              (mpii_toy, "coco", "predicts the coco skeleton but the val data is mpii")):
+        extra = ["--skeleton", "mpii"] if data is mpii_toy else []
+        line = run_main_error(capsys, toy_args(data, tmp_path / "eval", "--mode", "eval", *extra,
+                                               "--ckpt", str(tmp_path / ckpt / "ckpt.pt")))
+        assert words in line, line
+    assert not (tmp_path / "eval").exists()
+
+
 # ---- MPII: the skeleton, the paper's benchmark on the same code path ----------------------------
 
 COCO_TO_MPII = {0: 16, 1: 14, 2: 12, 3: 11, 4: 13, 5: 15, 10: 10, 11: 8, 12: 6, 13: 5, 14: 7, 15: 9}
