@@ -483,22 +483,65 @@ class _ChumpyStub:
         self.__dict__.update(state if isinstance(state, dict) else {"x": state})
 
 
+def _model_pickle_classes() -> dict:
+    """(module, name) -> object: all that an official SMPL/SMPL-H/SMPL-X pickle may name (numpy arrays,
+    scipy's sparse J_regressor, chumpy's Ch, whose stand-in takes its place, and the set inside a Ch's
+    state), under every module path numpy and scipy have used. Loading a model file never runs code."""
+    import codecs
+
+    import scipy.sparse
+
+    from numpy._core import multiarray
+    allowed = {}
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed |= {(core, "_reconstruct"): multiarray._reconstruct, (core, "scalar"): multiarray.scalar}
+    allowed |= {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                ("__builtin__", "set"): set, ("builtins", "set"): set,
+                ("_codecs", "encode"): codecs.encode}  # how Python 3 writes bytes in a protocol-2 pickle
+    for kind in ("csc", "csr"):
+        cls = getattr(scipy.sparse, f"{kind}_matrix")
+        for module in ("scipy.sparse", f"scipy.sparse.{kind}", f"scipy.sparse._{kind}"):
+            allowed[(module, f"{kind}_matrix")] = cls
+    return allowed
+
+
+MODEL_PICKLED_KEYS = ("joint2num", "part2num")  # SMPL-X .npz: name tables as pickled dicts, unused here
+
+
 def load_model_arrays(path: Path) -> dict:
-    """SMPL-family .pkl (chumpy inside, no chumpy needed) or .npz -> dict of numpy arrays."""
+    """SMPL-family .pkl (chumpy inside, no chumpy needed) or .npz -> dict of numpy arrays. Only the
+    classes such a file needs are let through; anything else is refused in one line naming it."""
     import pickle
 
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=True) as z:
-            data = {k: z[k] for k in z.files}
+        data = {}
+        with np.load(path, allow_pickle=False) as z:
+            for k in z.files:
+                try:
+                    data[k] = z[k]
+                except ValueError:  # an object array: reading it would unpickle
+                    if k not in MODEL_PICKLED_KEYS:
+                        raise RenderError(f"refused {path}: its array {k!r} holds pickled Python objects, "
+                                          "which an official model file does not") from None
     else:
+        allowed = _model_pickle_classes()
+
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
                 if module.split(".")[0] == "chumpy":
                     return _ChumpyStub
-                return super().find_class(module, name)
+                if (module, name) not in allowed:
+                    raise RenderError(f"refused {path}: it names {module}.{name}, which an official SMPL "
+                                      "model file does not hold (loading it could run code)")
+                return allowed[(module, name)]
 
-        with open(path, "rb") as f:
-            data = Unpickler(f, encoding="latin1").load()
+        try:
+            with open(path, "rb") as f:
+                data = Unpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise RenderError(f"cannot read {path} ({type(e).__name__}): corrupt or not a SMPL model file") from None
+        if not isinstance(data, dict):
+            raise RenderError(f"{path} holds a {type(data).__name__}, not a SMPL model's dict of arrays")
     out = {}
     for k, v in data.items():
         if isinstance(v, _ChumpyStub):
@@ -1854,8 +1897,13 @@ def validate(cfg: RenderConfig):
     for name, allowed in (("kind", KINDS), ("style", STYLES), ("skeleton", tuple(SKELETONS))):
         if getattr(cfg, name) not in allowed:
             raise RenderError(f"{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
+    if not math.isfinite(cfg.mean_people):
+        raise RenderError(f"mean_people must be a finite number, not {cfg.mean_people}")
     if cfg.num_images < 1 or cfg.image_size < 32 or cfg.min_people < 1 or cfg.mean_people < 0:
         raise RenderError("need num_images >= 1, image_size >= 32, min_people >= 1, mean_people >= 0")
+    if cfg.min_people > MAX_PEOPLE or cfg.mean_people > MAX_PEOPLE:
+        raise RenderError(f"a scene holds at most {MAX_PEOPLE} people (instance ids live in one byte): "
+                          f"min_people {cfg.min_people} and mean_people {cfg.mean_people:g} must be at most that")
     if len(cfg.camera_distance) != 2 or cfg.camera_distance[0] <= 1 or cfg.camera_distance[1] < 0:
         raise RenderError("camera_distance must be (mean > 1 m, std >= 0)")
     if cfg.body_model not in BODY_MODELS:
@@ -1926,7 +1974,21 @@ def merge(out: Path, cfg: RenderConfig) -> Path | None:
             "categories": [_category(skeleton.names, skeleton.limbs)]}
     path = out / "annotations.json"
     atomic_write(path, json.dumps(coco).encode())
+    if cfg.kind == "scenes":
+        warn_crowding(images, anns, cfg)
     return path
+
+
+def warn_crowding(images: list, anns: list, cfg: RenderConfig) -> None:
+    """One line when scenes hold fewer people than min_people: the frame at this camera distance and
+    image size fits no more, and the count is never short without a word."""
+    index = {im["id"]: k for k, im in enumerate(images)}
+    counts = np.bincount([index[a["image_id"]] for a in anns], minlength=len(images)).astype(int)
+    short = counts < cfg.min_people
+    if short.any():
+        print(f"render_humans: {short.sum()} of {len(images)} scenes hold fewer than min_people {cfg.min_people} "
+              f"people (from {counts.min()} to {counts.max()} per scene): at image size {cfg.image_size} and "
+              f"camera distance {cfg.camera_distance[0]:g} m the frame fits no more", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -2178,6 +2240,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.bench:
             bench()
@@ -2190,8 +2256,21 @@ def main(argv=None):
             path = render_dataset(args.out_dir, workers=args.workers, num_shards=args.num_shards,
                                   shard=args.shard, progress=not args.no_progress, **settings)
             print(path if path.exists() else f"shard {args.shard} done; {path} appears when all shards are")
-    except (RenderError, OSError) as e:  # user input or environment: one line, no traceback
-        sys.exit(f"render_humans: error: {_one_line(e)}")
+    except (RenderError, OSError) as e:  # user input or environment: one line, no traceback, status 2
+        print(f"render_humans: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: finished chunks are kept, a rerun resumes
+        print("render_humans: interrupted; finished chunks are kept: rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the renderer is, so that it ends like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
 
 
 if __name__ == "__main__":

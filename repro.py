@@ -27,14 +27,18 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import fnmatch
 import functools
 import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -379,6 +383,9 @@ def load_keypoint_set(json_path: str | Path, images_dir: str | Path, sk: Skeleto
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(str(json_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if json_path.suffix.lower() == ".mat":
+            raise ReproError(f"{json_path} is a Matlab .mat file, not COCO json: an MPII annotation list is read "
+                             "with --skeleton mpii") from None
         raise ReproError(f"{json_path} is not valid json ({e}); re-download or re-render it") from None
     except (KeyError, TypeError, AssertionError) as e:
         raise ReproError(f"{json_path} is not a COCO-format annotation file (missing {e})") from None
@@ -1522,7 +1529,8 @@ def _loadmat(path: Path) -> dict:
         raise ReproError(f"MPII file not found: {path}")
     try:
         return scipy.io.loadmat(str(path), struct_as_record=False, squeeze_me=True)
-    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError) as e:  # junk bytes
+    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError,
+            zlib.error) as e:  # junk bytes (zlib: inside a compressed variable)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""  # v7.3 = HDF5
         raise ReproError(f"{path} is not a readable Matlab .mat file ({reason}){hint}") from None
@@ -1754,10 +1762,34 @@ def format_mpii_table(result: dict) -> str:
             + "".join(f"{result['table'][n]:>{width}.1f}" for n in names))
 
 
+def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_path: Path) -> None:
+    """What would score silently wrong: swapped files (ground truth has head boxes, predictions have
+    scores) and NaN in predicted joints (the toolkit would count them as false positives)."""
+    def boxed(groups):
+        return any(np.isfinite(g.head_boxes).all(1).any() for g in groups)
+
+    def scored(groups):
+        return any(g.scores is not None for g in groups)
+    if not boxed(gt) and any(len(g.joints) for g in gt):
+        if boxed(pred) or scored(gt):
+            raise ReproError(f"the arguments look swapped: {gt_path} has scores and no head boxes, {pred_path} "
+                             f"has head boxes: the order is --score-mpii PRED GT")
+        raise ReproError(f"{gt_path} has no head boxes (x1 y1 x2 y2), which PCKh needs: not a ground-truth list")
+    present = np.concatenate([g.joints[..., 2] > 0 for g in pred] + [np.zeros((0, MPII_NUM_JOINTS), bool)])
+    xy = np.concatenate([g.joints[..., :2] for g in pred] + [np.zeros((0, MPII_NUM_JOINTS, 2), np.float32)])
+    bad_xy = int((present & ~np.isfinite(xy).all(-1)).sum())
+    bad_score = sum(int((g.joints[..., 2] > 0)[~np.isfinite(g.scores)].sum()) for g in pred if g.scores is not None)
+    if bad_xy or bad_score:
+        raise ReproError(f"{pred_path}: {bad_xy} of {int(present.sum())} predicted joints have NaN or infinite "
+                         f"coordinates and {bad_score} a NaN score: leave a joint out of annopoints.point instead")
+
+
 def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
     """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
     the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
-    result = evaluate_mpii(read_annolist(gt_path), read_annolist(pred_path))
+    gt, pred = read_annolist(gt_path), read_annolist(pred_path)
+    check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
+    result = evaluate_mpii(gt, pred)
     print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, {result['people']} people")
     print(format_mpii_table(result))
     print(f"mAP {result['mAP']:.1f}")
@@ -2123,11 +2155,14 @@ class Teacher:
         return self.records[-1] if self.records else None
 
     # -- checkpoint ------------------------------------------------------------------------------
+    # numpy arrays travel as tensors (bit for bit, dtype kept): a checkpoint holds only what
+    # torch.load(weights_only=True) reads, so loading one never runs code
+    ARRAYS = ("probs", "hard_scores", "hard_images", "pick_images")
+
     def state(self) -> dict:
         return dict(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.rng.bit_generator.state,
-                    probs=self.probs, picked=self.picked, history=self.history, window=self.window,
-                    hard_scores=self.hard_scores, hard_images=self.hard_images, records=self.records,
-                    pick_images=self.pick_images, updates=self.updates)
+                    picked=self.picked, history=self.history, window=self.window, records=self.records,
+                    updates=self.updates, **{key: torch.from_numpy(getattr(self, key).copy()) for key in self.ARRAYS})
 
     def restore(self, state: dict) -> None:
         if "updates" not in state:
@@ -2136,9 +2171,10 @@ class Teacher:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
-        for key in ("probs", "picked", "history", "window", "hard_scores", "hard_images", "records", "pick_images",
-                    "updates"):
+        for key in ("picked", "history", "window", "records", "updates"):
             setattr(self, key, state[key])
+        for key in self.ARRAYS:
+            setattr(self, key, state[key].numpy())
 
 
 def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teacher:
@@ -2190,7 +2226,7 @@ def resolve_device(cfg: Config) -> torch.device:
 def atomic_path(path: Path):
     """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
     a killed run or a full disk never leaves half a file (the previous version stays)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # one per writer
     try:
         yield tmp
         os.replace(tmp, path)
@@ -2202,9 +2238,29 @@ def atomic_path(path: Path):
         raise
 
 
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) checkpoint: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+# how torch.save reports a full disk, besides ENOSPC: its zip writer's own messages
+DISK_FULL_WORDS = ("unexpected pos", "file write failed", "No space left")
+
+
 def save_atomic(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except (OSError, RuntimeError) as e:
+            if getattr(e, "errno", None) != errno.ENOSPC and not any(w in str(e) for w in DISK_FULL_WORDS):
+                raise
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on the device: {tensor_bytes(obj) / 1e6:.1f} MB needed, "
+                          f"{free / 1e6:.1f} MB free") from None
 
 
 def write_json(obj, path: Path) -> None:
@@ -2214,7 +2270,7 @@ def write_json(obj, path: Path) -> None:
 
 ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
 # The demo's initial student: the claims protocol's full-regime real-only student in half precision,
-# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt` (README).
+# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out results/student-demo.pt`.
 SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
 FINETUNE_LR = 3e-4  # [ours] the demo's fine-tuning learning rate (the protocol's)
 
@@ -2239,23 +2295,48 @@ def resolve_init(cfg: Config, lr_given: bool) -> Config:
     return dataclasses.replace(cfg, init=init, lr=lr)
 
 
-def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT) -> None:
-    """A training checkpoint -> the shipped student: weights in float16, config and step, nothing else."""
+def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = False) -> None:
+    """A training checkpoint -> a student: weights in float16, config and step, nothing else. An
+    existing `out` is replaced only when asked to (the protocol does; the command line's --out)."""
     ckpt = load_checkpoint(ckpt_path)
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ReproError(f"{ckpt_path} holds no network weights ('model': a dict of tensors): not a repro.py "
+                         "training checkpoint")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("step"), int):
+        raise ReproError(f"{ckpt_path} has no 'config' and 'step' of a repro.py training checkpoint")
+    out = Path(out)
+    if out.exists() and not replace:
+        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
+                         "or --out PATH for a new file")
+    if out.is_dir():
+        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. {out / 'student.pt'}")
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
     save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
     print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict, read with torch's safe loader: tensors and plain values only, so a
+    crafted file cannot run code. Checkpoints of repro.py before weights_only (numpy arrays in a
+    teacher's state) are refused with what to do."""
     path = Path(path)
     if not path.is_file():
         raise ReproError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "objects beyond tensors and plain values"
+        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
+                         "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
+                         "checkpoints: such a run must be trained again with this version") from None
     except Exception as e:
         raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
                          "checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict with 'model')")
+    return ckpt
 
 
 def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
@@ -2709,6 +2790,40 @@ def summary_path(run: ProtocolRun) -> Path:
     return PROTOCOL_RESULTS / (run.name.replace("/", "-") + ".json")
 
 
+SUMMARY_FIELDS = dict(name=str, condition=str, regime=str, seed=int, steps=int, minutes=(int, float),
+                      ap=(int, float), ap50=(int, float), ap75=(int, float))
+
+
+def read_summary(path: Path) -> dict:
+    """A run summary of results/protocol, or a ReproError naming the file: a truncated or hand-edited
+    summary never enters a verdict, and its run counts as unfinished."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ReproError(f"{path} is not a readable run summary ({type(e).__name__}); --reproduce redoes "
+                         "its run") from None
+    wrong = [k for k, kind in SUMMARY_FIELDS.items() if not isinstance(summary, dict) or
+             not isinstance(summary.get(k), kind) or isinstance(summary.get(k), bool)]
+    if not wrong and summary["name"].replace("/", "-") + ".json" != path.name:
+        wrong = ["name"]
+    if wrong:
+        raise ReproError(f"{path} is not a run summary (bad or missing {', '.join(wrong)}); --reproduce "
+                         "redoes its run")
+    return summary
+
+
+def summary_done(run: ProtocolRun) -> bool:
+    """Whether a run has a valid summary; a corrupt one is named in one line and its run is redone."""
+    if not summary_path(run).is_file():
+        return False
+    try:
+        read_summary(summary_path(run))
+    except ReproError as e:
+        print(f"protocol: {e}", flush=True)
+        return False
+    return True
+
+
 def teacher_records(folder: Path) -> list[dict]:
     """Every teacher update of a finished run, from its final checkpoint; without one, the metric lines,
     which carry only the latest update at each line."""
@@ -2768,7 +2883,7 @@ def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, .
     starting checkpoint from its seed. `only`: globs over run names (the probe is "probe");
     `jobs` runs that many fine-tunes at once (one GPU with spare CPU cores)."""
     runs = {r.name: r for r in protocol_runs()}
-    todo = [r for r in runs.values() if matches(r.name, only) and not summary_path(r).is_file()]
+    todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
     for run in [r for r in todo if r.condition == "student"]:
         train_protocol_run(run, python)
     if matches("probe", only):
@@ -2794,8 +2909,13 @@ def run_probe_once(student: ProtocolRun, python: str) -> None:
     argv = ["--probe", "--init", str(student_export(student.regime)), "--seed", "0",
             "--train-subset", "0"] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
     print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
-    if subprocess.run([python, __file__, *argv]).returncode != 0:
-        raise ReproError("the probe failed; rerun --reproduce")
+    process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
+                               process_group=0)
+    try:
+        if process.wait() != 0:
+            raise ReproError("the probe failed; rerun --reproduce")
+    finally:
+        end_protocol_run(process)
 
 
 def protocol_argv(run: ProtocolRun) -> list[str]:
@@ -2820,7 +2940,14 @@ def check_protocol_flags(reproduce: bool, jobs: int, only: tuple[str, ...]) -> N
 
 
 def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
+    """Starts a run in a process group of its own (it and its loader workers), which end_protocol_run
+    signals; the child also watches this runner and ends when it is gone. A folder a live process holds
+    is never deleted nor started again."""
     folder = PROTOCOL_RUNS / run.name
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise ReproError(f"protocol run {run.name} is still running (pid {holder} holds {folder / LOCK_NAME}): "
+                         "wait for it to finish, or end it, and rerun; nothing was deleted")
     resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
@@ -2828,8 +2955,26 @@ def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tup
     command = "python repro.py " + " ".join(argv)
     print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
     process = subprocess.Popen([python, __file__, *argv] + (["--resume"] if resume else []),
-                               stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+                               stdout=log, stderr=subprocess.STDOUT if log else None,
+                               env=(env or os.environ) | {PARENT_ENV: str(os.getpid())}, process_group=0)
     return process, command
+
+
+PROTOCOL_STOP_SECONDS = 30  # [ours] how long a run may take to checkpoint and end after SIGTERM
+
+
+def end_protocol_run(process: subprocess.Popen) -> None:
+    """SIGTERM to a run's process group (it checkpoints and ends, as on Ctrl-C), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(PROTOCOL_STOP_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: str) -> None:
@@ -2837,13 +2982,17 @@ def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: st
         raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
     folder = PROTOCOL_RUNS / run.name
     if run.condition == "student":
-        export_student(str(folder / "ckpt.pt"), student_export(run.regime))
+        export_student(str(folder / "ckpt.pt"), student_export(run.regime), replace=True)
     PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(run_summary(run, folder, command), summary_path(run))
 
 
 def train_protocol_run(run: ProtocolRun, python: str) -> None:
-    finish_protocol_run(run, *start_protocol_run(run, python))
+    process, command = start_protocol_run(run, python)
+    try:
+        finish_protocol_run(run, process, command)
+    finally:  # the runner interrupted or failed: its run ends with it
+        end_protocol_run(process)
 
 
 def train_in_parallel(runs: list[ProtocolRun], python: str, jobs: int) -> None:
@@ -2851,23 +3000,32 @@ def train_in_parallel(runs: list[ProtocolRun], python: str, jobs: int) -> None:
     cores evenly; a failed run is reported after the others finish."""
     env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     pending, active, failed = list(runs), [], []
-    while pending or active:
-        while pending and len(active) < jobs:
-            run = pending.pop(0)
-            log_path = PROTOCOL_RUNS / f"{run.name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = log_path.open("a")
-            active.append((run, log, *start_protocol_run(run, python, log, env)))
-        time.sleep(0.2)
-        for job in [j for j in active if j[2].poll() is not None]:
-            active.remove(job)
-            run, log, process, command = job
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                log_path = PROTOCOL_RUNS / f"{run.name}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = log_path.open("a")
+                try:
+                    active.append((run, log, *start_protocol_run(run, python, log, env)))
+                except ReproError as e:  # held by a live run: the others go on
+                    log.close()
+                    failed.append(str(e))
+            time.sleep(0.2)
+            for job in [j for j in active if j[2].poll() is not None]:
+                active.remove(job)
+                run, log, process, command = job
+                log.close()
+                try:
+                    finish_protocol_run(run, process, command)
+                    print(f"protocol: finished {run.name}", flush=True)
+                except ReproError as e:
+                    failed.append(f"{e} (log: {PROTOCOL_RUNS / run.name}.log)")
+    finally:  # the runner interrupted: every run it started ends with it
+        for _, log, process, _ in active:
+            end_protocol_run(process)
             log.close()
-            try:
-                finish_protocol_run(run, process, command)
-                print(f"protocol: finished {run.name}", flush=True)
-            except ReproError as e:
-                failed.append(f"{e} (log: {PROTOCOL_RUNS / run.name}.log)")
     if failed:
         raise ReproError("; ".join(failed))
 
@@ -3125,12 +3283,18 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     results/protocol alone (no training)."""
     results = results or PROTOCOL_RESULTS.parent
     current = {r.name: r for r in protocol_runs()}
-    runs = [json.loads(p.read_text()) for p in sorted((results / "protocol").glob("*.json"))]
+    runs = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
     for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
         if r["name"] in current:
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
     probe_path = results / "probe.json"
-    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    try:
+        probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ReproError(f"{probe_path} is not readable json ({type(e).__name__}); delete it and rerun "
+                         "--reproduce to redo the probe") from None
+    if probe is not None and not isinstance(probe, dict):
+        raise ReproError(f"{probe_path} is not the probe's result; delete it and rerun --reproduce to redo the probe")
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
     round2 = set(current) - {r.name for r in round1_runs()}
     progress = dict(finished=sum(r["name"] in current and r["name"] not in round2 for r in runs),
@@ -3145,10 +3309,15 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     table = claims_table(claims)
     with atomic_path(results / "claims.md") as tmp:
         tmp.write_text(table)
+    # the figures agree with claims.md: without runs (or a probe) an older figure is removed
     if runs:
         save_claims_figure(runs, results / "claims.png")
+    else:
+        (results / "claims.png").unlink(missing_ok=True)
     if probe:
         save_probe_figure(probe, results / "probe.png")
+    else:
+        (results / "probe.png").unlink(missing_ok=True)
     if readme.is_file() and all(m in readme.read_text() for m in README_MARKERS):
         text = readme.read_text()
         head, rest = text.split(README_MARKERS[0], 1)
@@ -3363,7 +3532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="plot val metrics of these run folders against minutes into --out (png + md table)")
     p.add_argument("--export-student", metavar="CKPT",
-                   help="write CKPT's weights in half precision to results/student-demo.pt (the shipped student)")
+                   help="write CKPT's weights in half precision to --out (default results/student-demo.pt, "
+                        "the shipped student, which is replaced only when --out names it)")
     p.add_argument("--reproduce", action="store_true",
                    help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -3432,6 +3602,10 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
         raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
     ckpt = load_checkpoint(cfg.ckpt)
     saved = ckpt.get("config", {})
+    if saved.get("skeleton", data.val.skeleton.name) != data.val.skeleton.name:
+        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {saved['skeleton']} skeleton but the val data is "
+                         f"{data.val.skeleton.name}: evaluate it on {saved['skeleton']} data (--skeleton "
+                         f"{saved['skeleton']})")
     arch = {k: saved[k] for k in ARCH_KEYS if k in saved}
     cfg = dataclasses.replace(cfg, **arch)
     model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
@@ -3458,9 +3632,46 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
+    one process, so a lock whose pid was reused by another program is told from a live one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def lock_text() -> str:
+    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()), host=os.uname().nodename))
+
+
+def lock_holder(out: Path) -> int | None:
+    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its process
+    is gone, or its pid now names another process). A lock of another host counts as held. Older
+    locks hold the pid alone."""
+    try:
+        text = (out / LOCK_NAME).read_text().strip()
+    except OSError:
+        return None
+    try:
+        lock = json.loads(text)
+        lock = lock if isinstance(lock, dict) else dict(pid=lock)
+    except ValueError:
+        return None
+    pid = lock.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    if lock.get("host", os.uname().nodename) != os.uname().nodename:
+        return pid
+    started = lock.get("started")
+    if not process_alive(pid) or (started is not None and process_started(pid) not in (started, None)):
+        return None
+    return pid
+
+
 def hold_run_dir(out: Path) -> Path:
-    """Creates the run folder and holds it with a lock file naming this process. A folder held by a
-    live process is refused; a lock left by a dead one is stale and taken over."""
+    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
+    host). A folder held by a live process is refused; a lock left by a dead one is stale and taken over."""
     lock = out / LOCK_NAME
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -3468,17 +3679,45 @@ def hold_run_dir(out: Path) -> Path:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                text = lock.read_text().strip()
-                if text.isdigit() and process_alive(int(text)):
-                    raise ReproError(f"{out} is in use by another run (pid {text}); wait for it to finish, "
+                holder = lock_holder(out)
+                if holder is not None:
+                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it to finish, "
                                      "or use another --out") from None
                 lock.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(lock_text())
             return lock
     except OSError as e:
         raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
+    released, loader workers and protocol runs ended."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
+PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
+
+
+def watch_parent(every: float = 1.0) -> None:
+    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent is
+    gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
+    import threading
+
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int, world: int) -> Trainer:
@@ -3491,6 +3730,9 @@ def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: in
     trainer = Trainer(cfg, data, device, out, rank, world)
     if cfg.resume:
         trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
+            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
+                             f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")
     if cfg.steps == 0:
         print("--steps 0: no training; the starting weights are evaluated (untrained unless --init)")
     return trainer
@@ -3502,8 +3744,9 @@ def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    if cfg.resume:
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if (r := json.loads(line))["step"] <= step and not r.get("final")]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -3512,7 +3755,8 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     """Final evaluation, metrics, predictions and figures of a finished run."""
     cfg, device = trainer.cfg, trainer.device
     stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
-    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats))
+    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats,
+                                             final=True))
     write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
                     train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
     if data.val.skeleton is MPII:  # the toolkit's pred struct, so that its Matlab code can score them too
@@ -3556,6 +3800,21 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM ends it as Ctrl-C does (the handler is put back after, for callers)."""
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    watch_parent()
+    try:
+        return run_main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     try:
         check_config(cfg)
@@ -3565,8 +3824,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.score_mpii:
             score_mpii_files(*args.score_mpii)
             return 0
-        if args.export_student:
-            export_student(args.export_student)
+        if args.export_student:  # an --out the user names is theirs to replace; the default never is
+            export_student(args.export_student, Path(cfg.out or SHIPPED_STUDENT), replace=bool(cfg.out))
             return 0
         if args.reproduce or args.jobs != 1 or args.only != ["*"]:
             check_protocol_flags(args.reproduce, args.jobs, tuple(args.only))
@@ -3596,9 +3855,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only folder: one line, and atomic writes left no half-files
         print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("repro.py: interrupted; the last checkpoint is kept: rerun with --resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

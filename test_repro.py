@@ -190,10 +190,13 @@ def test_every_bvh_file_loads_and_retargets(gl):
 
 
 def _main_error(argv, capsys) -> str:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         rh.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("render_humans: error: ") and "\n" not in msg
+    lines = capsys.readouterr().err.strip().splitlines()  # progress lines may come before it
+    msg = lines[-1] if lines else ""
+    assert e.value.code == 2 and msg.startswith("render_humans: error: "), (e.value.code, lines)
+    assert sum("error" in line for line in lines) == 1, lines
     return msg
 
 
@@ -248,6 +251,39 @@ def test_smpl_pickles_load_without_chumpy(tmp_path):
     assert np.array_equal(arrays["shapedirs"], np.arange(12.0).reshape(2, 3, 2))
     assert np.array_equal(arrays["J_regressor"], np.eye(3)) and arrays["f"].shape == (1, 3)
     assert rh.find_model_files("smpl", str(tmp_path)) == {"neutral": tmp_path / "SMPL_NEUTRAL.pkl"}
+
+
+class _Touch:
+    """Unpickles by creating a file: what a crafted data file could do in place of any command."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_crafted_smpl_files_are_refused_before_any_code_runs(tmp_path, capsys):
+    hit = tmp_path / "pwned"
+    evil = {"f": np.array([[0, 1, 2]]), "v_template": _Touch(hit)}
+    (tmp_path / "smpl").mkdir()
+    argv = [str(tmp_path / "out"), "--body-model", "smpl", "--model-path", str(tmp_path), "--num-images", "1"]
+    for protocol, named in ((2, "__builtin__.getattr"), (4, "pathlib.Path.touch")):
+        (tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").write_bytes(pickle.dumps(evil, protocol=protocol))
+        assert f"refused {tmp_path / 'smpl' / 'SMPL_NEUTRAL.pkl'}: it names {named}," in _main_error(argv, capsys)
+        assert not hit.exists() and not (tmp_path / "out").exists()
+    # the same file through a plain unpickler does create it: the test would see code running
+    pickle.loads((tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").read_bytes())
+    assert hit.exists()
+    hit.unlink()
+    # an .npz is read without pickles: an object array is refused, not unpickled
+    np.savez(tmp_path / "model.npz", f=np.array([[0, 1, 2]]), v_template=np.array([_Touch(hit)], dtype=object))
+    with pytest.raises(rh.RenderError, match="refused .*'v_template' holds pickled"):
+        rh.load_model_arrays(tmp_path / "model.npz")
+    assert not hit.exists()
+    # SMPL-X's unused name tables are skipped, the arrays kept
+    np.savez(tmp_path / "x.npz", f=np.array([[0, 1, 2]]), joint2num=np.array([{"pelvis": 0}], dtype=object))
+    assert set(rh.load_model_arrays(tmp_path / "x.npz")) == {"f"}
 
 
 def _fake_smpl(root: Path):
@@ -404,7 +440,7 @@ def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypat
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "render_humans.py"), str(out), "--num-images", "1"],
                        capture_output=True, text=True, env={**os.environ, "PYOPENGL_PLATFORM": "bogus"})
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "PYOPENGL_PLATFORM=bogus" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "PYOPENGL_PLATFORM=bogus" in r.stderr
     assert not out.exists()
     # osmesa asked for where libOSMesa is missing (simulated: the library lookup finds nothing)
     real_find = rh.ctypes.util.find_library
@@ -420,6 +456,30 @@ def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(rh, "get_renderer", no_context)
     assert "simulated" in _main_error([str(out), "--num-images", "1"], capsys) and not out.exists()
+
+
+def test_people_counts_the_scene_cannot_hold_are_refused_or_named(gl, tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, words in ((["--mean-people", "inf"], "finite"), (["--mean-people", "nan"], "finite"),
+                        (["--mean-people", "1e9"], "at most 60 people"), (["--min-people", "1000"], "at most 60")):
+        assert words in _main_error([str(out), "--num-images", "1", *argv], capsys)
+        assert not out.exists()  # validated before parts/config.json: the next run into it is not refused
+    capsys.readouterr()
+    rh.render_dataset(out, num_images=2, **{**TINY, "image_size": 64, "min_people": 40, "mean_people": 1.0})
+    err = capsys.readouterr().err
+    assert "scenes hold fewer than min_people 40 people" in err and err.count("render_humans:") == 1, err
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_renderer_interrupted_is_one_line(tmp_path, sig, status):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "render_humans.py"), str(tmp_path / "out"), "--num-images",
+                             "400", "--image-size", "64", "--no-progress"], stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "out").exists() or proc.poll() is not None)
+    R.time.sleep(1.0)
+    proc.send_signal(getattr(R.signal, sig))
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == status and err == ["render_humans: interrupted; finished chunks are kept: rerun the "
+                                                 "same command to resume"], err
 
 
 def test_read_only_out_dir_is_one_line(gl, tmp_path, monkeypatch, capsys):
@@ -917,10 +977,10 @@ def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         interrupt_at_step(m, 5)  # step 4 is logged after the step-3 checkpoint, then the run dies
         assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
-    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)["step"] == 3
     assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
-    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     def logged(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -937,7 +997,7 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert R.main(toy_args(toy, tmp_path / "eval", "--mode", "eval", "--ckpt", str(ckpt))) == 0
     assert "AP" in json.loads((tmp_path / "eval" / "eval-annotations.json").read_text())
     cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "augmented", "--init", str(ckpt)))
-    saved = torch.load(ckpt, weights_only=False)["model"]
+    saved = torch.load(ckpt, weights_only=True)["model"]
     started = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "x").model.state_dict()
     assert all(torch.equal(started[k], saved[k]) for k in saved)  # --init weights, not a fresh net
     assert R.main(toy_args(toy, tmp_path / "ft", "--mode", "augmented", "--steps", "1", "--init", str(ckpt))) == 0
@@ -1041,9 +1101,69 @@ def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
     assert "another architecture" in run_main_error(capsys, argv)
 
 
+def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, toy):
+    hit = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save(dict(model={}, config={}, step=1, payload=_Touch(hit)), evil)
+    run = tmp_path / "run"
+    eval_argv = toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(evil)]
+    for argv in (eval_argv, toy_args(toy, run, "--mode", "real", "--init", str(evil)),
+                 toy_args(toy, run, "--mode", "real", "--resume"), ["--export-student", str(evil), "--out", str(run)]):
+        if "--resume" in argv:
+            run.mkdir()
+            (run / "ckpt.pt").write_bytes(evil.read_bytes())
+        line = run_main_error(capsys, argv)
+        assert "refused checkpoint" in line and "it holds getattr" in line, line
+        assert not hit.exists() and (not run.exists() or sorted(p.name for p in run.iterdir()) == ["ckpt.pt"])
+    r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *eval_argv], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refused checkpoint" in r.stderr
+    assert not hit.exists()
+    torch.load(evil, weights_only=False)  # the unsafe loader runs it: the test would see it
+    assert hit.exists()
+    # a student-teacher checkpoint of an older version (numpy arrays in it): refused, saying what to do
+    torch.save(dict(model={}, teacher=dict(probs=np.full(3, 1 / 3))), tmp_path / "old.pt")
+    line = run_main_error(capsys, toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(tmp_path / "old.pt")])
+    assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
+
+
 def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
     assert "--resume" in run_main_error(capsys, toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1"))
+
+
+def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    argv = toy_args(toy, out, "--mode", "real", "--steps", "2")
+    assert R.main(argv) == 0
+    logged = (out / "metrics.jsonl").read_text()
+    assert "is finished (step 2 of --steps 2" in run_main_error(capsys, argv + ["--resume"])
+    assert (out / "metrics.jsonl").read_text() == logged
+    (out / "metrics.json").unlink()  # cut off after the final evaluation's line, before metrics.json
+    assert R.main(argv + ["--resume"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 2] and [bool(r.get("final")) for r in lines] == [False, False, True]
+
+
+def test_export_student_writes_out_and_never_replaces_a_file_unasked(capsys, tmp_path, toy, monkeypatch):
+    shipped = tmp_path / "results" / "student-demo.pt"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"the committed student")
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", shipped)
+    assert R.main(toy_args(toy, tmp_path / "tiny", "--mode", "real", "--steps", "1")) == 0
+    ckpt = str(tmp_path / "tiny" / "ckpt.pt")
+    assert R.main(["--export-student", ckpt, "--out", str(tmp_path / "exported.pt")]) == 0
+    assert R.load_checkpoint(tmp_path / "exported.pt")["step"] == 1 and shipped.read_bytes() == b"the committed student"
+    assert "is not replaced unless named" in run_main_error(capsys, ["--export-student", ckpt])
+    assert shipped.read_bytes() == b"the committed student"
+    assert R.main(["--export-student", ckpt, "--out", str(shipped)]) == 0  # named: replaced
+    assert R.load_checkpoint(shipped)["step"] == 1
+    torch.save(dict(config={}, step=3), tmp_path / "nomodel.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for bad, words in (("nomodel.pt", "holds no network weights"), ("tensor.pt", "holds a Tensor, not a repro.py")):
+        line = run_main_error(capsys, ["--export-student", str(tmp_path / bad), "--out", str(tmp_path / "e2.pt")])
+        assert words in line, line
+    assert not (tmp_path / "e2.pt").exists()
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -1083,13 +1203,17 @@ def test_read_only_run_folder_gives_one_line(capsys, tmp_path, toy, monkeypatch)
     assert not out.exists()
 
 
-def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch, error):
     def full_disk(obj, path, *args, **kwargs):
         Path(path).write_bytes(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
     monkeypatch.setattr(R.torch, "save", full_disk)
     out = tmp_path / "run"
-    assert "No space left" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
+    line = run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
+    assert "no space left on the device" in line and " MB needed, " in line and "MB free" in line, line
+    assert "enforce fail" not in line
     assert not list(out.glob("*.tmp")) and not (out / "ckpt.pt").exists()
     assert not (out / R.LOCK_NAME).exists()  # the folder is released
 
@@ -1105,6 +1229,44 @@ def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
     # its process is gone: the lock is stale, the next run takes the folder over and releases it
     assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
     assert not (out / R.LOCK_NAME).exists()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+            if p.read_text().rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
+    out = tmp_path / "run"
+    argv = toy_args(toy, out, "--mode", "real", "--steps", "100000", "--ckpt-every", "2", "--workers", "1",
+                    "--minutes", "0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "repro.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for(lambda: (out / "ckpt.pt").is_file() or proc.poll() is not None)
+    workers = _children(proc.pid)
+    assert workers  # the loader's worker
+    proc.send_signal(R.signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == 143 and err[-1:] == ["repro.py: interrupted; the last checkpoint is kept: rerun with "
+                                                   "--resume"], err
+    assert not (out / R.LOCK_NAME).exists() and R.load_checkpoint(out / "ckpt.pt")["step"] >= 2
+    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10)  # no worker outlives it
+
+
+def test_a_lock_whose_pid_now_names_another_program_is_stale(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    out.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as other:  # the lock's pid, reused by a program started later
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started="1", host=os.uname().nodename)))
+        assert R.lock_holder(out) is None
+        assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
+                                                       host=os.uname().nodename)))
+        assert R.lock_holder(out) == other.pid  # the same process: held
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=1, host="another-host")))
+        assert R.lock_holder(out) == 1  # another machine's run cannot be checked: held
+        other.kill()
 
 
 # ---- the teacher ------------------------------------------------------------------------------
@@ -1291,8 +1453,8 @@ def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, de
         interrupt_at_step(m, 5)
         assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
     assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
-    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["teacher"]["net"]:
@@ -1518,6 +1680,59 @@ def test_mpii_bad_input_is_one_line(tmp_path):
     one_line_error(R.load_release, mat, images, val_images=[], match="image not found: .*e.jpg")
     one_line_error(R.load_release, mat, val_images=["c.jpg"], match="not MPII training images")
     one_line_error(R.evaluate_mpii, [R.empty_group()], [], match="pairs them by position")
+
+def _gt_annolist(path: Path) -> Path:
+    """One group of two people with head boxes, in the toolkit's ground-truth layout."""
+    people = [{j: (10.0 + 3 * j + 50 * k, 20.0 + 2 * j) for j in range(16)} for k in range(2)]
+    rects = [dict(x1=5.0 + 50 * k, y1=0.0, x2=25.0 + 50 * k, y2=20.0, scale=1.0, objpos=dict(x=20.0, y=30.0),
+                  annopoints=dict(point=_records([dict(x=x, y=y, id=float(j), is_visible=1.0)
+                                                  for j, (x, y) in person.items()])))
+             for k, person in enumerate(people)]
+    scipy.io.savemat(path, {"annolist": _records([dict(image=dict(name="a.jpg"), annorect=_records(rects))])},
+                     do_compression=True)
+    return path
+
+
+def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
+    gt_path = _gt_annolist(tmp_path / "gt.mat")
+    gt = R.read_annolist(gt_path)
+    pred = [R.Group(g.image, g.joints.copy(), np.full_like(g.head_boxes, np.nan), g.scales, g.objpos,
+                    np.ones(g.joints.shape[:2], np.float32), g.rects) for g in gt]
+    R.write_pred_json(tmp_path / "pred.json", pred)
+    assert R.main(["--score-mpii", str(tmp_path / "pred.json"), str(gt_path)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "mAP 100.0"
+    assert "look swapped" in run_main_error(capsys, ["--score-mpii", str(gt_path), str(tmp_path / "pred.json")])
+    nan_xy, nan_score = [R.copy.deepcopy(pred) for _ in range(2)]
+    nan_xy[0].joints[0, :5, 0] = np.nan
+    nan_score[0].scores[1, 2] = np.nan
+    for groups, words in ((nan_xy, "5 of 32 predicted joints have NaN or infinite coordinates and 0 a NaN score"),
+                          (nan_score, "0 of 32 predicted joints have NaN or infinite coordinates and 1 a NaN")):
+        R.write_pred_json(tmp_path / "nan.json", groups)
+        assert words in run_main_error(capsys, ["--score-mpii", str(tmp_path / "nan.json"), str(gt_path)])
+    # junk bytes inside a compressed variable: zlib's error, named like any other unreadable .mat
+    raw = bytearray(gt_path.read_bytes())
+    raw[200:204] = b"\xde\xad\xbe\xef"
+    (tmp_path / "junk.mat").write_bytes(bytes(raw))
+    line = run_main_error(capsys, ["--score-mpii", str(tmp_path / "pred.json"), str(tmp_path / "junk.mat")])
+    assert "is not a readable Matlab .mat file" in line
+
+
+def test_mpii_val_mat_and_checkpoints_of_the_other_skeleton_are_named(capsys, tmp_path, toy, mpii_toy):
+    gt_path = _gt_annolist(tmp_path / "val.mat")
+    argv = toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")
+    argv[argv.index("--val-json") + 1] = str(gt_path)
+    assert "is a Matlab .mat file, not COCO json: an MPII annotation list is read with --skeleton mpii" in \
+        run_main_error(capsys, argv)
+    assert R.main(toy_args(toy, tmp_path / "coco", "--mode", "real", "--steps", "1")) == 0
+    assert R.main(toy_args(mpii_toy, tmp_path / "mpii", "--mode", "real", "--skeleton", "mpii", "--steps", "1")) == 0
+    for data, ckpt, words in ((toy, "mpii", "predicts the mpii skeleton but the val data is coco"),
+                              (mpii_toy, "coco", "predicts the coco skeleton but the val data is mpii")):
+        extra = ["--skeleton", "mpii"] if data is mpii_toy else []
+        line = run_main_error(capsys, toy_args(data, tmp_path / "eval", "--mode", "eval", *extra,
+                                               "--ckpt", str(tmp_path / ckpt / "ckpt.pt")))
+        assert words in line, line
+    assert not (tmp_path / "eval").exists()
+
 
 # ---- MPII: the skeleton, the paper's benchmark on the same code path ----------------------------
 
@@ -1766,6 +1981,119 @@ def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_pa
     assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
 
 
+LIVE_RUN = """#!{python}
+import os, pathlib, signal, sys, time
+sys.path.insert(0, {root!r})
+import repro
+signal.signal(signal.SIGTERM, repro.on_sigterm)  # as repro.py's main does
+repro.watch_parent(0.1)
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "pid").write_text(str(os.getpid()))
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    (out / "ended").write_text("checkpoint kept")
+    sys.exit(143)
+"""
+
+
+def _protocol_sandbox(tmp_path, monkeypatch, script):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
+    for regime in R.PROTOCOL_REGIMES:
+        R.student_export(regime).parent.mkdir(parents=True, exist_ok=True)
+        R.student_export(regime).write_bytes(b"")
+    fake = tmp_path / "fake-python"
+    fake.write_text(script.format(python=sys.executable, root=str(ROOT)))
+    fake.chmod(0o755)
+    return fake
+
+
+def _wait_for(condition, seconds=60.0):
+    deadline = R.time.time() + seconds
+    while not condition():
+        assert R.time.time() < deadline, "timed out"
+        R.time.sleep(0.1)
+
+
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
+def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, monkeypatch, kill):
+    fake = _protocol_sandbox(tmp_path, monkeypatch, LIVE_RUN)
+    runner = (f"import functools, sys; sys.path.insert(0, {str(ROOT)!r}); import repro as R; "
+              f"R.SHIPPED_STUDENT = R.Path({str(R.SHIPPED_STUDENT)!r}); "
+              f"R.run_protocol = functools.partial(R.run_protocol, {str(fake)!r}); "
+              "sys.exit(R.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
+    folders = [R.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: all((f / "pid").is_file() for f in folders))
+    children = [int((f / "pid").read_text()) for f in folders]
+    os.kill(proc.pid, getattr(R.signal, kill))
+    proc.wait(60)
+    if kill == "SIGTERM":  # one line, and its runs were told to checkpoint and end
+        assert proc.returncode == 143 and proc.stderr.read().strip().count("\n") == 0
+    _wait_for(lambda: not any(R.process_alive(pid) and R.process_started(pid) for pid in children), 30)
+    assert all((f / "ended").is_file() for f in folders)  # ended through SIGTERM: the checkpoint kept
+    # a rerun while a live process holds a folder neither deletes it nor starts a second writer there
+    folder = folders[0]
+    with subprocess.Popen(["sleep", "60"]) as other:
+        (folder / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
+                                                          host=os.uname().nodename)))
+        for jobs in (1, 2):
+            with pytest.raises(R.ReproError, match=f"real-s0 is still running .pid {other.pid} holds"):
+                R.run_protocol(str(fake), jobs=jobs, only=("scarce/real-s0",))
+            assert (folder / "ended").is_file() and (folder / "pid").read_text() == str(children[0])
+        other.kill()
+
+
+def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = {r.name: r for r in R.protocol_runs()}
+    R.PROTOCOL_RESULTS.mkdir(parents=True)
+    good = dict(name="full/real-s0", condition="real", regime="full", seed=0, steps=800, minutes=1.0, ap=0.3,
+                ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init="full/student", command="x", teacher=None)
+    R.write_json(good, R.summary_path(runs["full/real-s0"]))
+    bad = R.summary_path(runs["scarce/real-s0"])
+    for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
+                        ("[1, 2]", "bad or missing name"),
+                        (json.dumps(good | dict(name="scarce/real-s0", ap="high")), "bad or missing ap"),
+                        (json.dumps(good), "bad or missing name"),  # another run's summary under this name
+                        (json.dumps({k: v for k, v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
+                         "bad or missing condition")):
+        bad.write_text(text)
+        line = run_main_error(capsys, ["--report"])
+        assert str(bad) in line and words in line, line
+        assert not (tmp_path / "results" / "claims.json").exists()  # nothing written from a partial set
+        trained = []
+        monkeypatch.setattr(R, "train_protocol_run", lambda run, python: trained.append(run.name))
+        monkeypatch.setattr(R, "report_protocol", lambda: None)
+        capsys.readouterr()
+        R.run_protocol(only=("*/real-s0",))
+        assert trained == ["scarce/real-s0"] and f"protocol: {bad} is not" in capsys.readouterr().out
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "probe.json").write_text("{")
+    bad.unlink()
+    assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
+
+
+def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    for stale in ("claims.png", "probe.png"):
+        (tmp_path / "results" / stale).write_bytes(b"an older report's figure")
+    claims = R.report_protocol()
+    assert claims["progress"]["finished"] == 0 and "0 of" in (tmp_path / "results" / "claims.md").read_text()
+    assert not (tmp_path / "results" / "claims.png").exists() and not (tmp_path / "results" / "probe.png").exists()
+    target = tmp_path / "x.json"
+    with R.atomic_path(target) as a, R.atomic_path(target) as b:  # two --report at once
+        assert a != b and a.name.endswith(".tmp") and b.name.endswith(".tmp")
+        a.write_text("1")
+        b.write_text("2")
+    assert target.read_text() == "1" and not list(tmp_path.glob("*.tmp"))
+
+
 def test_claims_table_keeps_each_devices_minutes_apart():
     runs = [dict(name=f"scarce/real-s{s}", condition="real", regime="scarce", seed=s, steps=800, minutes=m,
                  ap=0.1, ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, init="scarce/student",
@@ -1916,7 +2244,7 @@ def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, m
     assert cfg.init is None and cfg.lr == 1e-3  # nothing shipped: from scratch
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
     R.export_student(str(tmp_path / "run/ckpt.pt"), tmp_path / "student.pt")
-    half = torch.load(tmp_path / "student.pt", weights_only=False)
+    half = torch.load(tmp_path / "student.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
     argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
     cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
