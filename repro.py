@@ -2447,11 +2447,15 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
         tile = rh.draw_keypoints(image, people)
         tiles.append(cv2.resize(tile, (256, round(256 * tile.shape[0] / tile.shape[1]))))
     model.train()
+    cv2.imwrite(str(path), tile_grid(tiles))
+
+
+def tile_grid(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
+    """Tiles of one width in rows of `columns`, padded with black to the tallest."""
     h = max(t.shape[0] for t in tiles)
     tiles = [cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, 0, cv2.BORDER_CONSTANT) for t in tiles]
-    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)
-    rows = [np.hstack(tiles[i:i + 4]) for i in range(0, len(tiles), 4)]
-    cv2.imwrite(str(path), np.vstack(rows))
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
+    return np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])
 
 
 def save_curves(metrics_path: Path, path: Path, title: str) -> None:
@@ -3144,6 +3148,8 @@ PREDICT_BATCH = 4
 VIDEO_FALLBACK_FPS = 30.0  # [ours] where a video does not say its frame rate
 ONNX_OPSET = 17  # [ours] the legacy exporter's well-tested opset; onnxruntime 1.31 runs it
 ONNX_TOLERANCE = 1e-3  # [ours] largest max abs difference of the maps (heat in [0, 1]) accepted from onnxruntime
+OVERVIEW_IMAGES, OVERVIEW_WIDTH = 8, 200  # [ours] overview.png: the first 8 images, 200 px wide (small to commit)
+PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
 
 
 def predict_inputs(path: Path) -> list[Path]:
@@ -3221,10 +3227,18 @@ def predictor(cfg: Config, device) -> tuple[nn.Module, Config]:
     return model.eval(), arch
 
 
-def draw_people(image: np.ndarray, people: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    """Decoded people's skeletons (found joints only) drawn on a copy of the image."""
+def draw_people(image: np.ndarray, people: list[tuple[np.ndarray, float]], scale: float = 1.0) -> np.ndarray:
+    """Decoded people's skeletons (found joints only) drawn on a copy of the image, their
+    coordinates times scale (the image is that much smaller than the one they were found on)."""
     return rh.draw_keypoints(image, [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
-                                     for kp, _ in people])
+                                     for kp, _ in people], scale)
+
+
+def overview_tile(image: np.ndarray, people: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """An image shrunk to OVERVIEW_WIDTH with its skeletons drawn at that size (lines stay visible)."""
+    scale = OVERVIEW_WIDTH / image.shape[1]
+    small = cv2.resize(image, (OVERVIEW_WIDTH, round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    return draw_people(small, people, scale)
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -3238,10 +3252,11 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
                    out: Path) -> tuple[list[dict], list[Group], list[Path]]:
-    """Each image with its skeletons drawn into out/ (same name); its COCO results (with file_name
-    and keypoint scores) and MPII groups; the images that did not decode, skipped."""
+    """Each image with its skeletons drawn into out/ (same name), the first few in overview.png; its
+    COCO results (with file_name and keypoint scores) and MPII groups; the images that did not
+    decode, skipped."""
     sk = skeleton(cfg)
-    results, groups, broken = [], [], []
+    results, groups, broken, tiles = [], [], [], []
     bar = rh.progress(total=len(files), unit="img", desc="predicting", stream=sys.stdout)
     for path, image_id in zip(files, image_ids(files)):
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -3253,8 +3268,11 @@ def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
             results += [r | dict(file_name=path.name) for r in coco_results(image_id, people, scores=True)]
             groups += [predicted_group(empty_group(path.name), people)] if sk is MPII else []
             write_image(out / path.name, draw_people(image, people))
+            tiles += [overview_tile(image, people)] if len(tiles) < OVERVIEW_IMAGES else []
         bar.update()
     bar.close()
+    if tiles:
+        write_image(out / "overview.png", tile_grid(tiles))
     return results, groups, broken
 
 
@@ -3325,6 +3343,8 @@ def run_predict(cfg: Config, device: torch.device) -> list[dict]:
     out = Path(cfg.out) if cfg.out else Path("runs") / f"predict-{source.stem}"
     if out.resolve() == (source if source.is_dir() else source.parent).resolve():
         raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace the originals")
+    if clash := set(PREDICT_FILES) & {p.name for p in files}:
+        raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
     model, cfg = predictor(cfg, device)
     if files[0].suffix.lower() in VIDEO_SUFFIXES:
         results, groups, n = predict_video(model, files[0], cfg, device, out)

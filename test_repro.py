@@ -1005,7 +1005,9 @@ def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_pat
     assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out", str(out),
                    *PREDICT_ARGS]) == 0
     assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["predictions.json"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
+                                                                                              "predictions.json"]
+    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_WIDTH, 4 * R.OVERVIEW_WIDTH, 3)
     predicted = json.loads((out / "predictions.json").read_text())
     with R.contextlib.redirect_stdout(R.io.StringIO()):
         assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
@@ -1180,6 +1182,8 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
     (tmp_path / "broken.mp4").write_text("not a video")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "bad.onnx").write_text("not a model")
+    (tmp_path / "clash").mkdir()
+    cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
     images = toy["val"].parent / "images"
     out = tmp_path / "out"
     cases = [([], "needs --input"),
@@ -1190,7 +1194,8 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
              (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
              (["--input", str(images), "--skeleton", "mpii"], "predicts the coco skeleton, not mpii"),
              (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found"),
-             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model")]
+             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model"),
+             (["--input", str(tmp_path / "clash")], "an image named overview.png")]
     for extra, words in cases:
         assert words in run_main_error(capsys, ["--mode", "predict", "--out", str(out), *PREDICT_ARGS, *extra])
         assert not out.exists(), extra
