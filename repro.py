@@ -3,6 +3,7 @@
     python repro.py --mode augmented                 # demo benchmark, rendered on first use
     python repro.py --mode real --coco-root COCO     # real COCO through pycocotools
     python repro.py --mode eval --ckpt results/RUN/ckpt.pt
+    python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
 Reading map. One file, in the order data flows; one training step goes
@@ -17,6 +18,7 @@ Where the paper's rules live:
   the PAF target ........................ paf_targets
   the teacher's update .................. soft_target, Teacher.decide
   inference and grouping ................ network_maps, find_peaks, group_people
+  your own images, videos, ONNX ......... run_predict, export_onnx
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -3148,7 +3150,7 @@ PREDICT_BATCH = 4
 VIDEO_FALLBACK_FPS = 30.0  # [ours] where a video does not say its frame rate
 ONNX_OPSET = 17  # [ours] the legacy exporter's well-tested opset; onnxruntime 1.31 runs it
 ONNX_TOLERANCE = 1e-3  # [ours] largest max abs difference of the maps (heat in [0, 1]) accepted from onnxruntime
-OVERVIEW_IMAGES, OVERVIEW_WIDTH = 8, 200  # [ours] overview.png: the first 8 images, 200 px wide (small to commit)
+OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)  # [ours] overview.png: the first 8 images in 176 x 132 (under 300 KB)
 PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
 
 
@@ -3235,14 +3237,19 @@ def draw_people(image: np.ndarray, people: list[tuple[np.ndarray, float]], scale
 
 
 def overview_tile(image: np.ndarray, people: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    """An image shrunk to OVERVIEW_WIDTH with its skeletons drawn at that size (lines stay visible)."""
-    scale = OVERVIEW_WIDTH / image.shape[1]
-    small = cv2.resize(image, (OVERVIEW_WIDTH, round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-    return draw_people(small, people, scale)
+    """An image fitted into OVERVIEW_BOX (black margins), its skeletons drawn at that size so that
+    their lines stay visible."""
+    (w, h), (height, width) = OVERVIEW_BOX, image.shape[:2]
+    scale = min(w / width, h / height)
+    small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    top, left = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    drawn = draw_people(small, people, scale)
+    return cv2.copyMakeBorder(drawn, top, h - small.shape[0] - top, left, w - small.shape[1] - left,
+                              cv2.BORDER_CONSTANT)
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
-    ok, data = cv2.imencode(path.suffix, image)
+    ok, data = cv2.imencode(path.suffix, image, [cv2.IMWRITE_PNG_COMPRESSION, 9] if path.suffix == ".png" else [])
     if not ok:
         raise ReproError(f"cannot encode {path} as {path.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -3399,8 +3406,8 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
     onnx, _ = onnx_modules()
     if path.suffix != ".onnx" or not path.parent.is_dir():
         raise ReproError(f"--export-onnx {path}: give a .onnx file in an existing folder")
-    source = cfg.ckpt or str(SHIPPED_STUDENT)
-    model, cfg, _ = model_from_checkpoint(cfg, source, torch.device("cpu"))
+    source = cfg.ckpt or str(SHIPPED_STUDENT.relative_to(SHIPPED_STUDENT.parents[1]))
+    model, cfg, _ = model_from_checkpoint(cfg, cfg.ckpt or SHIPPED_STUDENT, torch.device("cpu"))
     net = LastStage(model.float()).eval()  # eval: the exporter restores the wrapper's mode onto the net
     meta = dict(repro_config=json.dumps({k: getattr(cfg, k) for k in ARCH_KEYS}), source=str(source),
                 mean_bgr=json.dumps(IMAGE_MEAN.tolist()), std_bgr=json.dumps(IMAGE_STD.tolist()))

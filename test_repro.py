@@ -1007,7 +1007,7 @@ def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_pat
     assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
                                                                                               "predictions.json"]
-    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_WIDTH, 4 * R.OVERVIEW_WIDTH, 3)
+    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0], 3)
     predicted = json.loads((out / "predictions.json").read_text())
     with R.contextlib.redirect_stdout(R.io.StringIO()):
         assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
