@@ -3,6 +3,7 @@
     python repro.py --mode augmented                 # demo benchmark, rendered on first use
     python repro.py --mode real --coco-root COCO     # real COCO through pycocotools
     python repro.py --mode eval --ckpt results/RUN/ckpt.pt
+    python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
 Reading map. One file, in the order data flows; one training step goes
@@ -17,6 +18,7 @@ Where the paper's rules live:
   the PAF target ........................ paf_targets
   the teacher's update .................. soft_target, Teacher.decide (its optimiser: SharedAdam)
   inference and grouping ................ network_maps, find_peaks, group_people
+  your own images, videos, ONNX ......... run_predict, export_onnx
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +65,7 @@ cv2.setNumThreads(1)  # cv2's own pool fights torch for the cores; our images ar
 # Config: every setting once, with its help text (the command line is built from these fields)
 # ----------------------------------------------------------------------------------------------
 
-MODES = ("real", "synthetic", "augmented", "student-teacher", "eval")
+MODES = ("real", "synthetic", "augmented", "student-teacher", "eval", "predict")
 
 
 def setting(default, help: str, choices: tuple | None = None):
@@ -73,7 +76,7 @@ def setting(default, help: str, choices: tuple | None = None):
 @dataclass
 class Config:
     """Every setting of a run; the defaults are the CPU-sized demo preset (README, "Deviations")."""
-    mode: str = setting("augmented", "training regime, or eval of --ckpt", MODES)
+    mode: str = setting("augmented", "training regime, eval of --ckpt, or predict: --ckpt on your own --input", MODES)
     preset: str = setting("demo", "paper: the paper's network and schedule; demo: CPU-sized", ("demo", "paper"))
     # data
     data: str = setting("auto", "auto: coco when --coco-root/--train-json is given, else the built-in demo "
@@ -170,7 +173,11 @@ class Config:
     seed: int = setting(0, "seed for python, numpy and torch")
     out: str | None = setting(None, "run folder (default results/<mode>-<data>-s<seed>)")
     resume: bool = setting(False, "continue from the run folder's checkpoint")
-    ckpt: str | None = setting(None, "checkpoint to evaluate (--mode eval)")
+    ckpt: str | None = setting(None, "checkpoint to evaluate (--mode eval), to predict with (--mode predict) or to "
+                               "export (--export-onnx); predict and export default to the shipped demo student")
+    input: str | None = setting(None, "--mode predict: an image, a folder of images or a video file")
+    onnx: str | None = setting(None, "--mode predict through this ONNX model (from --export-onnx) in onnxruntime "
+                               "instead of torch")
     ckpt_every: int = setting(200, "steps between checkpoints")
     log_every: int = setting(20, "steps between metric lines")
     workers: int = setting(-1, "data loader processes (-1: 1 on CPU, 4 on CUDA); 0 builds batches in the "
@@ -222,6 +229,9 @@ def check_config(cfg: Config) -> None:
         (not (cfg.teacher_uniform and cfg.teacher_stratified), "give --teacher-uniform or --teacher-stratified, "
          "not both"),
         (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
+        (cfg.mode != "predict" or cfg.input, "--mode predict needs --input PATH (an image, a folder of images or a "
+                                             "video)"),
+        (not cfg.onnx or cfg.mode == "predict", "--onnx is for --mode predict (make the model with --export-onnx)"),
         (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
          "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
     ]
@@ -1096,28 +1106,36 @@ def resize_maps(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return maps if maps.shape[-2:] == hw else F.interpolate(maps, size=hw, mode="bicubic", align_corners=False)
 
 
-@torch.no_grad()
 def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device,
                  base: float | None = None) -> tuple[torch.Tensor, float]:
     """Averaged last-stage maps (PAF + heat, H, W) at the base scale, and that scale (resized /
     original; by default the one that makes the image --eval-height tall)."""
-    base = base or cfg.eval_height / image.shape[0]
-    out_hw = (round(image.shape[0] * base), round(image.shape[1] * base))
+    maps, base = batch_maps(model, image[None], cfg, device, base)
+    return maps[0], base
+
+
+@torch.no_grad()
+def batch_maps(model: nn.Module, images: np.ndarray, cfg: Config, device,
+               base: float | None = None) -> tuple[torch.Tensor, float]:
+    """network_maps of (B, H, W, 3) images of one size in one forward pass per scale: (B, C, H', W')."""
+    n, height, width = images.shape[:3]
+    base = base or cfg.eval_height / height
+    out_hw = (round(height * base), round(width * base))
     total = None
     for m in cfg.eval_scales:
-        h, w = round(image.shape[0] * base * m), round(image.shape[1] * base * m)
-        resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC)
+        h, w = round(height * base * m), round(width * base * m)
         ph, pw = -h % cfg.stride, -w % cfg.stride  # pad to a whole number of cells
-        padded = cv2.copyMakeBorder(resized, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(128, 128, 128))
-        batch = padded[None] if not cfg.eval_flip else np.stack([padded, padded[:, ::-1]])
+        padded = np.stack([cv2.copyMakeBorder(cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC),
+                                              0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+                           for image in images])
+        batch = padded if not cfg.eval_flip else np.concatenate([padded, padded[:, :, ::-1]])
         with autocast(device, cfg):
             maps = model(to_input(batch, device).contiguous(memory_format=torch.channels_last))[-1].float()
         if cfg.eval_flip:  # the flipped copy's padding sits on the left: undo the flip first
-            maps = torch.cat([maps[:1], flip_maps(maps[1:], skeleton(cfg))])
-            maps = maps.mean(0, keepdim=True)
+            maps = torch.stack([maps[:n], flip_maps(maps[n:], skeleton(cfg))]).mean(0)
         maps = upsample_maps(maps, cfg.stride, (h, w))
         total = resize_maps(maps, out_hw) if total is None else total + resize_maps(maps, out_hw)
-    return total[0] / len(cfg.eval_scales), base
+    return total / len(cfg.eval_scales), base
 
 
 def gaussian_kernel(sigma: float, device) -> torch.Tensor:
@@ -1236,13 +1254,17 @@ def decode_maps(maps: torch.Tensor, base: float, sk: Skeleton) -> list[tuple[np.
     return out
 
 
-def coco_results(image_id: int, people: list[tuple[np.ndarray, float]]) -> list[dict]:
+def coco_results(image_id: int, people: list[tuple[np.ndarray, float]], scores: bool = False) -> list[dict]:
+    """COCO results of one image's people; each keypoint's third value is 1 where found (COCOeval
+    reads only x, y), or with scores its peak score (0 where not found), as --mode predict writes."""
     results = []
     for kp, score in people:
         k = kp.copy()
-        k[:, 2] = (k[:, 2] > 0).astype(np.float32)
-        results.append(dict(image_id=int(image_id), category_id=1, keypoints=k.flatten().round(2).tolist(),
-                            score=round(score, 5)))
+        k[:, 2] = k[:, 2] if scores else (k[:, 2] > 0).astype(np.float32)
+        values = k.flatten().round(2)
+        if scores:  # the same float32 values, written as their 2 decimals rather than 360.67999267578125
+            values = values.astype(np.float64).round(2)
+        results.append(dict(image_id=int(image_id), category_id=1, keypoints=values.tolist(), score=round(score, 5)))
     return results
 
 
@@ -2223,10 +2245,12 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path):
+def atomic_path(path: Path, keep_suffix: bool = False):
     """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
-    a killed run or a full disk never leaves half a file (the previous version stays)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # one per writer
+    a killed run or a full disk never leaves half a file (the previous version stays). keep_suffix:
+    the temporary name ends like `path` (cv2's video writer picks the container by it)."""
+    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # one name per writer
+    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix else f"{path.name}.{unique}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -2349,6 +2373,17 @@ def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
+
+
+def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Module, Config, dict]:
+    """A checkpoint's network with its weights (--mode eval, predict, --export-onnx), cfg with the
+    checkpoint's architecture, and the checkpoint."""
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("config", {})
+    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    load_weights(model, ckpt, cfg, path)
+    return model, cfg, ckpt
 
 
 def learning_rate(cfg: Config, step: int, progress: float) -> float:
@@ -2568,11 +2603,15 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
         tile = rh.draw_keypoints(image, people)
         tiles.append(cv2.resize(tile, (256, round(256 * tile.shape[0] / tile.shape[1]))))
     model.train()
+    cv2.imwrite(str(path), tile_grid(tiles))
+
+
+def tile_grid(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
+    """Tiles of one width in rows of `columns`, padded with black to the tallest."""
     h = max(t.shape[0] for t in tiles)
     tiles = [cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, 0, cv2.BORDER_CONSTANT) for t in tiles]
-    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)
-    rows = [np.hstack(tiles[i:i + 4]) for i in range(0, len(tiles), 4)]
-    cv2.imwrite(str(path), np.vstack(rows))
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
+    return np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])
 
 
 def save_curves(metrics_path: Path, path: Path, title: str) -> None:
@@ -3522,6 +3561,300 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
 
 
 # ----------------------------------------------------------------------------------------------
+# Predict: a trained student on your own images and videos; its network as an ONNX model
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # [ours] what cv2.imread decodes
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")  # [ours] cv2's ffmpeg reads
+# [ours] video frames per forward pass: on the 2-core machine the demo network ran about 1.4x faster
+# per image in bf16 with batches of 4 than one by one (and no faster with 8, nor in float32)
+PREDICT_BATCH = 4
+VIDEO_FALLBACK_FPS = 30.0  # [ours] where a video does not say its frame rate
+ONNX_OPSET = 17  # [ours] the legacy exporter's well-tested opset; onnxruntime 1.31 runs it
+ONNX_TOLERANCE = 1e-3  # [ours] largest max abs difference of the maps (heat in [0, 1]) accepted from onnxruntime
+OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)  # [ours] overview.png: the first 8 images in 176 x 132 (under 300 KB)
+PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
+
+
+def predict_inputs(path: Path) -> list[Path]:
+    """--input -> the images of a folder (name order), or the one image or video; refused in one
+    line, before anything is written, when there is nothing to predict on."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise ReproError(f"--input {path}: no images in this folder (looked for {' '.join(IMAGE_SUFFIXES)})")
+        return files
+    if not path.is_file():
+        raise ReproError(f"--input {path} does not exist")
+    if path.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        raise ReproError(f"--input {path} is not an image ({' '.join(IMAGE_SUFFIXES)}) or a video "
+                         f"({' '.join(VIDEO_SUFFIXES)})")
+    if path.suffix.lower() in IMAGE_SUFFIXES and cv2.imread(str(path)) is None:
+        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image")
+    return [path]
+
+
+def image_ids(files: list[Path]) -> list[int]:
+    """COCO image ids: the file names' numbers where every name is one (COCO's 000000000785.jpg is
+    image 785, so results load against COCO's own json), else 1, 2, ... in name order."""
+    stems = [p.stem for p in files]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(files) + 1))
+
+
+def onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise ReproError("--export-onnx and --onnx need onnx and onnxruntime: pip install onnx==1.23.2 "
+                         "onnxruntime==1.31.1 (both are in requirements.txt)") from None
+    return onnx, onnxruntime
+
+
+class OnnxMaps(nn.Module):
+    """An --export-onnx model run by onnxruntime, called like PoseNet (it returns [last stage's
+    maps]), so that network_maps and everything after it run unchanged. `config` is the exported
+    checkpoint's architecture."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        _, ort = onnx_modules()
+        if not Path(path).is_file():
+            raise ReproError(f"ONNX model not found: {path}")
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.config = json.loads(self.session.get_modelmeta().custom_metadata_map["repro_config"])
+        except Exception as e:
+            raise ReproError(f"cannot read ONNX model {path} ({type(e).__name__}): corrupt or not made by "
+                             "--export-onnx") from None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.session.run(["maps"], {"image": x.detach().float().cpu().contiguous().numpy()})[0]
+        return [torch.from_numpy(maps).to(x.device)]
+
+
+def predictor(cfg: Config, device) -> tuple[nn.Module, Config]:
+    """--mode predict's network: --onnx in onnxruntime, else --ckpt (default: the shipped student)
+    in torch; and cfg with its architecture. Its skeleton must be the one asked (--skeleton)."""
+    if cfg.onnx:
+        model, source = OnnxMaps(cfg.onnx), cfg.onnx
+        arch = dataclasses.replace(cfg, **{k: v for k, v in model.config.items() if k in ARCH_KEYS})
+    else:
+        source = cfg.ckpt or str(SHIPPED_STUDENT)
+        model, arch, _ = model_from_checkpoint(cfg, source, device)
+    if arch.skeleton != cfg.skeleton:
+        raise ReproError(f"{source} predicts the {arch.skeleton} skeleton, not {cfg.skeleton}: pass --skeleton "
+                         f"{arch.skeleton} or a {cfg.skeleton} checkpoint")
+    return model.eval(), arch
+
+
+def draw_people(image: np.ndarray, people: list[tuple[np.ndarray, float]], scale: float = 1.0) -> np.ndarray:
+    """Decoded people's skeletons (found joints only) drawn on a copy of the image, their
+    coordinates times scale (the image is that much smaller than the one they were found on)."""
+    return rh.draw_keypoints(image, [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
+                                     for kp, _ in people], scale)
+
+
+def overview_tile(image: np.ndarray, people: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """An image fitted into OVERVIEW_BOX (black margins), its skeletons drawn at that size so that
+    their lines stay visible."""
+    (w, h), (height, width) = OVERVIEW_BOX, image.shape[:2]
+    scale = min(w / width, h / height)
+    small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    top, left = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+    drawn = draw_people(small, people, scale)
+    return cv2.copyMakeBorder(drawn, top, h - small.shape[0] - top, left, w - small.shape[1] - left,
+                              cv2.BORDER_CONSTANT)
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    ok, data = cv2.imencode(path.suffix, image, [cv2.IMWRITE_PNG_COMPRESSION, 9] if path.suffix == ".png" else [])
+    if not ok:
+        raise ReproError(f"cannot encode {path} as {path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
+
+
+def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
+                   out: Path) -> tuple[list[dict], list[Group], list[Path]]:
+    """Each image with its skeletons drawn into out/ (same name), the first few in overview.png; its
+    COCO results (with file_name and keypoint scores) and MPII groups; the images that did not
+    decode, skipped."""
+    sk = skeleton(cfg)
+    results, groups, broken, tiles = [], [], [], []
+    bar = rh.progress(total=len(files), unit="img", desc="predicting", stream=sys.stdout)
+    for path, image_id in zip(files, image_ids(files)):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            broken.append(path)
+        else:
+            maps, base = network_maps(model, image, cfg, device)  # the base scale as evaluation's
+            people = decode_maps(maps, base, sk)
+            results += [r | dict(file_name=path.name) for r in coco_results(image_id, people, scores=True)]
+            groups += [predicted_group(empty_group(path.name), people)] if sk is MPII else []
+            write_image(out / path.name, draw_people(image, people))
+            tiles += [overview_tile(image, people)] if len(tiles) < OVERVIEW_IMAGES else []
+        bar.update()
+    bar.close()
+    if tiles:
+        write_image(out / "overview.png", tile_grid(tiles))
+    return results, groups, broken
+
+
+def open_video(path: Path) -> tuple[cv2.VideoCapture, np.ndarray, float]:
+    """A readable video, its first frame and its frame rate; one line where it cannot be read."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # [ours] ffmpeg's own lines would bury ours
+    capture = cv2.VideoCapture(str(path))
+    ok, first = capture.read() if capture.isOpened() else (False, None)
+    if not ok:
+        capture.release()
+        raise ReproError(f"cannot read video {path}: the file is corrupt, empty or in a format cv2 cannot decode")
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    if not fps > 0:
+        print(f"{path} does not say its frame rate: the output is written at {VIDEO_FALLBACK_FPS:g} fps")
+    return capture, first, fps if fps > 0 else VIDEO_FALLBACK_FPS
+
+
+def frame_batches(capture: cv2.VideoCapture, first: np.ndarray, n: int):
+    """(B, H, W, 3) batches of up to n frames, starting with the first frame (already read)."""
+    batch = [first]
+    while True:
+        ok, frame = capture.read()
+        if ok:  # a frame of another size (rare) is fitted to the first's: the writer needs one size
+            batch.append(frame if frame.shape == first.shape else cv2.resize(frame, first.shape[1::-1]))
+        if len(batch) == n or (not ok and batch):
+            yield np.stack(batch)
+            batch = []
+        if not ok:
+            return
+
+
+def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) -> tuple[list[dict], list[Group], int]:
+    """The video with its skeletons drawn (out/<name>.mp4, the input's frame rate), its COCO
+    results with a frame index per person, its MPII groups (one per frame) and its frame count."""
+    capture, first, fps = open_video(path)
+    sk, results, groups, n = skeleton(cfg), [], [], 0
+    target = out / f"{path.stem}.mp4"
+    out.mkdir(parents=True, exist_ok=True)
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    bar = rh.progress(total=total, unit="frame", desc="predicting", stream=sys.stdout)
+    try:
+        with atomic_path(target, keep_suffix=True) as tmp:
+            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, first.shape[1::-1])
+            if not writer.isOpened():
+                raise ReproError(f"cannot write video {target} (cv2 has no mp4v encoder here)")
+            for frames in frame_batches(capture, first, PREDICT_BATCH):
+                maps, base = batch_maps(model, frames, cfg, device)
+                for frame, frame_maps in zip(frames, maps):
+                    people = decode_maps(frame_maps, base, sk)
+                    results += [r | dict(file_name=path.name, frame=n)
+                                for r in coco_results(n, people, scores=True)]
+                    groups += [predicted_group(empty_group(f"{path.name}#{n}"), people)] if sk is MPII else []
+                    writer.write(draw_people(frame, people))
+                    n += 1
+                bar.update(len(frames))
+            writer.release()
+    finally:
+        capture.release()
+        bar.close()
+    return results, groups, n
+
+
+def run_predict(cfg: Config, device: torch.device) -> list[dict]:
+    """--mode predict: drawn images or video and predictions.json (COCO results) in --out; for the
+    MPII skeleton also predictions.mat (the toolkit's pred struct)."""
+    source = Path(cfg.input)
+    files = predict_inputs(source)
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"predict-{source.stem}"
+    if out.resolve() == (source if source.is_dir() else source.parent).resolve():
+        raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace the originals")
+    if clash := set(PREDICT_FILES) & {p.name for p in files}:
+        raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
+    model, cfg = predictor(cfg, device)
+    if files[0].suffix.lower() in VIDEO_SUFFIXES:
+        results, groups, n = predict_video(model, files[0], cfg, device, out)
+        what = f"{n} frames"
+    else:
+        results, groups, broken = predict_images(model, files, cfg, device, out)
+        if broken:
+            print(f"skipped {len(broken)} of {len(files)} images that do not decode: "
+                  + ", ".join(p.name for p in broken))
+        if len(broken) == len(files):
+            raise ReproError(f"none of the {len(files)} images in {source} decodes")
+        what = f"{len(files) - len(broken)} images"
+    write_json(results, out / "predictions.json")
+    if skeleton(cfg) is MPII:
+        write_pred_mat(out / "predictions.mat", groups)
+    print(f"{len(results)} people in {what} ({'onnxruntime' if cfg.onnx else device}): {out}/predictions.json"
+          + (" and predictions.mat" if skeleton(cfg) is MPII else ""))
+    return results
+
+
+class LastStage(nn.Module):
+    """PoseNet's last stage only: what inference reads and what --export-onnx exports."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1]
+
+
+def onnx_differences(net: nn.Module, path: Path, cfg: Config) -> list[float]:
+    """Max abs difference of the maps, onnxruntime against torch in float32, on a few normalised
+    inputs of other batch sizes and shapes than the exported example."""
+    _, ort = onnx_modules()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator, s = torch.Generator().manual_seed(0), cfg.stride
+    diffs = []
+    for shape in ((1, 3, 24 * s, 32 * s), (2, 3, 16 * s, 16 * s), (1, 3, 40 * s, 24 * s)):
+        x = torch.randn(shape, generator=generator)
+        with torch.no_grad():
+            expected = net(x).numpy()
+        diffs.append(float(np.abs(session.run(["maps"], {"image": x.numpy()})[0] - expected).max()))
+    return diffs
+
+
+def export_onnx(cfg: Config, path: Path) -> list[float]:
+    """--export-onnx: the network of --ckpt (default: the shipped student) as an ONNX model with a
+    dynamic batch and input size (H and W multiples of --stride), kept only when onnxruntime's
+    maps match torch's on a few inputs. Input "image": float32 (B, 3, H, W), BGR, (pixel - mean)
+    / std; output "maps": (B, PAF + heat, H / stride, W / stride), as PoseNet's last stage."""
+    onnx, _ = onnx_modules()
+    if path.suffix != ".onnx" or not path.parent.is_dir():
+        raise ReproError(f"--export-onnx {path}: give a .onnx file in an existing folder")
+    source = cfg.ckpt or str(SHIPPED_STUDENT.relative_to(SHIPPED_STUDENT.parents[1]))
+    model, cfg, _ = model_from_checkpoint(cfg, cfg.ckpt or SHIPPED_STUDENT, torch.device("cpu"))
+    net = LastStage(model.float()).eval()  # eval: the exporter restores the wrapper's mode onto the net
+    meta = dict(repro_config=json.dumps({k: getattr(cfg, k) for k in ARCH_KEYS}), source=str(source),
+                mean_bgr=json.dumps(IMAGE_MEAN.tolist()), std_bgr=json.dumps(IMAGE_STD.tolist()))
+    with atomic_path(path, keep_suffix=True) as tmp:
+        example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
+        with warnings.catch_warnings():  # the legacy exporter's deprecation note; dynamo needs onnxscript
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["image"], output_names=["maps"],
+                              dynamic_axes=dict(image={0: "batch", 2: "height", 3: "width"},
+                                                maps={0: "batch", 2: "grid_height", 3: "grid_width"}))
+        exported = onnx.load(str(tmp))
+        onnx.helper.set_model_props(exported, meta)
+        onnx.save(exported, str(tmp))
+        diffs = onnx_differences(net, tmp, cfg)
+        if max(diffs) > ONNX_TOLERANCE:
+            raise ReproError(f"onnxruntime's maps differ from torch's by up to {max(diffs):.2g} "
+                             f"(> {ONNX_TOLERANCE:g}): {path} not written")
+    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB from {source}, dynamic batch and input size (multiples of "
+          f"{cfg.stride} px); max abs difference of the maps, onnxruntime vs torch, on {len(diffs)} inputs: "
+          + ", ".join(f"{d:.2g}" for d in diffs))
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -3534,6 +3867,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-student", metavar="CKPT",
                    help="write CKPT's weights in half precision to --out (default results/student-demo.pt, "
                         "the shipped student, which is replaced only when --out names it)")
+    p.add_argument("--export-onnx", metavar="PATH",
+                   help="write the network of --ckpt (default: the shipped student) as an ONNX model to PATH, "
+                        "checked against torch (dynamic batch and input size); run it with --mode predict --onnx")
     p.add_argument("--reproduce", action="store_true",
                    help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -3600,16 +3936,10 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
     if not cfg.ckpt:
         raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
-    ckpt = load_checkpoint(cfg.ckpt)
-    saved = ckpt.get("config", {})
-    if saved.get("skeleton", data.val.skeleton.name) != data.val.skeleton.name:
-        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {saved['skeleton']} skeleton but the val data is "
-                         f"{data.val.skeleton.name}: evaluate it on {saved['skeleton']} data (--skeleton "
-                         f"{saved['skeleton']})")
-    arch = {k: saved[k] for k in ARCH_KEYS if k in saved}
-    cfg = dataclasses.replace(cfg, **arch)
-    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
-    load_weights(model, ckpt, cfg, cfg.ckpt)
+    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
+    if cfg.skeleton != data.val.skeleton.name:
+        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
+                         f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
     stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -3827,6 +4157,9 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.export_student:  # an --out the user names is theirs to replace; the default never is
             export_student(args.export_student, Path(cfg.out or SHIPPED_STUDENT), replace=bool(cfg.out))
             return 0
+        if args.export_onnx:
+            export_onnx(cfg, Path(args.export_onnx))
+            return 0
         if args.reproduce or args.jobs != 1 or args.only != ["*"]:
             check_protocol_flags(args.reproduce, args.jobs, tuple(args.only))
             run_protocol(jobs=args.jobs, only=tuple(args.only))
@@ -3838,6 +4171,9 @@ def run_main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.threads)
         rank, world, device = setup_distributed(cfg)
         seed_everything(cfg.seed + rank)
+        if cfg.mode == "predict":  # no dataset: the user's own images
+            run_predict(cfg, device)
+            return 0
         data = load_data(cfg)
         if args.bench:
             bench(cfg, data, device)

@@ -1027,6 +1027,143 @@ def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_
     assert all(p.requires_grad for p in trainer.model.backbone[R.VGG_FROZEN_LAYERS:].parameters())
 
 
+# ---- predict on your own images and videos, ONNX export -----------------------------------------
+
+PREDICT_ARGS = ("--eval-height", "64", "--eval-scales", "1.0", "--threads", "2")
+
+
+def tiny_checkpoint(path, skeleton="coco"):
+    """An untrained tiny student (seeded): its noisy maps give many people, so comparisons are not vacuous."""
+    cfg, _ = R.parse_args(["--input-size", "64", "--width", "16", "--stages", "2", "--skeleton", skeleton])
+    torch.manual_seed(0)
+    torch.save(dict(model=R.build_model(cfg).state_dict(), config=R.dataclasses.asdict(cfg), step=0), path)
+    return path
+
+
+def write_video(path, frames=6, size=(96, 64), fps=12.5):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        writer.write(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def coco_named_copy(toy, folder):
+    """The toy val images under COCO-style names (their image ids), so predict's ids are the json's."""
+    folder.mkdir()
+    for image in json.loads(toy["val"].read_text())["images"]:
+        shutil.copy(toy["val"].parent / "images" / image["file_name"], folder / f"{image['id']:012d}.jpg")
+    return folder
+
+
+def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
+    (images / "000000000099.jpg").write_bytes(b"not a jpeg")
+    (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
+    out = tmp_path / "out"
+    assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out", str(out),
+                   *PREDICT_ARGS]) == 0
+    assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
+                                                                                              "predictions.json"]
+    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0], 3)
+    predicted = json.loads((out / "predictions.json").read_text())
+    with R.contextlib.redirect_stdout(R.io.StringIO()):
+        assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
+    cfg, _ = R.parse_args(toy_data_args(toy) + list(PREDICT_ARGS))
+    model, cfg, _ = R.model_from_checkpoint(cfg, ckpt, torch.device("cpu"))
+    _, evaluated = R.evaluate(model, R.load_data(cfg).val, cfg, torch.device("cpu"), progress=False)
+    assert [(r["image_id"], r["score"]) for r in predicted] == [(r["image_id"], r["score"]) for r in evaluated]
+    mine = np.array([r["keypoints"] for r in predicted], np.float32).reshape(len(predicted), 17, 3)
+    theirs = np.array([r["keypoints"] for r in evaluated], np.float32).reshape(len(evaluated), 17, 3)
+    assert np.array_equal(mine[..., :2], theirs[..., :2])  # the same float32 values, only written shorter
+    assert np.array_equal(mine[..., 2] > 0, theirs[..., 2] == 1) and (mine[..., 2] <= 1).all()  # peak scores
+    assert {r["file_name"] for r in predicted} <= {f"{i:012d}.jpg" for i in (1, 2, 3)}
+
+
+def test_image_ids_are_coco_numbers_or_positions():
+    assert R.image_ids([Path("000000000785.jpg"), Path("000000040083.png")]) == [785, 40083]
+    assert R.image_ids([Path("785.jpg"), Path("holiday.jpg")]) == [1, 2]
+    assert R.image_ids([Path("01.jpg"), Path("1.jpg")]) == [1, 2]  # the same number twice
+
+
+def test_predict_video_keeps_frame_count_and_rate(tmp_path):
+    video, out = write_video(tmp_path / "clip.avi"), tmp_path / "out"
+    assert R.main(["--mode", "predict", "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")), "--input", str(video),
+                   "--out", str(out), *PREDICT_ARGS]) == 0
+    drawn = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = 0
+    while drawn.read()[0]:
+        frames += 1
+    assert frames == 6 and drawn.get(cv2.CAP_PROP_FPS) == pytest.approx(12.5)
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert predicted and {r["frame"] for r in predicted} <= set(range(6)) and len({r["frame"] for r in predicted}) > 1
+    assert all(r["image_id"] == r["frame"] and r["file_name"] == "clip.avi" for r in predicted)
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "predictions.json"]  # no temporary file left
+
+
+def test_batched_frames_give_each_frame_its_own_maps(tmp_path):
+    """Video frames go through the network in batches; each frame's maps are its maps alone."""
+    cfg, _ = R.parse_args(list(PREDICT_ARGS) + ["--eval-flip", "--no-amp"])
+    model, cfg, _ = R.model_from_checkpoint(cfg, tiny_checkpoint(tmp_path / "tiny.pt"), torch.device("cpu"))
+    frames = np.random.default_rng(0).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
+    together, base = R.batch_maps(model.eval(), frames, cfg, torch.device("cpu"))
+    for frame, maps in zip(frames, together):
+        alone, base_alone = R.network_maps(model, frame, cfg, torch.device("cpu"))
+        assert base == base_alone and torch.allclose(maps, alone, atol=1e-5)
+
+
+def test_predict_with_the_shipped_student_on_one_image(toy, tmp_path, capsys):
+    image, out = toy["val"].parent / "images" / "0000.jpg", tmp_path / "out"
+    assert R.main(["--mode", "predict", "--input", str(image), "--out", str(out), *PREDICT_ARGS]) == 0
+    assert cv2.imread(str(out / "0000.jpg")).shape == cv2.imread(str(image)).shape
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert predicted and all(r["image_id"] == 0 and len(r["keypoints"]) == 51 for r in predicted)  # "0000"
+    cfg, _ = R.parse_args(list(PREDICT_ARGS))
+    model, cfg = R.predictor(cfg, torch.device("cpu"))  # no --ckpt: the shipped student
+    people = R.decode_maps(*R.network_maps(model, cv2.imread(str(image)), cfg, torch.device("cpu")), R.COCO)
+    assert [round(score, 5) for _, score in people] == [r["score"] for r in predicted]
+
+
+def test_predict_mpii_writes_16_joints_and_the_toolkits_pred(toy, tmp_path, monkeypatch):
+    person = np.zeros((16, 3), np.float32)
+    person[[0, 9, 12]] = [[10, 50, 0.7], [12, 8, 0.9], [11, 20, 0.8]]
+    monkeypatch.setattr(R, "decode_maps", lambda maps, base, sk: [(person.copy(), 0.6)])
+    images, out = coco_named_copy(toy, tmp_path / "images"), tmp_path / "out"
+    assert R.main(["--mode", "predict", "--skeleton", "mpii", "--ckpt", str(tiny_checkpoint(tmp_path / "m.pt", "mpii")),
+                   "--input", str(images), "--out", str(out), *PREDICT_ARGS]) == 0
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert len(predicted) == 3 and all(np.allclose(r["keypoints"], person.flatten()) for r in predicted)  # 48 values
+    groups = R.read_annolist(out / "predictions.mat")
+    assert [g.image for g in groups] == [f"{i:012d}.jpg" for i in (1, 2, 3)]
+    assert np.allclose(groups[0].joints[0, [0, 9, 12], :2], person[[0, 9, 12], :2])
+    assert np.allclose(groups[0].scores[0, [0, 9, 12]], person[[0, 9, 12], 2])
+
+
+def test_onnx_export_matches_torch_and_predicts_the_same_people(toy, tmp_path, capsys):
+    """The shipped student (the default): an untrained net's flat maps would make sub-pixel peaks
+    hang on the 1e-6 differences."""
+    pytest.importorskip("onnxruntime")
+    ckpt, model_path = R.SHIPPED_STUDENT, tmp_path / "student.onnx"
+    assert R.main(["--export-onnx", str(model_path)]) == 0
+    printed = capsys.readouterr().out
+    diffs = [float(d) for d in printed.rsplit(":", 1)[1].split(",")]
+    assert len(diffs) == 3 and max(diffs) <= R.ONNX_TOLERANCE and "dynamic batch and input size" in printed
+    images = toy["val"].parent / "images"
+    runs = {}
+    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]), ("onnx", ["--onnx", str(model_path)])):
+        assert R.main(["--mode", "predict", "--input", str(images), "--out", str(tmp_path / name), *flag,
+                       *PREDICT_ARGS]) == 0
+        runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+    assert len(runs["torch"]) == len(runs["onnx"]) > 0
+    for a, b in zip(runs["torch"], runs["onnx"]):
+        assert a["image_id"] == b["image_id"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
+        mine, theirs = np.reshape(a["keypoints"], (17, 3)), np.reshape(b["keypoints"], (17, 3))
+        assert np.array_equal(mine[:, 2] > 0, theirs[:, 2] > 0) and np.allclose(mine, theirs, atol=0.02)
+
+
 # ---- real-format fixtures -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,json_name", [("coco", "test_coco.json"), ("ochuman", "test_ochuman.json")])
@@ -1099,6 +1236,36 @@ def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
     argv = toy_args(toy, tmp_path / "other", "--mode", "real", "--steps", "1", "--init", str(tmp_path / "run/ckpt.pt"))
     argv[argv.index("--width") + 1] = "24"
     assert "another architecture" in run_main_error(capsys, argv)
+
+def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.mp4").write_text("not a video")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "bad.onnx").write_text("not a model")
+    (tmp_path / "clash").mkdir()
+    cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
+    images = toy["val"].parent / "images"
+    out = tmp_path / "out"
+    cases = [([], "needs --input"),
+             (["--input", str(tmp_path / "nope.jpg")], "does not exist"),
+             (["--input", str(tmp_path / "notes.txt")], "is not an image"),
+             (["--input", str(tmp_path / "empty")], "no images in this folder"),
+             (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
+             (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
+             (["--input", str(images), "--skeleton", "mpii"], "predicts the coco skeleton, not mpii"),
+             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found"),
+             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model"),
+             (["--input", str(tmp_path / "clash")], "an image named overview.png")]
+    for extra, words in cases:
+        assert words in run_main_error(capsys, ["--mode", "predict", "--out", str(out), *PREDICT_ARGS, *extra])
+        assert not out.exists(), extra
+    assert "input's own folder" in run_main_error(capsys, ["--mode", "predict", "--input", str(images),
+                                                           "--out", str(images)])
+    assert sorted(p.name for p in images.iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert "is for --mode predict" in run_main_error(capsys, ["--mode", "eval", "--onnx", str(tmp_path / "bad.onnx")])
+    missing_folder = str(tmp_path / "x" / "m.onnx")
+    assert ".onnx file in an existing folder" in run_main_error(capsys, ["--export-onnx", missing_folder])
 
 
 def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, toy):
