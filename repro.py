@@ -713,7 +713,7 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
 
 
 # ----------------------------------------------------------------------------------------------
-# Targets and loss masks (torch, vectorised over batch, people, parts and grid)
+# Targets and loss masks (torch, vectorised over the grid cells near each joint and limb)
 # ----------------------------------------------------------------------------------------------
 
 def grids(size: int | tuple[int, int], stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -725,20 +725,49 @@ def grids(size: int | tuple[int, int], stride: int, device=None) -> tuple[torch.
     return centres(h), centres(w)
 
 
+def box_cells(lo: torch.Tensor, hi: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor, stride: int):
+    """(N, 2) boxes [lo, hi] in input pixels, (x, y) -> the (instance, row, column) of every cell
+    whose centre lies in a box, as three (M,) tensors."""
+    offset, last_cell = (stride - 1) / 2, torch.tensor([len(gx) - 1, len(gy) - 1], device=lo.device)
+    first = torch.ceil((lo - offset) / stride).clamp(0, 1e9).to(torch.int32)
+    last = torch.floor((hi - offset) / stride).clamp(-1, 1e9).to(torch.int32).minimum(last_cell)
+    shape = (last - first + 1).clamp(min=0)
+    area = shape[:, 0] * shape[:, 1]
+    inst = torch.repeat_interleave(torch.arange(len(area), device=lo.device), area)
+    k = torch.arange(len(inst), device=lo.device, dtype=torch.int32) - (torch.cumsum(area, 0) - area)[inst]
+    cols, start = shape[inst, 0], first[inst]
+    return inst, start[:, 1] + torch.div(k, cols, rounding_mode="floor"), start[:, 0] + k % cols
+
+
 def heatmap_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
                     sigma: float) -> torch.Tensor:
     """(B, P, 18, 3) -> (B, 19, H, W): Gaussians merged by max; the last channel is background.
 
     size: the input's side, or its (height, width); the grid is size // stride."""
     gy, gx = grids(size, stride, keypoints.device)
+    B, K, H, W = keypoints.shape[0], keypoints.shape[2], len(gy), len(gx)
+    b, _, j = torch.nonzero(keypoints[..., 2] > 0, as_tuple=True)
+    xy = keypoints[..., :2][keypoints[..., 2] > 0]  # (N, 2) labelled joints
+    # Only a window of cells around each joint is computed: beyond sqrt(2 ln 100) sigma the
+    # Gaussian is below the paper code's 0.01 cut, so every other cell is 0 as in a dense map.
+    reach = sigma * math.sqrt(2 * math.log(100))
+
+    def window(coord, g):  # (N,) -> (N, n) cells, n fixed; shifted inside the grid, still covering
+        n = min(len(g), int(2 * reach / stride) + 3)
+        first = torch.floor((coord - reach - (stride - 1) / 2) / stride).clamp(0, len(g) - n).long()
+        return first[:, None] + torch.arange(n, device=coord.device)
+
+    iy, ix = window(xy[:, 1], gy), window(xy[:, 0], gx)
     # The Gaussian is separable: two 1-D profiles and one outer product, no 2-D exp.
-    labelled = (keypoints[..., 2] > 0)[..., None]
-    along_x = torch.exp(-(gx - keypoints[..., 0, None]) ** 2 / (2 * sigma ** 2)) * labelled  # (B, P, 18, W)
-    along_y = torch.exp(-(gy - keypoints[..., 1, None]) ** 2 / (2 * sigma ** 2))  # (B, P, 18, H)
-    heat = along_y[..., :, None] * along_x[..., None, :]
+    along_x = torch.exp(-(gx[ix] - xy[:, 0, None]) ** 2 / (2 * sigma ** 2))  # (N, nx)
+    along_y = torch.exp(-(gy[iy] - xy[:, 1, None]) ** 2 / (2 * sigma ** 2))  # (N, ny)
+    heat = along_y[:, :, None] * along_x[:, None, :]
     heat = torch.where(heat >= 0.01, heat, 0.0)  # paper code: truncated below 0.01
-    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], keypoints.shape[2], len(gy), len(gx))
-    return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
+    maps = keypoints.new_zeros(B, K + 1, H, W)
+    cell = ((b * (K + 1) + j)[:, None, None] * H + iy[:, :, None]) * W + ix[:, None, :]
+    maps.view(-1).scatter_reduce_(0, cell.flatten(), heat.flatten(), "amax")  # people merged by max
+    maps[:, K] = 1 - maps[:, :K].amax(1)
+    return maps
 
 
 def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
@@ -746,23 +775,36 @@ def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: in
     """(B, P, K, 3) -> (B, 2L, H, W): unit vectors of the (L, 2) limbs within `width` px, averaged
     over people."""
     gy, gx = grids(size, stride, keypoints.device)
+    B, L, H, W = keypoints.shape[0], len(limbs), len(gy), len(gx)
     a, b = keypoints[:, :, limbs[:, 0]], keypoints[:, :, limbs[:, 1]]  # (B, P, L, 3)
     d = b[..., :2] - a[..., :2]
     length = torch.sqrt((d ** 2).sum(-1))
     valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
-    u = d / length.clamp(min=1e-3)[..., None]
-    rx = gx[None, :] - a[..., 0, None, None]  # (B, P, L, 1, W)
-    ry = gy[:, None] - a[..., 1, None, None]  # (B, P, L, H, 1)
-    along = rx * u[..., 0, None, None] + ry * u[..., 1, None, None]
-    across = (rx * u[..., 1, None, None] - ry * u[..., 0, None, None]).abs()
+    ib, _, il = torch.nonzero(valid, as_tuple=True)
+    a, b, d, length = a[..., :2][valid], b[..., :2][valid], d[valid], length[valid]  # (N, ...) drawn limbs
+    u = d / length.clamp(min=1e-3)[:, None]
+    # Only the cells of each limb's bounding box are tested: the field reaches `width` along and
+    # across the limb, so width * (|ux| + |uy|) in x and y beyond its joints; the 0.01 px margin
+    # [ours] is far above float rounding, so no cell the exact test keeps is dropped.
+    reach = width * u.abs().sum(1, keepdim=True) + 0.01
+    inst, iy, ix = box_cells(torch.minimum(a, b) - reach, torch.maximum(a, b) + reach, gy, gx, stride)
+    per = torch.cat([a, u, length[:, None]], 1)[inst]  # (M, 5): one gather of what each cell's test needs
+    rx, ry, ux, uy = gx[ix] - per[:, 0], gy[iy] - per[:, 1], per[:, 2], per[:, 3]
+    along = rx * ux + ry * uy
+    across = (rx * uy - ry * ux).abs()
     # Like OpenPose's bounding box, the field reaches `width` past both joints, so that short
     # limbs (eye-ear) still hold enough samples for the line integral.
-    inside = (along >= -width) & (along <= length[..., None, None] + width) & (across <= width)
-    inside = inside & valid[..., None, None]
-    count = inside.sum(1).clamp(min=1)  # (B, L, H, W)
-    field_ = (inside[..., None, :, :] * u[..., None, None]).sum(1) / count[:, :, None]  # (B, L, 2, H, W)
-    b_, l_, _, h_, w_ = field_.shape
-    return field_.reshape(b_, 2 * l_, h_, w_)
+    inside = (along >= -width) & (along <= per[:, 4] + width) & (across <= width)
+    inst, cell = inst[inside], ((ib * L + il)[inst] * H + iy) * W + ix
+    cell = cell[inside]  # flat (b, l, y, x) of each covered cell, once per person covering it
+    count = keypoints.new_zeros(B * L * H * W).index_add_(0, cell, torch.ones_like(cell, dtype=keypoints.dtype))
+    maps = keypoints.new_zeros(B, L, 2, H * W)  # channel 2l + c is limb l's x (c = 0) or y (c = 1)
+    flat = maps.view(-1)
+    x_at = cell // (H * W) * (2 * H * W) + cell % (H * W)
+    flat.index_add_(0, torch.cat([x_at, x_at + H * W]), torch.cat([u[inst, 0], u[inst, 1]]))
+    n = count[cell]
+    flat[x_at], flat[x_at + H * W] = flat[x_at] / n, flat[x_at + H * W] / n  # averaged over people
+    return maps.reshape(B, 2 * L, H, W)
 
 
 def flip_maps(maps: torch.Tensor, sk: Skeleton) -> torch.Tensor:
@@ -3560,6 +3602,93 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
     return figures
 
 
+def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, thickness: float,
+                 limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the side-by-side timing only, not used in training: the peer's method, Lightweight
+    OpenPose's plain Python loops (datasets/coco.py, _generate_keypoint_maps + _generate_paf_maps),
+    re-implemented on one sample's (P, K, 3) people. Per joint, the cells of a 4-sigma window get the
+    Gaussian (cut at 0.01) added and clipped at 1; per limb, the cells of its joints' box grown by
+    `thickness` cells and within `thickness` cells of its line get its unit vector, the last person
+    winning."""
+    n = size // stride
+    heat, paf = np.zeros((keypoints.shape[1] + 1, n, n), np.float32), np.zeros((2 * len(limbs), n, n), np.float32)
+    shift = stride / 2 - 0.5
+    for part in range(keypoints.shape[1]):
+        for x, y, v in keypoints[:, part]:
+            if v <= 0:
+                continue
+            x0, y0 = max(int(x - 4 * sigma), 0), max(int(y - 4 * sigma), 0)
+            x1, y1 = min(int(x + 4 * sigma), size), min(int(y + 4 * sigma), size)
+            for row in range(y0 // stride, y1 // stride):
+                for col in range(x0 // stride, x1 // stride):
+                    e = ((col * stride + shift - x) ** 2 + (row * stride + shift - y) ** 2) / (2 * sigma ** 2)
+                    if e <= math.log(100):
+                        heat[part, row, col] = min(heat[part, row, col] + math.exp(-e), 1.0)
+    heat[-1] = 1 - heat[:-1].max(0)
+    for limb, (ja, jb) in enumerate(limbs):
+        in_cells = keypoints / [stride, stride, 1]
+        for (xa, ya, va), (xb, yb, vb) in zip(in_cells[:, ja], in_cells[:, jb]):
+            norm = math.hypot(xb - xa, yb - ya)
+            if va <= 0 or vb <= 0 or norm < 1e-7:
+                continue
+            ux, uy = (xb - xa) / norm, (yb - ya) / norm
+            for row in range(int(max(min(ya, yb) - thickness, 0)), int(min(max(ya, yb) + thickness, n))):
+                for col in range(int(max(min(xa, xb) - thickness, 0)), int(min(max(xa, xb) + thickness, n))):
+                    if abs((col - xa) * uy - (row - ya) * ux) <= thickness:
+                        paf[2 * limb, row, col], paf[2 * limb + 1, row, col] = ux, uy
+    return heat, paf
+
+
+def bench_people(data: Data, cfg: Config, per_sample: int, samples: int, rng: np.random.Generator) -> torch.Tensor:
+    """(samples, per_sample, K, 3) people as crops at cfg's geometry place them: everyone in 4x as
+    many training crops, drawn at random."""
+    maker = BatchMaker(data, dataclasses.replace(cfg, mode="real"))
+    pool = []
+    while len(pool) < 4 * samples * per_sample:
+        for kp in collate([maker.sample(spec, rng) for spec in maker.plan(16, rng)])["keypoints"]:
+            pool += [person for person in kp if (person[:, 2] > 0).any()]
+    pool = np.stack(pool)
+    return torch.as_tensor(pool[rng.choice(len(pool), (samples, per_sample), replace=False)])
+
+
+def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10), batch: int = 16) -> dict:
+    """heatmap_targets + paf_targets against the peer's loops, on one thread and the same people:
+    ms per sample batched as the loader does, one sample at a time, and the peer's (best of 5)."""
+    sk, threads, rng = skeleton(cfg), torch.get_num_threads(), np.random.default_rng(0)
+    torch.set_num_threads(1)
+    figures = {}
+    try:
+        for name, preset in (("demo", PRESETS["demo"]), ("paper", PRESETS["paper"])):
+            geometry = {k: preset.get(k, getattr(Config(), k))
+                        for k in ("input_size", "stride", "sigma", "paf_width", "max_center_offset")}
+            g = dataclasses.replace(cfg, **geometry)
+            size, stride = g.input_size, g.stride
+            print(f"\ntargets at the {name} geometry ({size} px, stride {stride}, sigma {g.sigma}, PAF half-width "
+                  f"{g.paf_width} px = the peer's thickness {g.paf_width / stride} cells), 1 thread, ms per sample")
+            for n in people:
+                kp = bench_people(data, g, n, batch, rng)
+
+                def ours(k):
+                    return (heatmap_targets(k, size, stride, g.sigma),
+                            paf_targets(k, size, stride, g.paf_width, sk.limbs))
+
+                # the best of 5: on a shared machine the fastest repeat is the least disturbed one
+                batched = min(seconds_per_call(lambda: ours(kp), 1, warmup=1) for _ in range(5)) / batch
+                single = min(seconds_per_call(lambda: [ours(k[None]) for k in kp], 1) for _ in range(5)) / batch
+                thickness = g.paf_width / stride
+                peer = min(seconds_per_call(lambda: [peer_targets(k.numpy(), size, stride, g.sigma, thickness, sk.limbs)
+                                                     for k in kp], 1) for _ in range(5)) / batch
+                figures[f"{name}_{n}_people"] = row = dict(batched_ms=batched * 1e3, single_ms=single * 1e3,
+                                                           peer_ms=peer * 1e3, speedup_batched=peer / batched,
+                                                           speedup_single=peer / single)
+                print(f"  people {n:2d}: ours batched by {batch} {row['batched_ms']:6.3f}, one at a time "
+                      f"{row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: {row['speedup_batched']:4.1f}x and "
+                      f"{row['speedup_single']:4.1f}x faster")
+    finally:
+        torch.set_num_threads(threads)
+    return figures
+
+
 # ----------------------------------------------------------------------------------------------
 # Predict: a trained student on your own images and videos; its network as an ONNX model
 # ----------------------------------------------------------------------------------------------
@@ -3862,6 +3991,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, derived from Config's fields; help shows the demo and paper defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
+    p.add_argument("--bench-targets", action="store_true",
+                   help="time heatmap + PAF targets against Lightweight OpenPose's loops at the demo and paper "
+                        "geometries (one thread) and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="plot val metrics of these run folders against minutes into --out (png + md table)")
     p.add_argument("--export-student", metavar="CKPT",
@@ -4175,7 +4307,9 @@ def run_main(argv: list[str] | None = None) -> int:
             run_predict(cfg, device)
             return 0
         data = load_data(cfg)
-        if args.bench:
+        if args.bench_targets:
+            bench_targets(cfg, data)
+        elif args.bench:
             bench(cfg, data, device)
         elif args.probe:
             probe = run_probe(cfg, data, device, Path(cfg.out or PROTOCOL_RUNS / "probe"))

@@ -748,6 +748,65 @@ def test_paf_averages_overlapping_people():
     assert torch.allclose(vec, torch.tensor([0.5, 0.5]))
 
 
+def dense_heatmap_targets(keypoints, size, stride, sigma):
+    """The reference: every person x part x grid cell, as repro.py computed it before its windows."""
+    gy, gx = R.grids(size, stride)
+    labelled = (keypoints[..., 2] > 0)[..., None]
+    along_x = torch.exp(-(gx - keypoints[..., 0, None]) ** 2 / (2 * sigma ** 2)) * labelled
+    along_y = torch.exp(-(gy - keypoints[..., 1, None]) ** 2 / (2 * sigma ** 2))
+    heat = along_y[..., :, None] * along_x[..., None, :]
+    heat = torch.where(heat >= 0.01, heat, 0.0)
+    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], keypoints.shape[2], len(gy), len(gx))
+    return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
+
+
+def dense_paf_targets(keypoints, size, stride, width, limbs):
+    """The reference: every person x limb x grid cell, as repro.py computed it before its windows."""
+    gy, gx = R.grids(size, stride)
+    a, b = keypoints[:, :, limbs[:, 0]], keypoints[:, :, limbs[:, 1]]
+    d = b[..., :2] - a[..., :2]
+    length = torch.sqrt((d ** 2).sum(-1))
+    valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
+    u = d / length.clamp(min=1e-3)[..., None]
+    rx = gx[None, :] - a[..., 0, None, None]
+    ry = gy[:, None] - a[..., 1, None, None]
+    along = rx * u[..., 0, None, None] + ry * u[..., 1, None, None]
+    across = (rx * u[..., 1, None, None] - ry * u[..., 0, None, None]).abs()
+    inside = (along >= -width) & (along <= length[..., None, None] + width) & (across <= width)
+    inside = inside & valid[..., None, None]
+    count = inside.sum(1).clamp(min=1)
+    field_ = (inside[..., None, :, :] * u[..., None, None]).sum(1) / count[:, :, None]
+    b_, l_, _, h_, w_ = field_.shape
+    return field_.reshape(b_, 2 * l_, h_, w_)
+
+
+@pytest.mark.parametrize("size, stride, sigma, width",
+                         [(128, 4, 5.0, 5.0), (368, 8, 7.0, 8.0), ((72, 40), 4, 2.5, 2.0)])
+def test_windowed_targets_equal_the_dense_ones(size, stride, sigma, width):
+    """Random people, inside and beyond the crop, with unlabelled joints, zero-length and crossing
+    limbs, up to 12 people on a cell: the windows change no value. Heatmaps are maxima of the same
+    products, so bit-identical; a PAF's sum over people may add in another order (it is
+    bit-identical on torch 2.14's CPU kernels)."""
+    g = torch.Generator().manual_seed(stride)
+    h, w = (size, size) if isinstance(size, int) else size
+    for people in (0, 1, 5, 12):
+        kp = torch.rand(4, people, 18, 3, generator=g)
+        centre = torch.rand(4, people, 1, 2, generator=g) * 1.4 - 0.2
+        kp[..., :2] = (centre + (kp[..., :2] - 0.5) * 0.6) * torch.tensor([w, h])
+        kp[..., 2] = (kp[..., 2] > 0.2) * 2.0
+        if people:
+            kp[0, 0, 7, :2] = kp[0, 0, 5, :2]  # a zero-length limb has no field
+            kp[1, :, :, :2] = kp[1, :1, :, :2]  # everyone on the same spot: the average over people
+        for mine, dense in ((R.heatmap_targets(kp, size, stride, sigma),
+                             dense_heatmap_targets(kp, size, stride, sigma)),
+                            (R.paf_targets(kp, size, stride, width, R.COCO.limbs),
+                             dense_paf_targets(kp, size, stride, width, R.COCO.limbs))):
+            assert mine.shape == dense.shape and mine.dtype == dense.dtype
+            assert (mine != 0).equal(dense != 0) and (mine - dense).abs().max() < 1e-6
+        assert torch.equal(R.heatmap_targets(kp, size, stride, sigma), dense_heatmap_targets(kp, size, stride, sigma))
+        assert dense.abs().sum() > 0 or not people
+
+
 def test_peak_hit_signal():
     kp = torch.zeros(1, 1, 18, 3)
     kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
@@ -1013,6 +1072,28 @@ def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
     precision = R.precision(torch.device("cpu"), R.Config())
     for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
         assert figure in out
+
+
+def test_the_peers_targets_as_reimplemented_for_the_bench():
+    """The side-by-side timing compares like with like: for lone joints the peer's Gaussians are
+    ours, and its PAF points along the limb."""
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, 5], kp[0, 0, 7] = torch.tensor([41.5, 61.5, 2]), torch.tensor([81.5, 61.5, 2])  # 40 px apart
+    heat, paf = R.peer_targets(kp[0].numpy(), 128, 4, 5.0, 1.25, R.COCO.limbs)
+    assert np.allclose(heat, R.heatmap_targets(kp, 128, 4, 5.0)[0].numpy(), atol=1e-6) and heat[5].max() > 0.9
+    limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
+    assert (paf[2 * limb, 15, 11:20] == 1).all() and paf[2 * limb + 1].max() == 0
+    assert np.abs(np.delete(paf, [2 * limb, 2 * limb + 1], 0)).max() == 0
+
+
+def test_bench_targets_times_ours_and_the_peers_on_the_same_people(toy, capsys):
+    cfg, _ = R.parse_args(toy_data_args(toy))
+    threads = torch.get_num_threads()
+    figures = R.bench_targets(cfg, R.load_data(cfg), people=(1, 3), batch=2)
+    assert torch.get_num_threads() == threads  # timed on one thread, then given back
+    assert set(figures) == {f"{g}_{n}_people" for g in ("demo", "paper") for n in (1, 3)}
+    assert all(v > 0 for row in figures.values() for v in row.values())
+    assert "paper geometry (368 px, stride 8, sigma 7.0" in capsys.readouterr().out
 
 
 def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
