@@ -3559,17 +3559,65 @@ def seconds_per_call(fn, n: int, warmup: int = 0) -> float:
     return (time.perf_counter() - t) / n
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as in a loader worker, then back to the caller's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def loader_samples_per_second(maker: BatchMaker, cfg: Config, workers: int, rounds: int = 3) -> float:
+    """Samples per second that `workers` loader processes deliver, as training draws them
+    (Trainer.batches). Timed from the end of the first round, one batch per worker, which holds
+    the workers' start, to the end of `rounds` more."""
+    steps = StepBatches(maker, cfg.batch_size, cfg.seed, 0, (rounds + 1) * workers)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers, prefetch_factor=2)
+    t = 0.0
+    for i, _ in enumerate(loader):
+        if i == workers - 1:
+            t = time.perf_counter()
+    return rounds * workers * cfg.batch_size / (time.perf_counter() - t)
+
+
+def bench_pipeline(cfg: Config, maker: BatchMaker) -> dict:
+    """The data pipeline alone, per sample at cfg's geometry: crops and pasting, targets and masks
+    (on one thread, as a loader worker makes them), and the samples per second of 1, 2, ... N loader
+    workers (N: the cores this process may use)."""
+    rng = np.random.default_rng(0)
+    specs = maker.plan(cfg.batch_size, rng)
+    crops = collate([maker.sample(spec, rng) for spec in specs])
+    tensors = {k: torch.as_tensor(crops[k]) for k in ("keypoints", "pasted", "mask_miss")}
+    with one_thread():  # a loader worker's share of the machine
+        crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
+        target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
+                                                         tensors["mask_miss"], cfg), 10, warmup=1)
+    figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
+                   target_ms_per_sample=target_s / cfg.batch_size * 1e3)
+    for workers in range(1, len(os.sched_getaffinity(0)) + 1):
+        figures[f"loader_samples_s_{workers}_workers"] = loader_samples_per_second(maker, cfg, workers)
+    return figures
+
+
 def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
     cfg = dataclasses.replace(cfg, mode="augmented", steps=steps + 3)
+    header = (f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
+              f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}, "
+              f"{precision(device, cfg)}")
+    pipeline = bench_pipeline(cfg, BatchMaker(data, cfg))
+    if device.type == "cpu" and cfg.arch == "openpose":
+        # A step of the paper's VGG-19 network at 368 px takes tens of seconds on a few cores.
+        print(header + "\n  the network is not timed: the paper's VGG-19 student is timed on a GPU (--device cuda)")
+        for k, v in pipeline.items():
+            print(f"  {k:32s} {v:10.2f}")
+        return pipeline
     trainer = Trainer(cfg, data, device, Path("."))  # with --init: grouping is timed on a trained net's maps
     maker, model = trainer.maker, trainer.model
     rng = np.random.default_rng(0)
     specs = maker.plan(cfg.batch_size, rng)
-    crops = collate([maker.sample(spec, rng) for spec in specs])
-    crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
-    tensors = {k: torch.as_tensor(crops[k]).to(device) for k in ("keypoints", "pasted", "mask_miss")}
-    target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
-                                                     tensors["mask_miss"], cfg), 10)
     fixed = maker.batch(specs, rng)  # pre-made: crops, targets and masks all ready
     first_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), 1)  # with --compile: compiling
     premade_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), steps, warmup=2)
@@ -3589,14 +3637,11 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
         t2 = time.perf_counter()
         decode_maps(maps, base, skeleton(cfg))
         forward_s, group_s = forward_s + t2 - t, group_s + time.perf_counter() - t2
-    figures = dict(first_step_s=first_s, crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
-                   target_ms_per_sample=target_s / cfg.batch_size * 1e3,
+    figures = dict(first_step_s=first_s, **pipeline,
                    train_img_s_end_to_end=end_to_end, train_img_s_premade=premade,
                    pipeline_ratio=end_to_end / premade, forward_ms_per_image=forward_s / n * 1e3,
                    grouping_ms_per_image=group_s / n * 1e3)
-    print(f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
-          f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}, "
-          f"{precision(device, cfg)}")
+    print(header)
     for k, v in figures.items():
         print(f"  {k:32s} {v:10.2f}")
     return figures
@@ -3654,10 +3699,8 @@ def bench_people(data: Data, cfg: Config, per_sample: int, samples: int, rng: np
 def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10), batch: int = 16) -> dict:
     """heatmap_targets + paf_targets against the peer's loops, on one thread and the same people:
     ms per sample batched as the loader does, one sample at a time, and the peer's (best of 5)."""
-    sk, threads, rng = skeleton(cfg), torch.get_num_threads(), np.random.default_rng(0)
-    torch.set_num_threads(1)
-    figures = {}
-    try:
+    sk, rng, figures = skeleton(cfg), np.random.default_rng(0), {}
+    with one_thread():
         for name, preset in (("demo", PRESETS["demo"]), ("paper", PRESETS["paper"])):
             geometry = {k: preset.get(k, getattr(Config(), k))
                         for k in ("input_size", "stride", "sigma", "paf_width", "max_center_offset")}
@@ -3684,8 +3727,6 @@ def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10),
                 print(f"  people {n:2d}: ours batched by {batch} {row['batched_ms']:6.3f}, one at a time "
                       f"{row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: {row['speedup_batched']:4.1f}x and "
                       f"{row['speedup_single']:4.1f}x faster")
-    finally:
-        torch.set_num_threads(threads)
     return figures
 
 

@@ -1074,6 +1074,20 @@ def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
         assert figure in out
 
 
+def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(toy, capsys):
+    """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
+    1 .. N loader workers for the N cores."""
+    args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4", "--input-size", "96",
+                                 "--device", "cpu"]
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
+    for figure in ("crop_and_paste_ms_per_sample", "target_ms_per_sample", *workers):
+        assert figure in out
+    assert "preset paper, arch openpose, batch 4, input 96" in out and "network is not timed" in out
+    assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
+
+
 def test_the_peers_targets_as_reimplemented_for_the_bench():
     """The side-by-side timing compares like with like: for lone joints the peer's Gaussians are
     ours, and its PAF points along the limb."""
