@@ -956,6 +956,18 @@ class BatchMaker:
         return batch | dict(source=[s.source for s in specs], target=target, loss_mask=loss_mask)
 
 
+def rank_share(maker: BatchMaker, batch_size: int, seed: int, step: int, rank: int = 0,
+               world: int = 1) -> tuple[list[Spec], np.random.Generator]:
+    """Rank `rank`'s specs of step `step` and the generator its crops draw on. Every rank plans the
+    step's whole batch alike and takes every world-th slot, so the shares are disjoint and together
+    are the step's batch, each with its share of real crops. Rank 0's crops continue on the planning
+    generator (a world of one is the single-process run, unchanged); another rank's draw on a stream
+    of their own, so that no rank builds the others' crops."""
+    rng = step_rng(seed, step)
+    specs = maker.plan(batch_size, rng)[rank::world]
+    return specs, rng if rank == 0 else step_rng(seed, step, rank)
+
+
 def collate(samples: list[Sample]) -> dict:
     def pad(arrays):
         n = max(1, max(len(a) for a in arrays))
@@ -969,18 +981,20 @@ def collate(samples: list[Sample]) -> dict:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item t is the whole batch of step start+t, so loader workers stay deterministic."""
+    """Item t is the batch of step start+t (this rank's share of it), so loader workers stay
+    deterministic; batch_size is the whole step's, over all ranks."""
 
-    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int, rank: int = 0):
+    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1):
         self.maker, self.batch_size, self.seed = maker, batch_size, seed
-        self.start, self.stop, self.rank = start, stop, rank
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        rng = step_rng(self.seed, self.start + i, self.rank)
-        return self.maker.batch(self.maker.plan(self.batch_size, rng), rng)
+        specs, rng = rank_share(self.maker, self.batch_size, self.seed, self.start + i, self.rank, self.world)
+        return self.maker.batch(specs, rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2528,7 +2542,7 @@ class Trainer:
                 yield self.step, self.maker.batch(self.maker.plan(batch_size, rng, pool, near), rng)
             return
         workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 1)
-        steps = StepBatches(self.maker, batch_size, cfg.seed, self.step, cfg.steps, self.rank)
+        steps = StepBatches(self.maker, cfg.batch_size, cfg.seed, self.step, cfg.steps, self.rank, self.world)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -2553,6 +2567,8 @@ class Trainer:
             now = time.perf_counter()
             self.seconds += now - t_last
             t_last = now
+            if self.world > 1:  # rank 0's clock on every rank: one schedule, one stop, no rank left waiting
+                self.seconds = self.from_rank0(self.seconds)
             self.step = step + 1
             self.log_window.add(r)
             bar.update(round(self.seconds) - bar.n if budget else 1)
@@ -2574,6 +2590,13 @@ class Trainer:
         bar.close()
         if main_rank:
             save_atomic(self.state(), self.out / "ckpt.pt")
+
+    def from_rank0(self, value: float) -> float:
+        import torch.distributed as dist
+
+        shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, 0)
+        return float(shared)
 
     def eval_due(self) -> bool:
         """After one of --eval-steps, or when training time crosses the next of --eval-minutes."""
@@ -4096,6 +4119,9 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     device = resolve_device(cfg)
     if world == 1:
         return 0, 1, device
+    if cfg.batch_size % world:
+        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes: each "
+                         "trains an equal share of every step's batch")
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", 0))
