@@ -591,7 +591,7 @@ def load_mpii_annolist(mat: Path, images: Path) -> KeypointSet:
 def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
     """The official release in root: mpii_human_pose_v1_u12_1.mat and images/ (and, if present, the
     toolkit's groups_v12.mat): training people, and the held-out multi-person validation groups."""
-    mat = root / "mpii_human_pose_v1_u12_1.mat"
+    mat = root / MPII_RELEASE
     if not mat.is_file():
         raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside (the official release)")
     groups_mat = root / "groups_v12.mat"
@@ -1945,6 +1945,79 @@ def groups_of_records(kset: KeypointSet) -> list[Group]:
                             centre.astype(np.float32)))
     return groups
 
+
+# -- the stand-in benchmark in MPII's own layout: a rehearsal of --mpii-root before the real data
+
+MPII_RELEASE = "mpii_human_pose_v1_u12_1.mat"  # official release: the annotation file's name
+MPII_TEST_EVERY = 10  # [ours] every 10th rehearsal image is a test image (img_train 0, no joints), as in the release
+MPII_NO_VISIBILITY = (8, 9)  # official release: is_visible is empty for upper neck and head top
+# [ours] the rehearsal set: 640 px scenes of 2+ stand-in people (about 4), MPII's 16 joints
+MPII_REHEARSAL = dict(kind="scenes", num_images=300, seed=5000, style="standin", image_size=640, mean_people=4.0,
+                      min_people=2, camera_distance=(8.0, 1.0), skeleton="mpii")
+
+
+def single_people(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) person boxes x, y, w, h -> 1-based ids of the people whose box, grown by half its
+    height on every side, meets no other person's box: [ours] MPII's single_person lists
+    sufficiently separated people, and its multi-person groups are the others."""
+    margin = boxes[:, 3:] / 2
+    lo, hi = boxes[:, :2] - margin, boxes[:, :2] + boxes[:, 2:] + margin
+    meets = ((lo[:, None] <= (boxes[:, :2] + boxes[:, 2:])[None]) & (hi[:, None] >= boxes[None, :, :2])).all(-1)
+    meets |= meets.T
+    np.fill_diagonal(meets, False)
+    return np.nonzero(~meets.any(1))[0] + 1
+
+
+def _release_rect(g: Group, k: int, test: bool) -> dict:
+    """One person as RELEASE.annolist(i).annorect(k); a test image's people have only scale and objpos."""
+    rect = dict(scale=float(g.scales[k]), objpos=dict(x=float(g.objpos[k, 0]), y=float(g.objpos[k, 1])))
+    if test:
+        return rect
+    points = [dict(x=float(x), y=float(y), id=float(j),
+                   is_visible=np.zeros((0, 0)) if j in MPII_NO_VISIBILITY else float(v == 2))
+              for j, (x, y, v) in enumerate(g.joints[k]) if v > 0]
+    x1, y1, x2, y2 = (float(c) for c in g.head_boxes[k])
+    return rect | dict(x1=x1, y1=y1, x2=x2, y2=y2, annopoints=dict(
+        point=_struct_array(points, ("x", "y", "id", "is_visible"))) if points else np.zeros((0, 0)))
+
+
+def write_release(path: str | Path, kset: KeypointSet) -> None:
+    """A COCO-format set with MPII joints -> the official RELEASE struct (annolist, img_train,
+    single_person), atomically: head boxes, scales and centres as groups_of_records makes them."""
+    import scipy.io
+
+    annolist, img_train, single = [], [], np.empty(len(kset.records), dtype=object)
+    for i, (rec, g) in enumerate(zip(kset.records, groups_of_records(kset))):
+        test = i % MPII_TEST_EVERY == MPII_TEST_EVERY - 1
+        keep = np.isfinite(g.head_boxes).all(1) | test  # a training person needs a head box to be scored
+        g = _subset(g, keep)
+        rects = [_release_rect(g, k, test) for k in range(len(g.joints))]
+        fields = ("scale", "objpos") if test else ("x1", "y1", "x2", "y2", "scale", "objpos", "annopoints")
+        annolist.append(dict(image=dict(name=g.image), annorect=_struct_array(rects, fields) if rects
+                             else np.zeros((0, 0))))
+        img_train.append(0.0 if test else 1.0)
+        single[i] = np.zeros((0, 1)) if test else single_people(rec.boxes[keep]).astype(np.float64)[:, None]
+    release = dict(annolist=_struct_array(annolist, ("image", "annorect")), img_train=np.array(img_train),
+                   single_person=single, version="12")
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
+        scipy.io.savemat(f, {"RELEASE": release}, do_compression=True)
+
+
+def write_mpii_rehearsal(out: Path, source: KeypointSet | None = None) -> Path:
+    """The MPII root `--mpii-root out` reads: out/mpii_human_pose_v1_u12_1.mat and out/images/. By
+    default MPII_REHEARSAL is rendered into out first (render_humans.py; its annotations.json and
+    parts/ stay beside); a given source set's images are copied in."""
+    out = Path(out)
+    if source is None:
+        json_path = Path(rh.render_dataset(out, progress=True, **MPII_REHEARSAL))
+        source = load_keypoint_set(json_path, out / "images", MPII)
+    else:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for rec in source.records:
+            if rec.path.resolve() != (out / "images" / rec.path.name).resolve():
+                shutil.copy2(rec.path, out / "images" / rec.path.name)
+    write_release(out / MPII_RELEASE, source)
+    return out
 
 def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Group:
     """Decoded people -> an MPII prediction for one group; each joint is scored by its own peak.
@@ -4066,6 +4139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-onnx", metavar="PATH",
                    help="write the network of --ckpt (default: the shipped student) as an ONNX model to PATH, "
                         "checked against torch (dynamic batch and input size); run it with --mode predict --onnx")
+    p.add_argument("--write-mpii-release", metavar="DIR",
+                   help="render the stand-in benchmark at paper size into DIR in MPII's own layout "
+                        "(mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of --mpii-root before the real data")
     p.add_argument("--reproduce", action="store_true",
                    help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -4358,6 +4434,11 @@ def run_main(argv: list[str] | None = None) -> int:
             return 0
         if args.export_onnx:
             export_onnx(cfg, Path(args.export_onnx))
+            return 0
+        if args.write_mpii_release:
+            out = write_mpii_rehearsal(Path(args.write_mpii_release))
+            print(f"MPII-layout rehearsal set: {out / MPII_RELEASE} and {out / 'images'}; train on it with "
+                  f"python repro.py --preset paper --mpii-root {out}")
             return 0
         if args.reproduce or args.jobs != 1 or args.only != ["*"]:
             check_protocol_flags(args.reproduce, args.jobs, tuple(args.only))

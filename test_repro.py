@@ -2210,6 +2210,32 @@ def test_mpii_demo_path_runs_end_to_end(mpii_toy, tmp_path):
     assert len(back) == 3 and len(R.read_annolist(out / "val_predictions.json")) == 3
 
 
+def test_the_mpii_rehearsal_set_trains_and_evaluates_as_the_real_release(mpii_toy, tmp_path):
+    """write_mpii_rehearsal writes a set in MPII's own layout, which --preset paper --mpii-root reads
+    as it reads the real release (train people, held-out multi-person groups, test images skipped),
+    trains on, evaluates and predicts in the toolkit's format; here at 64 px and 2 steps."""
+    source = relabel_mpii(write_toy_set(tmp_path / "src", 40, people=(2, 4), seed=7))
+    root = R.write_mpii_rehearsal(tmp_path / "mpii", R.load_keypoint_set(source, tmp_path / "src/images", R.MPII))
+    near, far = [0, 0, 10, 100], [500, 0, 10, 100]  # boxes x, y, w, h: 40 px apart is within half a height
+    assert list(R.single_people(np.array([near, [50, 0, 10, 100], far], np.float32))) == [3]
+    assert sorted(p.name for p in root.iterdir()) == ["images", R.MPII_RELEASE]
+    release = R._loadmat(root / R.MPII_RELEASE)["RELEASE"]
+    assert list(release.img_train).count(0) == 4  # every 10th image: a test image, people without joints
+    assert R._field(R._items(release.annolist[9].annorect)[0], "annopoints") is None
+    train, val = R.load_release(root / R.MPII_RELEASE, root / "images")
+    assert len(train) == 35 and [g.image for g in val] == ["0038.jpg"] and len(val[0].joints) >= 2
+    assert np.isfinite(val[0].head_boxes).all() and (val[0].joints[:, 9, 2] == 2).all()  # head top: no is_visible
+    out = tmp_path / "run"
+    argv = ["--preset", "paper", "--mpii-root", str(root), "--synthetic-json", str(mpii_toy["synthetic"]),
+            "--bank-json", str(mpii_toy["bank"]), "--input-size", "64", "--stages", "2", "--batch-size", "2",
+            "--steps", "2", "--eval-height", "64", "--eval-scales", "1.0", "--threads", "2", "--out", str(out)]
+    assert R.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["mAP"] <= 100 and metrics["benchmark"].lower().startswith("mpii")
+    pred = R.read_annolist(out / "val_predictions.mat")  # the toolkit's pred struct
+    assert [g.image for g in pred] == ["0038.jpg"]
+
+
 @needs_mpii
 def test_score_mpii_command_prints_the_table_and_map(capsys):
     assert R.main(["--score-mpii", str(MPII_PRED), str(MPII_GT)]) == 0
