@@ -3743,6 +3743,99 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
     return figures
 
 
+# [ours] from NVIDIA's datasheets: dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a part
+# of the name torch reports; the first match counts, so the specific names come first
+GPU_BF16_PEAK_TFLOPS = (("H200", 989.5), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.5),
+                        ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0))
+
+
+def bf16_peak_tflops(device: torch.device) -> tuple[str, float | None]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return name, next((peak for part, peak in GPU_BF16_PEAK_TFLOPS if part in name), None)
+
+
+def train_flops_per_image(trainer: Trainer, batch: dict) -> float:
+    """Model FLOPs of one training step (forward + backward), per image, as FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, device = trainer.cfg, trainer.device
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, cfg):
+            outputs = trainer.model(to_input(batch["image"], device))
+        loss, _ = pose_loss(outputs, batch["target"].to(device), batch["loss_mask"].to(device))
+        loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch["image"])
+
+
+def data_argv(cfg: Config) -> list[str]:
+    """The flags that name this run's data, for a child process."""
+    flags = ("data", "coco_root", "train_json", "train_images", "val_json", "val_images", "synthetic_json",
+             "bank_json", "demo_dir", "demo_size", "mpii_root", "skeleton")
+    return [a for f in flags if getattr(cfg, f) is not None
+            for a in ("--" + f.replace("_", "-"), str(getattr(cfg, f)))]
+
+
+def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
+    """`torchrun --nproc-per-node 1` (NCCL on a GPU, gloo on a CPU) trains a few steps of this network."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                str(Path(__file__).resolve()), "--preset", cfg.preset, "--mode", "real", *data_argv(cfg),
+                "--arch", cfg.arch, "--stages", str(cfg.stages), "--width", str(cfg.width),
+                "--input-size", str(cfg.input_size), "--batch-size", str(cfg.batch_size), "--steps", str(steps),
+                "--minutes", "0", "--device", device.type, "--init", "none", "--max-val-images", "1",
+                "--eval-scales", "1.0", "--eval-height", str(cfg.input_size), "--out", str(Path(tmp) / "run")]
+        t = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        ckpt = Path(tmp) / "run" / "ckpt.pt"
+        step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
+    return dict(backend="nccl" if device.type == "cuda" else "gloo", returncode=done.returncode, steps=step,
+                seconds=seconds, ok=done.returncode == 0 and step == steps,
+                stderr_tail=done.stderr[-500:] if done.returncode else "")
+
+
+def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
+    """The issue-20 device figures in one call: the student's training img/s (eager and compiled),
+    its FLOPs per image and MFU, the loader against pre-made batches with a worker per core, the
+    teacher's cost per update and a torchrun check; written to results/gpu-bench.json (or --out)."""
+    cores = len(os.sched_getaffinity(0))
+    cfg = dataclasses.replace(cfg, mode="augmented", steps=10 * steps, workers=cores, init=None)
+    name, peak = bf16_peak_tflops(device)
+    report = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, cores=cores,
+                  precision=precision(device, cfg), preset=cfg.preset, arch=cfg.arch, stages=cfg.stages,
+                  input_size=cfg.input_size, batch_size=cfg.batch_size, argv=sys.argv, bf16_peak_tflops=peak)
+    trainer = Trainer(cfg, data, device, Path("."))
+    rng = np.random.default_rng(0)
+    fixed = trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng), rng)
+    report["train_flops_per_image"] = flops = train_flops_per_image(trainer, fixed)
+    for compiled in (False, True):
+        t = trainer if not compiled else Trainer(dataclasses.replace(cfg, compile=True), data, device, Path("."))
+        first = seconds_per_call(lambda: t.train_step(fixed, cfg.lr), 1)  # compiled: the compile itself
+        img_s = cfg.batch_size / seconds_per_call(lambda: t.train_step(fixed, cfg.lr), steps, warmup=2)
+        key = "compiled" if compiled else "eager"
+        report[f"{key}_first_step_s"], report[f"{key}_img_s_premade"] = first, img_s
+        report[f"{key}_mfu"] = flops * img_s / (peak * 1e12) if peak else None
+    stream = (b for _, b in trainer.batches())
+    streamed = cfg.batch_size / seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr), steps, warmup=3)
+    report |= dict(eager_img_s_end_to_end=streamed, loader_workers=cores,
+                   pipeline_ratio=streamed / report["eager_img_s_premade"])
+    teacher = Teacher(dataclasses.replace(cfg, mode="student-teacher"), trainer.maker, device)
+    teacher.hard_images = np.resize(fixed["image"], (TEACHER_HARD_CROPS,) + fixed["image"].shape[1:])
+    target = np.full(teacher.bins, 1 / teacher.bins)
+    report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target), teacher.output()), 5, warmup=1)
+    report["torchrun"] = torchrun_check(cfg, device)
+    path = Path(cfg.out) / "gpu-bench.json" if cfg.out else Path("results/gpu-bench.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, path)
+    for k, v in report.items():
+        print(f"  {k:28s} {v:10.3f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    print(f"written: {path}")
+    return report
+
+
 def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, thickness: float,
                  limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For the side-by-side timing only, not used in training: the peer's method, Lightweight
@@ -4128,6 +4221,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, derived from Config's fields; help shows the demo and paper defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
+    p.add_argument("--gpu-report", action="store_true",
+                   help="the device figures of one call (training img/s eager and compiled, FLOPs per image, MFU, "
+                        "loader ratio, teacher update, a torchrun check) into results/gpu-bench.json, and exit")
     p.add_argument("--bench-targets", action="store_true",
                    help="time heatmap + PAF targets against Lightweight OpenPose's loops at the demo and paper "
                         "geometries (one thread) and exit")
@@ -4457,6 +4553,8 @@ def run_main(argv: list[str] | None = None) -> int:
         data = load_data(cfg)
         if args.bench_targets:
             bench_targets(cfg, data)
+        elif args.gpu_report:
+            gpu_report(cfg, data, device)
         elif args.bench:
             bench(cfg, data, device)
         elif args.probe:

@@ -1223,6 +1223,27 @@ def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(t
     assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
 
 
+def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_path):
+    """The device report's pieces that can silently go wrong on a CPU: FLOPs are per image (the
+    same at batch 2 and 4, forward + backward about 3x the forward), a torchrun child gets this
+    run's data, and the peak table reads the names torch reports."""
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "real"))
+    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
+    rng = np.random.default_rng(0)
+    batches = [trainer.maker.batch(trainer.maker.plan(n, rng), rng) for n in (2, 4)]
+    per_image = [R.train_flops_per_image(trainer, b) for b in batches]
+    assert per_image[0] == pytest.approx(per_image[1], rel=1e-6) and per_image[0] > 0
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        trainer.model(R.to_input(batches[0]["image"], torch.device("cpu")))
+    assert 2.5 < per_image[0] * 2 / forward.get_total_flops() < 3.5
+    child, _ = R.parse_args(R.data_argv(cfg))
+    data_flags = ("train_json", "val_images", "synthetic_json", "bank_json")
+    assert all(getattr(child, f) == getattr(cfg, f) for f in data_flags)
+    assert [R.bf16_peak_tflops(torch.device("cpu"))] == [("cpu", None)]
+    assert [p for part, p in R.GPU_BF16_PEAK_TFLOPS if part in "NVIDIA H100 PCIe"][0] == 756.0
+
+
 def test_the_peers_targets_as_reimplemented_for_the_bench():
     """The side-by-side timing compares like with like: for lone joints the peer's Gaussians are
     ours, and its PAF points along the limb."""
