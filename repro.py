@@ -3823,9 +3823,10 @@ def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -
     report |= dict(eager_img_s_end_to_end=streamed, loader_workers=cores,
                    pipeline_ratio=streamed / report["eager_img_s_premade"])
     teacher = Teacher(dataclasses.replace(cfg, mode="student-teacher"), trainer.maker, device)
-    teacher.hard_images = np.resize(fixed["image"], (TEACHER_HARD_CROPS,) + fixed["image"].shape[1:])
+    hard = np.resize(fixed["image"], (TEACHER_HARD_CROPS,) + fixed["image"].shape[1:])  # a window's hard crops
     target = np.full(teacher.bins, 1 / teacher.bins)
-    report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target), teacher.output()), 5, warmup=1)
+    report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target, hard, cfg.lr, 0),
+                                                           teacher.output(hard)), 5, warmup=1)
     report["torchrun"] = torchrun_check(cfg, device)
     path = Path(cfg.out) / "gpu-bench.json" if cfg.out else Path("results/gpu-bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)
