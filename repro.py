@@ -729,12 +729,12 @@ def box_cells(lo: torch.Tensor, hi: torch.Tensor, gy: torch.Tensor, gx: torch.Te
     """(N, 2) boxes [lo, hi] in input pixels, (x, y) -> the (instance, row, column) of every cell
     whose centre lies in a box, as three (M,) tensors."""
     offset, last_cell = (stride - 1) / 2, torch.tensor([len(gx) - 1, len(gy) - 1], device=lo.device)
-    first = torch.ceil((lo - offset) / stride).clamp(0, 1e9).to(torch.int32)
-    last = torch.floor((hi - offset) / stride).clamp(-1, 1e9).to(torch.int32).minimum(last_cell)
+    first = torch.ceil((lo - offset) / stride).clamp(0, 1e9).long()
+    last = torch.floor((hi - offset) / stride).clamp(-1, 1e9).long().minimum(last_cell)
     shape = (last - first + 1).clamp(min=0)
     area = shape[:, 0] * shape[:, 1]
     inst = torch.repeat_interleave(torch.arange(len(area), device=lo.device), area)
-    k = torch.arange(len(inst), device=lo.device, dtype=torch.int32) - (torch.cumsum(area, 0) - area)[inst]
+    k = torch.arange(len(inst), device=lo.device) - (torch.cumsum(area, 0) - area)[inst]
     cols, start = shape[inst, 0], first[inst]
     return inst, start[:, 1] + torch.div(k, cols, rounding_mode="floor"), start[:, 0] + k % cols
 
