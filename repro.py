@@ -591,7 +591,7 @@ def load_mpii_annolist(mat: Path, images: Path) -> KeypointSet:
 def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
     """The official release in root: mpii_human_pose_v1_u12_1.mat and images/ (and, if present, the
     toolkit's groups_v12.mat): training people, and the held-out multi-person validation groups."""
-    mat = root / "mpii_human_pose_v1_u12_1.mat"
+    mat = root / MPII_RELEASE
     if not mat.is_file():
         raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside (the official release)")
     groups_mat = root / "groups_v12.mat"
@@ -713,7 +713,7 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
 
 
 # ----------------------------------------------------------------------------------------------
-# Targets and loss masks (torch, vectorised over batch, people, parts and grid)
+# Targets and loss masks (torch, vectorised over the grid cells near each joint and limb)
 # ----------------------------------------------------------------------------------------------
 
 def grids(size: int | tuple[int, int], stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -725,20 +725,49 @@ def grids(size: int | tuple[int, int], stride: int, device=None) -> tuple[torch.
     return centres(h), centres(w)
 
 
+def box_cells(lo: torch.Tensor, hi: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor, stride: int):
+    """(N, 2) boxes [lo, hi] in input pixels, (x, y) -> the (instance, row, column) of every cell
+    whose centre lies in a box, as three (M,) tensors."""
+    offset, last_cell = (stride - 1) / 2, torch.tensor([len(gx) - 1, len(gy) - 1], device=lo.device)
+    first = torch.ceil((lo - offset) / stride).clamp(0, 1e9).long()
+    last = torch.floor((hi - offset) / stride).clamp(-1, 1e9).long().minimum(last_cell)
+    shape = (last - first + 1).clamp(min=0)
+    area = shape[:, 0] * shape[:, 1]
+    inst = torch.repeat_interleave(torch.arange(len(area), device=lo.device), area)
+    k = torch.arange(len(inst), device=lo.device) - (torch.cumsum(area, 0) - area)[inst]
+    cols, start = shape[inst, 0], first[inst]
+    return inst, start[:, 1] + torch.div(k, cols, rounding_mode="floor"), start[:, 0] + k % cols
+
+
 def heatmap_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
                     sigma: float) -> torch.Tensor:
     """(B, P, 18, 3) -> (B, 19, H, W): Gaussians merged by max; the last channel is background.
 
     size: the input's side, or its (height, width); the grid is size // stride."""
     gy, gx = grids(size, stride, keypoints.device)
+    B, K, H, W = keypoints.shape[0], keypoints.shape[2], len(gy), len(gx)
+    b, _, j = torch.nonzero(keypoints[..., 2] > 0, as_tuple=True)
+    xy = keypoints[..., :2][keypoints[..., 2] > 0]  # (N, 2) labelled joints
+    # Only a window of cells around each joint is computed: beyond sqrt(2 ln 100) sigma the
+    # Gaussian is below the paper code's 0.01 cut, so every other cell is 0 as in a dense map.
+    reach = sigma * math.sqrt(2 * math.log(100))
+
+    def window(coord, g):  # (N,) -> (N, n) cells, n fixed; shifted inside the grid, still covering
+        n = min(len(g), int(2 * reach / stride) + 3)
+        first = torch.floor((coord - reach - (stride - 1) / 2) / stride).clamp(0, len(g) - n).long()
+        return first[:, None] + torch.arange(n, device=coord.device)
+
+    iy, ix = window(xy[:, 1], gy), window(xy[:, 0], gx)
     # The Gaussian is separable: two 1-D profiles and one outer product, no 2-D exp.
-    labelled = (keypoints[..., 2] > 0)[..., None]
-    along_x = torch.exp(-(gx - keypoints[..., 0, None]) ** 2 / (2 * sigma ** 2)) * labelled  # (B, P, 18, W)
-    along_y = torch.exp(-(gy - keypoints[..., 1, None]) ** 2 / (2 * sigma ** 2))  # (B, P, 18, H)
-    heat = along_y[..., :, None] * along_x[..., None, :]
+    along_x = torch.exp(-(gx[ix] - xy[:, 0, None]) ** 2 / (2 * sigma ** 2))  # (N, nx)
+    along_y = torch.exp(-(gy[iy] - xy[:, 1, None]) ** 2 / (2 * sigma ** 2))  # (N, ny)
+    heat = along_y[:, :, None] * along_x[:, None, :]
     heat = torch.where(heat >= 0.01, heat, 0.0)  # paper code: truncated below 0.01
-    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], keypoints.shape[2], len(gy), len(gx))
-    return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
+    maps = keypoints.new_zeros(B, K + 1, H, W)
+    cell = ((b * (K + 1) + j)[:, None, None] * H + iy[:, :, None]) * W + ix[:, None, :]
+    maps.view(-1).scatter_reduce_(0, cell.flatten(), heat.flatten(), "amax")  # people merged by max
+    maps[:, K] = 1 - maps[:, :K].amax(1)
+    return maps
 
 
 def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: int,
@@ -746,23 +775,36 @@ def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: in
     """(B, P, K, 3) -> (B, 2L, H, W): unit vectors of the (L, 2) limbs within `width` px, averaged
     over people."""
     gy, gx = grids(size, stride, keypoints.device)
+    B, L, H, W = keypoints.shape[0], len(limbs), len(gy), len(gx)
     a, b = keypoints[:, :, limbs[:, 0]], keypoints[:, :, limbs[:, 1]]  # (B, P, L, 3)
     d = b[..., :2] - a[..., :2]
     length = torch.sqrt((d ** 2).sum(-1))
     valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
-    u = d / length.clamp(min=1e-3)[..., None]
-    rx = gx[None, :] - a[..., 0, None, None]  # (B, P, L, 1, W)
-    ry = gy[:, None] - a[..., 1, None, None]  # (B, P, L, H, 1)
-    along = rx * u[..., 0, None, None] + ry * u[..., 1, None, None]
-    across = (rx * u[..., 1, None, None] - ry * u[..., 0, None, None]).abs()
+    ib, _, il = torch.nonzero(valid, as_tuple=True)
+    a, b, d, length = a[..., :2][valid], b[..., :2][valid], d[valid], length[valid]  # (N, ...) drawn limbs
+    u = d / length.clamp(min=1e-3)[:, None]
+    # Only the cells of each limb's bounding box are tested: the field reaches `width` along and
+    # across the limb, so width * (|ux| + |uy|) in x and y beyond its joints; the 0.01 px margin
+    # [ours] is far above float rounding, so no cell the exact test keeps is dropped.
+    reach = width * u.abs().sum(1, keepdim=True) + 0.01
+    inst, iy, ix = box_cells(torch.minimum(a, b) - reach, torch.maximum(a, b) + reach, gy, gx, stride)
+    per = torch.cat([a, u, length[:, None]], 1)[inst]  # (M, 5): one gather of what each cell's test needs
+    rx, ry, ux, uy = gx[ix] - per[:, 0], gy[iy] - per[:, 1], per[:, 2], per[:, 3]
+    along = rx * ux + ry * uy
+    across = (rx * uy - ry * ux).abs()
     # Like OpenPose's bounding box, the field reaches `width` past both joints, so that short
     # limbs (eye-ear) still hold enough samples for the line integral.
-    inside = (along >= -width) & (along <= length[..., None, None] + width) & (across <= width)
-    inside = inside & valid[..., None, None]
-    count = inside.sum(1).clamp(min=1)  # (B, L, H, W)
-    field_ = (inside[..., None, :, :] * u[..., None, None]).sum(1) / count[:, :, None]  # (B, L, 2, H, W)
-    b_, l_, _, h_, w_ = field_.shape
-    return field_.reshape(b_, 2 * l_, h_, w_)
+    inside = (along >= -width) & (along <= per[:, 4] + width) & (across <= width)
+    inst, cell = inst[inside], ((ib * L + il)[inst] * H + iy) * W + ix
+    cell = cell[inside]  # flat (b, l, y, x) of each covered cell, once per person covering it
+    count = keypoints.new_zeros(B * L * H * W).index_add_(0, cell, torch.ones_like(cell, dtype=keypoints.dtype))
+    maps = keypoints.new_zeros(B, L, 2, H * W)  # channel 2l + c is limb l's x (c = 0) or y (c = 1)
+    flat = maps.view(-1)
+    x_at = cell // (H * W) * (2 * H * W) + cell % (H * W)
+    flat.index_add_(0, torch.cat([x_at, x_at + H * W]), torch.cat([u[inst, 0], u[inst, 1]]))
+    n = count[cell]
+    flat[x_at], flat[x_at + H * W] = flat[x_at] / n, flat[x_at + H * W] / n  # averaged over people
+    return maps.reshape(B, 2 * L, H, W)
 
 
 def flip_maps(maps: torch.Tensor, sk: Skeleton) -> torch.Tensor:
@@ -914,6 +956,18 @@ class BatchMaker:
         return batch | dict(source=[s.source for s in specs], target=target, loss_mask=loss_mask)
 
 
+def rank_share(maker: BatchMaker, batch_size: int, seed: int, step: int, rank: int = 0,
+               world: int = 1) -> tuple[list[Spec], np.random.Generator]:
+    """Rank `rank`'s specs of step `step` and the generator its crops draw on. Every rank plans the
+    step's whole batch alike and takes every world-th slot, so the shares are disjoint and together
+    are the step's batch, each with its share of real crops. Rank 0's crops continue on the planning
+    generator (a world of one is the single-process run, unchanged); another rank's draw on a stream
+    of their own, so that no rank builds the others' crops."""
+    rng = step_rng(seed, step)
+    specs = maker.plan(batch_size, rng)[rank::world]
+    return specs, rng if rank == 0 else step_rng(seed, step, rank)
+
+
 def collate(samples: list[Sample]) -> dict:
     def pad(arrays):
         n = max(1, max(len(a) for a in arrays))
@@ -927,18 +981,20 @@ def collate(samples: list[Sample]) -> dict:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item t is the whole batch of step start+t, so loader workers stay deterministic."""
+    """Item t is the batch of step start+t (this rank's share of it), so loader workers stay
+    deterministic; batch_size is the whole step's, over all ranks."""
 
-    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int, rank: int = 0):
+    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1):
         self.maker, self.batch_size, self.seed = maker, batch_size, seed
-        self.start, self.stop, self.rank = start, stop, rank
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        rng = step_rng(self.seed, self.start + i, self.rank)
-        return self.maker.batch(self.maker.plan(self.batch_size, rng), rng)
+        specs, rng = rank_share(self.maker, self.batch_size, self.seed, self.start + i, self.rank, self.world)
+        return self.maker.batch(specs, rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1890,6 +1946,79 @@ def groups_of_records(kset: KeypointSet) -> list[Group]:
     return groups
 
 
+# -- the stand-in benchmark in MPII's own layout: a rehearsal of --mpii-root before the real data
+
+MPII_RELEASE = "mpii_human_pose_v1_u12_1.mat"  # official release: the annotation file's name
+MPII_TEST_EVERY = 10  # [ours] every 10th rehearsal image is a test image (img_train 0, no joints), as in the release
+MPII_NO_VISIBILITY = (8, 9)  # official release: is_visible is empty for upper neck and head top
+# [ours] the rehearsal set: 640 px scenes of 2+ stand-in people (about 4), MPII's 16 joints
+MPII_REHEARSAL = dict(kind="scenes", num_images=300, seed=5000, style="standin", image_size=640, mean_people=4.0,
+                      min_people=2, camera_distance=(8.0, 1.0), skeleton="mpii")
+
+
+def single_people(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) person boxes x, y, w, h -> 1-based ids of the people whose box, grown by half its
+    height on every side, meets no other person's box: [ours] MPII's single_person lists
+    sufficiently separated people, and its multi-person groups are the others."""
+    margin = boxes[:, 3:] / 2
+    lo, hi = boxes[:, :2] - margin, boxes[:, :2] + boxes[:, 2:] + margin
+    meets = ((lo[:, None] <= (boxes[:, :2] + boxes[:, 2:])[None]) & (hi[:, None] >= boxes[None, :, :2])).all(-1)
+    meets |= meets.T
+    np.fill_diagonal(meets, False)
+    return np.nonzero(~meets.any(1))[0] + 1
+
+
+def _release_rect(g: Group, k: int, test: bool) -> dict:
+    """One person as RELEASE.annolist(i).annorect(k); a test image's people have only scale and objpos."""
+    rect = dict(scale=float(g.scales[k]), objpos=dict(x=float(g.objpos[k, 0]), y=float(g.objpos[k, 1])))
+    if test:
+        return rect
+    points = [dict(x=float(x), y=float(y), id=float(j),
+                   is_visible=np.zeros((0, 0)) if j in MPII_NO_VISIBILITY else float(v == 2))
+              for j, (x, y, v) in enumerate(g.joints[k]) if v > 0]
+    x1, y1, x2, y2 = (float(c) for c in g.head_boxes[k])
+    return rect | dict(x1=x1, y1=y1, x2=x2, y2=y2, annopoints=dict(
+        point=_struct_array(points, ("x", "y", "id", "is_visible"))) if points else np.zeros((0, 0)))
+
+
+def write_release(path: str | Path, kset: KeypointSet) -> None:
+    """A COCO-format set with MPII joints -> the official RELEASE struct (annolist, img_train,
+    single_person), atomically: head boxes, scales and centres as groups_of_records makes them."""
+    import scipy.io
+
+    annolist, img_train, single = [], [], np.empty(len(kset.records), dtype=object)
+    for i, (rec, g) in enumerate(zip(kset.records, groups_of_records(kset))):
+        test = i % MPII_TEST_EVERY == MPII_TEST_EVERY - 1
+        keep = np.isfinite(g.head_boxes).all(1) | test  # a training person needs a head box to be scored
+        g = _subset(g, keep)
+        rects = [_release_rect(g, k, test) for k in range(len(g.joints))]
+        fields = ("scale", "objpos") if test else ("x1", "y1", "x2", "y2", "scale", "objpos", "annopoints")
+        annolist.append(dict(image=dict(name=g.image), annorect=_struct_array(rects, fields) if rects
+                             else np.zeros((0, 0))))
+        img_train.append(0.0 if test else 1.0)
+        single[i] = np.zeros((0, 1)) if test else single_people(rec.boxes[keep]).astype(np.float64)[:, None]
+    release = dict(annolist=_struct_array(annolist, ("image", "annorect")), img_train=np.array(img_train),
+                   single_person=single, version="12")
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
+        scipy.io.savemat(f, {"RELEASE": release}, do_compression=True)
+
+
+def write_mpii_rehearsal(out: Path, source: KeypointSet | None = None) -> Path:
+    """The MPII root `--mpii-root out` reads: out/mpii_human_pose_v1_u12_1.mat and out/images/. By
+    default MPII_REHEARSAL is rendered into out first (render_humans.py; its annotations.json and
+    parts/ stay beside); a given source set's images are copied in."""
+    out = Path(out)
+    if source is None:
+        json_path = Path(rh.render_dataset(out, progress=True, **MPII_REHEARSAL))
+        source = load_keypoint_set(json_path, out / "images", MPII)
+    else:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for rec in source.records:
+            if rec.path.resolve() != (out / "images" / rec.path.name).resolve():
+                shutil.copy2(rec.path, out / "images" / rec.path.name)
+    write_release(out / MPII_RELEASE, source)
+    return out
+
 def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Group:
     """Decoded people -> an MPII prediction for one group; each joint is scored by its own peak.
     [ours] Official groups are parts of an image: a predicted person counts for the group when the
@@ -2486,7 +2615,7 @@ class Trainer:
                 yield self.step, self.maker.batch(self.maker.plan(batch_size, rng, pool, near), rng)
             return
         workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 1)
-        steps = StepBatches(self.maker, batch_size, cfg.seed, self.step, cfg.steps, self.rank)
+        steps = StepBatches(self.maker, cfg.batch_size, cfg.seed, self.step, cfg.steps, self.rank, self.world)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -2511,6 +2640,8 @@ class Trainer:
             now = time.perf_counter()
             self.seconds += now - t_last
             t_last = now
+            if self.world > 1:  # rank 0's clock on every rank: one schedule, one stop, no rank left waiting
+                self.seconds = self.from_rank0(self.seconds)
             self.step = step + 1
             self.log_window.add(r)
             bar.update(round(self.seconds) - bar.n if budget else 1)
@@ -2532,6 +2663,13 @@ class Trainer:
         bar.close()
         if main_rank:
             save_atomic(self.state(), self.out / "ckpt.pt")
+
+    def from_rank0(self, value: float) -> float:
+        import torch.distributed as dist
+
+        shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, 0)
+        return float(shared)
 
     def eval_due(self) -> bool:
         """After one of --eval-steps, or when training time crosses the next of --eval-minutes."""
@@ -3655,17 +3793,65 @@ def seconds_per_call(fn, n: int, warmup: int = 0) -> float:
     return (time.perf_counter() - t) / n
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as in a loader worker, then back to the caller's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def loader_samples_per_second(maker: BatchMaker, cfg: Config, workers: int, rounds: int = 3) -> float:
+    """Samples per second that `workers` loader processes deliver, as training draws them
+    (Trainer.batches). Timed from the end of the first round, one batch per worker, which holds
+    the workers' start, to the end of `rounds` more."""
+    steps = StepBatches(maker, cfg.batch_size, cfg.seed, 0, (rounds + 1) * workers)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers, prefetch_factor=2)
+    t = 0.0
+    for i, _ in enumerate(loader):
+        if i == workers - 1:
+            t = time.perf_counter()
+    return rounds * workers * cfg.batch_size / (time.perf_counter() - t)
+
+
+def bench_pipeline(cfg: Config, maker: BatchMaker) -> dict:
+    """The data pipeline alone, per sample at cfg's geometry: crops and pasting, targets and masks
+    (on one thread, as a loader worker makes them), and the samples per second of 1, 2, ... N loader
+    workers (N: the cores this process may use)."""
+    rng = np.random.default_rng(0)
+    specs = maker.plan(cfg.batch_size, rng)
+    crops = collate([maker.sample(spec, rng) for spec in specs])
+    tensors = {k: torch.as_tensor(crops[k]) for k in ("keypoints", "pasted", "mask_miss")}
+    with one_thread():  # a loader worker's share of the machine
+        crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
+        target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
+                                                         tensors["mask_miss"], cfg), 10, warmup=1)
+    figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
+                   target_ms_per_sample=target_s / cfg.batch_size * 1e3)
+    for workers in range(1, len(os.sched_getaffinity(0)) + 1):
+        figures[f"loader_samples_s_{workers}_workers"] = loader_samples_per_second(maker, cfg, workers)
+    return figures
+
+
 def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
     cfg = dataclasses.replace(cfg, mode="augmented", steps=steps + 3)
+    header = (f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
+              f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}, "
+              f"{precision(device, cfg)}")
+    pipeline = bench_pipeline(cfg, BatchMaker(data, cfg))
+    if device.type == "cpu" and cfg.arch == "openpose":
+        # A step of the paper's VGG-19 network at 368 px takes tens of seconds on a few cores.
+        print(header + "\n  the network is not timed: the paper's VGG-19 student is timed on a GPU (--device cuda)")
+        for k, v in pipeline.items():
+            print(f"  {k:32s} {v:10.2f}")
+        return pipeline
     trainer = Trainer(cfg, data, device, Path("."))  # with --init: grouping is timed on a trained net's maps
     maker, model = trainer.maker, trainer.model
     rng = np.random.default_rng(0)
     specs = maker.plan(cfg.batch_size, rng)
-    crops = collate([maker.sample(spec, rng) for spec in specs])
-    crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
-    tensors = {k: torch.as_tensor(crops[k]).to(device) for k in ("keypoints", "pasted", "mask_miss")}
-    target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
-                                                     tensors["mask_miss"], cfg), 10)
     fixed = maker.batch(specs, rng)  # pre-made: crops, targets and masks all ready
     first_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), 1)  # with --compile: compiling
     premade_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), steps, warmup=2)
@@ -3685,16 +3871,190 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
         t2 = time.perf_counter()
         decode_maps(maps, base, skeleton(cfg))
         forward_s, group_s = forward_s + t2 - t, group_s + time.perf_counter() - t2
-    figures = dict(first_step_s=first_s, crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
-                   target_ms_per_sample=target_s / cfg.batch_size * 1e3,
+    figures = dict(first_step_s=first_s, **pipeline,
                    train_img_s_end_to_end=end_to_end, train_img_s_premade=premade,
                    pipeline_ratio=end_to_end / premade, forward_ms_per_image=forward_s / n * 1e3,
                    grouping_ms_per_image=group_s / n * 1e3)
-    print(f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
-          f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}, "
-          f"{precision(device, cfg)}")
+    print(header)
     for k, v in figures.items():
         print(f"  {k:32s} {v:10.2f}")
+    return figures
+
+
+# [ours] from NVIDIA's datasheets: dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a part
+# of the name torch reports; the first match counts, so the specific names come first
+GPU_BF16_PEAK_TFLOPS = (("H200", 989.5), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.5),
+                        ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0))
+
+
+def bf16_peak_tflops(device: torch.device) -> tuple[str, float | None]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return name, next((peak for part, peak in GPU_BF16_PEAK_TFLOPS if part in name), None)
+
+
+def train_flops_per_image(trainer: Trainer, batch: dict) -> float:
+    """Model FLOPs of one training step (forward + backward), per image, as FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, device = trainer.cfg, trainer.device
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, cfg):
+            outputs = trainer.model(to_input(batch["image"], device))
+        loss, _ = pose_loss(outputs, batch["target"].to(device), batch["loss_mask"].to(device))
+        loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch["image"])
+
+
+def data_argv(cfg: Config) -> list[str]:
+    """The flags that name this run's data, for a child process."""
+    flags = ("data", "coco_root", "train_json", "train_images", "val_json", "val_images", "synthetic_json",
+             "bank_json", "demo_dir", "demo_size", "mpii_root", "skeleton")
+    return [a for f in flags if getattr(cfg, f) is not None
+            for a in ("--" + f.replace("_", "-"), str(getattr(cfg, f)))]
+
+
+def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
+    """`torchrun --nproc-per-node 1` (NCCL on a GPU, gloo on a CPU) trains a few steps of this network."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                str(Path(__file__).resolve()), "--preset", cfg.preset, "--mode", "real", *data_argv(cfg),
+                "--arch", cfg.arch, "--stages", str(cfg.stages), "--width", str(cfg.width),
+                "--input-size", str(cfg.input_size), "--batch-size", str(cfg.batch_size), "--steps", str(steps),
+                "--minutes", "0", "--device", device.type, "--init", "none", "--max-val-images", "1",
+                "--eval-scales", "1.0", "--eval-height", str(cfg.input_size), "--out", str(Path(tmp) / "run")]
+        t = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        ckpt = Path(tmp) / "run" / "ckpt.pt"
+        step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
+    return dict(backend="nccl" if device.type == "cuda" else "gloo", returncode=done.returncode, steps=step,
+                seconds=seconds, ok=done.returncode == 0 and step == steps,
+                stderr_tail=done.stderr[-500:] if done.returncode else "")
+
+
+def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
+    """The issue-20 device figures in one call: the student's training img/s (eager and compiled),
+    its FLOPs per image and MFU, the loader against pre-made batches with a worker per core, the
+    teacher's cost per update and a torchrun check; written to results/gpu-bench.json (or --out)."""
+    cores = len(os.sched_getaffinity(0))
+    cfg = dataclasses.replace(cfg, mode="augmented", steps=10 * steps, workers=cores, init=None)
+    name, peak = bf16_peak_tflops(device)
+    report = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, cores=cores,
+                  precision=precision(device, cfg), preset=cfg.preset, arch=cfg.arch, stages=cfg.stages,
+                  input_size=cfg.input_size, batch_size=cfg.batch_size, argv=sys.argv, bf16_peak_tflops=peak)
+    trainer = Trainer(cfg, data, device, Path("."))
+    rng = np.random.default_rng(0)
+    fixed = trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng), rng)
+    report["train_flops_per_image"] = flops = train_flops_per_image(trainer, fixed)
+    for compiled in (False, True):
+        t = trainer if not compiled else Trainer(dataclasses.replace(cfg, compile=True), data, device, Path("."))
+        first = seconds_per_call(lambda: t.train_step(fixed, cfg.lr), 1)  # compiled: the compile itself
+        img_s = cfg.batch_size / seconds_per_call(lambda: t.train_step(fixed, cfg.lr), steps, warmup=2)
+        key = "compiled" if compiled else "eager"
+        report[f"{key}_first_step_s"], report[f"{key}_img_s_premade"] = first, img_s
+        report[f"{key}_mfu"] = flops * img_s / (peak * 1e12) if peak else None
+    stream = (b for _, b in trainer.batches())
+    streamed = cfg.batch_size / seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr), steps, warmup=3)
+    report |= dict(eager_img_s_end_to_end=streamed, loader_workers=cores,
+                   pipeline_ratio=streamed / report["eager_img_s_premade"])
+    teacher = Teacher(dataclasses.replace(cfg, mode="student-teacher"), trainer.maker, device)
+    hard = np.resize(fixed["image"], (TEACHER_HARD_CROPS,) + fixed["image"].shape[1:])  # a window's hard crops
+    target = np.full(teacher.bins, 1 / teacher.bins)
+    report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target, hard, cfg.lr, 0),
+                                                           teacher.output(hard)), 5, warmup=1)
+    report["torchrun"] = torchrun_check(cfg, device)
+    path = Path(cfg.out) / "gpu-bench.json" if cfg.out else Path("results/gpu-bench.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, path)
+    for k, v in report.items():
+        print(f"  {k:28s} {v:10.3f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    print(f"written: {path}")
+    return report
+
+
+def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, thickness: float,
+                 limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the side-by-side timing only, not used in training: the peer's method, Lightweight
+    OpenPose's plain Python loops (datasets/coco.py, _generate_keypoint_maps + _generate_paf_maps),
+    re-implemented on one sample's (P, K, 3) people. Per joint, the cells of a 4-sigma window get the
+    Gaussian (cut at 0.01) added and clipped at 1; per limb, the cells of its joints' box grown by
+    `thickness` cells and within `thickness` cells of its line get its unit vector, the last person
+    winning."""
+    n = size // stride
+    heat, paf = np.zeros((keypoints.shape[1] + 1, n, n), np.float32), np.zeros((2 * len(limbs), n, n), np.float32)
+    shift = stride / 2 - 0.5
+    for part in range(keypoints.shape[1]):
+        for x, y, v in keypoints[:, part]:
+            if v <= 0:
+                continue
+            x0, y0 = max(int(x - 4 * sigma), 0), max(int(y - 4 * sigma), 0)
+            x1, y1 = min(int(x + 4 * sigma), size), min(int(y + 4 * sigma), size)
+            for row in range(y0 // stride, y1 // stride):
+                for col in range(x0 // stride, x1 // stride):
+                    e = ((col * stride + shift - x) ** 2 + (row * stride + shift - y) ** 2) / (2 * sigma ** 2)
+                    if e <= math.log(100):
+                        heat[part, row, col] = min(heat[part, row, col] + math.exp(-e), 1.0)
+    heat[-1] = 1 - heat[:-1].max(0)
+    for limb, (ja, jb) in enumerate(limbs):
+        in_cells = keypoints / [stride, stride, 1]
+        for (xa, ya, va), (xb, yb, vb) in zip(in_cells[:, ja], in_cells[:, jb]):
+            norm = math.hypot(xb - xa, yb - ya)
+            if va <= 0 or vb <= 0 or norm < 1e-7:
+                continue
+            ux, uy = (xb - xa) / norm, (yb - ya) / norm
+            for row in range(int(max(min(ya, yb) - thickness, 0)), int(min(max(ya, yb) + thickness, n))):
+                for col in range(int(max(min(xa, xb) - thickness, 0)), int(min(max(xa, xb) + thickness, n))):
+                    if abs((col - xa) * uy - (row - ya) * ux) <= thickness:
+                        paf[2 * limb, row, col], paf[2 * limb + 1, row, col] = ux, uy
+    return heat, paf
+
+
+def bench_people(data: Data, cfg: Config, per_sample: int, samples: int, rng: np.random.Generator) -> torch.Tensor:
+    """(samples, per_sample, K, 3) people as crops at cfg's geometry place them: everyone in 4x as
+    many training crops, drawn at random."""
+    maker = BatchMaker(data, dataclasses.replace(cfg, mode="real"))
+    pool = []
+    while len(pool) < 4 * samples * per_sample:
+        for kp in collate([maker.sample(spec, rng) for spec in maker.plan(16, rng)])["keypoints"]:
+            pool += [person for person in kp if (person[:, 2] > 0).any()]
+    pool = np.stack(pool)
+    return torch.as_tensor(pool[rng.choice(len(pool), (samples, per_sample), replace=False)])
+
+
+def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10), batch: int = 16) -> dict:
+    """heatmap_targets + paf_targets against the peer's loops, on one thread and the same people:
+    ms per sample batched as the loader does, one sample at a time, and the peer's (best of 5)."""
+    sk, rng, figures = skeleton(cfg), np.random.default_rng(0), {}
+    with one_thread():
+        for name, preset in (("demo", PRESETS["demo"]), ("paper", PRESETS["paper"])):
+            geometry = {k: preset.get(k, getattr(Config(), k))
+                        for k in ("input_size", "stride", "sigma", "paf_width", "max_center_offset")}
+            g = dataclasses.replace(cfg, **geometry)
+            size, stride = g.input_size, g.stride
+            print(f"\ntargets at the {name} geometry ({size} px, stride {stride}, sigma {g.sigma}, PAF half-width "
+                  f"{g.paf_width} px = the peer's thickness {g.paf_width / stride} cells), 1 thread, ms per sample")
+            for n in people:
+                kp = bench_people(data, g, n, batch, rng)
+
+                def ours(k):
+                    return (heatmap_targets(k, size, stride, g.sigma),
+                            paf_targets(k, size, stride, g.paf_width, sk.limbs))
+
+                # the best of 5: on a shared machine the fastest repeat is the least disturbed one
+                batched = min(seconds_per_call(lambda: ours(kp), 1, warmup=1) for _ in range(5)) / batch
+                single = min(seconds_per_call(lambda: [ours(k[None]) for k in kp], 1) for _ in range(5)) / batch
+                thickness = g.paf_width / stride
+                peer = min(seconds_per_call(lambda: [peer_targets(k.numpy(), size, stride, g.sigma, thickness, sk.limbs)
+                                                     for k in kp], 1) for _ in range(5)) / batch
+                figures[f"{name}_{n}_people"] = row = dict(batched_ms=batched * 1e3, single_ms=single * 1e3,
+                                                           peer_ms=peer * 1e3, speedup_batched=peer / batched,
+                                                           speedup_single=peer / single)
+                print(f"  people {n:2d}: ours batched by {batch} {row['batched_ms']:6.3f}, one at a time "
+                      f"{row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: {row['speedup_batched']:4.1f}x and "
+                      f"{row['speedup_single']:4.1f}x faster")
     return figures
 
 
@@ -4000,6 +4360,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, derived from Config's fields; help shows the demo and paper defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
+    p.add_argument("--gpu-report", action="store_true",
+                   help="the device figures of one call (training img/s eager and compiled, FLOPs per image, MFU, "
+                        "loader ratio, teacher update, a torchrun check) into results/gpu-bench.json, and exit")
+    p.add_argument("--bench-targets", action="store_true",
+                   help="time heatmap + PAF targets against Lightweight OpenPose's loops at the demo and paper "
+                        "geometries (one thread) and exit")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="plot val metrics of these run folders against minutes into --out (png + md table)")
     p.add_argument("--export-student", metavar="CKPT",
@@ -4008,6 +4374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-onnx", metavar="PATH",
                    help="write the network of --ckpt (default: the shipped student) as an ONNX model to PATH, "
                         "checked against torch (dynamic batch and input size); run it with --mode predict --onnx")
+    p.add_argument("--write-mpii-release", metavar="DIR",
+                   help="render the stand-in benchmark at paper size into DIR in MPII's own layout "
+                        "(mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of --mpii-root before the real data")
     p.add_argument("--reproduce", action="store_true",
                    help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -4062,6 +4431,9 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     device = resolve_device(cfg)
     if world == 1:
         return 0, 1, device
+    if cfg.batch_size % world:
+        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes: each "
+                         "trains an equal share of every step's batch")
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -4299,6 +4671,11 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.export_onnx:
             export_onnx(cfg, Path(args.export_onnx))
             return 0
+        if args.write_mpii_release:
+            out = write_mpii_rehearsal(Path(args.write_mpii_release))
+            print(f"MPII-layout rehearsal set: {out / MPII_RELEASE} and {out / 'images'}; train on it with "
+                  f"python repro.py --preset paper --mpii-root {out}")
+            return 0
         if args.reproduce or args.jobs != 1 or args.only != ["*"]:
             check_protocol_flags(args.reproduce, args.jobs, tuple(args.only))
             run_protocol(jobs=args.jobs, only=tuple(args.only))
@@ -4314,7 +4691,11 @@ def run_main(argv: list[str] | None = None) -> int:
             run_predict(cfg, device)
             return 0
         data = load_data(cfg)
-        if args.bench:
+        if args.bench_targets:
+            bench_targets(cfg, data)
+        elif args.gpu_report:
+            gpu_report(cfg, data, device)
+        elif args.bench:
             bench(cfg, data, device)
         elif args.probe:
             design = PROBES[args.probe]

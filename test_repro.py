@@ -748,6 +748,65 @@ def test_paf_averages_overlapping_people():
     assert torch.allclose(vec, torch.tensor([0.5, 0.5]))
 
 
+def dense_heatmap_targets(keypoints, size, stride, sigma):
+    """The reference: every person x part x grid cell, as repro.py computed it before its windows."""
+    gy, gx = R.grids(size, stride)
+    labelled = (keypoints[..., 2] > 0)[..., None]
+    along_x = torch.exp(-(gx - keypoints[..., 0, None]) ** 2 / (2 * sigma ** 2)) * labelled
+    along_y = torch.exp(-(gy - keypoints[..., 1, None]) ** 2 / (2 * sigma ** 2))
+    heat = along_y[..., :, None] * along_x[..., None, :]
+    heat = torch.where(heat >= 0.01, heat, 0.0)
+    parts = heat.amax(1) if keypoints.shape[1] else heat.new_zeros(heat.shape[0], keypoints.shape[2], len(gy), len(gx))
+    return torch.cat([parts, 1 - parts.amax(1, keepdim=True)], 1)
+
+
+def dense_paf_targets(keypoints, size, stride, width, limbs):
+    """The reference: every person x limb x grid cell, as repro.py computed it before its windows."""
+    gy, gx = R.grids(size, stride)
+    a, b = keypoints[:, :, limbs[:, 0]], keypoints[:, :, limbs[:, 1]]
+    d = b[..., :2] - a[..., :2]
+    length = torch.sqrt((d ** 2).sum(-1))
+    valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
+    u = d / length.clamp(min=1e-3)[..., None]
+    rx = gx[None, :] - a[..., 0, None, None]
+    ry = gy[:, None] - a[..., 1, None, None]
+    along = rx * u[..., 0, None, None] + ry * u[..., 1, None, None]
+    across = (rx * u[..., 1, None, None] - ry * u[..., 0, None, None]).abs()
+    inside = (along >= -width) & (along <= length[..., None, None] + width) & (across <= width)
+    inside = inside & valid[..., None, None]
+    count = inside.sum(1).clamp(min=1)
+    field_ = (inside[..., None, :, :] * u[..., None, None]).sum(1) / count[:, :, None]
+    b_, l_, _, h_, w_ = field_.shape
+    return field_.reshape(b_, 2 * l_, h_, w_)
+
+
+@pytest.mark.parametrize("size, stride, sigma, width",
+                         [(128, 4, 5.0, 5.0), (368, 8, 7.0, 8.0), ((72, 40), 4, 2.5, 2.0)])
+def test_windowed_targets_equal_the_dense_ones(size, stride, sigma, width):
+    """Random people, inside and beyond the crop, with unlabelled joints, zero-length and crossing
+    limbs, up to 12 people on a cell: the windows change no value. Heatmaps are maxima of the same
+    products, so bit-identical; a PAF's sum over people may add in another order (it is
+    bit-identical on torch 2.14's CPU kernels)."""
+    g = torch.Generator().manual_seed(stride)
+    h, w = (size, size) if isinstance(size, int) else size
+    for people in (0, 1, 5, 12):
+        kp = torch.rand(4, people, 18, 3, generator=g)
+        centre = torch.rand(4, people, 1, 2, generator=g) * 1.4 - 0.2
+        kp[..., :2] = (centre + (kp[..., :2] - 0.5) * 0.6) * torch.tensor([w, h])
+        kp[..., 2] = (kp[..., 2] > 0.2) * 2.0
+        if people:
+            kp[0, 0, 7, :2] = kp[0, 0, 5, :2]  # a zero-length limb has no field
+            kp[1, :, :, :2] = kp[1, :1, :, :2]  # everyone on the same spot: the average over people
+        for mine, dense in ((R.heatmap_targets(kp, size, stride, sigma),
+                             dense_heatmap_targets(kp, size, stride, sigma)),
+                            (R.paf_targets(kp, size, stride, width, R.COCO.limbs),
+                             dense_paf_targets(kp, size, stride, width, R.COCO.limbs))):
+            assert mine.shape == dense.shape and mine.dtype == dense.dtype
+            assert (mine != 0).equal(dense != 0) and (mine - dense).abs().max() < 1e-6
+        assert torch.equal(R.heatmap_targets(kp, size, stride, sigma), dense_heatmap_targets(kp, size, stride, sigma))
+        assert dense.abs().sum() > 0 or not people
+
+
 def test_peak_hit_signal():
     kp = torch.zeros(1, 1, 18, 3)
     kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
@@ -991,6 +1050,141 @@ def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+# Run by torchrun in test_torchrun_*: repro.main on each rank, recording what the test checks. The
+# network is the small one without its BatchNorm: SyncBatchNorm is GPU-only, and with plain
+# BatchNorm each rank normalises its own share, which no single process on the joined batch does.
+TORCHRUN_PROBE = """
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+torch.nn.BatchNorm2d = lambda channels: torch.nn.Identity()
+import repro as R
+
+rank, log = int(os.environ["RANK"]), os.environ["PROBE_LOG"]
+out = os.path.realpath(os.environ["PROBE_OUT"])
+writes, shares = [], []
+
+
+def audit(event, args):  # every write into the run folder, by this rank
+    if event == "open" and args[0] is not None and not isinstance(args[0], int):
+        writing = any(c in args[1] for c in "wax+") if args[1] else args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writing and os.path.realpath(args[0]).startswith(out):
+            writes.append(str(args[0]))
+    if event in ("os.rename", "os.mkdir", "os.remove") and os.path.realpath(str(args[0])).startswith(out):
+        writes.append(str(args[0]))
+
+
+real_share, real_fit, real_save = R.rank_share, R.Trainer.fit, R.save_atomic
+
+
+def rank_share(maker, batch_size, seed, step, rank=0, world=1):
+    specs, rng = real_share(maker, batch_size, seed, step, rank, world)
+    shares.append([step, [list(s[:3]) for s in specs]])
+    return specs, rng
+
+
+def fit(self):
+    real_fit(self)
+    torch.save(self.model.state_dict(), f"{{log}}/weights-{{rank}}.pt")
+    with open(f"{{log}}/rank-{{rank}}.json", "w") as f:
+        json.dump(dict(writes=writes, shares=shares, world=self.world), f)
+
+
+def save_atomic(obj, path):
+    real_save(obj, path)
+    if rank == 0 and obj["step"] == int(os.environ.get("PROBE_KILL_AT", -1)):
+        os._exit(9)  # killed right after a checkpoint
+
+
+R.rank_share, R.Trainer.fit, R.save_atomic = rank_share, fit, save_atomic
+sys.addaudithook(audit)
+sys.exit(R.main(sys.argv[1:]))
+"""
+
+
+def torchrun(tmp_path, name, args, kill_at=-1):
+    log = tmp_path / f"log-{name}"
+    log.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(TORCHRUN_PROBE.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_LOG=str(log), PROBE_OUT=args[args.index("--out") + 1],
+               PROBE_KILL_AT=str(kill_at))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(probe), *args], env=env, capture_output=True, text=True, timeout=300)
+    return done, log
+
+
+def joined(a: dict, b: dict) -> dict:
+    """Two ranks' batches as one process's batch."""
+    def pad(x, n):
+        return np.concatenate([x, np.zeros((len(x), n - x.shape[1]) + x.shape[2:], x.dtype)], 1)
+    out = {k: np.concatenate([a[k], b[k]]) for k in ("image", "mask_miss")}
+    for k in ("keypoints", "pasted"):
+        n = max(a[k].shape[1], b[k].shape[1])
+        out[k] = np.concatenate([pad(a[k], n), pad(b[k], n)])
+    return out | {k: torch.cat([a[k], b[k]]) for k in ("target", "loss_mask")} | dict(source=a["source"] + b["source"])
+
+
+def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path, monkeypatch):
+    """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, which are those
+    of one process trained on the two ranks' batches joined; each rank trains a disjoint half of
+    each step's planned batch; only rank 0 writes the run folder; a run killed after a checkpoint
+    and resumed under torchrun ends with the weights of the uninterrupted one."""
+    common = ("--mode", "augmented", "--steps", "4", "--ckpt-every", "2", "--workers", "0", "--threads", "1",
+              "--minutes", "0", "--eval-height", "32", "--no-amp")
+    straight = toy_args(toy, tmp_path / "straight", *common)
+    done, log = torchrun(tmp_path, "straight", straight)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((log / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    weights = [torch.load(log / f"weights-{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    saved = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
+    assert saved["step"] == 4 and all(torch.equal(saved["model"][k], weights[0][k]) for k in weights[0])
+    # only rank 0 writes (and the audit hook does see writes)
+    assert ranks[1]["writes"] == [] and any("ckpt" in w for w in ranks[0]["writes"])
+
+    monkeypatch.setattr(R.nn, "BatchNorm2d", lambda channels: R.nn.Identity())
+    cfg, _ = R.parse_args(straight)
+    R.seed_everything(cfg.seed)
+    single = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "single")
+    plans = {t: single.maker.plan(cfg.batch_size, R.step_rng(cfg.seed, t)) for t in range(cfg.steps)}
+    for r, rank in enumerate(ranks):
+        assert rank["world"] == 2 and [s for s, _ in rank["shares"]] == list(range(cfg.steps))
+        assert all(specs == [list(s[:3]) for s in plans[t][r::2]] for t, specs in rank["shares"])
+    shares = [R.StepBatches(single.maker, cfg.batch_size, cfg.seed, 0, cfg.steps, r, 2) for r in (0, 1)]
+    start = {k: v.clone() for k, v in single.model.state_dict().items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for t in range(cfg.steps):
+            single.train_step(joined(shares[0][t], shares[1][t]), R.learning_rate(cfg, t, t / cfg.steps))
+    finally:
+        torch.set_num_threads(threads)
+    mine = single.model.state_dict()
+    def furthest(a, b):
+        return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].dtype.is_floating_point)
+    # float order only (gloo's sum of two halves against one batch of 4), which Adam's first steps
+    # magnify where gradients are near 0: 0.15% of the distance trained here, against 196% for a
+    # single process on its own batches (--batch-size 4 without torchrun)
+    assert furthest(mine, weights[0]) < 0.01 * furthest(mine, start)
+
+    stopped = toy_args(toy, tmp_path / "stopped", *common)
+    done, _ = torchrun(tmp_path, "stopped", stopped, kill_at=2)
+    assert done.returncode != 0
+    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)["step"] == 2
+    done, _ = torchrun(tmp_path, "resumed", stopped + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    assert resumed["step"] == 4 and all(torch.equal(resumed["model"][k], saved["model"][k]) for k in saved["model"])
+
+
+def test_torchrun_batch_not_a_multiple_of_the_processes_is_one_line(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert R.main(toy_args(toy, tmp_path / "run", "--batch-size", "5")) == 2
+    assert "--batch-size 5 must be a multiple of the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_mode_and_init(toy, tmp_path):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "2")) == 0
     ckpt = tmp_path / "run/ckpt.pt"
@@ -1013,6 +1207,63 @@ def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
     precision = R.precision(torch.device("cpu"), R.Config())
     for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
         assert figure in out
+
+
+def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(toy, capsys):
+    """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
+    1 .. N loader workers for the N cores."""
+    args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4", "--input-size", "96",
+                                 "--device", "cpu"]
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
+    for figure in ("crop_and_paste_ms_per_sample", "target_ms_per_sample", *workers):
+        assert figure in out
+    assert "preset paper, arch openpose, batch 4, input 96" in out and "network is not timed" in out
+    assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
+
+
+def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_path):
+    """The device report's pieces that can silently go wrong on a CPU: FLOPs are per image (the
+    same at batch 2 and 4, forward + backward about 3x the forward), a torchrun child gets this
+    run's data, and the peak table reads the names torch reports."""
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "real"))
+    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
+    rng = np.random.default_rng(0)
+    batches = [trainer.maker.batch(trainer.maker.plan(n, rng), rng) for n in (2, 4)]
+    per_image = [R.train_flops_per_image(trainer, b) for b in batches]
+    assert per_image[0] == pytest.approx(per_image[1], rel=1e-6) and per_image[0] > 0
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        trainer.model(R.to_input(batches[0]["image"], torch.device("cpu")))
+    assert 2.5 < per_image[0] * 2 / forward.get_total_flops() < 3.5
+    child, _ = R.parse_args(R.data_argv(cfg))
+    data_flags = ("train_json", "val_images", "synthetic_json", "bank_json")
+    assert all(getattr(child, f) == getattr(cfg, f) for f in data_flags)
+    assert [R.bf16_peak_tflops(torch.device("cpu"))] == [("cpu", None)]
+    assert [p for part, p in R.GPU_BF16_PEAK_TFLOPS if part in "NVIDIA H100 PCIe"][0] == 756.0
+
+
+def test_the_peers_targets_as_reimplemented_for_the_bench():
+    """The side-by-side timing compares like with like: for lone joints the peer's Gaussians are
+    ours, and its PAF points along the limb."""
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, 5], kp[0, 0, 7] = torch.tensor([41.5, 61.5, 2]), torch.tensor([81.5, 61.5, 2])  # 40 px apart
+    heat, paf = R.peer_targets(kp[0].numpy(), 128, 4, 5.0, 1.25, R.COCO.limbs)
+    assert np.allclose(heat, R.heatmap_targets(kp, 128, 4, 5.0)[0].numpy(), atol=1e-6) and heat[5].max() > 0.9
+    limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
+    assert (paf[2 * limb, 15, 11:20] == 1).all() and paf[2 * limb + 1].max() == 0
+    assert np.abs(np.delete(paf, [2 * limb, 2 * limb + 1], 0)).max() == 0
+
+
+def test_bench_targets_times_ours_and_the_peers_on_the_same_people(toy, capsys):
+    cfg, _ = R.parse_args(toy_data_args(toy))
+    threads = torch.get_num_threads()
+    figures = R.bench_targets(cfg, R.load_data(cfg), people=(1, 3), batch=2)
+    assert torch.get_num_threads() == threads  # timed on one thread, then given back
+    assert set(figures) == {f"{g}_{n}_people" for g in ("demo", "paper") for n in (1, 3)}
+    assert all(v > 0 for row in figures.values() for v in row.values())
+    assert "paper geometry (368 px, stride 8, sigma 7.0" in capsys.readouterr().out
 
 
 def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
@@ -1978,6 +2229,32 @@ def test_mpii_demo_path_runs_end_to_end(mpii_toy, tmp_path):
     assert 0 <= metrics["mAP"] <= 100 and {"Head", "Ankle"} <= set(metrics)
     back = R.read_annolist(out / "val_predictions.mat")  # the toolkit's pred struct
     assert len(back) == 3 and len(R.read_annolist(out / "val_predictions.json")) == 3
+
+
+def test_the_mpii_rehearsal_set_trains_and_evaluates_as_the_real_release(mpii_toy, tmp_path):
+    """write_mpii_rehearsal writes a set in MPII's own layout, which --preset paper --mpii-root reads
+    as it reads the real release (train people, held-out multi-person groups, test images skipped),
+    trains on, evaluates and predicts in the toolkit's format; here at 64 px and 2 steps."""
+    source = relabel_mpii(write_toy_set(tmp_path / "src", 40, people=(2, 4), seed=7))
+    root = R.write_mpii_rehearsal(tmp_path / "mpii", R.load_keypoint_set(source, tmp_path / "src/images", R.MPII))
+    near, far = [0, 0, 10, 100], [500, 0, 10, 100]  # boxes x, y, w, h: 40 px apart is within half a height
+    assert list(R.single_people(np.array([near, [50, 0, 10, 100], far], np.float32))) == [3]
+    assert sorted(p.name for p in root.iterdir()) == ["images", R.MPII_RELEASE]
+    release = R._loadmat(root / R.MPII_RELEASE)["RELEASE"]
+    assert list(release.img_train).count(0) == 4  # every 10th image: a test image, people without joints
+    assert R._field(R._items(release.annolist[9].annorect)[0], "annopoints") is None
+    train, val = R.load_release(root / R.MPII_RELEASE, root / "images")
+    assert len(train) == 35 and [g.image for g in val] == ["0038.jpg"] and len(val[0].joints) >= 2
+    assert np.isfinite(val[0].head_boxes).all() and (val[0].joints[:, 9, 2] == 2).all()  # head top: no is_visible
+    out = tmp_path / "run"
+    argv = ["--preset", "paper", "--mpii-root", str(root), "--synthetic-json", str(mpii_toy["synthetic"]),
+            "--bank-json", str(mpii_toy["bank"]), "--input-size", "64", "--stages", "2", "--batch-size", "2",
+            "--steps", "2", "--eval-height", "64", "--eval-scales", "1.0", "--threads", "2", "--out", str(out)]
+    assert R.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["mAP"] <= 100 and metrics["benchmark"].lower().startswith("mpii")
+    pred = R.read_annolist(out / "val_predictions.mat")  # the toolkit's pred struct
+    assert [g.image for g in pred] == ["0038.jpg"]
 
 
 @needs_mpii
