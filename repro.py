@@ -2917,16 +2917,17 @@ def run_device(folder: Path) -> str:
 
 
 def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
-    """Runs what is missing: the students, the probe, then the grid. Skips finished runs (their
-    summary is in results/protocol), resumes runs that were cut off, and retrains a missing
-    starting checkpoint from its seed. `only`: globs over run names (the probe is "probe");
-    `jobs` runs that many fine-tunes at once (one GPU with spare CPU cores)."""
+    """Runs what is missing: the students, the probe, the grid, then probe v2 (one long job that does
+    not resume). Skips finished runs (their summary is in results/protocol), resumes runs that were
+    cut off, and retrains a missing starting checkpoint from its seed. `only`: globs over run names
+    (the probes are "probe" and "probe-v2"); `jobs` runs that many fine-tunes at once (one GPU with
+    spare CPU cores)."""
     runs = {r.name: r for r in protocol_runs()}
     todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
     for run in [r for r in todo if r.condition == "student"]:
         train_protocol_run(run, python)
     if matches("probe", only):
-        run_probe_once(runs["full/student"], python)
+        run_probe_once(PROBE_V1, runs, python)
     rest = [r for r in todo if r.condition != "student"]
     for init in dict.fromkeys(r.init for r in rest if r.init):  # a fine-tune's student, before any job starts
         if not student_export(runs[init].regime).is_file():
@@ -2937,16 +2938,20 @@ def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, .
             train_protocol_run(run, python)
     else:
         train_in_parallel(rest, python, jobs)
+    if matches(PROBE_V2.name, only):
+        run_probe_once(PROBE_V2, runs, python)
     report_protocol()
 
 
-def run_probe_once(student: ProtocolRun, python: str) -> None:
-    if (PROTOCOL_RESULTS.parent / "probe.json").is_file():
+def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: str) -> None:
+    if (PROTOCOL_RESULTS.parent / f"{design.name}.json").is_file():
         return
+    student = runs[f"{design.regime}/student"]
     if not student_export(student.regime).is_file():
         train_protocol_run(student, python)
-    argv = ["--probe", "--init", str(student_export(student.regime)), "--seed", "0",
-            "--train-subset", "0"] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+    argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
+            str(student_export(student.regime)), "--seed", "0",
+            "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
     print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
     process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
                                process_group=0)
@@ -2971,7 +2976,7 @@ def check_protocol_flags(reproduce: bool, jobs: int, only: tuple[str, ...]) -> N
         raise ReproError("--jobs and --only choose how --reproduce runs the protocol; add --reproduce")
     if jobs < 1:
         raise ReproError(f"--jobs must be 1 or more, got {jobs}")
-    names = [r.name for r in protocol_runs()] + ["probe"]
+    names = [r.name for r in protocol_runs()] + [d.name for d in PROBES.values()]
     for glob in only:
         if not any(matches(n, (glob,)) for n in names):
             raise ReproError(f"--only {glob!r} matches no protocol run; names look like {names[0]}, "
@@ -3197,17 +3202,29 @@ def claim_verdicts_v2(runs: list[dict]) -> dict:
 # that samples synthetic data uniformly (the "uniform" condition, from the full regime's student),
 # copies of the student train a few steps on one teacher bin each (same real half, same step
 # rule); a bin's usefulness is how much that lowers the loss on a fixed set of real val crops.
-PROBE_POINTS = (0, 400, 800)
-PROBE_STEPS = 20
-PROBE_SEEDS = (0, 1, 2)
-PROBE_VAL_CROPS = 64
+class ProbeDesign(NamedTuple):
+    name: str  # the results file: results/<name>.{json,png}
+    regime: str  # whose student, and its --train-subset
+    points: tuple[int, ...]  # steps of the uniform run at which every bin is probed (the last one: its length)
+    seeds: tuple[int, ...]
+    steps: int = 20  # student steps on one bin per probe
+    val_crops: int = 64  # the fixed real val crops whose loss is the yardstick
+    equal_people: bool = False  # subsample every probed bin to the smallest one's people
 
 
-def fixed_val_batch(data: Data, cfg: Config) -> dict:
-    """PROBE_VAL_CROPS person-centric crops of the val set, without augmentation: the probe's yardstick."""
+PROBE_V1 = ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2))
+# [ours] Probe v2 (README, "Rule v2"), fixed before it ran: the same number of people in every probed
+# bin (round 1's usefulness ranking tracked the bins' sizes), 5 points over the scarce regime's
+# 3000-step schedule (the teacher runs' own), 6 seeds.
+PROBE_V2 = ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 2, 3, 4, 5), equal_people=True)
+PROBES = {"v1": PROBE_V1, "v2": PROBE_V2}
+
+
+def fixed_val_batch(data: Data, cfg: Config, crops: int) -> dict:
+    """`crops` person-centric crops of the val set, without augmentation: the probe's yardstick."""
     maker = BatchMaker(dataclasses.replace(data, train=data.val, synthetic=None, bank=None),
                        dataclasses.replace(cfg, mode="real"))
-    return maker.batch(maker.plan(PROBE_VAL_CROPS, np.random.default_rng(PROBE_VAL_CROPS)), None)
+    return maker.batch(maker.plan(crops, np.random.default_rng(crops)), None)
 
 
 @torch.no_grad()
@@ -3220,20 +3237,31 @@ def val_loss(model: nn.Module, batch: dict, cfg: Config, device) -> float:
     return float(loss)
 
 
-def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float) -> np.ndarray:
-    """(bins, seeds) drop of the val loss after PROBE_STEPS steps on one bin; NaN for bins too small
-    to train on. The student and its optimiser are restored afterwards."""
-    cfg, teacher = trainer.cfg, trainer.teacher
+def probe_pools(pools: list[np.ndarray], min_bin: int, equal_people: bool) -> list[np.ndarray | None]:
+    """The pools a probe trains on: None for bins too small to train on; with equal_people, every
+    other bin subsampled (fixed draw) to the smallest one's size."""
+    probed = [p if len(p) > min_bin else None for p in pools]
+    if not equal_people or not any(p is not None for p in probed):
+        return probed
+    n = min(len(p) for p in probed if p is not None)
+    rng = np.random.default_rng(n)
+    return [p if p is None else p[np.sort(rng.choice(len(p), n, replace=False))] for p in probed]
+
+
+def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, design: ProbeDesign) -> np.ndarray:
+    """(bins, seeds) drop of the val loss after design.steps steps on one bin; NaN for bins not
+    probed. The student and its optimiser are restored afterwards."""
+    cfg = trainer.cfg
     saved = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
     before = val_loss(trainer.model, val_batch, cfg, trainer.device)
-    out = np.full((cfg.bins, len(PROBE_SEEDS)), np.nan)
-    for b, pool in enumerate(teacher.pools):
-        if len(pool) <= cfg.teacher_min_bin:
+    out = np.full((cfg.bins, len(design.seeds)), np.nan)
+    for b, pool in enumerate(pools):
+        if pool is None:
             continue
-        for s, seed in enumerate(PROBE_SEEDS):
+        for s, seed in enumerate(design.seeds):
             trainer.model.load_state_dict(saved[0])
             trainer.optimizer.load_state_dict(saved[1])
-            for t in range(PROBE_STEPS):
+            for t in range(design.steps):
                 rng = np.random.default_rng([cfg.seed, trainer.step, b, seed, t])
                 trainer.train_step(trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
             out[b, s] = before - val_loss(trainer.model, val_batch, cfg, trainer.device)
@@ -3242,23 +3270,26 @@ def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float) -> np.ndarray:
     return out
 
 
-def run_probe(cfg: Config, data: Data, device: torch.device, out: Path) -> dict:
+def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBE_V1) -> dict:
     """Trains the uniform condition to the last probe point, probing every bin at each point."""
-    cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True, steps=max(PROBE_POINTS))
+    cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True, teacher_stratified=False,
+                              steps=max(design.points))
     trainer = Trainer(cfg, data, device, out)
-    val_batch = fixed_val_batch(data, cfg)
+    val_batch = fixed_val_batch(data, cfg, design.val_crops)
+    pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
     points = []
 
     def probe_here():
         lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
-        points.append(dict(step=trainer.step, usefulness=bin_usefulness(trainer, val_batch, lr).tolist()))
+        use = bin_usefulness(trainer, val_batch, lr, pools, design)
+        points.append(dict(step=trainer.step, usefulness=use.tolist()))
         use = np.array(points[-1]["usefulness"])
         probed = np.isfinite(use).all(1)
         print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
               f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
 
     for step, batch in trainer.batches():
-        if step in PROBE_POINTS:
+        if step in design.points:
             probe_here()
         lr = learning_rate(cfg, step, step / cfg.steps)
         r = trainer.train_step(batch, lr)
@@ -3267,9 +3298,61 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path) -> dict:
     probe_here()
     use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
     verdict, reason = probe_verdict(use)
-    return dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
-                usefulness=use.tolist(), steps_per_probe=PROBE_STEPS, seeds=list(PROBE_SEEDS),
-                val_crops=PROBE_VAL_CROPS, verdict=verdict, reason=reason)
+    result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
+                  usefulness=use.tolist(), steps_per_probe=design.steps, seeds=list(design.seeds),
+                  val_crops=design.val_crops, verdict=verdict, reason=reason)
+    if design is not PROBE_V1:
+        result |= dict(design=design.name, regime=design.regime,
+                       probed_people=[0 if q is None else len(q) for q in pools], v2=probe_verdict_v2(use))
+    return result
+
+
+def two_way_anova(use: np.ndarray) -> dict:
+    """(points, bins, seeds) with seeds as replicates: F-tests of the bins' main effect and of the
+    bin x point interaction (does which bin helps most change over training?)."""
+    from scipy.stats import f
+
+    P, B, S = use.shape
+    grand, cells = use.mean(), use.mean(2)
+    ss_points = B * S * ((cells.mean(1) - grand) ** 2).sum()
+    ss_bins = P * S * ((cells.mean(0) - grand) ** 2).sum()
+    ss_inter = S * ((cells - grand) ** 2).sum() - ss_points - ss_bins
+    ms_error = ((use - cells[..., None]) ** 2).sum() / (P * B * (S - 1))
+    df_bins, df_inter = B - 1, (P - 1) * (B - 1)
+    f_bins, f_inter = ss_bins / df_bins / ms_error, ss_inter / df_inter / ms_error
+    return dict(f_bins=float(f_bins), p_bins=float(f.sf(f_bins, df_bins, P * B * (S - 1))),
+                f_interaction=float(f_inter), p_interaction=float(f.sf(f_inter, df_inter, P * B * (S - 1))))
+
+
+def tau_interval(use: np.ndarray, draws: int = 2000) -> tuple[float, float, float]:
+    """Kendall tau between the first and last points' bin rankings, and its 95% bootstrap interval
+    over the probe seeds (resampled independently at each point)."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(0)
+    first, last = use[0], use[-1]
+    tau = float(kendalltau(first.mean(1), last.mean(1)).statistic)
+    S = use.shape[2]
+    taus = [kendalltau(first[:, rng.integers(0, S, S)].mean(1), last[:, rng.integers(0, S, S)].mean(1)).statistic
+            for _ in range(draws)]
+    lo, hi = np.nanpercentile(taus, [2.5, 97.5])
+    return tau, float(lo), float(hi)
+
+
+def probe_verdict_v2(use: np.ndarray) -> dict:
+    """Probe v2's rule (README, "Rule v2"), fixed before it ran, on the probed bins. Claim 3 in two
+    parts. Bins differ: supported when the bins' main effect has p < 0.05, else not supported.
+    Which bins are useful changes over training: shown when the bin x point interaction has
+    p < 0.05; contradicted when it has p >= 0.05 and the bootstrap interval of tau(first, last)
+    lies above 0.6 (the first and last rankings agree); otherwise not shown."""
+    use = use[:, np.isfinite(use).all((0, 2))]
+    anova, (tau, lo, hi) = two_way_anova(use), tau_interval(use)
+    differ = "supported" if anova["p_bins"] < 0.05 else "not supported"
+    changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6 else "not shown")
+    reason = (f"bins: F = {anova['f_bins']:.2f}, p = {anova['p_bins']:.2g}; bin x point: F = "
+              f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; tau first-last {tau:.2f} "
+              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} seeds")
+    return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo, tau_hi=hi, **anova)
 
 
 def probe_verdict(use: np.ndarray) -> tuple[str, str]:
@@ -3317,6 +3400,52 @@ def save_probe_figure(probe: dict, path: Path) -> None:
 README_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
 
 
+def read_probe(path: Path) -> dict | None:
+    try:
+        probe = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ReproError(f"{path} is not readable json ({type(e).__name__}); delete it and rerun "
+                         "--reproduce to redo the probe") from None
+    if probe is not None and not isinstance(probe, dict):
+        raise ReproError(f"{path} is not the probe's result; delete it and rerun --reproduce to redo the probe")
+    return probe
+
+
+def save_teacher_and_probe_figure(series: list[list], probe: dict | None, path: Path) -> None:
+    """Claim 3 beside claim 4: the paper's teachers' mean bin probabilities over training (scarce
+    regime, 3000 steps), and probe v2's usefulness of each bin at points of the same schedule."""
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    if series:
+        steps = min(len(s) for s in series)
+        probs = np.array([np.array(s)[:steps] for s in series])  # (runs, updates, 1 + bins)
+        mean = probs[..., 1:].mean(0)
+        colours = plt.cm.viridis(np.linspace(0, 1, mean.shape[1]))
+        axes[0].stackplot(probs[0, :, 0], mean.T, colors=colours, labels=[f"bin {b}" for b in range(mean.shape[1])])
+        axes[0].set(ylim=(0, 1), xlabel="student step", ylabel="mean bin probability",
+                    title=f"the teacher's bins over training ({len(series)} runs, scarce)")
+        axes[0].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if probe:
+        use = np.array(probe["usefulness"])
+        colours = plt.cm.viridis(np.linspace(0, 1, use.shape[1]))
+        for b in range(use.shape[1]):
+            if np.isfinite(use[:, b]).all():
+                se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
+                axes[1].errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
+                                 label=f"bin {b}")
+        axes[1].axhline(0, color="grey", lw=0.5)
+        axes[1].set(xlabel="step of the uniform run", ylabel="val loss drop after 20 steps on the bin",
+                    title=f"probe v2: {probe.get('v2', {}).get('reason', '')[:60]}")
+        axes[1].legend(fontsize=6)
+    for ax, what in zip(axes, (series, probe)):
+        if not what:
+            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report_protocol(results: Path | None = None, readme: Path = Path("README.md")) -> dict:
     """claims.json, claims.md, claims.png and the README's results table, from the run summaries in
     results/protocol alone (no training)."""
@@ -3326,21 +3455,14 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
         if r["name"] in current:
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
-    probe_path = results / "probe.json"
-    try:
-        probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ReproError(f"{probe_path} is not readable json ({type(e).__name__}); delete it and rerun "
-                         "--reproduce to redo the probe") from None
-    if probe is not None and not isinstance(probe, dict):
-        raise ReproError(f"{probe_path} is not the probe's result; delete it and rerun --reproduce to redo the probe")
+    probe, probe_v2 = (read_probe(results / f"{d.name}.json") for d in (PROBE_V1, PROBE_V2))
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
     round2 = set(current) - {r.name for r in round1_runs()}
     progress = dict(finished=sum(r["name"] in current and r["name"] not in round2 for r in runs),
                     total=len(current) - len(round2), probe=bool(probe),
                     round2_finished=sum(r["name"] in round2 for r in runs), round2_total=len(round2))
     claims = dict(runs=runs, progress=progress, verdicts=claim_verdicts(runs, probe),
-                  verdicts_v2=claim_verdicts_v2(runs), probe=probe, teacher=teacher,
+                  verdicts_v2=claim_verdicts_v2(runs), probe=probe, probe_v2=probe_v2, teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
                                 conditions=CONDITIONS, common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
@@ -3353,10 +3475,16 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
         save_claims_figure(runs, results / "claims.png")
     else:
         (results / "claims.png").unlink(missing_ok=True)
-    if probe:
-        save_probe_figure(probe, results / "probe.png")
+    for design, result in ((PROBE_V1, probe), (PROBE_V2, probe_v2)):
+        if result:
+            save_probe_figure(result, results / f"{design.name}.png")
+        else:
+            (results / f"{design.name}.png").unlink(missing_ok=True)
+    series = [t["series"] for name, t in teacher.items() if name.startswith("scarce/teacher-3000") and "series" in t]
+    if series or probe_v2:
+        save_teacher_and_probe_figure(series, probe_v2, results / "teacher-vs-probe.png")
     else:
-        (results / "probe.png").unlink(missing_ok=True)
+        (results / "teacher-vs-probe.png").unlink(missing_ok=True)
     if readme.is_file() and all(m in readme.read_text() for m in README_MARKERS):
         text = readme.read_text()
         head, rest = text.split(README_MARKERS[0], 1)
@@ -3397,6 +3525,7 @@ def claims_table(claims: dict) -> str:
              f"{'finished' if progress['probe'] else 'not run yet'}.** "
              + ("The grid is complete." if progress["finished"] == progress["total"] else
                 "Claims 1, 2 and 4 stay inconclusive in a regime until it has 3 paired seeds."), "",
+             *verdicts_v2_table(claims), "",
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
@@ -3417,7 +3546,6 @@ def claims_table(claims: dict) -> str:
               "", "| claim | verdict | reason |", "|---|---|---|"]
     for claim, v in claims["verdicts"].items():
         lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
-    lines += ["", *verdicts_v2_table(claims)]
     drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
     if drift:
         lines += ["", "| teacher run | updates | L1 drift of its bin probabilities | largest probability |",
@@ -3445,7 +3573,17 @@ def verdicts_v2_table(claims: dict) -> list[str]:
              "| claim | regime | v1 verdict | v2 verdict | paired AP difference, 95% CI, p | seeds (planned) | "
              "power at the measured sd | what the interval excludes |", "|---" * 8 + "|"]
     v1 = claims["verdicts"]
+    v2 = (claims.get("probe_v2") or {}).get("v2")
+    probe_rows = [f"| 3: bins differ | {PROBE_V2.regime} | {v1.get(3, {}).get('verdict', '-')} (one verdict, full) | "
+                  + (f"**{v2['bins_differ']}** | {v2['reason']} | {len(PROBE_V2.seeds)} | - | - |" if v2 else
+                     "**pending** (probe v2 has not run) | - | - | - | - |")]
+    probe_rows.append(f"| 3: which bins are useful changes over training | {PROBE_V2.regime} | (as above) | "
+                 + (f"**{v2['ranking_changes']}** | tau first-last {v2['tau']:.2f} [{v2['tau_lo']:.2f}, "
+                    f"{v2['tau_hi']:.2f}] | {len(PROBE_V2.seeds)} | - | - |" if v2 else
+                    "**pending** | - | - | - | - |"))
     for claim, v in claims.get("verdicts_v2", {}).items():
+        if claim == 4:
+            lines += probe_rows
         for regime, t in v["per_regime"].items():
             old = v1.get(claim, {}).get("per_regime", {}).get(regime, "-")
             old = old if claim != 4 else f"{old} (teacher - uniform, 800 steps)"
@@ -3878,8 +4016,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=["*"], metavar="GLOB",
                    help="with --reproduce: only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
                         "full/synthetic-only (the probe is 'probe')")
-    p.add_argument("--probe", action="store_true",
-                   help="the informativeness probe of claim 3 from --init (README): results/probe.{json,png}")
+    p.add_argument("--probe", nargs="?", const="v1", choices=tuple(PROBES), metavar="v1|v2",
+                   help="the informativeness probe of claim 3 from --init (README): v1 (the default) writes "
+                        "results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}")
     p.add_argument("--report", action="store_true",
                    help="rebuild results/claims.{json,md,png} and the README's claims table from results/protocol")
     p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
@@ -4178,9 +4317,10 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.bench:
             bench(cfg, data, device)
         elif args.probe:
-            probe = run_probe(cfg, data, device, Path(cfg.out or PROTOCOL_RUNS / "probe"))
-            write_json(probe, PROTOCOL_RESULTS.parent / "probe.json")
-            save_probe_figure(probe, PROTOCOL_RESULTS.parent / "probe.png")
+            design = PROBES[args.probe]
+            probe = run_probe(cfg, data, device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
+            write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
+            save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
         elif cfg.mode == "eval":
             run_eval(cfg, data, device)
         else:

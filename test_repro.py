@@ -2059,20 +2059,61 @@ def test_probe_verdict_on_made_up_usefulness():
     assert R.probe_verdict(noise)[0] == "contradicted"  # every bin equally informative
 
 
-def test_probe_runs_on_a_tiny_model(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(R, "PROBE_POINTS", (0, 2))
-    monkeypatch.setattr(R, "PROBE_STEPS", 2)
-    monkeypatch.setattr(R, "PROBE_SEEDS", (0, 1))
-    monkeypatch.setattr(R, "PROBE_VAL_CROPS", 4)
+@pytest.mark.parametrize("equal_people", [False, True])
+def test_probe_runs_on_a_tiny_model(toy, tmp_path, equal_people):
+    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0, 1), steps=2, val_crops=4, equal_people=equal_people)
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
     data = R.load_data(cfg)
-    probe = R.run_probe(cfg, data, torch.device("cpu"), tmp_path)
+    probe = R.run_probe(cfg, data, torch.device("cpu"), tmp_path, design)
     use = np.array(probe["usefulness"])
     assert use.shape == (2, 3, 2) and probe["points"] == [0, 2]
     assert np.isfinite(use[:, np.array(probe["counts"]) > 0]).all()
     assert probe["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    people = [n for n in probe["probed_people"] if n]
+    assert len(set(people)) == 1 if equal_people else people == [n for n in probe["counts"] if n]
+    assert probe["v2"]["bins_differ"] in ("supported", "not supported")
     R.save_probe_figure(probe, tmp_path / "probe.png")
     assert (tmp_path / "probe.png").is_file()
+
+
+def test_probe_v2_pools_are_equal_sized_fixed_subsets():
+    pools = [np.arange(2 * n).reshape(n, 2) for n in (40, 7, 100, 33)]
+    out = R.probe_pools(pools, 32, equal_people=True)
+    assert out[1] is None and [len(q) for q in out if q is not None] == [33, 33, 33]
+    assert all(set(map(tuple, q)) <= set(map(tuple, p)) for p, q in zip(pools, out) if q is not None)
+    again = R.probe_pools(pools, 32, equal_people=True)
+    assert all(np.array_equal(a, b) for a, b in zip(out, again) if a is not None)
+    assert [len(q) for q in R.probe_pools(pools, 32, equal_people=False) if q is not None] == [40, 100, 33]
+
+
+def test_probe_v2_anova_matches_a_regression_and_reads_both_parts():
+    rng = np.random.default_rng(3)
+    P, B, S = 5, 4, 6
+    noise = rng.normal(0, 0.3, (P, B, S))
+    stable = np.linspace(0, 2, B)[None, :, None] + noise
+    crossing = np.linspace(-1, 1, P)[:, None, None] * np.linspace(-2, 2, B)[None, :, None] + noise
+
+    def rss(use, interaction):  # an independent F for the interaction: full against additive model
+        y = use.reshape(-1)
+        p, b = np.meshgrid(np.arange(P), np.arange(B), indexing="ij")
+        p, b = np.repeat(p.reshape(-1), S), np.repeat(b.reshape(-1), S)
+        cols = [np.ones_like(y)] + [(p == i) * 1.0 for i in range(1, P)] + [(b == j) * 1.0 for j in range(1, B)]
+        if interaction:
+            cols += [((p == i) & (b == j)) * 1.0 for i in range(1, P) for j in range(1, B)]
+        X = np.stack(cols, 1)
+        return float(((y - X @ np.linalg.lstsq(X, y, rcond=None)[0]) ** 2).sum())
+
+    for use in (stable, crossing):
+        full, additive = rss(use, True), rss(use, False)
+        f = ((additive - full) / ((P - 1) * (B - 1))) / (full / (P * B * (S - 1)))
+        assert R.two_way_anova(use)["f_interaction"] == pytest.approx(f)
+    assert R.probe_verdict_v2(stable) | {} == R.probe_verdict_v2(stable)  # deterministic bootstrap
+    v = R.probe_verdict_v2(stable)
+    assert (v["bins_differ"], v["ranking_changes"]) == ("supported", "contradicted") and v["tau_lo"] > 0.6
+    v = R.probe_verdict_v2(crossing)
+    assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "shown")
+    v = R.probe_verdict_v2(noise)
+    assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "not shown")
 
 
 def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
