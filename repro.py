@@ -3669,7 +3669,7 @@ def gap_sets(factors: tuple[str, ...]) -> list[dict]:
     sets = []
     for style, other in GAP_OTHER.items():
         rows = [(style, None, {})] + [(f"{style}-{f}", f, {f: other}) for f in factors]
-        rows += [(f"{style}-all", "all", {f: other for f in factors})]
+        rows += [(f"{style}-all", "all", {f: other for f in factors})] if len(factors) > 1 else []
         for name, switched, switch in rows:
             sets.append(dict(name=name, style=style, switched=switched, geometry="standin",
                              style_factors=sorted(f"{k}={v}" for k, v in switch.items())))
