@@ -229,7 +229,8 @@ def _factor_list(value) -> tuple:
     """"a=x,b=y", {"a": "x"} or ["a=x", ...] -> ("a=x", "b=y") sorted: one spelling per setting."""
     if isinstance(value, str):
         value = value.split(",")
-    items = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else [str(x) for x in value]
+    items = ([f"{k}={v}" for k, v in value.items()] if isinstance(value, dict)
+             else [y for x in value for y in str(x).split(",")])  # the CLI's words may hold commas too
     pairs = [tuple(p.strip() for p in x.partition("=")[::2]) for x in items if x.strip()]
     for name, style in pairs:
         if name not in STYLE_FACTORS or style not in STYLES:
