@@ -134,6 +134,20 @@ PNG_COMPRESSION = 1            # higher levels cost more than the whole render o
 CHUNK = {"scenes": 16, "bank": 64}  # images per resumable unit of work
 NEAR, FAR = 0.3, 60.0
 STYLES = ("synthetic", "standin")
+# The style's factors: every place the renderer reads the style belongs to exactly one of them, and
+# style_factors switches a factor alone to the other style's value. The style also picks the random
+# stream (_rng), which is no factor: it makes a style's scenes another sample, not another look.
+STYLE_FACTORS = {
+    "bodies": "the age mix: 8% (standin) or 4% (synthetic) teenage bodies (_anny_shape; SMPL shapes have no style)",
+    "poses": "the archetype mix STYLE_MIX and the angle noise, 3 (standin) or 6 deg (sample_poses)",
+    "yaw": "75% of people facing the camera, yaw ~ N(0, 45 deg) (standin), or all U(0, 360 deg) (sample_yaw)",
+    "clothing": "the share of patterned garments, 0.75 (standin) or 0.3 (_dress)",
+    "lighting": "a warm key light and a fill (standin), or the paper's random SH (sample_lighting)",
+    "background": "photos only (standin), or half photos, half procedural (sample_background)",
+    "pitch": "camera pitch U(0, 0.6 * 37 deg) (standin) or U(0, 37 deg) (sample_pitch)",
+    "blur": "sensor noise (standin), or the paper's pixel and motion blur (post_process)",
+}
+BANK_FACTORS = ("bodies", "poses", "yaw", "clothing", "lighting")  # a bank crop has no scene camera or backdrop
 STANDIN_FACING_SHARE = 0.75    # [ours] stand-in people turned towards the camera ...
 STANDIN_FACING_STD_DEG = 45.0  # [ours] ... with yaw ~ N(0, 45 deg); the rest U(0, 360 deg)
 KINDS = ("scenes", "bank")
@@ -192,6 +206,10 @@ class RenderConfig:
                                       _optional_str)
     skeleton: str = _setting("coco", "keypoint labels: coco (17 keypoints) or mpii (16 joints, MPII order)",
                              choices=tuple(SKELETONS), new=True)
+    style_factors: tuple = _setting((), "FACTOR=STYLE: these factors of the style take the other style's value, "
+                                    "the rest follow --style (e.g. lighting=standin); factors: "
+                                    + ", ".join(STYLE_FACTORS), lambda v: _factor_list(v), new=True,
+                                    nargs="*", metavar="FACTOR=STYLE")
 
     def __post_init__(self):
         for f in fields(self):
@@ -207,6 +225,23 @@ class RenderConfig:
 SETTINGS = tuple(f.name for f in fields(RenderConfig))
 
 
+def _factor_list(value) -> tuple:
+    """"a=x,b=y", {"a": "x"} or ["a=x", ...] -> ("a=x", "b=y") sorted: one spelling per setting."""
+    if isinstance(value, str):
+        value = value.split(",")
+    items = ([f"{k}={v}" for k, v in value.items()] if isinstance(value, dict)
+             else [y for x in value for y in str(x).split(",")])  # the CLI's words may hold commas too
+    pairs = [tuple(p.strip() for p in x.partition("=")[::2]) for x in items if x.strip()]
+    for name, style in pairs:
+        if name not in STYLE_FACTORS or style not in STYLES:
+            raise RenderError(f"style_factors: {name}={style} is not FACTOR=STYLE with a factor of "
+                              f"{', '.join(STYLE_FACTORS)} and a style of {', '.join(STYLES)}")
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise RenderError(f"style_factors names a factor twice: {', '.join(items)}")
+    return tuple(sorted(f"{name}={style}" for name, style in pairs))
+
+
 def make_config(settings: dict) -> RenderConfig:
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -218,6 +253,21 @@ def _rng(cfg: RenderConfig, index: int, stream: int = 0) -> np.random.Generator:
     # One stream per image: output is independent of chunking, sharding and worker count.
     return np.random.default_rng([cfg.seed, KINDS.index(cfg.kind), STYLES.index(cfg.style),
                                   index, stream])
+
+
+def factor_style(cfg: RenderConfig, factor: str) -> str:
+    """The style whose value one factor of the style takes: cfg.style unless style_factors names it."""
+    return dict(f.split("=") for f in cfg.style_factors).get(factor, cfg.style)
+
+
+def styled(cfg: RenderConfig, rng: np.random.Generator, factor: str, draw):
+    """draw(rng, style) for one factor of the style. A switched factor still makes cfg.style's draws on
+    rng and drops them, then draws its own value from a child stream, so that every other factor takes
+    the random numbers it takes without the switch (people, lights, backdrops stay paired). Only the
+    geometric factors (bodies, poses, yaw, pitch) also move where people stand, and so the draws after."""
+    value = draw(rng, cfg.style)
+    style = factor_style(cfg, factor)
+    return value if style == cfg.style else draw(rng.spawn(1)[0], style)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1318,11 +1368,11 @@ def procedural_background(rng, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def sample_background(rng, cfg: RenderConfig, files: list) -> np.ndarray:
+def sample_background(rng, style: str, size: int, files: list) -> np.ndarray:
     # [ours] standin: photos only; synthetic: half photos, half procedural
-    if cfg.style == "standin" or rng.random() < 0.5:
-        return photo_background(rng, files, cfg.image_size)
-    return procedural_background(rng, cfg.image_size)
+    if style == "standin" or rng.random() < 0.5:
+        return photo_background(rng, files, size)
+    return procedural_background(rng, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1640,17 +1690,26 @@ def merged_faces(body: BodyModel, n: int) -> np.ndarray:
 
 def sample_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
     """Random shapes, poses (canonical world rotations), yaws and albedos for n people."""
-    shape = body.sample_shape(rng, n, cfg.style)
-    world = pick_poses(rng, n, cfg.style, cfg.poses)
+    shape = styled(cfg, rng, "bodies", lambda r, s: body.sample_shape(r, n, s))
+    world = styled(cfg, rng, "poses", lambda r, s: pick_poses(r, n, s, cfg.poses))
+    yaw = styled(cfg, rng, "yaw", lambda r, s: sample_yaw(r, n, s))
+    with _timed("appearance"):
+        albedo = np.stack([styled(cfg, rng, "clothing", lambda r, s: person_albedo(body, r, s)) for _ in range(n)])
+    return shape, world, yaw, albedo
+
+
+def sample_yaw(rng: np.random.Generator, n: int, style: str) -> np.ndarray:
     yaw = rng.uniform(0, 2 * math.pi, n)  # paper code: random yaw U(0, 2 pi) per person
-    if cfg.style == "standin":
+    if style == "standin":
         # [ours] Photos of people are biased towards people facing the camera (yaw 0); the
         # stand-in for real photos keeps that bias, the synthetic style keeps the paper's U(0, 2 pi).
         facing = rng.random(n) < STANDIN_FACING_SHARE
         yaw = np.where(facing, rng.normal(0.0, math.radians(STANDIN_FACING_STD_DEG), n), yaw)
-    with _timed("appearance"):
-        albedo = np.stack([person_albedo(body, rng, cfg.style) for _ in range(n)])
-    return shape, world, yaw, albedo
+    return yaw
+
+
+def sample_pitch(rng: np.random.Generator, style: str) -> float:
+    return rng.uniform(0, PITCH_MAX_DEG) if style == "synthetic" else rng.uniform(0, 0.6 * PITCH_MAX_DEG)
 
 
 def build_people(body: BodyModel, shape, world, yaw, extended: bool = False):
@@ -1704,7 +1763,7 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
     n = int(min(MAX_PEOPLE, max(cfg.min_people, rng.poisson(cfg.mean_people))))
     verts, kps, albedo = pose_people(body, rng, n, cfg)
     dist = max(2.0, rng.normal(*cfg.camera_distance))
-    pitch = rng.uniform(0, PITCH_MAX_DEG) if cfg.style == "synthetic" else rng.uniform(0, 0.6 * PITCH_MAX_DEG)
+    pitch = styled(cfg, rng, "pitch", sample_pitch)
     cam = make_camera(dist, pitch, S, S, LOOK_HEIGHT * min(1.0, dist / CAMERA_DISTANCE[0]))
     keep, pos = place_people(rng, cam, verts, dist)
     if len(keep) < min(cfg.min_people, n):  # crowded: fall back to anything inside the frame
@@ -1715,8 +1774,8 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
     off = np.stack([pos[:, 0], np.zeros(len(pos)), pos[:, 1]], 1)[:, None].astype(np.float32)
     verts, kps = verts + off, kps + off
     n = len(keep)
-    light = sample_lighting(rng, cfg.style)
-    bg = sample_background(rng, cfg, bg_files)
+    light = styled(cfg, rng, "lighting", sample_lighting)
+    bg = styled(cfg, rng, "background", lambda r, s: sample_background(r, s, cfg.image_size, bg_files))
     img, inst, depth, kl = render_people(body, verts, kps, albedo, cam, light, bg)
     with _timed("labels"):
         kl = SKELETONS[cfg.skeleton].labels(kl)
@@ -1725,7 +1784,7 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
         cu, cv_, _ = cam.project(kps[:, 11:13].mean(1))
         anns = annotations_for(index + 1, cam, kl, inst, boxes, np.stack([cu, cv_], 1), n)
     with _timed("post (blur, noise)"):
-        img = post_process(rng, img, cfg.style)
+        img = styled(cfg, rng, "blur", lambda r, s: post_process(r, img, s))
     return img, anns
 
 
@@ -1765,7 +1824,7 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
         # [ours] the person fills ~image_size px; the camera keeps the paper's lens and pitch range
         cam = make_camera(f * max(height, 0.8) / S, rng.uniform(0, PITCH_MAX_DEG), canvas, canvas, height / 2)
         rgb, inst, depth, kl = render_people(body, verts[k:k + 1], kps[k:k + 1], people[k][3], cam,
-                                           sample_lighting(rng, cfg.style), np.zeros(3, np.uint8))
+                                           styled(cfg, rng, "lighting", sample_lighting), np.zeros(3, np.uint8))
         with _timed("labels"):
             kl = skeleton.labels(kl)
             ys, xs = np.nonzero(inst.any(1))[0], np.nonzero(inst.any(0))[0]
@@ -1908,6 +1967,13 @@ def validate(cfg: RenderConfig):
         raise RenderError("camera_distance must be (mean > 1 m, std >= 0)")
     if cfg.body_model not in BODY_MODELS:
         raise RenderError(f"unknown body model {cfg.body_model!r}; choose from {', '.join(BODY_MODELS)}")
+    for f in cfg.style_factors:
+        name, style = f.split("=")
+        if style == cfg.style:
+            raise RenderError(f"style_factors {f}: the style is {cfg.style} already; name the factors that take "
+                              "the other style")
+        if cfg.kind == "bank" and name not in BANK_FACTORS:
+            raise RenderError(f"style_factors {f}: bank crops have no {name}; their factors: {', '.join(BANK_FACTORS)}")
     if cfg.body_model != "anny":
         find_model_files(cfg.body_model, cfg.model_path)
     check_backgrounds(cfg.backgrounds)
@@ -2019,7 +2085,7 @@ def render_dataset(out_dir, *, workers: int = 1, num_shards: int = 1, shard: int
     """Render a COCO keypoint dataset into out_dir; returns out_dir/annotations.json.
 
     settings: RenderConfig's fields (kind, num_images, style, image_size, mean_people, min_people,
-    camera_distance, seed, backgrounds, poses, body_model, model_path, skeleton); an unknown one
+    camera_distance, seed, backgrounds, poses, body_model, model_path, skeleton, style_factors); an unknown one
     is a RenderError. Finished outputs are a cache: a second call with the same settings returns
     at once. With num_shards > 1 this call renders chunks c with c % num_shards == shard;
     whichever shard finds every chunk done writes annotations.json (until then the returned path

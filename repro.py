@@ -1381,7 +1381,7 @@ def coco_ap(ev, image_counts: np.ndarray | None = None) -> float:
     matched = np.concatenate([np.tile(e["dtMatches"][:, :max_det], c) for e, c in images], 1)
     ignored = np.concatenate([np.tile(e["dtIgnore"][:, :max_det], c) for e, c in images], 1)
     positives = sum(int((e["gtIgnore"] == 0).sum()) * c for e, c in images)
-    if positives == 0:
+    if positives == 0 or not len(scores):  # a resample of only images without detections has AP 0
         return 0.0
     order = np.argsort(-scores, kind="mergesort")
     tp = np.cumsum((matched[:, order] > 0) & ~ignored[:, order].astype(bool), 1)
@@ -3781,6 +3781,159 @@ def save_claims_figure(runs: list[dict], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Where the domain gap comes from: the shipped student on scenes with one style factor switched
+# ----------------------------------------------------------------------------------------------
+
+GAP_SEED = 7000  # [ours] a seed no split of the demo uses (they take 1000-5000)
+# [ours] one geometry for every set, the stand-in's (the student's own), so that the sets differ in
+# style alone; the geometry rows render each style at the demo's synthetic geometry instead
+GAP_GEOMETRIES = {name: {k: v for k, v in demo.items() if k != "style"}
+                  for name, demo in (("standin", DEMO_STANDIN), ("synthetic", DEMO_SYNTHETIC))}
+GAP_OTHER = {"synthetic": "standin", "standin": "synthetic"}
+GAP_RULE = (  # fixed before the first run: how the table is read
+    "Every set is rendered with seed 7000 and evaluated by the shipped real-only student. A set's dAP is its AP "
+    "minus that of its own style's set as it is, with a paired bootstrap sd over images (200 resamples, the same "
+    "for every set; the sets are paired by image index: a switched factor draws from a stream of its own and the "
+    "others repeat their draws). A factor carries part of the gap, in one direction, when switching it alone "
+    "moves AP towards the other style's set by more than 2 paired sd; it works against the gap when it moves AP "
+    "away by more than 2 sd; otherwise no effect is measured at this size. Its share is dAP / (AP of the other "
+    "style's set - AP of its own). The 'all' row switches every factor: if it lands more than 2 sd from the "
+    "other style's set, the named factors do not cover the style. The geometry row renders the style at the "
+    "demo's synthetic geometry (320 px, Poisson(5) people, 7 m) instead of the stand-in's (256 px, 2.5, 6 m).")
+
+
+def gap_sets(factors: tuple[str, ...]) -> list[dict]:
+    """The sets: per style, as it is, each factor switched alone, all of them, the synthetic geometry."""
+    sets = []
+    for style, other in GAP_OTHER.items():
+        rows = [(style, None, {})] + [(f"{style}-{f}", f, {f: other}) for f in factors]
+        rows += [(f"{style}-all", "all", {f: other for f in factors})] if len(factors) > 1 else []
+        for name, switched, switch in rows:
+            sets.append(dict(name=name, style=style, switched=switched, geometry="standin",
+                             style_factors=sorted(f"{k}={v}" for k, v in switch.items())))
+        sets.append(dict(name=f"{style}-geometry", style=style, switched="geometry", geometry="synthetic",
+                         style_factors=[]))
+    return sets
+
+
+def gap_render_settings(spec: dict, images: int) -> dict:
+    return dict(kind="scenes", num_images=images, seed=GAP_SEED, style=spec["style"],
+                style_factors=tuple(spec["style_factors"]), **GAP_GEOMETRIES[spec["geometry"]])
+
+
+def gap_commands(folder: Path, settings: dict, ckpt: Path, cfg: Config) -> list[str]:
+    """The two commands that give one set's numbers on their own: render, then --mode eval."""
+    flags = []
+    for k, v in settings.items():
+        if k == "kind" or v == ():
+            continue
+        flags += [f"--{k.replace('_', '-')}"] + [str(x) for x in (v if isinstance(v, tuple) else (v,))]
+    scales = " ".join(f"{x:g}" for x in cfg.eval_scales)
+    return [" ".join(["python render_humans.py", str(folder), *flags, "--no-progress"]),
+            f"python repro.py --mode eval --ckpt {ckpt} --val-json {folder}/annotations.json --val-images "
+            f"{folder}/images --eval-scales {scales} --out {folder}/eval"]
+
+
+def resampled_aps(kset: KeypointSet, results: list[dict], draws: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
+    """AP on `draws` bootstrap resamples of the images; seed 0, so sets of one size share the resamples
+    and the differences of two sets' arrays are a paired bootstrap."""
+    from pycocotools.coco import COCO
+
+    n, rng = len(kset.records), np.random.default_rng(0)
+    counts = [np.bincount(rng.integers(n, size=n), minlength=n) for _ in range(draws)]
+    if not results:
+        return np.zeros(draws)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(kset.json_path))
+    ev = coco_evaluator(gt, results, [r.image_id for r in kset.records])
+    return np.array([coco_ap(ev, c) for c in counts])
+
+
+def gap_reading(spec: dict, row: dict, rows: dict) -> dict:
+    """dAP against its own style's set, paired sd, share of the gap and the rule's word."""
+    own, other = rows[spec["style"]], rows[GAP_OTHER[spec["style"]]]
+    d, toward = row["AP"] - own["AP"], other["AP"] - own["AP"]
+    sd = float(np.std(row["_draws"] - own["_draws"]))
+    if spec["switched"] == "all":
+        sd_other = float(np.std(row["_draws"] - other["_draws"]))
+        word = ("covers the style" if abs(row["AP"] - other["AP"]) <= 2 * sd_other
+                else "does not cover the style")
+        return dict(dAP=d, dAP_sd=sd, share=d / toward if toward else None, vs_other=row["AP"] - other["AP"],
+                    vs_other_sd=sd_other, reading=word)
+    if abs(d) <= 2 * sd:
+        word = "no measured effect"
+    else:
+        word = "carries part of the gap" if d * toward > 0 else "works against the gap"
+    return dict(dAP=d, dAP_sd=sd, share=d / toward if toward else None, reading=word)
+
+
+def gap_table(report: dict) -> str:
+    def f(x, digits=3, sign=""):
+        return "-" if x is None else f"{x:{sign}.{digits}f}"
+
+    lines = ["# Where the domain gap comes from", "", f"Rule, fixed before the run: {report['rule']}", "",
+             f"Command: `{report['command']}` ({report['wall_minutes']:.1f} minutes on {report['device']}; "
+             f"{report['images_per_set']} images per set, checkpoint {report['checkpoint']}).", "",
+             "| set | style | switched to the other style | images | people | AP | AP50 | peak_hit | AP sd "
+             "| dAP vs its style | paired sd | share of the gap | reading |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["sets"]:
+        switched = r["switched"] or "(as it is)"
+        lines.append(f"| {r['name']} | {r['style']} | {switched} | {r['images']} | {r['people']} | {f(r['AP'])} | "
+                     f"{f(r['AP50'])} | {f(r['peak_hit'])} | {f(r['ap_sd'])} | {f(r.get('dAP'), sign='+')} | "
+                     f"{f(r.get('dAP_sd'))} | {f(r.get('share'), 2, '+')} | {r.get('reading', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = tuple(rh.STYLE_FACTORS),
+                   argv: list[str] | None = None) -> dict:
+    """Renders every set of gap_sets (cached under the sets folder), evaluates the checkpoint (default:
+    the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/)."""
+    if images < 1:
+        raise ReproError(f"--domain-gap N needs N >= 1 images per set, not {images}")
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else SHIPPED_STUDENT
+    model, cfg, _ = model_from_checkpoint(cfg, ckpt, device)
+    if cfg.skeleton != "coco":
+        raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; the sets are COCO")
+    out = Path(cfg.out) if cfg.out else Path("results")
+    sets_root = (out / "domain-gap-sets" if cfg.out else Path("runs/domain-gap")) / f"n{images}"
+    specs = gap_sets(factors)
+    for spec in specs:  # every setting checked before anything is rendered
+        rh.validate(rh.make_config(gap_render_settings(spec, images)))
+    t0, rows = time.perf_counter(), {}
+    for spec in specs:
+        folder, settings = sets_root / spec["name"], gap_render_settings(spec, images)
+        t = time.perf_counter()
+        ann = rh.render_dataset(folder, progress=False, **settings)
+        t_render = time.perf_counter() - t
+        kset = load_keypoint_set(ann, folder / "images", COCO)
+        stats, results = evaluate(model, kset, cfg, device, progress=False)
+        people = [a for a in json.loads(ann.read_text())["annotations"] if a.get("num_keypoints", 0) > 0]
+        row = dict(spec, folder=str(folder), images=len(kset.records), people=len(people),
+                   **{k: stats[k] for k in ("AP", "AP50", "peak_hit", "ap_sd")},
+                   render_s=round(t_render, 1), eval_s=round(time.perf_counter() - t - t_render, 1),
+                   commands=gap_commands(folder, settings, ckpt, cfg), _draws=resampled_aps(kset, results))
+        rows[spec["name"]] = row
+        print(f"domain gap: {spec['name']}: AP {row['AP']:.3f} (sd {row['ap_sd']:.3f}), peak_hit "
+              f"{row['peak_hit']:.3f}, {row['images']} images, {row['people']} people", flush=True)
+    for spec in specs:
+        if spec["switched"] is not None:
+            rows[spec["name"]] |= gap_reading(spec, rows[spec["name"]], rows)
+    command = "python repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = dict(rule=GAP_RULE, command=command, checkpoint=str(ckpt), device=str(device), seed=GAP_SEED,
+                  images_per_set=images, eval_scales=list(cfg.eval_scales), geometries=GAP_GEOMETRIES,
+                  factors={f: rh.STYLE_FACTORS[f] for f in factors}, code_version=code_version(),
+                  wall_minutes=round((time.perf_counter() - t0) / 60, 2),
+                  sets=[{k: v for k, v in r.items() if k != "_draws"} for r in rows.values()])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out / "domain-gap.json")
+    with atomic_path(out / "domain-gap.md") as tmp:
+        tmp.write_text(gap_table(report))
+    print(f"domain gap: {out / 'domain-gap.json'}, {out / 'domain-gap.md'}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # Benchmark: is the data pipeline ever the bottleneck? is grouping cheaper than the network?
 # ----------------------------------------------------------------------------------------------
 
@@ -4390,6 +4543,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}")
     p.add_argument("--report", action="store_true",
                    help="rebuild results/claims.{json,md,png} and the README's claims table from results/protocol")
+    p.add_argument("--domain-gap", type=int, metavar="N",
+                   help="render N scenes per style and per style factor switched (seed 7000), evaluate --ckpt "
+                        "(default: the shipped student) on each; writes domain-gap.{json,md} into --out "
+                        "(default results/); README, 'Where the domain gap comes from'")
     p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
                    help="score MPII multi-person predictions (.mat pred struct or .json) against a ground-truth "
                         "annotation list with the official rules; prints the table and 'mAP <value>'")
@@ -4687,6 +4844,9 @@ def run_main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.threads)
         rank, world, device = setup_distributed(cfg)
         seed_everything(cfg.seed + rank)
+        if args.domain_gap is not None:
+            run_domain_gap(cfg, args.domain_gap, device)
+            return 0
         if cfg.mode == "predict":  # no dataset: the user's own images
             run_predict(cfg, device)
             return 0

@@ -400,6 +400,63 @@ def test_settings_come_from_one_place(tmp_path):
     assert rh.RenderConfig(mean_people=2, poses=Path("p")) == rh.RenderConfig(mean_people=2.0, poses="p")
 
 
+def _people_mask(anns: list, shape: tuple) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+    masks = [mask_utils.decode(a["segmentation"]) > 0 for a in anns]
+    return np.any(masks, 0) if masks else np.zeros(shape[:2], bool)
+
+
+def test_style_factors_switch_their_factor_alone(gl):
+    """Each switched factor changes the image; the appearance factors leave the labels (people, camera)
+    as they are, and in the stand-in style (no blur mixes pixels) lighting and clothing change people's
+    pixels only, the background the backdrop's only."""
+    files = rh.background_files(None)
+    geo = dict(image_size=96, mean_people=2.0, min_people=2, camera_distance=(6.0, 0.5), seed=7)
+    assert rh.RenderConfig(style_factors={}) == rh.RenderConfig() and rh.RenderConfig().style_factors == ()
+    for style, other in (("standin", "synthetic"), ("synthetic", "standin")):
+        base_img, base_anns = rh.render_scene(rh.RenderConfig(style=style, **geo), 0, gl, files)
+        people = _people_mask(base_anns, base_img.shape)
+        assert people.any() and not people.all()
+        for f in rh.STYLE_FACTORS:
+            cfg = rh.RenderConfig(style=style, style_factors={f: other}, **geo)
+            assert rh.factor_style(cfg, f) == other and rh.factor_style(cfg, "lighting" if f != "lighting" else
+                                                                          "pitch") == style
+            img, anns = rh.render_scene(cfg, 0, gl, files)
+            changed = (img != base_img).any(2)
+            assert changed.any(), f
+            assert (anns == base_anns) == (f in ("clothing", "lighting", "background", "blur")), f
+            if style == "standin" and f in ("clothing", "lighting"):
+                assert not changed[~people].any(), f
+            if style == "standin" and f == "background":
+                assert not changed[people].any() and changed[~people].any()
+
+
+def test_default_settings_render_the_demo_cache_byte_for_byte(gl, tmp_path):
+    """No factor switched: the first scenes of the demo's val split come out as the cache holds them."""
+    import repro
+    cache = ROOT / "data" / "demo" / "v2-small" / "val"
+    if not (cache / "annotations.json").is_file():
+        pytest.skip("data/demo/v2-small/val not rendered here")
+    rh.render_dataset(tmp_path / "val", num_images=4, seed=2000, progress=False, **repro.DEMO_STANDIN)
+    for f in sorted((tmp_path / "val" / "images").iterdir()):
+        assert f.read_bytes() == (cache / "images" / f.name).read_bytes(), f.name
+
+
+def test_bad_style_factors_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "light=standin is not FACTOR=STYLE" in _main_error([str(out), "--style-factors", "light=standin"], capsys)
+    assert "pitch=sepia is not FACTOR=STYLE" in _main_error([str(out), "--style-factors", "pitch=sepia"], capsys)
+    assert "the style is synthetic already" in _main_error([str(out), "--style-factors", "blur=synthetic"], capsys)
+    assert "names a factor twice" in _main_error([str(out), "--style-factors", "yaw=standin,yaw=synthetic"],
+                                                 capsys)
+    assert "bank crops have no pitch" in _main_error([str(out), "--kind", "bank", "--style-factors",
+                                                      "pitch=standin"], capsys)
+    assert not out.exists()
+    cfg = rh.make_config(dict(style_factors=["yaw=standin", "blur=standin,lighting=standin"]))
+    assert cfg.style_factors == ("blur=standin", "lighting=standin", "yaw=standin")  # one spelling
+    assert rh._config_json(cfg)["style_factors"] == list(cfg.style_factors)
+
+
 _TINY_BVH = """HIERARCHY
 ROOT Hips
 {
@@ -2582,6 +2639,61 @@ def test_claims_table_keeps_each_devices_minutes_apart():
     table = R.claims_table(claims)
     assert "| 0.7 (GPU X), 8.0 (cpu) |" in table  # never the 3.1 of all three averaged
     assert "Where the runs trained: GPU X: scarce seed 1 + seed 2; cpu: scarce seed 0." in table
+
+
+def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path, monkeypatch, capsys):
+    import shlex
+    monkeypatch.setattr(R, "GAP_GEOMETRIES", {k: dict(v, image_size=64) for k, v in R.GAP_GEOMETRIES.items()})
+    cfg, _ = R.parse_args(["--eval-scales", "1.0", "--out", str(tmp_path / "gap"), "--threads", "2"])
+    report = R.run_domain_gap(cfg, 2, torch.device("cpu"), factors=("lighting",), argv=["--domain-gap", "2"])
+    names = [r["name"] for r in report["sets"]]
+    assert names == ["synthetic", "synthetic-lighting", "synthetic-geometry", "standin", "standin-lighting",
+                     "standin-geometry"]
+    saved = json.loads((tmp_path / "gap" / "domain-gap.json").read_text())
+    assert saved["sets"] == json.loads(json.dumps(report["sets"])) and saved["rule"] == R.GAP_RULE
+    md = (tmp_path / "gap" / "domain-gap.md").read_text()
+    assert R.GAP_RULE in md and md.count("| standin-") == 2 and not list((tmp_path / "gap").glob("*.tmp"))
+    rows = {r["name"]: r for r in report["sets"]}
+    assert rows["standin-lighting"]["style_factors"] == ["lighting=synthetic"] and "dAP" not in rows["standin"]
+    assert rows["standin-lighting"]["dAP"] == pytest.approx(rows["standin-lighting"]["AP"] - rows["standin"]["AP"])
+    assert rows["standin"]["images"] == 2 and rows["standin"]["people"] >= 2
+    # the json's two commands for a set give that set's images and AP on their own
+    render, evaluate = rows["synthetic-lighting"]["commands"]
+    folder = Path(rows["synthetic-lighting"]["folder"])
+    argv = shlex.split(render)[2:]
+    argv[0] = str(tmp_path / "again")
+    rh.main(argv)
+    assert (tmp_path / "again/annotations.json").read_bytes() == (folder / "annotations.json").read_bytes()
+    argv = shlex.split(evaluate)[2:] + ["--threads", "2"]
+    assert R.main(argv) == 0
+    stats = json.loads((folder / "eval" / "eval-annotations.json").read_text())
+    assert stats["AP"] == pytest.approx(rows["synthetic-lighting"]["AP"])
+
+
+def test_domain_gap_reading_follows_the_rule():
+    draws = np.zeros(200)
+    rows = {"synthetic": dict(AP=0.03, _draws=draws), "standin": dict(AP=0.28, _draws=draws)}
+    spread = np.random.default_rng(0).normal(0, 0.01, 200)  # paired sd 0.01
+
+    def word(style, ap, switched="yaw"):
+        return R.gap_reading(dict(style=style, switched=switched), dict(AP=ap, _draws=spread), rows)["reading"]
+
+    assert word("synthetic", 0.06) == "carries part of the gap"   # +0.03, over 2 sd towards the stand-in
+    assert word("synthetic", 0.045) == "no measured effect"       # +0.015: within 2 sd
+    assert word("synthetic", 0.0) == "works against the gap"
+    assert word("standin", 0.20) == "carries part of the gap"     # towards the synthetic style: down
+    assert word("standin", 0.32) == "works against the gap"
+    assert word("synthetic", 0.27, "all") == "covers the style"
+    assert word("synthetic", 0.15, "all") == "does not cover the style"
+    share = R.gap_reading(dict(style="standin", switched="yaw"), dict(AP=0.155, _draws=spread), rows)["share"]
+    assert share == pytest.approx(0.5)
+
+
+def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
+    assert "N >= 1" in run_main_error(capsys, ["--domain-gap", "0", "--out", str(tmp_path / "g")])
+    assert "checkpoint not found" in run_main_error(capsys, ["--domain-gap", "2", "--ckpt", str(tmp_path / "no.pt"),
+                                                             "--out", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
 
 
 def test_protocol_conditions_mean_what_their_names_say():
