@@ -3891,8 +3891,8 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
     the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/)."""
     if images < 1:
         raise ReproError(f"--domain-gap N needs N >= 1 images per set, not {images}")
-    ckpt = Path(cfg.ckpt) if cfg.ckpt else SHIPPED_STUDENT
-    model, cfg, _ = model_from_checkpoint(cfg, ckpt, device)
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else SHIPPED_STUDENT.relative_to(SHIPPED_STUDENT.parent.parent)
+    model, cfg, _ = model_from_checkpoint(cfg, ckpt if cfg.ckpt else SHIPPED_STUDENT, device)
     if cfg.skeleton != "coco":
         raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; the sets are COCO")
     out = Path(cfg.out) if cfg.out else Path("results")

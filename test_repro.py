@@ -1088,7 +1088,7 @@ def interrupt_at_step(monkeypatch, stop):
 
 
 def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
-    common = ("--mode", "augmented", "--steps", "6", "--ckpt-every", "3")
+    common = ("--mode", "augmented", "--steps", "6", "--ckpt-every", "3", "--minutes", "0")  # no wall-clock lr
     assert R.main(toy_args(toy, tmp_path / "straight", *common)) == 0
     with monkeypatch.context() as m:
         interrupt_at_step(m, 5)  # step 4 is logged after the step-3 checkpoint, then the run dies
@@ -1921,8 +1921,8 @@ def test_stratified_control_draws_large_enough_bins_and_never_learns(toy, tmp_pa
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, device):
-    common = ("--mode", "student-teacher", "--steps", "8", "--ckpt-every", "4", "--teacher-interval", "2",
-              "--teacher-min-bin", "0", "--bins", "3", "--device", device)
+    common = ("--mode", "student-teacher", "--steps", "8", "--minutes", "0", "--ckpt-every", "4",
+              "--teacher-interval", "2", "--teacher-min-bin", "0", "--bins", "3", "--device", device)
     assert R.main(toy_args(toy, tmp_path / "straight", *common)) == 0
     with monkeypatch.context() as m:
         interrupt_at_step(m, 5)
