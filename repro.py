@@ -61,6 +61,12 @@ import render_humans as rh
 
 cv2.setNumThreads(1)  # cv2's own pool fights torch for the cores; our images are small
 
+
+# ==============================================================================================
+# Part I: the method, in the order one training step's data flows
+# ==============================================================================================
+
+
 # ----------------------------------------------------------------------------------------------
 # Config: every setting once, with its help text (the command line is built from these fields)
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +306,8 @@ COCO = Skeleton(  # COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 
      ("left_eye", "left_ear"), ("right_shoulder", "right_ear"), ("left_shoulder", "left_ear")],
     min_centre_keypoints=5,  # OpenPose COCO: people with >= 5 keypoints are crop centres
     never_start=2)  # OpenPose COCO: the ear-shoulder limbs never start a person
+
+
 MPII = Skeleton(  # paper code (OpenPose's MPI model): 15 parts, 14 limbs = 28 PAF channels
     "mpii", 16,  # MPII joint ids: 0 r ankle ... 5 l ankle, 6 pelvis, 7 thorax, 8 upper neck, 9 head top, ...
     {"head_top": (9, 9), "upper_neck": (8, 8), "right_shoulder": (12, 12), "right_elbow": (11, 11),
@@ -311,6 +319,8 @@ MPII = Skeleton(  # paper code (OpenPose's MPI model): 15 parts, 14 limbs = 28 P
      ("left_elbow", "left_wrist"), ("upper_neck", "centre"), ("centre", "right_hip"), ("right_hip", "right_knee"),
      ("right_knee", "right_ankle"), ("centre", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle")],
     min_centre_keypoints=1)  # paper code: one training sample per annotated MPII person
+
+
 SKELETONS = {s.name: s for s in (COCO, MPII)}
 
 
@@ -462,15 +472,25 @@ class Data:
 # The demo benchmark: a stand-in for real photos (train/val, disjoint seeds) and the synthetic
 # data, all rendered by render_humans.py.  Sizes chosen so a first run renders in a few minutes.
 DEMO_VERSION = 2  # bump when the renderer's output changes: the cache is kept per version
+
+
 DEMO_SIZES = {
     "small": dict(standin_train=1000, standin_val=150, synthetic=500, bank=500),
     "large": dict(standin_train=2000, standin_val=200, synthetic=1000, bank=800),
 }
+
+
 DEMO_STANDIN = dict(style="standin", image_size=256, mean_people=2.5, min_people=1,
                     camera_distance=(6.0, 0.5))
+
+
 DEMO_SYNTHETIC = dict(style="synthetic", image_size=320, mean_people=5.0, min_people=2,
                       camera_distance=(7.0, 0.5))
+
+
 DEMO_BANK = dict(style="synthetic", image_size=160)
+
+
 # [ours] the claims protocol's val split: enough people that sampling noise sits under the effects
 # (about 2400), and more of them per image, so that the heavy-occlusion bin is populated
 DEMO_CROWDED_VAL = dict(kind="scenes", num_images=800, seed=5000, **(DEMO_STANDIN | dict(mean_people=3.0)))
@@ -549,57 +569,6 @@ def load_data(cfg: Config) -> Data:
         if s is not None:
             s.preload()
     return Data(train, val, synthetic, bank, name)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image file's header."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise ReproError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError:
-        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image") from None
-
-
-def mpii_records(groups: list[Group], images: Path, first_id: int = 1) -> list[ImageRecord]:
-    """MPII groups -> records: parts from the 16 joints, and a box from each person's objpos and
-    scale (paper code: person height = 200 x scale px; the crop centres on objpos). MPII has no
-    masks of its unannotated people: [ours] they count as background (README, deviations)."""
-    records = []
-    for i, g in enumerate(groups):
-        height = 200 * g.scales
-        boxes = np.stack([g.objpos[:, 0] - height / 4, g.objpos[:, 1] - height / 2, height / 2, height], 1)
-        fallback = np.array([keypoint_box(j) for j in g.joints], np.float32).reshape(-1, 4)
-        boxes = np.where(np.isfinite(boxes).all(1, keepdims=True), boxes, fallback)  # people without objpos
-        width, tall = image_size(images / g.image)
-        records.append(ImageRecord(first_id + i, images / g.image, width, tall, MPII.to_parts(g.joints),
-                                   boxes.astype(np.float32), {}))
-    return records
-
-
-def load_mpii_annolist(mat: Path, images: Path) -> KeypointSet:
-    """An evaluation set given as an MPII annotation list (.mat, e.g. multi-person groups), with images."""
-    groups = read_annolist(mat)
-    if any(not g.image for g in groups):
-        raise ReproError(f"{mat} names no images (annolist(i).image.name): evaluating it needs them")
-    return KeypointSet(None, mpii_records(groups, images), MPII, groups=groups)
-
-
-def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
-    """The official release in root: mpii_human_pose_v1_u12_1.mat and images/ (and, if present, the
-    toolkit's groups_v12.mat): training people, and the held-out multi-person validation groups."""
-    mat = root / MPII_RELEASE
-    if not mat.is_file():
-        raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside (the official release)")
-    groups_mat = root / "groups_v12.mat"
-    train, val = load_release(mat, root / "images", groups_mat=groups_mat if groups_mat.is_file() else None)
-    if not val:
-        raise ReproError(f"{mat}: no multi-person validation group was held out")
-    return (KeypointSet(None, mpii_records(train, root / "images"), MPII),
-            KeypointSet(None, mpii_records(val, root / "images"), MPII, groups=val))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1087,6 +1056,8 @@ def build_model(cfg: Config) -> PoseNet:
 
 
 IMAGE_MEAN = torch.tensor([0.406, 0.456, 0.485]) * 255  # torchvision's ImageNet statistics, BGR
+
+
 IMAGE_STD = torch.tensor([0.225, 0.224, 0.229]) * 255
 
 
@@ -1136,915 +1107,15 @@ def peak_hits(heat: torch.Tensor, keypoints: torch.Tensor, stride: int, radius: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Inference: multi-scale maps -> peaks -> greedy PAF grouping (paper's thresholds)
-# ----------------------------------------------------------------------------------------------
-
-HEAT_THRESHOLD = 0.05  # paper code: peaks above 0.05
-PAF_THRESHOLD = 0.01  # paper code: a limb sample counts when its PAF score is above 0.01 ...
-LIMB_SAMPLES, LIMB_MIN_HITS = 10, 7  # paper code: ... on >= 7 of 10 samples
-MIN_PARTS, MIN_PERSON_SCORE = 3, 0.2  # paper code: >= 3 parts, mean score >= 0.2
-SMOOTH_SIGMA = 3.0  # paper code: Gaussian smoothing of the heatmaps
-# [ours] the strongest peaks kept per part: a flat map (an untrained net in bf16 gives exactly
-# constant outputs) makes every pixel a 3x3 maximum, and grouping all-pairs of them ran out of memory
-MAX_PEAKS_PER_PART = 100
-
-
-def upsample_maps(grid_maps: torch.Tensor, stride: int, out_hw: tuple[int, int]) -> torch.Tensor:
-    """(B, C, h, w) output maps -> (B, C, H, W) input pixels (cell centres kept in place)."""
-    up = F.interpolate(grid_maps, scale_factor=stride, mode="bicubic", align_corners=False)
-    h, w = out_hw
-    if up.shape[-2] < h or up.shape[-1] < w:
-        up = F.pad(up, (0, max(0, w - up.shape[-1]), 0, max(0, h - up.shape[-2])), mode="replicate")
-    return up[..., :h, :w]
-
-
-def resize_maps(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    return maps if maps.shape[-2:] == hw else F.interpolate(maps, size=hw, mode="bicubic", align_corners=False)
-
-
-def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device,
-                 base: float | None = None) -> tuple[torch.Tensor, float]:
-    """Averaged last-stage maps (PAF + heat, H, W) at the base scale, and that scale (resized /
-    original; by default the one that makes the image --eval-height tall)."""
-    maps, base = batch_maps(model, image[None], cfg, device, base)
-    return maps[0], base
-
-
-@torch.no_grad()
-def batch_maps(model: nn.Module, images: np.ndarray, cfg: Config, device,
-               base: float | None = None) -> tuple[torch.Tensor, float]:
-    """network_maps of (B, H, W, 3) images of one size in one forward pass per scale: (B, C, H', W')."""
-    n, height, width = images.shape[:3]
-    base = base or cfg.eval_height / height
-    out_hw = (round(height * base), round(width * base))
-    total = None
-    for m in cfg.eval_scales:
-        h, w = round(height * base * m), round(width * base * m)
-        ph, pw = -h % cfg.stride, -w % cfg.stride  # pad to a whole number of cells
-        padded = np.stack([cv2.copyMakeBorder(cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC),
-                                              0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(128, 128, 128))
-                           for image in images])
-        batch = padded if not cfg.eval_flip else np.concatenate([padded, padded[:, :, ::-1]])
-        with autocast(device, cfg):
-            maps = model(to_input(batch, device).contiguous(memory_format=torch.channels_last))[-1].float()
-        if cfg.eval_flip:  # the flipped copy's padding sits on the left: undo the flip first
-            maps = torch.stack([maps[:n], flip_maps(maps[n:], skeleton(cfg))]).mean(0)
-        maps = upsample_maps(maps, cfg.stride, (h, w))
-        total = resize_maps(maps, out_hw) if total is None else total + resize_maps(maps, out_hw)
-    return total / len(cfg.eval_scales), base
-
-
-def gaussian_kernel(sigma: float, device) -> torch.Tensor:
-    r = int(math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return k / k.sum()
-
-
-def find_peaks(heat: torch.Tensor, threshold: float = HEAT_THRESHOLD) -> list[np.ndarray]:
-    """(18, H, W) heatmaps -> per part (N, 3) x, y, score; Gaussian smoothing, 3x3 NMS, and a
-    log-parabola fit for sub-pixel positions (exact for a Gaussian peak)."""
-    k = gaussian_kernel(SMOOTH_SIGMA, heat.device)
-    r = len(k) // 2
-    h = heat[:, None]
-    h = F.conv2d(F.pad(h, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    h = F.conv2d(F.pad(h, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))[:, 0]
-    peak = (h == F.max_pool2d(h[:, None], 3, 1, 1)[:, 0]) & (h > threshold)
-    part, y, x = torch.nonzero(peak, as_tuple=True)
-    logh = torch.log(F.pad(h, (1, 1, 1, 1), mode="replicate").clamp(min=1e-6))
-
-    def offset(minus, centre, plus):
-        curvature = minus - 2 * centre + plus
-        return torch.where(curvature < -1e-6, (0.5 * (minus - plus) / curvature).clamp(-0.5, 0.5), 0.0)
-
-    yy, xx = y + 1, x + 1
-    dx = offset(logh[part, yy, xx - 1], logh[part, yy, xx], logh[part, yy, xx + 1])
-    dy = offset(logh[part, yy - 1, xx], logh[part, yy, xx], logh[part, yy + 1, xx])
-    found = torch.stack([x + dx, y + dy, h[part, y, x]], 1).cpu().numpy()
-    part = part.cpu().numpy()
-    return [strongest(found[part == j], MAX_PEAKS_PER_PART) for j in range(heat.shape[0])]
-
-
-def strongest(peaks: np.ndarray, limit: int) -> np.ndarray:
-    """The `limit` highest-scoring rows of (N, 3) peaks, in their original order."""
-    if len(peaks) <= limit:
-        return peaks
-    return peaks[np.sort(np.argsort(-peaks[:, 2], kind="stable")[:limit])]
-
-
-def connect_limb(a: np.ndarray, b: np.ndarray, paf: np.ndarray, image_height: int) -> list[tuple[int, int, float]]:
-    """Greedy one-to-one connections (i, j, score) between candidates a (N, 3) and b (M, 3)."""
-    if len(a) == 0 or len(b) == 0:
-        return []
-    d = b[None, :, :2] - a[:, None, :2]  # (N, M, 2)
-    norm = np.linalg.norm(d, axis=-1)
-    unit = d / np.maximum(norm, 1e-6)[..., None]
-    t = np.linspace(0, 1, LIMB_SAMPLES)
-    pts = a[:, None, None, :2] + t[None, None, :, None] * d[:, :, None]  # (N, M, S, 2)
-    xi = np.clip(np.round(pts[..., 0]).astype(np.int64), 0, paf.shape[2] - 1)
-    yi = np.clip(np.round(pts[..., 1]).astype(np.int64), 0, paf.shape[1] - 1)
-    field_ = paf[:, yi, xi]  # (2, N, M, S)
-    dots = field_[0] * unit[..., 0, None] + field_[1] * unit[..., 1, None]
-    # OpenPose: penalise limbs longer than half the image height
-    score = dots.mean(-1) + np.minimum(0.5 * image_height / np.maximum(norm, 1e-6) - 1, 0)
-    ok = ((dots > PAF_THRESHOLD).sum(-1) >= LIMB_MIN_HITS) & (score > 0)
-    i, j = np.nonzero(ok)
-    order = np.argsort(-score[i, j], kind="stable")
-    used_a, used_b, out = set(), set(), []
-    for k in order:
-        if i[k] not in used_a and j[k] not in used_b:
-            used_a.add(i[k]), used_b.add(j[k])
-            out.append((int(i[k]), int(j[k]), float(score[i, j][k])))
-    return out
-
-
-def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int,
-                 sk: Skeleton) -> list[tuple[np.ndarray, float]]:
-    """OpenPose's greedy assembly. Returns (K, 3) parts (x, y, peak score) and the mean score."""
-    offsets = np.cumsum([0] + [len(p) for p in peaks])
-    all_peaks = np.concatenate([p for p in peaks] + [np.zeros((0, 3))])
-    people: list[dict] = []  # parts: global peak id per part (-1 none), score: summed scores
-    for k, (pa, pb) in enumerate(sk.limbs):
-        for i, j, s in connect_limb(peaks[pa], peaks[pb], paf[2 * k:2 * k + 2], image_height):
-            ga, gb = offsets[pa] + i, offsets[pb] + j
-            owners = [p for p in people if p["parts"][pa] == ga or p["parts"][pb] == gb]
-            if len(owners) == 1:
-                p = owners[0]
-                if p["parts"][pb] != gb:
-                    p["parts"][pb] = gb
-                    p["score"] += all_peaks[gb, 2] + s
-            elif len(owners) == 2:
-                p, q = owners
-                if not ((p["parts"] >= 0) & (q["parts"] >= 0)).any():  # disjoint: merge
-                    p["parts"] = np.maximum(p["parts"], q["parts"])
-                    p["score"] += q["score"] + s
-                    people = [r for r in people if r is not q]
-                elif p["parts"][pb] != gb:
-                    p["parts"][pb] = gb
-                    p["score"] += all_peaks[gb, 2] + s
-            elif k < sk.num_limbs - sk.never_start:
-                parts = np.full(sk.num_parts, -1)
-                parts[pa], parts[pb] = ga, gb
-                people.append(dict(parts=parts, score=all_peaks[ga, 2] + all_peaks[gb, 2] + s))
-    out = []
-    for p in people:
-        count = int((p["parts"] >= 0).sum())
-        if count >= MIN_PARTS and p["score"] / count >= MIN_PERSON_SCORE:
-            kp = np.zeros((sk.num_parts, 3), np.float32)
-            kp[p["parts"] >= 0] = all_peaks[p["parts"][p["parts"] >= 0]]
-            out.append((kp, float(p["score"] / count)))
-    return out
-
-
-def decode_maps(maps: torch.Tensor, base: float, sk: Skeleton) -> list[tuple[np.ndarray, float]]:
-    """Base-scale maps (PAF + heat, H, W) -> people in original image pixels: (J, 3) dataset
-    joints x, y, score (0 where not found)."""
-    peaks = find_peaks(maps[sk.num_paf:sk.num_paf + sk.num_parts])
-    people = group_people(peaks, maps[:sk.num_paf].cpu().numpy(), maps.shape[1], sk)
-    out = []
-    for kp, score in people:
-        joints = sk.to_joints(kp)
-        found = joints[:, 2] > 0
-        joints[found, :2] = (joints[found, :2] + 0.5) / base - 0.5  # cv2.resize keeps pixel centres
-        out.append((joints, score))
-    return out
-
-
-def coco_results(image_id: int, people: list[tuple[np.ndarray, float]], scores: bool = False) -> list[dict]:
-    """COCO results of one image's people; each keypoint's third value is 1 where found (COCOeval
-    reads only x, y), or with scores its peak score (0 where not found), as --mode predict writes."""
-    results = []
-    for kp, score in people:
-        k = kp.copy()
-        k[:, 2] = k[:, 2] if scores else (k[:, 2] > 0).astype(np.float32)
-        values = k.flatten().round(2)
-        if scores:  # the same float32 values, written as their 2 decimals rather than 360.67999267578125
-            values = values.astype(np.float64).round(2)
-        results.append(dict(image_id=int(image_id), category_id=1, keypoints=values.tolist(), score=round(score, 5)))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
-# COCO evaluation
-# ----------------------------------------------------------------------------------------------
-
-STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
-
-
-# [ours] A person's occlusion index: the largest IoU of its box with another person's box in the
-# image (0 when alone). The bins were fixed from the ground truth of the crowded demo val split,
-# before any result (README, "The claims protocol").
-OCCLUSION_BINS = {"none": (0.0, 0.05), "partial": (0.05, 0.3), "heavy": (0.3, 1.01)}
-BOOTSTRAP_SAMPLES = 200  # [ours] resamples of the val images for the AP's spread
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, 4) and (M, 4) x, y, w, h boxes -> (N, M) IoU."""
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), -1)
-    union = a[:, None, 2:].prod(-1) + b[None, :, 2:].prod(-1) - inter
-    return inter / np.maximum(union, 1e-9)
-
-
-def occlusion_index(boxes: np.ndarray) -> np.ndarray:
-    """(P, 4) boxes of one image's people -> (P,) the largest IoU with any other of them."""
-    iou = box_iou(boxes, boxes)
-    np.fill_diagonal(iou, 0.0)
-    return iou.max(1) if len(boxes) > 1 else np.zeros(len(boxes))
-
-
-def coco_evaluator(gt, results: list[dict], image_ids: list[int]):
-    """COCOeval keypoints of results against a COCO object, restricted to the images, evaluated."""
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, gt.loadRes(results), "keypoints")
-        ev.params.imgIds = sorted(image_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
-
-
-def coco_ap(ev, image_counts: np.ndarray | None = None) -> float:
-    """AP (OKS 0.50:0.95, area all) from an evaluated COCOeval, each image counted image_counts[i]
-    times (a bootstrap resample); COCOeval.accumulate's rule: 101 recall points, precision made
-    monotone, mean over the OKS thresholds."""
-    p = ev.params
-    max_det, n_images = p.maxDets[-1], len(p.imgIds)
-    counts = np.ones(n_images, np.int64) if image_counts is None else image_counts
-    images = [(e, c) for e, c in zip(ev.evalImgs[:n_images], counts) if e is not None and c > 0]
-    if not images:
-        return 0.0
-    scores = np.concatenate([np.tile(e["dtScores"][:max_det], c) for e, c in images])
-    matched = np.concatenate([np.tile(e["dtMatches"][:, :max_det], c) for e, c in images], 1)
-    ignored = np.concatenate([np.tile(e["dtIgnore"][:, :max_det], c) for e, c in images], 1)
-    positives = sum(int((e["gtIgnore"] == 0).sum()) * c for e, c in images)
-    if positives == 0 or not len(scores):  # a resample of only images without detections has AP 0
-        return 0.0
-    order = np.argsort(-scores, kind="mergesort")
-    tp = np.cumsum((matched[:, order] > 0) & ~ignored[:, order].astype(bool), 1)
-    fp = np.cumsum((matched[:, order] == 0) & ~ignored[:, order].astype(bool), 1)
-    aps = []
-    for t in range(len(p.iouThrs)):
-        recall = tp[t] / positives
-        precision = np.maximum.accumulate((tp[t] / np.maximum(tp[t] + fp[t], 1e-12))[::-1])[::-1]
-        at = np.searchsorted(recall, p.recThrs, side="left")
-        aps.append(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0).mean())
-    return float(np.mean(aps))
-
-
-def coco_eval(json_path: Path, results: list[dict], image_ids: list[int],
-              detail: bool = False) -> dict[str, float]:
-    """COCOeval keypoints restricted to the evaluated images. With detail: also the AP per
-    occlusion bin (people outside the bin become crowd regions, which no detection is charged
-    for; unmatched detections count in every bin) and the AP's bootstrap spread over images."""
-    from pycocotools.coco import COCO
-
-    if not results:
-        return {k: 0.0 for k in STAT_NAMES} | (dict(ap_by_occlusion={k: 0.0 for k in OCCLUSION_BINS},
-                                                    ap_sd=0.0) if detail else {})
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(json_path))
-    ev = coco_evaluator(gt, results, image_ids)
-    stats = {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
-    if detail:
-        stats["ap_by_occlusion"] = {name: coco_ap(coco_evaluator(occlusion_subset(gt, lo, hi), results, image_ids))
-                                    for name, (lo, hi) in OCCLUSION_BINS.items()}
-        rng = np.random.default_rng(0)
-        n = len(ev.params.imgIds)
-        samples = [coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n)) for _ in range(BOOTSTRAP_SAMPLES)]
-        stats["ap_sd"] = float(np.std(samples))
-    return stats
-
-
-def person_occlusion(dataset: dict) -> dict[int, float]:
-    """Annotation id -> occlusion index, over the people with keypoints (crowds left out)."""
-    people: dict[int, list] = {}
-    for a in dataset["annotations"]:
-        if not a.get("iscrowd", 0) and a.get("num_keypoints", 0) > 0:
-            people.setdefault(a["image_id"], []).append(a)
-    index = {}
-    for anns in people.values():
-        for a, o in zip(anns, occlusion_index(np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4))):
-            index[a["id"]] = float(o)
-    return index
-
-
-def occlusion_subset(gt, lo: float, hi: float):
-    """A copy of a COCO object in which the people outside [lo, hi) are crowd regions (ignored)."""
-    from pycocotools.coco import COCO
-
-    index = person_occlusion(gt.dataset)
-    dataset = dict(gt.dataset, annotations=[
-        a | dict(iscrowd=1) if a["id"] in index and not lo <= index[a["id"]] < hi else a
-        for a in gt.dataset["annotations"]])
-    subset = COCO()
-    subset.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        subset.createIndex()
-    return subset
-
-
-def eval_base(rec: ImageRecord, cfg: Config, sk: Skeleton) -> float | None:
-    """The inference base scale (resized / original) of an MPII group; None: --eval-height's."""
-    if sk is MPII and len(rec.boxes):
-        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a 368 input;
-        # [ours] times input_size / 368, so that people come out as tall as in the training crops
-        return MPII_BASE / float(np.mean(rec.boxes[:, 3] / 200)) * cfg.input_size / 368
-    return None
-
-
-def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_images: int = 0,
-             progress: bool = True) -> tuple[dict[str, float], list]:
-    """COCO keypoint AP or MPII multi-person mAP (by the set's skeleton) on whole images, plus the
-    peak-hit rate at the base scale. Also returns the predictions: COCO results, or MPII groups."""
-    sk = kset.skeleton
-    model.eval()
-    n = len(kset.records) if max_images <= 0 else min(max_images, len(kset.records))
-    people, hits, labelled = [], 0, 0
-    bar = rh.progress(total=n, unit="img", desc="evaluating", enabled=progress, stream=sys.stdout)
-    for i in range(n):
-        rec = kset.records[i]
-        maps, base = network_maps(model, kset.image(i), cfg, device, eval_base(rec, cfg, sk))
-        people.append(decode_maps(maps, base, sk))
-        kp = torch.as_tensor(rec.keypoints).clone()
-        kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
-        h, m = peak_hits(maps[None, sk.num_paf:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
-        hits, labelled = hits + h, labelled + m
-        bar.update()
-    bar.close()
-    if sk is MPII:
-        truth = (kset.groups or groups_of_records(kset))[:n]
-        predictions = [predicted_group(g, found) for g, found in zip(truth, people)]
-        result = evaluate_mpii(truth, predictions)
-        stats = dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"})
-    else:
-        predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
-        stats = coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True)
-    stats["peak_hit"] = hits / max(labelled, 1)
-    stats["images"] = n
-    model.train()
-    return stats, predictions
-
-
-# ----------------------------------------------------------------------------------------------
-# MPII Human Pose: annotation lists (.mat / .json), the RELEASE split, the multi-person AP
-# ----------------------------------------------------------------------------------------------
-
-MPII_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
-               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow",
-               "l_wrist")  # MPII joint ids 0-15
-MPII_NUM_JOINTS = len(MPII_JOINTS)  # 16
-# official toolkit: assignGTmulti's jidxMap (LSP order); pelvis (6) and thorax (7) are not scored
-MPII_SCORED = np.array([0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 8, 9])
-# official toolkit: genTableAP's columns, each the mean AP of two joints; Total is the mean of all 14
-MPII_TABLE = (("Head", (9, 8)), ("Shoulder", (12, 13)), ("Elbow", (11, 14)), ("Wrist", (10, 15)),
-              ("Hip", (2, 3)), ("Knee", (1, 4)), ("Ankle", (0, 5)))
-MPII_HEAD_SIZE = 0.6  # official toolkit: util_get_head_size, SC_BIAS x head-box diagonal
-MPII_PCKH = 0.5  # official toolkit: evaluateAP, thresh (PCKh 0.5)
-MPII_VARS = ("annolist_test_multi", "pred", "annolist")  # variables read_annolist looks for
-MPII_VAL_MODULUS = 10  # [ours] default held-out share: multi-person training images with crc32(name) % 10 == 0
-
-
-@dataclass
-class Group:
-    """One MPII evaluation unit (a multi-person group) or one image's annotated people."""
-    image: str  # image file name ("" where the list has none, as in annolist_test_multi)
-    # (P, 16, 3) float32 x, y, v: 0 absent, 1 annotated as not visible, 2 visible or visibility
-    # not given (MPII leaves it empty for head top and upper neck; predicted joints have none)
-    joints: np.ndarray
-    head_boxes: np.ndarray  # (P, 4) float32 x1, y1, x2, y2 (NaN where absent, e.g. predictions)
-    scales: np.ndarray  # (P,) float32 person height / 200 px (NaN where absent)
-    objpos: np.ndarray  # (P, 2) float32 rough person centre (NaN where absent)
-    scores: np.ndarray | None = None  # (P, 16) float32 per-joint prediction scores, 0 where absent
-    rects: np.ndarray | None = None  # (P,) int64 index of each person in the image's annorect
-
-
-def empty_group(image: str = "", with_scores: bool = False) -> Group:
-    return Group(image, np.zeros((0, MPII_NUM_JOINTS, 3), np.float32), np.zeros((0, 4), np.float32),
-                 np.zeros(0, np.float32), np.zeros((0, 2), np.float32),
-                 np.zeros((0, MPII_NUM_JOINTS), np.float32) if with_scores else None, np.zeros(0, np.int64))
-
-
-# -- reading: loadmat(struct_as_record=False, squeeze_me=True) squeezes a one-element struct array
-# to the bare struct and an empty one to an empty numeric array; json objects read as namespaces.
-
-def _items(x) -> list:
-    """A struct array / cell / list as a Python list, whatever squeezing did to it."""
-    if x is None:
-        return []
-    if isinstance(x, list):
-        return x
-    if isinstance(x, np.ndarray):
-        return list(x.ravel()) if x.dtype == object else []  # numeric: an empty [] in Matlab
-    return [x]
-
-
-def _field(s, name: str):
-    return getattr(s, name, None)
-
-
-def _num(x, default: float = np.nan) -> float:
-    """First number in x (a scalar, a 1-element array, a string such as '1'); default if none."""
-    a = np.asarray(x if x is not None else []).ravel()
-    if a.size == 0:
-        return default
-    try:
-        return float(a[0])
-    except (TypeError, ValueError):
-        return default
-
-
-def _name(image) -> str:
-    """annolist(i).image.name, or "" where the list has no image field."""
-    name = _field(image, "name") if image is not None and not isinstance(image, (str, np.ndarray)) else image
-    if isinstance(name, np.ndarray):
-        name = name.item() if name.size == 1 else ""
-    return str(name) if name is not None else ""
-
-
-def _parse_rects(rects: list, where: str) -> Group:
-    """annorect(k): head box x1 y1 x2 y2, scale, objpos, annopoints.point(j) x y id [is_visible]
-    [score] -> a Group.  A joint is missing when its id is absent from point (MPII never writes
-    (0, 0) for one); the first point of a repeated id counts, as in util_get_annopoint_by_id."""
-    n = len(rects)
-    joints = np.zeros((n, MPII_NUM_JOINTS, 3), np.float32)
-    scores = np.zeros((n, MPII_NUM_JOINTS), np.float32)
-    boxes = np.full((n, 4), np.nan, np.float32)
-    scales = np.full(n, np.nan, np.float32)
-    objpos = np.full((n, 2), np.nan, np.float32)
-    has_score = False
-    for k, r in enumerate(rects):
-        boxes[k] = [_num(_field(r, f)) for f in ("x1", "y1", "x2", "y2")]
-        scales[k] = _num(_field(r, "scale"))
-        pos = _field(r, "objpos")
-        if pos is not None and not isinstance(pos, np.ndarray):
-            objpos[k] = _num(_field(pos, "x")), _num(_field(pos, "y"))
-        ap = _field(r, "annopoints")
-        points = [] if ap is None or isinstance(ap, (np.ndarray, list)) else _items(_field(ap, "point"))
-        for p in points:
-            jid = _num(_field(p, "id"))
-            if not (np.isfinite(jid) and jid == int(jid) and 0 <= jid < MPII_NUM_JOINTS):
-                raise ReproError(f"{where}, person {k + 1}: joint id {_field(p, 'id')} is outside MPII's 0-15")
-            j = int(jid)
-            if joints[k, j, 2] > 0:
-                continue
-            visible = _num(_field(p, "is_visible"))  # empty for head top / upper neck: unknown
-            joints[k, j] = _num(_field(p, "x")), _num(_field(p, "y")), 1.0 if visible == 0 else 2.0
-            s = _field(p, "score")
-            if s is not None:
-                scores[k, j], has_score = _num(s, 0.0), True
-    return Group("", joints, boxes, scales, objpos, scores if has_score else None, np.arange(n))
-
-
-def _loadmat(path: Path) -> dict:
-    import scipy.io
-    from scipy.io.matlab import MatReadError
-
-    if not path.is_file():
-        raise ReproError(f"MPII file not found: {path}")
-    try:
-        return scipy.io.loadmat(str(path), struct_as_record=False, squeeze_me=True)
-    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError,
-            zlib.error) as e:  # junk bytes (zlib: inside a compressed variable)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""  # v7.3 = HDF5
-        raise ReproError(f"{path} is not a readable Matlab .mat file ({reason}){hint}") from None
-
-
-def _annolist_of(data: dict, path: Path, var: str | None):
-    """The annotation list in a loaded .mat/.json: var, else RELEASE.annolist or a known name."""
-    keys = [k for k in data if not k.startswith("__")]
-    if var is not None:
-        if var not in data:
-            raise ReproError(f"{path} has no variable {var!r} (it has: {', '.join(keys) or 'nothing'})")
-        return data[var]
-    if "RELEASE" in data and _field(data["RELEASE"], "annolist") is not None:
-        return data["RELEASE"].annolist
-    for k in MPII_VARS:
-        if k in data:
-            return data[k]
-    raise ReproError(f"{path} has no MPII annotation list: expected RELEASE, {', '.join(MPII_VARS)} "
-                     f"(it has: {', '.join(keys) or 'nothing'})")
-
-
-def read_annolist(path: str | Path, var: str | None = None, image_names: list[str] | None = None) -> list[Group]:
-    """An MPII annotation or prediction list (.mat from the toolkit, or our .json) -> one Group per
-    entry, in file order (the toolkit pairs ground truth and predictions by position).
-    image_names: names for lists without image fields (annolist_test_multi), e.g. read_image_list."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        if not path.is_file():
-            raise ReproError(f"MPII file not found: {path}")
-        try:
-            data = json.loads(path.read_text(), object_hook=lambda d: types.SimpleNamespace(**d))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ReproError(f"{path} is not valid json ({e})") from None
-        data = vars(data) if isinstance(data, types.SimpleNamespace) else {}
-    else:
-        data = _loadmat(path)
-    entries = _items(_annolist_of(data, path, var))
-    if image_names is not None and len(image_names) != len(entries):
-        raise ReproError(f"{path}: {len(entries)} entries but {len(image_names)} image names")
-    groups = []
-    for i, e in enumerate(entries):
-        g = _parse_rects(_items(_field(e, "annorect")), f"{path}: entry {i + 1}")
-        g.image = image_names[i] if image_names is not None else _name(_field(e, "image"))
-        groups.append(g)
-    return groups
-
-
-def read_image_list(json_path: str | Path) -> list[str]:
-    """Image names of a multi-person list json ({"root": [{"im_name": ...}, ...]}, as published
-    with the validation groups of NieXC/pytorch-ppn), in its order."""
-    json_path = Path(json_path)
-    try:
-        return [str(r["im_name"]) for r in json.loads(json_path.read_text())["root"]]
-    except FileNotFoundError:
-        raise ReproError(f"image list not found: {json_path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ReproError(f"{json_path} is not an MPII image list (expected root[].im_name; {e!r})") from None
-
-
-def _subset(g: Group, keep: np.ndarray) -> Group:
-    return Group(g.image, g.joints[keep], g.head_boxes[keep], g.scales[keep], g.objpos[keep],
-                 None if g.scores is None else g.scores[keep], None if g.rects is None else g.rects[keep])
-
-
-def _indices(x) -> np.ndarray:
-    """A Matlab index list (scalar, vector or []) -> 0-based int64 array."""
-    return np.atleast_1d(np.asarray(x if x is not None else [], np.float64)).ravel().astype(np.int64) - 1
-
-
-def _multi_person_groups(annotated: np.ndarray, singles: np.ndarray, groups: list | None) -> list[np.ndarray]:
-    """One image's multi-person groups as arrays of person indices (official toolkit:
-    getMultiPersonGroups): its groups (groups_v12.mat) holding no single person, or else its
-    annotated people that are not single persons, as one group."""
-    if groups is not None:
-        rect_sets = [_indices(g) for g in groups]
-        rect_sets = [r for r in rect_sets if len(r) and not np.isin(r, singles).any()]
-    else:
-        multi = np.nonzero(annotated & ~np.isin(np.arange(len(annotated)), singles))[0]
-        rect_sets = [multi] if len(multi) else []
-    return [r[(r >= 0) & (r < len(annotated))] for r in rect_sets]
-
-
-def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
-                 val_images: list[str] | None = None, groups_mat: str | Path | None = None
-                 ) -> tuple[list[Group], list[Group]]:
-    """The official mpii_human_pose_v1_u12_1.mat -> (train, val): train holds one Group per
-    training image (RELEASE.img_train == 1) with its annotated people (one training sample per
-    person); val the held-out multi-person groups.  The test set's labels are not public, so the
-    groups come from training images, as in the toolkit's getMultiPersonGroups(groups, RELEASE,
-    bTrain=true): a group counts when none of its people is in RELEASE.single_person.  With the
-    toolkit's groups_v12.mat (groups_mat) an image may hold several groups; without it the
-    annotated people of the image not in single_person form its one group.  Held-out images are
-    val_images (e.g. read_image_list of a published split) or, by default, the multi-person
-    training images with crc32(name) % 10 == 0 ([ours]); a held-out image gives nothing to train."""
-    mat_path = Path(mat_path)
-    data = _loadmat(mat_path)
-    rel = data.get("RELEASE")
-    if rel is None or _field(rel, "annolist") is None:
-        keys = ", ".join(k for k in data if not k.startswith("__")) or "nothing"
-        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the official "
-                         "mpii_human_pose_v1_u12_1.mat")
-    annolist = _items(rel.annolist)
-    train_flag = np.atleast_1d(np.asarray(_field(rel, "img_train"), np.float64)).astype(np.int64)
-    single = _items(_field(rel, "single_person"))
-    if not len(annolist) == len(train_flag) == len(single):
-        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, {len(train_flag)} img_train flags "
-                         f"and {len(single)} single_person entries; they must match")
-    groups_of = None
-    if groups_mat is not None:
-        gdata = _loadmat(Path(groups_mat))
-        if "groups" not in gdata:
-            raise ReproError(f"{groups_mat} has no variable 'groups' (expected the toolkit's groups_v12.mat)")
-        groups_of = _items(gdata["groups"])
-        if len(groups_of) != len(annolist):
-            raise ReproError(f"{groups_mat}: {len(groups_of)} entries for {len(annolist)} RELEASE images")
-    wanted = None if val_images is None else set(val_images)
-    train, val, found = [], [], set()
-    for i, e in enumerate(annolist):
-        if train_flag[i] != 1:
-            continue
-        name = _name(_field(e, "image"))
-        people = _parse_rects(_items(_field(e, "annorect")), f"{mat_path}: RELEASE.annolist({i + 1})")
-        people.image = name
-        annotated = (people.joints[..., 2] > 0).any(1)
-        rect_sets = _multi_person_groups(annotated, _indices(single[i]),
-                                         None if groups_of is None else _items(groups_of[i]))
-        held_out = name in wanted if wanted is not None else (
-            bool(rect_sets) and zlib.crc32(name.encode()) % MPII_VAL_MODULUS == 0)
-        if held_out:
-            found.add(name)
-            val += [_subset(people, r) for r in rect_sets if len(r)]
-        elif annotated.any():
-            train.append(_subset(people, annotated))
-    if wanted is not None and wanted - found:
-        missing = sorted(wanted - found)
-        raise ReproError(f"{len(missing)} validation images are not MPII training images in {mat_path}: "
-                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    if images_dir is not None:
-        images_dir = Path(images_dir)
-        for g in train + val:
-            if not (images_dir / g.image).is_file():
-                raise ReproError(f"image not found: {images_dir / g.image} (the MPII images folder "
-                                 "must hold every image of RELEASE's training set)")
-    return train, val
-
-
-# -- scoring: the official toolkit's evaluateAP / assignGTmulti / getRPC / VOCap
-
-def head_sizes(boxes: np.ndarray) -> np.ndarray:
-    """(P, 4) head boxes x1 y1 x2 y2 -> (P,) PCKh reference lengths (official toolkit: util_get_head_size)."""
-    return MPII_HEAD_SIZE * np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-
-
-def assign_group(gt: Group, pred: Group, thresh: float = MPII_PCKH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The toolkit's assignGTmulti for one group -> labels (Q, 14) bool (true positive), has (Q, 14)
-    bool (joint predicted), n_gt (14,) annotated joints, columns in MPII_SCORED order.
-    A pair's score is the share of the GT person's annotated joints predicted within thresh head
-    sizes; each prediction keeps its best person, each person then its best prediction (first on
-    ties).  A matched prediction's joints are TP within thresh, all its other joints FP; an
-    unmatched prediction (a duplicate, a person outside the group) is all FP; joints it lacks count
-    nowhere, while every annotated joint counts in the recall's denominator."""
-    has_gt = gt.joints[:, MPII_SCORED, 2] > 0  # (P, 14)
-    has = pred.joints[:, MPII_SCORED, 2] > 0  # (Q, 14)
-    q, p = len(has), len(has_gt)
-    labels = np.zeros((q, len(MPII_SCORED)), bool)
-    if q and p:
-        d = np.linalg.norm(pred.joints[:, None, MPII_SCORED, :2] - gt.joints[None, :, MPII_SCORED, :2], axis=-1)
-        d = d / head_sizes(gt.head_boxes)[None, :, None]  # (Q, P, 14)
-        match = (d <= thresh) & has[:, None] & has_gt[None]  # NaN (no head box) never matches
-        n_annot = has_gt.sum(1)
-        # a person without annotated joints (0/0 in Matlab, which max() skips) is nobody's best
-        pck = np.where(n_annot > 0, match.sum(2) / np.maximum(n_annot, 1), 0.0)  # (Q, P)
-        best = pck.argmax(1)
-        kept = np.zeros_like(pck)
-        kept[np.arange(q), best] = pck[np.arange(q), best]
-        winner = kept.argmax(0)  # (P,) per person its best prediction
-        won = kept[winner, np.arange(p)] > 0
-        labels[winner[won]] = match[winner[won], np.nonzero(won)[0]]
-    return labels & has, has, has_gt.sum(0)
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray, n_positive: int) -> float:
-    """(N,) scores, (N,) bool labels, positives in the set -> AP in [0, 1]: precision/recall in
-    descending score order, stable on ties and NaN first like Matlab's sort (official toolkit:
-    getRPC), area under the monotone envelope over all points (VOCap).  NaN without positives."""
-    if n_positive == 0:
-        return float("nan")
-    key = np.where(np.isnan(scores), np.inf, scores)
-    tp = np.cumsum(labels[np.argsort(-key, kind="stable")])
-    precision = np.concatenate([[0.0], tp / np.arange(1, len(tp) + 1), [0.0]])
-    recall = np.concatenate([[0.0], tp / n_positive, [1.0]])
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    step = np.nonzero(recall[1:] != recall[:-1])[0] + 1
-    return float(((recall[step] - recall[step - 1]) * precision[step]).sum())
-
-
-def evaluate_mpii(gt: list[Group], pred: list[Group], thresh: float = MPII_PCKH) -> dict:
-    """Multi-person AP (official toolkit: evaluateAP) of pred against gt, paired by position ->
-    {"joints": {name: AP %} for the 14 scored joints, "table": {Head .. Ankle, Total: AP %},
-    "mAP": Total, "groups", "people"}.  Per joint every predicted joint of the set is pooled and
-    ranked by its own score."""
-    if len(gt) != len(pred):
-        raise ReproError(f"{len(pred)} predicted groups for {len(gt)} ground-truth groups: the toolkit pairs "
-                         "them by position, so both lists must come from the same group list")
-    scores, labels, n_gt = [], [], np.zeros(len(MPII_SCORED), np.int64)
-    for i, (g, p) in enumerate(zip(gt, pred)):
-        if g.image and p.image and g.image != p.image:
-            raise ReproError(f"group {i + 1}: prediction for {p.image} but ground truth for {g.image}")
-        lab, has, n = assign_group(g, p, thresh)
-        s = p.scores[:, MPII_SCORED] if p.scores is not None else np.ones(has.shape, np.float32)
-        scores.append(np.where(has, s, np.nan)), labels.append(np.where(has, lab, -1).astype(np.int8))
-        n_gt += n
-    scores = np.concatenate(scores + [np.zeros((0, len(MPII_SCORED)))])
-    labels = np.concatenate(labels + [np.zeros((0, len(MPII_SCORED)), np.int8)])
-    ap = {}
-    for c, j in enumerate(MPII_SCORED):  # per joint, only the predictions that have it
-        present = labels[:, c] >= 0
-        ap[MPII_JOINTS[j]] = 100 * average_precision(scores[present, c], labels[present, c] == 1, int(n_gt[c]))
-    table = {row: (ap[MPII_JOINTS[a]] + ap[MPII_JOINTS[b]]) / 2 for row, (a, b) in MPII_TABLE}
-    table["Total"] = float(np.mean(list(ap.values())))
-    return dict(joints=ap, table=table, mAP=table["Total"], groups=len(gt), people=sum(len(g.joints) for g in gt))
-
-
-def format_mpii_table(result: dict) -> str:
-    """The toolkit's table: Head Shoulder Elbow Wrist Hip Knee Ankle Total, AP in % to 1 decimal."""
-    names = [row for row, _ in MPII_TABLE] + ["Total"]
-    width = max(map(len, names)) + 1
-    return ("".join(f"{n:>{width}}" for n in names) + "\n"
-            + "".join(f"{result['table'][n]:>{width}.1f}" for n in names))
-
-
-def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_path: Path) -> None:
-    """What would score silently wrong: swapped files (ground truth has head boxes, predictions have
-    scores) and NaN in predicted joints (the toolkit would count them as false positives)."""
-    def boxed(groups):
-        return any(np.isfinite(g.head_boxes).all(1).any() for g in groups)
-
-    def scored(groups):
-        return any(g.scores is not None for g in groups)
-    if not boxed(gt) and any(len(g.joints) for g in gt):
-        if boxed(pred) or scored(gt):
-            raise ReproError(f"the arguments look swapped: {gt_path} has scores and no head boxes, {pred_path} "
-                             f"has head boxes: the order is --score-mpii PRED GT")
-        raise ReproError(f"{gt_path} has no head boxes (x1 y1 x2 y2), which PCKh needs: not a ground-truth list")
-    present = np.concatenate([g.joints[..., 2] > 0 for g in pred] + [np.zeros((0, MPII_NUM_JOINTS), bool)])
-    xy = np.concatenate([g.joints[..., :2] for g in pred] + [np.zeros((0, MPII_NUM_JOINTS, 2), np.float32)])
-    bad_xy = int((present & ~np.isfinite(xy).all(-1)).sum())
-    bad_score = sum(int((g.joints[..., 2] > 0)[~np.isfinite(g.scores)].sum()) for g in pred if g.scores is not None)
-    if bad_xy or bad_score:
-        raise ReproError(f"{pred_path}: {bad_xy} of {int(present.sum())} predicted joints have NaN or infinite "
-                         f"coordinates and {bad_score} a NaN score: leave a joint out of annopoints.point instead")
-
-
-def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
-    """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
-    the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
-    gt, pred = read_annolist(gt_path), read_annolist(pred_path)
-    check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
-    result = evaluate_mpii(gt, pred)
-    print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, {result['people']} people")
-    print(format_mpii_table(result))
-    print(f"mAP {result['mAP']:.1f}")
-    return result
-
-
-# -- writing predictions in the toolkit's pred layout
-
-def _pred_entries(groups: list[Group]) -> list[dict]:
-    """pred(i).image.name, pred(i).annorect(k).annopoints.point(j) x y id score as plain dicts.
-    Only joints with v > 0 are written (absent ids are the toolkit's missing joints); people with
-    none are left out (they can match nobody); scores default to 1 where a Group has none."""
-    out = []
-    for g in groups:
-        rects = []
-        for k in range(len(g.joints)):
-            ids = np.nonzero(g.joints[k, :, 2] > 0)[0]
-            if len(ids) == 0:
-                continue
-            s = g.scores[k, ids] if g.scores is not None else np.ones(len(ids))
-            rects.append([dict(x=float(g.joints[k, j, 0]), y=float(g.joints[k, j, 1]), id=float(j),
-                               score=float(sc)) for j, sc in zip(ids, s)])
-        out.append(dict(name=g.image, rects=rects))
-    return out
-
-
-def _struct_array(rows: list[dict], fields: tuple[str, ...]) -> np.ndarray:
-    """A list of dicts -> a numpy record array that savemat writes as a 1 x N struct array."""
-    arr = np.empty(len(rows), dtype=[(f, object) for f in fields])
-    for i, r in enumerate(rows):
-        arr[i] = tuple(r[f] for f in fields)
-    return arr
-
-
-def write_pred_mat(path: str | Path, groups: list[Group]) -> None:
-    """Predictions as the toolkit's `pred` (evaluateAP loads pred_keypoints_mpii_multi.mat), atomically."""
-    import scipy.io
-
-    path = Path(path)
-    pred = _struct_array([dict(image=dict(name=e["name"]), annorect=_struct_array(
-        [dict(annopoints=dict(point=_struct_array(pts, ("x", "y", "id", "score")))) for pts in e["rects"]],
-        ("annopoints",))) for e in _pred_entries(groups)], ("image", "annorect"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
-        scipy.io.savemat(f, {"pred": pred}, do_compression=True)
-
-
-def write_pred_json(path: str | Path, groups: list[Group]) -> None:
-    """The same `pred` layout as json (read back by read_annolist), atomically."""
-    path = Path(path)
-    pred = [dict(image=dict(name=e["name"]), annorect=[dict(annopoints=dict(point=pts)) for pts in e["rects"]])
-            for e in _pred_entries(groups)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"pred": pred}))
-
-
-MPII_BASE = 41 / 35  # paper code: the inference scale of a group is (41/35) / its mean MPII scale
-
-
-def groups_of_records(kset: KeypointSet) -> list[Group]:
-    """MPII ground truth of a COCO-format set with MPII joints (the demo): one group per image.
-    [ours] Rendered people have no head box: a square with the head top - upper neck distance as
-    its side, centred between them, stands in (MPII's boxes frame the head similarly)."""
-    groups = []
-    for rec in kset.records:
-        joints = MPII.to_joints(rec.keypoints)
-        top, neck = joints[:, 9, :2], joints[:, 8, :2]
-        half = np.linalg.norm(top - neck, axis=1, keepdims=True) / 2
-        middle = (top + neck) / 2
-        labelled = (joints[:, 9, 2] > 0) & (joints[:, 8, 2] > 0)
-        boxes = np.where(labelled[:, None], np.concatenate([middle - half, middle + half], 1), np.nan)
-        centre = rec.boxes[:, :2] + rec.boxes[:, 2:] / 2
-        groups.append(Group(rec.path.name, joints, boxes.astype(np.float32), rec.boxes[:, 3] / 200,
-                            centre.astype(np.float32)))
-    return groups
-
-
-# -- the stand-in benchmark in MPII's own layout: a rehearsal of --mpii-root before the real data
-
-MPII_RELEASE = "mpii_human_pose_v1_u12_1.mat"  # official release: the annotation file's name
-MPII_TEST_EVERY = 10  # [ours] every 10th rehearsal image is a test image (img_train 0, no joints), as in the release
-MPII_NO_VISIBILITY = (8, 9)  # official release: is_visible is empty for upper neck and head top
-# [ours] the rehearsal set: 640 px scenes of 2+ stand-in people (about 4), MPII's 16 joints
-MPII_REHEARSAL = dict(kind="scenes", num_images=300, seed=5000, style="standin", image_size=640, mean_people=4.0,
-                      min_people=2, camera_distance=(8.0, 1.0), skeleton="mpii")
-
-
-def single_people(boxes: np.ndarray) -> np.ndarray:
-    """(P, 4) person boxes x, y, w, h -> 1-based ids of the people whose box, grown by half its
-    height on every side, meets no other person's box: [ours] MPII's single_person lists
-    sufficiently separated people, and its multi-person groups are the others."""
-    margin = boxes[:, 3:] / 2
-    lo, hi = boxes[:, :2] - margin, boxes[:, :2] + boxes[:, 2:] + margin
-    meets = ((lo[:, None] <= (boxes[:, :2] + boxes[:, 2:])[None]) & (hi[:, None] >= boxes[None, :, :2])).all(-1)
-    meets |= meets.T
-    np.fill_diagonal(meets, False)
-    return np.nonzero(~meets.any(1))[0] + 1
-
-
-def _release_rect(g: Group, k: int, test: bool) -> dict:
-    """One person as RELEASE.annolist(i).annorect(k); a test image's people have only scale and objpos."""
-    rect = dict(scale=float(g.scales[k]), objpos=dict(x=float(g.objpos[k, 0]), y=float(g.objpos[k, 1])))
-    if test:
-        return rect
-    points = [dict(x=float(x), y=float(y), id=float(j),
-                   is_visible=np.zeros((0, 0)) if j in MPII_NO_VISIBILITY else float(v == 2))
-              for j, (x, y, v) in enumerate(g.joints[k]) if v > 0]
-    x1, y1, x2, y2 = (float(c) for c in g.head_boxes[k])
-    return rect | dict(x1=x1, y1=y1, x2=x2, y2=y2, annopoints=dict(
-        point=_struct_array(points, ("x", "y", "id", "is_visible"))) if points else np.zeros((0, 0)))
-
-
-def write_release(path: str | Path, kset: KeypointSet) -> None:
-    """A COCO-format set with MPII joints -> the official RELEASE struct (annolist, img_train,
-    single_person), atomically: head boxes, scales and centres as groups_of_records makes them."""
-    import scipy.io
-
-    annolist, img_train, single = [], [], np.empty(len(kset.records), dtype=object)
-    for i, (rec, g) in enumerate(zip(kset.records, groups_of_records(kset))):
-        test = i % MPII_TEST_EVERY == MPII_TEST_EVERY - 1
-        keep = np.isfinite(g.head_boxes).all(1) | test  # a training person needs a head box to be scored
-        g = _subset(g, keep)
-        rects = [_release_rect(g, k, test) for k in range(len(g.joints))]
-        fields = ("scale", "objpos") if test else ("x1", "y1", "x2", "y2", "scale", "objpos", "annopoints")
-        annolist.append(dict(image=dict(name=g.image), annorect=_struct_array(rects, fields) if rects
-                             else np.zeros((0, 0))))
-        img_train.append(0.0 if test else 1.0)
-        single[i] = np.zeros((0, 1)) if test else single_people(rec.boxes[keep]).astype(np.float64)[:, None]
-    release = dict(annolist=_struct_array(annolist, ("image", "annorect")), img_train=np.array(img_train),
-                   single_person=single, version="12")
-    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
-        scipy.io.savemat(f, {"RELEASE": release}, do_compression=True)
-
-
-def write_mpii_rehearsal(out: Path, source: KeypointSet | None = None) -> Path:
-    """The MPII root `--mpii-root out` reads: out/mpii_human_pose_v1_u12_1.mat and out/images/. By
-    default MPII_REHEARSAL is rendered into out first (render_humans.py; its annotations.json and
-    parts/ stay beside); a given source set's images are copied in."""
-    out = Path(out)
-    if source is None:
-        json_path = Path(rh.render_dataset(out, progress=True, **MPII_REHEARSAL))
-        source = load_keypoint_set(json_path, out / "images", MPII)
-    else:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        for rec in source.records:
-            if rec.path.resolve() != (out / "images" / rec.path.name).resolve():
-                shutil.copy2(rec.path, out / "images" / rec.path.name)
-    write_release(out / MPII_RELEASE, source)
-    return out
-
-def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Group:
-    """Decoded people -> an MPII prediction for one group; each joint is scored by its own peak.
-    [ours] Official groups are parts of an image: a predicted person counts for the group when the
-    mean of its joints lies in the group's region, the union of squares 200 x scale px around each
-    person's objpos (the toolkit would count every other prediction as a false positive)."""
-    joints = np.array([kp for kp, _ in people], np.float32).reshape(-1, MPII.num_joints, 3)
-    found = joints[..., 2] > 0
-    if len(joints) and np.isfinite(truth.objpos).all() and len(truth.objpos):
-        half = 100 * truth.scales[:, None]
-        lo, hi = (truth.objpos - half).min(0), (truth.objpos + half).max(0)
-        centre = (joints[..., :2] * found[..., None]).sum(1) / np.maximum(found.sum(1, keepdims=True), 1)
-        inside = ((centre >= lo) & (centre <= hi)).all(1)
-        joints, found = joints[inside], found[inside]
-    scores = np.where(found, joints[..., 2], 0).astype(np.float32)
-    joints[..., 2] = np.where(found, 2, 0)
-    n = len(joints)
-    return Group(truth.image, joints, np.full((n, 4), np.nan, np.float32), np.full(n, np.nan, np.float32),
-                 np.full((n, 2), np.nan, np.float32), scores)
-
-
-# ----------------------------------------------------------------------------------------------
 # Teacher: an adversarial network that picks the bin of synthetic samples the student sees next
 # ----------------------------------------------------------------------------------------------
 
 TEACHER_EXPLORE = 0.1  # paper code: 10% of picks uniform at random
+
+
 TEACHER_HISTORY = 10  # paper code: loss_last is the mean of the last 10 windows
+
+
 TEACHER_HARD_CROPS = 32  # paper code: the 32 hardest real crops of the window are its input
 
 
@@ -2335,7 +1406,7 @@ def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teache
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop: checkpoints, metrics, plots
+# Trainer: the student's steps, the teacher beside them
 # ----------------------------------------------------------------------------------------------
 
 def cpu_has_native_bf16() -> bool:
@@ -2373,176 +1444,11 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path, keep_suffix: bool = False):
-    """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
-    a killed run or a full disk never leaves half a file (the previous version stays). keep_suffix:
-    the temporary name ends like `path` (cv2's video writer picks the container by it)."""
-    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # one name per writer
-    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix else f"{path.name}.{unique}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, ReproError):
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise ReproError(f"cannot write {path} ({reason}); the previous version, if any, is kept") from None
-        raise
-
-
-def tensor_bytes(obj) -> int:
-    """The bytes of every tensor in a (nested) checkpoint: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
-
-
-# how torch.save reports a full disk, besides ENOSPC: its zip writer's own messages
-DISK_FULL_WORDS = ("unexpected pos", "file write failed", "No space left")
-
-
-def save_atomic(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except (OSError, RuntimeError) as e:
-            if getattr(e, "errno", None) != errno.ENOSPC and not any(w in str(e) for w in DISK_FULL_WORDS):
-                raise
-            free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, f"no space left on the device: {tensor_bytes(obj) / 1e6:.1f} MB needed, "
-                          f"{free / 1e6:.1f} MB free") from None
-
-
-def write_json(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-
-
-ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
-# The demo's initial student: the claims protocol's full-regime real-only student in half precision,
-# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out results/student-demo.pt`.
-SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
-FINETUNE_LR = 3e-4  # [ours] the demo's fine-tuning learning rate (the protocol's)
-
-
-def shipped_student_fits(cfg: Config) -> bool:
-    try:
-        saved = load_checkpoint(SHIPPED_STUDENT).get("config", {})
-    except ReproError:  # absent or unreadable: train from scratch
-        return False
-    return all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
-
-
-def resolve_init(cfg: Config, lr_given: bool) -> Config:
-    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
-    --init none -> from scratch. A demo-preset fine-tune without --lr runs at FINETUNE_LR."""
-    init = cfg.init
-    if init == "auto":
-        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
-        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
-    init = None if init == "none" else init
-    lr = FINETUNE_LR if init and cfg.preset == "demo" and not lr_given else cfg.lr
-    return dataclasses.replace(cfg, init=init, lr=lr)
-
-
-def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = False) -> None:
-    """A training checkpoint -> a student: weights in float16, config and step, nothing else. An
-    existing `out` is replaced only when asked to (the protocol does; the command line's --out)."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = ckpt.get("model")
-    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
-        raise ReproError(f"{ckpt_path} holds no network weights ('model': a dict of tensors): not a repro.py "
-                         "training checkpoint")
-    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("step"), int):
-        raise ReproError(f"{ckpt_path} has no 'config' and 'step' of a repro.py training checkpoint")
-    out = Path(out)
-    if out.exists() and not replace:
-        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
-                         "or --out PATH for a new file")
-    if out.is_dir():
-        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. {out / 'student.pt'}")
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
-    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
-    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's dict, read with torch's safe loader: tensors and plain values only, so a
-    crafted file cannot run code. Checkpoints of repro.py before weights_only (numpy arrays in a
-    teacher's state) are refused with what to do."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReproError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else "objects beyond tensors and plain values"
-        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
-                         "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
-                         "checkpoints: such a run must be trained again with this version") from None
-    except Exception as e:
-        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
-                         "checkpoint") from None
-    if not isinstance(ckpt, dict):
-        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict with 'model')")
-    return ckpt
-
-
-def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
-    saved = ckpt.get("config", {})
-    differ = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(cfg, k)})"
-              for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if differ or "model" not in ckpt:
-        raise ReproError(f"checkpoint {path} is of another architecture: it has {', '.join(differ) or 'no weights'}")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
-
-
-def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Module, Config, dict]:
-    """A checkpoint's network with its weights (--mode eval, predict, --export-onnx), cfg with the
-    checkpoint's architecture, and the checkpoint."""
-    ckpt = load_checkpoint(path)
-    saved = ckpt.get("config", {})
-    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
-    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
-    load_weights(model, ckpt, cfg, path)
-    return model, cfg, ckpt
-
-
 def learning_rate(cfg: Config, step: int, progress: float) -> float:
     if cfg.lr_schedule == "step":
         return cfg.lr * cfg.lr_gamma ** (step // cfg.lr_step)
     warmup = min(1.0, (step + 1) / 100)  # a short warm-up keeps BatchNorm + Adam stable at start
     return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def default_run_dir(cfg: Config, data_name: str) -> Path:
-    return Path("results") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
-
-
-def benchmark_label(data_name: str) -> str:
-    if data_name.startswith("demo"):
-        labels = "MPII joints, " if data_name == "demo-mpii" else ""
-        return f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, NOT real data)"
-    return f"{data_name} val"
-
-
-def print_table(stats: dict, label: str) -> None:
-    if "mAP" in stats:
-        print(f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, {stats.get('images', '?')} groups")
-        print(format_mpii_table(dict(table=stats | dict(Total=stats["mAP"]))))
-        print(f"peak_hit {stats['peak_hit']:.3f}")
-        return
-    keys = ("AP", "AP50", "AP75", "APm", "APl", "AR", "peak_hit")
-    print(f"\nCOCO keypoint metrics on the {label}, {stats.get('images', '?')} images")
-    print("  ".join(f"{k:>8}" for k in keys))
-    print("  ".join(f"{stats.get(k, float('nan')):8.3f}" for k in keys))
 
 
 class Trainer:
@@ -2705,8 +1611,1143 @@ class LogWindow:
                     img_s=self.images / max(seconds - self.t0, 1e-9))
 
 
-def headline(stats: dict) -> str:
-    return f"MPII mAP {stats['mAP']:.1f}" if "mAP" in stats else f"AP {stats['AP']:.3f} (AP50 {stats['AP50']:.3f})"
+# ----------------------------------------------------------------------------------------------
+# Inference: multi-scale maps -> peaks -> greedy PAF grouping (paper's thresholds)
+# ----------------------------------------------------------------------------------------------
+
+HEAT_THRESHOLD = 0.05  # paper code: peaks above 0.05
+
+
+PAF_THRESHOLD = 0.01  # paper code: a limb sample counts when its PAF score is above 0.01 ...
+
+
+LIMB_SAMPLES, LIMB_MIN_HITS = 10, 7  # paper code: ... on >= 7 of 10 samples
+
+
+MIN_PARTS, MIN_PERSON_SCORE = 3, 0.2  # paper code: >= 3 parts, mean score >= 0.2
+
+
+SMOOTH_SIGMA = 3.0  # paper code: Gaussian smoothing of the heatmaps
+
+
+# [ours] the strongest peaks kept per part: a flat map (an untrained net in bf16 gives exactly
+# constant outputs) makes every pixel a 3x3 maximum, and grouping all-pairs of them ran out of memory
+MAX_PEAKS_PER_PART = 100
+
+
+def upsample_maps(grid_maps: torch.Tensor, stride: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) output maps -> (B, C, H, W) input pixels (cell centres kept in place)."""
+    up = F.interpolate(grid_maps, scale_factor=stride, mode="bicubic", align_corners=False)
+    h, w = out_hw
+    if up.shape[-2] < h or up.shape[-1] < w:
+        up = F.pad(up, (0, max(0, w - up.shape[-1]), 0, max(0, h - up.shape[-2])), mode="replicate")
+    return up[..., :h, :w]
+
+
+def resize_maps(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    return maps if maps.shape[-2:] == hw else F.interpolate(maps, size=hw, mode="bicubic", align_corners=False)
+
+
+def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device,
+                 base: float | None = None) -> tuple[torch.Tensor, float]:
+    """Averaged last-stage maps (PAF + heat, H, W) at the base scale, and that scale (resized /
+    original; by default the one that makes the image --eval-height tall)."""
+    maps, base = batch_maps(model, image[None], cfg, device, base)
+    return maps[0], base
+
+
+@torch.no_grad()
+def batch_maps(model: nn.Module, images: np.ndarray, cfg: Config, device,
+               base: float | None = None) -> tuple[torch.Tensor, float]:
+    """network_maps of (B, H, W, 3) images of one size in one forward pass per scale: (B, C, H', W')."""
+    n, height, width = images.shape[:3]
+    base = base or cfg.eval_height / height
+    out_hw = (round(height * base), round(width * base))
+    total = None
+    for m in cfg.eval_scales:
+        h, w = round(height * base * m), round(width * base * m)
+        ph, pw = -h % cfg.stride, -w % cfg.stride  # pad to a whole number of cells
+        padded = np.stack([cv2.copyMakeBorder(cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC),
+                                              0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+                           for image in images])
+        batch = padded if not cfg.eval_flip else np.concatenate([padded, padded[:, :, ::-1]])
+        with autocast(device, cfg):
+            maps = model(to_input(batch, device).contiguous(memory_format=torch.channels_last))[-1].float()
+        if cfg.eval_flip:  # the flipped copy's padding sits on the left: undo the flip first
+            maps = torch.stack([maps[:n], flip_maps(maps[n:], skeleton(cfg))]).mean(0)
+        maps = upsample_maps(maps, cfg.stride, (h, w))
+        total = resize_maps(maps, out_hw) if total is None else total + resize_maps(maps, out_hw)
+    return total / len(cfg.eval_scales), base
+
+
+def gaussian_kernel(sigma: float, device) -> torch.Tensor:
+    r = int(math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def find_peaks(heat: torch.Tensor, threshold: float = HEAT_THRESHOLD) -> list[np.ndarray]:
+    """(18, H, W) heatmaps -> per part (N, 3) x, y, score; Gaussian smoothing, 3x3 NMS, and a
+    log-parabola fit for sub-pixel positions (exact for a Gaussian peak)."""
+    k = gaussian_kernel(SMOOTH_SIGMA, heat.device)
+    r = len(k) // 2
+    h = heat[:, None]
+    h = F.conv2d(F.pad(h, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    h = F.conv2d(F.pad(h, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))[:, 0]
+    peak = (h == F.max_pool2d(h[:, None], 3, 1, 1)[:, 0]) & (h > threshold)
+    part, y, x = torch.nonzero(peak, as_tuple=True)
+    logh = torch.log(F.pad(h, (1, 1, 1, 1), mode="replicate").clamp(min=1e-6))
+
+    def offset(minus, centre, plus):
+        curvature = minus - 2 * centre + plus
+        return torch.where(curvature < -1e-6, (0.5 * (minus - plus) / curvature).clamp(-0.5, 0.5), 0.0)
+
+    yy, xx = y + 1, x + 1
+    dx = offset(logh[part, yy, xx - 1], logh[part, yy, xx], logh[part, yy, xx + 1])
+    dy = offset(logh[part, yy - 1, xx], logh[part, yy, xx], logh[part, yy + 1, xx])
+    found = torch.stack([x + dx, y + dy, h[part, y, x]], 1).cpu().numpy()
+    part = part.cpu().numpy()
+    return [strongest(found[part == j], MAX_PEAKS_PER_PART) for j in range(heat.shape[0])]
+
+
+def strongest(peaks: np.ndarray, limit: int) -> np.ndarray:
+    """The `limit` highest-scoring rows of (N, 3) peaks, in their original order."""
+    if len(peaks) <= limit:
+        return peaks
+    return peaks[np.sort(np.argsort(-peaks[:, 2], kind="stable")[:limit])]
+
+
+def connect_limb(a: np.ndarray, b: np.ndarray, paf: np.ndarray, image_height: int) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one connections (i, j, score) between candidates a (N, 3) and b (M, 3)."""
+    if len(a) == 0 or len(b) == 0:
+        return []
+    d = b[None, :, :2] - a[:, None, :2]  # (N, M, 2)
+    norm = np.linalg.norm(d, axis=-1)
+    unit = d / np.maximum(norm, 1e-6)[..., None]
+    t = np.linspace(0, 1, LIMB_SAMPLES)
+    pts = a[:, None, None, :2] + t[None, None, :, None] * d[:, :, None]  # (N, M, S, 2)
+    xi = np.clip(np.round(pts[..., 0]).astype(np.int64), 0, paf.shape[2] - 1)
+    yi = np.clip(np.round(pts[..., 1]).astype(np.int64), 0, paf.shape[1] - 1)
+    field_ = paf[:, yi, xi]  # (2, N, M, S)
+    dots = field_[0] * unit[..., 0, None] + field_[1] * unit[..., 1, None]
+    # OpenPose: penalise limbs longer than half the image height
+    score = dots.mean(-1) + np.minimum(0.5 * image_height / np.maximum(norm, 1e-6) - 1, 0)
+    ok = ((dots > PAF_THRESHOLD).sum(-1) >= LIMB_MIN_HITS) & (score > 0)
+    i, j = np.nonzero(ok)
+    order = np.argsort(-score[i, j], kind="stable")
+    used_a, used_b, out = set(), set(), []
+    for k in order:
+        if i[k] not in used_a and j[k] not in used_b:
+            used_a.add(i[k]), used_b.add(j[k])
+            out.append((int(i[k]), int(j[k]), float(score[i, j][k])))
+    return out
+
+
+def group_people(peaks: list[np.ndarray], paf: np.ndarray, image_height: int,
+                 sk: Skeleton) -> list[tuple[np.ndarray, float]]:
+    """OpenPose's greedy assembly. Returns (K, 3) parts (x, y, peak score) and the mean score."""
+    offsets = np.cumsum([0] + [len(p) for p in peaks])
+    all_peaks = np.concatenate([p for p in peaks] + [np.zeros((0, 3))])
+    people: list[dict] = []  # parts: global peak id per part (-1 none), score: summed scores
+    for k, (pa, pb) in enumerate(sk.limbs):
+        for i, j, s in connect_limb(peaks[pa], peaks[pb], paf[2 * k:2 * k + 2], image_height):
+            ga, gb = offsets[pa] + i, offsets[pb] + j
+            owners = [p for p in people if p["parts"][pa] == ga or p["parts"][pb] == gb]
+            if len(owners) == 1:
+                p = owners[0]
+                if p["parts"][pb] != gb:
+                    p["parts"][pb] = gb
+                    p["score"] += all_peaks[gb, 2] + s
+            elif len(owners) == 2:
+                p, q = owners
+                if not ((p["parts"] >= 0) & (q["parts"] >= 0)).any():  # disjoint: merge
+                    p["parts"] = np.maximum(p["parts"], q["parts"])
+                    p["score"] += q["score"] + s
+                    people = [r for r in people if r is not q]
+                elif p["parts"][pb] != gb:
+                    p["parts"][pb] = gb
+                    p["score"] += all_peaks[gb, 2] + s
+            elif k < sk.num_limbs - sk.never_start:
+                parts = np.full(sk.num_parts, -1)
+                parts[pa], parts[pb] = ga, gb
+                people.append(dict(parts=parts, score=all_peaks[ga, 2] + all_peaks[gb, 2] + s))
+    out = []
+    for p in people:
+        count = int((p["parts"] >= 0).sum())
+        if count >= MIN_PARTS and p["score"] / count >= MIN_PERSON_SCORE:
+            kp = np.zeros((sk.num_parts, 3), np.float32)
+            kp[p["parts"] >= 0] = all_peaks[p["parts"][p["parts"] >= 0]]
+            out.append((kp, float(p["score"] / count)))
+    return out
+
+
+def decode_maps(maps: torch.Tensor, base: float, sk: Skeleton) -> list[tuple[np.ndarray, float]]:
+    """Base-scale maps (PAF + heat, H, W) -> people in original image pixels: (J, 3) dataset
+    joints x, y, score (0 where not found)."""
+    peaks = find_peaks(maps[sk.num_paf:sk.num_paf + sk.num_parts])
+    people = group_people(peaks, maps[:sk.num_paf].cpu().numpy(), maps.shape[1], sk)
+    out = []
+    for kp, score in people:
+        joints = sk.to_joints(kp)
+        found = joints[:, 2] > 0
+        joints[found, :2] = (joints[found, :2] + 0.5) / base - 0.5  # cv2.resize keeps pixel centres
+        out.append((joints, score))
+    return out
+
+
+def coco_results(image_id: int, people: list[tuple[np.ndarray, float]], scores: bool = False) -> list[dict]:
+    """COCO results of one image's people; each keypoint's third value is 1 where found (COCOeval
+    reads only x, y), or with scores its peak score (0 where not found), as --mode predict writes."""
+    results = []
+    for kp, score in people:
+        k = kp.copy()
+        k[:, 2] = k[:, 2] if scores else (k[:, 2] > 0).astype(np.float32)
+        values = k.flatten().round(2)
+        if scores:  # the same float32 values, written as their 2 decimals rather than 360.67999267578125
+            values = values.astype(np.float64).round(2)
+        results.append(dict(image_id=int(image_id), category_id=1, keypoints=values.tolist(), score=round(score, 5)))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: COCO keypoint AP on whole images
+# ----------------------------------------------------------------------------------------------
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+# [ours] A person's occlusion index: the largest IoU of its box with another person's box in the
+# image (0 when alone). The bins were fixed from the ground truth of the crowded demo val split,
+# before any result (README, "The claims protocol").
+OCCLUSION_BINS = {"none": (0.0, 0.05), "partial": (0.05, 0.3), "heavy": (0.3, 1.01)}
+
+
+BOOTSTRAP_SAMPLES = 200  # [ours] resamples of the val images for the AP's spread
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) and (M, 4) x, y, w, h boxes -> (N, M) IoU."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), -1)
+    union = a[:, None, 2:].prod(-1) + b[None, :, 2:].prod(-1) - inter
+    return inter / np.maximum(union, 1e-9)
+
+
+def occlusion_index(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) boxes of one image's people -> (P,) the largest IoU with any other of them."""
+    iou = box_iou(boxes, boxes)
+    np.fill_diagonal(iou, 0.0)
+    return iou.max(1) if len(boxes) > 1 else np.zeros(len(boxes))
+
+
+def coco_evaluator(gt, results: list[dict], image_ids: list[int]):
+    """COCOeval keypoints of results against a COCO object, restricted to the images, evaluated."""
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, gt.loadRes(results), "keypoints")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def coco_ap(ev, image_counts: np.ndarray | None = None) -> float:
+    """AP (OKS 0.50:0.95, area all) from an evaluated COCOeval, each image counted image_counts[i]
+    times (a bootstrap resample); COCOeval.accumulate's rule: 101 recall points, precision made
+    monotone, mean over the OKS thresholds."""
+    p = ev.params
+    max_det, n_images = p.maxDets[-1], len(p.imgIds)
+    counts = np.ones(n_images, np.int64) if image_counts is None else image_counts
+    images = [(e, c) for e, c in zip(ev.evalImgs[:n_images], counts) if e is not None and c > 0]
+    if not images:
+        return 0.0
+    scores = np.concatenate([np.tile(e["dtScores"][:max_det], c) for e, c in images])
+    matched = np.concatenate([np.tile(e["dtMatches"][:, :max_det], c) for e, c in images], 1)
+    ignored = np.concatenate([np.tile(e["dtIgnore"][:, :max_det], c) for e, c in images], 1)
+    positives = sum(int((e["gtIgnore"] == 0).sum()) * c for e, c in images)
+    if positives == 0 or not len(scores):  # a resample of only images without detections has AP 0
+        return 0.0
+    order = np.argsort(-scores, kind="mergesort")
+    tp = np.cumsum((matched[:, order] > 0) & ~ignored[:, order].astype(bool), 1)
+    fp = np.cumsum((matched[:, order] == 0) & ~ignored[:, order].astype(bool), 1)
+    aps = []
+    for t in range(len(p.iouThrs)):
+        recall = tp[t] / positives
+        precision = np.maximum.accumulate((tp[t] / np.maximum(tp[t] + fp[t], 1e-12))[::-1])[::-1]
+        at = np.searchsorted(recall, p.recThrs, side="left")
+        aps.append(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0).mean())
+    return float(np.mean(aps))
+
+
+def coco_eval(json_path: Path, results: list[dict], image_ids: list[int],
+              detail: bool = False) -> dict[str, float]:
+    """COCOeval keypoints restricted to the evaluated images. With detail: also the AP per
+    occlusion bin (people outside the bin become crowd regions, which no detection is charged
+    for; unmatched detections count in every bin) and the AP's bootstrap spread over images."""
+    from pycocotools.coco import COCO
+
+    if not results:
+        return {k: 0.0 for k in STAT_NAMES} | (dict(ap_by_occlusion={k: 0.0 for k in OCCLUSION_BINS},
+                                                    ap_sd=0.0) if detail else {})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(json_path))
+    ev = coco_evaluator(gt, results, image_ids)
+    stats = {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
+    if detail:
+        stats["ap_by_occlusion"] = {name: coco_ap(coco_evaluator(occlusion_subset(gt, lo, hi), results, image_ids))
+                                    for name, (lo, hi) in OCCLUSION_BINS.items()}
+        rng = np.random.default_rng(0)
+        n = len(ev.params.imgIds)
+        samples = [coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n)) for _ in range(BOOTSTRAP_SAMPLES)]
+        stats["ap_sd"] = float(np.std(samples))
+    return stats
+
+
+def person_occlusion(dataset: dict) -> dict[int, float]:
+    """Annotation id -> occlusion index, over the people with keypoints (crowds left out)."""
+    people: dict[int, list] = {}
+    for a in dataset["annotations"]:
+        if not a.get("iscrowd", 0) and a.get("num_keypoints", 0) > 0:
+            people.setdefault(a["image_id"], []).append(a)
+    index = {}
+    for anns in people.values():
+        for a, o in zip(anns, occlusion_index(np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4))):
+            index[a["id"]] = float(o)
+    return index
+
+
+def occlusion_subset(gt, lo: float, hi: float):
+    """A copy of a COCO object in which the people outside [lo, hi) are crowd regions (ignored)."""
+    from pycocotools.coco import COCO
+
+    index = person_occlusion(gt.dataset)
+    dataset = dict(gt.dataset, annotations=[
+        a | dict(iscrowd=1) if a["id"] in index and not lo <= index[a["id"]] < hi else a
+        for a in gt.dataset["annotations"]])
+    subset = COCO()
+    subset.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        subset.createIndex()
+    return subset
+
+
+def eval_base(rec: ImageRecord, cfg: Config, sk: Skeleton) -> float | None:
+    """The inference base scale (resized / original) of an MPII group; None: --eval-height's."""
+    if sk is MPII and len(rec.boxes):
+        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a 368 input;
+        # [ours] times input_size / 368, so that people come out as tall as in the training crops
+        return MPII_BASE / float(np.mean(rec.boxes[:, 3] / 200)) * cfg.input_size / 368
+    return None
+
+
+def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_images: int = 0,
+             progress: bool = True) -> tuple[dict[str, float], list]:
+    """COCO keypoint AP or MPII multi-person mAP (by the set's skeleton) on whole images, plus the
+    peak-hit rate at the base scale. Also returns the predictions: COCO results, or MPII groups."""
+    sk = kset.skeleton
+    model.eval()
+    n = len(kset.records) if max_images <= 0 else min(max_images, len(kset.records))
+    people, hits, labelled = [], 0, 0
+    bar = rh.progress(total=n, unit="img", desc="evaluating", enabled=progress, stream=sys.stdout)
+    for i in range(n):
+        rec = kset.records[i]
+        maps, base = network_maps(model, kset.image(i), cfg, device, eval_base(rec, cfg, sk))
+        people.append(decode_maps(maps, base, sk))
+        kp = torch.as_tensor(rec.keypoints).clone()
+        kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
+        h, m = peak_hits(maps[None, sk.num_paf:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
+        hits, labelled = hits + h, labelled + m
+        bar.update()
+    bar.close()
+    if sk is MPII:
+        truth = (kset.groups or groups_of_records(kset))[:n]
+        predictions = [predicted_group(g, found) for g, found in zip(truth, people)]
+        result = evaluate_mpii(truth, predictions)
+        stats = dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"})
+    else:
+        predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
+        stats = coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True)
+    stats["peak_hit"] = hits / max(labelled, 1)
+    stats["images"] = n
+    model.train()
+    return stats, predictions
+
+
+# ==============================================================================================
+# Part II: the tooling around the method (file formats, runs, protocol, reports, command line)
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# MPII Human Pose: annotation lists (.mat / .json), the RELEASE split, the multi-person AP
+# ----------------------------------------------------------------------------------------------
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image file's header."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise ReproError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError:
+        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image") from None
+
+
+def mpii_records(groups: list[Group], images: Path, first_id: int = 1) -> list[ImageRecord]:
+    """MPII groups -> records: parts from the 16 joints, and a box from each person's objpos and
+    scale (paper code: person height = 200 x scale px; the crop centres on objpos). MPII has no
+    masks of its unannotated people: [ours] they count as background (README, deviations)."""
+    records = []
+    for i, g in enumerate(groups):
+        height = 200 * g.scales
+        boxes = np.stack([g.objpos[:, 0] - height / 4, g.objpos[:, 1] - height / 2, height / 2, height], 1)
+        fallback = np.array([keypoint_box(j) for j in g.joints], np.float32).reshape(-1, 4)
+        boxes = np.where(np.isfinite(boxes).all(1, keepdims=True), boxes, fallback)  # people without objpos
+        width, tall = image_size(images / g.image)
+        records.append(ImageRecord(first_id + i, images / g.image, width, tall, MPII.to_parts(g.joints),
+                                   boxes.astype(np.float32), {}))
+    return records
+
+
+def load_mpii_annolist(mat: Path, images: Path) -> KeypointSet:
+    """An evaluation set given as an MPII annotation list (.mat, e.g. multi-person groups), with images."""
+    groups = read_annolist(mat)
+    if any(not g.image for g in groups):
+        raise ReproError(f"{mat} names no images (annolist(i).image.name): evaluating it needs them")
+    return KeypointSet(None, mpii_records(groups, images), MPII, groups=groups)
+
+
+def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
+    """The official release in root: mpii_human_pose_v1_u12_1.mat and images/ (and, if present, the
+    toolkit's groups_v12.mat): training people, and the held-out multi-person validation groups."""
+    mat = root / MPII_RELEASE
+    if not mat.is_file():
+        raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside (the official release)")
+    groups_mat = root / "groups_v12.mat"
+    train, val = load_release(mat, root / "images", groups_mat=groups_mat if groups_mat.is_file() else None)
+    if not val:
+        raise ReproError(f"{mat}: no multi-person validation group was held out")
+    return (KeypointSet(None, mpii_records(train, root / "images"), MPII),
+            KeypointSet(None, mpii_records(val, root / "images"), MPII, groups=val))
+
+
+MPII_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
+               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow",
+               "l_wrist")  # MPII joint ids 0-15
+
+
+MPII_NUM_JOINTS = len(MPII_JOINTS)  # 16
+
+
+# official toolkit: assignGTmulti's jidxMap (LSP order); pelvis (6) and thorax (7) are not scored
+MPII_SCORED = np.array([0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 8, 9])
+
+
+# official toolkit: genTableAP's columns, each the mean AP of two joints; Total is the mean of all 14
+MPII_TABLE = (("Head", (9, 8)), ("Shoulder", (12, 13)), ("Elbow", (11, 14)), ("Wrist", (10, 15)),
+              ("Hip", (2, 3)), ("Knee", (1, 4)), ("Ankle", (0, 5)))
+
+
+MPII_HEAD_SIZE = 0.6  # official toolkit: util_get_head_size, SC_BIAS x head-box diagonal
+
+
+MPII_PCKH = 0.5  # official toolkit: evaluateAP, thresh (PCKh 0.5)
+
+
+MPII_VARS = ("annolist_test_multi", "pred", "annolist")  # variables read_annolist looks for
+
+
+MPII_VAL_MODULUS = 10  # [ours] default held-out share: multi-person training images with crc32(name) % 10 == 0
+
+
+@dataclass
+class Group:
+    """One MPII evaluation unit (a multi-person group) or one image's annotated people."""
+    image: str  # image file name ("" where the list has none, as in annolist_test_multi)
+    # (P, 16, 3) float32 x, y, v: 0 absent, 1 annotated as not visible, 2 visible or visibility
+    # not given (MPII leaves it empty for head top and upper neck; predicted joints have none)
+    joints: np.ndarray
+    head_boxes: np.ndarray  # (P, 4) float32 x1, y1, x2, y2 (NaN where absent, e.g. predictions)
+    scales: np.ndarray  # (P,) float32 person height / 200 px (NaN where absent)
+    objpos: np.ndarray  # (P, 2) float32 rough person centre (NaN where absent)
+    scores: np.ndarray | None = None  # (P, 16) float32 per-joint prediction scores, 0 where absent
+    rects: np.ndarray | None = None  # (P,) int64 index of each person in the image's annorect
+
+
+def empty_group(image: str = "", with_scores: bool = False) -> Group:
+    return Group(image, np.zeros((0, MPII_NUM_JOINTS, 3), np.float32), np.zeros((0, 4), np.float32),
+                 np.zeros(0, np.float32), np.zeros((0, 2), np.float32),
+                 np.zeros((0, MPII_NUM_JOINTS), np.float32) if with_scores else None, np.zeros(0, np.int64))
+
+
+# -- reading: loadmat(struct_as_record=False, squeeze_me=True) squeezes a one-element struct array
+# to the bare struct and an empty one to an empty numeric array; json objects read as namespaces.
+def _items(x) -> list:
+    """A struct array / cell / list as a Python list, whatever squeezing did to it."""
+    if x is None:
+        return []
+    if isinstance(x, list):
+        return x
+    if isinstance(x, np.ndarray):
+        return list(x.ravel()) if x.dtype == object else []  # numeric: an empty [] in Matlab
+    return [x]
+
+
+def _field(s, name: str):
+    return getattr(s, name, None)
+
+
+def _num(x, default: float = np.nan) -> float:
+    """First number in x (a scalar, a 1-element array, a string such as '1'); default if none."""
+    a = np.asarray(x if x is not None else []).ravel()
+    if a.size == 0:
+        return default
+    try:
+        return float(a[0])
+    except (TypeError, ValueError):
+        return default
+
+
+def _name(image) -> str:
+    """annolist(i).image.name, or "" where the list has no image field."""
+    name = _field(image, "name") if image is not None and not isinstance(image, (str, np.ndarray)) else image
+    if isinstance(name, np.ndarray):
+        name = name.item() if name.size == 1 else ""
+    return str(name) if name is not None else ""
+
+
+def _parse_rects(rects: list, where: str) -> Group:
+    """annorect(k): head box x1 y1 x2 y2, scale, objpos, annopoints.point(j) x y id [is_visible]
+    [score] -> a Group.  A joint is missing when its id is absent from point (MPII never writes
+    (0, 0) for one); the first point of a repeated id counts, as in util_get_annopoint_by_id."""
+    n = len(rects)
+    joints = np.zeros((n, MPII_NUM_JOINTS, 3), np.float32)
+    scores = np.zeros((n, MPII_NUM_JOINTS), np.float32)
+    boxes = np.full((n, 4), np.nan, np.float32)
+    scales = np.full(n, np.nan, np.float32)
+    objpos = np.full((n, 2), np.nan, np.float32)
+    has_score = False
+    for k, r in enumerate(rects):
+        boxes[k] = [_num(_field(r, f)) for f in ("x1", "y1", "x2", "y2")]
+        scales[k] = _num(_field(r, "scale"))
+        pos = _field(r, "objpos")
+        if pos is not None and not isinstance(pos, np.ndarray):
+            objpos[k] = _num(_field(pos, "x")), _num(_field(pos, "y"))
+        ap = _field(r, "annopoints")
+        points = [] if ap is None or isinstance(ap, (np.ndarray, list)) else _items(_field(ap, "point"))
+        for p in points:
+            jid = _num(_field(p, "id"))
+            if not (np.isfinite(jid) and jid == int(jid) and 0 <= jid < MPII_NUM_JOINTS):
+                raise ReproError(f"{where}, person {k + 1}: joint id {_field(p, 'id')} is outside MPII's 0-15")
+            j = int(jid)
+            if joints[k, j, 2] > 0:
+                continue
+            visible = _num(_field(p, "is_visible"))  # empty for head top / upper neck: unknown
+            joints[k, j] = _num(_field(p, "x")), _num(_field(p, "y")), 1.0 if visible == 0 else 2.0
+            s = _field(p, "score")
+            if s is not None:
+                scores[k, j], has_score = _num(s, 0.0), True
+    return Group("", joints, boxes, scales, objpos, scores if has_score else None, np.arange(n))
+
+
+def _loadmat(path: Path) -> dict:
+    import scipy.io
+    from scipy.io.matlab import MatReadError
+
+    if not path.is_file():
+        raise ReproError(f"MPII file not found: {path}")
+    try:
+        return scipy.io.loadmat(str(path), struct_as_record=False, squeeze_me=True)
+    except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError,
+            zlib.error) as e:  # junk bytes (zlib: inside a compressed variable)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""  # v7.3 = HDF5
+        raise ReproError(f"{path} is not a readable Matlab .mat file ({reason}){hint}") from None
+
+
+def _annolist_of(data: dict, path: Path, var: str | None):
+    """The annotation list in a loaded .mat/.json: var, else RELEASE.annolist or a known name."""
+    keys = [k for k in data if not k.startswith("__")]
+    if var is not None:
+        if var not in data:
+            raise ReproError(f"{path} has no variable {var!r} (it has: {', '.join(keys) or 'nothing'})")
+        return data[var]
+    if "RELEASE" in data and _field(data["RELEASE"], "annolist") is not None:
+        return data["RELEASE"].annolist
+    for k in MPII_VARS:
+        if k in data:
+            return data[k]
+    raise ReproError(f"{path} has no MPII annotation list: expected RELEASE, {', '.join(MPII_VARS)} "
+                     f"(it has: {', '.join(keys) or 'nothing'})")
+
+
+def read_annolist(path: str | Path, var: str | None = None, image_names: list[str] | None = None) -> list[Group]:
+    """An MPII annotation or prediction list (.mat from the toolkit, or our .json) -> one Group per
+    entry, in file order (the toolkit pairs ground truth and predictions by position).
+    image_names: names for lists without image fields (annolist_test_multi), e.g. read_image_list."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise ReproError(f"MPII file not found: {path}")
+        try:
+            data = json.loads(path.read_text(), object_hook=lambda d: types.SimpleNamespace(**d))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReproError(f"{path} is not valid json ({e})") from None
+        data = vars(data) if isinstance(data, types.SimpleNamespace) else {}
+    else:
+        data = _loadmat(path)
+    entries = _items(_annolist_of(data, path, var))
+    if image_names is not None and len(image_names) != len(entries):
+        raise ReproError(f"{path}: {len(entries)} entries but {len(image_names)} image names")
+    groups = []
+    for i, e in enumerate(entries):
+        g = _parse_rects(_items(_field(e, "annorect")), f"{path}: entry {i + 1}")
+        g.image = image_names[i] if image_names is not None else _name(_field(e, "image"))
+        groups.append(g)
+    return groups
+
+
+def read_image_list(json_path: str | Path) -> list[str]:
+    """Image names of a multi-person list json ({"root": [{"im_name": ...}, ...]}, as published
+    with the validation groups of NieXC/pytorch-ppn), in its order."""
+    json_path = Path(json_path)
+    try:
+        return [str(r["im_name"]) for r in json.loads(json_path.read_text())["root"]]
+    except FileNotFoundError:
+        raise ReproError(f"image list not found: {json_path}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReproError(f"{json_path} is not an MPII image list (expected root[].im_name; {e!r})") from None
+
+
+def _subset(g: Group, keep: np.ndarray) -> Group:
+    return Group(g.image, g.joints[keep], g.head_boxes[keep], g.scales[keep], g.objpos[keep],
+                 None if g.scores is None else g.scores[keep], None if g.rects is None else g.rects[keep])
+
+
+def _indices(x) -> np.ndarray:
+    """A Matlab index list (scalar, vector or []) -> 0-based int64 array."""
+    return np.atleast_1d(np.asarray(x if x is not None else [], np.float64)).ravel().astype(np.int64) - 1
+
+
+def _multi_person_groups(annotated: np.ndarray, singles: np.ndarray, groups: list | None) -> list[np.ndarray]:
+    """One image's multi-person groups as arrays of person indices (official toolkit:
+    getMultiPersonGroups): its groups (groups_v12.mat) holding no single person, or else its
+    annotated people that are not single persons, as one group."""
+    if groups is not None:
+        rect_sets = [_indices(g) for g in groups]
+        rect_sets = [r for r in rect_sets if len(r) and not np.isin(r, singles).any()]
+    else:
+        multi = np.nonzero(annotated & ~np.isin(np.arange(len(annotated)), singles))[0]
+        rect_sets = [multi] if len(multi) else []
+    return [r[(r >= 0) & (r < len(annotated))] for r in rect_sets]
+
+
+def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
+                 val_images: list[str] | None = None, groups_mat: str | Path | None = None
+                 ) -> tuple[list[Group], list[Group]]:
+    """The official mpii_human_pose_v1_u12_1.mat -> (train, val): train holds one Group per
+    training image (RELEASE.img_train == 1) with its annotated people (one training sample per
+    person); val the held-out multi-person groups.  The test set's labels are not public, so the
+    groups come from training images, as in the toolkit's getMultiPersonGroups(groups, RELEASE,
+    bTrain=true): a group counts when none of its people is in RELEASE.single_person.  With the
+    toolkit's groups_v12.mat (groups_mat) an image may hold several groups; without it the
+    annotated people of the image not in single_person form its one group.  Held-out images are
+    val_images (e.g. read_image_list of a published split) or, by default, the multi-person
+    training images with crc32(name) % 10 == 0 ([ours]); a held-out image gives nothing to train."""
+    mat_path = Path(mat_path)
+    data = _loadmat(mat_path)
+    rel = data.get("RELEASE")
+    if rel is None or _field(rel, "annolist") is None:
+        keys = ", ".join(k for k in data if not k.startswith("__")) or "nothing"
+        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the official "
+                         "mpii_human_pose_v1_u12_1.mat")
+    annolist = _items(rel.annolist)
+    train_flag = np.atleast_1d(np.asarray(_field(rel, "img_train"), np.float64)).astype(np.int64)
+    single = _items(_field(rel, "single_person"))
+    if not len(annolist) == len(train_flag) == len(single):
+        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, {len(train_flag)} img_train flags "
+                         f"and {len(single)} single_person entries; they must match")
+    groups_of = None
+    if groups_mat is not None:
+        gdata = _loadmat(Path(groups_mat))
+        if "groups" not in gdata:
+            raise ReproError(f"{groups_mat} has no variable 'groups' (expected the toolkit's groups_v12.mat)")
+        groups_of = _items(gdata["groups"])
+        if len(groups_of) != len(annolist):
+            raise ReproError(f"{groups_mat}: {len(groups_of)} entries for {len(annolist)} RELEASE images")
+    wanted = None if val_images is None else set(val_images)
+    train, val, found = [], [], set()
+    for i, e in enumerate(annolist):
+        if train_flag[i] != 1:
+            continue
+        name = _name(_field(e, "image"))
+        people = _parse_rects(_items(_field(e, "annorect")), f"{mat_path}: RELEASE.annolist({i + 1})")
+        people.image = name
+        annotated = (people.joints[..., 2] > 0).any(1)
+        rect_sets = _multi_person_groups(annotated, _indices(single[i]),
+                                         None if groups_of is None else _items(groups_of[i]))
+        held_out = name in wanted if wanted is not None else (
+            bool(rect_sets) and zlib.crc32(name.encode()) % MPII_VAL_MODULUS == 0)
+        if held_out:
+            found.add(name)
+            val += [_subset(people, r) for r in rect_sets if len(r)]
+        elif annotated.any():
+            train.append(_subset(people, annotated))
+    if wanted is not None and wanted - found:
+        missing = sorted(wanted - found)
+        raise ReproError(f"{len(missing)} validation images are not MPII training images in {mat_path}: "
+                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if images_dir is not None:
+        images_dir = Path(images_dir)
+        for g in train + val:
+            if not (images_dir / g.image).is_file():
+                raise ReproError(f"image not found: {images_dir / g.image} (the MPII images folder "
+                                 "must hold every image of RELEASE's training set)")
+    return train, val
+
+
+# -- scoring: the official toolkit's evaluateAP / assignGTmulti / getRPC / VOCap
+def head_sizes(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) head boxes x1 y1 x2 y2 -> (P,) PCKh reference lengths (official toolkit: util_get_head_size)."""
+    return MPII_HEAD_SIZE * np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+
+
+def assign_group(gt: Group, pred: Group, thresh: float = MPII_PCKH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The toolkit's assignGTmulti for one group -> labels (Q, 14) bool (true positive), has (Q, 14)
+    bool (joint predicted), n_gt (14,) annotated joints, columns in MPII_SCORED order.
+    A pair's score is the share of the GT person's annotated joints predicted within thresh head
+    sizes; each prediction keeps its best person, each person then its best prediction (first on
+    ties).  A matched prediction's joints are TP within thresh, all its other joints FP; an
+    unmatched prediction (a duplicate, a person outside the group) is all FP; joints it lacks count
+    nowhere, while every annotated joint counts in the recall's denominator."""
+    has_gt = gt.joints[:, MPII_SCORED, 2] > 0  # (P, 14)
+    has = pred.joints[:, MPII_SCORED, 2] > 0  # (Q, 14)
+    q, p = len(has), len(has_gt)
+    labels = np.zeros((q, len(MPII_SCORED)), bool)
+    if q and p:
+        d = np.linalg.norm(pred.joints[:, None, MPII_SCORED, :2] - gt.joints[None, :, MPII_SCORED, :2], axis=-1)
+        d = d / head_sizes(gt.head_boxes)[None, :, None]  # (Q, P, 14)
+        match = (d <= thresh) & has[:, None] & has_gt[None]  # NaN (no head box) never matches
+        n_annot = has_gt.sum(1)
+        # a person without annotated joints (0/0 in Matlab, which max() skips) is nobody's best
+        pck = np.where(n_annot > 0, match.sum(2) / np.maximum(n_annot, 1), 0.0)  # (Q, P)
+        best = pck.argmax(1)
+        kept = np.zeros_like(pck)
+        kept[np.arange(q), best] = pck[np.arange(q), best]
+        winner = kept.argmax(0)  # (P,) per person its best prediction
+        won = kept[winner, np.arange(p)] > 0
+        labels[winner[won]] = match[winner[won], np.nonzero(won)[0]]
+    return labels & has, has, has_gt.sum(0)
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray, n_positive: int) -> float:
+    """(N,) scores, (N,) bool labels, positives in the set -> AP in [0, 1]: precision/recall in
+    descending score order, stable on ties and NaN first like Matlab's sort (official toolkit:
+    getRPC), area under the monotone envelope over all points (VOCap).  NaN without positives."""
+    if n_positive == 0:
+        return float("nan")
+    key = np.where(np.isnan(scores), np.inf, scores)
+    tp = np.cumsum(labels[np.argsort(-key, kind="stable")])
+    precision = np.concatenate([[0.0], tp / np.arange(1, len(tp) + 1), [0.0]])
+    recall = np.concatenate([[0.0], tp / n_positive, [1.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    step = np.nonzero(recall[1:] != recall[:-1])[0] + 1
+    return float(((recall[step] - recall[step - 1]) * precision[step]).sum())
+
+
+def evaluate_mpii(gt: list[Group], pred: list[Group], thresh: float = MPII_PCKH) -> dict:
+    """Multi-person AP (official toolkit: evaluateAP) of pred against gt, paired by position ->
+    {"joints": {name: AP %} for the 14 scored joints, "table": {Head .. Ankle, Total: AP %},
+    "mAP": Total, "groups", "people"}.  Per joint every predicted joint of the set is pooled and
+    ranked by its own score."""
+    if len(gt) != len(pred):
+        raise ReproError(f"{len(pred)} predicted groups for {len(gt)} ground-truth groups: the toolkit pairs "
+                         "them by position, so both lists must come from the same group list")
+    scores, labels, n_gt = [], [], np.zeros(len(MPII_SCORED), np.int64)
+    for i, (g, p) in enumerate(zip(gt, pred)):
+        if g.image and p.image and g.image != p.image:
+            raise ReproError(f"group {i + 1}: prediction for {p.image} but ground truth for {g.image}")
+        lab, has, n = assign_group(g, p, thresh)
+        s = p.scores[:, MPII_SCORED] if p.scores is not None else np.ones(has.shape, np.float32)
+        scores.append(np.where(has, s, np.nan)), labels.append(np.where(has, lab, -1).astype(np.int8))
+        n_gt += n
+    scores = np.concatenate(scores + [np.zeros((0, len(MPII_SCORED)))])
+    labels = np.concatenate(labels + [np.zeros((0, len(MPII_SCORED)), np.int8)])
+    ap = {}
+    for c, j in enumerate(MPII_SCORED):  # per joint, only the predictions that have it
+        present = labels[:, c] >= 0
+        ap[MPII_JOINTS[j]] = 100 * average_precision(scores[present, c], labels[present, c] == 1, int(n_gt[c]))
+    table = {row: (ap[MPII_JOINTS[a]] + ap[MPII_JOINTS[b]]) / 2 for row, (a, b) in MPII_TABLE}
+    table["Total"] = float(np.mean(list(ap.values())))
+    return dict(joints=ap, table=table, mAP=table["Total"], groups=len(gt), people=sum(len(g.joints) for g in gt))
+
+
+def format_mpii_table(result: dict) -> str:
+    """The toolkit's table: Head Shoulder Elbow Wrist Hip Knee Ankle Total, AP in % to 1 decimal."""
+    names = [row for row, _ in MPII_TABLE] + ["Total"]
+    width = max(map(len, names)) + 1
+    return ("".join(f"{n:>{width}}" for n in names) + "\n"
+            + "".join(f"{result['table'][n]:>{width}.1f}" for n in names))
+
+
+def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_path: Path) -> None:
+    """What would score silently wrong: swapped files (ground truth has head boxes, predictions have
+    scores) and NaN in predicted joints (the toolkit would count them as false positives)."""
+    def boxed(groups):
+        return any(np.isfinite(g.head_boxes).all(1).any() for g in groups)
+
+    def scored(groups):
+        return any(g.scores is not None for g in groups)
+    if not boxed(gt) and any(len(g.joints) for g in gt):
+        if boxed(pred) or scored(gt):
+            raise ReproError(f"the arguments look swapped: {gt_path} has scores and no head boxes, {pred_path} "
+                             f"has head boxes: the order is --score-mpii PRED GT")
+        raise ReproError(f"{gt_path} has no head boxes (x1 y1 x2 y2), which PCKh needs: not a ground-truth list")
+    present = np.concatenate([g.joints[..., 2] > 0 for g in pred] + [np.zeros((0, MPII_NUM_JOINTS), bool)])
+    xy = np.concatenate([g.joints[..., :2] for g in pred] + [np.zeros((0, MPII_NUM_JOINTS, 2), np.float32)])
+    bad_xy = int((present & ~np.isfinite(xy).all(-1)).sum())
+    bad_score = sum(int((g.joints[..., 2] > 0)[~np.isfinite(g.scores)].sum()) for g in pred if g.scores is not None)
+    if bad_xy or bad_score:
+        raise ReproError(f"{pred_path}: {bad_xy} of {int(present.sum())} predicted joints have NaN or infinite "
+                         f"coordinates and {bad_score} a NaN score: leave a joint out of annopoints.point instead")
+
+
+def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
+    """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
+    the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
+    gt, pred = read_annolist(gt_path), read_annolist(pred_path)
+    check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
+    result = evaluate_mpii(gt, pred)
+    print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, {result['people']} people")
+    print(format_mpii_table(result))
+    print(f"mAP {result['mAP']:.1f}")
+    return result
+
+
+# -- writing predictions in the toolkit's pred layout
+def _pred_entries(groups: list[Group]) -> list[dict]:
+    """pred(i).image.name, pred(i).annorect(k).annopoints.point(j) x y id score as plain dicts.
+    Only joints with v > 0 are written (absent ids are the toolkit's missing joints); people with
+    none are left out (they can match nobody); scores default to 1 where a Group has none."""
+    out = []
+    for g in groups:
+        rects = []
+        for k in range(len(g.joints)):
+            ids = np.nonzero(g.joints[k, :, 2] > 0)[0]
+            if len(ids) == 0:
+                continue
+            s = g.scores[k, ids] if g.scores is not None else np.ones(len(ids))
+            rects.append([dict(x=float(g.joints[k, j, 0]), y=float(g.joints[k, j, 1]), id=float(j),
+                               score=float(sc)) for j, sc in zip(ids, s)])
+        out.append(dict(name=g.image, rects=rects))
+    return out
+
+
+def _struct_array(rows: list[dict], fields: tuple[str, ...]) -> np.ndarray:
+    """A list of dicts -> a numpy record array that savemat writes as a 1 x N struct array."""
+    arr = np.empty(len(rows), dtype=[(f, object) for f in fields])
+    for i, r in enumerate(rows):
+        arr[i] = tuple(r[f] for f in fields)
+    return arr
+
+
+def write_pred_mat(path: str | Path, groups: list[Group]) -> None:
+    """Predictions as the toolkit's `pred` (evaluateAP loads pred_keypoints_mpii_multi.mat), atomically."""
+    import scipy.io
+
+    path = Path(path)
+    pred = _struct_array([dict(image=dict(name=e["name"]), annorect=_struct_array(
+        [dict(annopoints=dict(point=_struct_array(pts, ("x", "y", "id", "score")))) for pts in e["rects"]],
+        ("annopoints",))) for e in _pred_entries(groups)], ("image", "annorect"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
+        scipy.io.savemat(f, {"pred": pred}, do_compression=True)
+
+
+def write_pred_json(path: str | Path, groups: list[Group]) -> None:
+    """The same `pred` layout as json (read back by read_annolist), atomically."""
+    path = Path(path)
+    pred = [dict(image=dict(name=e["name"]), annorect=[dict(annopoints=dict(point=pts)) for pts in e["rects"]])
+            for e in _pred_entries(groups)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"pred": pred}))
+
+
+MPII_BASE = 41 / 35  # paper code: the inference scale of a group is (41/35) / its mean MPII scale
+
+
+def groups_of_records(kset: KeypointSet) -> list[Group]:
+    """MPII ground truth of a COCO-format set with MPII joints (the demo): one group per image.
+    [ours] Rendered people have no head box: a square with the head top - upper neck distance as
+    its side, centred between them, stands in (MPII's boxes frame the head similarly)."""
+    groups = []
+    for rec in kset.records:
+        joints = MPII.to_joints(rec.keypoints)
+        top, neck = joints[:, 9, :2], joints[:, 8, :2]
+        half = np.linalg.norm(top - neck, axis=1, keepdims=True) / 2
+        middle = (top + neck) / 2
+        labelled = (joints[:, 9, 2] > 0) & (joints[:, 8, 2] > 0)
+        boxes = np.where(labelled[:, None], np.concatenate([middle - half, middle + half], 1), np.nan)
+        centre = rec.boxes[:, :2] + rec.boxes[:, 2:] / 2
+        groups.append(Group(rec.path.name, joints, boxes.astype(np.float32), rec.boxes[:, 3] / 200,
+                            centre.astype(np.float32)))
+    return groups
+
+
+# -- the stand-in benchmark in MPII's own layout: a rehearsal of --mpii-root before the real data
+MPII_RELEASE = "mpii_human_pose_v1_u12_1.mat"  # official release: the annotation file's name
+
+
+MPII_TEST_EVERY = 10  # [ours] every 10th rehearsal image is a test image (img_train 0, no joints), as in the release
+
+
+MPII_NO_VISIBILITY = (8, 9)  # official release: is_visible is empty for upper neck and head top
+
+
+# [ours] the rehearsal set: 640 px scenes of 2+ stand-in people (about 4), MPII's 16 joints
+MPII_REHEARSAL = dict(kind="scenes", num_images=300, seed=5000, style="standin", image_size=640, mean_people=4.0,
+                      min_people=2, camera_distance=(8.0, 1.0), skeleton="mpii")
+
+
+def single_people(boxes: np.ndarray) -> np.ndarray:
+    """(P, 4) person boxes x, y, w, h -> 1-based ids of the people whose box, grown by half its
+    height on every side, meets no other person's box: [ours] MPII's single_person lists
+    sufficiently separated people, and its multi-person groups are the others."""
+    margin = boxes[:, 3:] / 2
+    lo, hi = boxes[:, :2] - margin, boxes[:, :2] + boxes[:, 2:] + margin
+    meets = ((lo[:, None] <= (boxes[:, :2] + boxes[:, 2:])[None]) & (hi[:, None] >= boxes[None, :, :2])).all(-1)
+    meets |= meets.T
+    np.fill_diagonal(meets, False)
+    return np.nonzero(~meets.any(1))[0] + 1
+
+
+def _release_rect(g: Group, k: int, test: bool) -> dict:
+    """One person as RELEASE.annolist(i).annorect(k); a test image's people have only scale and objpos."""
+    rect = dict(scale=float(g.scales[k]), objpos=dict(x=float(g.objpos[k, 0]), y=float(g.objpos[k, 1])))
+    if test:
+        return rect
+    points = [dict(x=float(x), y=float(y), id=float(j),
+                   is_visible=np.zeros((0, 0)) if j in MPII_NO_VISIBILITY else float(v == 2))
+              for j, (x, y, v) in enumerate(g.joints[k]) if v > 0]
+    x1, y1, x2, y2 = (float(c) for c in g.head_boxes[k])
+    return rect | dict(x1=x1, y1=y1, x2=x2, y2=y2, annopoints=dict(
+        point=_struct_array(points, ("x", "y", "id", "is_visible"))) if points else np.zeros((0, 0)))
+
+
+def write_release(path: str | Path, kset: KeypointSet) -> None:
+    """A COCO-format set with MPII joints -> the official RELEASE struct (annolist, img_train,
+    single_person), atomically: head boxes, scales and centres as groups_of_records makes them."""
+    import scipy.io
+
+    annolist, img_train, single = [], [], np.empty(len(kset.records), dtype=object)
+    for i, (rec, g) in enumerate(zip(kset.records, groups_of_records(kset))):
+        test = i % MPII_TEST_EVERY == MPII_TEST_EVERY - 1
+        keep = np.isfinite(g.head_boxes).all(1) | test  # a training person needs a head box to be scored
+        g = _subset(g, keep)
+        rects = [_release_rect(g, k, test) for k in range(len(g.joints))]
+        fields = ("scale", "objpos") if test else ("x1", "y1", "x2", "y2", "scale", "objpos", "annopoints")
+        annolist.append(dict(image=dict(name=g.image), annorect=_struct_array(rects, fields) if rects
+                             else np.zeros((0, 0))))
+        img_train.append(0.0 if test else 1.0)
+        single[i] = np.zeros((0, 1)) if test else single_people(rec.boxes[keep]).astype(np.float64)[:, None]
+    release = dict(annolist=_struct_array(annolist, ("image", "annorect")), img_train=np.array(img_train),
+                   single_person=single, version="12")
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
+        scipy.io.savemat(f, {"RELEASE": release}, do_compression=True)
+
+
+def write_mpii_rehearsal(out: Path, source: KeypointSet | None = None) -> Path:
+    """The MPII root `--mpii-root out` reads: out/mpii_human_pose_v1_u12_1.mat and out/images/. By
+    default MPII_REHEARSAL is rendered into out first (render_humans.py; its annotations.json and
+    parts/ stay beside); a given source set's images are copied in."""
+    out = Path(out)
+    if source is None:
+        json_path = Path(rh.render_dataset(out, progress=True, **MPII_REHEARSAL))
+        source = load_keypoint_set(json_path, out / "images", MPII)
+    else:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for rec in source.records:
+            if rec.path.resolve() != (out / "images" / rec.path.name).resolve():
+                shutil.copy2(rec.path, out / "images" / rec.path.name)
+    write_release(out / MPII_RELEASE, source)
+    return out
+
+
+def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Group:
+    """Decoded people -> an MPII prediction for one group; each joint is scored by its own peak.
+    [ours] Official groups are parts of an image: a predicted person counts for the group when the
+    mean of its joints lies in the group's region, the union of squares 200 x scale px around each
+    person's objpos (the toolkit would count every other prediction as a false positive)."""
+    joints = np.array([kp for kp, _ in people], np.float32).reshape(-1, MPII.num_joints, 3)
+    found = joints[..., 2] > 0
+    if len(joints) and np.isfinite(truth.objpos).all() and len(truth.objpos):
+        half = 100 * truth.scales[:, None]
+        lo, hi = (truth.objpos - half).min(0), (truth.objpos + half).max(0)
+        centre = (joints[..., :2] * found[..., None]).sum(1) / np.maximum(found.sum(1, keepdims=True), 1)
+        inside = ((centre >= lo) & (centre <= hi)).all(1)
+        joints, found = joints[inside], found[inside]
+    scores = np.where(found, joints[..., 2], 0).astype(np.float32)
+    joints[..., 2] = np.where(found, 2, 0)
+    n = len(joints)
+    return Group(truth.image, joints, np.full((n, 4), np.nan, np.float32), np.full(n, np.nan, np.float32),
+                 np.full((n, 2), np.nan, np.float32), scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints, the shipped student
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path: Path, keep_suffix: bool = False):
+    """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
+    a killed run or a full disk never leaves half a file (the previous version stays). keep_suffix:
+    the temporary name ends like `path` (cv2's video writer picks the container by it)."""
+    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # one name per writer
+    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix else f"{path.name}.{unique}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, ReproError):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise ReproError(f"cannot write {path} ({reason}); the previous version, if any, is kept") from None
+        raise
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) checkpoint: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+# how torch.save reports a full disk, besides ENOSPC: its zip writer's own messages
+DISK_FULL_WORDS = ("unexpected pos", "file write failed", "No space left")
+
+
+def save_atomic(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except (OSError, RuntimeError) as e:
+            if getattr(e, "errno", None) != errno.ENOSPC and not any(w in str(e) for w in DISK_FULL_WORDS):
+                raise
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on the device: {tensor_bytes(obj) / 1e6:.1f} MB needed, "
+                          f"{free / 1e6:.1f} MB free") from None
+
+
+def write_json(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+
+
+ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
+
+
+# The demo's initial student: the claims protocol's full-regime real-only student in half precision,
+# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out results/student-demo.pt`.
+SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
+
+
+FINETUNE_LR = 3e-4  # [ours] the demo's fine-tuning learning rate (the protocol's)
+
+
+def shipped_student_fits(cfg: Config) -> bool:
+    try:
+        saved = load_checkpoint(SHIPPED_STUDENT).get("config", {})
+    except ReproError:  # absent or unreadable: train from scratch
+        return False
+    return all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
+
+
+def resolve_init(cfg: Config, lr_given: bool) -> Config:
+    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
+    --init none -> from scratch. A demo-preset fine-tune without --lr runs at FINETUNE_LR."""
+    init = cfg.init
+    if init == "auto":
+        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
+        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
+    init = None if init == "none" else init
+    lr = FINETUNE_LR if init and cfg.preset == "demo" and not lr_given else cfg.lr
+    return dataclasses.replace(cfg, init=init, lr=lr)
+
+
+def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = False) -> None:
+    """A training checkpoint -> a student: weights in float16, config and step, nothing else. An
+    existing `out` is replaced only when asked to (the protocol does; the command line's --out)."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ReproError(f"{ckpt_path} holds no network weights ('model': a dict of tensors): not a repro.py "
+                         "training checkpoint")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("step"), int):
+        raise ReproError(f"{ckpt_path} has no 'config' and 'step' of a repro.py training checkpoint")
+    out = Path(out)
+    if out.exists() and not replace:
+        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
+                         "or --out PATH for a new file")
+    if out.is_dir():
+        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. {out / 'student.pt'}")
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
+    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
+    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict, read with torch's safe loader: tensors and plain values only, so a
+    crafted file cannot run code. Checkpoints of repro.py before weights_only (numpy arrays in a
+    teacher's state) are refused with what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReproError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else "objects beyond tensors and plain values"
+        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
+                         "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
+                         "checkpoints: such a run must be trained again with this version") from None
+    except Exception as e:
+        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
+                         "checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict with 'model')")
+    return ckpt
+
+
+def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
+    saved = ckpt.get("config", {})
+    differ = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(cfg, k)})"
+              for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if differ or "model" not in ckpt:
+        raise ReproError(f"checkpoint {path} is of another architecture: it has {', '.join(differ) or 'no weights'}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
+
+
+def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Module, Config, dict]:
+    """A checkpoint's network with its weights (--mode eval, predict, --export-onnx), cfg with the
+    checkpoint's architecture, and the checkpoint."""
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("config", {})
+    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    load_weights(model, ckpt, cfg, path)
+    return model, cfg, ckpt
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -2716,6 +2757,252 @@ def read_jsonl(path: Path) -> list[dict]:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record, default=float) + "\n")  # one write per line: a cut run loses whole lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: a run's start, lock, signals and finish
+# ----------------------------------------------------------------------------------------------
+
+def default_run_dir(cfg: Config, data_name: str) -> Path:
+    return Path("results") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
+
+
+def benchmark_label(data_name: str) -> str:
+    if data_name.startswith("demo"):
+        labels = "MPII joints, " if data_name == "demo-mpii" else ""
+        return f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, NOT real data)"
+    return f"{data_name} val"
+
+
+def print_table(stats: dict, label: str) -> None:
+    if "mAP" in stats:
+        print(f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, {stats.get('images', '?')} groups")
+        print(format_mpii_table(dict(table=stats | dict(Total=stats["mAP"]))))
+        print(f"peak_hit {stats['peak_hit']:.3f}")
+        return
+    keys = ("AP", "AP50", "AP75", "APm", "APl", "AR", "peak_hit")
+    print(f"\nCOCO keypoint metrics on the {label}, {stats.get('images', '?')} images")
+    print("  ".join(f"{k:>8}" for k in keys))
+    print("  ".join(f"{stats.get(k, float('nan')):8.3f}" for k in keys))
+
+
+def headline(stats: dict) -> str:
+    return f"MPII mAP {stats['mAP']:.1f}" if "mAP" in stats else f"AP {stats['AP']:.3f} (AP50 {stats['AP50']:.3f})"
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg)
+    if world == 1:
+        return 0, 1, device
+    if cfg.batch_size % world:
+        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes: each "
+                         "trains an equal share of every step's batch")
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
+    if not cfg.ckpt:
+        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
+    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
+    if cfg.skeleton != data.val.skeleton.name:
+        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
+                         f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
+    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
+               out / f"eval-{data.name}.json")
+    print_table(stats, benchmark_label(data.name))
+    return stats
+
+
+LOCK_NAME = "run.lock"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
+    one process, so a lock whose pid was reused by another program is told from a live one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def lock_text() -> str:
+    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()), host=os.uname().nodename))
+
+
+def lock_holder(out: Path) -> int | None:
+    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its process
+    is gone, or its pid now names another process). A lock of another host counts as held. Older
+    locks hold the pid alone."""
+    try:
+        text = (out / LOCK_NAME).read_text().strip()
+    except OSError:
+        return None
+    try:
+        lock = json.loads(text)
+        lock = lock if isinstance(lock, dict) else dict(pid=lock)
+    except ValueError:
+        return None
+    pid = lock.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return None
+    if lock.get("host", os.uname().nodename) != os.uname().nodename:
+        return pid
+    started = lock.get("started")
+    if not process_alive(pid) or (started is not None and process_started(pid) not in (started, None)):
+        return None
+    return pid
+
+
+def hold_run_dir(out: Path) -> Path:
+    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
+    host). A folder held by a live process is refused; a lock left by a dead one is stale and taken over."""
+    lock = out / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = lock_holder(out)
+                if holder is not None:
+                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it to finish, "
+                                     "or use another --out") from None
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(lock_text())
+            return lock
+    except OSError as e:
+        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
+    released, loader workers and protocol runs ended."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
+PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
+
+
+def watch_parent(every: float = 1.0) -> None:
+    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent is
+    gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
+    import threading
+
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
+def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int, world: int) -> Trainer:
+    """Everything that can refuse a run happens before the run folder is touched."""
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not cfg.resume:
+        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR for a new one")
+    if cfg.resume and not ckpt_path.exists():
+        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
+    trainer = Trainer(cfg, data, device, out, rank, world)
+    if cfg.resume:
+        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
+            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
+                             f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")
+    if cfg.steps == 0:
+        print("--steps 0: no training; the starting weights are evaluated (untrained unless --init)")
+    return trainer
+
+
+def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
+    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its checkpoint."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if (r := json.loads(line))["step"] <= step and not r.get("final")]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
+    """Final evaluation, metrics, predictions and figures of a finished run."""
+    cfg, device = trainer.cfg, trainer.device
+    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
+    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats,
+                                             final=True))
+    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
+                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
+    if data.val.skeleton is MPII:  # the toolkit's pred struct, so that its Matlab code can score them too
+        write_pred_mat(out / "val_predictions.mat", results)
+        write_pred_json(out / "val_predictions.json", results)
+    else:
+        write_json(results, out / "val_predictions.json")
+    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
+    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
+    if trainer.teacher is not None:
+        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
+    print_table(stats, benchmark_label(data.name))
+    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl") if "eval" in r and r["step"] == 0]
+    if start and trainer.step > 0:
+        print(f"from --init to the end of training: {headline(start[0])} -> {headline(stats)}")
+    print(f"run folder: {out}")
+    return stats
+
+
+def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
+    trainer = start_run(cfg, data, device, out, rank, world)
+    if rank != 0:
+        trainer.fit()
+        return {}
+    lock = hold_run_dir(out)
+    try:
+        if cfg.resume:
+            print(f"resumed {out} at step {trainer.step}")
+        prepare_metrics(out, cfg, trainer.step)
+        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
+                        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
+                        argv=sys.argv), out / "config.json")
+        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
+            print_table(trainer.evaluate_now(), f"{benchmark_label(data.name)}, before training (--init)")
+        trainer.fit()
+        return finish_run(trainer, data, out)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2835,12 +3122,24 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
 # [ours] Fixed by the pilot from learning speed and noise, before any condition was compared
 # (README, "The claims protocol"). Budgets are in steps; wall time is recorded beside them.
 PROTOCOL_REGIMES = {"full": 0, "scarce": 100}  # --train-subset: all 1000 stand-in images, or the first 100
+
+
 PROTOCOL_STUDENT_STEPS = {"full": 4000, "scarce": 2000}
+
+
 PROTOCOL_FINETUNE_STEPS = 800
+
+
 PROTOCOL_SEEDS = (0, 1, 2)
+
+
 PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes", "0", "--log-every", "50",
                    "--ckpt-every", "200"]
+
+
 PROTOCOL_FINETUNE = ["--lr", "3e-4", "--no-eval-init"]
+
+
 # Each condition's flags; real crops per step in a batch of 16: 16 for the control, 8 for the rest.
 CONDITIONS = {
     "real": ["--mode", "real"],  # the control (paper code: --onlyReal): real crops fill the whole batch
@@ -2851,11 +3150,15 @@ CONDITIONS = {
     "uniform": ["--mode", "student-teacher", "--teacher-uniform"],  # the identical loop, uniform sampling
     "teacher-fast": ["--mode", "student-teacher", "--teacher-step", "0.1"],  # [ours] a teacher that can move
 }
+
+
 # [ours] The paper's baseline for the teacher, the identical loop with uniform sampling, draws exactly
 # the batches of the synthetic condition (same (seed, step) draws, uniform over every synthetic
 # person; tested, and full/uniform-s0 repeated full/synthetic-s0 bit for bit), so its runs are read
 # from synthetic's instead of being trained again.
 SAME_RUNS = {"uniform": "synthetic"}
+
+
 # claim -> (condition expected better, condition expected worse); claim 3 is the probe's
 CLAIMS = {
     1: ("augmented-mask", "synthetic", "augmented real data beats purely synthetic data"),
@@ -2864,33 +3167,54 @@ CLAIMS = {
     4: ("teacher", "uniform", "the adversarial teacher beats uniform sampling of synthetic data"),
 }
 
+
 # [ours] Round 2 and its rule v2, fixed before any of its runs (README, "Rule v2"); round 1's runs,
 # rule and verdicts stay as they are. Claim 4 is retested with the paper's teacher as its code does
 # it, at 150 teacher updates, against uniform sampling and against a bin picked at random.
 V2_DELTA = {"full": 0.007, "scarce": 0.003}  # smallest effect of interest: ~2.5% of round 1's real-only AP
+
+
 V2_POWER = 0.8  # seeds: the fewest with P(95% half-width < delta) >= 0.8 at round 1's paired sd
+
+
 V2_LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
+
+
 V2_CONDITIONS = {
     "teacher-3000": ["--mode", "student-teacher"],
     "stratified-3000": ["--mode", "student-teacher", "--teacher-stratified"],  # a random large-enough bin
     "synthetic-3000": ["--mode", "synthetic"],  # = the teacher loop with uniform sampling (SAME_RUNS)
 }
+
+
 SAME_RUNS["uniform-3000"] = "synthetic-3000"
+
+
 # claim -> (better, worse, regimes); claims 1 and 2 compare round 1's conditions on more seeds
 CLAIMS_V2 = {
     1: ("augmented-mask", "synthetic", ("full", "scarce")),
     2: ("augmented-mask", "augmented-include", ("full", "scarce")),
     4: ("teacher-3000", "uniform-3000", ("scarce",)),  # the scarce regime had the smallest paired sd
 }
+
+
 V2_SPLIT = {  # claim 4's difference in two parts: what the teacher learns, and what per-bin sampling costs
     "teacher - stratified": ("teacher-3000", "stratified-3000", ("scarce",)),
     "stratified - uniform": ("stratified-3000", "uniform-3000", ("scarce",)),
 }
+
+
 # Round 1's paired sd (claim 4: at 800 steps, the only pilot) -> seeds_for_power; a test recomputes them.
 V2_PILOT_SD = {(1, "full"): 0.00292, (1, "scarce"): 0.00259, (2, "full"): 0.00177, (2, "scarce"): 0.00153,
                (4, "scarce"): 0.00172}
+
+
 V2_SEEDS = {(1, "full"): 4, (1, "scarce"): 7, (2, "full"): 3, (2, "scarce"): 5, (4, "scarce"): 5}
+
+
 PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from their seeds when missing
+
+
 PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
 
 
@@ -3351,10 +3675,14 @@ class ProbeDesign(NamedTuple):
 
 
 PROBE_V1 = ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2))
+
+
 # [ours] Probe v2 (README, "Rule v2"), fixed before it ran: the same number of people in every probed
 # bin (round 1's usefulness ranking tracked the bins' sizes), 5 points over the scarce regime's
 # 3000-step schedule (the teacher runs' own), 6 seeds.
 PROBE_V2 = ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 2, 3, 4, 5), equal_people=True)
+
+
 PROBES = {"v1": PROBE_V1, "v2": PROBE_V2}
 
 
@@ -3785,11 +4113,17 @@ def save_claims_figure(runs: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 GAP_SEED = 7000  # [ours] a seed no split of the demo uses (they take 1000-5000)
+
+
 # [ours] one geometry for every set, the stand-in's (the student's own), so that the sets differ in
 # style alone; the geometry rows render each style at the demo's synthetic geometry instead
 GAP_GEOMETRIES = {name: {k: v for k, v in demo.items() if k != "style"}
                   for name, demo in (("standin", DEMO_STANDIN), ("synthetic", DEMO_SYNTHETIC))}
+
+
 GAP_OTHER = {"synthetic": "standin", "standin": "synthetic"}
+
+
 GAP_RULE = (  # fixed before the first run: how the table is read
     "Every set is rendered with seed 7000 and evaluated by the shipped real-only student. A set's dAP is its AP "
     "minus that of its own style's set as it is, with a paired bootstrap sd over images (200 resamples, the same "
@@ -4216,14 +4550,28 @@ def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10),
 # ----------------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # [ours] what cv2.imread decodes
+
+
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")  # [ours] cv2's ffmpeg reads
+
+
 # [ours] video frames per forward pass: on the 2-core machine the demo network ran about 1.4x faster
 # per image in bf16 with batches of 4 than one by one (and no faster with 8, nor in float32)
 PREDICT_BATCH = 4
+
+
 VIDEO_FALLBACK_FPS = 30.0  # [ours] where a video does not say its frame rate
+
+
 ONNX_OPSET = 17  # [ours] the legacy exporter's well-tested opset; onnxruntime 1.31 runs it
+
+
 ONNX_TOLERANCE = 1e-3  # [ours] largest max abs difference of the maps (heat in [0, 1]) accepted from onnxruntime
+
+
 OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)  # [ours] overview.png: the first 8 images in 176 x 132 (under 300 KB)
+
+
 PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
 
 
@@ -4506,7 +4854,7 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Main
+# The command line
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4580,221 +4928,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     if args.mpii_root and args.skeleton is None:
         values["skeleton"] = "mpii"
     return resolve_init(Config(**values), lr_given=args.lr is not None), args
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg)
-    if world == 1:
-        return 0, 1, device
-    if cfg.batch_size % world:
-        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes: each "
-                         "trains an equal share of every step's batch")
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
-    if not cfg.ckpt:
-        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
-    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
-    if cfg.skeleton != data.val.skeleton.name:
-        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
-                         f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
-    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
-               out / f"eval-{data.name}.json")
-    print_table(stats, benchmark_label(data.name))
-    return stats
-
-
-LOCK_NAME = "run.lock"
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def process_started(pid: int) -> str | None:
-    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
-    one process, so a lock whose pid was reused by another program is told from a live one."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def lock_text() -> str:
-    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()), host=os.uname().nodename))
-
-
-def lock_holder(out: Path) -> int | None:
-    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its process
-    is gone, or its pid now names another process). A lock of another host counts as held. Older
-    locks hold the pid alone."""
-    try:
-        text = (out / LOCK_NAME).read_text().strip()
-    except OSError:
-        return None
-    try:
-        lock = json.loads(text)
-        lock = lock if isinstance(lock, dict) else dict(pid=lock)
-    except ValueError:
-        return None
-    pid = lock.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool):
-        return None
-    if lock.get("host", os.uname().nodename) != os.uname().nodename:
-        return pid
-    started = lock.get("started")
-    if not process_alive(pid) or (started is not None and process_started(pid) not in (started, None)):
-        return None
-    return pid
-
-
-def hold_run_dir(out: Path) -> Path:
-    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
-    host). A folder held by a live process is refused; a lock left by a dead one is stale and taken over."""
-    lock = out / LOCK_NAME
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = lock_holder(out)
-                if holder is not None:
-                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it to finish, "
-                                     "or use another --out") from None
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(lock_text())
-            return lock
-    except OSError as e:
-        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
-    released, loader workers and protocol runs ended."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated
-
-
-PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
-
-
-def watch_parent(every: float = 1.0) -> None:
-    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent is
-    gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
-    import threading
-
-    parent = os.environ.get(PARENT_ENV, "")
-    if not parent.isdigit():
-        return
-
-    def watch():
-        while os.getppid() == int(parent):
-            time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
-
-
-def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int, world: int) -> Trainer:
-    """Everything that can refuse a run happens before the run folder is touched."""
-    ckpt_path = out / "ckpt.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR for a new one")
-    if cfg.resume and not ckpt_path.exists():
-        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    trainer = Trainer(cfg, data, device, out, rank, world)
-    if cfg.resume:
-        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
-        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
-            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
-                             f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")
-    if cfg.steps == 0:
-        print("--steps 0: no training; the starting weights are evaluated (untrained unless --init)")
-    return trainer
-
-
-def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
-    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its checkpoint."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if (r := json.loads(line))["step"] <= step and not r.get("final")]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
-
-
-def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
-    """Final evaluation, metrics, predictions and figures of a finished run."""
-    cfg, device = trainer.cfg, trainer.device
-    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
-    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats,
-                                             final=True))
-    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
-                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
-    if data.val.skeleton is MPII:  # the toolkit's pred struct, so that its Matlab code can score them too
-        write_pred_mat(out / "val_predictions.mat", results)
-        write_pred_json(out / "val_predictions.json", results)
-    else:
-        write_json(results, out / "val_predictions.json")
-    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
-    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
-    if trainer.teacher is not None:
-        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
-    print_table(stats, benchmark_label(data.name))
-    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl") if "eval" in r and r["step"] == 0]
-    if start and trainer.step > 0:
-        print(f"from --init to the end of training: {headline(start[0])} -> {headline(stats)}")
-    print(f"run folder: {out}")
-    return stats
-
-
-def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
-    trainer = start_run(cfg, data, device, out, rank, world)
-    if rank != 0:
-        trainer.fit()
-        return {}
-    lock = hold_run_dir(out)
-    try:
-        if cfg.resume:
-            print(f"resumed {out} at step {trainer.step}")
-        prepare_metrics(out, cfg, trainer.step)
-        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
-                        argv=sys.argv), out / "config.json")
-        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
-            print_table(trainer.evaluate_now(), f"{benchmark_label(data.name)}, before training (--init)")
-        trainer.fit()
-        return finish_run(trainer, data, out)
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4876,7 +5009,6 @@ def run_main(argv: list[str] | None = None) -> int:
         print("repro.py: interrupted; the last checkpoint is kept: rerun with --resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
-
-
 if __name__ == "__main__":
     sys.exit(main())
+
