@@ -90,8 +90,9 @@ MPII_FROM_COCO = {"r_ankle": "right_ankle", "r_knee": "right_knee", "r_hip": "ri
 
 
 @dataclass(frozen=True)
-class Skeleton:
-    """A label set: keypoint names, limbs (1-based) and where each keypoint comes from."""
+class LabelSet:
+    """A label set (--skeleton): keypoint names, limbs (1-based) and where each keypoint comes from
+    (repro.py's Skeleton is the network's side of the same names: parts, limbs, flips)."""
     names: list
     limbs: list
     source: tuple   # per keypoint: index into COCO_KEYPOINT_NAMES + EXTRA_POINTS
@@ -111,9 +112,9 @@ def _mpii_source() -> tuple:
     return tuple(points.index(MPII_FROM_COCO.get(n, n)) for n in MPII_KEYPOINT_NAMES)
 
 
-SKELETONS = {
-    "coco": Skeleton(COCO_KEYPOINT_NAMES, COCO_SKELETON, tuple(range(len(COCO_KEYPOINT_NAMES)))),
-    "mpii": Skeleton(MPII_KEYPOINT_NAMES, MPII_SKELETON, _mpii_source()),
+LABEL_SETS = {
+    "coco": LabelSet(COCO_KEYPOINT_NAMES, COCO_SKELETON, tuple(range(len(COCO_KEYPOINT_NAMES)))),
+    "mpii": LabelSet(MPII_KEYPOINT_NAMES, MPII_SKELETON, _mpii_source()),
 }
 
 CAMERA_DISTANCE = (9.0, 0.1)   # paper code: camera distance N(9.0, 0.1) m
@@ -205,7 +206,7 @@ class RenderConfig:
                                       "DIR/smplh/SMPLH_MALE.pkl, DIR/smplx/SMPLX_NEUTRAL.npz, ...",
                                       _optional_str)
     skeleton: str = _setting("coco", "keypoint labels: coco (17 keypoints) or mpii (16 joints, MPII order)",
-                             choices=tuple(SKELETONS), new=True)
+                             choices=tuple(LABEL_SETS), new=True)
     style_factors: tuple = _setting((), "FACTOR=STYLE: these factors of the style take the other style's value, "
                                     "the rest follow --style (e.g. lighting=standin); factors: "
                                     + ", ".join(STYLE_FACTORS), lambda v: _factor_list(v), new=True,
@@ -1726,7 +1727,7 @@ def build_people(body: BodyModel, shape, world, yaw, extended: bool = False):
 
 def pose_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
     shape, world, yaw, albedo = sample_people(body, rng, n, cfg)
-    verts, kps = build_people(body, shape, world, yaw, SKELETONS[cfg.skeleton].extended)
+    verts, kps = build_people(body, shape, world, yaw, LABEL_SETS[cfg.skeleton].extended)
     return verts, kps, albedo
 
 
@@ -1778,7 +1779,7 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
     bg = styled(cfg, rng, "background", lambda r, s: sample_background(r, s, cfg.image_size, bg_files))
     img, inst, depth, kl = render_people(body, verts, kps, albedo, cam, light, bg)
     with _timed("labels"):
-        kl = SKELETONS[cfg.skeleton].labels(kl)
+        kl = LABEL_SETS[cfg.skeleton].labels(kl)
         u, v, _ = cam.project(verts)
         boxes = np.stack([u.min(1), u.max(1), v.min(1), v.max(1)], 1)
         cu, cv_, _ = cam.project(kps[:, 11:13].mean(1))
@@ -1815,7 +1816,7 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
     f = canvas / (2 * (SENSOR_MM / 2) / FOCAL_MM)
     rngs = [_rng(cfg, i) for i in indices]
     people = [sample_people(body, rng, 1, cfg) for rng in rngs]
-    skeleton = SKELETONS[cfg.skeleton]
+    skeleton = LABEL_SETS[cfg.skeleton]
     verts, kps = build_people(body, *(np.concatenate([p[k] for p in people]) for k in range(3)),
                               extended=skeleton.extended)
     out = []
@@ -1847,21 +1848,31 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
 # ----------------------------------------------------------------------------------------------
 # Writing, chunks, shards, workers
 # ----------------------------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes):
-    """Write through a temp file and a rename: readers see the old file or the whole new one. On
-    any failure (full disk, read-only folder, interrupt) the temp file is removed; an OSError
-    becomes a one-line RenderError."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+@contextlib.contextmanager
+def atomic_path(path: Path, keep_suffix: bool = False, error: type[Exception] = RenderError):
+    """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
+    a killed run or a full disk never leaves half a file (the previous version stays): the one
+    atomic writer of both scripts (repro.py raises its own error class through it). keep_suffix: the
+    temporary name ends like `path` (cv2's video writer picks the container by it)."""
+    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # one name per writer
+    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix else f"{path.name}.{unique}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise RenderError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, (error, RenderError)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise error(f"cannot write {path} ({reason}); the previous version, if any, is kept") from None
         raise
+
+
+def atomic_write(path: Path, data: bytes):
+    """`data` into `path` through atomic_path: readers see the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def _config_json(cfg: RenderConfig) -> dict:
@@ -1953,7 +1964,7 @@ def check_backgrounds(folder: str | None):
 
 def validate(cfg: RenderConfig):
     """Every check that can fail on user input, before anything is written."""
-    for name, allowed in (("kind", KINDS), ("style", STYLES), ("skeleton", tuple(SKELETONS))):
+    for name, allowed in (("kind", KINDS), ("style", STYLES), ("skeleton", tuple(LABEL_SETS))):
         if getattr(cfg, name) not in allowed:
             raise RenderError(f"{name} must be one of {allowed}, not {getattr(cfg, name)!r}")
     if not math.isfinite(cfg.mean_people):
@@ -2034,7 +2045,7 @@ def merge(out: Path, cfg: RenderConfig) -> Path | None:
         d = json.loads(p.read_text())
         images += d["images"]
         anns += d["annotations"]
-    skeleton = SKELETONS[cfg.skeleton]
+    skeleton = LABEL_SETS[cfg.skeleton]
     coco = {"info": {"description": "render_humans.py synthetic people", "config": _config_json(cfg)},
             "licenses": [], "images": images, "annotations": anns,
             "categories": [_category(skeleton.names, skeleton.limbs)]}
@@ -2182,7 +2193,7 @@ def _render_progress(cfg: RenderConfig, mine: list, todo: list, enabled: bool):
 # ----------------------------------------------------------------------------------------------
 # Showing it: keypoint overlays, the grid image, the speed benchmark
 # ----------------------------------------------------------------------------------------------
-LIMBS_BY_COUNT = {len(sk.names): sk.limbs for sk in SKELETONS.values()}  # 17: COCO, 16: MPII
+LIMBS_BY_COUNT = {len(sk.names): sk.limbs for sk in LABEL_SETS.values()}  # 17: COCO, 16: MPII
 
 
 def draw_keypoints(img: np.ndarray, anns: list, scale: float = 1.0) -> np.ndarray:

@@ -2,23 +2,31 @@
 
     python repro.py --mode augmented                 # demo benchmark, rendered on first use
     python repro.py --mode real --coco-root COCO     # real COCO through pycocotools
-    python repro.py --mode eval --ckpt results/RUN/ckpt.pt
+    python repro.py --mode eval --ckpt runs/RUN/ckpt.pt
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. One file, in the order data flows; one training step goes
-  BatchMaker.plan (which crops: real, synthetic or augmented slots, or a teacher's bin)
-  -> crop_person and paste_people (person-centric crops; synthetic people pasted onto real ones)
-  -> make_targets (heatmaps, PAFs and the loss mask M)
-  -> Trainer.train_step (pose_loss: the masked L2 on every stage)
-  -> Teacher.observe / Teacher.decide (reward, soft-label update, next bin).
+Reading map. Part I, the method, is lines 73-2041; Part II, the tooling around it, is lines 2042-5094.
+Part I follows one training step's data (Trainer.fit):
+  BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
+  -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
+  -> make_targets (heatmaps, PAFs, the loss mask M; pasted people in or out of the loss): a Batch
+  -> Trainer.train_step (pose_loss; sample_hardness for the teacher): a StepResult
+  -> Teacher.observe, every teacher_interval steps Teacher.decide (reward, update, next bin);
+then inference and grouping, and the evaluation.
 Where the paper's rules live:
-  pasted people in or out of the loss ... people_in_targets, volumetric_mask, make_targets
-  the image's ignore mask ............... mask_miss
-  the PAF target ........................ paf_targets
-  the teacher's update .................. soft_target, Teacher.decide (its optimiser: SharedAdam)
+  pasted people in or out of the loss ... people_in_targets, volumetric_mask (PASTED_MASK_THRESHOLD)
+  the image's ignore mask ............... ignore_mask
+  the heatmap and PAF targets ........... heatmap_targets, paf_targets
+  the loss and the teacher's hardness ... pose_loss, sample_hardness
+  the teacher's reward and update ....... Teacher.decide, soft_target, Teacher.learn (SharedAdam)
   inference and grouping ................ network_maps, find_peaks, group_people
-  your own images, videos, ONNX ......... run_predict, export_onnx
+  what differs between benchmarks ....... CocoBenchmark, MpiiBenchmark (Skeleton.benchmark)
+Part I uses Part II only through these seams (a test checks the list): load_checkpoint, load_weights,
+save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files); and Part II
+sets MPII.benchmark. Part II: MPII's files and scoring, files and checkpoints, run folders, figures,
+the claims protocol (runs, verdicts, probe, report), the domain gap, the bench, predict and ONNX,
+and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -261,7 +269,9 @@ def mirror(name: str) -> str:
 class Skeleton:
     """A dataset's joints (the json's keypoint order), the network's parts (heatmap channels, the
     background follows) and limbs (PAF channels, x and y each), and the maps between them. Every
-    step that depends on the parts reads this table; nothing else names a part."""
+    step that depends on the parts reads this table; nothing else names a part. Its `benchmark`
+    (CocoBenchmark, MpiiBenchmark: set where each is defined) is what differs in the evaluation."""
+    benchmark: CocoBenchmark
 
     def __init__(self, name: str, num_joints: int, parts: dict[str, tuple[int, int]],
                  limbs: list[tuple[str, str]], min_centre_keypoints: int, never_start: int = 0):
@@ -449,8 +459,8 @@ def keypoint_box(kp: np.ndarray) -> list[float]:
     return [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])]
 
 
-def mask_miss(rec: ImageRecord) -> np.ndarray:
-    """The image's ignore mask, named as in OpenPose: uint8 (H, W), 0 in crowd regions and on people
+def ignore_mask(rec: ImageRecord) -> np.ndarray:
+    """The image's ignore mask (OpenPose: mask_miss): uint8 (H, W), 0 in crowd regions and on people
     without keypoints (their loss is switched off), 255 elsewhere."""
     from pycocotools import mask as mask_utils
 
@@ -543,7 +553,7 @@ def load_data(cfg: Config) -> Data:
     if not real or (needs_synthetic and not (cfg.synthetic_json and cfg.bank_json)):
         demo = build_demo(cfg)
     if cfg.mpii_root:
-        train, val = load_mpii(Path(cfg.mpii_root))
+        train, val = sk.benchmark.load_root(Path(cfg.mpii_root))
         name = "mpii"
     elif real:
         needed = ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ())
@@ -551,9 +561,7 @@ def load_data(cfg: Config) -> Data:
             if not paths[flag]:
                 raise ReproError(f"--{flag.replace('_', '-')} is missing (or give --coco-root)")
         train = load_keypoint_set(paths["train_json"], paths["train_images"], sk) if cfg.mode != "eval" else None
-        val = (load_mpii_annolist(Path(paths["val_json"]), Path(paths["val_images"]))
-               if sk is MPII and paths["val_json"].endswith(".mat") else
-               load_keypoint_set(paths["val_json"], paths["val_images"], sk))
+        val = sk.benchmark.load_val(paths["val_json"], paths["val_images"], sk)
         name = "coco" if cfg.coco_root else Path(paths["val_json"]).stem
     else:
         train = load_keypoint_set(demo["train"], demo["train"].parent / "images", sk)
@@ -580,7 +588,7 @@ class Sample:
     image: np.ndarray  # (S, S, 3) uint8 BGR crop
     keypoints: np.ndarray  # (P, 18, 3) the image's own people, crop pixels
     pasted: np.ndarray  # (Q, 18, 3) pasted synthetic people: make_targets decides their loss
-    mask_miss: np.ndarray  # (S, S) uint8 ignore mask: 0 where the loss is off, 255 elsewhere
+    ignore: np.ndarray  # (S, S) uint8 the crop's ignore mask: 0 where the loss is off, 255 elsewhere
 
 
 def crop_affine(centre: np.ndarray, person_height: float, cfg: Config, rng: np.random.Generator | None):
@@ -608,19 +616,20 @@ def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray, flip_parts: n
     return out[..., flip_parts, :] if flip_parts is not None else out
 
 
-def crop_person(image: np.ndarray, miss: np.ndarray | None, rec: ImageRecord, person: int,
+def crop_person(image: np.ndarray, ignore: np.ndarray | None, rec: ImageRecord, person: int,
                 cfg: Config, rng: np.random.Generator | None) -> Sample:
     box = rec.boxes[person]
     centre = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
     affine, flip = crop_affine(centre, box[3], cfg, rng)
     size = (cfg.input_size, cfg.input_size)
     crop = cv2.warpAffine(image, affine, size, flags=cv2.INTER_LINEAR, borderValue=(128, 128, 128))
-    # Padding counts as background (OpenPose warps mask_miss with border 255).
-    crop_miss = (np.full(size, 255, np.uint8) if miss is None else
-                 cv2.warpAffine(miss, affine, size, flags=cv2.INTER_NEAREST, borderValue=255))
+    # Padding counts as background (OpenPose warps its ignore mask with border 255).
+    crop_ignore = (np.full(size, 255, np.uint8) if ignore is None else
+                   cv2.warpAffine(ignore, affine, size, flags=cv2.INTER_NEAREST, borderValue=255))
     sk = skeleton(cfg)
     no_one = np.zeros((0, sk.num_parts, 3), np.float32)
-    return Sample(crop, transform_keypoints(rec.keypoints, affine, sk.flip_parts if flip else None), no_one, crop_miss)
+    keypoints = transform_keypoints(rec.keypoints, affine, sk.flip_parts if flip else None)
+    return Sample(crop, keypoints, no_one, crop_ignore)
 
 
 def covered(keypoints: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -678,7 +687,7 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
         pasted.append(transform_keypoints(kp[None], affine, bank.skeleton.flip_parts if flip else None)[0])
     pasted = np.array(pasted, np.float32).reshape(-1, keypoints.shape[1], 3)
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
-    return Sample(image, keypoints, pasted, sample.mask_miss)
+    return Sample(image, keypoints, pasted, sample.ignore)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,29 +818,27 @@ def volumetric_mask(pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
                       heat.amax(1, keepdim=True) <= PASTED_MASK_THRESHOLD], 1)
 
 
-def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, mask_miss: torch.Tensor, cfg: Config):
-    """Targets (B, PAF + heat, H, W) in network output order (COCO: 38 PAF, 19 heat) and the loss
-    mask M.
+class Targets(NamedTuple):
+    people: torch.Tensor  # (B, P', K, 3) the people whose targets are drawn (people_in_targets)
+    target: torch.Tensor  # (B, PAF + heat, h, w) in network output order (COCO: 38 PAF, 19 heat)
+    loss_mask: torch.Tensor  # (B, PAF + heat, h, w) the loss mask M
 
-    mask_miss: (B, S, S) uint8 ignore masks of the crops; pasted: (B, Q, K, 3) pasted people,
-    in or out of the loss by --synthetic-loss."""
+
+def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Tensor, cfg: Config) -> Targets:
+    """Targets and the loss mask M of a batch of crops, with the pasted people in or out of the
+    loss by --synthetic-loss (decided here, once per batch).
+
+    keypoints: (B, P, K, 3) the crops' own people; pasted: (B, Q, K, 3); ignore: (B, S, S) uint8
+    ignore masks of the crops."""
     size, stride, sk = cfg.input_size, cfg.stride, skeleton(cfg)
     people = people_in_targets(keypoints, pasted, cfg)
     target = torch.cat([paf_targets(people, size, stride, cfg.paf_width, sk.limbs),
                         heatmap_targets(people, size, stride, cfg.sigma)], 1)
-    mask = F.adaptive_avg_pool2d(mask_miss[:, None].float() / 255, size // stride)  # area-downsampled
+    mask = F.adaptive_avg_pool2d(ignore[:, None].float() / 255, size // stride)  # area-downsampled
     mask = mask.expand(-1, sk.num_paf + sk.num_heat, -1, -1).contiguous()  # a loader pins it for CUDA: no aliasing
     if cfg.synthetic_loss == "mask" and pasted.shape[1]:
         mask = mask * volumetric_mask(pasted, cfg)
-    return target, mask
-
-
-def supervised_joints(keypoints: torch.Tensor, size: int, sk: Skeleton) -> torch.Tensor:
-    """(B,) labelled joints inside the crop (derived parts such as the neck not counted):
-    normalises a sample's loss for the teacher (paper code)."""
-    xy, v = keypoints[..., sk.joint_parts, :2], keypoints[..., sk.joint_parts, 2]
-    inside = (xy >= 0).all(-1) & (xy <= size - 1).all(-1) & (v > 0)
-    return inside.flatten(1).sum(1).clamp(min=1)
+    return Targets(people, target, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -871,13 +878,26 @@ def step_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, step, rank])
 
 
-class BatchMaker:
-    """Turns a step's specs into a batch: the crops, and the targets and loss mask made from them.
+@dataclass
+class Batch:
+    """One step's crops with their targets, made in a loader worker (targets cost the training
+    process nothing). The people are crop pixels, padded with unlabelled rows (v = 0)."""
+    image: np.ndarray  # (B, S, S, 3) uint8 BGR crops
+    source: list[str]  # (B,) REAL, SYNTHETIC or AUGMENTED
+    keypoints: np.ndarray  # (B, P, K, 3) float32 the crops' own people
+    pasted: np.ndarray  # (B, Q, K, 3) float32 pasted synthetic people
+    ignore: np.ndarray  # (B, S, S) uint8 the crops' ignore masks
+    people: torch.Tensor  # (B, P', K, 3) the people whose targets are drawn (Targets.people)
+    target: torch.Tensor  # (B, PAF + heat, h, w) float32
+    loss_mask: torch.Tensor  # (B, PAF + heat, h, w) float32, M
 
-    A batch is a dict: image (B, S, S, 3) uint8, keypoints (B, P, 18, 3) and pasted (B, Q, 18, 3)
-    float32, mask_miss (B, S, S) uint8, source (B,) str, target (B, 57, h, w) and loss_mask
-    (B, 57, h, w) float32 CPU tensors. It is made in a loader worker, so targets cost the training
-    process nothing."""
+    def pin_memory(self) -> Batch:  # the DataLoader's pin_memory=True calls this (CUDA)
+        return dataclasses.replace(self, people=self.people.pin_memory(), target=self.target.pin_memory(),
+                                   loss_mask=self.loss_mask.pin_memory())
+
+
+class BatchMaker:
+    """Turns a step's specs into a Batch: the crops, and the targets and loss mask made from them."""
 
     def __init__(self, data: Data, cfg: Config):
         self.data, self.cfg = data, cfg
@@ -893,14 +913,14 @@ class BatchMaker:
                                  "labelled keypoints to centre a crop on")
 
     @functools.cache
-    def mask_miss(self, source: str, index: int) -> np.ndarray | None:
+    def ignore_mask(self, source: str, index: int) -> np.ndarray | None:
         rec = self.sets[source].records[index]
-        return mask_miss(rec) if rec.ignore_rles else None
+        return ignore_mask(rec) if rec.ignore_rles else None
 
     def sample(self, spec: Spec, rng: np.random.Generator | None) -> Sample:
         kset = self.sets[spec.source]
-        miss = self.mask_miss(REAL if spec.source == AUGMENTED else spec.source, spec.index)
-        s = crop_person(kset.image(spec.index), miss, kset.records[spec.index], spec.person, self.cfg, rng)
+        ignore = self.ignore_mask(REAL if spec.source == AUGMENTED else spec.source, spec.index)
+        s = crop_person(kset.image(spec.index), ignore, kset.records[spec.index], spec.person, self.cfg, rng)
         if spec.source == AUGMENTED:
             s = paste_people(s, self.data.bank, self.cfg, rng, spec.near)
         return s
@@ -918,11 +938,11 @@ class BatchMaker:
             specs += [Spec(source, int(i), int(p), near if source != REAL else None) for i, p in picks]
         return specs
 
-    def batch(self, specs: list[Spec], rng: np.random.Generator | None) -> dict:
-        batch = collate([self.sample(spec, rng) for spec in specs])
-        keypoints, pasted = torch.as_tensor(batch["keypoints"]), torch.as_tensor(batch["pasted"])
-        target, loss_mask = make_targets(keypoints, pasted, torch.as_tensor(batch["mask_miss"]), self.cfg)
-        return batch | dict(source=[s.source for s in specs], target=target, loss_mask=loss_mask)
+    def batch(self, specs: list[Spec], rng: np.random.Generator | None) -> Batch:
+        image, keypoints, pasted, ignore = collate([self.sample(spec, rng) for spec in specs])
+        people, target, loss_mask = make_targets(torch.as_tensor(keypoints), torch.as_tensor(pasted),
+                                                 torch.as_tensor(ignore), self.cfg)
+        return Batch(image, [s.source for s in specs], keypoints, pasted, ignore, people, target, loss_mask)
 
 
 def rank_share(maker: BatchMaker, batch_size: int, seed: int, step: int, rank: int = 0,
@@ -937,7 +957,8 @@ def rank_share(maker: BatchMaker, batch_size: int, seed: int, step: int, rank: i
     return specs, rng if rank == 0 else step_rng(seed, step, rank)
 
 
-def collate(samples: list[Sample]) -> dict:
+def collate(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Samples -> (image, keypoints, pasted, ignore) stacked, people padded with unlabelled rows."""
     def pad(arrays):
         n = max(1, max(len(a) for a in arrays))
         out = np.zeros((len(arrays), n) + arrays[0].shape[1:], np.float32)
@@ -945,8 +966,8 @@ def collate(samples: list[Sample]) -> dict:
             out[i, :len(a)] = a
         return out if any(len(a) for a in arrays) else out[:, :0]
 
-    return dict(image=np.stack([s.image for s in samples]), keypoints=pad([s.keypoints for s in samples]),
-                pasted=pad([s.pasted for s in samples]), mask_miss=np.stack([s.mask_miss for s in samples]))
+    return (np.stack([s.image for s in samples]), pad([s.keypoints for s in samples]),
+            pad([s.pasted for s in samples]), np.stack([s.ignore for s in samples]))
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -1075,10 +1096,33 @@ def to_input(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
 def pose_loss(outputs: list[torch.Tensor], target: torch.Tensor, mask: torch.Tensor):
     """paper code: sum over stages of 0.5 * sum(M * (pred - gt)^2) / batch.
 
-    Also returns each sample's last-stage loss (the teacher's hardness, before normalising)."""
+    Also returns each sample's last-stage loss (the teacher's hardness before sample_hardness
+    normalises it)."""
     batch = target.shape[0]
     stage_losses = [0.5 * (mask * (o.float() - target) ** 2).flatten(1).sum(1) for o in outputs]
     return sum(s.sum() for s in stage_losses) / batch, stage_losses[-1].detach()
+
+
+def supervised_joints(keypoints: torch.Tensor, size: int, sk: Skeleton) -> torch.Tensor:
+    """(B,) labelled joints inside the crop (derived parts such as the neck not counted):
+    normalises a sample's loss for the teacher (paper code)."""
+    xy, v = keypoints[..., sk.joint_parts, :2], keypoints[..., sk.joint_parts, 2]
+    inside = (xy >= 0).all(-1) & (xy <= size - 1).all(-1) & (v > 0)
+    return inside.flatten(1).sum(1).clamp(min=1)
+
+
+def sample_hardness(last_stage: torch.Tensor, people: torch.Tensor, size: int, sk: Skeleton) -> np.ndarray:
+    """(B,) what the teacher reads of each sample: its last-stage loss per supervised joint (paper code)."""
+    return (last_stage / supervised_joints(people, size, sk)).cpu().numpy()
+
+
+class StepResult(NamedTuple):
+    """What one optimiser step reports: to the metric lines (LogWindow) and to the teacher."""
+    loss: float  # the step's loss (pose_loss)
+    hardness: np.ndarray  # (B,) sample_hardness of each crop
+    hits: int  # peak_hits of the last stage
+    labelled: int
+    images: int
 
 
 def peak_hits(heat: torch.Tensor, keypoints: torch.Tensor, stride: int, radius: int = 1,
@@ -1249,6 +1293,7 @@ class Teacher:
     def __init__(self, cfg: Config, maker: BatchMaker, device: torch.device):
         self.cfg, self.device, self.bins, self.min_bin = cfg, device, cfg.bins, cfg.teacher_min_bin
         self.learns = not (cfg.teacher_uniform or cfg.teacher_stratified)
+        self.explore = TEACHER_EXPLORE  # the share of picks made uniformly at random
         self.pools, self.low, self.width = teacher_bins(cfg, maker)
         self.all = maker.centres[other_source(cfg)]
         self.net = teacher_net(cfg.teacher_arch, cfg.bins, cfg.input_size).to(device)
@@ -1288,13 +1333,13 @@ class Teacher:
         return self.pools[self.picked], None
 
     # -- after every student step ----------------------------------------------------------
-    def observe(self, step: int, batch: dict, result: dict, lr: float) -> None:
+    def observe(self, step: int, batch: Batch, result: StepResult, lr: float) -> None:
         """After student step `step` at learning rate `lr`: the window's synthetic loss and hard crops."""
-        real = np.array([s == REAL for s in batch["source"]])
-        per_sample = result["per_sample"]
-        self.window.append(float(per_sample[~real].mean()))
-        scores = np.concatenate([self.hard_scores, per_sample[real]])
-        images = np.concatenate([self.hard_images, np.asarray(batch["image"])[real]])
+        real = np.array([s == REAL for s in batch.source])
+        hardness = result.hardness
+        self.window.append(float(hardness[~real].mean()))
+        scores = np.concatenate([self.hard_scores, hardness[real]])
+        images = np.concatenate([self.hard_images, np.asarray(batch.image)[real]])
         keep = np.argsort(-scores, kind="stable")[:TEACHER_HARD_CROPS]
         self.hard_scores, self.hard_images = scores[keep], images[keep]
         if (step + 1) % self.cfg.teacher_interval == 0:
@@ -1319,7 +1364,7 @@ class Teacher:
             return F.softmax(self.logits(images)[0].float(), 0).cpu().numpy().astype(np.float64)
 
     def choose(self) -> tuple[int, bool]:
-        if self.rng.random() < TEACHER_EXPLORE:
+        if self.rng.random() < self.explore:
             return int(self.rng.integers(self.bins)), True
         p = self.probs / self.probs.sum()
         return int(self.rng.choice(self.bins, p=p)), False
@@ -1491,25 +1536,21 @@ class Trainer:
             self.teacher.restore(ckpt["teacher"])
 
     # -- one step ----------------------------------------------------------------------------
-    def train_step(self, batch: dict, lr: float) -> dict:
+    def train_step(self, batch: Batch, lr: float) -> StepResult:
         """One optimiser step on a batch from BatchMaker.batch."""
-        cfg, device = self.cfg, self.device
+        cfg, device, sk = self.cfg, self.device, skeleton(self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        people = people_in_targets(torch.as_tensor(batch["keypoints"]), torch.as_tensor(batch["pasted"]), cfg)
-        people = people.to(device)
-        target, mask = batch["target"].to(device), batch["loss_mask"].to(device)
+        people = batch.people.to(device)
         with autocast(device, cfg):
-            outputs = self.net(to_input(batch["image"], device))
-        loss, per_sample = pose_loss(outputs, target, mask)
+            outputs = self.net(to_input(batch.image, device))
+        loss, last_stage = pose_loss(outputs, batch.target.to(device), batch.loss_mask.to(device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        sk = skeleton(cfg)
         hits, labelled = peak_hits(outputs[-1][:, sk.num_paf:].detach(), people, cfg.stride)
-        joints = supervised_joints(people, cfg.input_size, sk)
-        return dict(loss=float(loss.detach()), per_sample=(per_sample / joints).cpu().numpy(), hits=hits,
-                    labelled=labelled, images=len(batch["image"]))
+        return StepResult(float(loss.detach()), sample_hardness(last_stage, people, cfg.input_size, sk), hits,
+                          labelled, len(batch.image))
 
     def batches(self):
         """Yields (step, batch). Prefetching workers, except when a teacher picks each window's bin."""
@@ -1601,9 +1642,9 @@ class LogWindow:
     labelled: int = 0
     images: int = 0
 
-    def add(self, r: dict) -> None:
-        self.loss, self.n, self.images = self.loss + r["loss"], self.n + 1, self.images + r["images"]
-        self.hits, self.labelled = self.hits + r["hits"], self.labelled + r["labelled"]
+    def add(self, r: StepResult) -> None:
+        self.loss, self.n, self.images = self.loss + r.loss, self.n + 1, self.images + r.images
+        self.hits, self.labelled = self.hits + r.hits, self.labelled + r.labelled
 
     def line(self, step: int, seconds: float, lr: float) -> dict:
         return dict(step=step, minutes=round(seconds / 60, 3), lr=lr, loss=self.loss / max(self.n, 1),
@@ -1935,19 +1976,10 @@ def occlusion_subset(gt, lo: float, hi: float):
     return subset
 
 
-def eval_base(rec: ImageRecord, cfg: Config, sk: Skeleton) -> float | None:
-    """The inference base scale (resized / original) of an MPII group; None: --eval-height's."""
-    if sk is MPII and len(rec.boxes):
-        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a 368 input;
-        # [ours] times input_size / 368, so that people come out as tall as in the training crops
-        return MPII_BASE / float(np.mean(rec.boxes[:, 3] / 200)) * cfg.input_size / 368
-    return None
-
-
 def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_images: int = 0,
              progress: bool = True) -> tuple[dict[str, float], list]:
-    """COCO keypoint AP or MPII multi-person mAP (by the set's skeleton) on whole images, plus the
-    peak-hit rate at the base scale. Also returns the predictions: COCO results, or MPII groups."""
+    """The set's benchmark (its skeleton's: COCO keypoint AP, or MPII multi-person mAP) on whole
+    images, plus the peak-hit rate at the base scale. Also returns the benchmark's predictions."""
     sk = kset.skeleton
     model.eval()
     n = len(kset.records) if max_images <= 0 else min(max_images, len(kset.records))
@@ -1955,7 +1987,7 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
     bar = rh.progress(total=n, unit="img", desc="evaluating", enabled=progress, stream=sys.stdout)
     for i in range(n):
         rec = kset.records[i]
-        maps, base = network_maps(model, kset.image(i), cfg, device, eval_base(rec, cfg, sk))
+        maps, base = network_maps(model, kset.image(i), cfg, device, sk.benchmark.base_scale(rec, cfg))
         people.append(decode_maps(maps, base, sk))
         kp = torch.as_tensor(rec.keypoints).clone()
         kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
@@ -1963,18 +1995,48 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
         hits, labelled = hits + h, labelled + m
         bar.update()
     bar.close()
-    if sk is MPII:
-        truth = (kset.groups or groups_of_records(kset))[:n]
-        predictions = [predicted_group(g, found) for g, found in zip(truth, people)]
-        result = evaluate_mpii(truth, predictions)
-        stats = dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"})
-    else:
-        predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
-        stats = coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True)
+    stats, predictions = sk.benchmark.score(kset, people)
     stats["peak_hit"] = hits / max(labelled, 1)
     stats["images"] = n
     model.train()
     return stats, predictions
+
+
+class CocoBenchmark:
+    """What differs between benchmarks, as COCO has it. Each skeleton carries its benchmark
+    (Skeleton.benchmark; MPII's is in Part II and answers the same calls), so the shared path never
+    asks which one it is."""
+
+    def load_val(self, json_path: str | Path, images: str | Path, sk: Skeleton) -> KeypointSet:
+        return load_keypoint_set(json_path, images, sk)
+
+    def load_root(self, root: Path) -> tuple[KeypointSet, KeypointSet]:
+        raise ReproError("--mpii-root needs --skeleton mpii")
+
+    def base_scale(self, rec: ImageRecord, cfg: Config) -> float | None:
+        """The inference base scale (resized / original) of a val record; None: --eval-height's."""
+        return None
+
+    def score(self, kset: KeypointSet, people: list[list[tuple[np.ndarray, float]]]) -> tuple[dict, list]:
+        """(stats, predictions) of the people decoded from the first len(people) records."""
+        n = len(people)
+        predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
+        return coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True), predictions
+
+    def write_predictions(self, out: Path, predictions: list) -> None:
+        """A run's val predictions, beside its metrics."""
+        write_json(predictions, out / "val_predictions.json")
+
+    def image_predictions(self, name: str, people: list[tuple[np.ndarray, float]]) -> list:
+        """--mode predict: what the benchmark's own format keeps of one image's people (COCO: its
+        results json is written for every skeleton, nothing more)."""
+        return []
+
+    def write_image_predictions(self, out: Path, predictions: list) -> list[str]:
+        return []
+
+
+COCO.benchmark = CocoBenchmark()
 
 
 # ==============================================================================================
@@ -2248,6 +2310,34 @@ def _multi_person_groups(annotated: np.ndarray, singles: np.ndarray, groups: lis
     return [r[(r >= 0) & (r < len(annotated))] for r in rect_sets]
 
 
+def _release_arrays(mat_path: Path) -> tuple[list, np.ndarray, list]:
+    """RELEASE's annolist, img_train flags and single_person lists, checked to match."""
+    data = _loadmat(mat_path)
+    rel = data.get("RELEASE")
+    if rel is None or _field(rel, "annolist") is None:
+        keys = ", ".join(k for k in data if not k.startswith("__")) or "nothing"
+        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the official "
+                         "mpii_human_pose_v1_u12_1.mat")
+    annolist = _items(rel.annolist)
+    train_flag = np.atleast_1d(np.asarray(_field(rel, "img_train"), np.float64)).astype(np.int64)
+    single = _items(_field(rel, "single_person"))
+    if not len(annolist) == len(train_flag) == len(single):
+        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, {len(train_flag)} img_train flags "
+                         f"and {len(single)} single_person entries; they must match")
+    return annolist, train_flag, single
+
+
+def _release_groups(groups_mat: Path, images: int) -> list:
+    """The toolkit's groups_v12.mat: per RELEASE image, its groups of people."""
+    gdata = _loadmat(groups_mat)
+    if "groups" not in gdata:
+        raise ReproError(f"{groups_mat} has no variable 'groups' (expected the toolkit's groups_v12.mat)")
+    groups_of = _items(gdata["groups"])
+    if len(groups_of) != images:
+        raise ReproError(f"{groups_mat}: {len(groups_of)} entries for {images} RELEASE images")
+    return groups_of
+
+
 def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
                  val_images: list[str] | None = None, groups_mat: str | Path | None = None
                  ) -> tuple[list[Group], list[Group]]:
@@ -2261,26 +2351,8 @@ def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
     val_images (e.g. read_image_list of a published split) or, by default, the multi-person
     training images with crc32(name) % 10 == 0 ([ours]); a held-out image gives nothing to train."""
     mat_path = Path(mat_path)
-    data = _loadmat(mat_path)
-    rel = data.get("RELEASE")
-    if rel is None or _field(rel, "annolist") is None:
-        keys = ", ".join(k for k in data if not k.startswith("__")) or "nothing"
-        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the official "
-                         "mpii_human_pose_v1_u12_1.mat")
-    annolist = _items(rel.annolist)
-    train_flag = np.atleast_1d(np.asarray(_field(rel, "img_train"), np.float64)).astype(np.int64)
-    single = _items(_field(rel, "single_person"))
-    if not len(annolist) == len(train_flag) == len(single):
-        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, {len(train_flag)} img_train flags "
-                         f"and {len(single)} single_person entries; they must match")
-    groups_of = None
-    if groups_mat is not None:
-        gdata = _loadmat(Path(groups_mat))
-        if "groups" not in gdata:
-            raise ReproError(f"{groups_mat} has no variable 'groups' (expected the toolkit's groups_v12.mat)")
-        groups_of = _items(gdata["groups"])
-        if len(groups_of) != len(annolist):
-            raise ReproError(f"{groups_mat}: {len(groups_of)} entries for {len(annolist)} RELEASE images")
+    annolist, train_flag, single = _release_arrays(mat_path)
+    groups_of = None if groups_mat is None else _release_groups(Path(groups_mat), len(annolist))
     wanted = None if val_images is None else set(val_images)
     train, val, found = [], [], set()
     for i, e in enumerate(annolist):
@@ -2600,26 +2672,51 @@ def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Gro
                  np.full((n, 2), np.nan, np.float32), scores)
 
 
+class MpiiBenchmark(CocoBenchmark):
+    """MPII multi-person: the official RELEASE and annotation lists, the toolkit's AP, its pred files."""
+
+    def load_val(self, json_path: str | Path, images: str | Path, sk: Skeleton) -> KeypointSet:
+        if str(json_path).endswith(".mat"):
+            return load_mpii_annolist(Path(json_path), Path(images))
+        return load_keypoint_set(json_path, images, sk)
+
+    def load_root(self, root: Path) -> tuple[KeypointSet, KeypointSet]:
+        return load_mpii(root)
+
+    def base_scale(self, rec: ImageRecord, cfg: Config) -> float | None:
+        if not len(rec.boxes):
+            return None
+        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a 368 input;
+        # [ours] times input_size / 368, so that people come out as tall as in the training crops
+        return MPII_BASE / float(np.mean(rec.boxes[:, 3] / 200)) * cfg.input_size / 368
+
+    def score(self, kset: KeypointSet, people: list[list[tuple[np.ndarray, float]]]) -> tuple[dict, list]:
+        truth = (kset.groups or groups_of_records(kset))[:len(people)]
+        predictions = [predicted_group(g, found) for g, found in zip(truth, people)]
+        result = evaluate_mpii(truth, predictions)
+        return dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"}), predictions
+
+    def write_predictions(self, out: Path, predictions: list) -> None:
+        write_pred_mat(out / "val_predictions.mat", predictions)  # the toolkit's Matlab code scores these too
+        write_pred_json(out / "val_predictions.json", predictions)
+
+    def image_predictions(self, name: str, people: list[tuple[np.ndarray, float]]) -> list:
+        return [predicted_group(empty_group(name), people)]
+
+    def write_image_predictions(self, out: Path, predictions: list) -> list[str]:
+        write_pred_mat(out / "predictions.mat", predictions)
+        return ["predictions.mat"]
+
+
+MPII.benchmark = MpiiBenchmark()
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes, checkpoints, the shipped student
 # ----------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_path(path: Path, keep_suffix: bool = False):
-    """Yields a temporary path to write; renamed onto `path` on success, removed on any failure, so
-    a killed run or a full disk never leaves half a file (the previous version stays). keep_suffix:
-    the temporary name ends like `path` (cv2's video writer picks the container by it)."""
-    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # one name per writer
-    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix else f"{path.name}.{unique}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, ReproError):
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise ReproError(f"cannot write {path} ({reason}); the previous version, if any, is kept") from None
-        raise
+# the renderer's atomic writer (a temporary file renamed into place), failing as one ReproError line
+atomic_path = functools.partial(rh.atomic_path, error=ReproError)
 
 
 def tensor_bytes(obj) -> int:
@@ -2965,11 +3062,7 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
                                              final=True))
     write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
                     train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
-    if data.val.skeleton is MPII:  # the toolkit's pred struct, so that its Matlab code can score them too
-        write_pred_mat(out / "val_predictions.mat", results)
-        write_pred_json(out / "val_predictions.json", results)
-    else:
-        write_json(results, out / "val_predictions.json")
+    data.val.skeleton.benchmark.write_predictions(out, results)
     save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
     save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
     if trainer.teacher is not None:
@@ -3022,7 +3115,7 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
     tiles = []
     for i in range(min(n, len(kset.records))):
         image = kset.image(i)
-        maps, base = network_maps(model, image, cfg, device, eval_base(kset.records[i], cfg, kset.skeleton))
+        maps, base = network_maps(model, image, cfg, device, kset.skeleton.benchmark.base_scale(kset.records[i], cfg))
         people = [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
                   for kp, _ in decode_maps(maps, base, kset.skeleton)]
         tile = rh.draw_keypoints(image, people)
@@ -3686,7 +3779,7 @@ PROBE_V2 = ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 
 PROBES = {"v1": PROBE_V1, "v2": PROBE_V2}
 
 
-def fixed_val_batch(data: Data, cfg: Config, crops: int) -> dict:
+def fixed_val_batch(data: Data, cfg: Config, crops: int) -> Batch:
     """`crops` person-centric crops of the val set, without augmentation: the probe's yardstick."""
     maker = BatchMaker(dataclasses.replace(data, train=data.val, synthetic=None, bank=None),
                        dataclasses.replace(cfg, mode="real"))
@@ -3694,11 +3787,11 @@ def fixed_val_batch(data: Data, cfg: Config, crops: int) -> dict:
 
 
 @torch.no_grad()
-def val_loss(model: nn.Module, batch: dict, cfg: Config, device) -> float:
+def val_loss(model: nn.Module, batch: Batch, cfg: Config, device) -> float:
     model.eval()
     with autocast(device, cfg):
-        outputs = model(to_input(batch["image"], device))
-    loss, _ = pose_loss(outputs, batch["target"].to(device), batch["loss_mask"].to(device))
+        outputs = model(to_input(batch.image, device))
+    loss, _ = pose_loss(outputs, batch.target.to(device), batch.loss_mask.to(device))
     model.train()
     return float(loss)
 
@@ -4310,12 +4403,10 @@ def bench_pipeline(cfg: Config, maker: BatchMaker) -> dict:
     workers (N: the cores this process may use)."""
     rng = np.random.default_rng(0)
     specs = maker.plan(cfg.batch_size, rng)
-    crops = collate([maker.sample(spec, rng) for spec in specs])
-    tensors = {k: torch.as_tensor(crops[k]) for k in ("keypoints", "pasted", "mask_miss")}
+    _, keypoints, pasted, ignore = map(torch.as_tensor, collate([maker.sample(spec, rng) for spec in specs]))
     with one_thread():  # a loader worker's share of the machine
         crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
-        target_s = seconds_per_call(lambda: make_targets(tensors["keypoints"], tensors["pasted"],
-                                                         tensors["mask_miss"], cfg), 10, warmup=1)
+        target_s = seconds_per_call(lambda: make_targets(keypoints, pasted, ignore, cfg), 10, warmup=1)
     figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
                    target_ms_per_sample=target_s / cfg.batch_size * 1e3)
     for workers in range(1, len(os.sched_getaffinity(0)) + 1):
@@ -4379,18 +4470,18 @@ def bf16_peak_tflops(device: torch.device) -> tuple[str, float | None]:
     return name, next((peak for part, peak in GPU_BF16_PEAK_TFLOPS if part in name), None)
 
 
-def train_flops_per_image(trainer: Trainer, batch: dict) -> float:
+def train_flops_per_image(trainer: Trainer, batch: Batch) -> float:
     """Model FLOPs of one training step (forward + backward), per image, as FlopCounterMode counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg, device = trainer.cfg, trainer.device
     with FlopCounterMode(display=False) as counter:
         with autocast(device, cfg):
-            outputs = trainer.model(to_input(batch["image"], device))
-        loss, _ = pose_loss(outputs, batch["target"].to(device), batch["loss_mask"].to(device))
+            outputs = trainer.model(to_input(batch.image, device))
+        loss, _ = pose_loss(outputs, batch.target.to(device), batch.loss_mask.to(device))
         loss.backward()
     trainer.model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch["image"])
+    return counter.get_total_flops() / len(batch.image)
 
 
 def data_argv(cfg: Config) -> list[str]:
@@ -4448,7 +4539,7 @@ def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -
     report |= dict(eager_img_s_end_to_end=streamed, loader_workers=cores,
                    pipeline_ratio=streamed / report["eager_img_s_premade"])
     teacher = Teacher(dataclasses.replace(cfg, mode="student-teacher"), trainer.maker, device)
-    hard = np.resize(fixed["image"], (TEACHER_HARD_CROPS,) + fixed["image"].shape[1:])  # a window's hard crops
+    hard = np.resize(fixed.image, (TEACHER_HARD_CROPS,) + fixed.image.shape[1:])  # a window's hard crops
     target = np.full(teacher.bins, 1 / teacher.bins)
     report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target, hard, cfg.lr, 0),
                                                            teacher.output(hard)), 5, warmup=1)
@@ -4505,7 +4596,7 @@ def bench_people(data: Data, cfg: Config, per_sample: int, samples: int, rng: np
     maker = BatchMaker(data, dataclasses.replace(cfg, mode="real"))
     pool = []
     while len(pool) < 4 * samples * per_sample:
-        for kp in collate([maker.sample(spec, rng) for spec in maker.plan(16, rng)])["keypoints"]:
+        for kp in collate([maker.sample(spec, rng) for spec in maker.plan(16, rng)])[1]:
             pool += [person for person in kp if (person[:, 2] > 0).any()]
     pool = np.stack(pool)
     return torch.as_tensor(pool[rng.choice(len(pool), (samples, per_sample), replace=False)])
@@ -4694,7 +4785,7 @@ def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
             maps, base = network_maps(model, image, cfg, device)  # the base scale as evaluation's
             people = decode_maps(maps, base, sk)
             results += [r | dict(file_name=path.name) for r in coco_results(image_id, people, scores=True)]
-            groups += [predicted_group(empty_group(path.name), people)] if sk is MPII else []
+            groups += sk.benchmark.image_predictions(path.name, people)
             write_image(out / path.name, draw_people(image, people))
             tiles += [overview_tile(image, people)] if len(tiles) < OVERVIEW_IMAGES else []
         bar.update()
@@ -4752,7 +4843,7 @@ def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) 
                     people = decode_maps(frame_maps, base, sk)
                     results += [r | dict(file_name=path.name, frame=n)
                                 for r in coco_results(n, people, scores=True)]
-                    groups += [predicted_group(empty_group(f"{path.name}#{n}"), people)] if sk is MPII else []
+                    groups += sk.benchmark.image_predictions(f"{path.name}#{n}", people)
                     writer.write(draw_people(frame, people))
                     n += 1
                 bar.update(len(frames))
@@ -4786,10 +4877,9 @@ def run_predict(cfg: Config, device: torch.device) -> list[dict]:
             raise ReproError(f"none of the {len(files)} images in {source} decodes")
         what = f"{len(files) - len(broken)} images"
     write_json(results, out / "predictions.json")
-    if skeleton(cfg) is MPII:
-        write_pred_mat(out / "predictions.mat", groups)
+    also = skeleton(cfg).benchmark.write_image_predictions(out, groups)
     print(f"{len(results)} people in {what} ({'onnxruntime' if cfg.onnx else device}): {out}/predictions.json"
-          + (" and predictions.mat" if skeleton(cfg) is MPII else ""))
+          + "".join(f" and {name}" for name in also))
     return results
 
 

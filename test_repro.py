@@ -1,10 +1,12 @@
 """Tests for the reproduction (CPU only; run with `python -m pytest -x -q test_repro.py`)."""
+import ast
 import errno
 import itertools
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -363,7 +365,7 @@ def test_mpii_scenes_label_16_joints_on_the_same_images(scenes, mpii_scenes):
 def test_mpii_head_top_above_upper_neck_above_thorax_when_standing(gl):
     assert np.argmax(gl.rest[:, 1]) == rh.ANNY_HEAD_TOP  # the pinned vertex is the top of the head
     _, _, _, kl = _two_people(gl, behind=1.5, extended=True)
-    front = rh.SKELETONS["mpii"].labels(kl)[0]
+    front = rh.LABEL_SETS["mpii"].labels(kl)[0]
     assert front.shape == (16, 3) and (front[:, 2] > 0).all()
     x, y = ({n: front[i, d] for i, n in enumerate(rh.MPII_KEYPOINT_NAMES)} for d in (0, 1))
     assert y["head_top"] < y["upper_neck"] < y["thorax"] < y["pelvis"] < y["r_knee"] < y["r_ankle"]
@@ -754,6 +756,48 @@ def perfect_results(kset, cfg):
     return R.coco_eval(kset.json_path, results, [r.image_id for r in kset.records])
 
 
+# ---- the file's layout: the method first, the tooling after it, calls that go one way ------------
+
+def repro_parts() -> tuple[str, ast.Module, int, int]:
+    """repro.py's source, its tree, and the first lines of Part I and Part II (their banners)."""
+    src = (ROOT / "repro.py").read_text()
+    banners = [i for i, line in enumerate(src.splitlines(), 1) if line.startswith("# Part I")]
+    return src, ast.parse(src), banners[0] - 1, banners[1] - 1
+
+
+def test_part_one_uses_part_two_only_through_the_seams_its_docstring_lists():
+    import symtable
+    src, tree, _, part2 = repro_parts()
+    defined = {t.id if isinstance(t, ast.Name) else None for n in tree.body if n.lineno > part2
+               for t in (getattr(n, "targets", None) or [getattr(n, "target", None)])} - {None}
+    defined |= {n.name for n in tree.body if n.lineno > part2 and isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    used = set()
+
+    def free_names(table):
+        used.update(s.get_name() for s in table.get_symbols() if s.is_global() and s.get_name() in defined)
+        for child in table.get_children():
+            free_names(child)
+    for child in symtable.symtable(src, "repro.py", "exec").get_children():
+        if child.get_lineno() < part2:
+            free_names(child)
+    used |= {m.id for n in tree.body if n.lineno < part2 and not isinstance(n, (ast.FunctionDef, ast.ClassDef))
+             for m in ast.walk(n) if isinstance(m, ast.Name) and m.id in defined}
+    seams = re.search(r"only through these seams \(a test checks the list\): (.*?);", R.__doc__, re.S).group(1)
+    listed = set(re.findall(r"\b([a-z_]+)\b(?=,| \(|$)", seams.replace("\n", " ")))
+    assert used == listed, (sorted(used), sorted(listed))
+
+
+def test_the_docstring_gives_each_part_its_lines_and_no_function_is_long():
+    src, tree, part1, part2 = repro_parts()
+    last = len(src.splitlines())
+    assert f"Part I, the method, is lines {part1}-{part2 - 1};" in R.__doc__
+    assert f"Part II, the tooling around it, is lines {part2}-{last}." in R.__doc__
+    for path in ("repro.py", "render_humans.py"):
+        long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse((ROOT / path).read_text()))
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 60]
+        assert not long, f"{path}: functions over 60 lines: {long}"
+
+
 # ---- targets, grouping and evaluation pinned together -----------------------------------------
 
 @pytest.mark.parametrize("preset", ["demo", "paper"])
@@ -932,8 +976,8 @@ def test_flipped_crop_mirrors_image_and_keypoints(toy):
 
 # ---- loss masks and compositing ---------------------------------------------------------------
 
-def grad_of_loss(cfg, keypoints, pasted, mask_miss):
-    target, mask = R.make_targets(keypoints, pasted, mask_miss, cfg)
+def grad_of_loss(cfg, keypoints, pasted, ignore):
+    _, target, mask = R.make_targets(keypoints, pasted, ignore, cfg)
     pred = torch.zeros_like(target, requires_grad=True)
     loss, _ = R.pose_loss([pred], target, mask)
     loss.backward()
@@ -962,14 +1006,14 @@ def test_pasted_people_masked_out_of_the_loss():
     include = R.dataclasses.replace(cfg, synthetic_loss="include")
     g_inc, target_inc, mask_inc = grad_of_loss(include, real, pasted, ignore)
     assert g_inc[under].abs().max() > 0 and (mask_inc == 1).all()
-    assert torch.equal(target_inc, R.make_targets(torch.cat([real, pasted], 1), pasted[:, :0], ignore, cfg)[0])
+    assert torch.equal(target_inc, R.make_targets(torch.cat([real, pasted], 1), pasted[:, :0], ignore, cfg).target)
 
 
 def test_crowd_and_unlabelled_regions_get_zero_loss(toy):
     kset = R.load_keypoint_set(toy["train"], toy["train"].parent / "images")
     rec = kset.records[0]
     assert rec.ignore_rles, "the crowd annotation goes into the ignore mask"
-    mask = R.mask_miss(rec)
+    mask = R.ignore_mask(rec)
     assert (mask[:20, :20] == 0).all() and mask[40:, 40:].min() == 255
     cfg = toy_config(input_size=128)
     keypoints = torch.as_tensor(rec.keypoints[None])
@@ -978,7 +1022,7 @@ def test_crowd_and_unlabelled_regions_get_zero_loss(toy):
     assert g[..., 10:, 10:].abs().max() > 0
 
 
-def test_person_without_keypoints_goes_into_mask_miss(tmp_path):
+def test_person_without_keypoints_goes_into_the_ignore_mask(tmp_path):
     path = write_toy_set(tmp_path, 1, people=(1, 1))
     data = json.loads(path.read_text())
     data["annotations"].append(dict(id=99, image_id=1, category_id=1, iscrowd=0, num_keypoints=0, keypoints=[0] * 51,
@@ -986,7 +1030,7 @@ def test_person_without_keypoints_goes_into_mask_miss(tmp_path):
                                     segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
     path.write_text(json.dumps(data))
     rec = R.load_keypoint_set(path, tmp_path / "images").records[0]
-    assert len(rec.keypoints) == 1 and (R.mask_miss(rec)[105:115, 105:115] == 0).all()
+    assert len(rec.keypoints) == 1 and (R.ignore_mask(rec)[105:115, 105:115] == 0).all()
 
 
 def test_pasted_person_occludes_real_keypoints(toy):
@@ -1018,7 +1062,7 @@ def test_batches_own_their_memory(toy, tmp_path, mode):
     maker = R.BatchMaker(R.load_data(cfg), cfg)
     rng = np.random.default_rng(0)
     batch = maker.batch(maker.plan(cfg.batch_size, rng), rng)
-    assert all(v.is_contiguous() for v in batch.values() if isinstance(v, torch.Tensor))
+    assert all(v.is_contiguous() for v in vars(batch).values() if isinstance(v, torch.Tensor))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1036,7 +1080,7 @@ def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
     trainer = R.Trainer(cfg, data, torch.device(device), tmp_path)
     specs = trainer.maker.plan(4, np.random.default_rng(0))
     batch = trainer.maker.batch(specs, np.random.default_rng(0))
-    losses = [trainer.train_step(batch, cfg.lr)["loss"] for _ in range(25)]
+    losses = [trainer.train_step(batch, cfg.lr).loss for _ in range(25)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
@@ -1048,7 +1092,7 @@ def test_compiled_student_trains_the_weights_that_checkpoints_save(toy, tmp_path
         R.seed_everything(0)
         trainers.append(R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path))
         batch = trainers[-1].maker.batch(trainers[-1].maker.plan(4, np.random.default_rng(0)), np.random.default_rng(0))
-        losses.append([trainers[-1].train_step(batch, 1e-3)["loss"] for _ in range(3)])
+        losses.append([trainers[-1].train_step(batch, 1e-3).loss for _ in range(3)])
     compiled = trainers[1]
     assert compiled.net is not compiled.model
     assert all(p is q for p, q in zip(compiled.net.parameters(), compiled.model.parameters()))
@@ -1171,15 +1215,17 @@ def torchrun(tmp_path, name, args, kill_at=-1):
     return done, log
 
 
-def joined(a: dict, b: dict) -> dict:
+def joined(a: R.Batch, b: R.Batch) -> R.Batch:
     """Two ranks' batches as one process's batch."""
-    def pad(x, n):
-        return np.concatenate([x, np.zeros((len(x), n - x.shape[1]) + x.shape[2:], x.dtype)], 1)
-    out = {k: np.concatenate([a[k], b[k]]) for k in ("image", "mask_miss")}
-    for k in ("keypoints", "pasted"):
-        n = max(a[k].shape[1], b[k].shape[1])
-        out[k] = np.concatenate([pad(a[k], n), pad(b[k], n)])
-    return out | {k: torch.cat([a[k], b[k]]) for k in ("target", "loss_mask")} | dict(source=a["source"] + b["source"])
+    def padded(x, y):  # people padded with unlabelled rows to the larger count
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        n = max(x.shape[1], y.shape[1])
+        return [torch.cat([t, t.new_zeros((len(t), n - t.shape[1]) + t.shape[2:])], 1) for t in (x, y)]
+    return R.Batch(image=np.concatenate([a.image, b.image]), source=a.source + b.source,
+                   keypoints=torch.cat(padded(a.keypoints, b.keypoints)).numpy(),
+                   pasted=torch.cat(padded(a.pasted, b.pasted)).numpy(), ignore=np.concatenate([a.ignore, b.ignore]),
+                   people=torch.cat(padded(a.people, b.people)), target=torch.cat([a.target, b.target]),
+                   loss_mask=torch.cat([a.loss_mask, b.loss_mask]))
 
 
 def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path, monkeypatch):
@@ -1292,7 +1338,7 @@ def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_pat
     assert per_image[0] == pytest.approx(per_image[1], rel=1e-6) and per_image[0] > 0
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as forward, torch.no_grad():
-        trainer.model(R.to_input(batches[0]["image"], torch.device("cpu")))
+        trainer.model(R.to_input(batches[0].image, torch.device("cpu")))
     assert 2.5 < per_image[0] * 2 / forward.get_total_flops() < 3.5
     child, _ = R.parse_args(R.data_argv(cfg))
     data_flags = ("train_json", "val_images", "synthetic_json", "bank_json")
@@ -1793,9 +1839,9 @@ def test_tiny_bins_are_penalised_and_never_trained_on(toy, tmp_path):
 
 
 def test_forced_teacher_trains_only_on_its_bin(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(R, "TEACHER_EXPLORE", 0.0)
     monkeypatch.setattr(R.Teacher, "output", lambda self, images: np.array([0.0, 0.0, 1.0]))
     cfg, trainer = teacher_setup(toy, tmp_path, "--teacher-attribute", "camera_angle", "--steps", "8")
+    trainer.teacher.explore = 0.0  # every pick after the first window is the teacher's own
     teacher = trainer.teacher
     assert sum(teacher.counts) == len(trainer.maker.centres["synthetic"])
     seen = []
@@ -2724,9 +2770,9 @@ def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy
             trainer.step = step + 1  # as fit() does: the teacher's loop draws each step's data from it
     assert len(batches[0]) == len(batches[1]) == 3
     for a, b in zip(*batches):
-        assert a["source"] == b["source"] and R.SYNTHETIC in a["source"]
-        assert all(np.array_equal(a[k], b[k]) for k in ("image", "keypoints", "mask_miss"))
-        assert torch.equal(a["target"], b["target"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        assert a.source == b.source and R.SYNTHETIC in a.source
+        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("image", "keypoints", "ignore"))
+        assert torch.equal(a.target, b.target) and torch.equal(a.loss_mask, b.loss_mask)
     assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
     assert R.V2_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
     assert not any(r.condition.startswith("uniform") for r in R.protocol_runs())  # read from synthetic's runs
