@@ -2,7 +2,7 @@
 
     python repro.py --mode augmented                 # demo benchmark, rendered on first use
     python repro.py --mode real --coco-root COCO     # real COCO through pycocotools
-    python repro.py --mode eval --ckpt results/RUN/ckpt.pt
+    python repro.py --mode eval --ckpt runs/RUN/ckpt.pt
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
@@ -177,7 +177,7 @@ class Config:
                                    "(paper code: 32)")
     # run
     seed: int = setting(0, "seed for python, numpy and torch")
-    out: str | None = setting(None, "run folder (default results/<mode>-<data>-s<seed>)")
+    out: str | None = setting(None, "run folder (default runs/<mode>-<data>-s<seed>)")
     resume: bool = setting(False, "continue from the run folder's checkpoint")
     ckpt: str | None = setting(None, "checkpoint to evaluate (--mode eval), to predict with (--mode predict) or to "
                                "export (--export-onnx); predict and export default to the shipped demo student")
@@ -2764,7 +2764,7 @@ def append_jsonl(path: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def default_run_dir(cfg: Config, data_name: str) -> Path:
-    return Path("results") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
+    return Path("runs") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
 
 
 def benchmark_label(data_name: str) -> str:
@@ -2817,7 +2817,7 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
         raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
                          f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
     stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"eval-{data.name}"  # never beside a tracked checkpoint
     out.mkdir(parents=True, exist_ok=True)
     write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
                out / f"eval-{data.name}.json")
@@ -4950,7 +4950,7 @@ def run_main(argv: list[str] | None = None) -> int:
     try:
         check_config(cfg)
         if args.compare:
-            compare_runs(args.compare, Path(cfg.out or "results/compare.png"))
+            compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
             return 0
         if args.score_mpii:
             score_mpii_files(*args.score_mpii)
