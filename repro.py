@@ -185,7 +185,7 @@ class Config:
                                    "(paper code: 32)")
     # run
     seed: int = setting(0, "seed for python, numpy and torch")
-    out: str | None = setting(None, "run folder (default results/<mode>-<data>-s<seed>)")
+    out: str | None = setting(None, "run folder (default runs/<mode>-<data>-s<seed>)")
     resume: bool = setting(False, "continue from the run folder's checkpoint")
     ckpt: str | None = setting(None, "checkpoint to evaluate (--mode eval), to predict with (--mode predict) or to "
                                "export (--export-onnx); predict and export default to the shipped demo student")
@@ -2861,7 +2861,7 @@ def append_jsonl(path: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def default_run_dir(cfg: Config, data_name: str) -> Path:
-    return Path("results") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
+    return Path("runs") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
 
 
 def benchmark_label(data_name: str) -> str:
@@ -2914,7 +2914,7 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
         raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
                          f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
     stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"eval-{data.name}"  # never beside a tracked checkpoint
     out.mkdir(parents=True, exist_ok=True)
     write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
                out / f"eval-{data.name}.json")
@@ -4315,14 +4315,14 @@ def gap_table(report: dict) -> str:
 def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = tuple(rh.STYLE_FACTORS),
                    argv: list[str] | None = None) -> dict:
     """Renders every set of gap_sets (cached under the sets folder), evaluates the checkpoint (default:
-    the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/)."""
+    the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/domain-gap/)."""
     if images < 1:
         raise ReproError(f"--domain-gap N needs N >= 1 images per set, not {images}")
     ckpt = Path(cfg.ckpt) if cfg.ckpt else SHIPPED_STUDENT.relative_to(SHIPPED_STUDENT.parent.parent)
     model, cfg, _ = model_from_checkpoint(cfg, ckpt if cfg.ckpt else SHIPPED_STUDENT, device)
     if cfg.skeleton != "coco":
         raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; the sets are COCO")
-    out = Path(cfg.out) if cfg.out else Path("results")
+    out = Path(cfg.out) if cfg.out else Path("results/domain-gap")
     sets_root = (out / "domain-gap-sets" if cfg.out else Path("runs/domain-gap")) / f"n{images}"
     specs = gap_sets(factors)
     for spec in specs:  # every setting checked before anything is rendered
@@ -4516,7 +4516,7 @@ def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
 def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
     """The issue-20 device figures in one call: the student's training img/s (eager and compiled),
     its FLOPs per image and MFU, the loader against pre-made batches with a worker per core, the
-    teacher's cost per update and a torchrun check; written to results/gpu-bench.json (or --out)."""
+    teacher's cost per update and a torchrun check; written to results/gpu-bench/gpu-bench.json (or --out)."""
     cores = len(os.sched_getaffinity(0))
     cfg = dataclasses.replace(cfg, mode="augmented", steps=10 * steps, workers=cores, init=None)
     name, peak = bf16_peak_tflops(device)
@@ -4544,7 +4544,7 @@ def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -
     report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target, hard, cfg.lr, 0),
                                                            teacher.output(hard)), 5, warmup=1)
     report["torchrun"] = torchrun_check(cfg, device)
-    path = Path(cfg.out) / "gpu-bench.json" if cfg.out else Path("results/gpu-bench.json")
+    path = Path(cfg.out) / "gpu-bench.json" if cfg.out else Path("results/gpu-bench/gpu-bench.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, path)
     for k, v in report.items():
@@ -4953,7 +4953,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="print speed figures and exit")
     p.add_argument("--gpu-report", action="store_true",
                    help="the device figures of one call (training img/s eager and compiled, FLOPs per image, MFU, "
-                        "loader ratio, teacher update, a torchrun check) into results/gpu-bench.json, and exit")
+                        "loader ratio, teacher update, a torchrun check) into results/gpu-bench/, and exit")
     p.add_argument("--bench-targets", action="store_true",
                    help="time heatmap + PAF targets against Lightweight OpenPose's loops at the demo and paper "
                         "geometries (one thread) and exit")
@@ -4984,7 +4984,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain-gap", type=int, metavar="N",
                    help="render N scenes per style and per style factor switched (seed 7000), evaluate --ckpt "
                         "(default: the shipped student) on each; writes domain-gap.{json,md} into --out "
-                        "(default results/); README, 'Where the domain gap comes from'")
+                        "(default results/domain-gap/); README, 'Where the domain gap comes from'")
     p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
                    help="score MPII multi-person predictions (.mat pred struct or .json) against a ground-truth "
                         "annotation list with the official rules; prints the table and 'mAP <value>'")
@@ -5040,7 +5040,7 @@ def run_main(argv: list[str] | None = None) -> int:
     try:
         check_config(cfg)
         if args.compare:
-            compare_runs(args.compare, Path(cfg.out or "results/compare.png"))
+            compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
             return 0
         if args.score_mpii:
             score_mpii_files(*args.score_mpii)

@@ -1302,6 +1302,28 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
 
 
+def test_a_users_default_run_eval_and_compare_write_into_runs_never_into_results(toy, tmp_path, monkeypatch):
+    """Without --out a training run writes runs/<mode>-<data>-s<seed>/, an eval of a checkpoint
+    under results/ writes runs/eval-<data>/ (not beside it) and --compare runs/compare.png: a
+    user's outputs never mix with the committed results/."""
+    monkeypatch.chdir(tmp_path)
+    argv = toy_args(toy, "unused", "--mode", "real", "--steps", "2")
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    assert R.main(argv) == 0
+    run = Path("runs/real-annotations-s0")
+    assert (run / "ckpt.pt").is_file() and (run / "metrics.json").is_file() and not Path("results").exists()
+    tracked = Path("results/student.pt")  # a checkpoint in the committed folder, as the shipped students are
+    tracked.parent.mkdir()
+    shutil.copy(run / "ckpt.pt", tracked)
+    argv = toy_args(toy, "unused", "--mode", "eval", "--ckpt", str(tracked))
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    assert R.main(argv) == 0
+    assert R.main(["--compare", str(run)]) == 0
+    assert [p.name for p in Path("results").iterdir()] == ["student.pt"]
+    assert "AP" in json.loads(Path("runs/eval-annotations/eval-annotations.json").read_text())
+    assert Path("runs/compare.png").is_file() and Path("runs/compare.md").is_file()
+
+
 def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
     run = tmp_path / "run"
     assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
