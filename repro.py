@@ -3140,15 +3140,32 @@ PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes",
 PROTOCOL_FINETUNE = ["--lr", "3e-4", "--no-eval-init"]
 
 
+class Condition(NamedTuple):
+    """A protocol condition: the flags its runs are trained with, and the real crops in a step's
+    batch that those flags give (the default --batch-size, 16), which the claims table prints;
+    test_every_protocol_condition_records_the_real_crops_its_flags_give checks the two agree."""
+    flags: list[str]
+    real_crops: int
+
+
 # Each condition's flags; real crops per step in a batch of 16: 16 for the control, 8 for the rest.
 CONDITIONS = {
-    "real": ["--mode", "real"],  # the control (paper code: --onlyReal): real crops fill the whole batch
-    "synthetic": ["--mode", "synthetic"],  # + purely synthetic scenes, sampled uniformly
-    "augmented-include": ["--mode", "augmented", "--synthetic-loss", "include"],
-    "augmented-mask": ["--mode", "augmented", "--synthetic-loss", "mask"],
-    "teacher": ["--mode", "student-teacher"],  # the paper's teacher on synthetic scenes, min_dist bins
-    "uniform": ["--mode", "student-teacher", "--teacher-uniform"],  # the identical loop, uniform sampling
-    "teacher-fast": ["--mode", "student-teacher", "--teacher-step", "0.1"],  # [ours] a teacher that can move
+    "real": Condition(["--mode", "real"], 16),  # the control (paper code: --onlyReal): real crops fill the whole batch
+    "synthetic": Condition(["--mode", "synthetic"], 8),  # + purely synthetic scenes, sampled uniformly
+    "augmented-include": Condition(["--mode", "augmented", "--synthetic-loss", "include"], 8),
+    "augmented-mask": Condition(["--mode", "augmented", "--synthetic-loss", "mask"], 8),
+    "teacher": Condition(["--mode", "student-teacher"], 8),  # the paper's teacher on synthetic scenes, min_dist bins
+    "uniform": Condition(["--mode", "student-teacher", "--teacher-uniform"], 8),  # the identical loop, uniform sampling
+    # [ours] a teacher that can move
+    "teacher-fast": Condition(["--mode", "student-teacher", "--teacher-step", "0.1"], 8),
+}
+
+
+# The students every fine-tune starts from, and the domain gap's student of synthetic data only:
+# trained from scratch (their steps and seed are added by round1_runs).
+STUDENT_CONDITIONS = {
+    "student": Condition(["--mode", "real", "--init", "none"], 16),
+    "synthetic-only": Condition(["--mode", "synthetic", "--real-share", "0", "--init", "none"], 0),
 }
 
 
@@ -3181,9 +3198,9 @@ V2_LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
 
 
 V2_CONDITIONS = {
-    "teacher-3000": ["--mode", "student-teacher"],
-    "stratified-3000": ["--mode", "student-teacher", "--teacher-stratified"],  # a random large-enough bin
-    "synthetic-3000": ["--mode", "synthetic"],  # = the teacher loop with uniform sampling (SAME_RUNS)
+    "teacher-3000": Condition(["--mode", "student-teacher"], 8),
+    "stratified-3000": Condition(["--mode", "student-teacher", "--teacher-stratified"], 8),  # a random large-enough bin
+    "synthetic-3000": Condition(["--mode", "synthetic"], 8),  # = the teacher loop with uniform sampling (SAME_RUNS)
 }
 
 
@@ -3244,19 +3261,19 @@ def round1_runs() -> list[ProtocolRun]:
     domain gap: a student of synthetic data only."""
     runs = []
     for regime, subset in PROTOCOL_REGIMES.items():
-        data = ["--train-subset", str(subset)] + PROTOCOL_COMMON
+        data, steps = ["--train-subset", str(subset)] + PROTOCOL_COMMON, PROTOCOL_STUDENT_STEPS[regime]
         runs.append(ProtocolRun(f"{regime}/student", regime, "student", 0,
-                                ["--mode", "real", "--init", "none", "--steps", str(PROTOCOL_STUDENT_STEPS[regime]),
-                                 "--seed", "0",
-                                 "--eval-steps", *learning_curve(PROTOCOL_STUDENT_STEPS[regime])] + data, None))
+                                STUDENT_CONDITIONS["student"].flags + ["--steps", str(steps), "--seed", "0",
+                                                                       "--eval-steps", *learning_curve(steps)] + data,
+                                None))
     for seed in PROTOCOL_SEEDS:
         for regime in PROTOCOL_REGIMES:
-            runs += [finetune_run(regime, condition, seed, flags, PROTOCOL_FINETUNE_STEPS)
-                     for condition, flags in CONDITIONS.items() if condition not in SAME_RUNS]
+            runs += [finetune_run(regime, condition, seed, c.flags, PROTOCOL_FINETUNE_STEPS)
+                     for condition, c in CONDITIONS.items() if condition not in SAME_RUNS]
     runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
-                            ["--mode", "synthetic", "--real-share", "0", "--init", "none",
-                             "--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
-                             "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
+                            STUDENT_CONDITIONS["synthetic-only"].flags
+                            + ["--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
+                               "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
     return runs
 
 
@@ -3275,10 +3292,10 @@ def round2_runs() -> list[ProtocolRun]:
         for seed in range(n):
             for condition in (better, worse):
                 if condition in CONDITIONS:
-                    run = finetune_run(regime, condition, seed, CONDITIONS[condition], PROTOCOL_FINETUNE_STEPS)
+                    run = finetune_run(regime, condition, seed, CONDITIONS[condition].flags, PROTOCOL_FINETUNE_STEPS)
                     short[run.name] = run
     for seed in range(V2_SEEDS[(4, "scarce")]):
-        long += [finetune_run("scarce", c, seed, flags, V2_LONG_STEPS) for c, flags in V2_CONDITIONS.items()]
+        long += [finetune_run("scarce", name, seed, c.flags, V2_LONG_STEPS) for name, c in V2_CONDITIONS.items()]
     return sorted(short.values(), key=lambda r: (r.seed, r.regime, r.condition)) + long
 
 
@@ -3931,7 +3948,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
                   verdicts_v2=claim_verdicts_v2(runs), probe=probe, probe_v2=probe_v2, teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
-                                conditions=CONDITIONS, common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
+                                conditions={name: c.flags for name, c in CONDITIONS.items()},
+                                common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
     write_json(claims, results / "claims.json")
     table = claims_table(claims)
     with atomic_path(results / "claims.md") as tmp:
@@ -3969,10 +3987,9 @@ def mean_sd(values: list[float], scale: float = 1.0) -> str:
 
 
 def real_crops_per_step(condition: str) -> int:
-    """Real crops in a step's batch of a protocol condition, from the flags its runs are trained with."""
-    run = next(r for r in protocol_runs() if r.condition == SAME_RUNS.get(condition, condition))
-    cfg, _ = parse_args(run.argv)
-    return batch_sources(cfg, cfg.batch_size).count(REAL)
+    """Real crops in a step's batch of a protocol condition, as its record says (no flags parsed)."""
+    name = SAME_RUNS.get(condition, condition)
+    return (STUDENT_CONDITIONS | CONDITIONS | V2_CONDITIONS)[name].real_crops
 
 
 def minutes_by_device(runs: list[dict]) -> str:

@@ -2697,7 +2697,7 @@ def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
 
 
 def test_protocol_conditions_mean_what_their_names_say():
-    cfgs = {name: R.parse_args(flags)[0] for name, flags in R.CONDITIONS.items()}
+    cfgs = {name: R.parse_args(c.flags)[0] for name, c in R.CONDITIONS.items()}
     gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
     cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
     real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
@@ -2713,10 +2713,44 @@ def test_protocol_conditions_mean_what_their_names_say():
         R.check_config(R.dataclasses.replace(cfgs["teacher"], real_share=0.0))
 
 
+def test_every_protocol_condition_records_the_real_crops_its_flags_give():
+    """The claims table prints each condition's recorded real crops per step: they are what its
+    runs' flags give (parsed here once per condition, never by the report)."""
+    seen = {}
+    for run in R.protocol_runs():
+        if run.condition not in seen:
+            cfg, _ = R.parse_args(run.argv)
+            seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
+    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.V2_CONDITIONS
+    assert set(seen) == set(records) - set(R.SAME_RUNS)
+    assert all(records[c].real_crops == n for c, n in seen.items())
+    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c]) for c in R.SAME_RUNS)
+
+
+def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a table row parsed a command line or loaded a checkpoint")
+
+    for name in ("parse_args", "build_parser", "resolve_init", "load_checkpoint"):
+        monkeypatch.setattr(R, name, refuse)
+    monkeypatch.setattr(R.torch, "load", refuse)
+    conditions = ("student", "synthetic-only", "real", "augmented-mask", "synthetic", "synthetic-3000")
+    runs = [dict(name=f"scarce/{c}-s0", condition=c, regime="scarce", seed=0, steps=800, minutes=1.0, ap=0.1,
+                 ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
+                 init=None if c in ("student", "synthetic-only") else "scarce/student") for c in conditions]
+    claims = dict(runs=runs, progress=dict(finished=6, total=39, probe=False), teacher={},
+                  verdicts=R.claim_verdicts(runs, None))
+    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
+    assert {row[1]: row[2] for row in rows} == {
+        "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8", "synthetic": "8",
+        "uniform (= synthetic's runs)": "8", "synthetic-3000": "8", "uniform-3000 (= synthetic-3000's runs)": "8"}
+
+
 def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy, tmp_path):
     batches = []
     for name in ("synthetic", "uniform"):
-        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name], "--steps", "3", "--workers", "0"))
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name].flags, "--steps", "3",
+                                       "--workers", "0"))
         trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
         batches.append([])
         for step, batch in itertools.islice(trainer.batches(), 3):
