@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2041; Part II, the tooling around it, is lines 2042-5094.
+Reading map. Part I, the method, is lines 73-2041; Part II, the tooling around it, is lines 2042-5341.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3233,15 +3233,32 @@ PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes",
 PROTOCOL_FINETUNE = ["--lr", "3e-4", "--no-eval-init"]
 
 
+class Condition(NamedTuple):
+    """A protocol condition: the flags its runs are trained with, and the real crops in a step's
+    batch that those flags give (the default --batch-size, 16), which the claims table prints;
+    test_every_protocol_condition_records_the_real_crops_its_flags_give checks the two agree."""
+    flags: list[str]
+    real_crops: int
+
+
 # Each condition's flags; real crops per step in a batch of 16: 16 for the control, 8 for the rest.
 CONDITIONS = {
-    "real": ["--mode", "real"],  # the control (paper code: --onlyReal): real crops fill the whole batch
-    "synthetic": ["--mode", "synthetic"],  # + purely synthetic scenes, sampled uniformly
-    "augmented-include": ["--mode", "augmented", "--synthetic-loss", "include"],
-    "augmented-mask": ["--mode", "augmented", "--synthetic-loss", "mask"],
-    "teacher": ["--mode", "student-teacher"],  # the paper's teacher on synthetic scenes, min_dist bins
-    "uniform": ["--mode", "student-teacher", "--teacher-uniform"],  # the identical loop, uniform sampling
-    "teacher-fast": ["--mode", "student-teacher", "--teacher-step", "0.1"],  # [ours] a teacher that can move
+    "real": Condition(["--mode", "real"], 16),  # the control (paper code: --onlyReal): real crops fill the whole batch
+    "synthetic": Condition(["--mode", "synthetic"], 8),  # + purely synthetic scenes, sampled uniformly
+    "augmented-include": Condition(["--mode", "augmented", "--synthetic-loss", "include"], 8),
+    "augmented-mask": Condition(["--mode", "augmented", "--synthetic-loss", "mask"], 8),
+    "teacher": Condition(["--mode", "student-teacher"], 8),  # the paper's teacher on synthetic scenes, min_dist bins
+    "uniform": Condition(["--mode", "student-teacher", "--teacher-uniform"], 8),  # the identical loop, uniform sampling
+    # [ours] a teacher that can move
+    "teacher-fast": Condition(["--mode", "student-teacher", "--teacher-step", "0.1"], 8),
+}
+
+
+# The students every fine-tune starts from, and the domain gap's student of synthetic data only:
+# trained from scratch (their steps and seed are added by round1_runs).
+STUDENT_CONDITIONS = {
+    "student": Condition(["--mode", "real", "--init", "none"], 16),
+    "synthetic-only": Condition(["--mode", "synthetic", "--real-share", "0", "--init", "none"], 0),
 }
 
 
@@ -3274,9 +3291,9 @@ V2_LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
 
 
 V2_CONDITIONS = {
-    "teacher-3000": ["--mode", "student-teacher"],
-    "stratified-3000": ["--mode", "student-teacher", "--teacher-stratified"],  # a random large-enough bin
-    "synthetic-3000": ["--mode", "synthetic"],  # = the teacher loop with uniform sampling (SAME_RUNS)
+    "teacher-3000": Condition(["--mode", "student-teacher"], 8),
+    "stratified-3000": Condition(["--mode", "student-teacher", "--teacher-stratified"], 8),  # a random large-enough bin
+    "synthetic-3000": Condition(["--mode", "synthetic"], 8),  # = the teacher loop with uniform sampling (SAME_RUNS)
 }
 
 
@@ -3337,19 +3354,19 @@ def round1_runs() -> list[ProtocolRun]:
     domain gap: a student of synthetic data only."""
     runs = []
     for regime, subset in PROTOCOL_REGIMES.items():
-        data = ["--train-subset", str(subset)] + PROTOCOL_COMMON
+        data, steps = ["--train-subset", str(subset)] + PROTOCOL_COMMON, PROTOCOL_STUDENT_STEPS[regime]
         runs.append(ProtocolRun(f"{regime}/student", regime, "student", 0,
-                                ["--mode", "real", "--init", "none", "--steps", str(PROTOCOL_STUDENT_STEPS[regime]),
-                                 "--seed", "0",
-                                 "--eval-steps", *learning_curve(PROTOCOL_STUDENT_STEPS[regime])] + data, None))
+                                STUDENT_CONDITIONS["student"].flags + ["--steps", str(steps), "--seed", "0",
+                                                                       "--eval-steps", *learning_curve(steps)] + data,
+                                None))
     for seed in PROTOCOL_SEEDS:
         for regime in PROTOCOL_REGIMES:
-            runs += [finetune_run(regime, condition, seed, flags, PROTOCOL_FINETUNE_STEPS)
-                     for condition, flags in CONDITIONS.items() if condition not in SAME_RUNS]
+            runs += [finetune_run(regime, condition, seed, c.flags, PROTOCOL_FINETUNE_STEPS)
+                     for condition, c in CONDITIONS.items() if condition not in SAME_RUNS]
     runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
-                            ["--mode", "synthetic", "--real-share", "0", "--init", "none",
-                             "--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
-                             "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
+                            STUDENT_CONDITIONS["synthetic-only"].flags
+                            + ["--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
+                               "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
     return runs
 
 
@@ -3368,10 +3385,10 @@ def round2_runs() -> list[ProtocolRun]:
         for seed in range(n):
             for condition in (better, worse):
                 if condition in CONDITIONS:
-                    run = finetune_run(regime, condition, seed, CONDITIONS[condition], PROTOCOL_FINETUNE_STEPS)
+                    run = finetune_run(regime, condition, seed, CONDITIONS[condition].flags, PROTOCOL_FINETUNE_STEPS)
                     short[run.name] = run
     for seed in range(V2_SEEDS[(4, "scarce")]):
-        long += [finetune_run("scarce", c, seed, flags, V2_LONG_STEPS) for c, flags in V2_CONDITIONS.items()]
+        long += [finetune_run("scarce", name, seed, c.flags, V2_LONG_STEPS) for name, c in V2_CONDITIONS.items()]
     return sorted(short.values(), key=lambda r: (r.seed, r.regime, r.condition)) + long
 
 
@@ -3524,18 +3541,6 @@ def protocol_argv(run: ProtocolRun) -> list[str]:
 
 def matches(name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def check_protocol_flags(reproduce: bool, jobs: int, only: tuple[str, ...]) -> None:
-    if not reproduce:
-        raise ReproError("--jobs and --only choose how --reproduce runs the protocol; add --reproduce")
-    if jobs < 1:
-        raise ReproError(f"--jobs must be 1 or more, got {jobs}")
-    names = [r.name for r in protocol_runs()] + [d.name for d in PROBES.values()]
-    for glob in only:
-        if not any(matches(n, (glob,)) for n in names):
-            raise ReproError(f"--only {glob!r} matches no protocol run; names look like {names[0]}, "
-                             f"full/augmented-mask-s1, full/synthetic-only or probe")
 
 
 def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
@@ -4024,7 +4029,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
                   verdicts_v2=claim_verdicts_v2(runs), probe=probe, probe_v2=probe_v2, teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
-                                conditions=CONDITIONS, common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
+                                conditions={name: c.flags for name, c in CONDITIONS.items()},
+                                common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
     write_json(claims, results / "claims.json")
     table = claims_table(claims)
     with atomic_path(results / "claims.md") as tmp:
@@ -4062,10 +4068,9 @@ def mean_sd(values: list[float], scale: float = 1.0) -> str:
 
 
 def real_crops_per_step(condition: str) -> int:
-    """Real crops in a step's batch of a protocol condition, from the flags its runs are trained with."""
-    run = next(r for r in protocol_runs() if r.condition == SAME_RUNS.get(condition, condition))
-    cfg, _ = parse_args(run.argv)
-    return batch_sources(cfg, cfg.batch_size).count(REAL)
+    """Real crops in a step's batch of a protocol condition, as its record says (no flags parsed)."""
+    name = SAME_RUNS.get(condition, condition)
+    return (STUDENT_CONDITIONS | CONDITIONS | V2_CONDITIONS)[name].real_crops
 
 
 def minutes_by_device(runs: list[dict]) -> str:
@@ -4947,77 +4952,355 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, derived from Config's fields; help shows the demo and paper defaults."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bench", action="store_true", help="print speed figures and exit")
-    p.add_argument("--gpu-report", action="store_true",
-                   help="the device figures of one call (training img/s eager and compiled, FLOPs per image, MFU, "
-                        "loader ratio, teacher update, a torchrun check) into results/gpu-bench/, and exit")
-    p.add_argument("--bench-targets", action="store_true",
-                   help="time heatmap + PAF targets against Lightweight OpenPose's loops at the demo and paper "
-                        "geometries (one thread) and exit")
-    p.add_argument("--compare", nargs="+", metavar="RUN",
-                   help="plot val metrics of these run folders against minutes into --out (png + md table)")
-    p.add_argument("--export-student", metavar="CKPT",
-                   help="write CKPT's weights in half precision to --out (default results/student-demo.pt, "
-                        "the shipped student, which is replaced only when --out names it)")
-    p.add_argument("--export-onnx", metavar="PATH",
-                   help="write the network of --ckpt (default: the shipped student) as an ONNX model to PATH, "
-                        "checked against torch (dynamic batch and input size); run it with --mode predict --onnx")
-    p.add_argument("--write-mpii-release", metavar="DIR",
-                   help="render the stand-in benchmark at paper size into DIR in MPII's own layout "
-                        "(mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of --mpii-root before the real data")
-    p.add_argument("--reproduce", action="store_true",
-                   help="run the claims protocol (README): skips finished runs, resumes cut-off ones, then --report")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="with --reproduce: fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
-                        "runs/protocol/<run>.log")
-    p.add_argument("--only", nargs="+", default=["*"], metavar="GLOB",
-                   help="with --reproduce: only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
-                        "full/synthetic-only (the probe is 'probe')")
-    p.add_argument("--probe", nargs="?", const="v1", choices=tuple(PROBES), metavar="v1|v2",
-                   help="the informativeness probe of claim 3 from --init (README): v1 (the default) writes "
-                        "results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}")
-    p.add_argument("--report", action="store_true",
-                   help="rebuild results/claims.{json,md,png} and the README's claims table from results/protocol")
-    p.add_argument("--domain-gap", type=int, metavar="N",
-                   help="render N scenes per style and per style factor switched (seed 7000), evaluate --ckpt "
-                        "(default: the shipped student) on each; writes domain-gap.{json,md} into --out "
-                        "(default results/domain-gap/); README, 'Where the domain gap comes from'")
-    p.add_argument("--score-mpii", nargs=2, metavar=("PRED", "GT"),
-                   help="score MPII multi-person predictions (.mat pred struct or .json) against a ground-truth "
-                        "annotation list with the official rules; prints the table and 'mAP <value>'")
-    demo, paper = Config(), PRESETS["paper"]
+# Config's flags in groups, for --help and for saying which flags a job takes. A field missing
+# here (a new one) is listed under "other" and taken by the --mode runs only.
+FLAG_GROUPS = {
+    "what to run": ("mode", "preset"),
+    "data": ("data", "coco_root", "train_json", "train_images", "val_json", "val_images", "synthetic_json",
+             "bank_json", "demo_dir", "demo_size", "demo_val", "train_subset", "skeleton", "mpii_root"),
+    "method": ("synthetic_loss", "paste_mean", "paste_min"),
+    "network": ("arch", "stages", "width", "pretrained"),
+    "geometry": ("input_size", "stride", "sigma", "paf_width", "person_fraction", "scale_range", "max_rotation",
+                 "max_center_offset", "flip_prob"),
+    "optimisation": ("batch_size", "real_share", "lr", "beta1", "weight_decay", "lr_schedule", "lr_step",
+                     "lr_gamma", "steps", "minutes", "init"),
+    "inference": ("eval_height", "eval_scales", "eval_flip"),
+    "evaluation during training": ("max_val_images", "eval_steps", "eval_init", "eval_minutes"),
+    "teacher": ("teacher_attribute", "teacher_arch", "teacher_data", "teacher_interval", "bins", "teacher_step",
+                "teacher_uniform", "teacher_stratified", "teacher_min_bin"),
+    "run": ("seed", "out", "resume", "ckpt_every", "log_every"),
+    "checkpoint and input": ("ckpt", "input", "onnx"),
+    "machine": ("workers", "device", "amp", "threads", "compile"),
+}
+
+
+def flag_groups() -> dict[str, tuple[str, ...]]:
+    """FLAG_GROUPS, and "other" for any Config field they do not name."""
+    named = {n for names in FLAG_GROUPS.values() for n in names}
+    return FLAG_GROUPS | {"other": tuple(f.name for f in dataclasses.fields(Config) if f.name not in named)}
+
+
+def config_fields(*groups: str, plus: tuple[str, ...] = (), minus: tuple[str, ...] = ()) -> tuple[str, ...]:
+    names = [n for g in groups for n in flag_groups()[g]] + list(plus)
+    return tuple(n for n in names if n not in minus)
+
+
+def config_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def job_count(text: str) -> int:
+    """--jobs N: refused by the parser unless a whole number of 1 or more."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def protocol_glob(glob: str) -> str:
+    """--only GLOB: refused by the parser when it matches no run of the claims protocol."""
+    names = [r.name for r in protocol_runs()] + [d.name for d in PROBES.values()]
+    if not any(matches(n, (glob,)) for n in names):
+        raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like {names[0]}, "
+                                         "full/augmented-mask-s1, full/synthetic-only or probe")
+    return glob
+
+
+def start_job(cfg: Config) -> tuple[int, int, torch.device]:
+    """Threads, the device (and torchrun's ranks), the seeds: for the jobs that compute."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup_distributed(cfg)
+    seed_everything(cfg.seed + rank)
+    return rank, world, device
+
+
+def train_job(cfg: Config, args: argparse.Namespace) -> None:
+    rank, world, device = start_job(cfg)
+    if cfg.mode == "predict":  # no dataset: the user's own images
+        run_predict(cfg, device)
+        return
+    data = load_data(cfg)
+    if cfg.mode == "eval":
+        run_eval(cfg, data, device)
+    else:
+        run_training(cfg, data, device, rank, world)
+
+
+def reproduce_job(cfg: Config, args: argparse.Namespace) -> None:
+    run_protocol(jobs=args.jobs, only=tuple(args.only))
+
+
+def report_job(cfg: Config, args: argparse.Namespace) -> None:
+    report_protocol()
+
+
+def probe_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    design = PROBES[args.probe]
+    probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
+    write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
+    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
+
+
+def domain_gap_job(cfg: Config, args: argparse.Namespace) -> None:
+    run_domain_gap(cfg, args.domain_gap, start_job(cfg)[2])
+
+
+def bench_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    bench(cfg, load_data(cfg), device)
+
+
+def bench_targets_job(cfg: Config, args: argparse.Namespace) -> None:
+    start_job(cfg)
+    bench_targets(cfg, load_data(cfg))
+
+
+def gpu_report_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    gpu_report(cfg, load_data(cfg), device)
+
+
+def compare_job(cfg: Config, args: argparse.Namespace) -> None:
+    compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
+
+
+def export_student_job(cfg: Config, args: argparse.Namespace) -> None:
+    # an --out the user names is theirs to replace; the default never is
+    export_student(args.export_student, Path(cfg.out or SHIPPED_STUDENT), replace=bool(cfg.out))
+
+
+def export_onnx_job(cfg: Config, args: argparse.Namespace) -> None:
+    export_onnx(cfg, Path(args.export_onnx))
+
+
+def mpii_release_job(cfg: Config, args: argparse.Namespace) -> None:
+    out = write_mpii_rehearsal(Path(args.write_mpii_release))
+    print(f"MPII-layout rehearsal set: {out / MPII_RELEASE} and {out / 'images'}; train on it with "
+          f"python repro.py --preset paper --mpii-root {out}")
+
+
+def score_mpii_job(cfg: Config, args: argparse.Namespace) -> None:
+    score_mpii_files(*args.score_mpii)
+
+
+class Job(NamedTuple):
+    """A job of the command line: its own flags (the first one names it; a --mode run has none),
+    the Config fields it reads (its parser takes their flags and no other), and what it runs."""
+    own: tuple[tuple[str, dict], ...]
+    fields: tuple[str, ...]
+    run: types.FunctionType
+
+
+def own_flag(name: str, help: str, **kwargs) -> tuple[str, dict]:
+    return name, dict(help=help, **kwargs)
+
+
+TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag, no job flag
+
+
+# What each job reads of Config, from its function: bench and gpu_report fix the mode (augmented) and
+# the steps, gpu_report also --init, --workers and --compile; bench_targets times both presets'
+# geometries; the domain gap evaluates a checkpoint on rendered sets (its network is the checkpoint's;
+# --preset sets --eval-height). The probe takes a training run's flags, as the protocol passes it its
+# runs' common ones (--minutes, --log-every, --eval-scales, ... it does not read), less those its
+# design fixes (--mode, the sampling) and those of other jobs' inputs (--resume, --ckpt, --input, --onnx).
+JOBS = {
+    TRAIN: Job((), config_fields(*flag_groups()), train_job),
+    "--reproduce": Job((
+        own_flag("--reproduce", "run the claims protocol (README): skips finished runs, resumes cut-off ones, then "
+                 "--report", action="store_true"),
+        own_flag("--jobs", "fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
+                 "runs/protocol/<run>.log", type=job_count, default=1, metavar="N"),
+        own_flag("--only", "only the runs whose names match one of these, e.g. 'scarce/*-s[12]' full/synthetic-only "
+                 "(the probe is 'probe')", nargs="+", type=protocol_glob, default=["*"], metavar="GLOB")),
+        (), reproduce_job),
+    "--report": Job((own_flag("--report", "rebuild results/claims.{json,md,png} and the README's claims table from "
+                              "results/protocol", action="store_true"),), (), report_job),
+    "--probe": Job((own_flag("--probe", "the informativeness probe of claim 3 from --init (README): v1 (the default) "
+                             "writes results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}",
+                             nargs="?", const="v1", choices=tuple(PROBES), metavar="v1|v2"),),
+                   config_fields(*flag_groups(), minus=("mode", "teacher_uniform", "teacher_stratified", "resume",
+                                                        "ckpt", "input", "onnx")), probe_job),
+    "--domain-gap": Job((own_flag("--domain-gap", "render N scenes per style and per style factor switched (seed "
+                                  "7000), evaluate --ckpt (default: the shipped student) on each; writes "
+                                  "domain-gap.{json,md} into --out (default results/domain-gap/); README, 'Where the "
+                                  "domain gap comes from'", type=int, metavar="N"),),
+                        config_fields("inference", plus=("preset", "ckpt", "out", "seed", "device", "amp",
+                                                         "threads")), domain_gap_job),
+    "--bench": Job((own_flag("--bench", "print speed figures and exit", action="store_true"),),
+                   config_fields("data", "method", "network", "geometry", "inference", "machine", plus=(
+                       "preset", "batch_size", "real_share", "lr", "beta1", "weight_decay", "init", "seed")),
+                   bench_job),
+    "--bench-targets": Job((own_flag("--bench-targets", "time heatmap + PAF targets against Lightweight OpenPose's "
+                                     "loops at the demo and paper geometries (one thread) and exit",
+                                     action="store_true"),),
+                           config_fields("data", "geometry", plus=("preset",), minus=(
+                               "input_size", "stride", "sigma", "paf_width", "max_center_offset")), bench_targets_job),
+    "--gpu-report": Job((own_flag("--gpu-report", "the device figures of one call (training img/s eager and "
+                                  "compiled, FLOPs per image, MFU, loader ratio, teacher update, a torchrun check) "
+                                  "into results/gpu-bench/, and exit", action="store_true"),),
+                        config_fields("data", "method", "network", "geometry", "teacher", plus=(
+                            "preset", "batch_size", "real_share", "lr", "beta1", "weight_decay", "seed", "out",
+                            "device", "amp", "threads")), gpu_report_job),
+    "--compare": Job((own_flag("--compare", "plot val metrics of these run folders against minutes into --out (png + "
+                               "md table)", nargs="+", metavar="RUN"),), ("out",), compare_job),
+    "--export-student": Job((own_flag("--export-student", "write CKPT's weights in half precision to --out (default "
+                                      "results/student-demo.pt, the shipped student, which is replaced only when "
+                                      "--out names it)", metavar="CKPT"),), ("out",), export_student_job),
+    "--export-onnx": Job((own_flag("--export-onnx", "write the network of --ckpt (default: the shipped student) as an "
+                                   "ONNX model to PATH, checked against torch (dynamic batch and input size); run it "
+                                   "with --mode predict --onnx", metavar="PATH"),), ("ckpt",), export_onnx_job),
+    "--write-mpii-release": Job((own_flag("--write-mpii-release", "render the stand-in benchmark at paper size into "
+                                          "DIR in MPII's own layout (mpii_human_pose_v1_u12_1.mat + images/), a "
+                                          "rehearsal of --mpii-root before the real data", metavar="DIR"),),
+                                (), mpii_release_job),
+    "--score-mpii": Job((own_flag("--score-mpii", "score MPII multi-person predictions (.mat pred struct or .json) "
+                                  "against a ground-truth annotation list with the official rules; prints the table "
+                                  "and 'mAP <value>'", nargs=2, metavar=("PRED", "GT")),), (), score_mpii_job),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one line on stderr (exit status 2), as repro.py's
+    other input errors are, saying where the job's flags are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
+
+
+def job_flags(flag: str) -> set[str]:
+    """Every option string of a job's parser but -h/--help."""
+    job, demo = JOBS[flag], Config()
+    flags = {name for name, _ in job.own} | {config_flag(n) for n in job.fields}
+    return flags | {"--no-" + n.replace("_", "-") for n in job.fields if isinstance(getattr(demo, n), bool)}
+
+
+def flag_usage(name: str, kwargs: dict) -> str:
+    metavar, nargs = kwargs.get("metavar"), kwargs.get("nargs")
+    if kwargs.get("action") == "store_true":
+        return name
+    if isinstance(metavar, tuple):
+        return " ".join((name, *metavar))
+    return {"+": f"{name} {metavar} [{metavar} ...]", "?": f"{name} [{metavar}]"}.get(nargs, f"{name} {metavar}")
+
+
+def own_usage(flag: str) -> str:
+    job = JOBS[flag]
+    return " ".join([flag_usage(*job.own[0])] + [f"[{flag_usage(*o)}]" for o in job.own[1:]])
+
+
+def fields_in_words(fields: tuple[str, ...]) -> str:
+    """A job's Config flags: whole groups by name, the others flag by flag."""
+    groups = [g for g, names in flag_groups().items() if names and set(names) <= set(fields)]
+    whole = {n for g in groups for n in flag_groups()[g]}
+    single = " ".join(config_flag(n) for n in fields if n not in whole)
+    return " and ".join(filter(None, [f"the flags of {', '.join(groups)}" if groups else "", single]))
+
+
+def jobs_epilog() -> str:
+    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes."""
+    import textwrap
+
+    lines = ["the other jobs, one per call, each taking only its own flags (python repro.py JOB --help):"]
+    for flag, job in JOBS.items():
+        if flag:
+            text = job.own[0][1]["help"] + (f"; takes {fields_in_words(job.fields)}" if job.fields else "")
+            lines += ["  " + own_usage(flag)]
+            lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                   break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def add_config_flags(p: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
+    """The flags of these Config fields, by group; help shows the demo and paper defaults."""
+    demo, paper, meta = Config(), PRESETS["paper"], {f.name: f.metadata for f in dataclasses.fields(Config)}
 
     def shown(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    for f in dataclasses.fields(Config):
-        value = getattr(demo, f.name)
-        default = f"demo: {shown(value)}"
-        if paper.get(f.name, value) != value:
-            default += f", paper: {shown(paper[f.name])}"
-        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{default}]"
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(value, tuple):
-            p.add_argument(flag, type=float, nargs="*", default=None, help=text)
-        else:
-            p.add_argument(flag, type=type(value) if value is not None else str, default=None,
-                           choices=f.metadata["choices"], help=text)
+    for title, names in flag_groups().items():
+        names = [n for n in names if n in fields]
+        group = p.add_argument_group(title) if names else None
+        for name in names:
+            value = getattr(demo, name)
+            default = f"demo: {shown(value)}"
+            if paper.get(name, value) != value:
+                default += f", paper: {shown(paper[name])}"
+            flag, text = config_flag(name), f"{meta[name]['help']} [{default}]"
+            if isinstance(value, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif isinstance(value, tuple):
+                group.add_argument(flag, type=float, nargs="*", default=None, help=text)
+            else:
+                group.add_argument(flag, type=type(value) if value is not None else str, default=None,
+                                   choices=meta[name]["choices"], help=text)
+
+
+def build_parser(flag: str = TRAIN) -> argparse.ArgumentParser:
+    """A job's parser: its own flags and the Config flags it reads. A --mode run's (the default) takes
+    every Config flag, and its --help ends with the other jobs."""
+    job = JOBS[flag]
+    if flag:
+        usage = f"repro.py {own_usage(flag)}" + (" [its flags below]" if job.fields else "")
+        p = OneLineParser(prog=f"repro.py {flag}", usage=usage, description=job.own[0][1]["help"])
+    else:
+        p = OneLineParser(prog="repro.py", usage="repro.py [--mode MODE] [its flags below]\n       repro.py JOB "
+                          "[its flags] (the jobs are listed at the end)", description=__doc__.split("\n\n")[0],
+                          epilog=jobs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, kwargs in job.own:
+        p.add_argument(name, **kwargs)
+    add_config_flags(p, job.fields)
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Config defaults, then the preset, then the flags given."""
-    args = build_parser().parse_args(argv)
-    values = dataclasses.asdict(Config()) | PRESETS[args.preset or "demo"]
-    values |= {k: v for k, v in vars(args).items() if v is not None and k in values}
+def pick_job(argv: list[str]) -> str:
+    """The job whose flag argv gives (TRAIN for none); argparse refuses two jobs at once. What the
+    job's flag is given is left to the job's own parser."""
+    picker = OneLineParser(prog="repro.py", add_help=False, allow_abbrev=False)
+    jobs = picker.add_mutually_exclusive_group()
+    for flag in JOBS:
+        if flag:
+            jobs.add_argument(flag, nargs="*", default=None)
+    picked, _ = picker.parse_known_args(argv)
+    return next((flag for flag in JOBS if flag and getattr(picked, flag[2:].replace("-", "_")) is not None), TRAIN)
+
+
+def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str]) -> None:
+    """argparse's refusal of what a job does not take, naming the jobs whose flags those are."""
+    notes = []
+    for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
+        owners = [f or "the --mode runs" for f in JOBS if word in job_flags(f)]
+        notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
+    parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
+                 + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def job_config(flag: str, args: argparse.Namespace) -> Config:
+    """Config defaults, then the preset, then the flags given; --init resolved for the jobs that read it."""
+    fields = JOBS[flag].fields
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
+    values = dataclasses.asdict(Config()) | PRESETS[given.get("preset", "demo")] | given
     values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-    if args.mpii_root and args.skeleton is None:
+    if given.get("mpii_root") and "skeleton" not in given:
         values["skeleton"] = "mpii"
-    return resolve_init(Config(**values), lr_given=args.lr is not None), args
+    cfg = Config(**values)
+    return resolve_init(cfg, lr_given="lr" in given) if {"init", "lr"} & set(fields) else cfg
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode run)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flag = pick_job(argv)
+    parser = build_parser(flag)
+    if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
+        parser.print_help()
+        parser.exit()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        refuse_flags(parser, flag, extra)
+    args.job = flag
+    return job_config(flag, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5036,59 +5319,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_args(argv)
+    try:
+        cfg, args = parse_args(argv)
+    except SystemExit as e:  # --help (0), or the parser refused the command line in one line (2)
+        return int(e.code or 0)
     try:
         check_config(cfg)
-        if args.compare:
-            compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
-            return 0
-        if args.score_mpii:
-            score_mpii_files(*args.score_mpii)
-            return 0
-        if args.export_student:  # an --out the user names is theirs to replace; the default never is
-            export_student(args.export_student, Path(cfg.out or SHIPPED_STUDENT), replace=bool(cfg.out))
-            return 0
-        if args.export_onnx:
-            export_onnx(cfg, Path(args.export_onnx))
-            return 0
-        if args.write_mpii_release:
-            out = write_mpii_rehearsal(Path(args.write_mpii_release))
-            print(f"MPII-layout rehearsal set: {out / MPII_RELEASE} and {out / 'images'}; train on it with "
-                  f"python repro.py --preset paper --mpii-root {out}")
-            return 0
-        if args.reproduce or args.jobs != 1 or args.only != ["*"]:
-            check_protocol_flags(args.reproduce, args.jobs, tuple(args.only))
-            run_protocol(jobs=args.jobs, only=tuple(args.only))
-            return 0
-        if args.report:
-            report_protocol()
-            return 0
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        rank, world, device = setup_distributed(cfg)
-        seed_everything(cfg.seed + rank)
-        if args.domain_gap is not None:
-            run_domain_gap(cfg, args.domain_gap, device)
-            return 0
-        if cfg.mode == "predict":  # no dataset: the user's own images
-            run_predict(cfg, device)
-            return 0
-        data = load_data(cfg)
-        if args.bench_targets:
-            bench_targets(cfg, data)
-        elif args.gpu_report:
-            gpu_report(cfg, data, device)
-        elif args.bench:
-            bench(cfg, data, device)
-        elif args.probe:
-            design = PROBES[args.probe]
-            probe = run_probe(cfg, data, device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
-            write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
-            save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
-        elif cfg.mode == "eval":
-            run_eval(cfg, data, device)
-        else:
-            run_training(cfg, data, device, rank, world)
+        JOBS[args.job].run(cfg, args)
     except (ReproError, rh.RenderError) as e:
         print(f"repro.py: error: {e}", file=sys.stderr)
         return 2

@@ -1327,7 +1327,9 @@ def test_a_users_default_run_eval_and_compare_write_into_runs_never_into_results
 def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
     run = tmp_path / "run"
     assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
-    assert R.main(toy_args(toy, tmp_path / "unused", "--bench", "--init", str(run / "ckpt.pt"))) == 0
+    bench = [a for a in toy_args(toy, tmp_path / "unused") if a not in ("--out", str(tmp_path / "unused"))]
+    bench = bench[:bench.index("--log-every")] + bench[bench.index("--log-every") + 2:]  # the bench logs nothing
+    assert R.main(bench + ["--bench", "--init", str(run / "ckpt.pt")]) == 0
     out = capsys.readouterr().out
     precision = R.precision(torch.device("cpu"), R.Config())
     for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
@@ -1563,6 +1565,100 @@ def run_main_error(capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("repro.py: error:"), err
     return err[0]
+
+
+# ---- the command line: one job per call, each with only its own flags ---------------------------
+
+def readme_commands() -> list[list[str]]:
+    """The README's complete `python repro.py ...` commands: code-block lines and one-line inline
+    spans, without placeholders (`--seed S`), alternatives ([a | b]) or --help."""
+    import re
+    import shlex
+
+    found, fenced = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif fenced and re.match(r"\s*(\$ )?python repro\.py", line):
+            found.append(line.split("python repro.py", 1)[1].split("#")[0])
+        elif not fenced:
+            found += re.findall(r"`python repro\.py([^`]*)`", line)
+    commands = [shlex.split(c) for c in found if "[" not in c and "--help" not in c and " S " not in c]
+    return [c for c in commands if c]
+
+
+README_JOB_COMMANDS = [  # the README's job commands that wrap over lines there
+    ["--probe", "v2", "--init", "results/student-demo-scarce.pt"], ["--bench", "--stages", "2"],
+    ["--bench", "--width", "48"], ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
+    ["--gpu-report", "--preset", "paper", "--input-size", "64", "--batch-size", "4", "--stages", "2", "--demo-size",
+     "small", "--device", "cpu", "--out", "/tmp/gpurep"], ["--write-mpii-release", "data/mpii-rehearsal"]]
+
+
+def test_the_readme_commands_parse_to_the_config_they_always_did():
+    commands = readme_commands()
+    assert len(commands) > 40 and ["--mode", "augmented"] in commands and ["--report"] in commands
+    jobs = {R.parse_args(argv)[1].job for argv in commands + README_JOB_COMMANDS}  # none is refused
+    assert jobs == set(R.JOBS)
+    asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
+    cfg, args = R.parse_args(["--mode", "augmented"])
+    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), lr_given=False)
+    cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15", "--seed", "0",
+                           "--out", "runs/curve-s0"])
+    assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
+                                          out="runs/curve-s0"), lr_given=False)
+    cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out", "runs/mpii-real"])
+    assert cfg == R.Config(**asdict(R.Config()) | paper | dict(preset="paper", mode="real", mpii_root="DIR",
+                                                               skeleton="mpii", out="runs/mpii-real", init=None))
+    cfg, args = R.parse_args(["--probe", "v2", "--init", "results/student-demo-scarce.pt"])
+    assert args.probe == "v2" and cfg == R.resolve_init(R.Config(init="results/student-demo-scarce.pt"), False)
+    cfg, args = R.parse_args(["--export-student", "runs/real/ckpt.pt", "--out", "results/student-demo.pt"])
+    assert (args.export_student, cfg.out) == ("runs/real/ckpt.pt", "results/student-demo.pt")
+    cfg, args = R.parse_args(["--score-mpii", "PRED.mat", "GT.mat"])
+    assert args.score_mpii == ["PRED.mat", "GT.mat"] and cfg == R.Config()  # reads no Config, loads nothing
+    cfg, args = R.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
+    assert args.domain_gap == 120 and cfg == R.Config(eval_scales=(1.0,))
+    cfg, _ = R.parse_args(README_JOB_COMMANDS[-2])
+    assert cfg == R.resolve_init(R.Config(**asdict(R.Config()) | paper | dict(
+        preset="paper", input_size=64, batch_size=4, stages=2, demo_size="small", device="cpu",
+        out="/tmp/gpurep")), False)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag of --reproduce)"),
+    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of --reproduce)"),
+    (["--report", "--seed", "3"], "--report does not take --seed 3 (--seed is a flag of the --mode runs, --probe"),
+    (["--mode", "real", "--report"], "--report does not take --mode real"),
+    (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
+    (["--bench", "--mode", "real"], "--bench does not take --mode real"),
+    (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
+    (["--report", "--bench"], "argument --bench: not allowed with argument --report"),
+    (["--reproduce", "--jobs", "2", "--probe", "v2"], "argument --probe: not allowed with argument --reproduce"),
+    (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
+])
+def test_each_job_takes_only_its_own_flags_and_one_job_at_a_time(capsys, argv, words):
+    assert words in run_main_error(capsys, argv)  # argparse's refusal: exit status 2, one line
+
+
+def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
+    for argv in (["--report", "--seed", "3"], ["--bench", "--report"]):
+        r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *argv], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("repro.py: error: "), r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
+
+
+def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
+    fields = [f.name for f in R.dataclasses.fields(R.Config)]
+    assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)  # each once
+    assert R.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
+    assert all(f"\n  {flag}" in out.split("the other jobs")[1] for flag in R.JOBS if flag)
+    for flag, job in R.JOBS.items():
+        assert set(job.fields) <= set(fields) and (flag == R.TRAIN) == (set(job.fields) == set(fields))
+        if flag:
+            assert R.main([flag, "--help"]) == 0  # also where the flag wants a value: --compare --help
+            assert capsys.readouterr().out.startswith(f"usage: repro.py {flag}")
 
 
 def test_missing_coco_root(capsys, tmp_path):
@@ -2578,11 +2674,18 @@ def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_pa
     assert {threads for _, threads in seen} == {str(max(1, (os.cpu_count() or 1) // 2))}
     assert json.loads((R.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
     assert (R.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
-    with pytest.raises(R.ReproError, match="matches no protocol run"):
-        R.check_protocol_flags(True, 1, ("full/*", "scarce/nothing-*"))
-    with pytest.raises(R.ReproError, match="--jobs"):
-        R.check_protocol_flags(True, 0, ("*",))
     assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
+
+
+def test_the_protocols_flags_are_checked_by_its_parser(capsys):
+    line = run_main_error(capsys, ["--reproduce", "--only", "full/*", "scarce/nothing-*"])
+    assert "argument --only: 'scarce/nothing-*' matches no protocol run" in line
+    for jobs in ("0", "-1", "two"):
+        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(capsys, ["--reproduce",
+                                                                                                  "--jobs", jobs])
+    _, args = R.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
+    assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
+    assert R.parse_args(["--reproduce"])[1].only == ["*"]
 
 
 LIVE_RUN = """#!{python}
@@ -2765,7 +2868,7 @@ def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
 
 
 def test_protocol_conditions_mean_what_their_names_say():
-    cfgs = {name: R.parse_args(flags)[0] for name, flags in R.CONDITIONS.items()}
+    cfgs = {name: R.parse_args(c.flags)[0] for name, c in R.CONDITIONS.items()}
     gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
     cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
     real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
@@ -2781,10 +2884,44 @@ def test_protocol_conditions_mean_what_their_names_say():
         R.check_config(R.dataclasses.replace(cfgs["teacher"], real_share=0.0))
 
 
+def test_every_protocol_condition_records_the_real_crops_its_flags_give():
+    """The claims table prints each condition's recorded real crops per step: they are what its
+    runs' flags give (parsed here once per condition, never by the report)."""
+    seen = {}
+    for run in R.protocol_runs():
+        if run.condition not in seen:
+            cfg, _ = R.parse_args(run.argv)
+            seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
+    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.V2_CONDITIONS
+    assert set(seen) == set(records) - set(R.SAME_RUNS)
+    assert all(records[c].real_crops == n for c, n in seen.items())
+    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c]) for c in R.SAME_RUNS)
+
+
+def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a table row parsed a command line or loaded a checkpoint")
+
+    for name in ("parse_args", "build_parser", "resolve_init", "load_checkpoint"):
+        monkeypatch.setattr(R, name, refuse)
+    monkeypatch.setattr(R.torch, "load", refuse)
+    conditions = ("student", "synthetic-only", "real", "augmented-mask", "synthetic", "synthetic-3000")
+    runs = [dict(name=f"scarce/{c}-s0", condition=c, regime="scarce", seed=0, steps=800, minutes=1.0, ap=0.1,
+                 ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
+                 init=None if c in ("student", "synthetic-only") else "scarce/student") for c in conditions]
+    claims = dict(runs=runs, progress=dict(finished=6, total=39, probe=False), teacher={},
+                  verdicts=R.claim_verdicts(runs, None))
+    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
+    assert {row[1]: row[2] for row in rows} == {
+        "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8", "synthetic": "8",
+        "uniform (= synthetic's runs)": "8", "synthetic-3000": "8", "uniform-3000 (= synthetic-3000's runs)": "8"}
+
+
 def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy, tmp_path):
     batches = []
     for name in ("synthetic", "uniform"):
-        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name], "--steps", "3", "--workers", "0"))
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name].flags, "--steps", "3",
+                                       "--workers", "0"))
         trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
         batches.append([])
         for step, batch in itertools.islice(trainer.batches(), 3):
