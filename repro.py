@@ -3328,7 +3328,7 @@ PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from 
 PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
 
 
-def student_export(regime: str) -> Path:
+def regime_student(regime: str) -> Path:
     """A regime's initial student in half precision, committed: every fine-tune of the regime starts
     from it, on any machine, and the full regime's is the demo's shipped student."""
     return SHIPPED_STUDENT if regime == "full" else SHIPPED_STUDENT.with_name(f"student-demo-{regime}.pt")
@@ -3502,7 +3502,7 @@ def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, .
         run_probe_once(PROBE_V1, runs, python)
     rest = [r for r in todo if r.condition != "student"]
     for init in dict.fromkeys(r.init for r in rest if r.init):  # a fine-tune's student, before any job starts
-        if not student_export(runs[init].regime).is_file():
+        if not regime_student(runs[init].regime).is_file():
             print(f"protocol: {init} is missing: training it again from its seed")
             train_protocol_run(runs[init], python)
     if jobs <= 1:
@@ -3519,10 +3519,10 @@ def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: st
     if (PROTOCOL_RESULTS.parent / f"{design.name}.json").is_file():
         return
     student = runs[f"{design.regime}/student"]
-    if not student_export(student.regime).is_file():
+    if not regime_student(student.regime).is_file():
         train_protocol_run(student, python)
     argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
-            str(student_export(student.regime)), "--seed", "0",
+            str(regime_student(student.regime)), "--seed", "0",
             "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
     print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
     process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
@@ -3535,7 +3535,7 @@ def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: st
 
 
 def protocol_argv(run: ProtocolRun) -> list[str]:
-    init = ["--init", str(student_export(run.regime).relative_to(SHIPPED_STUDENT.parent.parent))] if run.init else []
+    init = ["--init", str(regime_student(run.regime).relative_to(SHIPPED_STUDENT.parent.parent))] if run.init else []
     return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
 
 
@@ -3586,7 +3586,7 @@ def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: st
         raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
     folder = PROTOCOL_RUNS / run.name
     if run.condition == "student":
-        export_student(str(folder / "ckpt.pt"), student_export(run.regime), replace=True)
+        export_student(str(folder / "ckpt.pt"), regime_student(run.regime), replace=True)
     PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(run_summary(run, folder, command), summary_path(run))
 
@@ -4248,9 +4248,9 @@ def gap_sets(factors: tuple[str, ...]) -> list[dict]:
     return sets
 
 
-def gap_render_settings(spec: dict, images: int) -> dict:
+def gap_render_settings(spec: dict, images: int, geometries: dict = GAP_GEOMETRIES) -> dict:
     return dict(kind="scenes", num_images=images, seed=GAP_SEED, style=spec["style"],
-                style_factors=tuple(spec["style_factors"]), **GAP_GEOMETRIES[spec["geometry"]])
+                style_factors=tuple(spec["style_factors"]), **geometries[spec["geometry"]])
 
 
 def gap_commands(folder: Path, settings: dict, ckpt: Path, cfg: Config) -> list[str]:
@@ -4318,7 +4318,7 @@ def gap_table(report: dict) -> str:
 
 
 def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = tuple(rh.STYLE_FACTORS),
-                   argv: list[str] | None = None) -> dict:
+                   argv: list[str] | None = None, geometries: dict = GAP_GEOMETRIES) -> dict:
     """Renders every set of gap_sets (cached under the sets folder), evaluates the checkpoint (default:
     the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/domain-gap/)."""
     if images < 1:
@@ -4331,10 +4331,10 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
     sets_root = (out / "domain-gap-sets" if cfg.out else Path("runs/domain-gap")) / f"n{images}"
     specs = gap_sets(factors)
     for spec in specs:  # every setting checked before anything is rendered
-        rh.validate(rh.make_config(gap_render_settings(spec, images)))
+        rh.validate(rh.make_config(gap_render_settings(spec, images, geometries)))
     t0, rows = time.perf_counter(), {}
     for spec in specs:
-        folder, settings = sets_root / spec["name"], gap_render_settings(spec, images)
+        folder, settings = sets_root / spec["name"], gap_render_settings(spec, images, geometries)
         t = time.perf_counter()
         ann = rh.render_dataset(folder, progress=False, **settings)
         t_render = time.perf_counter() - t
@@ -4353,7 +4353,7 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
             rows[spec["name"]] |= gap_reading(spec, rows[spec["name"]], rows)
     command = "python repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = dict(rule=GAP_RULE, command=command, checkpoint=str(ckpt), device=str(device), seed=GAP_SEED,
-                  images_per_set=images, eval_scales=list(cfg.eval_scales), geometries=GAP_GEOMETRIES,
+                  images_per_set=images, eval_scales=list(cfg.eval_scales), geometries=geometries,
                   factors={f: rh.STYLE_FACTORS[f] for f in factors}, code_version=code_version(),
                   wall_minutes=round((time.perf_counter() - t0) / 60, 2),
                   sets=[{k: v for k, v in r.items() if k != "_draws"} for r in rows.values()])

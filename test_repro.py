@@ -2631,7 +2631,7 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     def train(run, python):
         trained.append(run.name)
         if run.condition == "student":
-            R.student_export(run.regime).write_bytes(b"")
+            R.regime_student(run.regime).write_bytes(b"")
     monkeypatch.setattr(R, "train_protocol_run", train)
     R.run_protocol()
     assert "full/real-s0" not in trained and trained[0] == "scarce/student"
@@ -2709,8 +2709,8 @@ def _protocol_sandbox(tmp_path, monkeypatch, script):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
     for regime in R.PROTOCOL_REGIMES:
-        R.student_export(regime).parent.mkdir(parents=True, exist_ok=True)
-        R.student_export(regime).write_bytes(b"")
+        R.regime_student(regime).parent.mkdir(parents=True, exist_ok=True)
+        R.regime_student(regime).write_bytes(b"")
     fake = tmp_path / "fake-python"
     fake.write_text(script.format(python=sys.executable, root=str(ROOT)))
     fake.chmod(0o755)
@@ -2814,9 +2814,10 @@ def test_claims_table_keeps_each_devices_minutes_apart():
 
 def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path, monkeypatch, capsys):
     import shlex
-    monkeypatch.setattr(R, "GAP_GEOMETRIES", {k: dict(v, image_size=64) for k, v in R.GAP_GEOMETRIES.items()})
+    small = {k: dict(v, image_size=64) for k, v in R.GAP_GEOMETRIES.items()}
     cfg, _ = R.parse_args(["--eval-scales", "1.0", "--out", str(tmp_path / "gap"), "--threads", "2"])
-    report = R.run_domain_gap(cfg, 2, torch.device("cpu"), factors=("lighting",), argv=["--domain-gap", "2"])
+    report = R.run_domain_gap(cfg, 2, torch.device("cpu"), factors=("lighting",), argv=["--domain-gap", "2"],
+                              geometries=small)
     names = [r["name"] for r in report["sets"]]
     assert names == ["synthetic", "synthetic-lighting", "synthetic-geometry", "standin", "standin-lighting",
                      "standin-geometry"]
