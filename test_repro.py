@@ -628,10 +628,9 @@ def test_progress_off_a_terminal_is_sparse_plain_lines(monkeypatch):
 
 
 # ==============================================================================================
-# repro.py: targets, flips, masks, compositing, grouping, evaluation, training regimes
+# Shared fixtures: toy COCO-format sets of stick figures (no GL needed), their MPII relabelling, and
+# the helpers of every section (a refused command line, waiting on a process)
 # ==============================================================================================
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
-
 # A standing stick figure in a 1 x 2 box (x right, y down), COCO order.
 TEMPLATE = np.array([[0.5, 0.14], [0.58, 0.08], [0.42, 0.08], [0.66, 0.12], [0.34, 0.12], [0.72, 0.3], [0.28, 0.3],
                      [0.74, 0.52], [0.26, 0.52], [0.78, 0.74], [0.22, 0.74], [0.6, 0.98], [0.4, 0.98],
@@ -729,32 +728,52 @@ def toy_args(toy, out, *extra):
             "--eval-height", "64", "--eval-scales", "1.0", "--log-every", "1", "--threads", "2", *extra]
 
 
-def toy_config(**kw):
-    cfg, _ = R.parse_args(["--input-size", "64", "--batch-size", "4"])
-    return R.dataclasses.replace(cfg, **kw)
+COCO_TO_MPII = {0: 16, 1: 14, 2: 12, 3: 11, 4: 13, 5: 15, 10: 10, 11: 8, 12: 6, 13: 5, 14: 7, 15: 9}
 
 
-def perfect_people(kset, cfg):
-    """Per record, the people decoded from grid maps built from the ground truth, exactly as
-    network output would be."""
-    sk, found = kset.skeleton, []
-    for rec in kset.records:
-        base = cfg.eval_height / rec.height
-        hb, wb = round(rec.height * base), round(rec.width * base)
-        kp = torch.as_tensor(rec.keypoints).clone()
-        kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
-        size = (hb + (-hb % cfg.stride), wb + (-wb % cfg.stride))
-        grid = torch.cat([R.paf_targets(kp[None], size, cfg.stride, cfg.paf_width, sk.limbs),
-                          R.heatmap_targets(kp[None], size, cfg.stride, cfg.sigma)], 1)
-        found.append(R.decode_maps(R.upsample_maps(grid, cfg.stride, (hb, wb))[0], base, sk))
-    return found
+def relabel_mpii(path: Path) -> Path:
+    """A toy COCO-format set relabelled with MPII's 16 joints, beside the original: thorax and
+    pelvis at the shoulder and hip midpoints, upper neck between thorax and nose, head top above."""
+    data = json.loads(path.read_text())
+    for a in data["annotations"]:
+        c = np.array(a["keypoints"], np.float32).reshape(17, 3)
+        m = np.zeros((16, 3), np.float32)
+        if a.get("num_keypoints", 1):
+            for j, k in COCO_TO_MPII.items():
+                m[j] = c[k]
+            m[6], m[7] = (c[11] + c[12]) / 2, (c[5] + c[6]) / 2
+            m[8] = (c[0] + m[7]) / 2
+            m[9] = 2 * c[0] - m[8]
+            m[6:10, 2] = 2
+        a["keypoints"], a["num_keypoints"] = m.flatten().tolist(), int((m[:, 2] > 0).sum())
+    out = path.with_name("mpii.json")
+    out.write_text(json.dumps(data))
+    return out
 
 
-def perfect_results(kset, cfg):
-    results = [r for rec, people in zip(kset.records, perfect_people(kset, cfg))
-               for r in R.coco_results(rec.image_id, people)]
-    return R.coco_eval(kset.json_path, results, [r.image_id for r in kset.records])
+@pytest.fixture(scope="module")
+def mpii_toy(toy):
+    return {k: relabel_mpii(v) for k, v in toy.items()}
 
+
+def run_main_error(capsys, argv):
+    capsys.readouterr()
+    assert R.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("repro.py: error:"), err
+    return err[0]
+
+
+def _wait_for(condition, seconds=120.0):  # generous: CI machines may be loaded
+    deadline = R.time.time() + seconds
+    while not condition():
+        assert R.time.time() < deadline, "timed out"
+        R.time.sleep(0.1)
+
+
+# ==============================================================================================
+# repro.py, in the order of its sections
+# ==============================================================================================
 
 # ---- the file's layout: the method first, the tooling after it, calls that go one way ------------
 
@@ -798,25 +817,193 @@ def test_the_docstring_gives_each_part_its_lines_and_no_function_is_long():
         assert not long, f"{path}: functions over 60 lines: {long}"
 
 
-# ---- targets, grouping and evaluation pinned together -----------------------------------------
+# ==============================================================================================
+# Part I: the method, in the order one training step's data flows
+# ==============================================================================================
 
-@pytest.mark.parametrize("preset", ["demo", "paper"])
-def test_perfect_maps_give_ap_1(toy, preset):
-    cfg, _ = R.parse_args(["--preset", preset])
+# ---- Config: every setting once, with its help text ----------------------------------------------
+
+@pytest.mark.parametrize("argv,words", [
+    (["--batch-size", "0"], "--batch-size must be at least 2"),
+    (["--mode", "real", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--mode", "student-teacher", "--bins", "0"], "--bins must be at least 2"),
+    (["--mode", "student-teacher", "--bins", "1"], "--bins must be at least 2"),
+    (["--steps", "-5"], "--steps must be 0 or more"),
+    (["--minutes", "-1"], "--minutes must be 0"),
+    (["--input-size", "30"], "multiple of --stride"),
+])
+def test_impossible_settings_are_refused_before_anything_happens(capsys, tmp_path, argv, words):
+    out = tmp_path / "run"
+    assert words in run_main_error(capsys, argv + ["--out", str(out)])
+    assert not out.exists()
+
+
+# ---- Skeletons: one table each (COCO as OpenPose, MPII as the paper's OpenPose-MPI model) --------
+
+def test_mpii_skeleton_tables():
+    sk = R.MPII
+    assert (sk.num_parts, sk.num_limbs, sk.num_heat, sk.num_paf) == (15, 14, 16, 28)
+    for i, j in enumerate(sk.flip_parts):
+        assert sk.parts[j] == R.mirror(sk.parts[i])
+    for (a, b), k in zip(sk.limbs, sk.flip_limbs):
+        assert tuple(sk.limbs[k]) == (sk.flip_parts[a], sk.flip_parts[b])
+    joints = np.zeros((16, 3), np.float32)
+    joints[:, 0], joints[:, 2] = np.arange(16), 2
+    parts = sk.to_parts(joints)
+    assert parts[0, 0] == 9 and parts[1, 0] == 8 and parts[14, 0] == 6.5  # head top, upper neck, centre
+    back = sk.to_joints(parts)
+    scored = [j for j in range(16) if j not in (6, 7)]
+    assert np.array_equal(back[scored], joints[scored]) and (back[[6, 7]] == 0).all()
+    coco = np.zeros((17, 3), np.float32)
+    coco[[5, 6], :2], coco[[5, 6], 2] = [[10, 0], [20, 4]], [2, 1]
+    assert R.COCO.to_parts(coco)[17].tolist() == [15, 2, 1]  # the neck: shoulder midpoint, lower visibility
+
+
+# ---- Datasets: COCO-format json + images (real, stand-in, synthetic scenes, person bank) ---------
+
+def test_person_without_keypoints_goes_into_the_ignore_mask(tmp_path):
+    path = write_toy_set(tmp_path, 1, people=(1, 1))
+    data = json.loads(path.read_text())
+    data["annotations"].append(dict(id=99, image_id=1, category_id=1, iscrowd=0, num_keypoints=0, keypoints=[0] * 51,
+                                    bbox=[100, 100, 20, 20], area=400.0,
+                                    segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
+    path.write_text(json.dumps(data))
+    rec = R.load_keypoint_set(path, tmp_path / "images").records[0]
+    assert len(rec.keypoints) == 1 and (R.ignore_mask(rec)[105:115, 105:115] == 0).all()
+
+
+@pytest.mark.parametrize("name,json_name", [("coco", "test_coco.json"), ("ochuman", "test_ochuman.json")])
+def test_real_fixtures_load_and_evaluate(tmp_path, name, json_name):
+    root = SHARED / "real" / name
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent")
+    kset = R.load_keypoint_set(root / json_name, root)
+    assert len(kset.records) >= 3 and all(r.keypoints.shape[1:] == (18, 3) for r in kset.records)
+    cfg, _ = R.parse_args(["--input-size", "64", "--width", "16", "--stages", "1", "--eval-height", "96",
+                           "--eval-scales", "1.0"])
+    stats, _ = R.evaluate(R.build_model(cfg), kset, cfg, torch.device("cpu"), progress=False)
+    assert set(R.STAT_NAMES) <= set(stats) and stats["images"] == len(kset.records)
+
+
+def test_missing_coco_root(capsys, tmp_path):
+    assert "does not exist" in run_main_error(capsys, ["--mode", "real", "--coco-root", str(tmp_path / "nope")])
+
+
+def test_json_without_keypoints(capsys, tmp_path, toy):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(images=[dict(id=1, file_name="a.jpg", width=8, height=8)],
+                                   annotations=[dict(id=1, image_id=1, category_id=1, bbox=[0, 0, 1, 1], area=1)],
+                                   categories=[dict(id=1, name="person")])))
+    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
+    argv[argv.index("--train-json") + 1] = str(bad)
+    assert "no person keypoints" in run_main_error(capsys, argv)
+
+
+def test_corrupt_json(capsys, tmp_path, toy):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
+    argv[argv.index("--val-json") + 1] = str(bad)
+    assert "not valid json" in run_main_error(capsys, argv)
+
+
+def test_wrong_keypoint_count(capsys, tmp_path, toy):
+    data = json.loads(toy["val"].read_text())
+    data["annotations"][0]["keypoints"] = data["annotations"][0]["keypoints"][:48]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
+    argv[argv.index("--val-json") + 1] = str(bad)
+    assert "expected COCO's 17" in run_main_error(capsys, argv)
+
+
+def test_undecodable_image(capsys, tmp_path, toy):
+    root = tmp_path / "set"
+    path = write_toy_set(root, 2)
+    (root / "images" / "0001.jpg").write_bytes(b"this is not a jpeg")
+    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
+    argv[argv.index("--train-json") + 1] = str(path)
+    argv[argv.index("--train-images") + 1] = str(root / "images")
+    assert "cannot decode image" in run_main_error(capsys, argv)
+
+
+def test_a_json_of_the_other_skeleton_names_the_flag(capsys, tmp_path, mpii_toy, toy):
+    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
+    argv[argv.index("--val-json") + 1] = str(mpii_toy["val"])
+    assert "that is --skeleton mpii" in run_main_error(capsys, argv)
+
+
+# ---- Person-centric crops and compositing --------------------------------------------------------
+
+def toy_config(**kw):
+    cfg, _ = R.parse_args(["--input-size", "64", "--batch-size", "4"])
+    return R.dataclasses.replace(cfg, **kw)
+
+
+@pytest.mark.parametrize("sk", [R.COCO, R.MPII], ids=["coco", "mpii"])
+def test_flip_of_targets_equals_targets_of_flipped_keypoints(sk):
+    rng = np.random.default_rng(0)
+    size, stride, k = 64, 4, sk.num_parts
+    kp = np.zeros((2, 3, k, 3), np.float32)
+    kp[..., :2] = rng.uniform(0, size - 1, (2, 3, k, 2))
+    kp[..., 2] = rng.choice([0, 1, 2], (2, 3, k))
+    flipped = kp[:, :, sk.flip_parts].copy()
+    flipped[..., 0] = size - 1 - flipped[..., 0]
+
+    def targets(k):
+        return torch.cat([R.paf_targets(torch.as_tensor(k), size, stride, 3.0, sk.limbs),
+                          R.heatmap_targets(torch.as_tensor(k), size, stride, 2.5)], 1)
+    assert torch.allclose(R.flip_maps(targets(kp), sk), targets(flipped), atol=1e-5)
+
+
+def test_flip_swaps_left_and_right():
+    names = R.COCO.parts
+    for i, j in enumerate(R.COCO.flip_parts):
+        assert names[j] == names[i].replace("left", "#").replace("right", "left").replace("#", "right")
+    for (a, b), k in zip(R.COCO.limbs, R.COCO.flip_limbs):
+        assert tuple(R.COCO.limbs[k]) == (R.COCO.flip_parts[a], R.COCO.flip_parts[b])
+
+
+def test_flipped_crop_mirrors_image_and_keypoints(toy):
     kset = R.load_keypoint_set(toy["train"], toy["train"].parent / "images")
-    stats = perfect_results(kset, cfg)
-    assert stats["AP"] == pytest.approx(1.0) and stats["AR"] == pytest.approx(1.0)
+    rec, image = kset.records[0], kset.image(0)
+    plain = R.crop_person(image, None, rec, 0, toy_config(flip_prob=0.0), np.random.default_rng(3))
+    mirrored = R.crop_person(image, None, rec, 0, toy_config(flip_prob=1.0), np.random.default_rng(3))
+    assert np.abs(mirrored.image.astype(int) - plain.image[:, ::-1].astype(int)).mean() < 1.0
+    expect = plain.keypoints[:, R.COCO.flip_parts].copy()
+    expect[..., 0] = 63 - expect[..., 0]
+    assert np.allclose(mirrored.keypoints, expect, atol=1e-3)
 
 
-@pytest.mark.skipif(not (SHARED / "real/coco").is_dir(), reason="../shared/data/real/coco is absent")
-def test_perfect_maps_on_real_coco_fixture():
-    """Real COCO people: 0.99, not 1.0, because one person's wrist is labelled while its elbow is not:
-    an orphan joint no tree-structured grouping (OpenPose's) can attach."""
-    kset = R.load_keypoint_set(SHARED / "real/coco/test_coco.json", SHARED / "real/coco")
-    cfg, _ = R.parse_args(["--preset", "paper"])
-    stats = perfect_results(kset, cfg)
-    assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] >= 0.985
+def test_pasted_person_occludes_real_keypoints(toy):
+    bank = R.load_keypoint_set(toy["bank"], toy["bank"].parent / "images")
+    bank.preload()
+    cfg = toy_config(input_size=64, paste_mean=0.0, paste_min=8, scale_range=(1.5, 1.6))
+    rng = np.random.default_rng(0)
+    kp = np.zeros((1, 18, 3), np.float32)
+    kp[0, :, :2] = rng.uniform(0, 63, (18, 2))
+    kp[0, :, 2] = 2
+    sample = R.Sample(np.zeros((64, 64, 3), np.uint8), kp, np.zeros((0, 18, 3), np.float32),
+                      np.full((64, 64), 255, np.uint8))
+    out = R.paste_people(sample, bank, cfg, rng)
+    # The real crop is black and pasted people are (200, 60, 60): brightness says how opaque they are.
+    xy = np.round(kp[0, :, :2]).astype(int)
+    opacity = out.image.max(-1)[xy[:, 1], xy[:, 0]] / 200
+    under, clear = opacity > 0.55, opacity < 0.45
+    assert under.any() and clear.any()
+    assert (out.keypoints[0, under, 2] == 1).all() and (out.keypoints[0, clear, 2] == 2).all()
+    assert len(out.pasted) == 8 and (out.pasted[..., 2] > 0).any()
 
+
+def test_paste_distance_follows_the_bin():
+    rng = np.random.default_rng(0)
+    for lo, hi in [(0, 10), (30, 40)]:
+        centres = R.paste_centres(5, 128, rng, (lo, hi))
+        dist = np.linalg.norm(centres - 63.5, axis=1)
+        assert lo <= dist.min() < hi
+
+
+# ---- Targets and loss masks ----------------------------------------------------------------------
 
 def test_heatmap_and_paf_values():
     kp = torch.zeros(1, 1, 18, 3)
@@ -908,74 +1095,6 @@ def test_windowed_targets_equal_the_dense_ones(size, stride, sigma, width):
         assert dense.abs().sum() > 0 or not people
 
 
-def test_peak_hit_signal():
-    kp = torch.zeros(1, 1, 18, 3)
-    kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
-    kp[0, 0, :2, 2] = 2
-    heat = R.heatmap_targets(kp, 64, 4, 2.5)
-    assert R.peak_hits(heat, kp, 4) == (2, 2)
-    assert R.peak_hits(torch.roll(heat, 3, -1), kp, 4) == (0, 2)  # peaks 3 cells away
-    assert R.peak_hits(heat * 0.05, kp, 4) == (0, 2)  # below the threshold
-
-
-def test_flat_maps_give_a_bounded_number_of_peaks():
-    peaks = R.find_peaks(torch.full((18, 96, 128), 0.5))  # every pixel ties with its neighbours
-    assert all(len(p) == R.MAX_PEAKS_PER_PART for p in peaks)
-    kept = R.strongest(np.array([[0, 0, 0.1], [1, 0, 0.9], [2, 0, 0.5]]), 2)
-    assert kept[:, 0].tolist() == [1, 2]  # the two strongest, in their original order
-
-
-def test_grouping_merges_fragments_joined_by_a_later_limb():
-    """Without a neck, arms and head start as separate fragments; the shoulder-ear limbs join them."""
-    kp = torch.zeros(1, 1, 18, 3)
-    kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
-    kp[0, 0, :17, 2] = 2
-    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
-    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0, R.COCO)
-    joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
-    assert len(joined) == 1
-    assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
-
-
-# ---- flips ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("sk", [R.COCO, R.MPII], ids=["coco", "mpii"])
-def test_flip_of_targets_equals_targets_of_flipped_keypoints(sk):
-    rng = np.random.default_rng(0)
-    size, stride, k = 64, 4, sk.num_parts
-    kp = np.zeros((2, 3, k, 3), np.float32)
-    kp[..., :2] = rng.uniform(0, size - 1, (2, 3, k, 2))
-    kp[..., 2] = rng.choice([0, 1, 2], (2, 3, k))
-    flipped = kp[:, :, sk.flip_parts].copy()
-    flipped[..., 0] = size - 1 - flipped[..., 0]
-
-    def targets(k):
-        return torch.cat([R.paf_targets(torch.as_tensor(k), size, stride, 3.0, sk.limbs),
-                          R.heatmap_targets(torch.as_tensor(k), size, stride, 2.5)], 1)
-    assert torch.allclose(R.flip_maps(targets(kp), sk), targets(flipped), atol=1e-5)
-
-
-def test_flip_swaps_left_and_right():
-    names = R.COCO.parts
-    for i, j in enumerate(R.COCO.flip_parts):
-        assert names[j] == names[i].replace("left", "#").replace("right", "left").replace("#", "right")
-    for (a, b), k in zip(R.COCO.limbs, R.COCO.flip_limbs):
-        assert tuple(R.COCO.limbs[k]) == (R.COCO.flip_parts[a], R.COCO.flip_parts[b])
-
-
-def test_flipped_crop_mirrors_image_and_keypoints(toy):
-    kset = R.load_keypoint_set(toy["train"], toy["train"].parent / "images")
-    rec, image = kset.records[0], kset.image(0)
-    plain = R.crop_person(image, None, rec, 0, toy_config(flip_prob=0.0), np.random.default_rng(3))
-    mirrored = R.crop_person(image, None, rec, 0, toy_config(flip_prob=1.0), np.random.default_rng(3))
-    assert np.abs(mirrored.image.astype(int) - plain.image[:, ::-1].astype(int)).mean() < 1.0
-    expect = plain.keypoints[:, R.COCO.flip_parts].copy()
-    expect[..., 0] = 63 - expect[..., 0]
-    assert np.allclose(mirrored.keypoints, expect, atol=1e-3)
-
-
-# ---- loss masks and compositing ---------------------------------------------------------------
-
 def grad_of_loss(cfg, keypoints, pasted, ignore):
     _, target, mask = R.make_targets(keypoints, pasted, ignore, cfg)
     pred = torch.zeros_like(target, requires_grad=True)
@@ -1022,38 +1141,7 @@ def test_crowd_and_unlabelled_regions_get_zero_loss(toy):
     assert g[..., 10:, 10:].abs().max() > 0
 
 
-def test_person_without_keypoints_goes_into_the_ignore_mask(tmp_path):
-    path = write_toy_set(tmp_path, 1, people=(1, 1))
-    data = json.loads(path.read_text())
-    data["annotations"].append(dict(id=99, image_id=1, category_id=1, iscrowd=0, num_keypoints=0, keypoints=[0] * 51,
-                                    bbox=[100, 100, 20, 20], area=400.0,
-                                    segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
-    path.write_text(json.dumps(data))
-    rec = R.load_keypoint_set(path, tmp_path / "images").records[0]
-    assert len(rec.keypoints) == 1 and (R.ignore_mask(rec)[105:115, 105:115] == 0).all()
-
-
-def test_pasted_person_occludes_real_keypoints(toy):
-    bank = R.load_keypoint_set(toy["bank"], toy["bank"].parent / "images")
-    bank.preload()
-    cfg = toy_config(input_size=64, paste_mean=0.0, paste_min=8, scale_range=(1.5, 1.6))
-    rng = np.random.default_rng(0)
-    kp = np.zeros((1, 18, 3), np.float32)
-    kp[0, :, :2] = rng.uniform(0, 63, (18, 2))
-    kp[0, :, 2] = 2
-    sample = R.Sample(np.zeros((64, 64, 3), np.uint8), kp, np.zeros((0, 18, 3), np.float32),
-                      np.full((64, 64), 255, np.uint8))
-    out = R.paste_people(sample, bank, cfg, rng)
-    # The real crop is black and pasted people are (200, 60, 60): brightness says how opaque they are.
-    xy = np.round(kp[0, :, :2]).astype(int)
-    opacity = out.image.max(-1)[xy[:, 1], xy[:, 0]] / 200
-    under, clear = opacity > 0.55, opacity < 0.45
-    assert under.any() and clear.any()
-    assert (out.keypoints[0, under, 2] == 1).all() and (out.keypoints[0, clear, 2] == 2).all()
-    assert len(out.pasted) == 8 and (out.pasted[..., 2] > 0).any()
-
-
-# ---- training regimes -------------------------------------------------------------------------
+# ---- Batches: which samples a step trains on, built deterministically from (seed, step) ----------
 
 @pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
 def test_batches_own_their_memory(toy, tmp_path, mode):
@@ -1065,333 +1153,7 @@ def test_batches_own_their_memory(toy, tmp_path, mode):
     assert all(v.is_contiguous() for v in vars(batch).values() if isinstance(v, torch.Tensor))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_run_through_the_loader_workers(toy, tmp_path, device):
-    args = toy_args(toy, tmp_path / "run", "--mode", "synthetic", "--steps", "3", "--workers", "1", "--device", device)
-    assert R.main(args) == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
-def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
-    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", mode, "--lr", "3e-3", "--device", device))
-    data = R.load_data(cfg)
-    trainer = R.Trainer(cfg, data, torch.device(device), tmp_path)
-    specs = trainer.maker.plan(4, np.random.default_rng(0))
-    batch = trainer.maker.batch(specs, np.random.default_rng(0))
-    losses = [trainer.train_step(batch, cfg.lr).loss for _ in range(25)]
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
-
-
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs C++")
-def test_compiled_student_trains_the_weights_that_checkpoints_save(toy, tmp_path):
-    trainers, losses = [], []
-    for flags in ((), ("--compile",)):
-        cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", "real", "--no-amp", *flags))
-        R.seed_everything(0)
-        trainers.append(R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path))
-        batch = trainers[-1].maker.batch(trainers[-1].maker.plan(4, np.random.default_rng(0)), np.random.default_rng(0))
-        losses.append([trainers[-1].train_step(batch, 1e-3).loss for _ in range(3)])
-    compiled = trainers[1]
-    assert compiled.net is not compiled.model
-    assert all(p is q for p, q in zip(compiled.net.parameters(), compiled.model.parameters()))
-    assert np.allclose(losses[0], losses[1], rtol=1e-3) and losses[1][2] < losses[1][0]  # later steps see the update
-
-
-def test_cpu_mixed_precision_only_where_the_cpu_has_native_bf16():
-    layer = torch.nn.Linear(4, 4)
-    with R.autocast(torch.device("cpu"), R.Config()):
-        out = layer(torch.randn(2, 4))
-    assert out.dtype == (torch.bfloat16 if R.cpu_has_native_bf16() else torch.float32)
-    assert layer.weight.dtype == torch.float32  # autocast: the weights (and Adam's state) stay float32
-    with R.autocast(torch.device("cpu"), R.Config(amp=False)):
-        assert layer(torch.randn(2, 4)).dtype == torch.float32
-    assert R.precision(torch.device("cpu"), R.Config(amp=False)) == "float32"
-
-
-@pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
-def test_each_mode_runs_end_to_end(toy, tmp_path, mode):
-    out = tmp_path / mode
-    assert R.main(toy_args(toy, out, "--mode", mode, "--steps", "3")) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and 0.0 <= metrics["AP"] <= 1.0
-    assert (out / "config.json").is_file() and (out / "curves.png").is_file() and (out / "predictions.png").is_file()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # 3 steps + the final evaluation
-
-
-def interrupt_at_step(monkeypatch, stop):
-    """Makes the training loop die (like a killed job) when it reaches step `stop`."""
-    real_step = R.Trainer.train_step
-
-    def step(self, batch, lr):
-        if self.step == stop:
-            raise KeyboardInterrupt
-        return real_step(self, batch, lr)
-    monkeypatch.setattr(R.Trainer, "train_step", step)
-
-
-def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
-    common = ("--mode", "augmented", "--steps", "6", "--ckpt-every", "3", "--minutes", "0")  # no wall-clock lr
-    assert R.main(toy_args(toy, tmp_path / "straight", *common)) == 0
-    with monkeypatch.context() as m:
-        interrupt_at_step(m, 5)  # step 4 is logged after the step-3 checkpoint, then the run dies
-        assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
-    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)["step"] == 3
-    assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
-    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6
-    def logged(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged("stopped")] == [r["step"] for r in logged("straight")]  # nothing twice
-    # the logging window is in the checkpoint: the line after a resume averages the same steps
-    assert [r.get("loss") for r in logged("stopped")] == [r.get("loss") for r in logged("straight")]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-
-
-# Run by torchrun in test_torchrun_*: repro.main on each rank, recording what the test checks. The
-# network is the small one without its BatchNorm: SyncBatchNorm is GPU-only, and with plain
-# BatchNorm each rank normalises its own share, which no single process on the joined batch does.
-TORCHRUN_PROBE = """
-import json, os, sys
-import torch
-sys.path.insert(0, {root!r})
-torch.nn.BatchNorm2d = lambda channels: torch.nn.Identity()
-import repro as R
-
-rank, log = int(os.environ["RANK"]), os.environ["PROBE_LOG"]
-out = os.path.realpath(os.environ["PROBE_OUT"])
-writes, shares = [], []
-
-
-def audit(event, args):  # every write into the run folder, by this rank
-    if event == "open" and args[0] is not None and not isinstance(args[0], int):
-        writing = any(c in args[1] for c in "wax+") if args[1] else args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-        if writing and os.path.realpath(args[0]).startswith(out):
-            writes.append(str(args[0]))
-    if event in ("os.rename", "os.mkdir", "os.remove") and os.path.realpath(str(args[0])).startswith(out):
-        writes.append(str(args[0]))
-
-
-real_share, real_fit, real_save = R.rank_share, R.Trainer.fit, R.save_atomic
-
-
-def rank_share(maker, batch_size, seed, step, rank=0, world=1):
-    specs, rng = real_share(maker, batch_size, seed, step, rank, world)
-    shares.append([step, [list(s[:3]) for s in specs]])
-    return specs, rng
-
-
-def fit(self):
-    real_fit(self)
-    torch.save(self.model.state_dict(), f"{{log}}/weights-{{rank}}.pt")
-    with open(f"{{log}}/rank-{{rank}}.json", "w") as f:
-        json.dump(dict(writes=writes, shares=shares, world=self.world), f)
-
-
-def save_atomic(obj, path):
-    real_save(obj, path)
-    if rank == 0 and obj["step"] == int(os.environ.get("PROBE_KILL_AT", -1)):
-        os._exit(9)  # killed right after a checkpoint
-
-
-R.rank_share, R.Trainer.fit, R.save_atomic = rank_share, fit, save_atomic
-sys.addaudithook(audit)
-sys.exit(R.main(sys.argv[1:]))
-"""
-
-
-def torchrun(tmp_path, name, args, kill_at=-1):
-    log = tmp_path / f"log-{name}"
-    log.mkdir()
-    probe = tmp_path / "probe.py"
-    probe.write_text(TORCHRUN_PROBE.format(root=str(ROOT)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_LOG=str(log), PROBE_OUT=args[args.index("--out") + 1],
-               PROBE_KILL_AT=str(kill_at))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(probe), *args], env=env, capture_output=True, text=True, timeout=300)
-    return done, log
-
-
-def joined(a: R.Batch, b: R.Batch) -> R.Batch:
-    """Two ranks' batches as one process's batch."""
-    def padded(x, y):  # people padded with unlabelled rows to the larger count
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        n = max(x.shape[1], y.shape[1])
-        return [torch.cat([t, t.new_zeros((len(t), n - t.shape[1]) + t.shape[2:])], 1) for t in (x, y)]
-    return R.Batch(image=np.concatenate([a.image, b.image]), source=a.source + b.source,
-                   keypoints=torch.cat(padded(a.keypoints, b.keypoints)).numpy(),
-                   pasted=torch.cat(padded(a.pasted, b.pasted)).numpy(), ignore=np.concatenate([a.ignore, b.ignore]),
-                   people=torch.cat(padded(a.people, b.people)), target=torch.cat([a.target, b.target]),
-                   loss_mask=torch.cat([a.loss_mask, b.loss_mask]))
-
-
-def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path, monkeypatch):
-    """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, which are those
-    of one process trained on the two ranks' batches joined; each rank trains a disjoint half of
-    each step's planned batch; only rank 0 writes the run folder; a run killed after a checkpoint
-    and resumed under torchrun ends with the weights of the uninterrupted one."""
-    common = ("--mode", "augmented", "--steps", "4", "--ckpt-every", "2", "--workers", "0", "--threads", "1",
-              "--minutes", "0", "--eval-height", "32", "--no-amp")
-    straight = toy_args(toy, tmp_path / "straight", *common)
-    done, log = torchrun(tmp_path, "straight", straight)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((log / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    weights = [torch.load(log / f"weights-{r}.pt") for r in (0, 1)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    saved = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
-    assert saved["step"] == 4 and all(torch.equal(saved["model"][k], weights[0][k]) for k in weights[0])
-    # only rank 0 writes (and the audit hook does see writes)
-    assert ranks[1]["writes"] == [] and any("ckpt" in w for w in ranks[0]["writes"])
-
-    monkeypatch.setattr(R.nn, "BatchNorm2d", lambda channels: R.nn.Identity())
-    cfg, _ = R.parse_args(straight)
-    R.seed_everything(cfg.seed)
-    single = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "single")
-    plans = {t: single.maker.plan(cfg.batch_size, R.step_rng(cfg.seed, t)) for t in range(cfg.steps)}
-    for r, rank in enumerate(ranks):
-        assert rank["world"] == 2 and [s for s, _ in rank["shares"]] == list(range(cfg.steps))
-        assert all(specs == [list(s[:3]) for s in plans[t][r::2]] for t, specs in rank["shares"])
-    shares = [R.StepBatches(single.maker, cfg.batch_size, cfg.seed, 0, cfg.steps, r, 2) for r in (0, 1)]
-    start = {k: v.clone() for k, v in single.model.state_dict().items()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for t in range(cfg.steps):
-            single.train_step(joined(shares[0][t], shares[1][t]), R.learning_rate(cfg, t, t / cfg.steps))
-    finally:
-        torch.set_num_threads(threads)
-    mine = single.model.state_dict()
-    def furthest(a, b):
-        return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].dtype.is_floating_point)
-    # float order only (gloo's sum of two halves against one batch of 4), which Adam's first steps
-    # magnify where gradients are near 0: 0.15% of the distance trained here, against 196% for a
-    # single process on its own batches (--batch-size 4 without torchrun)
-    assert furthest(mine, weights[0]) < 0.01 * furthest(mine, start)
-
-    stopped = toy_args(toy, tmp_path / "stopped", *common)
-    done, _ = torchrun(tmp_path, "stopped", stopped, kill_at=2)
-    assert done.returncode != 0
-    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)["step"] == 2
-    done, _ = torchrun(tmp_path, "resumed", stopped + ["--resume"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
-    assert resumed["step"] == 4 and all(torch.equal(resumed["model"][k], saved["model"][k]) for k in saved["model"])
-
-
-def test_torchrun_batch_not_a_multiple_of_the_processes_is_one_line(toy, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert R.main(toy_args(toy, tmp_path / "run", "--batch-size", "5")) == 2
-    assert "--batch-size 5 must be a multiple of the 2 processes" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
-def test_eval_mode_and_init(toy, tmp_path):
-    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "2")) == 0
-    ckpt = tmp_path / "run/ckpt.pt"
-    assert R.main(toy_args(toy, tmp_path / "eval", "--mode", "eval", "--ckpt", str(ckpt))) == 0
-    assert "AP" in json.loads((tmp_path / "eval" / "eval-annotations.json").read_text())
-    cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "augmented", "--init", str(ckpt)))
-    saved = torch.load(ckpt, weights_only=True)["model"]
-    started = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "x").model.state_dict()
-    assert all(torch.equal(started[k], saved[k]) for k in saved)  # --init weights, not a fresh net
-    assert R.main(toy_args(toy, tmp_path / "ft", "--mode", "augmented", "--steps", "1", "--init", str(ckpt))) == 0
-    assert R.main(["--compare", str(tmp_path / "run"), str(tmp_path / "ft"), "--out", str(tmp_path / "cmp.png")]) == 0
-    assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
-
-
-def test_a_users_default_run_eval_and_compare_write_into_runs_never_into_results(toy, tmp_path, monkeypatch):
-    """Without --out a training run writes runs/<mode>-<data>-s<seed>/, an eval of a checkpoint
-    under results/ writes runs/eval-<data>/ (not beside it) and --compare runs/compare.png: a
-    user's outputs never mix with the committed results/."""
-    monkeypatch.chdir(tmp_path)
-    argv = toy_args(toy, "unused", "--mode", "real", "--steps", "2")
-    del argv[argv.index("--out"):argv.index("--out") + 2]
-    assert R.main(argv) == 0
-    run = Path("runs/real-annotations-s0")
-    assert (run / "ckpt.pt").is_file() and (run / "metrics.json").is_file() and not Path("results").exists()
-    tracked = Path("results/student.pt")  # a checkpoint in the committed folder, as the shipped students are
-    tracked.parent.mkdir()
-    shutil.copy(run / "ckpt.pt", tracked)
-    argv = toy_args(toy, "unused", "--mode", "eval", "--ckpt", str(tracked))
-    del argv[argv.index("--out"):argv.index("--out") + 2]
-    assert R.main(argv) == 0
-    assert R.main(["--compare", str(run)]) == 0
-    assert [p.name for p in Path("results").iterdir()] == ["student.pt"]
-    assert "AP" in json.loads(Path("runs/eval-annotations/eval-annotations.json").read_text())
-    assert Path("runs/compare.png").is_file() and Path("runs/compare.md").is_file()
-
-
-def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
-    bench = [a for a in toy_args(toy, tmp_path / "unused") if a not in ("--out", str(tmp_path / "unused"))]
-    bench = bench[:bench.index("--log-every")] + bench[bench.index("--log-every") + 2:]  # the bench logs nothing
-    assert R.main(bench + ["--bench", "--init", str(run / "ckpt.pt")]) == 0
-    out = capsys.readouterr().out
-    precision = R.precision(torch.device("cpu"), R.Config())
-    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
-        assert figure in out
-
-
-def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(toy, capsys):
-    """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
-    1 .. N loader workers for the N cores."""
-    args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4", "--input-size", "96",
-                                 "--device", "cpu"]
-    assert R.main(args) == 0
-    out = capsys.readouterr().out
-    workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
-    for figure in ("crop_and_paste_ms_per_sample", "target_ms_per_sample", *workers):
-        assert figure in out
-    assert "preset paper, arch openpose, batch 4, input 96" in out and "network is not timed" in out
-    assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
-
-
-def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_path):
-    """The device report's pieces that can silently go wrong on a CPU: FLOPs are per image (the
-    same at batch 2 and 4, forward + backward about 3x the forward), a torchrun child gets this
-    run's data, and the peak table reads the names torch reports."""
-    cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "real"))
-    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
-    rng = np.random.default_rng(0)
-    batches = [trainer.maker.batch(trainer.maker.plan(n, rng), rng) for n in (2, 4)]
-    per_image = [R.train_flops_per_image(trainer, b) for b in batches]
-    assert per_image[0] == pytest.approx(per_image[1], rel=1e-6) and per_image[0] > 0
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as forward, torch.no_grad():
-        trainer.model(R.to_input(batches[0].image, torch.device("cpu")))
-    assert 2.5 < per_image[0] * 2 / forward.get_total_flops() < 3.5
-    child, _ = R.parse_args(R.data_argv(cfg))
-    data_flags = ("train_json", "val_images", "synthetic_json", "bank_json")
-    assert all(getattr(child, f) == getattr(cfg, f) for f in data_flags)
-    assert [R.bf16_peak_tflops(torch.device("cpu"))] == [("cpu", None)]
-    assert [p for part, p in R.GPU_BF16_PEAK_TFLOPS if part in "NVIDIA H100 PCIe"][0] == 756.0
-
-
-def test_the_peers_targets_as_reimplemented_for_the_bench():
-    """The side-by-side timing compares like with like: for lone joints the peer's Gaussians are
-    ours, and its PAF points along the limb."""
-    kp = torch.zeros(1, 1, 18, 3)
-    kp[0, 0, 5], kp[0, 0, 7] = torch.tensor([41.5, 61.5, 2]), torch.tensor([81.5, 61.5, 2])  # 40 px apart
-    heat, paf = R.peer_targets(kp[0].numpy(), 128, 4, 5.0, 1.25, R.COCO.limbs)
-    assert np.allclose(heat, R.heatmap_targets(kp, 128, 4, 5.0)[0].numpy(), atol=1e-6) and heat[5].max() > 0.9
-    limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
-    assert (paf[2 * limb, 15, 11:20] == 1).all() and paf[2 * limb + 1].max() == 0
-    assert np.abs(np.delete(paf, [2 * limb, 2 * limb + 1], 0)).max() == 0
-
-
-def test_bench_targets_times_ours_and_the_peers_on_the_same_people(toy, capsys):
-    cfg, _ = R.parse_args(toy_data_args(toy))
-    threads = torch.get_num_threads()
-    figures = R.bench_targets(cfg, R.load_data(cfg), people=(1, 3), batch=2)
-    assert torch.get_num_threads() == threads  # timed on one thread, then given back
-    assert set(figures) == {f"{g}_{n}_people" for g in ("demo", "paper") for n in (1, 3)}
-    assert all(v > 0 for row in figures.values() for v in row.values())
-    assert "paper geometry (368 px, stride 8, sigma 7.0" in capsys.readouterr().out
-
+# ---- Networks: OpenPose's two-branch multi-stage design on two backbones -------------------------
 
 def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
     small = ("--preset", "paper", "--mode", "real", "--input-size", "64", "--stages", "2", "--batch-size", "2",
@@ -1405,510 +1167,19 @@ def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_
     assert all(p.requires_grad for p in trainer.model.backbone[R.VGG_FROZEN_LAYERS:].parameters())
 
 
-# ---- predict on your own images and videos, ONNX export -----------------------------------------
-
-PREDICT_ARGS = ("--eval-height", "64", "--eval-scales", "1.0", "--threads", "2")
-
-
-def tiny_checkpoint(path, skeleton="coco"):
-    """An untrained tiny student (seeded): its noisy maps give many people, so comparisons are not vacuous."""
-    cfg, _ = R.parse_args(["--input-size", "64", "--width", "16", "--stages", "2", "--skeleton", skeleton])
-    torch.manual_seed(0)
-    torch.save(dict(model=R.build_model(cfg).state_dict(), config=R.dataclasses.asdict(cfg), step=0), path)
-    return path
-
-
-def write_video(path, frames=6, size=(96, 64), fps=12.5):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    for i in range(frames):
-        writer.write(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    writer.release()
-    return path
-
-
-def coco_named_copy(toy, folder):
-    """The toy val images under COCO-style names (their image ids), so predict's ids are the json's."""
-    folder.mkdir()
-    for image in json.loads(toy["val"].read_text())["images"]:
-        shutil.copy(toy["val"].parent / "images" / image["file_name"], folder / f"{image['id']:012d}.jpg")
-    return folder
-
-
-def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_path, capsys):
-    from pycocotools.coco import COCO
-
-    ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
-    (images / "000000000099.jpg").write_bytes(b"not a jpeg")
-    (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
-    out = tmp_path / "out"
-    assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out", str(out),
-                   *PREDICT_ARGS]) == 0
-    assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
-                                                                                              "predictions.json"]
-    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0], 3)
-    predicted = json.loads((out / "predictions.json").read_text())
-    with R.contextlib.redirect_stdout(R.io.StringIO()):
-        assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
-    cfg, _ = R.parse_args(toy_data_args(toy) + list(PREDICT_ARGS))
-    model, cfg, _ = R.model_from_checkpoint(cfg, ckpt, torch.device("cpu"))
-    _, evaluated = R.evaluate(model, R.load_data(cfg).val, cfg, torch.device("cpu"), progress=False)
-    assert [(r["image_id"], r["score"]) for r in predicted] == [(r["image_id"], r["score"]) for r in evaluated]
-    mine = np.array([r["keypoints"] for r in predicted], np.float32).reshape(len(predicted), 17, 3)
-    theirs = np.array([r["keypoints"] for r in evaluated], np.float32).reshape(len(evaluated), 17, 3)
-    assert np.array_equal(mine[..., :2], theirs[..., :2])  # the same float32 values, only written shorter
-    assert np.array_equal(mine[..., 2] > 0, theirs[..., 2] == 1) and (mine[..., 2] <= 1).all()  # peak scores
-    assert {r["file_name"] for r in predicted} <= {f"{i:012d}.jpg" for i in (1, 2, 3)}
-
-
-def test_image_ids_are_coco_numbers_or_positions():
-    assert R.image_ids([Path("000000000785.jpg"), Path("000000040083.png")]) == [785, 40083]
-    assert R.image_ids([Path("785.jpg"), Path("holiday.jpg")]) == [1, 2]
-    assert R.image_ids([Path("01.jpg"), Path("1.jpg")]) == [1, 2]  # the same number twice
-
-
-def test_predict_video_keeps_frame_count_and_rate(tmp_path):
-    video, out = write_video(tmp_path / "clip.avi"), tmp_path / "out"
-    assert R.main(["--mode", "predict", "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")), "--input", str(video),
-                   "--out", str(out), *PREDICT_ARGS]) == 0
-    drawn = cv2.VideoCapture(str(out / "clip.mp4"))
-    frames = 0
-    while drawn.read()[0]:
-        frames += 1
-    assert frames == 6 and drawn.get(cv2.CAP_PROP_FPS) == pytest.approx(12.5)
-    predicted = json.loads((out / "predictions.json").read_text())
-    assert predicted and {r["frame"] for r in predicted} <= set(range(6)) and len({r["frame"] for r in predicted}) > 1
-    assert all(r["image_id"] == r["frame"] and r["file_name"] == "clip.avi" for r in predicted)
-    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "predictions.json"]  # no temporary file left
-
-
-def test_batched_frames_give_each_frame_its_own_maps(tmp_path):
-    """Video frames go through the network in batches; each frame's maps are its maps alone."""
-    cfg, _ = R.parse_args(list(PREDICT_ARGS) + ["--eval-flip", "--no-amp"])
-    model, cfg, _ = R.model_from_checkpoint(cfg, tiny_checkpoint(tmp_path / "tiny.pt"), torch.device("cpu"))
-    frames = np.random.default_rng(0).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
-    together, base = R.batch_maps(model.eval(), frames, cfg, torch.device("cpu"))
-    for frame, maps in zip(frames, together):
-        alone, base_alone = R.network_maps(model, frame, cfg, torch.device("cpu"))
-        assert base == base_alone and torch.allclose(maps, alone, atol=1e-5)
-
-
-def test_predict_with_the_shipped_student_on_one_image(toy, tmp_path, capsys):
-    image, out = toy["val"].parent / "images" / "0000.jpg", tmp_path / "out"
-    assert R.main(["--mode", "predict", "--input", str(image), "--out", str(out), *PREDICT_ARGS]) == 0
-    assert cv2.imread(str(out / "0000.jpg")).shape == cv2.imread(str(image)).shape
-    predicted = json.loads((out / "predictions.json").read_text())
-    assert predicted and all(r["image_id"] == 0 and len(r["keypoints"]) == 51 for r in predicted)  # "0000"
-    cfg, _ = R.parse_args(list(PREDICT_ARGS))
-    model, cfg = R.predictor(cfg, torch.device("cpu"))  # no --ckpt: the shipped student
-    people = R.decode_maps(*R.network_maps(model, cv2.imread(str(image)), cfg, torch.device("cpu")), R.COCO)
-    assert [round(score, 5) for _, score in people] == [r["score"] for r in predicted]
-
-
-def test_predict_mpii_writes_16_joints_and_the_toolkits_pred(toy, tmp_path, monkeypatch):
-    person = np.zeros((16, 3), np.float32)
-    person[[0, 9, 12]] = [[10, 50, 0.7], [12, 8, 0.9], [11, 20, 0.8]]
-    monkeypatch.setattr(R, "decode_maps", lambda maps, base, sk: [(person.copy(), 0.6)])
-    images, out = coco_named_copy(toy, tmp_path / "images"), tmp_path / "out"
-    assert R.main(["--mode", "predict", "--skeleton", "mpii", "--ckpt", str(tiny_checkpoint(tmp_path / "m.pt", "mpii")),
-                   "--input", str(images), "--out", str(out), *PREDICT_ARGS]) == 0
-    predicted = json.loads((out / "predictions.json").read_text())
-    assert len(predicted) == 3 and all(np.allclose(r["keypoints"], person.flatten()) for r in predicted)  # 48 values
-    groups = R.read_annolist(out / "predictions.mat")
-    assert [g.image for g in groups] == [f"{i:012d}.jpg" for i in (1, 2, 3)]
-    assert np.allclose(groups[0].joints[0, [0, 9, 12], :2], person[[0, 9, 12], :2])
-    assert np.allclose(groups[0].scores[0, [0, 9, 12]], person[[0, 9, 12], 2])
-
-
-def test_onnx_export_matches_torch_and_predicts_the_same_people(toy, tmp_path, capsys):
-    """The shipped student (the default): an untrained net's flat maps would make sub-pixel peaks
-    hang on the 1e-6 differences."""
-    pytest.importorskip("onnxruntime")
-    ckpt, model_path = R.SHIPPED_STUDENT, tmp_path / "student.onnx"
-    assert R.main(["--export-onnx", str(model_path)]) == 0
-    printed = capsys.readouterr().out
-    diffs = [float(d) for d in printed.rsplit(":", 1)[1].split(",")]
-    assert len(diffs) == 3 and max(diffs) <= R.ONNX_TOLERANCE and "dynamic batch and input size" in printed
-    images = toy["val"].parent / "images"
-    runs = {}
-    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]), ("onnx", ["--onnx", str(model_path)])):
-        assert R.main(["--mode", "predict", "--input", str(images), "--out", str(tmp_path / name), *flag,
-                       *PREDICT_ARGS]) == 0
-        runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
-    assert len(runs["torch"]) == len(runs["onnx"]) > 0
-    for a, b in zip(runs["torch"], runs["onnx"]):
-        assert a["image_id"] == b["image_id"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
-        mine, theirs = np.reshape(a["keypoints"], (17, 3)), np.reshape(b["keypoints"], (17, 3))
-        assert np.array_equal(mine[:, 2] > 0, theirs[:, 2] > 0) and np.allclose(mine, theirs, atol=0.02)
-
-
-# ---- real-format fixtures -----------------------------------------------------------------------
-
-@pytest.mark.parametrize("name,json_name", [("coco", "test_coco.json"), ("ochuman", "test_ochuman.json")])
-def test_real_fixtures_load_and_evaluate(tmp_path, name, json_name):
-    root = SHARED / "real" / name
-    if not root.is_dir():
-        pytest.skip(f"{root} is absent")
-    kset = R.load_keypoint_set(root / json_name, root)
-    assert len(kset.records) >= 3 and all(r.keypoints.shape[1:] == (18, 3) for r in kset.records)
-    cfg, _ = R.parse_args(["--input-size", "64", "--width", "16", "--stages", "1", "--eval-height", "96",
-                           "--eval-scales", "1.0"])
-    stats, _ = R.evaluate(R.build_model(cfg), kset, cfg, torch.device("cpu"), progress=False)
-    assert set(R.STAT_NAMES) <= set(stats) and stats["images"] == len(kset.records)
-
-
-# ---- bad input: one clear line, non-zero exit -------------------------------------------------
-
-def run_main_error(capsys, argv):
-    capsys.readouterr()
-    assert R.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("repro.py: error:"), err
-    return err[0]
-
-
-# ---- the command line: one job per call, each with only its own flags ---------------------------
-
-def readme_commands() -> list[list[str]]:
-    """The README's complete `python repro.py ...` commands: code-block lines and one-line inline
-    spans, without placeholders (`--seed S`), alternatives ([a | b]) or --help."""
-    import re
-    import shlex
-
-    found, fenced = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        elif fenced and re.match(r"\s*(\$ )?python repro\.py", line):
-            found.append(line.split("python repro.py", 1)[1].split("#")[0])
-        elif not fenced:
-            found += re.findall(r"`python repro\.py([^`]*)`", line)
-    commands = [shlex.split(c) for c in found if "[" not in c and "--help" not in c and " S " not in c]
-    return [c for c in commands if c]
-
-
-README_JOB_COMMANDS = [  # the README's job commands that wrap over lines there
-    ["--probe", "v2", "--init", "results/student-demo-scarce.pt"], ["--bench", "--stages", "2"],
-    ["--bench", "--width", "48"], ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
-    ["--gpu-report", "--preset", "paper", "--input-size", "64", "--batch-size", "4", "--stages", "2", "--demo-size",
-     "small", "--device", "cpu", "--out", "/tmp/gpurep"], ["--write-mpii-release", "data/mpii-rehearsal"]]
-
-
-def test_the_readme_commands_parse_to_the_config_they_always_did():
-    commands = readme_commands()
-    assert len(commands) > 40 and ["--mode", "augmented"] in commands and ["--report"] in commands
-    jobs = {R.parse_args(argv)[1].job for argv in commands + README_JOB_COMMANDS}  # none is refused
-    assert jobs == set(R.JOBS)
-    asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
-    cfg, args = R.parse_args(["--mode", "augmented"])
-    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), lr_given=False)
-    cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15", "--seed", "0",
-                           "--out", "runs/curve-s0"])
-    assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
-                                          out="runs/curve-s0"), lr_given=False)
-    cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out", "runs/mpii-real"])
-    assert cfg == R.Config(**asdict(R.Config()) | paper | dict(preset="paper", mode="real", mpii_root="DIR",
-                                                               skeleton="mpii", out="runs/mpii-real", init=None))
-    cfg, args = R.parse_args(["--probe", "v2", "--init", "results/student-demo-scarce.pt"])
-    assert args.probe == "v2" and cfg == R.resolve_init(R.Config(init="results/student-demo-scarce.pt"), False)
-    cfg, args = R.parse_args(["--export-student", "runs/real/ckpt.pt", "--out", "results/student-demo.pt"])
-    assert (args.export_student, cfg.out) == ("runs/real/ckpt.pt", "results/student-demo.pt")
-    cfg, args = R.parse_args(["--score-mpii", "PRED.mat", "GT.mat"])
-    assert args.score_mpii == ["PRED.mat", "GT.mat"] and cfg == R.Config()  # reads no Config, loads nothing
-    cfg, args = R.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
-    assert args.domain_gap == 120 and cfg == R.Config(eval_scales=(1.0,))
-    cfg, _ = R.parse_args(README_JOB_COMMANDS[-2])
-    assert cfg == R.resolve_init(R.Config(**asdict(R.Config()) | paper | dict(
-        preset="paper", input_size=64, batch_size=4, stages=2, demo_size="small", device="cpu",
-        out="/tmp/gpurep")), False)
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag of --reproduce)"),
-    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of --reproduce)"),
-    (["--report", "--seed", "3"], "--report does not take --seed 3 (--seed is a flag of the --mode runs, --probe"),
-    (["--mode", "real", "--report"], "--report does not take --mode real"),
-    (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
-    (["--bench", "--mode", "real"], "--bench does not take --mode real"),
-    (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
-    (["--report", "--bench"], "argument --bench: not allowed with argument --report"),
-    (["--reproduce", "--jobs", "2", "--probe", "v2"], "argument --probe: not allowed with argument --reproduce"),
-    (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
-])
-def test_each_job_takes_only_its_own_flags_and_one_job_at_a_time(capsys, argv, words):
-    assert words in run_main_error(capsys, argv)  # argparse's refusal: exit status 2, one line
-
-
-def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
-    for argv in (["--report", "--seed", "3"], ["--bench", "--report"]):
-        r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *argv], capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("repro.py: error: "), r.stderr
-        assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
-
-
-def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
-    fields = [f.name for f in R.dataclasses.fields(R.Config)]
-    assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)  # each once
-    assert R.main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
-    assert all(f"\n  {flag}" in out.split("the other jobs")[1] for flag in R.JOBS if flag)
-    for flag, job in R.JOBS.items():
-        assert set(job.fields) <= set(fields) and (flag == R.TRAIN) == (set(job.fields) == set(fields))
-        if flag:
-            assert R.main([flag, "--help"]) == 0  # also where the flag wants a value: --compare --help
-            assert capsys.readouterr().out.startswith(f"usage: repro.py {flag}")
-
-
-def test_missing_coco_root(capsys, tmp_path):
-    assert "does not exist" in run_main_error(capsys, ["--mode", "real", "--coco-root", str(tmp_path / "nope")])
-
-
-def test_json_without_keypoints(capsys, tmp_path, toy):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(dict(images=[dict(id=1, file_name="a.jpg", width=8, height=8)],
-                                   annotations=[dict(id=1, image_id=1, category_id=1, bbox=[0, 0, 1, 1], area=1)],
-                                   categories=[dict(id=1, name="person")])))
-    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
-    argv[argv.index("--train-json") + 1] = str(bad)
-    assert "no person keypoints" in run_main_error(capsys, argv)
-
-
-def test_corrupt_json(capsys, tmp_path, toy):
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
-    argv[argv.index("--val-json") + 1] = str(bad)
-    assert "not valid json" in run_main_error(capsys, argv)
-
-
-def test_wrong_keypoint_count(capsys, tmp_path, toy):
-    data = json.loads(toy["val"].read_text())
-    data["annotations"][0]["keypoints"] = data["annotations"][0]["keypoints"][:48]
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(data))
-    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
-    argv[argv.index("--val-json") + 1] = str(bad)
-    assert "expected COCO's 17" in run_main_error(capsys, argv)
-
-
-def test_undecodable_image(capsys, tmp_path, toy):
-    root = tmp_path / "set"
-    path = write_toy_set(root, 2)
-    (root / "images" / "0001.jpg").write_bytes(b"this is not a jpeg")
-    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
-    argv[argv.index("--train-json") + 1] = str(path)
-    argv[argv.index("--train-images") + 1] = str(root / "images")
-    assert "cannot decode image" in run_main_error(capsys, argv)
-
-
-def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
-    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
-    argv = toy_args(toy, tmp_path / "other", "--mode", "real", "--steps", "1", "--init", str(tmp_path / "run/ckpt.pt"))
-    argv[argv.index("--width") + 1] = "24"
-    assert "another architecture" in run_main_error(capsys, argv)
-
-def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy):
-    (tmp_path / "notes.txt").write_text("hello")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "broken.mp4").write_text("not a video")
-    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    (tmp_path / "bad.onnx").write_text("not a model")
-    (tmp_path / "clash").mkdir()
-    cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
-    images = toy["val"].parent / "images"
-    out = tmp_path / "out"
-    cases = [([], "needs --input"),
-             (["--input", str(tmp_path / "nope.jpg")], "does not exist"),
-             (["--input", str(tmp_path / "notes.txt")], "is not an image"),
-             (["--input", str(tmp_path / "empty")], "no images in this folder"),
-             (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
-             (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
-             (["--input", str(images), "--skeleton", "mpii"], "predicts the coco skeleton, not mpii"),
-             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found"),
-             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model"),
-             (["--input", str(tmp_path / "clash")], "an image named overview.png")]
-    for extra, words in cases:
-        assert words in run_main_error(capsys, ["--mode", "predict", "--out", str(out), *PREDICT_ARGS, *extra])
-        assert not out.exists(), extra
-    assert "input's own folder" in run_main_error(capsys, ["--mode", "predict", "--input", str(images),
-                                                           "--out", str(images)])
-    assert sorted(p.name for p in images.iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
-    assert "is for --mode predict" in run_main_error(capsys, ["--mode", "eval", "--onnx", str(tmp_path / "bad.onnx")])
-    missing_folder = str(tmp_path / "x" / "m.onnx")
-    assert ".onnx file in an existing folder" in run_main_error(capsys, ["--export-onnx", missing_folder])
-
-
-def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, toy):
-    hit = tmp_path / "pwned"
-    evil = tmp_path / "evil.pt"
-    torch.save(dict(model={}, config={}, step=1, payload=_Touch(hit)), evil)
-    run = tmp_path / "run"
-    eval_argv = toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(evil)]
-    for argv in (eval_argv, toy_args(toy, run, "--mode", "real", "--init", str(evil)),
-                 toy_args(toy, run, "--mode", "real", "--resume"), ["--export-student", str(evil), "--out", str(run)]):
-        if "--resume" in argv:
-            run.mkdir()
-            (run / "ckpt.pt").write_bytes(evil.read_bytes())
-        line = run_main_error(capsys, argv)
-        assert "refused checkpoint" in line and "it holds getattr" in line, line
-        assert not hit.exists() and (not run.exists() or sorted(p.name for p in run.iterdir()) == ["ckpt.pt"])
-    r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *eval_argv], capture_output=True, text=True,
-                       cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refused checkpoint" in r.stderr
-    assert not hit.exists()
-    torch.load(evil, weights_only=False)  # the unsafe loader runs it: the test would see it
-    assert hit.exists()
-    # a student-teacher checkpoint of an older version (numpy arrays in it): refused, saying what to do
-    torch.save(dict(model={}, teacher=dict(probs=np.full(3, 1 / 3))), tmp_path / "old.pt")
-    line = run_main_error(capsys, toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(tmp_path / "old.pt")])
-    assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
-
-
-def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
-    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
-    assert "--resume" in run_main_error(capsys, toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1"))
-
-
-def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(capsys, tmp_path, toy):
-    out = tmp_path / "run"
-    argv = toy_args(toy, out, "--mode", "real", "--steps", "2")
-    assert R.main(argv) == 0
-    logged = (out / "metrics.jsonl").read_text()
-    assert "is finished (step 2 of --steps 2" in run_main_error(capsys, argv + ["--resume"])
-    assert (out / "metrics.jsonl").read_text() == logged
-    (out / "metrics.json").unlink()  # cut off after the final evaluation's line, before metrics.json
-    assert R.main(argv + ["--resume"]) == 0
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 2] and [bool(r.get("final")) for r in lines] == [False, False, True]
-
-
-def test_export_student_writes_out_and_never_replaces_a_file_unasked(capsys, tmp_path, toy, monkeypatch):
-    shipped = tmp_path / "results" / "student-demo.pt"
-    shipped.parent.mkdir()
-    shipped.write_bytes(b"the committed student")
-    monkeypatch.setattr(R, "SHIPPED_STUDENT", shipped)
-    assert R.main(toy_args(toy, tmp_path / "tiny", "--mode", "real", "--steps", "1")) == 0
-    ckpt = str(tmp_path / "tiny" / "ckpt.pt")
-    assert R.main(["--export-student", ckpt, "--out", str(tmp_path / "exported.pt")]) == 0
-    assert R.load_checkpoint(tmp_path / "exported.pt")["step"] == 1 and shipped.read_bytes() == b"the committed student"
-    assert "is not replaced unless named" in run_main_error(capsys, ["--export-student", ckpt])
-    assert shipped.read_bytes() == b"the committed student"
-    assert R.main(["--export-student", ckpt, "--out", str(shipped)]) == 0  # named: replaced
-    assert R.load_checkpoint(shipped)["step"] == 1
-    torch.save(dict(config={}, step=3), tmp_path / "nomodel.pt")
-    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    for bad, words in (("nomodel.pt", "holds no network weights"), ("tensor.pt", "holds a Tensor, not a repro.py")):
-        line = run_main_error(capsys, ["--export-student", str(tmp_path / bad), "--out", str(tmp_path / "e2.pt")])
-        assert words in line, line
-    assert not (tmp_path / "e2.pt").exists()
-
-
-@pytest.mark.parametrize("argv,words", [
-    (["--batch-size", "0"], "--batch-size must be at least 2"),
-    (["--mode", "real", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--mode", "student-teacher", "--bins", "0"], "--bins must be at least 2"),
-    (["--mode", "student-teacher", "--bins", "1"], "--bins must be at least 2"),
-    (["--steps", "-5"], "--steps must be 0 or more"),
-    (["--minutes", "-1"], "--minutes must be 0"),
-    (["--input-size", "30"], "multiple of --stride"),
-])
-def test_impossible_settings_are_refused_before_anything_happens(capsys, tmp_path, argv, words):
-    out = tmp_path / "run"
-    assert words in run_main_error(capsys, argv + ["--out", str(out)])
-    assert not out.exists()
-
-
-def test_steps_0_says_it_evaluates_the_start(toy, tmp_path, capsys):
-    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "0")) == 0
-    assert "--steps 0: no training" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run/metrics.json").read_text())["steps"] == 0
-
-
-def test_bad_init_leaves_no_run_folder(capsys, tmp_path, toy):
-    out = tmp_path / "run"
-    assert "checkpoint not found" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--init",
-                                                                      str(tmp_path / "missing.pt")))
-    assert not out.exists()
-
-
-def test_read_only_run_folder_gives_one_line(capsys, tmp_path, toy, monkeypatch):
-    def refuse(self, *args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", str(self))
-    monkeypatch.setattr(R.Path, "mkdir", refuse)
-    out = tmp_path / "run"
-    assert "Read-only file system" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "1"))
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
-                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
-def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch, error):
-    def full_disk(obj, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a checkpoint")
-        raise error
-    monkeypatch.setattr(R.torch, "save", full_disk)
-    out = tmp_path / "run"
-    line = run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
-    assert "no space left on the device" in line and " MB needed, " in line and "MB free" in line, line
-    assert "enforce fail" not in line
-    assert not list(out.glob("*.tmp")) and not (out / "ckpt.pt").exists()
-    assert not (out / R.LOCK_NAME).exists()  # the folder is released
-
-
-def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
-    out = tmp_path / "run"
-    out.mkdir()
-    with subprocess.Popen(["sleep", "60"]) as other:  # a live process holds the folder
-        (out / R.LOCK_NAME).write_text(str(other.pid))
-        assert "in use by another run" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "1"))
-        other.kill()
-    assert not (out / "metrics.jsonl").exists()
-    # its process is gone: the lock is stale, the next run takes the folder over and releases it
-    assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
-    assert not (out / R.LOCK_NAME).exists()
-
-
-def _children(pid: int) -> list[int]:
-    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-            if p.read_text().rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
-def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
-    out = tmp_path / "run"
-    argv = toy_args(toy, out, "--mode", "real", "--steps", "100000", "--ckpt-every", "2", "--workers", "1",
-                    "--minutes", "0")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "repro.py"), *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    _wait_for(lambda: (out / "ckpt.pt").is_file() or proc.poll() is not None)
-    workers = _children(proc.pid)
-    assert workers  # the loader's worker
-    proc.send_signal(R.signal.SIGTERM)
-    err = proc.communicate(timeout=60)[1].strip().splitlines()
-    assert proc.returncode == 143 and err[-1:] == ["repro.py: interrupted; the last checkpoint is kept: rerun with "
-                                                   "--resume"], err
-    assert not (out / R.LOCK_NAME).exists() and R.load_checkpoint(out / "ckpt.pt")["step"] >= 2
-    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10)  # no worker outlives it
-
-
-def test_a_lock_whose_pid_now_names_another_program_is_stale(capsys, tmp_path, toy):
-    out = tmp_path / "run"
-    out.mkdir()
-    with subprocess.Popen(["sleep", "60"]) as other:  # the lock's pid, reused by a program started later
-        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started="1", host=os.uname().nodename)))
-        assert R.lock_holder(out) is None
-        assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
-        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
-                                                       host=os.uname().nodename)))
-        assert R.lock_holder(out) == other.pid  # the same process: held
-        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=1, host="another-host")))
-        assert R.lock_holder(out) == 1  # another machine's run cannot be checked: held
-        other.kill()
-
-
-# ---- the teacher ------------------------------------------------------------------------------
+# ---- Loss ----------------------------------------------------------------------------------------
+
+def test_peak_hit_signal():
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, :, :2] = torch.tensor([29.5, 29.5])
+    kp[0, 0, :2, 2] = 2
+    heat = R.heatmap_targets(kp, 64, 4, 2.5)
+    assert R.peak_hits(heat, kp, 4) == (2, 2)
+    assert R.peak_hits(torch.roll(heat, 3, -1), kp, 4) == (0, 2)  # peaks 3 cells away
+    assert R.peak_hits(heat * 0.05, kp, 4) == (0, 2)  # below the threshold
+
+
+# ---- Teacher: an adversarial network that picks the bin the student sees next --------------------
 
 def test_soft_target_rewards_and_punishes_the_picked_bin():
     p = np.array([0.1, 0.2, 0.3, 0.4])
@@ -1923,6 +1194,15 @@ def test_soft_target_rewards_and_punishes_the_picked_bin():
     assert np.allclose(fell, expect / expect.sum()) and fell[1] < p[1]
     for t in (rose, fell, R.soft_target(np.array([1.0, 0, 0, 0]), 0, True)):
         assert t.sum() == pytest.approx(1.0) and (t >= 0).all()
+
+
+def test_teacher_step_scales_the_soft_label_update():
+    p = np.full(4, 0.25)
+    for step in (0.01, 0.1):
+        t = R.soft_target(p, 2, loss_rose=True, step=step)
+        expect = np.full(4, 0.25 - 0.25 * step / 4)
+        expect[2] = 0.25 * (1 + step)
+        assert np.allclose(t, expect / expect.sum())
 
 
 def test_bins_follow_the_paper_edges():
@@ -2083,6 +1363,97 @@ def test_stratified_control_draws_large_enough_bins_and_never_learns(toy, tmp_pa
                                              "--teacher-uniform"))[0])
 
 
+# ---- Trainer: the student's steps, the teacher beside them ---------------------------------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
+def test_each_mode_runs_end_to_end(toy, tmp_path, mode):
+    out = tmp_path / mode
+    assert R.main(toy_args(toy, out, "--mode", mode, "--steps", "3")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and 0.0 <= metrics["AP"] <= 1.0
+    assert (out / "config.json").is_file() and (out / "curves.png").is_file() and (out / "predictions.png").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4  # 3 steps + the final evaluation
+
+
+def test_uniform_baseline_and_augmented_teacher_run(toy, tmp_path):
+    common = ("--mode", "student-teacher", "--steps", "4", "--teacher-interval", "2", "--teacher-min-bin", "0",
+              "--bins", "3")
+    assert R.main(toy_args(toy, tmp_path / "uniform", *common, "--teacher-uniform")) == 0
+    assert R.main(toy_args(toy, tmp_path / "aug", *common, "--teacher-data", "augmented")) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
+def test_loss_falls_on_a_repeated_batch(toy, tmp_path, mode, device):
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", mode, "--lr", "3e-3", "--device", device))
+    data = R.load_data(cfg)
+    trainer = R.Trainer(cfg, data, torch.device(device), tmp_path)
+    specs = trainer.maker.plan(4, np.random.default_rng(0))
+    batch = trainer.maker.batch(specs, np.random.default_rng(0))
+    losses = [trainer.train_step(batch, cfg.lr).loss for _ in range(25)]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs C++")
+def test_compiled_student_trains_the_weights_that_checkpoints_save(toy, tmp_path):
+    trainers, losses = [], []
+    for flags in ((), ("--compile",)):
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", "real", "--no-amp", *flags))
+        R.seed_everything(0)
+        trainers.append(R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path))
+        batch = trainers[-1].maker.batch(trainers[-1].maker.plan(4, np.random.default_rng(0)), np.random.default_rng(0))
+        losses.append([trainers[-1].train_step(batch, 1e-3).loss for _ in range(3)])
+    compiled = trainers[1]
+    assert compiled.net is not compiled.model
+    assert all(p is q for p, q in zip(compiled.net.parameters(), compiled.model.parameters()))
+    assert np.allclose(losses[0], losses[1], rtol=1e-3) and losses[1][2] < losses[1][0]  # later steps see the update
+
+
+def test_cpu_mixed_precision_only_where_the_cpu_has_native_bf16():
+    layer = torch.nn.Linear(4, 4)
+    with R.autocast(torch.device("cpu"), R.Config()):
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == (torch.bfloat16 if R.cpu_has_native_bf16() else torch.float32)
+    assert layer.weight.dtype == torch.float32  # autocast: the weights (and Adam's state) stay float32
+    with R.autocast(torch.device("cpu"), R.Config(amp=False)):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+    assert R.precision(torch.device("cpu"), R.Config(amp=False)) == "float32"
+
+
+def interrupt_at_step(monkeypatch, stop):
+    """Makes the training loop die (like a killed job) when it reaches step `stop`."""
+    real_step = R.Trainer.train_step
+
+    def step(self, batch, lr):
+        if self.step == stop:
+            raise KeyboardInterrupt
+        return real_step(self, batch, lr)
+    monkeypatch.setattr(R.Trainer, "train_step", step)
+
+
+def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
+    common = ("--mode", "augmented", "--steps", "6", "--ckpt-every", "3", "--minutes", "0")  # no wall-clock lr
+    assert R.main(toy_args(toy, tmp_path / "straight", *common)) == 0
+    with monkeypatch.context() as m:
+        interrupt_at_step(m, 5)  # step 4 is logged after the step-3 checkpoint, then the run dies
+        assert R.main(toy_args(toy, tmp_path / "stopped", *common)) == 130
+    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)["step"] == 3
+    assert R.main(toy_args(toy, tmp_path / "stopped", *common, "--resume")) == 0
+    a = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    def logged(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged("stopped")] == [r["step"] for r in logged("straight")]  # nothing twice
+    # the logging window is in the checkpoint: the line after a resume averages the same steps
+    assert [r.get("loss") for r in logged("stopped")] == [r.get("loss") for r in logged("straight")]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, device):
     common = ("--mode", "student-teacher", "--steps", "8", "--minutes", "0", "--ckpt-every", "4",
@@ -2104,26 +1475,269 @@ def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, de
     assert any(r.get("teacher") and "probs" in r["teacher"] for r in logged)
 
 
-def test_uniform_baseline_and_augmented_teacher_run(toy, tmp_path):
-    common = ("--mode", "student-teacher", "--steps", "4", "--teacher-interval", "2", "--teacher-min-bin", "0",
-              "--bins", "3")
-    assert R.main(toy_args(toy, tmp_path / "uniform", *common, "--teacher-uniform")) == 0
-    assert R.main(toy_args(toy, tmp_path / "aug", *common, "--teacher-data", "augmented")) == 0
+# Run by torchrun in test_torchrun_*: repro.main on each rank, recording what the test checks. The
+# network is the small one without its BatchNorm: SyncBatchNorm is GPU-only, and with plain
+# BatchNorm each rank normalises its own share, which no single process on the joined batch does.
+TORCHRUN_PROBE = """
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+torch.nn.BatchNorm2d = lambda channels: torch.nn.Identity()
+import repro as R
+
+rank, log = int(os.environ["RANK"]), os.environ["PROBE_LOG"]
+out = os.path.realpath(os.environ["PROBE_OUT"])
+writes, shares = [], []
 
 
-def test_paste_distance_follows_the_bin():
-    rng = np.random.default_rng(0)
-    for lo, hi in [(0, 10), (30, 40)]:
-        centres = R.paste_centres(5, 128, rng, (lo, hi))
-        dist = np.linalg.norm(centres - 63.5, axis=1)
-        assert lo <= dist.min() < hi
+def audit(event, args):  # every write into the run folder, by this rank
+    if event == "open" and args[0] is not None and not isinstance(args[0], int):
+        writing = any(c in args[1] for c in "wax+") if args[1] else args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writing and os.path.realpath(args[0]).startswith(out):
+            writes.append(str(args[0]))
+    if event in ("os.rename", "os.mkdir", "os.remove") and os.path.realpath(str(args[0])).startswith(out):
+        writes.append(str(args[0]))
+
+
+real_share, real_fit, real_save = R.rank_share, R.Trainer.fit, R.save_atomic
+
+
+def rank_share(maker, batch_size, seed, step, rank=0, world=1):
+    specs, rng = real_share(maker, batch_size, seed, step, rank, world)
+    shares.append([step, [list(s[:3]) for s in specs]])
+    return specs, rng
+
+
+def fit(self):
+    real_fit(self)
+    torch.save(self.model.state_dict(), f"{{log}}/weights-{{rank}}.pt")
+    with open(f"{{log}}/rank-{{rank}}.json", "w") as f:
+        json.dump(dict(writes=writes, shares=shares, world=self.world), f)
+
+
+def save_atomic(obj, path):
+    real_save(obj, path)
+    if rank == 0 and obj["step"] == int(os.environ.get("PROBE_KILL_AT", -1)):
+        os._exit(9)  # killed right after a checkpoint
+
+
+R.rank_share, R.Trainer.fit, R.save_atomic = rank_share, fit, save_atomic
+sys.addaudithook(audit)
+sys.exit(R.main(sys.argv[1:]))
+"""
+
+
+def torchrun(tmp_path, name, args, kill_at=-1):
+    log = tmp_path / f"log-{name}"
+    log.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(TORCHRUN_PROBE.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_LOG=str(log), PROBE_OUT=args[args.index("--out") + 1],
+               PROBE_KILL_AT=str(kill_at))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(probe), *args], env=env, capture_output=True, text=True, timeout=300)
+    return done, log
+
+
+def joined(a: R.Batch, b: R.Batch) -> R.Batch:
+    """Two ranks' batches as one process's batch."""
+    def padded(x, y):  # people padded with unlabelled rows to the larger count
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        n = max(x.shape[1], y.shape[1])
+        return [torch.cat([t, t.new_zeros((len(t), n - t.shape[1]) + t.shape[2:])], 1) for t in (x, y)]
+    return R.Batch(image=np.concatenate([a.image, b.image]), source=a.source + b.source,
+                   keypoints=torch.cat(padded(a.keypoints, b.keypoints)).numpy(),
+                   pasted=torch.cat(padded(a.pasted, b.pasted)).numpy(), ignore=np.concatenate([a.ignore, b.ignore]),
+                   people=torch.cat(padded(a.people, b.people)), target=torch.cat([a.target, b.target]),
+                   loss_mask=torch.cat([a.loss_mask, b.loss_mask]))
+
+
+def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path, monkeypatch):
+    """torchrun with 2 CPU processes (gloo): both ranks end with the same weights, which are those
+    of one process trained on the two ranks' batches joined; each rank trains a disjoint half of
+    each step's planned batch; only rank 0 writes the run folder; a run killed after a checkpoint
+    and resumed under torchrun ends with the weights of the uninterrupted one."""
+    common = ("--mode", "augmented", "--steps", "4", "--ckpt-every", "2", "--workers", "0", "--threads", "1",
+              "--minutes", "0", "--eval-height", "32", "--no-amp")
+    straight = toy_args(toy, tmp_path / "straight", *common)
+    done, log = torchrun(tmp_path, "straight", straight)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((log / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    weights = [torch.load(log / f"weights-{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    saved = torch.load(tmp_path / "straight/ckpt.pt", weights_only=False)
+    assert saved["step"] == 4 and all(torch.equal(saved["model"][k], weights[0][k]) for k in weights[0])
+    # only rank 0 writes (and the audit hook does see writes)
+    assert ranks[1]["writes"] == [] and any("ckpt" in w for w in ranks[0]["writes"])
+
+    monkeypatch.setattr(R.nn, "BatchNorm2d", lambda channels: R.nn.Identity())
+    cfg, _ = R.parse_args(straight)
+    R.seed_everything(cfg.seed)
+    single = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "single")
+    plans = {t: single.maker.plan(cfg.batch_size, R.step_rng(cfg.seed, t)) for t in range(cfg.steps)}
+    for r, rank in enumerate(ranks):
+        assert rank["world"] == 2 and [s for s, _ in rank["shares"]] == list(range(cfg.steps))
+        assert all(specs == [list(s[:3]) for s in plans[t][r::2]] for t, specs in rank["shares"])
+    shares = [R.StepBatches(single.maker, cfg.batch_size, cfg.seed, 0, cfg.steps, r, 2) for r in (0, 1)]
+    start = {k: v.clone() for k, v in single.model.state_dict().items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for t in range(cfg.steps):
+            single.train_step(joined(shares[0][t], shares[1][t]), R.learning_rate(cfg, t, t / cfg.steps))
+    finally:
+        torch.set_num_threads(threads)
+    mine = single.model.state_dict()
+    def furthest(a, b):
+        return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].dtype.is_floating_point)
+    # float order only (gloo's sum of two halves against one batch of 4), which Adam's first steps
+    # magnify where gradients are near 0: 0.15% of the distance trained here, against 196% for a
+    # single process on its own batches (--batch-size 4 without torchrun)
+    assert furthest(mine, weights[0]) < 0.01 * furthest(mine, start)
+
+    stopped = toy_args(toy, tmp_path / "stopped", *common)
+    done, _ = torchrun(tmp_path, "stopped", stopped, kill_at=2)
+    assert done.returncode != 0
+    assert torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)["step"] == 2
+    done, _ = torchrun(tmp_path, "resumed", stopped + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=False)
+    assert resumed["step"] == 4 and all(torch.equal(resumed["model"][k], saved["model"][k]) for k in saved["model"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_through_the_loader_workers(toy, tmp_path, device):
+    args = toy_args(toy, tmp_path / "run", "--mode", "synthetic", "--steps", "3", "--workers", "1", "--device", device)
+    assert R.main(args) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 3
+
+
+# ---- Inference: multi-scale maps -> peaks -> greedy PAF grouping (paper's thresholds) ------------
+
+def test_flat_maps_give_a_bounded_number_of_peaks():
+    peaks = R.find_peaks(torch.full((18, 96, 128), 0.5))  # every pixel ties with its neighbours
+    assert all(len(p) == R.MAX_PEAKS_PER_PART for p in peaks)
+    kept = R.strongest(np.array([[0, 0, 0.1], [1, 0, 0.9], [2, 0, 0.5]]), 2)
+    assert kept[:, 0].tolist() == [1, 2]  # the two strongest, in their original order
+
+
+def test_grouping_merges_fragments_joined_by_a_later_limb():
+    """Without a neck, arms and head start as separate fragments; the shoulder-ear limbs join them."""
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
+    kp[0, 0, :17, 2] = 2
+    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs), R.heatmap_targets(kp, 128, 4, 2.5)], 1)
+    people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0, R.COCO)
+    joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]  # nose, ear, shoulders, right arm
+    assert len(joined) == 1
+    assert np.abs(joined[0][[0, 6, 10], :2] - kp[0, 0, [0, 6, 10], :2].numpy()).max() < 0.5
+
+
+PREDICT_ARGS = ("--eval-height", "64", "--eval-scales", "1.0", "--threads", "2")
+
+
+def tiny_checkpoint(path, skeleton="coco"):
+    """An untrained tiny student (seeded): its noisy maps give many people, so comparisons are not vacuous."""
+    cfg, _ = R.parse_args(["--input-size", "64", "--width", "16", "--stages", "2", "--skeleton", skeleton])
+    torch.manual_seed(0)
+    torch.save(dict(model=R.build_model(cfg).state_dict(), config=R.dataclasses.asdict(cfg), step=0), path)
+    return path
+
+
+def test_batched_frames_give_each_frame_its_own_maps(tmp_path):
+    """Video frames go through the network in batches; each frame's maps are its maps alone."""
+    cfg, _ = R.parse_args(list(PREDICT_ARGS) + ["--eval-flip", "--no-amp"])
+    model, cfg, _ = R.model_from_checkpoint(cfg, tiny_checkpoint(tmp_path / "tiny.pt"), torch.device("cpu"))
+    frames = np.random.default_rng(0).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
+    together, base = R.batch_maps(model.eval(), frames, cfg, torch.device("cpu"))
+    for frame, maps in zip(frames, together):
+        alone, base_alone = R.network_maps(model, frame, cfg, torch.device("cpu"))
+        assert base == base_alone and torch.allclose(maps, alone, atol=1e-5)
+
+
+# ---- Evaluation: COCO keypoint AP on whole images ------------------------------------------------
+
+def perfect_people(kset, cfg):
+    """Per record, the people decoded from grid maps built from the ground truth, exactly as
+    network output would be."""
+    sk, found = kset.skeleton, []
+    for rec in kset.records:
+        base = cfg.eval_height / rec.height
+        hb, wb = round(rec.height * base), round(rec.width * base)
+        kp = torch.as_tensor(rec.keypoints).clone()
+        kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
+        size = (hb + (-hb % cfg.stride), wb + (-wb % cfg.stride))
+        grid = torch.cat([R.paf_targets(kp[None], size, cfg.stride, cfg.paf_width, sk.limbs),
+                          R.heatmap_targets(kp[None], size, cfg.stride, cfg.sigma)], 1)
+        found.append(R.decode_maps(R.upsample_maps(grid, cfg.stride, (hb, wb))[0], base, sk))
+    return found
+
+
+def perfect_results(kset, cfg):
+    results = [r for rec, people in zip(kset.records, perfect_people(kset, cfg))
+               for r in R.coco_results(rec.image_id, people)]
+    return R.coco_eval(kset.json_path, results, [r.image_id for r in kset.records])
+
+
+@pytest.mark.parametrize("preset", ["demo", "paper"])
+def test_perfect_maps_give_ap_1(toy, preset):
+    cfg, _ = R.parse_args(["--preset", preset])
+    kset = R.load_keypoint_set(toy["train"], toy["train"].parent / "images")
+    stats = perfect_results(kset, cfg)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AR"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not (SHARED / "real/coco").is_dir(), reason="../shared/data/real/coco is absent")
+def test_perfect_maps_on_real_coco_fixture():
+    """Real COCO people: 0.99, not 1.0, because one person's wrist is labelled while its elbow is not:
+    an orphan joint no tree-structured grouping (OpenPose's) can attach."""
+    kset = R.load_keypoint_set(SHARED / "real/coco/test_coco.json", SHARED / "real/coco")
+    cfg, _ = R.parse_args(["--preset", "paper"])
+    stats = perfect_results(kset, cfg)
+    assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] >= 0.985
+
+
+def test_occlusion_index_on_hand_made_people():
+    boxes = np.array([[0, 0, 10, 10], [5, 0, 10, 10], [100, 100, 10, 10]], np.float64)
+    index = R.occlusion_index(boxes)
+    assert index == pytest.approx([50 / 150, 50 / 150, 0.0])  # two half-overlapping people, one alone
+    assert R.occlusion_index(boxes[:1]).tolist() == [0.0]
+    assert [name for name, (lo, hi) in R.OCCLUSION_BINS.items() if lo <= index[0] < hi] == ["heavy"]
+
+
+def test_coco_ap_from_evaluated_images_matches_cocoeval_and_bins_split_the_people(toy):
+    kset = R.load_keypoint_set(toy["val"], toy["val"].parent / "images")
+    cfg, _ = R.parse_args(["--preset", "paper"])
+    results = [r for rec, people in zip(kset.records, perfect_people(kset, cfg))
+               for r in R.coco_results(rec.image_id, people)]
+    results = [r | dict(keypoints=(np.array(r["keypoints"]) + (i % 3) * 2.0).tolist())  # some imperfect
+               for i, r in enumerate(results)]
+    from pycocotools.coco import COCO
+    gt = COCO(str(kset.json_path))
+    ids = [r.image_id for r in kset.records]
+    ev = R.coco_evaluator(gt, results, ids)
+    assert R.coco_ap(ev) == pytest.approx(ev.stats[0], abs=1e-9) and 0 < ev.stats[0] < 1
+    assert R.coco_ap(ev, np.array([2, 0, 1])) != pytest.approx(ev.stats[0])  # a resample differs
+    stats = R.coco_eval(kset.json_path, results, ids, detail=True)
+    assert set(stats["ap_by_occlusion"]) == set(R.OCCLUSION_BINS) and stats["ap_sd"] > 0
+    people = R.person_occlusion(gt.dataset)
+    for name, (lo, hi) in R.OCCLUSION_BINS.items():
+        kept = [a for a in R.occlusion_subset(gt, lo, hi).dataset["annotations"] if not a.get("iscrowd")]
+        assert all(lo <= people[a["id"]] < hi for a in kept)
 
 
 # ==============================================================================================
-# MPII multi-person: loading, the official evaluation, the skeleton
+# Part II: the tooling around the method (file formats, runs, protocol, reports, command line)
 # ==============================================================================================
+
+# ---- MPII Human Pose: annotation lists, the RELEASE split, the multi-person AP -------------------
+
 MPII_DIR = SHARED / "real" / "mpii"
+
+
 MPII_GT, MPII_PRED = MPII_DIR / "mpii_val_multi_groundtruth.mat", MPII_DIR / "mpii_val_multi_predictions.mat"
+
+
 needs_mpii = pytest.mark.skipif(not MPII_GT.is_file(), reason=f"MPII fixture not found in {MPII_DIR}")
 
 
@@ -2320,6 +1934,7 @@ def test_mpii_bad_input_is_one_line(tmp_path):
     one_line_error(R.load_release, mat, val_images=["c.jpg"], match="not MPII training images")
     one_line_error(R.evaluate_mpii, [R.empty_group()], [], match="pairs them by position")
 
+
 def _gt_annolist(path: Path) -> Path:
     """One group of two people with head boxes, in the toolkit's ground-truth layout."""
     people = [{j: (10.0 + 3 * j + 50 * k, 20.0 + 2 * j) for j in range(16)} for k in range(2)]
@@ -2356,72 +1971,6 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
     assert "is not a readable Matlab .mat file" in line
 
 
-def test_mpii_val_mat_and_checkpoints_of_the_other_skeleton_are_named(capsys, tmp_path, toy, mpii_toy):
-    gt_path = _gt_annolist(tmp_path / "val.mat")
-    argv = toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")
-    argv[argv.index("--val-json") + 1] = str(gt_path)
-    assert "is a Matlab .mat file, not COCO json: an MPII annotation list is read with --skeleton mpii" in \
-        run_main_error(capsys, argv)
-    assert R.main(toy_args(toy, tmp_path / "coco", "--mode", "real", "--steps", "1")) == 0
-    assert R.main(toy_args(mpii_toy, tmp_path / "mpii", "--mode", "real", "--skeleton", "mpii", "--steps", "1")) == 0
-    for data, ckpt, words in ((toy, "mpii", "predicts the mpii skeleton but the val data is coco"),
-                              (mpii_toy, "coco", "predicts the coco skeleton but the val data is mpii")):
-        extra = ["--skeleton", "mpii"] if data is mpii_toy else []
-        line = run_main_error(capsys, toy_args(data, tmp_path / "eval", "--mode", "eval", *extra,
-                                               "--ckpt", str(tmp_path / ckpt / "ckpt.pt")))
-        assert words in line, line
-    assert not (tmp_path / "eval").exists()
-
-
-# ---- MPII: the skeleton, the paper's benchmark on the same code path ----------------------------
-
-COCO_TO_MPII = {0: 16, 1: 14, 2: 12, 3: 11, 4: 13, 5: 15, 10: 10, 11: 8, 12: 6, 13: 5, 14: 7, 15: 9}
-
-
-def relabel_mpii(path: Path) -> Path:
-    """A toy COCO-format set relabelled with MPII's 16 joints, beside the original: thorax and
-    pelvis at the shoulder and hip midpoints, upper neck between thorax and nose, head top above."""
-    data = json.loads(path.read_text())
-    for a in data["annotations"]:
-        c = np.array(a["keypoints"], np.float32).reshape(17, 3)
-        m = np.zeros((16, 3), np.float32)
-        if a.get("num_keypoints", 1):
-            for j, k in COCO_TO_MPII.items():
-                m[j] = c[k]
-            m[6], m[7] = (c[11] + c[12]) / 2, (c[5] + c[6]) / 2
-            m[8] = (c[0] + m[7]) / 2
-            m[9] = 2 * c[0] - m[8]
-            m[6:10, 2] = 2
-        a["keypoints"], a["num_keypoints"] = m.flatten().tolist(), int((m[:, 2] > 0).sum())
-    out = path.with_name("mpii.json")
-    out.write_text(json.dumps(data))
-    return out
-
-
-@pytest.fixture(scope="module")
-def mpii_toy(toy):
-    return {k: relabel_mpii(v) for k, v in toy.items()}
-
-
-def test_mpii_skeleton_tables():
-    sk = R.MPII
-    assert (sk.num_parts, sk.num_limbs, sk.num_heat, sk.num_paf) == (15, 14, 16, 28)
-    for i, j in enumerate(sk.flip_parts):
-        assert sk.parts[j] == R.mirror(sk.parts[i])
-    for (a, b), k in zip(sk.limbs, sk.flip_limbs):
-        assert tuple(sk.limbs[k]) == (sk.flip_parts[a], sk.flip_parts[b])
-    joints = np.zeros((16, 3), np.float32)
-    joints[:, 0], joints[:, 2] = np.arange(16), 2
-    parts = sk.to_parts(joints)
-    assert parts[0, 0] == 9 and parts[1, 0] == 8 and parts[14, 0] == 6.5  # head top, upper neck, centre
-    back = sk.to_joints(parts)
-    scored = [j for j in range(16) if j not in (6, 7)]
-    assert np.array_equal(back[scored], joints[scored]) and (back[[6, 7]] == 0).all()
-    coco = np.zeros((17, 3), np.float32)
-    coco[[5, 6], :2], coco[[5, 6], 2] = [[10, 0], [20, 4]], [2, 1]
-    assert R.COCO.to_parts(coco)[17].tolist() == [15, 2, 1]  # the neck: shoulder midpoint, lower visibility
-
-
 @pytest.mark.parametrize("preset", ["demo", "paper"])
 def test_mpii_perfect_maps_give_map_100(mpii_toy, preset):
     cfg, _ = R.parse_args(["--preset", preset, "--skeleton", "mpii"])
@@ -2434,12 +1983,6 @@ def test_mpii_perfect_maps_give_map_100(mpii_toy, preset):
         p.joints[:, 9, 1] -= 50
     result = R.evaluate_mpii(truth, predictions)
     assert result["joints"]["head_top"] == 0 and result["joints"]["upper_neck"] == pytest.approx(100)
-
-
-def test_a_json_of_the_other_skeleton_names_the_flag(capsys, tmp_path, mpii_toy, toy):
-    argv = toy_args(toy, tmp_path / "o", "--mode", "real")
-    argv[argv.index("--val-json") + 1] = str(mpii_toy["val"])
-    assert "that is --skeleton mpii" in run_main_error(capsys, argv)
 
 
 def test_mpii_demo_path_runs_end_to_end(mpii_toy, tmp_path):
@@ -2502,35 +2045,513 @@ def test_mpii_fixture_groups_become_records_and_evaluate(mpii_gt, tmp_path):
     assert stats["images"] == 4 and 0 <= stats["mAP"] <= 100 and len(predictions) == 4
 
 
-# ---- the claims protocol: occlusion bins, the AP's spread ----------------------------------------
+def test_an_mpii_annolist_as_the_val_set(mpii_toy, toy, tmp_path):
+    kset = R.load_keypoint_set(mpii_toy["val"], mpii_toy["val"].parent / "images", R.MPII)
+    entries = []
+    for g in R.groups_of_records(kset):  # the toolkit's ground-truth layout, written with scipy
+        rects = [dict(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]), scale=float(sc),
+                      objpos=dict(x=float(o[0]), y=float(o[1])),
+                      annopoints=dict(point=_records([dict(x=float(x), y=float(y), id=float(j), is_visible=1.0)
+                                                      for j, (x, y, v) in enumerate(person) if v > 0])))
+                 for person, b, sc, o in zip(g.joints, g.head_boxes, g.scales, g.objpos)]
+        entries.append(dict(image=dict(name=g.image), annorect=_records(rects)))
+    scipy.io.savemat(tmp_path / "val.mat", {"annolist": _records(entries)})
+    val = R.load_mpii_annolist(tmp_path / "val.mat", mpii_toy["val"].parent / "images")
+    assert len(val.records) == len(kset.records) and np.isfinite(val.groups[0].head_boxes).all()
+    out = tmp_path / "run"
+    argv = toy_args(mpii_toy, out, "--mode", "real", "--skeleton", "mpii", "--steps", "1")
+    argv[argv.index("--val-json") + 1] = str(tmp_path / "val.mat")
+    assert R.main(argv) == 0 and json.loads((out / "metrics.json").read_text())["images"] == len(kset.records)
 
-def test_occlusion_index_on_hand_made_people():
-    boxes = np.array([[0, 0, 10, 10], [5, 0, 10, 10], [100, 100, 10, 10]], np.float64)
-    index = R.occlusion_index(boxes)
-    assert index == pytest.approx([50 / 150, 50 / 150, 0.0])  # two half-overlapping people, one alone
-    assert R.occlusion_index(boxes[:1]).tolist() == [0.0]
-    assert [name for name, (lo, hi) in R.OCCLUSION_BINS.items() if lo <= index[0] < hi] == ["heavy"]
+
+# ---- Files: atomic writes, checkpoints, the shipped student --------------------------------------
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")])
+def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, toy, monkeypatch, error):
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise error
+    monkeypatch.setattr(R.torch, "save", full_disk)
+    out = tmp_path / "run"
+    line = run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "2"))
+    assert "no space left on the device" in line and " MB needed, " in line and "MB free" in line, line
+    assert "enforce fail" not in line
+    assert not list(out.glob("*.tmp")) and not (out / "ckpt.pt").exists()
+    assert not (out / R.LOCK_NAME).exists()  # the folder is released
 
 
-def test_coco_ap_from_evaluated_images_matches_cocoeval_and_bins_split_the_people(toy):
-    kset = R.load_keypoint_set(toy["val"], toy["val"].parent / "images")
-    cfg, _ = R.parse_args(["--preset", "paper"])
-    results = [r for rec, people in zip(kset.records, perfect_people(kset, cfg))
-               for r in R.coco_results(rec.image_id, people)]
-    results = [r | dict(keypoints=(np.array(r["keypoints"]) + (i % 3) * 2.0).tolist())  # some imperfect
-               for i, r in enumerate(results)]
-    from pycocotools.coco import COCO
-    gt = COCO(str(kset.json_path))
-    ids = [r.image_id for r in kset.records]
-    ev = R.coco_evaluator(gt, results, ids)
-    assert R.coco_ap(ev) == pytest.approx(ev.stats[0], abs=1e-9) and 0 < ev.stats[0] < 1
-    assert R.coco_ap(ev, np.array([2, 0, 1])) != pytest.approx(ev.stats[0])  # a resample differs
-    stats = R.coco_eval(kset.json_path, results, ids, detail=True)
-    assert set(stats["ap_by_occlusion"]) == set(R.OCCLUSION_BINS) and stats["ap_sd"] > 0
-    people = R.person_occlusion(gt.dataset)
-    for name, (lo, hi) in R.OCCLUSION_BINS.items():
-        kept = [a for a in R.occlusion_subset(gt, lo, hi).dataset["annotations"] if not a.get("iscrowd")]
-        assert all(lo <= people[a["id"]] < hi for a in kept)
+def test_bad_init_leaves_no_run_folder(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    assert "checkpoint not found" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--init",
+                                                                      str(tmp_path / "missing.pt")))
+    assert not out.exists()
+
+
+def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, toy):
+    hit = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save(dict(model={}, config={}, step=1, payload=_Touch(hit)), evil)
+    run = tmp_path / "run"
+    eval_argv = toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(evil)]
+    for argv in (eval_argv, toy_args(toy, run, "--mode", "real", "--init", str(evil)),
+                 toy_args(toy, run, "--mode", "real", "--resume"), ["--export-student", str(evil), "--out", str(run)]):
+        if "--resume" in argv:
+            run.mkdir()
+            (run / "ckpt.pt").write_bytes(evil.read_bytes())
+        line = run_main_error(capsys, argv)
+        assert "refused checkpoint" in line and "it holds getattr" in line, line
+        assert not hit.exists() and (not run.exists() or sorted(p.name for p in run.iterdir()) == ["ckpt.pt"])
+    r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *eval_argv], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refused checkpoint" in r.stderr
+    assert not hit.exists()
+    torch.load(evil, weights_only=False)  # the unsafe loader runs it: the test would see it
+    assert hit.exists()
+    # a student-teacher checkpoint of an older version (numpy arrays in it): refused, saying what to do
+    torch.save(dict(model={}, teacher=dict(probs=np.full(3, 1 / 3))), tmp_path / "old.pt")
+    line = run_main_error(capsys, toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(tmp_path / "old.pt")])
+    assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
+
+
+def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
+    argv = toy_args(toy, tmp_path / "other", "--mode", "real", "--steps", "1", "--init", str(tmp_path / "run/ckpt.pt"))
+    argv[argv.index("--width") + 1] = "24"
+    assert "another architecture" in run_main_error(capsys, argv)
+
+
+def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "student.pt")
+    cfg, _ = R.parse_args(["--mode", "augmented"])
+    assert cfg.init is None and cfg.lr == 1e-3  # nothing shipped: from scratch
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
+    R.export_student(str(tmp_path / "run/ckpt.pt"), tmp_path / "student.pt")
+    half = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
+    argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
+    cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
+    assert cfg.init == str(tmp_path / "student.pt") and cfg.lr == R.FINETUNE_LR
+    assert R.parse_args(["--mode", "augmented", "--lr", "1e-3"] + argv)[0].lr == 1e-3
+    assert R.parse_args(["--mode", "augmented", "--init", "none"] + argv)[0].init is None
+    assert R.parse_args(["--mode", "augmented"])[0].init is None  # another network: from scratch
+    assert R.parse_args(toy_data_args(toy) + argv)[0].init is None  # real data gets no shipped student
+
+
+def test_export_student_writes_out_and_never_replaces_a_file_unasked(capsys, tmp_path, toy, monkeypatch):
+    shipped = tmp_path / "results" / "student-demo.pt"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"the committed student")
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", shipped)
+    assert R.main(toy_args(toy, tmp_path / "tiny", "--mode", "real", "--steps", "1")) == 0
+    ckpt = str(tmp_path / "tiny" / "ckpt.pt")
+    assert R.main(["--export-student", ckpt, "--out", str(tmp_path / "exported.pt")]) == 0
+    assert R.load_checkpoint(tmp_path / "exported.pt")["step"] == 1 and shipped.read_bytes() == b"the committed student"
+    assert "is not replaced unless named" in run_main_error(capsys, ["--export-student", ckpt])
+    assert shipped.read_bytes() == b"the committed student"
+    assert R.main(["--export-student", ckpt, "--out", str(shipped)]) == 0  # named: replaced
+    assert R.load_checkpoint(shipped)["step"] == 1
+    torch.save(dict(config={}, step=3), tmp_path / "nomodel.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for bad, words in (("nomodel.pt", "holds no network weights"), ("tensor.pt", "holds a Tensor, not a repro.py")):
+        line = run_main_error(capsys, ["--export-student", str(tmp_path / bad), "--out", str(tmp_path / "e2.pt")])
+        assert words in line, line
+    assert not (tmp_path / "e2.pt").exists()
+
+
+# ---- Run folders: a run's start, lock, signals and finish ----------------------------------------
+
+def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    out.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as other:  # a live process holds the folder
+        (out / R.LOCK_NAME).write_text(str(other.pid))
+        assert "in use by another run" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "1"))
+        other.kill()
+    assert not (out / "metrics.jsonl").exists()
+    # its process is gone: the lock is stale, the next run takes the folder over and releases it
+    assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+    assert not (out / R.LOCK_NAME).exists()
+
+
+def test_a_lock_whose_pid_now_names_another_program_is_stale(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    out.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as other:  # the lock's pid, reused by a program started later
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started="1", host=os.uname().nodename)))
+        assert R.lock_holder(out) is None
+        assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
+                                                       host=os.uname().nodename)))
+        assert R.lock_holder(out) == other.pid  # the same process: held
+        (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=1, host="another-host")))
+        assert R.lock_holder(out) == 1  # another machine's run cannot be checked: held
+        other.kill()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+            if p.read_text().rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
+    out = tmp_path / "run"
+    argv = toy_args(toy, out, "--mode", "real", "--steps", "100000", "--ckpt-every", "2", "--workers", "1",
+                    "--minutes", "0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "repro.py"), *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for(lambda: (out / "ckpt.pt").is_file() or proc.poll() is not None)
+    workers = _children(proc.pid)
+    assert workers  # the loader's worker
+    proc.send_signal(R.signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == 143 and err[-1:] == ["repro.py: interrupted; the last checkpoint is kept: rerun with "
+                                                   "--resume"], err
+    assert not (out / R.LOCK_NAME).exists() and R.load_checkpoint(out / "ckpt.pt")["step"] >= 2
+    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10)  # no worker outlives it
+
+
+def test_a_users_default_run_eval_and_compare_write_into_runs_never_into_results(toy, tmp_path, monkeypatch):
+    """Without --out a training run writes runs/<mode>-<data>-s<seed>/, an eval of a checkpoint
+    under results/ writes runs/eval-<data>/ (not beside it) and --compare runs/compare.png: a
+    user's outputs never mix with the committed results/."""
+    monkeypatch.chdir(tmp_path)
+    argv = toy_args(toy, "unused", "--mode", "real", "--steps", "2")
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    assert R.main(argv) == 0
+    run = Path("runs/real-annotations-s0")
+    assert (run / "ckpt.pt").is_file() and (run / "metrics.json").is_file() and not Path("results").exists()
+    tracked = Path("results/student.pt")  # a checkpoint in the committed folder, as the shipped students are
+    tracked.parent.mkdir()
+    shutil.copy(run / "ckpt.pt", tracked)
+    argv = toy_args(toy, "unused", "--mode", "eval", "--ckpt", str(tracked))
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    assert R.main(argv) == 0
+    assert R.main(["--compare", str(run)]) == 0
+    assert [p.name for p in Path("results").iterdir()] == ["student.pt"]
+    assert "AP" in json.loads(Path("runs/eval-annotations/eval-annotations.json").read_text())
+    assert Path("runs/compare.png").is_file() and Path("runs/compare.md").is_file()
+
+
+def test_eval_mode_and_init(toy, tmp_path):
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "2")) == 0
+    ckpt = tmp_path / "run/ckpt.pt"
+    assert R.main(toy_args(toy, tmp_path / "eval", "--mode", "eval", "--ckpt", str(ckpt))) == 0
+    assert "AP" in json.loads((tmp_path / "eval" / "eval-annotations.json").read_text())
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "augmented", "--init", str(ckpt)))
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    started = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "x").model.state_dict()
+    assert all(torch.equal(started[k], saved[k]) for k in saved)  # --init weights, not a fresh net
+    assert R.main(toy_args(toy, tmp_path / "ft", "--mode", "augmented", "--steps", "1", "--init", str(ckpt))) == 0
+    assert R.main(["--compare", str(tmp_path / "run"), str(tmp_path / "ft"), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_steps_0_says_it_evaluates_the_start(toy, tmp_path, capsys):
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "0")) == 0
+    assert "--steps 0: no training" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["steps"] == 0
+
+
+def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
+    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
+    assert "--resume" in run_main_error(capsys, toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1"))
+
+
+def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(capsys, tmp_path, toy):
+    out = tmp_path / "run"
+    argv = toy_args(toy, out, "--mode", "real", "--steps", "2")
+    assert R.main(argv) == 0
+    logged = (out / "metrics.jsonl").read_text()
+    assert "is finished (step 2 of --steps 2" in run_main_error(capsys, argv + ["--resume"])
+    assert (out / "metrics.jsonl").read_text() == logged
+    (out / "metrics.json").unlink()  # cut off after the final evaluation's line, before metrics.json
+    assert R.main(argv + ["--resume"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 2] and [bool(r.get("final")) for r in lines] == [False, False, True]
+
+
+def test_read_only_run_folder_gives_one_line(capsys, tmp_path, toy, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(R.Path, "mkdir", refuse)
+    out = tmp_path / "run"
+    assert "Read-only file system" in run_main_error(capsys, toy_args(toy, out, "--mode", "real", "--steps", "1"))
+    assert not out.exists()
+
+
+def test_torchrun_batch_not_a_multiple_of_the_processes_is_one_line(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert R.main(toy_args(toy, tmp_path / "run", "--batch-size", "5")) == 2
+    assert "--batch-size 5 must be a multiple of the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_mpii_val_mat_and_checkpoints_of_the_other_skeleton_are_named(capsys, tmp_path, toy, mpii_toy):
+    gt_path = _gt_annolist(tmp_path / "val.mat")
+    argv = toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")
+    argv[argv.index("--val-json") + 1] = str(gt_path)
+    assert "is a Matlab .mat file, not COCO json: an MPII annotation list is read with --skeleton mpii" in \
+        run_main_error(capsys, argv)
+    assert R.main(toy_args(toy, tmp_path / "coco", "--mode", "real", "--steps", "1")) == 0
+    assert R.main(toy_args(mpii_toy, tmp_path / "mpii", "--mode", "real", "--skeleton", "mpii", "--steps", "1")) == 0
+    for data, ckpt, words in ((toy, "mpii", "predicts the mpii skeleton but the val data is coco"),
+                              (mpii_toy, "coco", "predicts the coco skeleton but the val data is mpii")):
+        extra = ["--skeleton", "mpii"] if data is mpii_toy else []
+        line = run_main_error(capsys, toy_args(data, tmp_path / "eval", "--mode", "eval", *extra,
+                                               "--ckpt", str(tmp_path / ckpt / "ckpt.pt")))
+        assert words in line, line
+    assert not (tmp_path / "eval").exists()
+
+
+# ---- The claims protocol: every condition fine-tuned from one real-only student ------------------
+
+def test_protocol_conditions_mean_what_their_names_say():
+    cfgs = {name: R.parse_args(c.flags)[0] for name, c in R.CONDITIONS.items()}
+    gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
+    cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
+    real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
+    assert real_crops == dict(real=16, synthetic=8, **{"augmented-include": 8, "augmented-mask": 8}, teacher=8,
+                              uniform=8, **{"teacher-fast": 8, "synthetic-only": 0})
+    assert R.batch_sources(cfgs["synthetic-only"], 16) == [R.SYNTHETIC] * 16  # the domain gap: no real crop
+    assert all(R.real_crops_per_step(c) == n for c, n in real_crops.items())  # what the claims table prints
+    assert [cfgs[c].synthetic_loss for c in ("augmented-include", "augmented-mask")] == ["include", "mask"]
+    teachers = [cfgs[c] for c in ("teacher", "uniform", "teacher-fast")]
+    assert all(c.mode == "student-teacher" and c.teacher_attribute == "min_dist" for c in teachers)
+    assert [(c.teacher_uniform, c.teacher_step) for c in teachers] == [(False, 0.01), (True, 0.01), (False, 0.1)]
+    with pytest.raises(R.ReproError):  # the teacher ranks real crops: a batch without any is refused
+        R.check_config(R.dataclasses.replace(cfgs["teacher"], real_share=0.0))
+
+
+def test_every_protocol_condition_records_the_real_crops_its_flags_give():
+    """The claims table prints each condition's recorded real crops per step: they are what its
+    runs' flags give (parsed here once per condition, never by the report)."""
+    seen = {}
+    for run in R.protocol_runs():
+        if run.condition not in seen:
+            cfg, _ = R.parse_args(run.argv)
+            seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
+    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.V2_CONDITIONS
+    assert set(seen) == set(records) - set(R.SAME_RUNS)
+    assert all(records[c].real_crops == n for c, n in seen.items())
+    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c]) for c in R.SAME_RUNS)
+
+
+def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
+    first = {r.name: r for r in R.round1_runs()}
+    second = [r for r in R.protocol_runs() if r.name not in first]
+    assert all(r.init == f"{r.regime}/student" for r in second)
+    short = [r for r in second if "3000" not in r.condition]
+    assert {(r.regime, r.condition, r.seed) for r in short} == (
+        {("full", c, 3) for c in ("augmented-mask", "synthetic")}
+        | {("scarce", c, s) for s in (3, 4, 5, 6) for c in ("augmented-mask", "synthetic")}
+        | {("scarce", "augmented-include", s) for s in (3, 4)})
+    for r in short:  # the same command as round 1's runs of the condition, with another seed
+        argv, twin = list(r.argv), first[f"{r.regime}/{r.condition}-s0"]
+        argv[argv.index("--seed") + 1] = "0"
+        assert argv == twin.argv
+    long = [r for r in second if "3000" in r.condition]
+    assert len(long) == 3 * R.V2_SEEDS[(4, "scarce")] and all(r.regime == "scarce" for r in long)
+    for r in long:
+        cfg, _ = R.parse_args(r.argv)
+        assert cfg.steps == 3000 and cfg.steps // cfg.teacher_interval >= 150
+        assert (cfg.mode, cfg.teacher_stratified) == {"teacher-3000": ("student-teacher", False),
+                                                      "stratified-3000": ("student-teacher", True),
+                                                      "synthetic-3000": ("synthetic", False)}[r.condition]
+
+
+def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy, tmp_path):
+    batches = []
+    for name in ("synthetic", "uniform"):
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name].flags, "--steps", "3",
+                                       "--workers", "0"))
+        trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
+        batches.append([])
+        for step, batch in itertools.islice(trainer.batches(), 3):
+            batches[-1].append(batch)
+            trainer.step = step + 1  # as fit() does: the teacher's loop draws each step's data from it
+    assert len(batches[0]) == len(batches[1]) == 3
+    for a, b in zip(*batches):
+        assert a.source == b.source and R.SYNTHETIC in a.source
+        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("image", "keypoints", "ignore"))
+        assert torch.equal(a.target, b.target) and torch.equal(a.loss_mask, b.loss_mask)
+    assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
+    assert R.V2_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
+    assert not any(r.condition.startswith("uniform") for r in R.protocol_runs())  # read from synthetic's runs
+    runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
+            (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
+    assert R.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
+
+
+def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
+    records = [dict(step=20 * k, probs=[0.5 + 0.1 * k, 0.5 - 0.1 * k]) for k in range(3)]
+    drift = R.teacher_drift(records)
+    assert drift["updates"] == 3 and drift["l1"] == pytest.approx(0.4) and drift["max_prob"] == pytest.approx(0.7)
+    assert "entropy_first" not in drift  # round 1's records began with the placeholder: no entropy
+    new = R.teacher_drift([dict(r, next_bin=0) for r in records])  # round 2's: the network's outputs only
+    assert new["entropy_first"] == pytest.approx(math.log(2)) and new["entropy_min"] == pytest.approx(
+        -(0.7 * math.log(0.7) + 0.3 * math.log(0.3)))
+    assert new["series"] == [[r["step"], *r["probs"]] for r in records]
+    assert R.teacher_drift([dict(step=1)]) is None
+    # the metric lines carry only the latest update at each line: the checkpoint's records win
+    R.append_jsonl(tmp_path / "metrics.jsonl", dict(step=50, teacher=records[-1]))
+    assert R.teacher_records(tmp_path) == records[-1:]
+    torch.save(dict(teacher=dict(records=records)), tmp_path / "ckpt.pt")
+    assert R.teacher_records(tmp_path) == records
+
+
+def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
+    runs = R.protocol_runs()
+    done = [r for r in runs if r.name in ("full/student", "full/real-s0")]
+    for r in done:
+        R.PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
+        R.write_json(dict(name=r.name, condition=r.condition, regime=r.regime, seed=r.seed, steps=1, minutes=0.1,
+                          ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init, command="x",
+                          teacher=None), R.summary_path(r))
+    for design in R.PROBES.values():
+        (tmp_path / "results" / f"{design.name}.json").write_text("{}")
+    trained = []
+
+    def train(run, python):
+        trained.append(run.name)
+        if run.condition == "student":
+            R.regime_student(run.regime).write_bytes(b"")
+    monkeypatch.setattr(R, "train_protocol_run", train)
+    R.run_protocol()
+    assert "full/real-s0" not in trained and trained[0] == "scarce/student"
+    # full/student finished before, but its exported weights are gone: rebuilt before its first user
+    assert trained.index("full/student") < trained.index("full/synthetic-s0")
+    assert len(trained) == len(runs) - len(done) + 1
+    claims = json.loads((tmp_path / "results" / "claims.json").read_text())
+    assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
+    first = len(R.round1_runs())
+    assert claims["progress"] == dict(finished=2, total=first, probe=False,  # the probe's json is empty
+                                      round2_finished=0, round2_total=len(runs) - first)
+    assert f"2 of {first} runs finished" in (tmp_path / "results" / "claims.md").read_text()
+
+
+FAKE_RUN = """#!{python}
+import json, os, pathlib, sys, time
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True)
+running = pathlib.Path("running")
+(running / out.name).mkdir(parents=True)
+time.sleep(0.5)
+with open("concurrency.txt", "a") as f:
+    f.write(f"{{len(list(running.iterdir()))}} {{os.environ['OMP_NUM_THREADS']}}\\n")
+(running / out.name).rmdir()
+if out.name == "teacher-s1":
+    sys.exit(3)
+(out / "config.json").write_text(json.dumps(dict(device="cpu")))
+(out / "metrics.json").write_text(json.dumps(dict(steps=800, train_minutes=0.1, AP=0.2, AP50=0.5, AP75=0.1)))
+"""
+
+
+def _protocol_sandbox(tmp_path, monkeypatch, script):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
+    for regime in R.PROTOCOL_REGIMES:
+        R.regime_student(regime).parent.mkdir(parents=True, exist_ok=True)
+        R.regime_student(regime).write_bytes(b"")
+    fake = tmp_path / "fake-python"
+    fake.write_text(script.format(python=sys.executable, root=str(ROOT)))
+    fake.chmod(0o755)
+    return fake
+
+
+def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_path, monkeypatch):
+    fake = _protocol_sandbox(tmp_path, monkeypatch, FAKE_RUN)
+    with pytest.raises(R.ReproError, match="scarce/teacher-s1 failed .exit status 3"):
+        R.run_protocol(str(fake), jobs=2, only=("scarce/*[!0-9]-s1", "scarce/nothing"))  # round 1's seed 1
+    summaries = sorted(p.name for p in R.PROTOCOL_RESULTS.glob("*.json"))
+    assert summaries == sorted(f"scarce-{c}-s1.json" for c in R.CONDITIONS if c not in R.SAME_RUNS and c != "teacher")
+    seen = [line.split() for line in (tmp_path / "concurrency.txt").read_text().splitlines()]
+    assert len(seen) == 6 and max(int(n) for n, _ in seen) == 2  # two at a time, never more
+    assert {threads for _, threads in seen} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    assert json.loads((R.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
+    assert (R.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
+    assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
+
+
+LIVE_RUN = """#!{python}
+import os, pathlib, signal, sys, time
+sys.path.insert(0, {root!r})
+import repro
+signal.signal(signal.SIGTERM, repro.on_sigterm)  # as repro.py's main does
+repro.watch_parent(0.1)
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "pid").write_text(str(os.getpid()))
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    (out / "ended").write_text("checkpoint kept")
+    sys.exit(143)
+"""
+
+
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
+def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, monkeypatch, kill):
+    fake = _protocol_sandbox(tmp_path, monkeypatch, LIVE_RUN)
+    runner = (f"import functools, sys; sys.path.insert(0, {str(ROOT)!r}); import repro as R; "
+              f"R.SHIPPED_STUDENT = R.Path({str(R.SHIPPED_STUDENT)!r}); "
+              f"R.run_protocol = functools.partial(R.run_protocol, {str(fake)!r}); "
+              "sys.exit(R.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
+    folders = [R.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: all((f / "pid").is_file() for f in folders))
+    children = [int((f / "pid").read_text()) for f in folders]
+    os.kill(proc.pid, getattr(R.signal, kill))
+    proc.wait(120)
+    if kill == "SIGTERM":  # one line, and its runs were told to checkpoint and end
+        assert proc.returncode == 143 and proc.stderr.read().strip().count("\n") == 0
+    _wait_for(lambda: not any(R.process_alive(pid) and R.process_started(pid) for pid in children), 90)
+    assert all((f / "ended").is_file() for f in folders)  # ended through SIGTERM: the checkpoint kept
+    # a rerun while a live process holds a folder neither deletes it nor starts a second writer there
+    folder = folders[0]
+    with subprocess.Popen(["sleep", "60"]) as other:
+        (folder / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
+                                                          host=os.uname().nodename)))
+        for jobs in (1, 2):
+            with pytest.raises(R.ReproError, match=f"real-s0 is still running .pid {other.pid} holds"):
+                R.run_protocol(str(fake), jobs=jobs, only=("scarce/real-s0",))
+            assert (folder / "ended").is_file() and (folder / "pid").read_text() == str(children[0])
+        other.kill()
+
+
+def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = {r.name: r for r in R.protocol_runs()}
+    R.PROTOCOL_RESULTS.mkdir(parents=True)
+    good = dict(name="full/real-s0", condition="real", regime="full", seed=0, steps=800, minutes=1.0, ap=0.3,
+                ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init="full/student", command="x", teacher=None)
+    R.write_json(good, R.summary_path(runs["full/real-s0"]))
+    bad = R.summary_path(runs["scarce/real-s0"])
+    for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
+                        ("[1, 2]", "bad or missing name"),
+                        (json.dumps(good | dict(name="scarce/real-s0", ap="high")), "bad or missing ap"),
+                        (json.dumps(good), "bad or missing name"),  # another run's summary under this name
+                        (json.dumps({k: v for k, v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
+                         "bad or missing condition")):
+        bad.write_text(text)
+        line = run_main_error(capsys, ["--report"])
+        assert str(bad) in line and words in line, line
+        assert not (tmp_path / "results" / "claims.json").exists()  # nothing written from a partial set
+        trained = []
+        monkeypatch.setattr(R, "train_protocol_run", lambda run, python: trained.append(run.name))
+        monkeypatch.setattr(R, "report_protocol", lambda: None)
+        capsys.readouterr()
+        R.run_protocol(only=("*/real-s0",))
+        assert trained == ["scarce/real-s0"] and f"protocol: {bad} is not" in capsys.readouterr().out
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "probe.json").write_text("{")
+    bad.unlink()
+    assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
 
 
 def test_paired_verdict_rule_on_made_up_numbers():
@@ -2545,6 +2566,51 @@ def test_paired_verdict_rule_on_made_up_numbers():
     assert verdicts[1]["verdict"] == "reproduced" and verdicts[2]["verdict"] == "inconclusive"  # equal: d = 0
     assert verdicts[3]["verdict"] == "inconclusive" and "probe" in verdicts[3]["reason"]
     assert verdicts[4]["verdict"] == "contradicted"
+
+
+def test_rule_v2_reads_a_paired_t_interval_against_delta():
+    from scipy.stats import ttest_1samp
+    d = [0.004, 0.006, 0.005, 0.0055]
+    t = R.paired_test(d, 0.003)
+    assert t["p"] == pytest.approx(ttest_1samp(d, 0).pvalue) and t["verdict"] == "reproduced"
+    ci = ttest_1samp(d, 0).confidence_interval(0.95)
+    assert (t["lo"], t["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert R.paired_test([-x for x in d], 0.003)["verdict"] == "contradicted"
+    assert R.paired_test([0.0005, -0.0004, 0.0002, -0.0001], 0.003)["verdict"] == "no effect of delta or more"
+    assert R.paired_test([0.004, -0.004, 0.003, -0.002], 0.003)["verdict"] == "inconclusive"
+    assert R.paired_test([0.01, 0.02], 0.003)["verdict"] == "inconclusive"  # fewer than 3 pairs
+    assert R.overall_v2(["reproduced", "no effect of delta or more"]) == "reproduced"
+    assert R.overall_v2(["reproduced", "contradicted"]) == "inconclusive"
+    assert R.overall_v2(["reproduced", "pending (3 of 5 seeds)"]) == "pending"
+
+
+def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
+    assert all(R.seeds_for_power(sd, R.V2_DELTA[regime]) == R.V2_SEEDS[(claim, regime)]
+               for (claim, regime), sd in R.V2_PILOT_SD.items())
+    from scipy.stats import t
+    rng = np.random.default_rng(0)  # the formula against simulated paired differences
+    for n in (3, 5, 7):
+        d = rng.normal(0.001, 0.0017, (20000, n))
+        half = t.ppf(0.975, n - 1) * d.std(1, ddof=1) / np.sqrt(n)
+        assert (half < 0.003).mean() == pytest.approx(R.power_of(n, 0.0017, 0.003), abs=0.01)
+    summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("*-s[012].json"))
+    if not summaries:
+        pytest.skip("round 1's summaries are not here")
+    runs = [json.loads(p.read_text()) for p in summaries]
+    for (claim, regime), sd in R.V2_PILOT_SD.items():  # the pilot sd is round 1's, as committed
+        better, worse = R.CLAIMS[claim][:2]
+        d = np.subtract(*R.paired_aps(runs, better, worse, regime, R.PROTOCOL_SEEDS))
+        assert d.std(ddof=1) == pytest.approx(sd, abs=0.000006), (claim, regime)
+
+
+def test_rule_v2_waits_for_the_planned_seeds():
+    runs = [dict(name=f"scarce/{c}-s{s}", condition=c, regime="scarce", seed=s, ap=0.1 + 0.01 * (c == "augmented-mask")
+                 + 0.0001 * s) for s in range(4) for c in ("augmented-mask", "synthetic", "augmented-include")]
+    v = R.claim_verdicts_v2(runs)
+    assert v[1]["per_regime"]["scarce"]["verdict"] == "pending (4 of 7 seeds)" and v[1]["verdict"] == "pending"
+    runs += [dict(r, seed=s, name=r["name"][:-1] + str(s)) for s in (4, 5, 6) for r in runs[:2]]
+    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["scarce"]["verdict"] == "reproduced"
+    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["full"]["verdict"] == "pending (0 of 4 seeds)"
 
 
 def test_probe_verdict_on_made_up_usefulness():
@@ -2614,177 +2680,6 @@ def test_probe_v2_anova_matches_a_regression_and_reads_both_parts():
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "not shown")
 
 
-def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
-    runs = R.protocol_runs()
-    done = [r for r in runs if r.name in ("full/student", "full/real-s0")]
-    for r in done:
-        R.PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
-        R.write_json(dict(name=r.name, condition=r.condition, regime=r.regime, seed=r.seed, steps=1, minutes=0.1,
-                          ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init, command="x",
-                          teacher=None), R.summary_path(r))
-    for design in R.PROBES.values():
-        (tmp_path / "results" / f"{design.name}.json").write_text("{}")
-    trained = []
-
-    def train(run, python):
-        trained.append(run.name)
-        if run.condition == "student":
-            R.regime_student(run.regime).write_bytes(b"")
-    monkeypatch.setattr(R, "train_protocol_run", train)
-    R.run_protocol()
-    assert "full/real-s0" not in trained and trained[0] == "scarce/student"
-    # full/student finished before, but its exported weights are gone: rebuilt before its first user
-    assert trained.index("full/student") < trained.index("full/synthetic-s0")
-    assert len(trained) == len(runs) - len(done) + 1
-    claims = json.loads((tmp_path / "results" / "claims.json").read_text())
-    assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
-    first = len(R.round1_runs())
-    assert claims["progress"] == dict(finished=2, total=first, probe=False,  # the probe's json is empty
-                                      round2_finished=0, round2_total=len(runs) - first)
-    assert f"2 of {first} runs finished" in (tmp_path / "results" / "claims.md").read_text()
-
-
-FAKE_RUN = """#!{python}
-import json, os, pathlib, sys, time
-out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
-out.mkdir(parents=True)
-running = pathlib.Path("running")
-(running / out.name).mkdir(parents=True)
-time.sleep(0.5)
-with open("concurrency.txt", "a") as f:
-    f.write(f"{{len(list(running.iterdir()))}} {{os.environ['OMP_NUM_THREADS']}}\\n")
-(running / out.name).rmdir()
-if out.name == "teacher-s1":
-    sys.exit(3)
-(out / "config.json").write_text(json.dumps(dict(device="cpu")))
-(out / "metrics.json").write_text(json.dumps(dict(steps=800, train_minutes=0.1, AP=0.2, AP50=0.5, AP75=0.1)))
-"""
-
-
-def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_path, monkeypatch):
-    fake = _protocol_sandbox(tmp_path, monkeypatch, FAKE_RUN)
-    with pytest.raises(R.ReproError, match="scarce/teacher-s1 failed .exit status 3"):
-        R.run_protocol(str(fake), jobs=2, only=("scarce/*[!0-9]-s1", "scarce/nothing"))  # round 1's seed 1
-    summaries = sorted(p.name for p in R.PROTOCOL_RESULTS.glob("*.json"))
-    assert summaries == sorted(f"scarce-{c}-s1.json" for c in R.CONDITIONS if c not in R.SAME_RUNS and c != "teacher")
-    seen = [line.split() for line in (tmp_path / "concurrency.txt").read_text().splitlines()]
-    assert len(seen) == 6 and max(int(n) for n, _ in seen) == 2  # two at a time, never more
-    assert {threads for _, threads in seen} == {str(max(1, (os.cpu_count() or 1) // 2))}
-    assert json.loads((R.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
-    assert (R.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
-    assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
-
-
-def test_the_protocols_flags_are_checked_by_its_parser(capsys):
-    line = run_main_error(capsys, ["--reproduce", "--only", "full/*", "scarce/nothing-*"])
-    assert "argument --only: 'scarce/nothing-*' matches no protocol run" in line
-    for jobs in ("0", "-1", "two"):
-        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(capsys, ["--reproduce",
-                                                                                                  "--jobs", jobs])
-    _, args = R.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
-    assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
-    assert R.parse_args(["--reproduce"])[1].only == ["*"]
-
-
-LIVE_RUN = """#!{python}
-import os, pathlib, signal, sys, time
-sys.path.insert(0, {root!r})
-import repro
-signal.signal(signal.SIGTERM, repro.on_sigterm)  # as repro.py's main does
-repro.watch_parent(0.1)
-out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
-out.mkdir(parents=True, exist_ok=True)
-(out / "pid").write_text(str(os.getpid()))
-try:
-    time.sleep(120)
-except KeyboardInterrupt:
-    (out / "ended").write_text("checkpoint kept")
-    sys.exit(143)
-"""
-
-
-def _protocol_sandbox(tmp_path, monkeypatch, script):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
-    for regime in R.PROTOCOL_REGIMES:
-        R.regime_student(regime).parent.mkdir(parents=True, exist_ok=True)
-        R.regime_student(regime).write_bytes(b"")
-    fake = tmp_path / "fake-python"
-    fake.write_text(script.format(python=sys.executable, root=str(ROOT)))
-    fake.chmod(0o755)
-    return fake
-
-
-def _wait_for(condition, seconds=120.0):  # generous: CI machines may be loaded
-    deadline = R.time.time() + seconds
-    while not condition():
-        assert R.time.time() < deadline, "timed out"
-        R.time.sleep(0.1)
-
-
-@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
-def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, monkeypatch, kill):
-    fake = _protocol_sandbox(tmp_path, monkeypatch, LIVE_RUN)
-    runner = (f"import functools, sys; sys.path.insert(0, {str(ROOT)!r}); import repro as R; "
-              f"R.SHIPPED_STUDENT = R.Path({str(R.SHIPPED_STUDENT)!r}); "
-              f"R.run_protocol = functools.partial(R.run_protocol, {str(fake)!r}); "
-              "sys.exit(R.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
-    folders = [R.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
-    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    _wait_for(lambda: all((f / "pid").is_file() for f in folders))
-    children = [int((f / "pid").read_text()) for f in folders]
-    os.kill(proc.pid, getattr(R.signal, kill))
-    proc.wait(120)
-    if kill == "SIGTERM":  # one line, and its runs were told to checkpoint and end
-        assert proc.returncode == 143 and proc.stderr.read().strip().count("\n") == 0
-    _wait_for(lambda: not any(R.process_alive(pid) and R.process_started(pid) for pid in children), 90)
-    assert all((f / "ended").is_file() for f in folders)  # ended through SIGTERM: the checkpoint kept
-    # a rerun while a live process holds a folder neither deletes it nor starts a second writer there
-    folder = folders[0]
-    with subprocess.Popen(["sleep", "60"]) as other:
-        (folder / R.LOCK_NAME).write_text(json.dumps(dict(pid=other.pid, started=R.process_started(other.pid),
-                                                          host=os.uname().nodename)))
-        for jobs in (1, 2):
-            with pytest.raises(R.ReproError, match=f"real-s0 is still running .pid {other.pid} holds"):
-                R.run_protocol(str(fake), jobs=jobs, only=("scarce/real-s0",))
-            assert (folder / "ended").is_file() and (folder / "pid").read_text() == str(children[0])
-        other.kill()
-
-
-def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    runs = {r.name: r for r in R.protocol_runs()}
-    R.PROTOCOL_RESULTS.mkdir(parents=True)
-    good = dict(name="full/real-s0", condition="real", regime="full", seed=0, steps=800, minutes=1.0, ap=0.3,
-                ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init="full/student", command="x", teacher=None)
-    R.write_json(good, R.summary_path(runs["full/real-s0"]))
-    bad = R.summary_path(runs["scarce/real-s0"])
-    for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
-                        ("[1, 2]", "bad or missing name"),
-                        (json.dumps(good | dict(name="scarce/real-s0", ap="high")), "bad or missing ap"),
-                        (json.dumps(good), "bad or missing name"),  # another run's summary under this name
-                        (json.dumps({k: v for k, v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
-                         "bad or missing condition")):
-        bad.write_text(text)
-        line = run_main_error(capsys, ["--report"])
-        assert str(bad) in line and words in line, line
-        assert not (tmp_path / "results" / "claims.json").exists()  # nothing written from a partial set
-        trained = []
-        monkeypatch.setattr(R, "train_protocol_run", lambda run, python: trained.append(run.name))
-        monkeypatch.setattr(R, "report_protocol", lambda: None)
-        capsys.readouterr()
-        R.run_protocol(only=("*/real-s0",))
-        assert trained == ["scarce/real-s0"] and f"protocol: {bad} is not" in capsys.readouterr().out
-        monkeypatch.undo()
-        monkeypatch.chdir(tmp_path)
-    (tmp_path / "results" / "probe.json").write_text("{")
-    bad.unlink()
-    assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
-
-
 def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results" / "protocol").mkdir(parents=True)
@@ -2811,6 +2706,27 @@ def test_claims_table_keeps_each_devices_minutes_apart():
     assert "| 0.7 (GPU X), 8.0 (cpu) |" in table  # never the 3.1 of all three averaged
     assert "Where the runs trained: GPU X: scarce seed 1 + seed 2; cpu: scarce seed 0." in table
 
+
+def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a table row parsed a command line or loaded a checkpoint")
+
+    for name in ("parse_args", "build_parser", "resolve_init", "load_checkpoint"):
+        monkeypatch.setattr(R, name, refuse)
+    monkeypatch.setattr(R.torch, "load", refuse)
+    conditions = ("student", "synthetic-only", "real", "augmented-mask", "synthetic", "synthetic-3000")
+    runs = [dict(name=f"scarce/{c}-s0", condition=c, regime="scarce", seed=0, steps=800, minutes=1.0, ap=0.1,
+                 ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
+                 init=None if c in ("student", "synthetic-only") else "scarce/student") for c in conditions]
+    claims = dict(runs=runs, progress=dict(finished=6, total=39, probe=False), teacher={},
+                  verdicts=R.claim_verdicts(runs, None))
+    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
+    assert {row[1]: row[2] for row in rows} == {
+        "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8", "synthetic": "8",
+        "uniform (= synthetic's runs)": "8", "synthetic-3000": "8", "uniform-3000 (= synthetic-3000's runs)": "8"}
+
+
+# ---- Where the domain gap comes from: one style factor switched at a time ------------------------
 
 def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path, monkeypatch, capsys):
     import shlex
@@ -2868,204 +2784,323 @@ def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-def test_protocol_conditions_mean_what_their_names_say():
-    cfgs = {name: R.parse_args(c.flags)[0] for name, c in R.CONDITIONS.items()}
-    gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
-    cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
-    real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
-    assert real_crops == dict(real=16, synthetic=8, **{"augmented-include": 8, "augmented-mask": 8}, teacher=8,
-                              uniform=8, **{"teacher-fast": 8, "synthetic-only": 0})
-    assert R.batch_sources(cfgs["synthetic-only"], 16) == [R.SYNTHETIC] * 16  # the domain gap: no real crop
-    assert all(R.real_crops_per_step(c) == n for c, n in real_crops.items())  # what the claims table prints
-    assert [cfgs[c].synthetic_loss for c in ("augmented-include", "augmented-mask")] == ["include", "mask"]
-    teachers = [cfgs[c] for c in ("teacher", "uniform", "teacher-fast")]
-    assert all(c.mode == "student-teacher" and c.teacher_attribute == "min_dist" for c in teachers)
-    assert [(c.teacher_uniform, c.teacher_step) for c in teachers] == [(False, 0.01), (True, 0.01), (False, 0.1)]
-    with pytest.raises(R.ReproError):  # the teacher ranks real crops: a batch without any is refused
-        R.check_config(R.dataclasses.replace(cfgs["teacher"], real_share=0.0))
+# ---- Benchmark: is the data pipeline ever the bottleneck? ----------------------------------------
+
+def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
+    bench = [a for a in toy_args(toy, tmp_path / "unused") if a not in ("--out", str(tmp_path / "unused"))]
+    bench = bench[:bench.index("--log-every")] + bench[bench.index("--log-every") + 2:]  # the bench logs nothing
+    assert R.main(bench + ["--bench", "--init", str(run / "ckpt.pt")]) == 0
+    out = capsys.readouterr().out
+    precision = R.precision(torch.device("cpu"), R.Config())
+    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
+        assert figure in out
 
 
-def test_every_protocol_condition_records_the_real_crops_its_flags_give():
-    """The claims table prints each condition's recorded real crops per step: they are what its
-    runs' flags give (parsed here once per condition, never by the report)."""
-    seen = {}
-    for run in R.protocol_runs():
-        if run.condition not in seen:
-            cfg, _ = R.parse_args(run.argv)
-            seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
-    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.V2_CONDITIONS
-    assert set(seen) == set(records) - set(R.SAME_RUNS)
-    assert all(records[c].real_crops == n for c, n in seen.items())
-    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c]) for c in R.SAME_RUNS)
+def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(toy, capsys):
+    """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
+    1 .. N loader workers for the N cores."""
+    args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4", "--input-size", "96",
+                                 "--device", "cpu"]
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
+    for figure in ("crop_and_paste_ms_per_sample", "target_ms_per_sample", *workers):
+        assert figure in out
+    assert "preset paper, arch openpose, batch 4, input 96" in out and "network is not timed" in out
+    assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
 
 
-def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a table row parsed a command line or loaded a checkpoint")
-
-    for name in ("parse_args", "build_parser", "resolve_init", "load_checkpoint"):
-        monkeypatch.setattr(R, name, refuse)
-    monkeypatch.setattr(R.torch, "load", refuse)
-    conditions = ("student", "synthetic-only", "real", "augmented-mask", "synthetic", "synthetic-3000")
-    runs = [dict(name=f"scarce/{c}-s0", condition=c, regime="scarce", seed=0, steps=800, minutes=1.0, ap=0.1,
-                 ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
-                 init=None if c in ("student", "synthetic-only") else "scarce/student") for c in conditions]
-    claims = dict(runs=runs, progress=dict(finished=6, total=39, probe=False), teacher={},
-                  verdicts=R.claim_verdicts(runs, None))
-    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
-    assert {row[1]: row[2] for row in rows} == {
-        "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8", "synthetic": "8",
-        "uniform (= synthetic's runs)": "8", "synthetic-3000": "8", "uniform-3000 (= synthetic-3000's runs)": "8"}
-
-
-def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy, tmp_path):
-    batches = []
-    for name in ("synthetic", "uniform"):
-        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name].flags, "--steps", "3",
-                                       "--workers", "0"))
-        trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
-        batches.append([])
-        for step, batch in itertools.islice(trainer.batches(), 3):
-            batches[-1].append(batch)
-            trainer.step = step + 1  # as fit() does: the teacher's loop draws each step's data from it
-    assert len(batches[0]) == len(batches[1]) == 3
-    for a, b in zip(*batches):
-        assert a.source == b.source and R.SYNTHETIC in a.source
-        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("image", "keypoints", "ignore"))
-        assert torch.equal(a.target, b.target) and torch.equal(a.loss_mask, b.loss_mask)
-    assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
-    assert R.V2_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
-    assert not any(r.condition.startswith("uniform") for r in R.protocol_runs())  # read from synthetic's runs
-    runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
-            (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
-    assert R.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
+def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_path):
+    """The device report's pieces that can silently go wrong on a CPU: FLOPs are per image (the
+    same at batch 2 and 4, forward + backward about 3x the forward), a torchrun child gets this
+    run's data, and the peak table reads the names torch reports."""
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path / "x", "--mode", "real"))
+    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
+    rng = np.random.default_rng(0)
+    batches = [trainer.maker.batch(trainer.maker.plan(n, rng), rng) for n in (2, 4)]
+    per_image = [R.train_flops_per_image(trainer, b) for b in batches]
+    assert per_image[0] == pytest.approx(per_image[1], rel=1e-6) and per_image[0] > 0
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        trainer.model(R.to_input(batches[0].image, torch.device("cpu")))
+    assert 2.5 < per_image[0] * 2 / forward.get_total_flops() < 3.5
+    child, _ = R.parse_args(R.data_argv(cfg))
+    data_flags = ("train_json", "val_images", "synthetic_json", "bank_json")
+    assert all(getattr(child, f) == getattr(cfg, f) for f in data_flags)
+    assert [R.bf16_peak_tflops(torch.device("cpu"))] == [("cpu", None)]
+    assert [p for part, p in R.GPU_BF16_PEAK_TFLOPS if part in "NVIDIA H100 PCIe"][0] == 756.0
 
 
-def test_rule_v2_reads_a_paired_t_interval_against_delta():
-    from scipy.stats import ttest_1samp
-    d = [0.004, 0.006, 0.005, 0.0055]
-    t = R.paired_test(d, 0.003)
-    assert t["p"] == pytest.approx(ttest_1samp(d, 0).pvalue) and t["verdict"] == "reproduced"
-    ci = ttest_1samp(d, 0).confidence_interval(0.95)
-    assert (t["lo"], t["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
-    assert R.paired_test([-x for x in d], 0.003)["verdict"] == "contradicted"
-    assert R.paired_test([0.0005, -0.0004, 0.0002, -0.0001], 0.003)["verdict"] == "no effect of delta or more"
-    assert R.paired_test([0.004, -0.004, 0.003, -0.002], 0.003)["verdict"] == "inconclusive"
-    assert R.paired_test([0.01, 0.02], 0.003)["verdict"] == "inconclusive"  # fewer than 3 pairs
-    assert R.overall_v2(["reproduced", "no effect of delta or more"]) == "reproduced"
-    assert R.overall_v2(["reproduced", "contradicted"]) == "inconclusive"
-    assert R.overall_v2(["reproduced", "pending (3 of 5 seeds)"]) == "pending"
+def test_the_peers_targets_as_reimplemented_for_the_bench():
+    """The side-by-side timing compares like with like: for lone joints the peer's Gaussians are
+    ours, and its PAF points along the limb."""
+    kp = torch.zeros(1, 1, 18, 3)
+    kp[0, 0, 5], kp[0, 0, 7] = torch.tensor([41.5, 61.5, 2]), torch.tensor([81.5, 61.5, 2])  # 40 px apart
+    heat, paf = R.peer_targets(kp[0].numpy(), 128, 4, 5.0, 1.25, R.COCO.limbs)
+    assert np.allclose(heat, R.heatmap_targets(kp, 128, 4, 5.0)[0].numpy(), atol=1e-6) and heat[5].max() > 0.9
+    limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
+    assert (paf[2 * limb, 15, 11:20] == 1).all() and paf[2 * limb + 1].max() == 0
+    assert np.abs(np.delete(paf, [2 * limb, 2 * limb + 1], 0)).max() == 0
 
 
-def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
-    assert all(R.seeds_for_power(sd, R.V2_DELTA[regime]) == R.V2_SEEDS[(claim, regime)]
-               for (claim, regime), sd in R.V2_PILOT_SD.items())
-    from scipy.stats import t
-    rng = np.random.default_rng(0)  # the formula against simulated paired differences
-    for n in (3, 5, 7):
-        d = rng.normal(0.001, 0.0017, (20000, n))
-        half = t.ppf(0.975, n - 1) * d.std(1, ddof=1) / np.sqrt(n)
-        assert (half < 0.003).mean() == pytest.approx(R.power_of(n, 0.0017, 0.003), abs=0.01)
-    summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("*-s[012].json"))
-    if not summaries:
-        pytest.skip("round 1's summaries are not here")
-    runs = [json.loads(p.read_text()) for p in summaries]
-    for (claim, regime), sd in R.V2_PILOT_SD.items():  # the pilot sd is round 1's, as committed
-        better, worse = R.CLAIMS[claim][:2]
-        d = np.subtract(*R.paired_aps(runs, better, worse, regime, R.PROTOCOL_SEEDS))
-        assert d.std(ddof=1) == pytest.approx(sd, abs=0.000006), (claim, regime)
+def test_bench_targets_times_ours_and_the_peers_on_the_same_people(toy, capsys):
+    cfg, _ = R.parse_args(toy_data_args(toy))
+    threads = torch.get_num_threads()
+    figures = R.bench_targets(cfg, R.load_data(cfg), people=(1, 3), batch=2)
+    assert torch.get_num_threads() == threads  # timed on one thread, then given back
+    assert set(figures) == {f"{g}_{n}_people" for g in ("demo", "paper") for n in (1, 3)}
+    assert all(v > 0 for row in figures.values() for v in row.values())
+    assert "paper geometry (368 px, stride 8, sigma 7.0" in capsys.readouterr().out
 
 
-def test_rule_v2_waits_for_the_planned_seeds():
-    runs = [dict(name=f"scarce/{c}-s{s}", condition=c, regime="scarce", seed=s, ap=0.1 + 0.01 * (c == "augmented-mask")
-                 + 0.0001 * s) for s in range(4) for c in ("augmented-mask", "synthetic", "augmented-include")]
-    v = R.claim_verdicts_v2(runs)
-    assert v[1]["per_regime"]["scarce"]["verdict"] == "pending (4 of 7 seeds)" and v[1]["verdict"] == "pending"
-    runs += [dict(r, seed=s, name=r["name"][:-1] + str(s)) for s in (4, 5, 6) for r in runs[:2]]
-    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["scarce"]["verdict"] == "reproduced"
-    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["full"]["verdict"] == "pending (0 of 4 seeds)"
+# ---- Predict: a trained student on your own images and videos; ONNX ------------------------------
+
+def write_video(path, frames=6, size=(96, 64), fps=12.5):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        writer.write(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    writer.release()
+    return path
 
 
-def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
-    first = {r.name: r for r in R.round1_runs()}
-    second = [r for r in R.protocol_runs() if r.name not in first]
-    assert all(r.init == f"{r.regime}/student" for r in second)
-    short = [r for r in second if "3000" not in r.condition]
-    assert {(r.regime, r.condition, r.seed) for r in short} == (
-        {("full", c, 3) for c in ("augmented-mask", "synthetic")}
-        | {("scarce", c, s) for s in (3, 4, 5, 6) for c in ("augmented-mask", "synthetic")}
-        | {("scarce", "augmented-include", s) for s in (3, 4)})
-    for r in short:  # the same command as round 1's runs of the condition, with another seed
-        argv, twin = list(r.argv), first[f"{r.regime}/{r.condition}-s0"]
-        argv[argv.index("--seed") + 1] = "0"
-        assert argv == twin.argv
-    long = [r for r in second if "3000" in r.condition]
-    assert len(long) == 3 * R.V2_SEEDS[(4, "scarce")] and all(r.regime == "scarce" for r in long)
-    for r in long:
-        cfg, _ = R.parse_args(r.argv)
-        assert cfg.steps == 3000 and cfg.steps // cfg.teacher_interval >= 150
-        assert (cfg.mode, cfg.teacher_stratified) == {"teacher-3000": ("student-teacher", False),
-                                                      "stratified-3000": ("student-teacher", True),
-                                                      "synthetic-3000": ("synthetic", False)}[r.condition]
+def coco_named_copy(toy, folder):
+    """The toy val images under COCO-style names (their image ids), so predict's ids are the json's."""
+    folder.mkdir()
+    for image in json.loads(toy["val"].read_text())["images"]:
+        shutil.copy(toy["val"].parent / "images" / image["file_name"], folder / f"{image['id']:012d}.jpg")
+    return folder
 
 
-def test_teacher_step_scales_the_soft_label_update():
-    p = np.full(4, 0.25)
-    for step in (0.01, 0.1):
-        t = R.soft_target(p, 2, loss_rose=True, step=step)
-        expect = np.full(4, 0.25 - 0.25 * step / 4)
-        expect[2] = 0.25 * (1 + step)
-        assert np.allclose(t, expect / expect.sum())
+def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
+    (images / "000000000099.jpg").write_bytes(b"not a jpeg")
+    (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
+    out = tmp_path / "out"
+    assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out", str(out),
+                   *PREDICT_ARGS]) == 0
+    assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
+                                                                                              "predictions.json"]
+    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0], 3)
+    predicted = json.loads((out / "predictions.json").read_text())
+    with R.contextlib.redirect_stdout(R.io.StringIO()):
+        assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
+    cfg, _ = R.parse_args(toy_data_args(toy) + list(PREDICT_ARGS))
+    model, cfg, _ = R.model_from_checkpoint(cfg, ckpt, torch.device("cpu"))
+    _, evaluated = R.evaluate(model, R.load_data(cfg).val, cfg, torch.device("cpu"), progress=False)
+    assert [(r["image_id"], r["score"]) for r in predicted] == [(r["image_id"], r["score"]) for r in evaluated]
+    mine = np.array([r["keypoints"] for r in predicted], np.float32).reshape(len(predicted), 17, 3)
+    theirs = np.array([r["keypoints"] for r in evaluated], np.float32).reshape(len(evaluated), 17, 3)
+    assert np.array_equal(mine[..., :2], theirs[..., :2])  # the same float32 values, only written shorter
+    assert np.array_equal(mine[..., 2] > 0, theirs[..., 2] == 1) and (mine[..., 2] <= 1).all()  # peak scores
+    assert {r["file_name"] for r in predicted} <= {f"{i:012d}.jpg" for i in (1, 2, 3)}
 
 
-def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
-    records = [dict(step=20 * k, probs=[0.5 + 0.1 * k, 0.5 - 0.1 * k]) for k in range(3)]
-    drift = R.teacher_drift(records)
-    assert drift["updates"] == 3 and drift["l1"] == pytest.approx(0.4) and drift["max_prob"] == pytest.approx(0.7)
-    assert "entropy_first" not in drift  # round 1's records began with the placeholder: no entropy
-    new = R.teacher_drift([dict(r, next_bin=0) for r in records])  # round 2's: the network's outputs only
-    assert new["entropy_first"] == pytest.approx(math.log(2)) and new["entropy_min"] == pytest.approx(
-        -(0.7 * math.log(0.7) + 0.3 * math.log(0.3)))
-    assert new["series"] == [[r["step"], *r["probs"]] for r in records]
-    assert R.teacher_drift([dict(step=1)]) is None
-    # the metric lines carry only the latest update at each line: the checkpoint's records win
-    R.append_jsonl(tmp_path / "metrics.jsonl", dict(step=50, teacher=records[-1]))
-    assert R.teacher_records(tmp_path) == records[-1:]
-    torch.save(dict(teacher=dict(records=records)), tmp_path / "ckpt.pt")
-    assert R.teacher_records(tmp_path) == records
+def test_image_ids_are_coco_numbers_or_positions():
+    assert R.image_ids([Path("000000000785.jpg"), Path("000000040083.png")]) == [785, 40083]
+    assert R.image_ids([Path("785.jpg"), Path("holiday.jpg")]) == [1, 2]
+    assert R.image_ids([Path("01.jpg"), Path("1.jpg")]) == [1, 2]  # the same number twice
 
 
-def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "student.pt")
-    cfg, _ = R.parse_args(["--mode", "augmented"])
-    assert cfg.init is None and cfg.lr == 1e-3  # nothing shipped: from scratch
-    assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
-    R.export_student(str(tmp_path / "run/ckpt.pt"), tmp_path / "student.pt")
-    half = torch.load(tmp_path / "student.pt", weights_only=True)
-    assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
-    argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
-    cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
-    assert cfg.init == str(tmp_path / "student.pt") and cfg.lr == R.FINETUNE_LR
-    assert R.parse_args(["--mode", "augmented", "--lr", "1e-3"] + argv)[0].lr == 1e-3
-    assert R.parse_args(["--mode", "augmented", "--init", "none"] + argv)[0].init is None
-    assert R.parse_args(["--mode", "augmented"])[0].init is None  # another network: from scratch
-    assert R.parse_args(toy_data_args(toy) + argv)[0].init is None  # real data gets no shipped student
+def test_predict_video_keeps_frame_count_and_rate(tmp_path):
+    video, out = write_video(tmp_path / "clip.avi"), tmp_path / "out"
+    assert R.main(["--mode", "predict", "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")), "--input", str(video),
+                   "--out", str(out), *PREDICT_ARGS]) == 0
+    drawn = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = 0
+    while drawn.read()[0]:
+        frames += 1
+    assert frames == 6 and drawn.get(cv2.CAP_PROP_FPS) == pytest.approx(12.5)
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert predicted and {r["frame"] for r in predicted} <= set(range(6)) and len({r["frame"] for r in predicted}) > 1
+    assert all(r["image_id"] == r["frame"] and r["file_name"] == "clip.avi" for r in predicted)
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "predictions.json"]  # no temporary file left
 
 
-def test_an_mpii_annolist_as_the_val_set(mpii_toy, toy, tmp_path):
-    kset = R.load_keypoint_set(mpii_toy["val"], mpii_toy["val"].parent / "images", R.MPII)
-    entries = []
-    for g in R.groups_of_records(kset):  # the toolkit's ground-truth layout, written with scipy
-        rects = [dict(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]), scale=float(sc),
-                      objpos=dict(x=float(o[0]), y=float(o[1])),
-                      annopoints=dict(point=_records([dict(x=float(x), y=float(y), id=float(j), is_visible=1.0)
-                                                      for j, (x, y, v) in enumerate(person) if v > 0])))
-                 for person, b, sc, o in zip(g.joints, g.head_boxes, g.scales, g.objpos)]
-        entries.append(dict(image=dict(name=g.image), annorect=_records(rects)))
-    scipy.io.savemat(tmp_path / "val.mat", {"annolist": _records(entries)})
-    val = R.load_mpii_annolist(tmp_path / "val.mat", mpii_toy["val"].parent / "images")
-    assert len(val.records) == len(kset.records) and np.isfinite(val.groups[0].head_boxes).all()
-    out = tmp_path / "run"
-    argv = toy_args(mpii_toy, out, "--mode", "real", "--skeleton", "mpii", "--steps", "1")
-    argv[argv.index("--val-json") + 1] = str(tmp_path / "val.mat")
-    assert R.main(argv) == 0 and json.loads((out / "metrics.json").read_text())["images"] == len(kset.records)
+def test_predict_with_the_shipped_student_on_one_image(toy, tmp_path, capsys):
+    image, out = toy["val"].parent / "images" / "0000.jpg", tmp_path / "out"
+    assert R.main(["--mode", "predict", "--input", str(image), "--out", str(out), *PREDICT_ARGS]) == 0
+    assert cv2.imread(str(out / "0000.jpg")).shape == cv2.imread(str(image)).shape
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert predicted and all(r["image_id"] == 0 and len(r["keypoints"]) == 51 for r in predicted)  # "0000"
+    cfg, _ = R.parse_args(list(PREDICT_ARGS))
+    model, cfg = R.predictor(cfg, torch.device("cpu"))  # no --ckpt: the shipped student
+    people = R.decode_maps(*R.network_maps(model, cv2.imread(str(image)), cfg, torch.device("cpu")), R.COCO)
+    assert [round(score, 5) for _, score in people] == [r["score"] for r in predicted]
+
+
+def test_predict_mpii_writes_16_joints_and_the_toolkits_pred(toy, tmp_path, monkeypatch):
+    person = np.zeros((16, 3), np.float32)
+    person[[0, 9, 12]] = [[10, 50, 0.7], [12, 8, 0.9], [11, 20, 0.8]]
+    monkeypatch.setattr(R, "decode_maps", lambda maps, base, sk: [(person.copy(), 0.6)])
+    images, out = coco_named_copy(toy, tmp_path / "images"), tmp_path / "out"
+    assert R.main(["--mode", "predict", "--skeleton", "mpii", "--ckpt", str(tiny_checkpoint(tmp_path / "m.pt", "mpii")),
+                   "--input", str(images), "--out", str(out), *PREDICT_ARGS]) == 0
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert len(predicted) == 3 and all(np.allclose(r["keypoints"], person.flatten()) for r in predicted)  # 48 values
+    groups = R.read_annolist(out / "predictions.mat")
+    assert [g.image for g in groups] == [f"{i:012d}.jpg" for i in (1, 2, 3)]
+    assert np.allclose(groups[0].joints[0, [0, 9, 12], :2], person[[0, 9, 12], :2])
+    assert np.allclose(groups[0].scores[0, [0, 9, 12]], person[[0, 9, 12], 2])
+
+
+def test_onnx_export_matches_torch_and_predicts_the_same_people(toy, tmp_path, capsys):
+    """The shipped student (the default): an untrained net's flat maps would make sub-pixel peaks
+    hang on the 1e-6 differences."""
+    pytest.importorskip("onnxruntime")
+    ckpt, model_path = R.SHIPPED_STUDENT, tmp_path / "student.onnx"
+    assert R.main(["--export-onnx", str(model_path)]) == 0
+    printed = capsys.readouterr().out
+    diffs = [float(d) for d in printed.rsplit(":", 1)[1].split(",")]
+    assert len(diffs) == 3 and max(diffs) <= R.ONNX_TOLERANCE and "dynamic batch and input size" in printed
+    images = toy["val"].parent / "images"
+    runs = {}
+    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]), ("onnx", ["--onnx", str(model_path)])):
+        assert R.main(["--mode", "predict", "--input", str(images), "--out", str(tmp_path / name), *flag,
+                       *PREDICT_ARGS]) == 0
+        runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+    assert len(runs["torch"]) == len(runs["onnx"]) > 0
+    for a, b in zip(runs["torch"], runs["onnx"]):
+        assert a["image_id"] == b["image_id"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
+        mine, theirs = np.reshape(a["keypoints"], (17, 3)), np.reshape(b["keypoints"], (17, 3))
+        assert np.array_equal(mine[:, 2] > 0, theirs[:, 2] > 0) and np.allclose(mine, theirs, atol=0.02)
+
+
+def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.mp4").write_text("not a video")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "bad.onnx").write_text("not a model")
+    (tmp_path / "clash").mkdir()
+    cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
+    images = toy["val"].parent / "images"
+    out = tmp_path / "out"
+    cases = [([], "needs --input"),
+             (["--input", str(tmp_path / "nope.jpg")], "does not exist"),
+             (["--input", str(tmp_path / "notes.txt")], "is not an image"),
+             (["--input", str(tmp_path / "empty")], "no images in this folder"),
+             (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
+             (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
+             (["--input", str(images), "--skeleton", "mpii"], "predicts the coco skeleton, not mpii"),
+             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found"),
+             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model"),
+             (["--input", str(tmp_path / "clash")], "an image named overview.png")]
+    for extra, words in cases:
+        assert words in run_main_error(capsys, ["--mode", "predict", "--out", str(out), *PREDICT_ARGS, *extra])
+        assert not out.exists(), extra
+    assert "input's own folder" in run_main_error(capsys, ["--mode", "predict", "--input", str(images),
+                                                           "--out", str(images)])
+    assert sorted(p.name for p in images.iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert "is for --mode predict" in run_main_error(capsys, ["--mode", "eval", "--onnx", str(tmp_path / "bad.onnx")])
+    missing_folder = str(tmp_path / "x" / "m.onnx")
+    assert ".onnx file in an existing folder" in run_main_error(capsys, ["--export-onnx", missing_folder])
+
+
+# ---- The command line: one job per call, each with only its own flags ----------------------------
+
+def readme_commands() -> list[list[str]]:
+    """The README's complete `python repro.py ...` commands: code-block lines and one-line inline
+    spans, without placeholders (`--seed S`), alternatives ([a | b]) or --help."""
+    import re
+    import shlex
+
+    found, fenced = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif fenced and re.match(r"\s*(\$ )?python repro\.py", line):
+            found.append(line.split("python repro.py", 1)[1].split("#")[0])
+        elif not fenced:
+            found += re.findall(r"`python repro\.py([^`]*)`", line)
+    commands = [shlex.split(c) for c in found if "[" not in c and "--help" not in c and " S " not in c]
+    return [c for c in commands if c]
+
+
+README_JOB_COMMANDS = [  # the README's job commands that wrap over lines there
+    ["--probe", "v2", "--init", "results/student-demo-scarce.pt"], ["--bench", "--stages", "2"],
+    ["--bench", "--width", "48"], ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
+    ["--gpu-report", "--preset", "paper", "--input-size", "64", "--batch-size", "4", "--stages", "2", "--demo-size",
+     "small", "--device", "cpu", "--out", "/tmp/gpurep"], ["--write-mpii-release", "data/mpii-rehearsal"]]
+
+
+def test_the_readme_commands_parse_to_the_config_they_always_did():
+    commands = readme_commands()
+    assert len(commands) > 40 and ["--mode", "augmented"] in commands and ["--report"] in commands
+    jobs = {R.parse_args(argv)[1].job for argv in commands + README_JOB_COMMANDS}  # none is refused
+    assert jobs == set(R.JOBS)
+    asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
+    cfg, args = R.parse_args(["--mode", "augmented"])
+    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), lr_given=False)
+    cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15", "--seed", "0",
+                           "--out", "runs/curve-s0"])
+    assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
+                                          out="runs/curve-s0"), lr_given=False)
+    cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out", "runs/mpii-real"])
+    assert cfg == R.Config(**asdict(R.Config()) | paper | dict(preset="paper", mode="real", mpii_root="DIR",
+                                                               skeleton="mpii", out="runs/mpii-real", init=None))
+    cfg, args = R.parse_args(["--probe", "v2", "--init", "results/student-demo-scarce.pt"])
+    assert args.probe == "v2" and cfg == R.resolve_init(R.Config(init="results/student-demo-scarce.pt"), False)
+    cfg, args = R.parse_args(["--export-student", "runs/real/ckpt.pt", "--out", "results/student-demo.pt"])
+    assert (args.export_student, cfg.out) == ("runs/real/ckpt.pt", "results/student-demo.pt")
+    cfg, args = R.parse_args(["--score-mpii", "PRED.mat", "GT.mat"])
+    assert args.score_mpii == ["PRED.mat", "GT.mat"] and cfg == R.Config()  # reads no Config, loads nothing
+    cfg, args = R.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
+    assert args.domain_gap == 120 and cfg == R.Config(eval_scales=(1.0,))
+    cfg, _ = R.parse_args(README_JOB_COMMANDS[-2])
+    assert cfg == R.resolve_init(R.Config(**asdict(R.Config()) | paper | dict(
+        preset="paper", input_size=64, batch_size=4, stages=2, demo_size="small", device="cpu",
+        out="/tmp/gpurep")), False)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag of --reproduce)"),
+    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of --reproduce)"),
+    (["--report", "--seed", "3"], "--report does not take --seed 3 (--seed is a flag of the --mode runs, --probe"),
+    (["--mode", "real", "--report"], "--report does not take --mode real"),
+    (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
+    (["--bench", "--mode", "real"], "--bench does not take --mode real"),
+    (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
+    (["--report", "--bench"], "argument --bench: not allowed with argument --report"),
+    (["--reproduce", "--jobs", "2", "--probe", "v2"], "argument --probe: not allowed with argument --reproduce"),
+    (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
+])
+def test_each_job_takes_only_its_own_flags_and_one_job_at_a_time(capsys, argv, words):
+    assert words in run_main_error(capsys, argv)  # argparse's refusal: exit status 2, one line
+
+
+def test_the_protocols_flags_are_checked_by_its_parser(capsys):
+    line = run_main_error(capsys, ["--reproduce", "--only", "full/*", "scarce/nothing-*"])
+    assert "argument --only: 'scarce/nothing-*' matches no protocol run" in line
+    for jobs in ("0", "-1", "two"):
+        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(capsys, ["--reproduce",
+                                                                                                  "--jobs", jobs])
+    _, args = R.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
+    assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
+    assert R.parse_args(["--reproduce"])[1].only == ["*"]
+
+
+def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
+    for argv in (["--report", "--seed", "3"], ["--bench", "--report"]):
+        r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *argv], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("repro.py: error: "), r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
+
+
+def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
+    fields = [f.name for f in R.dataclasses.fields(R.Config)]
+    assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)  # each once
+    assert R.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
+    assert all(f"\n  {flag}" in out.split("the other jobs")[1] for flag in R.JOBS if flag)
+    for flag, job in R.JOBS.items():
+        assert set(job.fields) <= set(fields) and (flag == R.TRAIN) == (set(job.fields) == set(fields))
+        if flag:
+            assert R.main([flag, "--help"]) == 0  # also where the flag wants a value: --compare --help
+            assert capsys.readouterr().out.startswith(f"usage: repro.py {flag}")
