@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2041; Part II, the tooling around it, is lines 2042-5341.
+Reading map. Part I, the method, is lines 73-2051; Part II, the tooling around it, is lines 2052-5345.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -2023,6 +2023,16 @@ class CocoBenchmark:
         predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
         return coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True), predictions
 
+    def table(self, stats: dict, label: str) -> str:
+        """The printed table of an evaluation on the set labelled `label`."""
+        keys = ("AP", "AP50", "AP75", "APm", "APl", "AR", "peak_hit")
+        return (f"\nCOCO keypoint metrics on the {label}, {stats.get('images', '?')} images\n"
+                + "  ".join(f"{k:>8}" for k in keys) + "\n"
+                + "  ".join(f"{stats.get(k, float('nan')):8.3f}" for k in keys))
+
+    def headline(self, stats: dict) -> str:
+        return f"AP {stats['AP']:.3f} (AP50 {stats['AP50']:.3f})"
+
     def write_predictions(self, out: Path, predictions: list) -> None:
         """A run's val predictions, beside its metrics."""
         write_json(predictions, out / "val_predictions.json")
@@ -2696,6 +2706,14 @@ class MpiiBenchmark(CocoBenchmark):
         result = evaluate_mpii(truth, predictions)
         return dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"}), predictions
 
+    def table(self, stats: dict, label: str) -> str:
+        return (f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, {stats.get('images', '?')} groups\n"
+                + format_mpii_table(dict(table=stats | dict(Total=stats["mAP"])))
+                + f"\npeak_hit {stats['peak_hit']:.3f}")
+
+    def headline(self, stats: dict) -> str:
+        return f"MPII mAP {stats['mAP']:.1f}"
+
     def write_predictions(self, out: Path, predictions: list) -> None:
         write_pred_mat(out / "val_predictions.mat", predictions)  # the toolkit's Matlab code scores these too
         write_pred_json(out / "val_predictions.json", predictions)
@@ -2871,22 +2889,6 @@ def benchmark_label(data_name: str) -> str:
     return f"{data_name} val"
 
 
-def print_table(stats: dict, label: str) -> None:
-    if "mAP" in stats:
-        print(f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, {stats.get('images', '?')} groups")
-        print(format_mpii_table(dict(table=stats | dict(Total=stats["mAP"]))))
-        print(f"peak_hit {stats['peak_hit']:.3f}")
-        return
-    keys = ("AP", "AP50", "AP75", "APm", "APl", "AR", "peak_hit")
-    print(f"\nCOCO keypoint metrics on the {label}, {stats.get('images', '?')} images")
-    print("  ".join(f"{k:>8}" for k in keys))
-    print("  ".join(f"{stats.get(k, float('nan')):8.3f}" for k in keys))
-
-
-def headline(stats: dict) -> str:
-    return f"MPII mAP {stats['mAP']:.1f}" if "mAP" in stats else f"AP {stats['AP']:.3f} (AP50 {stats['AP50']:.3f})"
-
-
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -2918,7 +2920,7 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
                out / f"eval-{data.name}.json")
-    print_table(stats, benchmark_label(data.name))
+    print(data.val.skeleton.benchmark.table(stats, benchmark_label(data.name)))
     return stats
 
 
@@ -3067,10 +3069,11 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
     if trainer.teacher is not None:
         save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
-    print_table(stats, benchmark_label(data.name))
+    benchmark = data.val.skeleton.benchmark
+    print(benchmark.table(stats, benchmark_label(data.name)))
     start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl") if "eval" in r and r["step"] == 0]
     if start and trainer.step > 0:
-        print(f"from --init to the end of training: {headline(start[0])} -> {headline(stats)}")
+        print(f"from --init to the end of training: {benchmark.headline(start[0])} -> {benchmark.headline(stats)}")
     print(f"run folder: {out}")
     return stats
 
@@ -3091,7 +3094,8 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
                         torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
                         argv=sys.argv), out / "config.json")
         if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
-            print_table(trainer.evaluate_now(), f"{benchmark_label(data.name)}, before training (--init)")
+            label = f"{benchmark_label(data.name)}, before training (--init)"
+            print(data.val.skeleton.benchmark.table(trainer.evaluate_now(), label))
         trainer.fit()
         return finish_run(trainer, data, out)
     finally:
