@@ -3992,7 +3992,7 @@ def save_teacher_and_probe_figure(series: list[list], probe: dict | None, path: 
         colours = plt.cm.viridis(np.linspace(0, 1, mean.shape[1]))
         axes[0].stackplot(probs[0, :, 0], mean.T, colors=colours, labels=[f"bin {b}" for b in range(mean.shape[1])])
         axes[0].set(ylim=(0, 1), xlabel="student step", ylabel="mean bin probability",
-                    title=f"the teacher's bins over training ({len(series)} runs, scarce)")
+                    title=f"the teacher's bins over training (teacher-3000, {len(series)} seed(s), scarce)")
         axes[0].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if probe:
         use = np.array(probe["usefulness"])
