@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2051; Part II, the tooling around it, is lines 2052-5345.
+Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5344.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -80,6 +80,11 @@ cv2.setNumThreads(1)  # cv2's own pool fights torch for the cores; our images ar
 # ----------------------------------------------------------------------------------------------
 
 MODES = ("real", "synthetic", "augmented", "student-teacher", "eval", "predict")
+
+
+def config_flag(name: str) -> str:
+    """A Config field's command-line flag: train_subset -> --train-subset."""
+    return "--" + name.replace("_", "-")
 
 
 def setting(default, help: str, choices: tuple | None = None):
@@ -559,7 +564,7 @@ def load_data(cfg: Config) -> Data:
         needed = ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ())
         for flag in needed:
             if not paths[flag]:
-                raise ReproError(f"--{flag.replace('_', '-')} is missing (or give --coco-root)")
+                raise ReproError(f"{config_flag(flag)} is missing (or give --coco-root)")
         train = load_keypoint_set(paths["train_json"], paths["train_images"], sk) if cfg.mode != "eval" else None
         val = sk.benchmark.load_val(paths["val_json"], paths["val_images"], sk)
         name = "coco" if cfg.coco_root else Path(paths["val_json"]).stem
@@ -2010,9 +2015,6 @@ class CocoBenchmark:
     def load_val(self, json_path: str | Path, images: str | Path, sk: Skeleton) -> KeypointSet:
         return load_keypoint_set(json_path, images, sk)
 
-    def load_root(self, root: Path) -> tuple[KeypointSet, KeypointSet]:
-        raise ReproError("--mpii-root needs --skeleton mpii")
-
     def base_scale(self, rec: ImageRecord, cfg: Config) -> float | None:
         """The inference base scale (resized / original) of a val record; None: --eval-height's."""
         return None
@@ -2691,6 +2693,7 @@ class MpiiBenchmark(CocoBenchmark):
         return load_keypoint_set(json_path, images, sk)
 
     def load_root(self, root: Path) -> tuple[KeypointSet, KeypointSet]:
+        """--mpii-root (which check_config allows with --skeleton mpii only)."""
         return load_mpii(root)
 
     def base_scale(self, rec: ImageRecord, cfg: Config) -> float | None:
@@ -2844,7 +2847,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
     saved = ckpt.get("config", {})
-    differ = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(cfg, k)})"
+    differ = [f"{config_flag(k)} {saved[k]} (this run: {getattr(cfg, k)})"
               for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if differ or "model" not in ckpt:
         raise ReproError(f"checkpoint {path} is of another architecture: it has {', '.join(differ) or 'no weights'}")
@@ -4263,7 +4266,7 @@ def gap_commands(folder: Path, settings: dict, ckpt: Path, cfg: Config) -> list[
     for k, v in settings.items():
         if k == "kind" or v == ():
             continue
-        flags += [f"--{k.replace('_', '-')}"] + [str(x) for x in (v if isinstance(v, tuple) else (v,))]
+        flags += [config_flag(k)] + [str(x) for x in (v if isinstance(v, tuple) else (v,))]
     scales = " ".join(f"{x:g}" for x in cfg.eval_scales)
     return [" ".join(["python render_humans.py", str(folder), *flags, "--no-progress"]),
             f"python repro.py --mode eval --ckpt {ckpt} --val-json {folder}/annotations.json --val-images "
@@ -4498,7 +4501,7 @@ def data_argv(cfg: Config) -> list[str]:
     flags = ("data", "coco_root", "train_json", "train_images", "val_json", "val_images", "synthetic_json",
              "bank_json", "demo_dir", "demo_size", "mpii_root", "skeleton")
     return [a for f in flags if getattr(cfg, f) is not None
-            for a in ("--" + f.replace("_", "-"), str(getattr(cfg, f)))]
+            for a in (config_flag(f), str(getattr(cfg, f)))]
 
 
 def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
@@ -4987,10 +4990,6 @@ def flag_groups() -> dict[str, tuple[str, ...]]:
 def config_fields(*groups: str, plus: tuple[str, ...] = (), minus: tuple[str, ...] = ()) -> tuple[str, ...]:
     names = [n for g in groups for n in flag_groups()[g]] + list(plus)
     return tuple(n for n in names if n not in minus)
-
-
-def config_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def job_count(text: str) -> int:
