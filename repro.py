@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5344.
+Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5376.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3496,11 +3496,11 @@ def run_device(folder: Path) -> str:
 
 
 def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
-    """Runs what is missing: the students, the probe, the grid, then probe v2 (one long job that does
-    not resume). Skips finished runs (their summary is in results/protocol), resumes runs that were
-    cut off, and retrains a missing starting checkpoint from its seed. `only`: globs over run names
-    (the probes are "probe" and "probe-v2"); `jobs` runs that many fine-tunes at once (one GPU with
-    spare CPU cores)."""
+    """Runs what is missing: the students, the probe, the grid, then probe v2 (one long job that
+    resumes after its last probed point). Skips finished runs (their summary is in results/protocol),
+    resumes runs that were cut off, and retrains a missing starting checkpoint from its seed. `only`:
+    globs over run names (the probes are "probe" and "probe-v2"); `jobs` runs that many fine-tunes at
+    once (one GPU with spare CPU cores)."""
     runs = {r.name: r for r in protocol_runs()}
     todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
     for run in [r for r in todo if r.condition == "student"]:
@@ -3841,32 +3841,64 @@ def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, de
     return out
 
 
+PROBE_STATE = "probe.pt"  # in the probe's folder: the uniform run and the points probed so far
+
+
+def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> list[dict]:
+    """The points already probed, with the trainer restored to the last of them; [] for a new probe.
+    A state of another design or other settings is refused, never overwritten."""
+    if not path.is_file():
+        return []
+    state = load_checkpoint(path)
+    saved = state.get("trainer", {}).get("config", {})
+    here = dataclasses.asdict(trainer.cfg)
+    differ = [f"{config_flag(k)} {saved.get(k)} (here: {v})" for k, v in here.items() if saved.get(k) != v]
+    if state.get("design") != design._asdict() or differ:
+        what = ", ".join(differ[:3]) or f"design {state.get('design', {}).get('name')}"
+        raise ReproError(f"{path} holds a probe with other settings ({what}): delete {path.parent} to start "
+                         "it again, or use another --out")
+    trainer.restore(state["trainer"], path)
+    points = state["points"]
+    print(f"resumed the probe in {path.parent} at step {trainer.step} (probed: {[p['step'] for p in points]})")
+    return points
+
+
 def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBE_V1) -> dict:
-    """Trains the uniform condition to the last probe point, probing every bin at each point."""
+    """Trains the uniform condition to the last probe point, probing every bin at each point. Each
+    point's result is saved with the run's state (out/probe.pt), so a probe cut off resumes after its
+    last point and ends with the same result."""
     cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True, teacher_stratified=False,
                               steps=max(design.points))
     trainer = Trainer(cfg, data, device, out)
-    val_batch = fixed_val_batch(data, cfg, design.val_crops)
-    pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
-    points = []
+    lock = hold_run_dir(out)
+    try:
+        points = resume_probe(trainer, out / PROBE_STATE, design)
+        val_batch = fixed_val_batch(data, cfg, design.val_crops)
+        pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
 
-    def probe_here():
-        lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
-        use = bin_usefulness(trainer, val_batch, lr, pools, design)
-        points.append(dict(step=trainer.step, usefulness=use.tolist()))
-        use = np.array(points[-1]["usefulness"])
-        probed = np.isfinite(use).all(1)
-        print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
-              f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
+        def probe_here():
+            if trainer.step in {p["step"] for p in points}:
+                return
+            lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
+            use = bin_usefulness(trainer, val_batch, lr, pools, design)
+            points.append(dict(step=trainer.step, usefulness=use.tolist()))
+            save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict()),
+                        out / PROBE_STATE)
+            use = np.array(points[-1]["usefulness"])
+            probed = np.isfinite(use).all(1)
+            print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
+                  f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
 
-    for step, batch in trainer.batches():
-        if step in design.points:
-            probe_here()
-        lr = learning_rate(cfg, step, step / cfg.steps)
-        r = trainer.train_step(batch, lr)
-        trainer.teacher.observe(step, batch, r, lr)
-        trainer.step = step + 1
-    probe_here()
+        for step, batch in trainer.batches():
+            if step in design.points:
+                probe_here()
+            lr = learning_rate(cfg, step, step / cfg.steps)
+            r = trainer.train_step(batch, lr)
+            trainer.teacher.observe(step, batch, r, lr)
+            trainer.step = step + 1
+        probe_here()
+    finally:
+        lock.unlink(missing_ok=True)
     use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
     verdict, reason = probe_verdict(use)
     result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,

@@ -2640,6 +2640,36 @@ def test_probe_runs_on_a_tiny_model(toy, tmp_path, equal_people):
     assert (tmp_path / "probe.png").is_file()
 
 
+def test_a_probe_cut_off_resumes_after_its_last_point_to_the_same_result(toy, tmp_path, monkeypatch):
+    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2, 4), (0, 1), steps=2, val_crops=4, equal_people=True)
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
+    data = R.load_data(cfg)
+
+    def probe(out, design=design, cfg=cfg):  # seeded as --probe's start_job seeds it
+        R.seed_everything(cfg.seed)
+        return R.run_probe(cfg, data, torch.device("cpu"), tmp_path / out, design)
+    whole = probe("whole")
+    probe_bins, calls = R.bin_usefulness, []
+
+    def cut_at_the_second_point(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return probe_bins(*args)
+    monkeypatch.setattr(R, "bin_usefulness", cut_at_the_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        probe("cut")
+    assert not (tmp_path / "cut" / R.LOCK_NAME).exists()
+    monkeypatch.setattr(R, "bin_usefulness", probe_bins)
+    assert [p["step"] for p in R.load_checkpoint(tmp_path / "cut" / R.PROBE_STATE)["points"]] == [0]
+    assert json.dumps(probe("cut")) == json.dumps(whole)  # bins not probed are NaN, which == would not match
+    assert json.dumps(probe("cut")) == json.dumps(whole)  # a finished probe's state gives its result again
+    with pytest.raises(R.ReproError, match="holds a probe with other settings"):
+        probe("cut", design._replace(seeds=(0,)))
+    with pytest.raises(R.ReproError, match=rf"--seed {cfg.seed} \(here: {cfg.seed + 1}\)"):
+        probe("cut", cfg=R.dataclasses.replace(cfg, seed=cfg.seed + 1))
+
+
 def test_probe_v2_pools_are_equal_sized_fixed_subsets():
     pools = [np.arange(2 * n).reshape(n, 2) for n in (40, 7, 100, 33)]
     out = R.probe_pools(pools, 32, equal_people=True)
