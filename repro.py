@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5376.
+Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5386.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3479,8 +3479,10 @@ def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
                 code=code_version())
 
 
+@functools.cache
 def code_version() -> str | None:
-    """The commit the runner's code came from (pairs of runs are compared within one), if it is a git checkout."""
+    """The commit the runner's code came from (pairs of runs are compared within one), if it is a git
+    checkout; read once, when a job starts, so a commit made while it runs is not credited with its runs."""
     try:
         out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -3501,6 +3503,7 @@ def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, .
     resumes runs that were cut off, and retrains a missing starting checkpoint from its seed. `only`:
     globs over run names (the probes are "probe" and "probe-v2"); `jobs` runs that many fine-tunes at
     once (one GPU with spare CPU cores)."""
+    code_version()  # the commit these runs train on, read before any of them starts
     runs = {r.name: r for r in protocol_runs()}
     todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
     for run in [r for r in todo if r.condition == "student"]:
@@ -3844,11 +3847,12 @@ def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, de
 PROBE_STATE = "probe.pt"  # in the probe's folder: the uniform run and the points probed so far
 
 
-def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> list[dict]:
-    """The points already probed, with the trainer restored to the last of them; [] for a new probe.
-    A state of another design or other settings is refused, never overwritten."""
+def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> tuple[list[dict], float]:
+    """The points already probed and the wall seconds they took, with the trainer restored to the
+    last of them; ([], 0) for a new probe. A state of another design or other settings is refused,
+    never overwritten."""
     if not path.is_file():
-        return []
+        return [], 0.0
     state = load_checkpoint(path)
     saved = state.get("trainer", {}).get("config", {})
     here = dataclasses.asdict(trainer.cfg)
@@ -3860,7 +3864,7 @@ def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> list[dict
     trainer.restore(state["trainer"], path)
     points = state["points"]
     print(f"resumed the probe in {path.parent} at step {trainer.step} (probed: {[p['step'] for p in points]})")
-    return points
+    return points, state.get("seconds", 0.0)
 
 
 def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBE_V1) -> dict:
@@ -3872,7 +3876,8 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
     trainer = Trainer(cfg, data, device, out)
     lock = hold_run_dir(out)
     try:
-        points = resume_probe(trainer, out / PROBE_STATE, design)
+        points, seconds = resume_probe(trainer, out / PROBE_STATE, design)
+        t0 = time.perf_counter() - seconds
         val_batch = fixed_val_batch(data, cfg, design.val_crops)
         pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
 
@@ -3882,8 +3887,8 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
             lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
             use = bin_usefulness(trainer, val_batch, lr, pools, design)
             points.append(dict(step=trainer.step, usefulness=use.tolist()))
-            save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict()),
-                        out / PROBE_STATE)
+            save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict(),
+                             seconds=time.perf_counter() - t0), out / PROBE_STATE)
             use = np.array(points[-1]["usefulness"])
             probed = np.isfinite(use).all(1)
             print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
@@ -3903,7 +3908,8 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
     verdict, reason = probe_verdict(use)
     result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
                   usefulness=use.tolist(), steps_per_probe=design.steps, seeds=list(design.seeds),
-                  val_crops=design.val_crops, verdict=verdict, reason=reason)
+                  val_crops=design.val_crops, verdict=verdict, reason=reason,
+                  wall_minutes=round((time.perf_counter() - t0) / 60, 1))
     if design is not PROBE_V1:
         result |= dict(design=design.name, regime=design.regime,
                        probed_people=[0 if q is None else len(q) for q in pools], v2=probe_verdict_v2(use))
@@ -5071,8 +5077,11 @@ def report_job(cfg: Config, args: argparse.Namespace) -> None:
 
 def probe_job(cfg: Config, args: argparse.Namespace) -> None:
     device = start_job(cfg)[2]
-    design = PROBES[args.probe]
+    design, code = PROBES[args.probe], code_version()
+    PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before the hour of work it ends with
     probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
+    probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
     save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
 
@@ -5324,7 +5333,8 @@ def job_config(flag: str, args: argparse.Namespace) -> Config:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode run)."""
+    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode run), args.argv
+    the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     flag = pick_job(argv)
     parser = build_parser(flag)
@@ -5334,7 +5344,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     args, extra = parser.parse_known_args(argv)
     if extra:
         refuse_flags(parser, flag, extra)
-    args.job = flag
+    args.job, args.argv = flag, argv
     return job_config(flag, args), args
 
 

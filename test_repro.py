@@ -2662,12 +2662,25 @@ def test_a_probe_cut_off_resumes_after_its_last_point_to_the_same_result(toy, tm
     assert not (tmp_path / "cut" / R.LOCK_NAME).exists()
     monkeypatch.setattr(R, "bin_usefulness", probe_bins)
     assert [p["step"] for p in R.load_checkpoint(tmp_path / "cut" / R.PROBE_STATE)["points"]] == [0]
-    assert json.dumps(probe("cut")) == json.dumps(whole)  # bins not probed are NaN, which == would not match
-    assert json.dumps(probe("cut")) == json.dumps(whole)  # a finished probe's state gives its result again
+    def same(a, b):  # bins not probed are NaN, which == would not match; wall time is no result
+        return json.dumps(a | dict(wall_minutes=0)) == json.dumps(b | dict(wall_minutes=0))
+    assert same(probe("cut"), whole)
+    assert same(probe("cut"), whole)  # a finished probe's state gives its result again
     with pytest.raises(R.ReproError, match="holds a probe with other settings"):
         probe("cut", design._replace(seeds=(0,)))
     with pytest.raises(R.ReproError, match=rf"--seed {cfg.seed} \(here: {cfg.seed + 1}\)"):
         probe("cut", cfg=R.dataclasses.replace(cfg, seed=cfg.seed + 1))
+
+
+def test_the_probe_job_writes_its_result_with_its_command_device_and_commit(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0, 1), steps=1, val_crops=4, equal_people=True)
+    monkeypatch.setitem(R.PROBES, "v2", design)
+    assert R.main(toy_args(toy, tmp_path / "probe", "--bins", "3", "--teacher-min-bin", "0") + ["--probe", "v2"]) == 0
+    probe = json.loads((tmp_path / "results" / "probe-tiny.json").read_text())
+    assert probe["command"].startswith("python repro.py ") and probe["command"].endswith("--probe v2")
+    assert probe["device"] == "cpu" and probe["code"] == R.code_version() and probe["wall_minutes"] >= 0
+    assert (tmp_path / "results" / "probe-tiny.png").is_file() and (tmp_path / "probe" / R.PROBE_STATE).is_file()
 
 
 def test_probe_v2_pools_are_equal_sized_fixed_subsets():
