@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5386.
+Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5391.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -2778,6 +2778,11 @@ ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
 SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
 
 
+def tracked_name(path: Path) -> str:
+    """A tracked file's path from the repository root, as commands and records write it on any machine."""
+    return str(path.relative_to(SHIPPED_STUDENT.parents[1]))
+
+
 FINETUNE_LR = 3e-4  # [ours] the demo's fine-tuning learning rate (the protocol's)
 
 
@@ -3532,7 +3537,7 @@ def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: st
     if not regime_student(student.regime).is_file():
         train_protocol_run(student, python)
     argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
-            str(regime_student(student.regime)), "--seed", "0",
+            tracked_name(regime_student(student.regime)), "--seed", "0",
             "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
     print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
     process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
@@ -3545,7 +3550,7 @@ def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: st
 
 
 def protocol_argv(run: ProtocolRun) -> list[str]:
-    init = ["--init", str(regime_student(run.regime).relative_to(SHIPPED_STUDENT.parent.parent))] if run.init else []
+    init = ["--init", tracked_name(regime_student(run.regime))] if run.init else []
     return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
 
 
@@ -4368,7 +4373,7 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
     the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/domain-gap/)."""
     if images < 1:
         raise ReproError(f"--domain-gap N needs N >= 1 images per set, not {images}")
-    ckpt = Path(cfg.ckpt) if cfg.ckpt else SHIPPED_STUDENT.relative_to(SHIPPED_STUDENT.parent.parent)
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(tracked_name(SHIPPED_STUDENT))
     model, cfg, _ = model_from_checkpoint(cfg, ckpt if cfg.ckpt else SHIPPED_STUDENT, device)
     if cfg.skeleton != "coco":
         raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; the sets are COCO")
@@ -4967,7 +4972,7 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
     onnx, _ = onnx_modules()
     if path.suffix != ".onnx" or not path.parent.is_dir():
         raise ReproError(f"--export-onnx {path}: give a .onnx file in an existing folder")
-    source = cfg.ckpt or str(SHIPPED_STUDENT.relative_to(SHIPPED_STUDENT.parents[1]))
+    source = cfg.ckpt or tracked_name(SHIPPED_STUDENT)
     model, cfg, _ = model_from_checkpoint(cfg, cfg.ckpt or SHIPPED_STUDENT, torch.device("cpu"))
     net = LastStage(model.float()).eval()  # eval: the exporter restores the wrapper's mode onto the net
     meta = dict(repro_config=json.dumps({k: getattr(cfg, k) for k in ARCH_KEYS}), source=str(source),

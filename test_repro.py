@@ -2462,6 +2462,15 @@ def _protocol_sandbox(tmp_path, monkeypatch, script):
     return fake
 
 
+def test_the_runner_starts_the_probe_with_a_command_that_runs_on_any_machine(tmp_path, monkeypatch, capsys):
+    fake = _protocol_sandbox(tmp_path, monkeypatch, "#!{python}\nimport json, sys\n"
+                             "open('argv.json', 'w').write(json.dumps(sys.argv[2:]))\n")
+    R.run_probe_once(R.PROBE_V2, {r.name: r for r in R.protocol_runs()}, str(fake))
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert argv[:6] == ["--probe", "v2", "--init", "results/student-demo-scarce.pt", "--seed", "0"]
+    assert "the probe: python repro.py " + " ".join(argv) in capsys.readouterr().out
+
+
 def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_path, monkeypatch):
     fake = _protocol_sandbox(tmp_path, monkeypatch, FAKE_RUN)
     with pytest.raises(R.ReproError, match="scarce/teacher-s1 failed .exit status 3"):
