@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5391.
+Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5400.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3990,22 +3990,31 @@ def probe_verdict(use: np.ndarray) -> tuple[str, str]:
     return "inconclusive", reason
 
 
-def save_probe_figure(probe: dict, path: Path) -> None:
-    """Each bin's usefulness against training progress (mean and SE over probe seeds)."""
-    plt = pyplot()
-
+def plot_usefulness(ax, probe: dict, colours) -> None:
+    """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
+    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
     use = np.array(probe["usefulness"])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    colours = plt.cm.viridis(np.linspace(0, 1, use.shape[1]))
+    probed = probe.get("probed_people", probe["counts"])
     for b in range(use.shape[1]):
         if np.isfinite(use[:, b]).all():
             se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
+            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
             ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
-                        label=f"{probe['edges'][b]:.0f} ({probe['counts'][b]})")
+                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="step of the uniform run", ylabel="val loss drop after a few steps on the bin",
-           title="informativeness of each min_dist bin over training (claim 3)")
-    ax.legend(title="bin lower edge (samples)", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    v2 = probe.get("v2")
+    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
+           title=(f"probe v2: bins differ {v2['bins_differ']}, ranking changes {v2['ranking_changes']}" if v2 else
+                  "informativeness of each min_dist bin over training (claim 3)"))
+    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
+              bbox_to_anchor=(1.0, 0.5))
+
+
+def save_probe_figure(probe: dict, path: Path) -> None:
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    plot_usefulness(ax, probe, plt.cm.viridis(np.linspace(0, 1, len(probe["counts"]))))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -4030,7 +4039,7 @@ def save_teacher_and_probe_figure(series: list[list], probe: dict | None, path: 
     regime, 3000 steps), and probe v2's usefulness of each bin at points of the same schedule."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.2))
     if series:
         steps = min(len(s) for s in series)
         probs = np.array([np.array(s)[:steps] for s in series])  # (runs, updates, 1 + bins)
@@ -4041,17 +4050,7 @@ def save_teacher_and_probe_figure(series: list[list], probe: dict | None, path: 
                     title=f"the teacher's bins over training (teacher-3000, {len(series)} seed(s), scarce)")
         axes[0].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if probe:
-        use = np.array(probe["usefulness"])
-        colours = plt.cm.viridis(np.linspace(0, 1, use.shape[1]))
-        for b in range(use.shape[1]):
-            if np.isfinite(use[:, b]).all():
-                se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
-                axes[1].errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
-                                 label=f"bin {b}")
-        axes[1].axhline(0, color="grey", lw=0.5)
-        axes[1].set(xlabel="step of the uniform run", ylabel="val loss drop after 20 steps on the bin",
-                    title=f"probe v2: {probe.get('v2', {}).get('reason', '')[:60]}")
-        axes[1].legend(fontsize=6)
+        plot_usefulness(axes[1], probe, plt.cm.viridis(np.linspace(0, 1, len(probe["counts"]))))
     for ax, what in zip(axes, (series, probe)):
         if not what:
             ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
@@ -4178,6 +4177,23 @@ def interval_reading(t: dict) -> str:
             + (f"; cannot exclude {', '.join(inside)}" if inside else ""))
 
 
+def probe_v2_rows(v1_verdict: str, v2: dict | None) -> list[str]:
+    """Claim 3's two parts in the rule-v2 table: tests of probe v2's two-way ANOVA, and tau's interval."""
+    seeds, regime = f"{len(PROBE_V2.seeds)} ({len(PROBE_V2.seeds)})", PROBE_V2.regime
+    if not v2:
+        return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **pending** (probe v2 has not run) "
+                "| - | - | - | - |", f"| 3: which bins are useful changes over training | {regime} | (as above) | "
+                "**pending** | - | - | - | - |"]
+    return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **{v2['bins_differ']}** | bins' main "
+            f"effect F = {v2['f_bins']:.2f}, p = {v2['p_bins']:.2g} (two-way ANOVA, points x bins) | {seeds} | - | "
+            "a test, not an interval: p < 0.05 rejects equally useful bins |",
+            f"| 3: which bins are useful changes over training | {regime} | (as above) | **{v2['ranking_changes']}** "
+            f"| bin x point interaction F = {v2['f_interaction']:.2f}, p = {v2['p_interaction']:.2g}; tau first-last "
+            f"{v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}] | {seeds} | - | tau's interval excludes first "
+            f"and last rankings that agree less than tau {v2['tau_lo']:.2f}"
+            + ("; cannot exclude identical ones |" if v2["tau_hi"] >= 1 - 1e-9 else " |")]
+
+
 def verdicts_v2_table(claims: dict) -> list[str]:
     """Rule v2 (written after round 1's results were known): each claim and regime with its 95%
     interval, p-value, delta, seeds finished of those planned, and what the interval excludes."""
@@ -4187,14 +4203,7 @@ def verdicts_v2_table(claims: dict) -> list[str]:
              "| claim | regime | v1 verdict | v2 verdict | paired AP difference, 95% CI, p | seeds (planned) | "
              "power at the measured sd | what the interval excludes |", "|---" * 8 + "|"]
     v1 = claims["verdicts"]
-    v2 = (claims.get("probe_v2") or {}).get("v2")
-    probe_rows = [f"| 3: bins differ | {PROBE_V2.regime} | {v1.get(3, {}).get('verdict', '-')} (one verdict, full) | "
-                  + (f"**{v2['bins_differ']}** | {v2['reason']} | {len(PROBE_V2.seeds)} | - | - |" if v2 else
-                     "**pending** (probe v2 has not run) | - | - | - | - |")]
-    probe_rows.append(f"| 3: which bins are useful changes over training | {PROBE_V2.regime} | (as above) | "
-                 + (f"**{v2['ranking_changes']}** | tau first-last {v2['tau']:.2f} [{v2['tau_lo']:.2f}, "
-                    f"{v2['tau_hi']:.2f}] | {len(PROBE_V2.seeds)} | - | - |" if v2 else
-                    "**pending** | - | - | - | - |"))
+    probe_rows = probe_v2_rows(v1.get(3, {}).get("verdict", "-"), (claims.get("probe_v2") or {}).get("v2"))
     for claim, v in claims.get("verdicts_v2", {}).items():
         if claim == 4:
             lines += probe_rows

@@ -2732,6 +2732,18 @@ def test_probe_v2_anova_matches_a_regression_and_reads_both_parts():
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "not shown")
 
 
+def test_the_v2_table_gives_claim_3_its_two_parts_with_their_tests():
+    noise = np.random.default_rng(4).normal(0, 0.3, (5, 4, 6))
+    crossing = np.linspace(-1, 1, 5)[:, None, None] * np.linspace(-2, 2, 4)[None, :, None] + noise
+    v2 = R.probe_verdict_v2(crossing)
+    differ, changes = R.probe_v2_rows("contradicted", v2)
+    assert differ.startswith("| 3: bins differ | scarce | contradicted (one verdict, full) | **not supported** |")
+    assert f"p = {v2['p_bins']:.2g}" in differ and "6 (6)" in differ
+    assert f"| **shown** | bin x point interaction F = {v2['f_interaction']:.2f}" in changes
+    assert f"tau first-last {v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}]" in changes
+    assert all("**pending**" in row for row in R.probe_v2_rows("-", None))
+
+
 def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results" / "protocol").mkdir(parents=True)
