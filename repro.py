@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5400.
+Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5408.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3827,9 +3827,10 @@ def probe_pools(pools: list[np.ndarray], min_bin: int, equal_people: bool) -> li
     return [p if p is None else p[np.sort(rng.choice(len(p), n, replace=False))] for p in probed]
 
 
-def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, design: ProbeDesign) -> np.ndarray:
+def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, design: ProbeDesign,
+                   tick=lambda: None) -> np.ndarray:
     """(bins, seeds) drop of the val loss after design.steps steps on one bin; NaN for bins not
-    probed. The student and its optimiser are restored afterwards."""
+    probed. The student and its optimiser are restored afterwards; `tick` is called after each step."""
     cfg = trainer.cfg
     saved = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
     before = val_loss(trainer.model, val_batch, cfg, trainer.device)
@@ -3843,6 +3844,7 @@ def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, de
             for t in range(design.steps):
                 rng = np.random.default_rng([cfg.seed, trainer.step, b, seed, t])
                 trainer.train_step(trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
+                tick()
             out[b, s] = before - val_loss(trainer.model, val_batch, cfg, trainer.device)
     trainer.model.load_state_dict(saved[0])
     trainer.optimizer.load_state_dict(saved[1])
@@ -3872,6 +3874,22 @@ def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> tuple[lis
     return points, state.get("seconds", 0.0)
 
 
+def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDesign, points: list[dict],
+                state: Path, t0: float, tick) -> None:
+    """Probes every bin at the trainer's step (unless a resumed probe has), then saves the probe's
+    state: the uniform run, the points so far and the wall seconds since t0."""
+    if trainer.step in {p["step"] for p in points}:
+        return
+    lr = learning_rate(trainer.cfg, trainer.step, trainer.step / trainer.cfg.steps)
+    use = bin_usefulness(trainer, val_batch, lr, pools, design, tick)
+    points.append(dict(step=trainer.step, usefulness=use.tolist()))
+    save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict(),
+                     seconds=time.perf_counter() - t0), state)
+    probed = np.isfinite(use).all(1)
+    print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
+          f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
+
+
 def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBE_V1) -> dict:
     """Trains the uniform condition to the last probe point, probing every bin at each point. Each
     point's result is saved with the run's state (out/probe.pt), so a probe cut off resumes after its
@@ -3883,30 +3901,20 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
     try:
         points, seconds = resume_probe(trainer, out / PROBE_STATE, design)
         t0 = time.perf_counter() - seconds
-        val_batch = fixed_val_batch(data, cfg, design.val_crops)
         pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
-
-        def probe_here():
-            if trainer.step in {p["step"] for p in points}:
-                return
-            lr = learning_rate(cfg, trainer.step, trainer.step / cfg.steps)
-            use = bin_usefulness(trainer, val_batch, lr, pools, design)
-            points.append(dict(step=trainer.step, usefulness=use.tolist()))
-            save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict(),
-                             seconds=time.perf_counter() - t0), out / PROBE_STATE)
-            use = np.array(points[-1]["usefulness"])
-            probed = np.isfinite(use).all(1)
-            print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
-                  f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
-
-        for step, batch in trainer.batches():
-            if step in design.points:
-                probe_here()
-            lr = learning_rate(cfg, step, step / cfg.steps)
-            r = trainer.train_step(batch, lr)
-            trainer.teacher.observe(step, batch, r, lr)
-            trainer.step = step + 1
-        probe_here()
+        per_point = sum(q is not None for q in pools) * len(design.seeds) * design.steps  # student steps
+        with rh.progress(total=cfg.steps + len(design.points) * per_point, initial=trainer.step + len(points)
+                         * per_point, desc="probe", unit="step", stream=sys.stdout) as bar:
+            here = functools.partial(probe_point, trainer, fixed_val_batch(data, cfg, design.val_crops), pools,
+                                     design, points, out / PROBE_STATE, t0, lambda: bar.update(1))
+            for step, batch in trainer.batches():
+                if step in design.points:
+                    here()
+                lr = learning_rate(cfg, step, step / cfg.steps)
+                trainer.teacher.observe(step, batch, trainer.train_step(batch, lr), lr)
+                trainer.step = step + 1
+                bar.update(1)
+            here()
     finally:
         lock.unlink(missing_ok=True)
     use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
