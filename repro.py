@@ -3827,7 +3827,7 @@ def probe_pools(pools: list[np.ndarray], min_bin: int, equal_people: bool) -> li
     return [p if p is None else p[np.sort(rng.choice(len(p), n, replace=False))] for p in probed]
 
 
-def bin_usefulness(trainer: Trainer, val_batch: dict, lr: float, pools: list, design: ProbeDesign,
+def bin_usefulness(trainer: Trainer, val_batch: Batch, lr: float, pools: list, design: ProbeDesign,
                    tick=lambda: None) -> np.ndarray:
     """(bins, seeds) drop of the val loss after design.steps steps on one bin; NaN for bins not
     probed. The student and its optimiser are restored afterwards; `tick` is called after each step."""
