@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2053; Part II, the tooling around it, is lines 2054-5408.
+Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5417.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -975,6 +975,13 @@ def collate(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
             pad([s.pasted for s in samples]), np.stack([s.ignore for s in samples]))
 
 
+def quiet_worker(worker_id: int) -> None:
+    """A loader worker takes SIGTERM's default: the loader ends a worker that is slow to stop with
+    SIGTERM, and a worker that ran the main process's handler (inherited by fork) would raise in
+    the middle of its queue and print a traceback after the run's last line."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item t is the batch of step start+t (this rank's share of it), so loader workers stay
     deterministic; batch_size is the whole step's, over all ranks."""
@@ -1570,7 +1577,8 @@ class Trainer:
         steps = StepBatches(self.maker, cfg.batch_size, cfg.seed, self.step, cfg.steps, self.rank, self.world)
         loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
-                                             prefetch_factor=4 if workers else None, persistent_workers=False)
+                                             prefetch_factor=4 if workers else None, persistent_workers=False,
+                                             worker_init_fn=quiet_worker)
         for i, batch in enumerate(loader):
             yield steps.start + i, batch
 
@@ -4461,7 +4469,8 @@ def loader_samples_per_second(maker: BatchMaker, cfg: Config, workers: int, roun
     (Trainer.batches). Timed from the end of the first round, one batch per worker, which holds
     the workers' start, to the end of `rounds` more."""
     steps = StepBatches(maker, cfg.batch_size, cfg.seed, 0, (rounds + 1) * workers)
-    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                         worker_init_fn=quiet_worker)
     t = 0.0
     for i, _ in enumerate(loader):
         if i == workers - 1:

@@ -2194,6 +2194,18 @@ def _children(pid: int) -> list[int]:
             if p.read_text().rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
 
 
+def test_loader_workers_take_sigterms_default_not_the_runs_handler(toy, tmp_path, monkeypatch):
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", "real", "--steps", "2", "--workers", "1"))
+    trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
+    monkeypatch.setattr(R.StepBatches, "__getitem__",
+                        lambda self, i: R.signal.getsignal(R.signal.SIGTERM) == R.signal.SIG_DFL)
+    previous = R.signal.signal(R.signal.SIGTERM, R.on_sigterm)  # as main() installs it
+    try:
+        assert [batch for _, batch in trainer.batches()] == [True, True]  # made in the worker
+    finally:
+        R.signal.signal(R.signal.SIGTERM, previous)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
 def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
     out = tmp_path / "run"
