@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5417.
+Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5422.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3094,6 +3094,11 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     return stats
 
 
+def device_name(device: torch.device) -> str:
+    """What a record calls the device: the GPU's name, or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
     trainer = start_run(cfg, data, device, out, rank, world)
@@ -3106,7 +3111,7 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
             print(f"resumed {out} at step {trainer.step}")
         prepare_metrics(out, cfg, trainer.step)
         write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                        device_name=device_name(device),
                         torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
                         argv=sys.argv), out / "config.json")
         if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
@@ -4547,7 +4552,7 @@ GPU_BF16_PEAK_TFLOPS = (("H200", 989.5), ("H100 PCIe", 756.0), ("H100 NVL", 835.
 
 
 def bf16_peak_tflops(device: torch.device) -> tuple[str, float | None]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     return name, next((peak for part, peak in GPU_BF16_PEAK_TFLOPS if part in name), None)
 
 
@@ -5112,7 +5117,7 @@ def probe_job(cfg: Config, args: argparse.Namespace) -> None:
     PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before the hour of work it ends with
     probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
     probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+                  device=device_name(device))
     write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
     save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
 
