@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5422.
+Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5424.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -4091,6 +4091,9 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
     probe, probe_v2 = (read_probe(results / f"{d.name}.json") for d in (PROBE_V1, PROBE_V2))
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
+    series = [t["series"] for name, t in teacher.items() if name.startswith("scarce/teacher-3000") and "series" in t]
+    # each update's probabilities are in the run's own summary (runs); claims.json keeps them once
+    teacher = {name: {k: v for k, v in t.items() if k != "series"} for name, t in teacher.items()}
     round2 = set(current) - {r.name for r in round1_runs()}
     progress = dict(finished=sum(r["name"] in current and r["name"] not in round2 for r in runs),
                     total=len(current) - len(round2), probe=bool(probe),
@@ -4115,7 +4118,6 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
             save_probe_figure(result, results / f"{design.name}.png")
         else:
             (results / f"{design.name}.png").unlink(missing_ok=True)
-    series = [t["series"] for name, t in teacher.items() if name.startswith("scarce/teacher-3000") and "series" in t]
     if series or probe_v2:
         save_teacher_and_probe_figure(series, probe_v2, results / "teacher-vs-probe.png")
     else:

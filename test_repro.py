@@ -2772,6 +2772,20 @@ def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monk
     assert target.read_text() == "1" and not list(tmp_path.glob("*.tmp"))
 
 
+def test_the_report_keeps_each_teacher_update_once_in_its_runs_summary(tmp_path, monkeypatch):
+    summary = Path(R.__file__).parent / "results" / "protocol" / "scarce-teacher-3000-s0.json"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    shutil.copy(summary, tmp_path / "results" / "protocol")
+    R.report_protocol()
+    text = (tmp_path / "results" / "claims.json").read_text()
+    claims = json.loads(text)
+    (run,) = claims["runs"]
+    assert len(run["teacher"]["series"]) == run["teacher"]["updates"] == 150
+    assert "series" not in claims["teacher"]["scarce/teacher-3000-s0"]
+    assert text.count('"series"') == 1 and (tmp_path / "results" / "teacher-vs-probe.png").is_file()
+
+
 def test_claims_table_keeps_each_devices_minutes_apart():
     runs = [dict(name=f"scarce/real-s{s}", condition="real", regime="scarce", seed=s, steps=800, minutes=m,
                  ap=0.1, ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, init="scarce/student",
