@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5424.
+Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5431.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3325,6 +3325,10 @@ V2_CONDITIONS = {
 SAME_RUNS["uniform-3000"] = "synthetic-3000"
 
 
+# the order of the report's table and figure: the students, round 1's conditions, round 2's
+REPORTED_CONDITIONS = ("student", "synthetic-only", *CONDITIONS, *V2_CONDITIONS, "uniform-3000")
+
+
 # claim -> (better, worse, regimes); claims 1 and 2 compare round 1's conditions on more seeds
 CLAIMS_V2 = {
     1: ("augmented-mask", "synthetic", ("full", "scarce")),
@@ -4110,7 +4114,7 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
         tmp.write_text(table)
     # the figures agree with claims.md: without runs (or a probe) an older figure is removed
     if runs:
-        save_claims_figure(runs, results / "claims.png")
+        save_claims_figure(runs, claims["verdicts_v2"], results / "claims.png")
     else:
         (results / "claims.png").unlink(missing_ok=True)
     for design, result in ((PROBE_V1, probe), (PROBE_V2, probe_v2)):
@@ -4165,9 +4169,8 @@ def claims_table(claims: dict) -> str:
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
-    order = ["student", "synthetic-only", *CONDITIONS, *V2_CONDITIONS, "uniform-3000"]
     for regime in PROTOCOL_REGIMES:
-        for condition in order:
+        for condition in REPORTED_CONDITIONS:
             rs = condition_runs(runs, condition, regime)
             if not rs:
                 continue
@@ -4253,36 +4256,40 @@ def where_trained(runs: list[dict]) -> str:
                      for device, regimes in sorted(places.items()))
 
 
-def save_claims_figure(runs: list[dict], path: Path) -> None:
-    """Top: AP per condition and regime, every seed as a dot, the mean as a bar. Bottom: what the
-    verdicts of claims 1, 2 and 4 read, the paired AP differences per seed with mean +- 2 SE."""
+def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
+    """Top: AP per condition and regime, every seed as a dot, the mean as a bar (round 2's 3000-step
+    conditions in their own colour). Bottom: what rule v2 reads, the paired AP differences per seed
+    with their mean and 95% interval, against the band (-delta, +delta) and 0."""
     plt = pyplot()
 
-    conditions = [c for c in ["student", "synthetic-only", *CONDITIONS]
-                  if any(condition_runs(runs, c, regime) for regime in PROTOCOL_REGIMES)]
-    paired = {k: v for k, v in CLAIMS.items() if v[0]}
-    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(6 * len(PROTOCOL_REGIMES), 7.6), sharey="row",
+    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(7 * len(PROTOCOL_REGIMES), 8.2), sharey="row",
                              squeeze=False)
     for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
+        conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
         for i, c in enumerate(conditions):
             ap = [r["ap"] for r in condition_runs(runs, c, regime)]
-            if ap:
-                top.bar(i, np.mean(ap), color="lightsteelblue")
-                top.plot([i] * len(ap), ap, "k.", ms=6)
+            top.bar(i, np.mean(ap), color="navajowhite" if c.endswith(f"-{V2_LONG_STEPS}") else "lightsteelblue")
+            top.plot([i] * len(ap), ap, "k.", ms=6)
         top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
                        rotation=35, ha="right", fontsize=8)
-        top.set(title=f"{regime} regime: val AP (stand-in, crowded val)", ylabel="AP")
-        for i, (better, worse, _) in enumerate(paired.values()):
-            d = np.subtract(*paired_aps(runs, better, worse, regime))
-            bottom.plot([i] * len(d), d, "k.", ms=6)
-            if len(d) > 1:
-                bottom.errorbar(i + 0.15, d.mean(), 2 * d.std(ddof=1) / np.sqrt(len(d)), fmt="o", color="C3",
-                                capsize=4)
+        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {V2_LONG_STEPS} steps)", ylabel="AP")
+        compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts_v2.items() if regime in v["per_regime"]]
+        for i, (name, v, test) in enumerate(compared):
+            d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
+            bottom.plot([i] * len(d), d, "k.", ms=6, label="seeds" if i == 0 else None)
+            if "lo" in test:
+                bottom.errorbar(i + 0.15, test["mean"], [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
+                                fmt="o", color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None)
+        bottom.axhspan(-V2_DELTA[regime], V2_DELTA[regime], color="grey", alpha=0.15, lw=0,
+                       label=f"+-delta ({V2_DELTA[regime]})")
         bottom.axhline(0, color="grey", lw=0.5)
-        labels = [f"claim {k}\n{b} - {w}".replace("augmented-", "aug-") for k, (b, w, _) in paired.items()]
-        bottom.set_xticks(range(len(paired)), labels, fontsize=8)
-        bottom.set(xlim=(-0.5, len(paired) - 0.5), ylabel="paired AP difference",
-                   title=f"{regime} regime: seeds (dots), mean +- 2 SE (red)")
+        short = {c: c.removesuffix(f"-{V2_LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
+        labels = [("claim 4, part" if name in V2_SPLIT else f"claim {name}") +
+                  f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}" for name, v, test in compared]
+        bottom.set_xticks(range(len(compared)), labels, fontsize=7)
+        bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
+                   title=f"{regime} regime: what rule v2 reads")
+        bottom.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
