@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5431.
+Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5444.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -4059,24 +4059,36 @@ def read_probe(path: Path) -> dict | None:
     return probe
 
 
-def save_teacher_and_probe_figure(series: list[list], probe: dict | None, path: Path) -> None:
-    """Claim 3 beside claim 4: the paper's teachers' mean bin probabilities over training (scarce
-    regime, 3000 steps), and probe v2's usefulness of each bin at points of the same schedule."""
+def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
+    """Claim 3 beside claim 4: the paper's teachers' bin probabilities over training (scarce regime,
+    3000 steps; their mean, then one row per run), and probe v2's usefulness of each bin at points
+    of the same schedule."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.2))
+    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
+        steps = min(len(run) for run in series.values())
+        runs = np.array([np.array(run)[:steps] for run in series.values()])
+        mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
+        series = {f"mean of the {len(runs)} runs": mean.tolist(), **dict(sorted(series.items()))}
+    rows = max(len(series), 1)
+    fig = plt.figure(figsize=(13.5, max(4.2, 1.25 * rows + 0.8)))
+    grid = fig.add_gridspec(rows, 2)
+    left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
+    right = fig.add_subplot(grid[:, 1])
+    bins = len(next(iter(series.values()))[0]) - 1 if series else 0
+    colours = plt.cm.viridis(np.linspace(0, 1, max(bins, 1)))
+    for ax, (name, run) in zip(left, series.items()):
+        probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
+        ax.stackplot(probs[:, 0], probs[:, 1:].T, colors=colours, labels=[f"bin {b}" for b in range(bins)])
+        ax.set(ylim=(0, 1), xlim=(0, probs[-1, 0]), ylabel="p")
+        ax.set_title(name, fontsize=8, loc="left")
+        ax.label_outer()
     if series:
-        steps = min(len(s) for s in series)
-        probs = np.array([np.array(s)[:steps] for s in series])  # (runs, updates, 1 + bins)
-        mean = probs[..., 1:].mean(0)
-        colours = plt.cm.viridis(np.linspace(0, 1, mean.shape[1]))
-        axes[0].stackplot(probs[0, :, 0], mean.T, colors=colours, labels=[f"bin {b}" for b in range(mean.shape[1])])
-        axes[0].set(ylim=(0, 1), xlabel="student step", ylabel="mean bin probability",
-                    title=f"the teacher's bins over training (teacher-3000, {len(series)} seed(s), scarce)")
-        axes[0].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        left[-1].set_xlabel("student step")
+        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
     if probe:
-        plot_usefulness(axes[1], probe, plt.cm.viridis(np.linspace(0, 1, len(probe["counts"]))))
-    for ax, what in zip(axes, (series, probe)):
+        plot_usefulness(right, probe, plt.cm.viridis(np.linspace(0, 1, len(probe["counts"]))))
+    for ax, what in ((left[0], series), (right, probe)):
         if not what:
             ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
     fig.tight_layout()
@@ -4095,7 +4107,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
     probe, probe_v2 = (read_probe(results / f"{d.name}.json") for d in (PROBE_V1, PROBE_V2))
     teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
-    series = [t["series"] for name, t in teacher.items() if name.startswith("scarce/teacher-3000") and "series" in t]
+    series = {name: t["series"] for name, t in teacher.items()
+              if name.startswith("scarce/teacher-3000") and "series" in t}
     # each update's probabilities are in the run's own summary (runs); claims.json keeps them once
     teacher = {name: {k: v for k, v in t.items() if k != "series"} for name, t in teacher.items()}
     round2 = set(current) - {r.name for r in round1_runs()}
