@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5444.
+Reading map. Part I, the method, is lines 73-2061; Part II, the tooling around it, is lines 2062-5455.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -3178,6 +3178,17 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def bin_colours(bins: int) -> np.ndarray:
+    """One colour per teacher bin, the same in every figure."""
+    return pyplot().cm.viridis(np.linspace(0, 1, bins))
+
+
+def plot_bin_probabilities(ax, steps, probs: np.ndarray, labels: list[str]) -> None:
+    """A teacher's output over training, stacked: (updates, bins) probabilities, one band per bin."""
+    ax.stackplot(steps, probs.T, colors=bin_colours(probs.shape[1]), labels=labels)
+    ax.set(ylim=(0, 1), xlim=(0, steps[-1]))
+
+
 def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     """The paper's "informative samples change over training" figure: bin probabilities over steps."""
     plt = pyplot()
@@ -3188,9 +3199,8 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     steps = [r["step"] for r in records]
     probs = np.array([r["probs"] for r in records])
     fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
-    colours = plt.cm.viridis(np.linspace(0, 1, teacher.bins))
-    axes[0].stackplot(steps, probs.T, colors=colours, labels=[f"{e:.0f}" for e in teacher.edges()])
-    axes[0].set(ylabel="teacher bin probability", ylim=(0, 1),
+    plot_bin_probabilities(axes[0], steps, probs, [f"{e:.0f}" for e in teacher.edges()])
+    axes[0].set(ylabel="teacher bin probability",
                 title=f"teacher's bins of {teacher.cfg.teacher_attribute} over training")
     axes[0].legend(title="bin lower edge", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     axes[1].plot(steps, [r["bin"] for r in records], ".", ms=4)
@@ -3920,8 +3930,9 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
         t0 = time.perf_counter() - seconds
         pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
         per_point = sum(q is not None for q in pools) * len(design.seeds) * design.steps  # student steps
-        with rh.progress(total=cfg.steps + len(design.points) * per_point, initial=trainer.step + len(points)
-                         * per_point, desc="probe", unit="step", stream=sys.stdout) as bar:
+        done = trainer.step + len(points) * per_point
+        with rh.progress(total=cfg.steps + len(design.points) * per_point, initial=done, desc="probe", unit="step",
+                         stream=sys.stdout) as bar:
             here = functools.partial(probe_point, trainer, fixed_val_batch(data, cfg, design.val_crops), pools,
                                      design, points, out / PROBE_STATE, t0, lambda: bar.update(1))
             for step, batch in trainer.batches():
@@ -4015,10 +4026,11 @@ def probe_verdict(use: np.ndarray) -> tuple[str, str]:
     return "inconclusive", reason
 
 
-def plot_usefulness(ax, probe: dict, colours) -> None:
+def plot_usefulness(ax, probe: dict) -> None:
     """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
     legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
     use = np.array(probe["usefulness"])
+    colours = bin_colours(len(probe["counts"]))
     probed = probe.get("probed_people", probe["counts"])
     for b in range(use.shape[1]):
         if np.isfinite(use[:, b]).all():
@@ -4039,7 +4051,7 @@ def save_probe_figure(probe: dict, path: Path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8.5, 4))
-    plot_usefulness(ax, probe, plt.cm.viridis(np.linspace(0, 1, len(probe["counts"]))))
+    plot_usefulness(ax, probe)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -4076,18 +4088,17 @@ def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, p
     left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
     right = fig.add_subplot(grid[:, 1])
     bins = len(next(iter(series.values()))[0]) - 1 if series else 0
-    colours = plt.cm.viridis(np.linspace(0, 1, max(bins, 1)))
     for ax, (name, run) in zip(left, series.items()):
         probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
-        ax.stackplot(probs[:, 0], probs[:, 1:].T, colors=colours, labels=[f"bin {b}" for b in range(bins)])
-        ax.set(ylim=(0, 1), xlim=(0, probs[-1, 0]), ylabel="p")
+        plot_bin_probabilities(ax, probs[:, 0], probs[:, 1:], [f"bin {b}" for b in range(bins)])
+        ax.set(ylabel="p")
         ax.set_title(name, fontsize=8, loc="left")
         ax.label_outer()
     if series:
         left[-1].set_xlabel("student step")
         left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
     if probe:
-        plot_usefulness(right, probe, plt.cm.viridis(np.linspace(0, 1, len(probe["counts"]))))
+        plot_usefulness(right, probe)
     for ax, what in ((left[0], series), (right, probe)):
         if not what:
             ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
@@ -4281,7 +4292,7 @@ def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
         conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
         for i, c in enumerate(conditions):
             ap = [r["ap"] for r in condition_runs(runs, c, regime)]
-            top.bar(i, np.mean(ap), color="navajowhite" if c.endswith(f"-{V2_LONG_STEPS}") else "lightsteelblue")
+            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in V2_CONDITIONS else "lightsteelblue")
             top.plot([i] * len(ap), ap, "k.", ms=6)
         top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
                        rotation=35, ha="right", fontsize=8)
