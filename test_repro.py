@@ -806,11 +806,20 @@ def test_part_one_uses_part_two_only_through_the_seams_its_docstring_lists():
     assert used == listed, (sorted(used), sorted(listed))
 
 
-def test_the_docstring_gives_each_part_its_lines_and_no_function_is_long():
-    src, tree, part1, part2 = repro_parts()
-    last = len(src.splitlines())
-    assert f"Part I, the method, is lines {part1}-{part2 - 1};" in R.__doc__
-    assert f"Part II, the tooling around it, is lines {part2}-{last}." in R.__doc__
+def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_long():
+    src, _, _, part2 = repro_parts()
+    lines = src.splitlines()
+    titles = [(i, lines[i].lstrip("# ").split(":")[0].split(" (")[0].lower()) for i in range(1, len(lines))
+              if re.match(r"# -{20,}$", lines[i - 1]) and re.match(r"# \w", lines[i])]
+    doc = " ".join(R.__doc__.lower().split())
+    where = [doc.find("reading map.")]
+    for _, title in titles:  # each found after the one before it: the map lists them in the file's order
+        where.append(doc.find(title, where[-1] + 1))
+        assert where[-1] != -1, f"the reading map does not name '{title}' in the file's order"
+    where = where[1:]
+    split = doc.find("part ii, the tooling")
+    assert all((at < split) == (i < part2) for (i, _), at in zip(titles, where))
+    assert not re.search(r"\blines? \d", R.__doc__)  # line numbers go stale with every edit
     for path in ("repro.py", "render_humans.py"):
         long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse((ROOT / path).read_text()))
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 60]
@@ -2131,7 +2140,10 @@ def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, m
     assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
     argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
     cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
-    assert cfg.init == str(tmp_path / "student.pt") and cfg.lr == R.FINETUNE_LR
+    assert cfg.init == str(tmp_path / "student.pt") and (cfg.lr, cfg.lr_schedule) == (5e-5, "constant")
+    assert all(R.learning_rate(cfg, step, step / cfg.steps) == 5e-5 for step in (0, 30, cfg.steps))
+    cosine = R.parse_args(["--mode", "augmented", "--lr-schedule", "cosine"] + argv)[0]
+    assert (cosine.lr, cosine.lr_schedule) == (1e-3, "cosine")  # a schedule named is a schedule kept
     assert R.parse_args(["--mode", "augmented", "--lr", "1e-3"] + argv)[0].lr == 1e-3
     assert R.parse_args(["--mode", "augmented", "--init", "none"] + argv)[0].init is None
     assert R.parse_args(["--mode", "augmented"])[0].init is None  # another network: from scratch
@@ -3094,13 +3106,15 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
 # ---- The command line: one job per call, each with only its own flags ----------------------------
 
 def readme_commands() -> list[list[str]]:
-    """The README's complete `python repro.py ...` commands: code-block lines and one-line inline
-    spans, without placeholders (`--seed S`), alternatives ([a | b]) or --help."""
+    """The complete `python repro.py ...` commands of the README and the results' READMEs it links:
+    code-block lines and one-line inline spans, without placeholders (`--seed S`), alternatives
+    ([a | b]) or --help."""
     import re
     import shlex
 
     found, fenced = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    readmes = [ROOT / "README.md", *sorted((ROOT / "results").glob("*/README.md"))]
+    for line in "\n".join(p.read_text() for p in readmes).splitlines():
         if line.startswith("```"):
             fenced = not fenced
         elif fenced and re.match(r"\s*(\$ )?python repro\.py", line):
@@ -3125,11 +3139,11 @@ def test_the_readme_commands_parse_to_the_config_they_always_did():
     assert jobs == set(R.JOBS)
     asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
     cfg, args = R.parse_args(["--mode", "augmented"])
-    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), lr_given=False)
+    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), False)
     cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15", "--seed", "0",
                            "--out", "runs/curve-s0"])
     assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
-                                          out="runs/curve-s0"), lr_given=False)
+                                          out="runs/curve-s0"), False)
     cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out", "runs/mpii-real"])
     assert cfg == R.Config(**asdict(R.Config()) | paper | dict(preset="paper", mode="real", mpii_root="DIR",
                                                                skeleton="mpii", out="runs/mpii-real", init=None))
