@@ -5289,7 +5289,7 @@ def probe_job(cfg: Config, args: argparse.Namespace) -> None:
     PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before the hour of work it ends with
     probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
     probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
-                  device=device_name(device))
+                  device=device_name(device), device_key=this_device_key(device, cfg))
     write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
     save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
 
