@@ -180,13 +180,27 @@ class Config:
                                               "minutes")
     # teacher
     teacher_attribute: str = setting("min_dist", "person attribute binned for the teacher")
-    teacher_arch: str = setting("small", "vgg19 (paper) or small", ("small", "vgg19"))
+    teacher_arch: str = setting(
+        "small", "vgg19: the paper code's VGG-19 trunk and head (no BatchNorm, ReLU on the "
+        "logits); small [ours]: 4 convolutions with BatchNorm, linear logits; small-nobn: the "
+        "small trunk without BatchNorm under the paper's head", ("small", "small-nobn", "vgg19"))
     teacher_data: str = setting("synthetic", "synthetic scenes or augmented real images as the teacher's "
                                 "samples", ("synthetic", "augmented"))
     teacher_interval: int = setting(20, "student steps between teacher decisions (paper code: 20)")
     bins: int = setting(10, "number of bins of the teacher attribute (paper code: 10)")
     teacher_step: float = setting(0.01, "soft-label step of the teacher's update (paper code: alpha = beta = "
                                   "0.01); larger moves the teacher faster [ours]")
+    teacher_update: str = setting(
+        "symmetric", "soft label when the student's loss fell: symmetric [ours] lowers the picked "
+        "bin as a rise raises it; paper: as the paper's code runs it, the picked bin stays and "
+        "only the others rise", ("symmetric", "paper"))
+    teacher_bins: str = setting(
+        "ours", "bin edges of min_dist and camera_angle: ours puts the paper's first edge at bin "
+        "0's lower end; paper: np.digitize on them as the paper's code does, so bin 0 holds only "
+        "values below the first edge", ("ours", "paper"))
+    teacher_lr: float = setting(
+        0.0, "the teacher's learning rate; 0: the student's at each step, as the paper's code (its "
+        "teacher steps with the student's optimizer; the paper's lr: 5e-5)")
     teacher_uniform: bool = setting(False, "baseline: same loop, uniform sampling over all synthetic samples")
     teacher_stratified: bool = setting(False, "control [ours]: same loop, each window's bin picked uniformly at "
                                        "random among the bins large enough to train on, no learning")
@@ -251,6 +265,11 @@ def check_config(cfg: Config) -> None:
         (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
         (not (cfg.teacher_uniform and cfg.teacher_stratified), "give --teacher-uniform or --teacher-stratified, "
          "not both"),
+        (cfg.teacher_lr >= 0, "--teacher-lr must be 0 (the student's) or positive"),
+        (cfg.mode != "student-teacher" or cfg.teacher_bins == "ours" or (
+            cfg.teacher_data == "synthetic" and cfg.teacher_attribute in PAPER_BIN_EDGES),
+         f"--teacher-bins paper has the paper code's edges for {' and '.join(PAPER_BIN_EDGES)} of "
+         "synthetic scenes only: use --teacher-bins ours"),
         (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
         (cfg.mode != "predict" or cfg.input, "--mode predict needs --input PATH (an image, a folder of images or a "
                                              "video)"),
@@ -1181,12 +1200,25 @@ TEACHER_HISTORY = 10  # paper code: loss_last is the mean of the last 10 windows
 TEACHER_HARD_CROPS = 32  # paper code: the 32 hardest real crops of the window are its input
 
 
-def bin_edges(attribute: str, values: np.ndarray, bins: int, image_size: float) -> tuple[float, float]:
-    """(low, width) of equal-width bins; the first and last bins are open-ended."""
-    if attribute == "min_dist":  # paper code: 0, 71.1, ..., 568.9 (+ the rest) for 640 px images
-        return 0.0, image_size / (bins - 1)
-    if attribute == "camera_angle":  # paper code: 3.68 ... 29.70 degrees
-        return 3.68, (29.70 - 3.68) / (bins - 1)
+# paper code: groupBoundaries.npy, the bins' means (np.linspace(lo, hi, 10)); a value's bin is
+# np.digitize(x, means[:-1]) (pose_dataset_personLevel_minDist.py). min_dist's hi is the 640-px
+# image's width: [ours] the rendered image's width in its place.
+PAPER_BIN_EDGES = {"min_dist": (0.0, 640.0), "camera_angle": (3.68161, 32.95209)}
+
+
+def bin_edges(attribute: str, values: np.ndarray, bins: int, image_size: float,
+              rule: str = "ours") -> tuple[float, float]:
+    """(low, width) of equal-width bins for assign_bins; the first and last bins are open-ended.
+    The paper's attributes step as its means do, (hi - lo) / (bins - 1): 71.1 px at 640 px, 3.25
+    degrees.
+    rule "ours": bin 0 starts at the first mean; "paper": np.digitize on the means but the last, so
+    bin 0 holds only values below the first (always empty for min_dist) and the rest sit one higher.
+    Other attributes: `bins` equal steps over the values' range (check_config refuses "paper")."""
+    if attribute in PAPER_BIN_EDGES:
+        lo, hi = PAPER_BIN_EDGES[attribute]
+        hi = image_size if attribute == "min_dist" else hi
+        width = (hi - lo) / (bins - 1)
+        return (lo - width if rule == "paper" else lo), width
     finite = values[np.isfinite(values)]
     lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
     return lo, max(hi - lo, 1e-6) / bins
@@ -1222,40 +1254,55 @@ def teacher_bins(cfg: Config, maker: BatchMaker) -> tuple[list[np.ndarray], floa
     if np.isnan(values).all():
         raise ReproError(f"the synthetic json has no '{cfg.teacher_attribute}' per person: "
                          "render it with render_humans.py, which writes the teacher's attributes")
-    low, width = bin_edges(cfg.teacher_attribute, values, cfg.bins, float(kset.records[0].width))
+    low, width = bin_edges(cfg.teacher_attribute, values, cfg.bins, float(kset.records[0].width),
+                           cfg.teacher_bins)
     which = assign_bins(np.nan_to_num(values, nan=-np.inf), low, width, cfg.bins)
     return [centres[which == k] for k in range(cfg.bins)], low, width
 
 
-def soft_target(p: np.ndarray, picked: int, loss_rose: bool, step: float = 0.01) -> np.ndarray:
-    """The teacher's soft label from its previous output p (paper code: alpha = beta = step = 0.01):
-    rewarded when the student's loss on the picked bin rose, punished when it fell."""
+def soft_target(p: np.ndarray, picked: int, loss_rose: bool, step: float = 0.01,
+                rule: str = "symmetric") -> np.ndarray:
+    """The teacher's soft label from its previous output p (paper code: alpha = beta = step = 0.01;
+    `compute_gt_teacher` in train_with_adversarial_teacher.py), n bins, k picked, then renormalised:
+    - the student's loss rose (rewarded): p[k] * (1 + step); every other bin p[j] - p[k] * step / n;
+    - it fell, rule "symmetric" [ours]: p[k] * (1 - step); every other bin p[j] + p[k] * step / n;
+    - it fell, rule "paper" (paper code: `probabilities[picked] <= ...`, a comparison, not an
+      assignment): p[k] stays; every other bin p[j] + p[k] * step / n, so p[k] loses only by the
+      renormalisation, about (n - 1) / n * p[k]^2 * step, 1/11 of a reward's gain at p[k] = 0.1.
+    [ours] negative entries are clipped to 0 before renormalising (the paper's code does not)."""
     t, n, k = p.astype(np.float64).copy(), len(p), picked
     gain = p[k] * (step if loss_rose else -step)
-    t[k] = p[k] + gain
+    t[k] = p[k] + (gain if loss_rose or rule == "symmetric" else 0.0)
     others = np.arange(n) != k
-    t[others] = p[others] - gain / n  # the paper code skips the "fell" branch by a bug: [ours] do it
+    t[others] = p[others] - gain / n
     t = np.clip(t, 0, None)
     return t / t.sum()
 
 
 def teacher_net(arch: str, bins: int, input_size: int) -> nn.Module:
+    """The teacher: a trunk, FC 512 x2 (128 for the small trunks [ours]), FC `bins`. The paper's
+    head (vgg19, small-nobn) has no BatchNorm and a ReLU on the logits (paper code: vgg_teacher.py;
+    its `fc` layers default to relu=True, the last one too); small [ours]: BatchNorm in the trunk
+    and linear logits."""
+    norm = arch == "small"
     if arch == "vgg19":  # paper code: own VGG-19 trunk, conv 256, conv 128, pool, conv 64 x2, pool, FC 512 x2
         import torchvision
         trunk = nn.Sequential(*torchvision.models.vgg19().features[:23], *conv(512, 256, 3), *conv(256, 128, 3),
                               nn.MaxPool2d(2), *conv(128, 64, 3), *conv(64, 64, 3), nn.MaxPool2d(2))
         hidden = 512
-    elif arch == "small":
-        trunk = nn.Sequential(*conv(3, 16, 3, True), nn.MaxPool2d(2), *conv(16, 32, 3, True), nn.MaxPool2d(2),
-                              *conv(32, 64, 3, True), nn.MaxPool2d(2), *conv(64, 64, 3, True), nn.MaxPool2d(2))
+    elif arch in ("small", "small-nobn"):
+        widths = (3, 16, 32, 64, 64)
+        trunk = nn.Sequential(*(layer for cin, cout in zip(widths, widths[1:])
+                                for layer in (*conv(cin, cout, 3, norm), nn.MaxPool2d(2))))
         hidden = 128
     else:
-        raise ReproError(f"unknown --teacher-arch {arch}: use vgg19 or small")
+        raise ReproError(f"unknown --teacher-arch {arch}: use small, small-nobn or vgg19")
     with torch.no_grad():
         flat = trunk(torch.zeros(1, 3, input_size, input_size)).numel()
-    # linear logits: the paper code puts a ReLU on them, which we drop [ours] (README, deviations)
+    logits_relu = [] if norm else [nn.ReLU(inplace=True)]
     return nn.Sequential(trunk, nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bins))
+                         nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, bins),
+                         *logits_relu)
 
 
 class SharedAdam:
@@ -1368,7 +1415,9 @@ class Teacher:
 
     def learn(self, target: np.ndarray, images: np.ndarray, lr: float, step: int) -> None:
         """One cross-entropy step of the teacher towards a soft label on `images`, after `step`
-        student steps (paper code: the label broadcast over the crops, the losses summed)."""
+        student steps (paper code: the label broadcast over the crops, the losses summed), at the
+        student's learning rate `lr` unless --teacher-lr sets one."""
+        lr = self.cfg.teacher_lr or lr
         logits = self.logits(images)
         target_t = torch.as_tensor(target, dtype=torch.float32, device=self.device).expand_as(logits)
         loss = -(target_t * F.log_softmax(logits, 1)).sum()
@@ -1380,6 +1429,10 @@ class Teacher:
     def output(self, images: np.ndarray) -> np.ndarray:
         with torch.no_grad():  # paper code: run on all the crops, read the hardest one's
             return F.softmax(self.logits(images)[0].float(), 0).cpu().numpy().astype(np.float64)
+
+    def soft_target(self, picked: int, loss_rose: bool) -> np.ndarray:
+        cfg = self.cfg
+        return soft_target(self.probs, picked, loss_rose, cfg.teacher_step, cfg.teacher_update)
 
     def choose(self) -> tuple[int, bool]:
         if self.rng.random() < self.explore:
@@ -1404,7 +1457,7 @@ class Teacher:
             if self.counts[picked] > self.min_bin:
                 return picked
             if len(self.pick_images):
-                target = soft_target(self.probs, picked, loss_rose=False, step=self.cfg.teacher_step)
+                target = self.soft_target(picked, loss_rose=False)
                 self.learn(target, self.pick_images, lr, step)
                 self.probs = self.output(self.pick_images)
             picked, _ = self.choose()
@@ -1420,7 +1473,7 @@ class Teacher:
         if self.learns and self.history and len(self.pick_images):
             loss_last = float(np.mean(self.history[-TEACHER_HISTORY:]))
             record["reward"] = loss_current - loss_last
-            target = soft_target(self.probs, self.picked, loss_last <= loss_current, self.cfg.teacher_step)
+            target = self.soft_target(self.picked, loss_last <= loss_current)
             self.learn(target, self.pick_images, lr, step)
         self.history.append(loss_current)
         if self.learns:
@@ -1472,11 +1525,17 @@ def make_teacher(cfg: Config, maker: BatchMaker, device: torch.device) -> Teache
 # Trainer: the student's steps, the teacher beside them
 # ----------------------------------------------------------------------------------------------
 
+def cpu_bf16_units() -> tuple[bool, bool]:
+    """(AMX, AVX512-BF16) as torch detects them."""
+    amx, avx512_bf16 = (getattr(torch.cpu, name, lambda: False)()
+                        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return bool(amx), bool(avx512_bf16)
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: there oneDNN runs bf16 convolutions about 2x faster than fp32 (`--bench` on
     the 2-core EPYC: 61 vs 31 img/s for the demo net); elsewhere bf16 on the CPU is emulated and slower."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(cpu_bf16_units())
 
 
 def uses_bf16(device: torch.device, cfg: Config) -> bool:
@@ -3110,6 +3169,44 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def instruction_set(amx: bool, avx512_bf16: bool, capability: str) -> str:
+    """The CPU's instruction set that sets a run's speed: AMX or AVX-512 BF16 (native bf16, see
+    cpu_has_native_bf16), else the vector set torch's kernels dispatch to (AVX-512, AVX2, ...)."""
+    if amx or avx512_bf16:
+        return "AMX" if amx else "AVX-512 BF16"
+    names = {"AVX512": "AVX-512", "NO AVX": "no AVX", "DEFAULT": "scalar"}
+    return names.get(capability, capability)
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's 'model name' (Linux), else what the platform module says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_key(model: str, isa: str, precision: str, threads: int | str, torch_version: str) -> str:
+    """Where a run trained, as one key: the CPU's model or the GPU's name, the instruction set that
+    sets its speed (a GPU's: its compute capability), the precision used, torch's threads and
+    version. Runs are compared in pairs only within one key (paired_aps)."""
+    return f"{model} ({isa}), {precision}, {threads} threads, torch {torch_version}"
+
+
+def this_device_key(device: torch.device, cfg: Config) -> str:
+    """The device key of a run of `cfg` on `device` here, now."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        model, isa = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
+    else:
+        capability = torch.backends.cpu.get_cpu_capability()
+        model, isa = cpu_model(), instruction_set(*cpu_bf16_units(), capability)
+    threads, version = torch.get_num_threads(), torch.__version__
+    return device_key(model, isa, precision(device, cfg), threads, version)
+
+
 def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
     trainer = start_run(cfg, data, device, out, rank, world)
@@ -3122,7 +3219,7 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
             print(f"resumed {out} at step {trainer.step}")
         prepare_metrics(out, cfg, trainer.step)
         write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        device_name=device_name(device),
+                        device_name=device_name(device), device_key=this_device_key(device, cfg),
                         torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
                         argv=sys.argv), out / "config.json")
         if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
@@ -3465,6 +3562,8 @@ def read_summary(path: Path) -> dict:
                          "its run") from None
     wrong = [k for k, kind in SUMMARY_FIELDS.items() if not isinstance(summary, dict) or
              not isinstance(summary.get(k), kind) or isinstance(summary.get(k), bool)]
+    if not wrong and not isinstance(summary.get("device_key", ""), str):
+        wrong = ["device_key"]  # optional: summaries written before device keys have none
     if not wrong and summary["name"].replace("/", "-") + ".json" != path.name:
         wrong = ["name"]
     if wrong:
@@ -3518,8 +3617,8 @@ def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
     return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
                 minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
                 ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
-                command=command, teacher=teacher_drift(teacher_records(folder)), device=run_device(folder),
-                code=code_version())
+                command=command, teacher=teacher_drift(teacher_records(folder)),
+                **run_device(folder), code=code_version())
 
 
 @functools.cache
@@ -3534,10 +3633,23 @@ def code_version() -> str | None:
     return out.stdout.strip() or None
 
 
-def run_device(folder: Path) -> str:
-    """Where a run trained, as its config.json recorded it: "cpu", or the GPU's name."""
+def run_device(folder: Path) -> dict:
+    """Where a run trained, as its config.json recorded it: `device` ("cpu", or the GPU's name) and
+    `device_key`; a run started before device keys gets what its config recorded, the rest
+    unknown."""
     config = json.loads((folder / "config.json").read_text())
-    return config.get("device_name") or config.get("device", "?").split(":")[0]
+    device = config.get("device_name") or config.get("device", "?").split(":")[0]
+    recorded = [config.get(k, "unknown") for k in ("precision", "threads", "torch")]
+    key = config.get("device_key") or device_key(device, "instruction set unknown", *recorded)
+    return dict(device=device, device_key=key)
+
+
+def summary_device_key(summary: dict) -> str:
+    """The device key a run summary pairs by. One written before device keys has only its `device`
+    ("cpu" or the GPU's name): the machine and precision are unknown, and it pairs, as it did, with
+    the others of that device written before keys."""
+    old = f"{summary.get('device', '?')} (written before device keys: the rest unknown)"
+    return summary.get("device_key") or old
 
 
 def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
@@ -3705,17 +3817,27 @@ def condition_runs(runs: list[dict], condition: str, regime: str) -> list[dict]:
     return [r for r in runs if r["condition"] == source and r["regime"] == regime]
 
 
-def paired_aps(runs: list[dict], better: str, worse: str, regime: str,
-               seeds: tuple[int, ...] | None = None) -> tuple[list[float], list[float]]:
-    """The APs of two conditions of a regime on the seeds both have finished (of `seeds`, if given), in
-    seed order: the pairs that the verdicts and the figure compare."""
-    def aps(condition):
-        return {r["seed"]: r["ap"] for r in condition_runs(runs, condition, regime)
+def seed_pairs(runs: list[dict], better: str, worse: str, regime: str,
+               seeds: tuple[int, ...] | None = None) -> tuple[list[tuple[dict, dict]], list[int]]:
+    """The runs of two conditions of a regime on the seeds both have finished (of `seeds`, if
+    given), in seed order, paired only where both trained under one device key (summary_device_key):
+    a pair across machines, instruction sets or precisions is not formed. Returns (pairs, the seeds
+    refused)."""
+    def by_seed(condition):
+        return {r["seed"]: r for r in condition_runs(runs, condition, regime)
                 if seeds is None or r["seed"] in seeds}
 
-    a, b = aps(better), aps(worse)
+    a, b = by_seed(better), by_seed(worse)
     both = sorted(set(a) & set(b))
-    return [a[s] for s in both], [b[s] for s in both]
+    same = [s for s in both if summary_device_key(a[s]) == summary_device_key(b[s])]
+    return [(a[s], b[s]) for s in same], [s for s in both if s not in same]
+
+
+def paired_aps(runs: list[dict], better: str, worse: str, regime: str,
+               seeds: tuple[int, ...] | None = None) -> tuple[list[float], list[float]]:
+    """The APs of seed_pairs: the pairs that the verdicts and the figure compare."""
+    pairs = seed_pairs(runs, better, worse, regime, seeds)[0]
+    return [a["ap"] for a, _ in pairs], [b["ap"] for _, b in pairs]
 
 
 def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
@@ -3796,8 +3918,10 @@ def claim_verdicts_v2(runs: list[dict]) -> dict:
     for claim, (better, worse, regimes) in {**CLAIMS_V2, **V2_SPLIT}.items():
         per_regime = {}
         for regime in regimes:
-            a, b = paired_aps(runs, better, worse, regime)
-            test = paired_test(np.subtract(a, b).tolist(), V2_DELTA[regime])
+            pairs, refused = seed_pairs(runs, better, worse, regime)
+            test = paired_test([a["ap"] - b["ap"] for a, b in pairs], V2_DELTA[regime])
+            if refused:
+                test["not_paired"] = refused  # seeds whose runs trained under different device keys
             planned = V2_SEEDS.get((claim if claim in CLAIMS_V2 else 4, regime))
             sd = test.get("sd")
             test |= dict(planned_seeds=planned, pilot_sd=V2_PILOT_SD.get((claim if claim in CLAIMS_V2 else 4, regime)),
@@ -4217,7 +4341,7 @@ def claims_table(claims: dict) -> str:
                          + " | ".join(occ) + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
                          f" | {minutes_by_device(rs)} |")
     lines += ["", f"Where the runs trained: {where_trained(runs)}. Train minutes compare only within a device.",
-              "", "| claim | verdict | reason |", "|---|---|---|"]
+              *device_keys_note(runs), "", "| claim | verdict | reason |", "|---|---|---|"]
     for claim, v in claims["verdicts"].items():
         lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
     drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
@@ -4274,8 +4398,12 @@ def verdicts_v2_table(claims: dict) -> list[str]:
             ci = f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], p = {t['p']:.2g}" if "lo" in t else "-"
             power = (f"{t['power_now']:.2f} (needs {t['seeds_needed_now']})" if t.get("power_now") is not None
                      else "-")
-            lines.append(f"| {claim}: {v['better']} - {v['worse']} | {regime} | {old} | **{t['verdict']}** | {ci} | "
-                         f"{t['n']} ({t['planned_seeds']}) | {power} | {interval_reading(t)} (delta {t['delta']}) |")
+            refused = t.get("not_paired")
+            refused = f"; seeds {refused} not paired: device keys differ" if refused else ""
+            seeds = f"{t['n']} ({t['planned_seeds']}){refused}"
+            lines.append(f"| {claim}: {v['better']} - {v['worse']} | {regime} | {old} | "
+                         f"**{t['verdict']}** | {ci} | {seeds} | {power} | "
+                         f"{interval_reading(t)} (delta {t['delta']}) |")
     return lines
 
 
@@ -4339,6 +4467,16 @@ def control_reading(runs: list[dict]) -> str:
             "was fixed for it in advance): the real-only control, 16 real crops a step, against the mixed "
             f"conditions' 8, paired AP difference and 95% CI over 3 seeds: {'; '.join(parts)}. At 3000 steps "
             "no real-only run exists yet (round 3, pending).")
+
+
+def device_keys_note(runs: list[dict]) -> list[str]:
+    """Once summaries carry device keys: that pairs form only within one key, and the keys.
+    Summaries written before keys (rounds 1 and 2) pair as they did, by their device."""
+    if not any(r.get("device_key") for r in runs):
+        return []
+    keys = "; ".join(sorted({summary_device_key(r) for r in runs}))
+    return ["", "Paired differences pair only runs of one device key (CPU model or GPU, "
+            f"instruction set, precision, threads, torch version); the keys: {keys}."]
 
 
 def where_trained(runs: list[dict]) -> str:
@@ -5153,8 +5291,9 @@ FLAG_GROUPS = {
                      "lr_gamma", "steps", "minutes", "init"),
     "inference": ("eval_height", "eval_scales", "eval_flip"),
     "evaluation during training": ("max_val_images", "eval_steps", "eval_init", "eval_minutes"),
-    "teacher": ("teacher_attribute", "teacher_arch", "teacher_data", "teacher_interval", "bins", "teacher_step",
-                "teacher_uniform", "teacher_stratified", "teacher_min_bin"),
+    "teacher": ("teacher_attribute", "teacher_arch", "teacher_data", "teacher_interval", "bins",
+                "teacher_step", "teacher_update", "teacher_bins", "teacher_lr", "teacher_uniform",
+                "teacher_stratified", "teacher_min_bin"),
     "run": ("seed", "out", "resume", "ckpt_every", "log_every"),
     "checkpoint and input": ("ckpt", "input", "onnx"),
     "machine": ("workers", "device", "amp", "threads", "compile"),
@@ -5223,7 +5362,7 @@ def probe_job(cfg: Config, args: argparse.Namespace) -> None:
     PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before the hour of work it ends with
     probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
     probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
-                  device=device_name(device))
+                  device=device_name(device), device_key=this_device_key(device, cfg))
     write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
     save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
 

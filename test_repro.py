@@ -1219,9 +1219,66 @@ def test_bins_follow_the_paper_edges():
     assert (low, round(width, 1)) == (0.0, 71.1)
     assert list(R.assign_bins(np.array([0, 71.0, 71.2, 600, 900]), low, width, 10)) == [0, 0, 1, 8, 9]
     low, width = R.bin_edges("camera_angle", np.array([1.0]), 10, 640)
-    assert (low, round(low + 9 * width, 2)) == (3.68, 29.70)
+    assert (round(low, 2), round(width, 2), round(low + 8 * width, 2)) == (3.68, 3.25, 29.70)  # the paper's step
     low, width = R.bin_edges("scale", np.array([2.0, 4.0, 12.0]), 10, 640)
     assert (low, width) == (2.0, 1.0)
+
+
+def test_paper_soft_label_leaves_the_picked_bin_when_the_loss_fell():
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    fell = R.soft_target(p, 1, loss_rose=False, rule="paper")
+    # paper code: p[picked] <= ... is a comparison: p[k] stays, p[other] += p[k] * beta / n
+    assert np.allclose(fell, np.array([0.1005, 0.2, 0.3005, 0.4005]) / 1.0015)
+    assert np.allclose(R.soft_target(p, 1, True, rule="paper"), R.soft_target(p, 1, True))  # a reward: as ours
+    uniform = np.full(10, 0.1)  # at p = 0.1 a punishment moves p[k] about 11x less than a reward
+    assert R.soft_target(uniform, 0, False, rule="paper")[0] == pytest.approx(0.1 / 1.0009)
+    assert R.soft_target(uniform, 0, True, rule="paper")[0] == pytest.approx(0.101 / 1.0001)
+
+
+def test_teacher_update_and_lr_flags_reach_the_teacher(toy, tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(R.SharedAdam, "step", lambda self, lr, count: steps.append(lr))
+    cfg, trainer = teacher_setup(toy, tmp_path, "--steps", "8", "--teacher-update", "paper", "--teacher-lr",
+                                 "5e-5", "--lr", "2e-3")
+    teacher = trainer.teacher
+    third = 1 / 3  # uniform p over 3 bins; the loss fell on bin 0: bins 1 and 2 rise by p * 0.01 / 3
+    expect = np.array([third, third + third * 0.01 / 3, third + third * 0.01 / 3]) / (1 + 0.02 / 9)
+    assert np.allclose(teacher.soft_target(0, loss_rose=False), expect)
+    teacher.pools = [teacher.all] * cfg.bins  # no penalty step: every bin is large enough
+    trainer.fit()
+    assert steps == [5e-5] * 3  # not the student's 2e-3 schedule
+    for bad in (dict(teacher_lr=-1.0), dict(teacher_bins="paper", teacher_attribute="scale"),
+                dict(teacher_bins="paper", teacher_data="augmented")):
+        with pytest.raises(R.ReproError, match="--teacher-"):
+            R.check_config(R.Config(mode="student-teacher", **bad))
+
+
+def test_paper_bins_are_np_digitize_on_the_papers_edges():
+    x = np.array([-5.0, 0.0, 71.0, 71.2, 600.0, 900.0])
+    low, width = R.bin_edges("min_dist", x, 10, 640, rule="paper")
+    assert list(R.assign_bins(x, low, width, 10)) == [0, 1, 1, 2, 9, 9]  # bin 0: below 0, always empty
+    assert list(R.assign_bins(x, low, width, 10)) == list(np.digitize(x, np.linspace(0, 640, 10)[:-1]))
+    assert list(R.assign_bins(x, *R.bin_edges("min_dist", x, 10, 640), 10)) == [0, 0, 0, 1, 8, 9]  # ours
+    angle = np.array([3.0, 3.7, 6.9, 7.0, 29.6, 29.8, 40.0])  # edges 3.68, 6.93, ..., 29.70 degrees
+    low, width = R.bin_edges("camera_angle", angle, 10, 640, rule="paper")
+    assert list(R.assign_bins(angle, low, width, 10)) == [0, 1, 1, 2, 8, 9, 9]
+    assert list(R.assign_bins(angle, low, width, 10)) == list(np.digitize(angle, np.linspace(3.68161, 32.95209,
+                                                                                             10)[:-1]))
+    assert list(R.assign_bins(angle, *R.bin_edges("camera_angle", angle, 10, 640), 10)) == [0, 0, 0, 1, 7, 8, 9]
+
+
+def test_teacher_heads_paper_without_batchnorm_and_relu_on_the_logits():
+    for arch, paper_head in (("small", False), ("small-nobn", True), ("vgg19", True)):
+        net = R.teacher_net(arch, 3, 64)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) is not paper_head
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([-1.0, 2.0, -3.0]))
+        logits = net(torch.zeros(1, 3, 64, 64))[0]
+        assert torch.allclose(logits, torch.tensor([0.0, 2.0, 0.0] if paper_head else [-1.0, 2.0, -3.0]))
+    with pytest.raises(R.ReproError, match="small-nobn"):
+        R.teacher_net("tiny", 3, 64)
 
 
 def teacher_setup(toy, tmp_path, *extra):
@@ -1430,6 +1487,50 @@ def test_cpu_mixed_precision_only_where_the_cpu_has_native_bf16():
     with R.autocast(torch.device("cpu"), R.Config(amp=False)):
         assert layer(torch.randn(2, 4)).dtype == torch.float32
     assert R.precision(torch.device("cpu"), R.Config(amp=False)) == "float32"
+
+
+def test_device_key_names_the_machine_its_instruction_set_precision_threads_and_torch():
+    assert (R.device_key("AMD EPYC 7B13", "AVX2", "float32", 2, "2.5.1")
+            == "AMD EPYC 7B13 (AVX2), float32, 2 threads, torch 2.5.1")
+    assert [R.instruction_set(*flags) for flags in ((True, True, "AVX512"), (False, True, "AVX512"),
+                                                     (False, False, "AVX512"), (False, False, "AVX2"))] == [
+        "AMX", "AVX-512 BF16", "AVX-512", "AVX2"]
+    key = R.this_device_key(torch.device("cpu"), R.Config(amp=False))
+    assert key.startswith(R.cpu_model() + " (") and ", float32, " in key
+    assert key.endswith(f", {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def test_runs_pair_only_within_one_device_key_and_old_summaries_still_read(tmp_path):
+    def run(condition, seed, ap, **device):
+        return dict(name=f"scarce/{condition}-s{seed}", condition=condition, regime="scarce", seed=seed, ap=ap,
+                    **device)
+    epyc = dict(device="cpu", device_key=R.device_key("AMD EPYC", "AVX2", "float32", 2, "2.5"))
+    xeon = dict(device="cpu", device_key=R.device_key("Intel Xeon", "AMX", "bf16 autocast", 2, "2.5"))
+    runs = [run("teacher-3000", s, 0.2, **epyc) for s in range(3)] + [
+        run("synthetic-3000", 0, 0.21, **epyc), run("synthetic-3000", 1, 0.22, **xeon),
+        run("synthetic-3000", 2, 0.23, device="cpu")]  # seed 2: a summary written before keys
+    pairs, refused = R.seed_pairs(runs, "teacher-3000", "uniform-3000", "scarce")
+    assert [a["seed"] for a, _ in pairs] == [0] and refused == [1, 2]
+    assert R.paired_aps(runs, "teacher-3000", "uniform-3000", "scarce") == ([0.2], [0.21])
+    verdict = R.claim_verdicts_v2(runs)[4]["per_regime"]["scarce"]
+    assert verdict["n"] == 1 and verdict["not_paired"] == [1, 2]
+    old = [run(c, s, 0.2, device=d) for s, d in ((0, "cpu"), (1, "NVIDIA H200")) for c in ("real", "synthetic")]
+    assert R.paired_aps(old, "real", "synthetic", "scarce") == ([0.2] * 2, [0.2] * 2)  # as before keys
+    assert R.summary_device_key(old[0]) != R.summary_device_key(old[2]) and R.device_keys_note(old) == []
+    assert "Intel Xeon (AMX)" in R.device_keys_note(runs)[1]
+    summary = dict(name="scarce/real-s0", condition="real", regime="scarce", seed=0, steps=800, minutes=1.0,
+                   ap=0.3, ap50=0.6, ap75=0.2, device="cpu")
+    (tmp_path / "scarce-real-s0.json").write_text(json.dumps(summary))
+    assert R.read_summary(tmp_path / "scarce-real-s0.json") == summary  # written before keys: still reads
+    (tmp_path / "scarce-real-s0.json").write_text(json.dumps(summary | dict(device_key=3)))
+    with pytest.raises(R.ReproError, match="device_key"):
+        R.read_summary(tmp_path / "scarce-real-s0.json")
+    (tmp_path / "config.json").write_text(json.dumps(dict(device="cpu", device_name="cpu", precision="float32",
+                                                          threads=2, torch="2.1")))
+    assert R.run_device(tmp_path) == dict(device="cpu",
+                                          device_key="cpu (instruction set unknown), float32, 2 threads, torch 2.1")
+    (tmp_path / "config.json").write_text(json.dumps(dict(device="cpu", device_name="cpu", device_key="k")))
+    assert R.run_device(tmp_path) == dict(device="cpu", device_key="k")
 
 
 def interrupt_at_step(monkeypatch, stop):
