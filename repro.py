@@ -2799,7 +2799,7 @@ def shipped_student_fits(cfg: Config) -> bool:
         saved = load_checkpoint(SHIPPED_STUDENT).get("config", {})
     except ReproError:  # absent or unreadable: train from scratch
         return False
-    return all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
+    return isinstance(saved, dict) and all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
 
 
 def resolve_init(cfg: Config, lr_given: bool) -> Config:
@@ -2818,12 +2818,10 @@ def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = 
     """A training checkpoint -> a student: weights in float16, config and step, nothing else. An
     existing `out` is replaced only when asked to (the protocol does; the command line's --out)."""
     ckpt = load_checkpoint(ckpt_path)
-    model = ckpt.get("model")
-    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
-        raise ReproError(f"{ckpt_path} holds no network weights ('model': a dict of tensors): not a repro.py "
-                         "training checkpoint")
-    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("step"), int):
-        raise ReproError(f"{ckpt_path} has no 'config' and 'step' of a repro.py training checkpoint")
+    model = checked_weights(ckpt, ckpt_path)
+    checkpoint_arch(ckpt.get("config"), Config(), ckpt_path)
+    if not isinstance(ckpt.get("step"), int):
+        raise ReproError(f"{ckpt_path} has no 'step' of a repro.py training checkpoint")
     out = Path(out)
     if out.exists() and not replace:
         raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
@@ -2843,10 +2841,21 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ReproError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip, or its older pickle
+            raise ReproError(f"{path} is not a checkpoint (a file written by torch.save)")
+        with warnings.catch_warnings():  # a raw pickle's protocol note, said before our own line
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except ReproError:
+        raise
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else "objects beyond tensors and plain values"
+        if not found:
+            raise ReproError(f"cannot read checkpoint {path} (UnpicklingError): corrupt or not a "
+                             "repro.py checkpoint") from None
+        what = found.group(1)
         raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
                          "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
                          "checkpoints: such a run must be trained again with this version") from None
@@ -2858,14 +2867,58 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def valid_setting(name: str, value) -> bool:
+    """Whether a value read from a file could have been given as the Config field's flag: its type
+    and choices, as argparse checks them."""
+    default = getattr(Config(), name)
+    choices = Config.__dataclass_fields__[name].metadata["choices"]
+    if isinstance(default, bool) or default is None or isinstance(default, str):
+        kinds = (bool,) if isinstance(default, bool) else (str,)
+    else:
+        kinds = (int, float) if isinstance(default, float) else (type(default),)
+    plain = isinstance(value, kinds) and (isinstance(default, bool) or not isinstance(value, bool))
+    return plain and (choices is None or value in choices)
+
+
+def checkpoint_arch(saved, cfg: Config, path) -> Config:
+    """cfg with the network a checkpoint's (or an ONNX model's) config describes, checked as the
+    command line's flags are (types, choices, check_config): a stranger's file is an input too."""
+    if not isinstance(saved, dict):
+        raise ReproError(f"{path} has a 'config' that is a {type(saved).__name__}, not a dict: "
+                         "not a repro.py checkpoint")
+    bad = [k for k in ARCH_KEYS if k in saved and not valid_setting(k, saved[k])]
+    if bad:
+        values = ", ".join(f"{config_flag(k)} {saved[k]!r}" for k in bad)
+        raise ReproError(f"{path} has a config that cannot run: {values}")
+    arch = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    try:
+        check_config(arch)
+    except ReproError as e:
+        raise ReproError(f"{path} has a config that cannot run: {e}") from None
+    return arch
+
+
+def checked_weights(ckpt: dict, path) -> dict:
+    """A checkpoint's 'model', refused unless a dict of named tensors."""
+    model = ckpt.get("model")
+    named = isinstance(model, dict) and all(isinstance(k, str) for k in model)
+    if not named or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ReproError(f"{path} holds no network weights ('model': a dict of tensors): not a "
+                         "repro.py training checkpoint")
+    return model
+
+
 def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
     saved = ckpt.get("config", {})
+    checkpoint_arch(saved, cfg, path)
+    weights = checked_weights(ckpt, path)
     differ = [f"{config_flag(k)} {saved[k]} (this run: {getattr(cfg, k)})"
               for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if differ or "model" not in ckpt:
-        raise ReproError(f"checkpoint {path} is of another architecture: it has {', '.join(differ) or 'no weights'}")
+    if differ:
+        raise ReproError(f"checkpoint {path} is of another architecture: it has "
+                         + ", ".join(differ))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
 
@@ -2874,8 +2927,8 @@ def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Mod
     """A checkpoint's network with its weights (--mode eval, predict, --export-onnx), cfg with the
     checkpoint's architecture, and the checkpoint."""
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("config", {})
-    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    cfg = checkpoint_arch(ckpt.get("config", {}), cfg, path)
+    checked_weights(ckpt, path)
     model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
     load_weights(model, ckpt, cfg, path)
     return model, cfg, ckpt
@@ -2980,7 +3033,8 @@ def lock_holder(out: Path) -> int | None:
     except ValueError:
         return None
     pid = lock.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool):
+    # 0 and -1 would signal a process group, and a pid beyond C's int overflows os.kill
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
         return None
     if lock.get("host", os.uname().nodename) != os.uname().nodename:
         return pid
@@ -3050,7 +3104,12 @@ def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: in
         raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
     trainer = Trainer(cfg, data, device, out, rank, world)
     if cfg.resume:
-        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        try:
+            trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file put there by hand
+            what = str(e).splitlines()[0] if str(e) else "bad content"
+            raise ReproError(f"--resume: {ckpt_path} is not a training checkpoint of this run "
+                             f"({type(e).__name__}: {what})") from None
         if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
             raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
                              f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")

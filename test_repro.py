@@ -2114,6 +2114,46 @@ def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, 
     assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
 
 
+def test_a_strangers_checkpoint_is_checked_like_a_command_line(capsys, tmp_path, toy):
+    """Every reader: predict, --init, eval, --export-onnx, --export-student, --resume."""
+    good = torch.load(tiny_checkpoint(tmp_path / "tiny.pt"), weights_only=True)
+
+    def config(**kw):
+        return dict(good, config=dict(good["config"], **kw))
+    crafted = {"model is an int": (dict(good, model=3), "holds no network weights"),
+               "config is a string": (dict(good, config="coco"), "has a 'config' that is a str"),
+               "unknown skeleton": (config(skeleton="bogus"), "--skeleton 'bogus'"),
+               "stride 0": (config(stride=0), "multiple of --stride"),
+               "negative width": (config(width=-4), "--width must be at least 1")}
+    run, onnx_out, student = tmp_path / "run", tmp_path / "m.onnx", tmp_path / "student.pt"
+    path, images = tmp_path / "crafted.pt", str(toy["val"].parent / "images")
+    for name, (ckpt, words) in crafted.items():
+        torch.save(ckpt, path)
+        for argv in (["--mode", "predict", "--ckpt", str(path), "--input", images,
+                      "--out", str(run), *PREDICT_ARGS],
+                     toy_args(toy, run, "--mode", "real", "--init", str(path)),
+                     toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(path),
+                                           "--out", str(run)],
+                     ["--export-onnx", str(onnx_out), "--ckpt", str(path)],
+                     ["--export-student", str(path), "--out", str(student)]):
+            line = run_main_error(capsys, argv)
+            assert words in line, (name, argv[:2], line)
+            assert not run.exists() and not onnx_out.exists() and not student.exists()
+        run.mkdir()
+        shutil.copy(path, run / "ckpt.pt")
+        assert words in run_main_error(capsys, toy_args(toy, run, "--mode", "real", "--resume"))
+        shutil.rmtree(run)
+    (tmp_path / "notes.txt").write_text("model weights, as text")
+    notes = ["--export-student", str(tmp_path / "notes.txt"), "--out", str(student)]
+    assert "is not a checkpoint (a file written by torch.save)" in run_main_error(capsys, notes)
+    with open(path, "wb") as f:  # a raw pickle: torch's loader warns of its protocol first
+        R.pickle.dump(dict(model={}, payload=R.Path("x")), f, protocol=4)
+    r = subprocess.run([sys.executable, str(ROOT / "repro.py"), "--export-student", str(path),
+                        "--out", str(student)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot read checkpoint" in r.stderr
+
+
 def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
     argv = toy_args(toy, tmp_path / "other", "--mode", "real", "--steps", "1", "--init", str(tmp_path / "run/ckpt.pt"))
@@ -2187,6 +2227,16 @@ def test_a_lock_whose_pid_now_names_another_program_is_stale(capsys, tmp_path, t
         (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=1, host="another-host")))
         assert R.lock_holder(out) == 1  # another machine's run cannot be checked: held
         other.kill()
+
+
+@pytest.mark.parametrize("pid", [10 ** 30, 0, -1, "junk", 2 ** 31])
+def test_a_lock_with_an_impossible_pid_is_stale(capsys, tmp_path, toy, pid):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=pid, host=os.uname().nodename)))
+    assert R.lock_holder(out) is None
+    assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+    assert not (out / R.LOCK_NAME).exists()
 
 
 def _children(pid: int) -> list[int]:
