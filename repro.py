@@ -251,6 +251,10 @@ def check_config(cfg: Config) -> None:
         (cfg.mode != "predict" or cfg.input, "--mode predict needs --input PATH (an image, a folder of images or a "
                                              "video)"),
         (not cfg.onnx or cfg.mode == "predict", "--onnx is for --mode predict (make the model with --export-onnx)"),
+        (not (cfg.onnx and cfg.ckpt),
+         "give --onnx or --ckpt, not both: --onnx runs the model exported from one"),
+        (cfg.threads >= 0 and cfg.workers >= -1,
+         "--threads must be 0 (torch's default) or more, --workers -1 (auto) or more"),
         (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
          "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
     ]
@@ -4844,11 +4848,31 @@ OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)  # [ours] overview.png: the first 
 PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
 
 
+def decoded_image(path: Path) -> np.ndarray | None:
+    """An image file's pixels, or None where it does not decode whole: cv2 decodes the part of a
+    cut-off JPEG it has and says so only on stderr. A JPEG that does not end with its end marker
+    (some phones append data after it) is decoded first by PIL, which refuses a cut one."""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 2))
+                ended = f.read() == b"\xff\xd9"
+            if not ended:
+                from PIL import Image
+                with Image.open(path) as im:
+                    im.load()
+        except Exception:  # PIL's many ways of refusing a file, and an unreadable one
+            return None
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)
+
+
 def predict_inputs(path: Path) -> list[Path]:
-    """--input -> the images of a folder (name order), or the one image or video; refused in one
-    line, before anything is written, when there is nothing to predict on."""
+    """--input -> the images of a folder (name order; broken links among them, to be listed as
+    skipped), or the one image or video; refused in one line, before anything is written, when
+    there is nothing to predict on."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
         if not files:
             raise ReproError(f"--input {path}: no images in this folder (looked for {' '.join(IMAGE_SUFFIXES)})")
         return files
@@ -4857,8 +4881,12 @@ def predict_inputs(path: Path) -> list[Path]:
     if path.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
         raise ReproError(f"--input {path} is not an image ({' '.join(IMAGE_SUFFIXES)}) or a video "
                          f"({' '.join(VIDEO_SUFFIXES)})")
-    if path.suffix.lower() in IMAGE_SUFFIXES and cv2.imread(str(path)) is None:
-        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image")
+    if path.suffix.lower() in IMAGE_SUFFIXES and decoded_image(path) is None:
+        raise ReproError(f"cannot decode image {path}: the file is corrupt, cut off or not an "
+                         "image")
+    if path.suffix.lower() in VIDEO_SUFFIXES and cv2.haveImageReader(str(path)):
+        raise ReproError(f"--input {path} is an image named as a video: rename it to its image "
+                         "suffix")
     return [path]
 
 
@@ -4892,6 +4920,7 @@ class OnnxMaps(nn.Module):
         if not Path(path).is_file():
             raise ReproError(f"ONNX model not found: {path}")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.path = path
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
             self.config = json.loads(self.session.get_modelmeta().custom_metadata_map["repro_config"])
@@ -4900,7 +4929,20 @@ class OnnxMaps(nn.Module):
                              "--export-onnx") from None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = self.session.run(["maps"], {"image": x.detach().float().cpu().contiguous().numpy()})[0]
+        """The model's maps, refused where they are not the shape its metadata (checked by
+        checkpoint_arch) promises: another model may carry a copy of an exported one's."""
+        image = x.detach().float().cpu().contiguous().numpy()
+        try:
+            maps = self.session.run(["maps"], {"image": image})[0]
+        except Exception as e:
+            raise ReproError(f"ONNX model {self.path} does not run on an image batch "
+                             f"({type(e).__name__}): not made by --export-onnx") from None
+        sk, stride = SKELETONS[self.config["skeleton"]], self.config["stride"]
+        n, _, height, width = x.shape
+        expected = (n, sk.num_paf + sk.num_heat, height // stride, width // stride)
+        if maps.shape != expected:
+            raise ReproError(f"ONNX model {self.path} gives maps of shape {maps.shape}, not the "
+                             f"{expected} its metadata describes: not made by --export-onnx")
         return [torch.from_numpy(maps).to(x.device)]
 
 
@@ -4909,7 +4951,8 @@ def predictor(cfg: Config, device) -> tuple[nn.Module, Config]:
     in torch; and cfg with its architecture. Its skeleton must be the one asked (--skeleton)."""
     if cfg.onnx:
         model, source = OnnxMaps(cfg.onnx), cfg.onnx
-        arch = dataclasses.replace(cfg, **{k: v for k, v in model.config.items() if k in ARCH_KEYS})
+        arch = checkpoint_arch(model.config, cfg, source)
+        model(torch.zeros(1, 3, 8 * arch.stride, 8 * arch.stride))  # refused before any output
     else:
         source = cfg.ckpt or str(SHIPPED_STUDENT)
         model, arch, _ = model_from_checkpoint(cfg, source, device)
@@ -4956,7 +4999,7 @@ def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
     results, groups, broken, tiles = [], [], [], []
     bar = rh.progress(total=len(files), unit="img", desc="predicting", stream=sys.stdout)
     for path, image_id in zip(files, image_ids(files)):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = decoded_image(path)
         if image is None:
             broken.append(path)
         else:
@@ -5008,7 +5051,8 @@ def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) 
     sk, results, groups, n = skeleton(cfg), [], [], 0
     target = out / f"{path.stem}.mp4"
     out.mkdir(parents=True, exist_ok=True)
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    total = total if total > 0 else None  # unknown: some containers say 0 or a huge negative number
     bar = rh.progress(total=total, unit="frame", desc="predicting", stream=sys.stdout)
     try:
         with atomic_path(target, keep_suffix=True) as tmp:
@@ -5032,30 +5076,74 @@ def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) 
     return results, groups, n
 
 
-def run_predict(cfg: Config, device: torch.device) -> list[dict]:
-    """--mode predict: drawn images or video and predictions.json (COCO results) in --out; for the
-    MPII skeleton also predictions.mat (the toolkit's pred struct)."""
-    source = Path(cfg.input)
-    files = predict_inputs(source)
+def predict_out(cfg: Config, source: Path, files: list[Path]) -> tuple[Path, bool]:
+    """predict's --out (default runs/predict-<input>) and whether it holds an earlier prediction,
+    which is replaced whole; refused before any work where the set cannot be written there: the
+    input's own folder, a file or under one, read-only, or a folder holding other files."""
     out = Path(cfg.out) if cfg.out else Path("runs") / f"predict-{source.stem}"
     if out.resolve() == (source if source.is_dir() else source.parent).resolve():
         raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace the originals")
     if clash := set(PREDICT_FILES) & {p.name for p in files}:
         raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
+    there = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not there.is_dir():
+        raise ReproError(f"--out {out} is a file" if there == out else
+                         f"--out {out} is under {there}, a file")
+    parent = there.parent if there == out else there  # the set is made beside out, then renamed
+    for folder in dict.fromkeys((parent, there)):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ReproError(f"--out {out}: {folder} is not writable")
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    earlier = (out / "predictions.json").is_file()
+    drawn = IMAGE_SUFFIXES + (".mp4",)
+    foreign = [p.name for p in held if not p.is_file() or p.name not in PREDICT_FILES
+               and not (earlier and p.suffix.lower() in drawn)]
+    if foreign:
+        raise ReproError(f"--out {out} holds files predict did not write ({', '.join(foreign[:3])})"
+                         ": give a new or empty folder, or one of an earlier prediction (replaced)")
+    return out, bool(held)
+
+
+@contextlib.contextmanager
+def fresh_folder(out: Path):
+    """A temporary folder beside `out` that becomes `out` when the block ends well (what `out` held
+    is replaced whole) and is removed when it does not: an interrupted prediction leaves nothing,
+    and `out` never mixes two."""
+    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_predict(cfg: Config, device: torch.device) -> list[dict]:
+    """--mode predict: drawn images or video and predictions.json (COCO results) in --out; for the
+    MPII skeleton also predictions.mat (the toolkit's pred struct)."""
+    source = Path(cfg.input)
+    files = predict_inputs(source)
+    out, replaced = predict_out(cfg, source, files)
     model, cfg = predictor(cfg, device)
-    if files[0].suffix.lower() in VIDEO_SUFFIXES:
-        results, groups, n = predict_video(model, files[0], cfg, device, out)
-        what = f"{n} frames"
-    else:
-        results, groups, broken = predict_images(model, files, cfg, device, out)
-        if broken:
-            print(f"skipped {len(broken)} of {len(files)} images that do not decode: "
-                  + ", ".join(p.name for p in broken))
-        if len(broken) == len(files):
-            raise ReproError(f"none of the {len(files)} images in {source} decodes")
-        what = f"{len(files) - len(broken)} images"
-    write_json(results, out / "predictions.json")
-    also = skeleton(cfg).benchmark.write_image_predictions(out, groups)
+    with fresh_folder(out) as tmp:
+        if files[0].suffix.lower() in VIDEO_SUFFIXES:
+            results, groups, n = predict_video(model, files[0], cfg, device, tmp)
+            what = f"{n} frames"
+        else:
+            results, groups, broken = predict_images(model, files, cfg, device, tmp)
+            if broken:
+                print(f"skipped {len(broken)} of {len(files)} images that do not decode: "
+                      + ", ".join(p.name for p in broken))
+            if len(broken) == len(files):
+                raise ReproError(f"none of the {len(files)} images in {source} decodes")
+            what = f"{len(files) - len(broken)} images"
+        write_json(results, tmp / "predictions.json")
+        also = skeleton(cfg).benchmark.write_image_predictions(tmp, groups)
+    if replaced:
+        print(f"{out} held an earlier prediction: replaced whole by this one")
     print(f"{len(results)} people in {what} ({'onnxruntime' if cfg.onnx else device}): {out}/predictions.json"
           + "".join(f" and {name}" for name in also))
     return results
@@ -5341,6 +5429,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
 
 
+# What --mode predict reads: the network is its checkpoint's, so of the training flags only these.
+PREDICT_FIELDS = config_fields("inference", "checkpoint and input",
+                               plus=("mode", "preset", "skeleton", "out", "device", "amp",
+                                     "threads"))
+
+
 def job_flags(flag: str) -> set[str]:
     """Every option string of a job's parser but -h/--help."""
     job, demo = JOBS[flag], Config()
@@ -5472,6 +5566,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     args, extra = parser.parse_known_args(argv)
     if extra:
         refuse_flags(parser, flag, extra)
+    unread = [config_flag(k) for k in JOBS[flag].fields
+              if vars(args).get(k) is not None and k not in PREDICT_FIELDS]
+    if flag == TRAIN and args.mode == "predict" and unread:
+        parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
+                     + fields_in_words(PREDICT_FIELDS))
     args.job, args.argv = flag, argv
     return job_config(flag, args), args
 
@@ -5491,6 +5590,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+# What an interrupted job keeps and how it goes on; the jobs not named keep nothing half-written.
+RESUMED = {TRAIN: "the last checkpoint is kept: rerun with --resume",
+           "--probe": "the points probed so far are kept: rerun the same command to go on",
+           "--reproduce": "finished runs and the last checkpoints are kept: rerun --reproduce "
+                          "to go on"}
+
+
 def run_main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
@@ -5506,7 +5612,9 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print("repro.py: interrupted; the last checkpoint is kept: rerun with --resume", file=sys.stderr)
+        training = args.job != TRAIN or cfg.mode not in ("eval", "predict")
+        kept = RESUMED.get(args.job) if training else None
+        print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
 if __name__ == "__main__":

@@ -3019,10 +3019,15 @@ def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_pat
     ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
     (images / "000000000099.jpg").write_bytes(b"not a jpeg")
     (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
+    whole = (images / "000000000001.jpg").read_bytes()
+    (images / "000000000096.jpg").write_bytes(whole[:len(whole) // 2])  # cv2 would decode half
+    (images / "000000000097.jpg").symlink_to(tmp_path / "gone.jpg")
+    (images / "000000000098.jpg").symlink_to(images / "000000000098.jpg")  # a loop
     out = tmp_path / "out"
     assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out", str(out),
                    *PREDICT_ARGS]) == 0
-    assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
+    skipped = ", ".join(f"{i:012d}.jpg" for i in range(96, 100))
+    assert f"skipped 4 of 7 images that do not decode: {skipped}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
                                                                                               "predictions.json"]
     assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0], 3)
@@ -3116,6 +3121,9 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
     (tmp_path / "broken.mp4").write_text("not a video")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "bad.onnx").write_text("not a model")
+    whole = (toy["val"].parent / "images" / "0000.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:1000])
+    (tmp_path / "photo.mp4").write_bytes(whole)
     (tmp_path / "clash").mkdir()
     cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
     images = toy["val"].parent / "images"
@@ -3126,6 +3134,12 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
              (["--input", str(tmp_path / "empty")], "no images in this folder"),
              (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
              (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
+             (["--input", str(tmp_path / "cut.jpg")], "cannot decode image"),
+             (["--input", str(tmp_path / "photo.mp4")], "is an image named as a video"),
+             (["--input", str(images), "--threads", "-3"], "--threads must be 0 (torch's default)"),
+             (["--input", str(images), "--steps", "3"], "--mode predict does not take --steps"),
+             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt"),
+               "--onnx", str(tmp_path / "bad.onnx")], "give --onnx or --ckpt, not both"),
              (["--input", str(images), "--skeleton", "mpii"], "predicts the coco skeleton, not mpii"),
              (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found"),
              (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model"),
@@ -3139,6 +3153,64 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
     assert "is for --mode predict" in run_main_error(capsys, ["--mode", "eval", "--onnx", str(tmp_path / "bad.onnx")])
     missing_folder = str(tmp_path / "x" / "m.onnx")
     assert ".onnx file in an existing folder" in run_main_error(capsys, ["--export-onnx", missing_folder])
+
+
+def test_predicts_out_is_checked_first_and_never_mixes_two(capsys, tmp_path, toy, monkeypatch):
+    images, ckpt = toy["val"].parent / "images", tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = ["--mode", "predict", "--ckpt", str(ckpt), *PREDICT_ARGS, "--input"]
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "ro").mkdir()
+    with monkeypatch.context() as m:
+        access = R.os.access
+        m.setattr(R.os, "access", lambda path, mode: Path(path).name != "ro" and access(path, mode))
+        m.setattr(R, "predictor", lambda *args: pytest.fail("inference started"))
+        for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "o", "is under"),
+                           (tmp_path / "ro" / "o", "ro is not writable")):
+            assert words in run_main_error(capsys, argv + [str(images), "--out", str(out)])
+        assert (tmp_path / "file").read_text() == "not a folder"
+        assert not list((tmp_path / "ro").iterdir())
+    out = tmp_path / "out"
+    assert R.main(argv + [str(images), "--out", str(out)]) == 0
+    assert R.main(argv + [str(images / "0001.jpg"), "--out", str(out)]) == 0
+    assert f"{out} held an earlier prediction: replaced whole" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
+    (out / "notes.txt").write_text("mine")
+    line = run_main_error(capsys, argv + [str(images), "--out", str(out)])
+    assert "holds files predict did not write (notes.txt)" in line
+    (out / "notes.txt").unlink()
+    monkeypatch.setattr(R, "decode_maps", lambda *args: (_ for _ in ()).throw(R.Terminated()))
+    for target in (out, tmp_path / "new"):  # SIGTERM: nothing of the cut prediction is left
+        capsys.readouterr()
+        assert R.main(argv + [str(images), "--out", str(target)]) == 143
+        assert capsys.readouterr().err == "repro.py: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "ro", "tiny.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
+    monkeypatch.setattr(R, "load_data", lambda cfg: None)
+    monkeypatch.setattr(R, "bench", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert R.main(["--bench"]) == 130 and capsys.readouterr().err == "repro.py: interrupted\n"
+
+
+def test_an_onnx_model_of_another_network_is_refused_whatever_its_metadata(capsys, tmp_path, toy):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path, out = tmp_path / "other.onnx", tmp_path / "out"
+    with R.warnings.catch_warnings():
+        R.warnings.simplefilter("ignore")
+        axes = {0: "b", 2: "h", 3: "w"}
+        torch.onnx.export(torch.nn.Conv2d(3, 5, 3, padding=1).eval(), (torch.zeros(1, 3, 32, 32),),
+                          str(path), dynamo=False, opset_version=R.ONNX_OPSET,
+                          input_names=["image"], output_names=["maps"],
+                          dynamic_axes=dict(image=axes, maps=axes))
+    copied = dict(arch="small", stages=2, width=16, input_size=64, stride=4, skeleton="coco")
+    for config, words in ((copied, "gives maps of shape (1, 5, 32, 32), not the (1, 57, 8, 8)"),
+                          (copied | dict(stride=0), "has a config that cannot run")):
+        model = onnx.load(str(path))
+        onnx.helper.set_model_props(model, dict(repro_config=json.dumps(config)))
+        onnx.save(model, str(path))
+        line = run_main_error(capsys, ["--mode", "predict", "--onnx", str(path), "--out", str(out),
+                                       "--input", str(toy["val"].parent / "images"), *PREDICT_ARGS])
+        assert words in line, line
+        assert not out.exists()
 
 
 # ---- The command line: one job per call, each with only its own flags ----------------------------
