@@ -2939,7 +2939,25 @@ def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Mod
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """A metrics log's records. A cut last line, what a killed run or a full disk leaves, is read
+    past and said; a bad line before it is refused in one line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] \
+        if path.is_file() else []
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == len(lines):
+            print(f"{path}: its last line is cut off (a killed run or a full disk): read up to "
+                  "the one before")
+        else:
+            raise ReproError(f"{path}: line {i} is not a metrics record ({line[:40]!r}): not "
+                             "written by repro.py")
+    return records
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -3129,10 +3147,9 @@ def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
         return
     kept = []
     if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if (r := json.loads(line))["step"] <= step and not r.get("final")]
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and not r.get("final")]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
 
 
 def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
@@ -3273,35 +3290,66 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     plt.close(fig)
 
 
+def check_out(out: Path, folder: bool) -> None:
+    """Refuses, before any work, an --out that cannot be written: a file where a folder is meant
+    or the other way round, a path under a file, a read-only folder. Creates nothing. Its writers
+    make their output beside `out` and rename it onto it: out's folder is the one written."""
+    if out.exists() and out.is_dir() != folder:
+        raise ReproError(f"--out {out} is a file" if folder else f"--out {out} is a folder: name "
+                         f"the file to write, e.g. {out / 'compare.png'}")
+    there = next(p for p in out.absolute().parents if p.exists())
+    if not there.is_dir():
+        raise ReproError(f"--out {out} is under {there}, a file")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ReproError(f"--out {out}: {there} is not writable")
+
+
+def compared_run(run: Path) -> tuple[list[dict], str]:
+    """A run folder's evaluations and command, for --compare; refused in one line where they are
+    missing or not a run's."""
+    if not (run / "metrics.jsonl").is_file():
+        raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval" in r]
+    if not evals:
+        raise ReproError(f"{run} holds no evaluation yet")
+    if any(not isinstance(e.get("minutes"), (int, float)) or not isinstance(e.get("step"), int)
+           or not isinstance(e["eval"], dict) for e in evals):
+        raise ReproError(f"{run / 'metrics.jsonl'} has an evaluation without its minutes, step or "
+                         "numbers: not written by repro.py")
+    try:
+        argv = json.loads((run / "config.json").read_text()).get("argv", [])
+    except (OSError, ValueError, AttributeError) as e:
+        raise ReproError(f"{run} has no readable config.json ({type(e).__name__}): not a run "
+                         "folder of repro.py") from None
+    return evals, "python repro.py " + " ".join(map(str, argv[1:]))
+
+
 def compare_runs(run_dirs: list[str], out: Path) -> str:
     """Figure (val AP, AP50, peak-hit against training minutes) and markdown table of runs."""
+    runs = {run: compared_run(run) for run in map(Path, run_dirs)}
+    check_out(out, folder=False)
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     lines = ["| run | command | minutes | steps | AP | AP50 | AP75 | AR | val peak-hit |", "|---" * 9 + "|"]
-    for run in map(Path, run_dirs):
-        if not (run / "metrics.jsonl").is_file():
-            raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
-        evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval" in r]
-        if not evals:
-            raise ReproError(f"{run} holds no evaluation yet")
+    for run, (evals, command) in runs.items():
         minutes = [e["minutes"] for e in evals]
         for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):  # MPII runs have none of COCO's APs
             ax.plot(minutes, [e["eval"].get(key, np.nan) for e in evals], "o-", label=run.name)
             ax.set(xlabel="training minutes", title=f"val {key}")
         last = evals[-1]  # the final evaluation, or the last one of a run that was stopped
-        argv = json.loads((run / "config.json").read_text()).get("argv", [])
-        command = "python repro.py " + " ".join(argv[1:])
         e = {k: last["eval"].get(k, np.nan) for k in ("AP", "AP50", "AP75", "AR", "peak_hit")}
         lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | {e['AP']:.4f} | "
                      f"{e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | {e['peak_hit']:.3f} |")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     table = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(table)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(table)
     print(table)
     return table
 
@@ -5085,14 +5133,7 @@ def predict_out(cfg: Config, source: Path, files: list[Path]) -> tuple[Path, boo
         raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace the originals")
     if clash := set(PREDICT_FILES) & {p.name for p in files}:
         raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
-    there = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not there.is_dir():
-        raise ReproError(f"--out {out} is a file" if there == out else
-                         f"--out {out} is under {there}, a file")
-    parent = there.parent if there == out else there  # the set is made beside out, then renamed
-    for folder in dict.fromkeys((parent, there)):
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ReproError(f"--out {out}: {folder} is not writable")
+    check_out(out, folder=True)
     held = sorted(out.iterdir()) if out.is_dir() else []
     earlier = (out / "predictions.json").is_file()
     drawn = IMAGE_SUFFIXES + (".mp4",)

@@ -764,6 +764,13 @@ def run_main_error(capsys, argv):
     return err[0]
 
 
+def read_only(monkeypatch, folder: Path) -> None:
+    """A folder the tests' user (often root, whom chmod does not stop) is told it cannot write."""
+    def access(path, mode, real=R.os.access):
+        return Path(path) != folder and real(path, mode)
+    monkeypatch.setattr(R.os, "access", access)
+
+
 def _wait_for(condition, seconds=120.0):  # generous: CI machines may be loaded
     deadline = R.time.time() + seconds
     while not condition():
@@ -2310,6 +2317,33 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
 
 
+def test_compare_reads_past_a_cut_last_line_and_refuses_a_non_run(capsys, tmp_path, monkeypatch):
+    run, out = tmp_path / "run", tmp_path / "cmp.png"
+    argv = ["--compare", str(run), "--out", str(out)]
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(argv=["repro.py", "--mode", "real"])))
+    records = [dict(step=s, minutes=s / 2, eval=dict(AP=s / 10)) for s in (1, 2)]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (run / "metrics.jsonl").write_text(lines + '{"step": 3, "minu')  # a killed run's last write
+    assert R.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "its last line is cut off" in printed
+    assert "| `python repro.py --mode real` | 1.0 | 2 | 0.2000" in printed
+    out.unlink()
+    out.with_suffix(".md").unlink()
+    for text, words in ((lines.replace("\n", "\njunk\n", 1), "line 2 is not a metrics record"),
+                        (lines + json.dumps(dict(step=3, eval={})) + "\n", "without its minutes")):
+        (run / "metrics.jsonl").write_text(text)
+        assert words in run_main_error(capsys, argv)
+    (run / "metrics.jsonl").write_text(lines)
+    (run / "config.json").unlink()
+    assert "has no readable config.json" in run_main_error(capsys, argv)
+    (run / "config.json").write_text("{}")
+    read_only(monkeypatch, tmp_path)
+    assert "is not writable" in run_main_error(capsys, argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_steps_0_says_it_evaluates_the_start(toy, tmp_path, capsys):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "0")) == 0
     assert "--steps 0: no training" in capsys.readouterr().out
@@ -3161,8 +3195,7 @@ def test_predicts_out_is_checked_first_and_never_mixes_two(capsys, tmp_path, toy
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "ro").mkdir()
     with monkeypatch.context() as m:
-        access = R.os.access
-        m.setattr(R.os, "access", lambda path, mode: Path(path).name != "ro" and access(path, mode))
+        read_only(m, tmp_path / "ro")
         m.setattr(R, "predictor", lambda *args: pytest.fail("inference started"))
         for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "o", "is under"),
                            (tmp_path / "ro" / "o", "ro is not writable")):
