@@ -2517,6 +2517,12 @@ def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_pa
 def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
     """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
     the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
+    import filecmp
+
+    with contextlib.suppress(OSError):  # a missing file is named by read_annolist
+        if filecmp.cmp(pred_path, gt_path, shallow=False):
+            raise ReproError(f"{pred_path} and {gt_path} are identical: the ground truth scored "
+                             "against itself gives 100; pass the predictions, then the ground truth")
     gt, pred = read_annolist(gt_path), read_annolist(pred_path)
     check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
     result = evaluate_mpii(gt, pred)
@@ -3567,9 +3573,13 @@ def read_summary(path: Path) -> dict:
              not isinstance(summary.get(k), kind) or isinstance(summary.get(k), bool)]
     if not wrong and summary["name"].replace("/", "-") + ".json" != path.name:
         wrong = ["name"]
-    if wrong:
-        raise ReproError(f"{path} is not a run summary (bad or missing {', '.join(wrong)}); --reproduce "
-                         "redoes its run")
+    fault = f"bad or missing {', '.join(wrong)}" if wrong else ""
+    if not wrong:  # NaN fails both comparisons
+        far = [k for k in ("ap", "ap50", "ap75") if not 0 <= summary[k] <= 1]
+        far += [k for k in ("minutes", "steps") if not 0 <= summary[k] < math.inf]
+        fault = f"{', '.join(far)} out of range" if far else ""
+    if fault:
+        raise ReproError(f"{path} is not a run summary ({fault}); --reproduce redoes its run")
     return summary
 
 

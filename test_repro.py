@@ -1963,6 +1963,9 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
     assert R.main(["--score-mpii", str(tmp_path / "pred.json"), str(gt_path)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "mAP 100.0"
     assert "look swapped" in run_main_error(capsys, ["--score-mpii", str(gt_path), str(tmp_path / "pred.json")])
+    shutil.copy(gt_path, tmp_path / "copy.mat")
+    for twice in (gt_path, tmp_path / "copy.mat"):
+        assert "are identical" in run_main_error(capsys, ["--score-mpii", str(twice), str(gt_path)])
     nan_xy, nan_score = [R.copy.deepcopy(pred) for _ in range(2)]
     nan_xy[0].joints[0, :5, 0] = np.nan
     nan_score[0].scores[1, 2] = np.nan
@@ -2639,6 +2642,8 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
     for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
                         ("[1, 2]", "bad or missing name"),
                         (json.dumps(good | dict(name="scarce/real-s0", ap="high")), "bad or missing ap"),
+                        *((json.dumps(good | dict(name="scarce/real-s0", ap=ap)), "ap out of range")
+                          for ap in (float("nan"), 7.5)),
                         (json.dumps(good), "bad or missing name"),  # another run's summary under this name
                         (json.dumps({k: v for k, v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
                          "bad or missing condition")):
