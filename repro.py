@@ -982,8 +982,27 @@ def collate(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 def quiet_worker(worker_id: int) -> None:
     """A loader worker takes SIGTERM's default: the loader ends a worker that is slow to stop with
     SIGTERM, and a worker that ran the main process's handler (inherited by fork) would raise in
-    the middle of its queue and print a traceback after the run's last line."""
+    the middle of its queue and print a traceback after the run's last line. It ends with its
+    run."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    end_with_parent()
+
+
+def end_with_parent() -> None:
+    """On Linux the kernel sends this process SIGKILL when its parent is gone, killed with -9 too
+    (the OOM killer, a cluster's preemption), which no handler of the parent sees: a worker left
+    blocked on the parent's queue would hold its memory for good. The kernel follows the thread
+    that started the process: loaders are made on the main thread."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent.pid:  # gone before the kernel was told
+        os._exit(1)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -2522,7 +2541,7 @@ def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
     with contextlib.suppress(OSError):  # a missing file is named by read_annolist
         if filecmp.cmp(pred_path, gt_path, shallow=False):
             raise ReproError(f"{pred_path} and {gt_path} are identical: the ground truth scored "
-                             "against itself gives 100; pass the predictions, then the ground truth")
+                             "against itself gives 100; give the predictions, then the truth")
     gt, pred = read_annolist(gt_path), read_annolist(pred_path)
     check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
     result = evaluate_mpii(gt, pred)
