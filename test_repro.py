@@ -541,6 +541,23 @@ def test_renderer_interrupted_is_one_line(tmp_path, sig, status):
                                                  "same command to resume"], err
 
 
+def test_sigterm_a_library_turns_into_an_error_still_ends_as_sigterm(tmp_path, monkeypatch, capsys):
+    def start_up(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), R.signal.SIGTERM)  # lands inside an import of GL or torch ...
+            R.time.sleep(5)
+        except KeyboardInterrupt:  # ... which catches it and fails later in its half-made state
+            raise rh.RenderError("no headless OpenGL context: Algorithm already exists") from None
+    monkeypatch.setattr(rh, "render_dataset", start_up)
+    previous = R.signal.getsignal(R.signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            rh.main([str(tmp_path / "out"), "--no-progress"])
+    finally:
+        R.signal.signal(R.signal.SIGTERM, previous)
+    assert e.value.code == 143 and capsys.readouterr().err.startswith("render_humans: interrupted;")
+
+
 def test_read_only_out_dir_is_one_line(gl, tmp_path, monkeypatch, capsys):
     import errno
 
