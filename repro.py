@@ -6,7 +6,7 @@
     python repro.py --mode predict --input photos/     # your own images or a video, the shipped student
     python repro.py --bench
 
-Reading map. Part I, the method, is lines 73-2084; Part II, the tooling around it, is lines 2085-5692.
+Reading map. Part I, the method, is lines 73-2084; Part II, the tooling around it, is lines 2085-5691.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -5164,10 +5164,9 @@ def predict_out(cfg: Config, source: Path, files: list[Path]) -> tuple[Path, boo
         raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
     check_out(out, folder=True)
     held = sorted(out.iterdir()) if out.is_dir() else []
-    earlier = (out / "predictions.json").is_file()
-    drawn = IMAGE_SUFFIXES + (".mp4",)
-    foreign = [p.name for p in held if not p.is_file() or p.name not in PREDICT_FILES
-               and not (earlier and p.suffix.lower() in drawn)]
+    drawn = IMAGE_SUFFIXES + (".mp4",) if (out / "predictions.json").is_file() else ()
+    foreign = [p.name for p in held
+               if not p.is_file() or p.name not in PREDICT_FILES and p.suffix.lower() not in drawn]
     if foreign:
         raise ReproError(f"--out {out} holds files predict did not write ({', '.join(foreign[:3])})"
                          ": give a new or empty folder, or one of an earlier prediction (replaced)")
@@ -5198,7 +5197,7 @@ def run_predict(cfg: Config, device: torch.device) -> list[dict]:
     files = predict_inputs(source)
     out, replaced = predict_out(cfg, source, files)
     model, cfg = predictor(cfg, device)
-    with fresh_folder(out) as tmp:
+    with fresh_folder(out.resolve()) as tmp:  # a link's folder is written, not the link replaced
         if files[0].suffix.lower() in VIDEO_SUFFIXES:
             results, groups, n = predict_video(model, files[0], cfg, device, tmp)
             what = f"{n} frames"
