@@ -2321,6 +2321,7 @@ def main(argv=None):
     import threading
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    Terminated.received = False
     try:
         if args.bench:
             bench()
@@ -2334,19 +2335,29 @@ def main(argv=None):
                                   shard=args.shard, progress=not args.no_progress, **settings)
             print(path if path.exists() else f"shard {args.shard} done; {path} appears when all shards are")
     except (RenderError, OSError) as e:  # user input or environment: one line, no traceback, status 2
+        if Terminated.received:  # a library swallowed the SIGTERM, then failed half-made
+            interrupted(Terminated())
         print(f"render_humans: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: finished chunks are kept, a rerun resumes
-        print("render_humans: interrupted; finished chunks are kept: rerun the same command to resume",
-              file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        interrupted(e)
+
+
+def interrupted(e: KeyboardInterrupt):
+    print("render_humans: interrupted; finished chunks are kept: rerun the same command to resume",
+          file=sys.stderr)
+    sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the renderer is, so that it ends like Ctrl-C."""
+    """SIGTERM, raised where the renderer is, so that it ends like Ctrl-C. `received` stays set:
+    a SIGTERM that lands inside an import (GL's, torch's) can be caught there and come out as
+    another error, which is the SIGTERM's doing, not the user's."""
+    received = False
 
 
 def _on_sigterm(signum, frame):
+    Terminated.received = True
     raise Terminated
 
 

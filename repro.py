@@ -274,6 +274,10 @@ def check_config(cfg: Config) -> None:
         (cfg.mode != "predict" or cfg.input, "--mode predict needs --input PATH (an image, a folder of images or a "
                                              "video)"),
         (not cfg.onnx or cfg.mode == "predict", "--onnx is for --mode predict (make the model with --export-onnx)"),
+        (not (cfg.onnx and cfg.ckpt),
+         "give --onnx or --ckpt, not both: --onnx runs the model exported from one"),
+        (cfg.threads >= 0 and cfg.workers >= -1,
+         "--threads must be 0 (torch's default) or more, --workers -1 (auto) or more"),
         (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
          "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
     ]
@@ -1003,8 +1007,27 @@ def collate(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 def quiet_worker(worker_id: int) -> None:
     """A loader worker takes SIGTERM's default: the loader ends a worker that is slow to stop with
     SIGTERM, and a worker that ran the main process's handler (inherited by fork) would raise in
-    the middle of its queue and print a traceback after the run's last line."""
+    the middle of its queue and print a traceback after the run's last line. It ends with its
+    run."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    end_with_parent()
+
+
+def end_with_parent() -> None:
+    """On Linux the kernel sends this process SIGKILL when its parent is gone, killed with -9 too
+    (the OOM killer, a cluster's preemption), which no handler of the parent sees: a worker left
+    blocked on the parent's queue would hold its memory for good. The kernel follows the thread
+    that started the process: loaders are made on the main thread."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent.pid:  # gone before the kernel was told
+        os._exit(1)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -2580,6 +2603,12 @@ def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_pa
 def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
     """Scores a prediction list (.mat with pred, or our .json) against a ground-truth list; prints
     the table and a last line "mAP <AP %, 1 decimal as in the toolkit's table>"."""
+    import filecmp
+
+    with contextlib.suppress(OSError):  # a missing file is named by read_annolist
+        if filecmp.cmp(pred_path, gt_path, shallow=False):
+            raise ReproError(f"{pred_path} and {gt_path} are identical: the ground truth scored "
+                             "against itself gives 100; give the predictions, then the truth")
     gt, pred = read_annolist(gt_path), read_annolist(pred_path)
     check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
     result = evaluate_mpii(gt, pred)
@@ -2869,7 +2898,7 @@ def shipped_student_fits(cfg: Config) -> bool:
         saved = load_checkpoint(SHIPPED_STUDENT).get("config", {})
     except ReproError:  # absent or unreadable: train from scratch
         return False
-    return all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
+    return isinstance(saved, dict) and all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
 
 
 def resolve_init(cfg: Config, schedule_given: bool) -> Config:
@@ -2888,12 +2917,10 @@ def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = 
     """A training checkpoint -> a student: weights in float16, config and step, nothing else. An
     existing `out` is replaced only when asked to (the protocol does; the command line's --out)."""
     ckpt = load_checkpoint(ckpt_path)
-    model = ckpt.get("model")
-    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
-        raise ReproError(f"{ckpt_path} holds no network weights ('model': a dict of tensors): not a repro.py "
-                         "training checkpoint")
-    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("step"), int):
-        raise ReproError(f"{ckpt_path} has no 'config' and 'step' of a repro.py training checkpoint")
+    model = checked_weights(ckpt, ckpt_path)
+    checkpoint_arch(ckpt.get("config"), Config(), ckpt_path)
+    if not isinstance(ckpt.get("step"), int):
+        raise ReproError(f"{ckpt_path} has no 'step' of a repro.py training checkpoint")
     out = Path(out)
     if out.exists() and not replace:
         raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
@@ -2913,10 +2940,21 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ReproError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip, or its older pickle
+            raise ReproError(f"{path} is not a checkpoint (a file written by torch.save)")
+        with warnings.catch_warnings():  # a raw pickle's protocol note, said before our own line
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except ReproError:
+        raise
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else "objects beyond tensors and plain values"
+        if not found:
+            raise ReproError(f"cannot read checkpoint {path} (UnpicklingError): corrupt or not a "
+                             "repro.py checkpoint") from None
+        what = found.group(1)
         raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
                          "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
                          "checkpoints: such a run must be trained again with this version") from None
@@ -2928,14 +2966,58 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def valid_setting(name: str, value) -> bool:
+    """Whether a value read from a file could have been given as the Config field's flag: its type
+    and choices, as argparse checks them."""
+    default = getattr(Config(), name)
+    choices = Config.__dataclass_fields__[name].metadata["choices"]
+    if isinstance(default, bool) or default is None or isinstance(default, str):
+        kinds = (bool,) if isinstance(default, bool) else (str,)
+    else:
+        kinds = (int, float) if isinstance(default, float) else (type(default),)
+    plain = isinstance(value, kinds) and (isinstance(default, bool) or not isinstance(value, bool))
+    return plain and (choices is None or value in choices)
+
+
+def checkpoint_arch(saved, cfg: Config, path) -> Config:
+    """cfg with the network a checkpoint's (or an ONNX model's) config describes, checked as the
+    command line's flags are (types, choices, check_config): a stranger's file is an input too."""
+    if not isinstance(saved, dict):
+        raise ReproError(f"{path} has a 'config' that is a {type(saved).__name__}, not a dict: "
+                         "not a repro.py checkpoint")
+    bad = [k for k in ARCH_KEYS if k in saved and not valid_setting(k, saved[k])]
+    if bad:
+        values = ", ".join(f"{config_flag(k)} {saved[k]!r}" for k in bad)
+        raise ReproError(f"{path} has a config that cannot run: {values}")
+    arch = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    try:
+        check_config(arch)
+    except ReproError as e:
+        raise ReproError(f"{path} has a config that cannot run: {e}") from None
+    return arch
+
+
+def checked_weights(ckpt: dict, path) -> dict:
+    """A checkpoint's 'model', refused unless a dict of named tensors."""
+    model = ckpt.get("model")
+    named = isinstance(model, dict) and all(isinstance(k, str) for k in model)
+    if not named or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ReproError(f"{path} holds no network weights ('model': a dict of tensors): not a "
+                         "repro.py training checkpoint")
+    return model
+
+
 def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
     saved = ckpt.get("config", {})
+    checkpoint_arch(saved, cfg, path)
+    weights = checked_weights(ckpt, path)
     differ = [f"{config_flag(k)} {saved[k]} (this run: {getattr(cfg, k)})"
               for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if differ or "model" not in ckpt:
-        raise ReproError(f"checkpoint {path} is of another architecture: it has {', '.join(differ) or 'no weights'}")
+    if differ:
+        raise ReproError(f"checkpoint {path} is of another architecture: it has "
+                         + ", ".join(differ))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
 
@@ -2944,15 +3026,33 @@ def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Mod
     """A checkpoint's network with its weights (--mode eval, predict, --export-onnx), cfg with the
     checkpoint's architecture, and the checkpoint."""
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("config", {})
-    cfg = dataclasses.replace(cfg, **{k: saved[k] for k in ARCH_KEYS if k in saved})
+    cfg = checkpoint_arch(ckpt.get("config", {}), cfg, path)
+    checked_weights(ckpt, path)
     model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
     load_weights(model, ckpt, cfg, path)
     return model, cfg, ckpt
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """A metrics log's records. A cut last line, what a killed run or a full disk leaves, is read
+    past and said; a bad line before it is refused in one line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] \
+        if path.is_file() else []
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == len(lines):
+            print(f"{path}: its last line is cut off (a killed run or a full disk): read up to "
+                  "the one before")
+        else:
+            raise ReproError(f"{path}: line {i} is not a metrics record ({line[:40]!r}): not "
+                             "written by repro.py")
+    return records
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -3050,7 +3150,8 @@ def lock_holder(out: Path) -> int | None:
     except ValueError:
         return None
     pid = lock.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool):
+    # 0 and -1 would signal a process group, and a pid beyond C's int overflows os.kill
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
         return None
     if lock.get("host", os.uname().nodename) != os.uname().nodename:
         return pid
@@ -3120,7 +3221,12 @@ def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: in
         raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
     trainer = Trainer(cfg, data, device, out, rank, world)
     if cfg.resume:
-        trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        try:
+            trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file put there by hand
+            what = str(e).splitlines()[0] if str(e) else "bad content"
+            raise ReproError(f"--resume: {ckpt_path} is not a training checkpoint of this run "
+                             f"({type(e).__name__}: {what})") from None
         if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
             raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
                              f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")
@@ -3136,10 +3242,9 @@ def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
         return
     kept = []
     if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if (r := json.loads(line))["step"] <= step and not r.get("final")]
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and not r.get("final")]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
 
 
 def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
@@ -3318,35 +3423,66 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     plt.close(fig)
 
 
+def check_out(out: Path, folder: bool) -> None:
+    """Refuses, before any work, an --out that cannot be written: a file where a folder is meant
+    or the other way round, a path under a file, a read-only folder. Creates nothing. Its writers
+    make their output beside `out` and rename it onto it: out's folder is the one written."""
+    if out.exists() and out.is_dir() != folder:
+        raise ReproError(f"--out {out} is a file" if folder else f"--out {out} is a folder: name "
+                         f"the file to write, e.g. {out / 'compare.png'}")
+    there = next(p for p in out.absolute().parents if p.exists())
+    if not there.is_dir():
+        raise ReproError(f"--out {out} is under {there}, a file")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ReproError(f"--out {out}: {there} is not writable")
+
+
+def compared_run(run: Path) -> tuple[list[dict], str]:
+    """A run folder's evaluations and command, for --compare; refused in one line where they are
+    missing or not a run's."""
+    if not (run / "metrics.jsonl").is_file():
+        raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval" in r]
+    if not evals:
+        raise ReproError(f"{run} holds no evaluation yet")
+    if any(not isinstance(e.get("minutes"), (int, float)) or not isinstance(e.get("step"), int)
+           or not isinstance(e["eval"], dict) for e in evals):
+        raise ReproError(f"{run / 'metrics.jsonl'} has an evaluation without its minutes, step or "
+                         "numbers: not written by repro.py")
+    try:
+        argv = json.loads((run / "config.json").read_text()).get("argv", [])
+    except (OSError, ValueError, AttributeError) as e:
+        raise ReproError(f"{run} has no readable config.json ({type(e).__name__}): not a run "
+                         "folder of repro.py") from None
+    return evals, "python repro.py " + " ".join(map(str, argv[1:]))
+
+
 def compare_runs(run_dirs: list[str], out: Path) -> str:
     """Figure (val AP, AP50, peak-hit against training minutes) and markdown table of runs."""
+    runs = {run: compared_run(run) for run in map(Path, run_dirs)}
+    check_out(out, folder=False)
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     lines = ["| run | command | minutes | steps | AP | AP50 | AP75 | AR | val peak-hit |", "|---" * 9 + "|"]
-    for run in map(Path, run_dirs):
-        if not (run / "metrics.jsonl").is_file():
-            raise ReproError(f"{run} is not a run folder (no metrics.jsonl)")
-        evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval" in r]
-        if not evals:
-            raise ReproError(f"{run} holds no evaluation yet")
+    for run, (evals, command) in runs.items():
         minutes = [e["minutes"] for e in evals]
         for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):  # MPII runs have none of COCO's APs
             ax.plot(minutes, [e["eval"].get(key, np.nan) for e in evals], "o-", label=run.name)
             ax.set(xlabel="training minutes", title=f"val {key}")
         last = evals[-1]  # the final evaluation, or the last one of a run that was stopped
-        argv = json.loads((run / "config.json").read_text()).get("argv", [])
-        command = "python repro.py " + " ".join(argv[1:])
         e = {k: last["eval"].get(k, np.nan) for k in ("AP", "AP50", "AP75", "AR", "peak_hit")}
         lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | {e['AP']:.4f} | "
                      f"{e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | {e['peak_hit']:.3f} |")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     table = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(table)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(table)
     print(table)
     return table
 
@@ -3566,9 +3702,13 @@ def read_summary(path: Path) -> dict:
         wrong = ["device_key"]  # optional: summaries written before device keys have none
     if not wrong and summary["name"].replace("/", "-") + ".json" != path.name:
         wrong = ["name"]
-    if wrong:
-        raise ReproError(f"{path} is not a run summary (bad or missing {', '.join(wrong)}); --reproduce "
-                         "redoes its run")
+    fault = f"bad or missing {', '.join(wrong)}" if wrong else ""
+    if not wrong:  # NaN fails both comparisons
+        far = [k for k in ("ap", "ap50", "ap75") if not 0 <= summary[k] <= 1]
+        far += [k for k in ("minutes", "steps") if not 0 <= summary[k] < math.inf]
+        fault = f"{', '.join(far)} out of range" if far else ""
+    if fault:
+        raise ReproError(f"{path} is not a run summary ({fault}); --reproduce redoes its run")
     return summary
 
 
@@ -4996,11 +5136,31 @@ OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)  # [ours] overview.png: the first 
 PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
 
 
+def decoded_image(path: Path) -> np.ndarray | None:
+    """An image file's pixels, or None where it does not decode whole: cv2 decodes the part of a
+    cut-off JPEG it has and says so only on stderr. A JPEG that does not end with its end marker
+    (some phones append data after it) is decoded first by PIL, which refuses a cut one."""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 2))
+                ended = f.read() == b"\xff\xd9"
+            if not ended:
+                from PIL import Image
+                with Image.open(path) as im:
+                    im.load()
+        except Exception:  # PIL's many ways of refusing a file, and an unreadable one
+            return None
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)
+
+
 def predict_inputs(path: Path) -> list[Path]:
-    """--input -> the images of a folder (name order), or the one image or video; refused in one
-    line, before anything is written, when there is nothing to predict on."""
+    """--input -> the images of a folder (name order; broken links among them, to be listed as
+    skipped), or the one image or video; refused in one line, before anything is written, when
+    there is nothing to predict on."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
         if not files:
             raise ReproError(f"--input {path}: no images in this folder (looked for {' '.join(IMAGE_SUFFIXES)})")
         return files
@@ -5009,8 +5169,12 @@ def predict_inputs(path: Path) -> list[Path]:
     if path.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
         raise ReproError(f"--input {path} is not an image ({' '.join(IMAGE_SUFFIXES)}) or a video "
                          f"({' '.join(VIDEO_SUFFIXES)})")
-    if path.suffix.lower() in IMAGE_SUFFIXES and cv2.imread(str(path)) is None:
-        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image")
+    if path.suffix.lower() in IMAGE_SUFFIXES and decoded_image(path) is None:
+        raise ReproError(f"cannot decode image {path}: the file is corrupt, cut off or not an "
+                         "image")
+    if path.suffix.lower() in VIDEO_SUFFIXES and cv2.haveImageReader(str(path)):
+        raise ReproError(f"--input {path} is an image named as a video: rename it to its image "
+                         "suffix")
     return [path]
 
 
@@ -5044,6 +5208,7 @@ class OnnxMaps(nn.Module):
         if not Path(path).is_file():
             raise ReproError(f"ONNX model not found: {path}")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.path = path
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
             self.config = json.loads(self.session.get_modelmeta().custom_metadata_map["repro_config"])
@@ -5052,7 +5217,20 @@ class OnnxMaps(nn.Module):
                              "--export-onnx") from None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = self.session.run(["maps"], {"image": x.detach().float().cpu().contiguous().numpy()})[0]
+        """The model's maps, refused where they are not the shape its metadata (checked by
+        checkpoint_arch) promises: another model may carry a copy of an exported one's."""
+        image = x.detach().float().cpu().contiguous().numpy()
+        try:
+            maps = self.session.run(["maps"], {"image": image})[0]
+        except Exception as e:
+            raise ReproError(f"ONNX model {self.path} does not run on an image batch "
+                             f"({type(e).__name__}): not made by --export-onnx") from None
+        sk, stride = SKELETONS[self.config["skeleton"]], self.config["stride"]
+        n, _, height, width = x.shape
+        expected = (n, sk.num_paf + sk.num_heat, height // stride, width // stride)
+        if maps.shape != expected:
+            raise ReproError(f"ONNX model {self.path} gives maps of shape {maps.shape}, not the "
+                             f"{expected} its metadata describes: not made by --export-onnx")
         return [torch.from_numpy(maps).to(x.device)]
 
 
@@ -5061,7 +5239,8 @@ def predictor(cfg: Config, device) -> tuple[nn.Module, Config]:
     in torch; and cfg with its architecture. Its skeleton must be the one asked (--skeleton)."""
     if cfg.onnx:
         model, source = OnnxMaps(cfg.onnx), cfg.onnx
-        arch = dataclasses.replace(cfg, **{k: v for k, v in model.config.items() if k in ARCH_KEYS})
+        arch = checkpoint_arch(model.config, cfg, source)
+        model(torch.zeros(1, 3, 8 * arch.stride, 8 * arch.stride))  # refused before any output
     else:
         source = cfg.ckpt or str(SHIPPED_STUDENT)
         model, arch, _ = model_from_checkpoint(cfg, source, device)
@@ -5108,7 +5287,7 @@ def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
     results, groups, broken, tiles = [], [], [], []
     bar = rh.progress(total=len(files), unit="img", desc="predicting", stream=sys.stdout)
     for path, image_id in zip(files, image_ids(files)):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = decoded_image(path)
         if image is None:
             broken.append(path)
         else:
@@ -5160,7 +5339,8 @@ def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) 
     sk, results, groups, n = skeleton(cfg), [], [], 0
     target = out / f"{path.stem}.mp4"
     out.mkdir(parents=True, exist_ok=True)
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    total = total if total > 0 else None  # unknown: some containers say 0 or a huge negative number
     bar = rh.progress(total=total, unit="frame", desc="predicting", stream=sys.stdout)
     try:
         with atomic_path(target, keep_suffix=True) as tmp:
@@ -5184,30 +5364,66 @@ def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) 
     return results, groups, n
 
 
-def run_predict(cfg: Config, device: torch.device) -> list[dict]:
-    """--mode predict: drawn images or video and predictions.json (COCO results) in --out; for the
-    MPII skeleton also predictions.mat (the toolkit's pred struct)."""
-    source = Path(cfg.input)
-    files = predict_inputs(source)
+def predict_out(cfg: Config, source: Path, files: list[Path]) -> tuple[Path, bool]:
+    """predict's --out (default runs/predict-<input>) and whether it holds an earlier prediction,
+    which is replaced whole; refused before any work where the set cannot be written there: the
+    input's own folder, a file or under one, read-only, or a folder holding other files."""
     out = Path(cfg.out) if cfg.out else Path("runs") / f"predict-{source.stem}"
     if out.resolve() == (source if source.is_dir() else source.parent).resolve():
         raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace the originals")
     if clash := set(PREDICT_FILES) & {p.name for p in files}:
         raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
+    check_out(out, folder=True)
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    drawn = IMAGE_SUFFIXES + (".mp4",) if (out / "predictions.json").is_file() else ()
+    foreign = [p.name for p in held
+               if not p.is_file() or p.name not in PREDICT_FILES and p.suffix.lower() not in drawn]
+    if foreign:
+        raise ReproError(f"--out {out} holds files predict did not write ({', '.join(foreign[:3])})"
+                         ": give a new or empty folder, or one of an earlier prediction (replaced)")
+    return out, bool(held)
+
+
+@contextlib.contextmanager
+def fresh_folder(out: Path):
+    """A temporary folder beside `out` that becomes `out` when the block ends well (what `out` held
+    is replaced whole) and is removed when it does not: an interrupted prediction leaves nothing,
+    and `out` never mixes two."""
+    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_predict(cfg: Config, device: torch.device) -> list[dict]:
+    """--mode predict: drawn images or video and predictions.json (COCO results) in --out; for the
+    MPII skeleton also predictions.mat (the toolkit's pred struct)."""
+    source = Path(cfg.input)
+    files = predict_inputs(source)
+    out, replaced = predict_out(cfg, source, files)
     model, cfg = predictor(cfg, device)
-    if files[0].suffix.lower() in VIDEO_SUFFIXES:
-        results, groups, n = predict_video(model, files[0], cfg, device, out)
-        what = f"{n} frames"
-    else:
-        results, groups, broken = predict_images(model, files, cfg, device, out)
-        if broken:
-            print(f"skipped {len(broken)} of {len(files)} images that do not decode: "
-                  + ", ".join(p.name for p in broken))
-        if len(broken) == len(files):
-            raise ReproError(f"none of the {len(files)} images in {source} decodes")
-        what = f"{len(files) - len(broken)} images"
-    write_json(results, out / "predictions.json")
-    also = skeleton(cfg).benchmark.write_image_predictions(out, groups)
+    with fresh_folder(out.resolve()) as tmp:  # a link's folder is written, not the link replaced
+        if files[0].suffix.lower() in VIDEO_SUFFIXES:
+            results, groups, n = predict_video(model, files[0], cfg, device, tmp)
+            what = f"{n} frames"
+        else:
+            results, groups, broken = predict_images(model, files, cfg, device, tmp)
+            if broken:
+                print(f"skipped {len(broken)} of {len(files)} images that do not decode: "
+                      + ", ".join(p.name for p in broken))
+            if len(broken) == len(files):
+                raise ReproError(f"none of the {len(files)} images in {source} decodes")
+            what = f"{len(files) - len(broken)} images"
+        write_json(results, tmp / "predictions.json")
+        also = skeleton(cfg).benchmark.write_image_predictions(tmp, groups)
+    if replaced:
+        print(f"{out} held an earlier prediction: replaced whole by this one")
     print(f"{len(results)} people in {what} ({'onnxruntime' if cfg.onnx else device}): {out}/predictions.json"
           + "".join(f" and {name}" for name in also))
     return results
@@ -5494,6 +5710,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
 
 
+# What --mode predict reads: the network is its checkpoint's, so of the training flags only these.
+PREDICT_FIELDS = config_fields("inference", "checkpoint and input",
+                               plus=("mode", "preset", "skeleton", "out", "device", "amp",
+                                     "threads"))
+
+
 def job_flags(flag: str) -> set[str]:
     """Every option string of a job's parser but -h/--help."""
     job, demo = JOBS[flag], Config()
@@ -5625,6 +5847,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     args, extra = parser.parse_known_args(argv)
     if extra:
         refuse_flags(parser, flag, extra)
+    unread = [config_flag(k) for k in JOBS[flag].fields
+              if vars(args).get(k) is not None and k not in PREDICT_FIELDS]
+    if flag == TRAIN and args.mode == "predict" and unread:
+        parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
+                     + fields_in_words(PREDICT_FIELDS))
     args.job, args.argv = flag, argv
     return job_config(flag, args), args
 
@@ -5644,6 +5871,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+# What an interrupted job keeps and how it goes on; the jobs not named keep nothing half-written.
+RESUMED = {TRAIN: "the last checkpoint is kept: rerun with --resume",
+           "--probe": "the points probed so far are kept: rerun the same command to go on",
+           "--reproduce": "finished runs and the last checkpoints are kept: rerun --reproduce "
+                          "to go on"}
+
+
 def run_main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
@@ -5659,7 +5893,9 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print("repro.py: interrupted; the last checkpoint is kept: rerun with --resume", file=sys.stderr)
+        training = args.job != TRAIN or cfg.mode not in ("eval", "predict")
+        kept = RESUMED.get(args.job) if training else None
+        print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
 if __name__ == "__main__":

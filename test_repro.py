@@ -541,6 +541,23 @@ def test_renderer_interrupted_is_one_line(tmp_path, sig, status):
                                                  "same command to resume"], err
 
 
+def test_sigterm_a_library_turns_into_an_error_still_ends_as_sigterm(tmp_path, monkeypatch, capsys):
+    def start_up(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), R.signal.SIGTERM)  # lands inside an import of GL or torch ...
+            R.time.sleep(5)
+        except KeyboardInterrupt:  # ... which catches it and fails later in its half-made state
+            raise rh.RenderError("no headless OpenGL context: Algorithm already exists") from None
+    monkeypatch.setattr(rh, "render_dataset", start_up)
+    previous = R.signal.getsignal(R.signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            rh.main([str(tmp_path / "out"), "--no-progress"])
+    finally:
+        R.signal.signal(R.signal.SIGTERM, previous)
+    assert e.value.code == 143 and capsys.readouterr().err.startswith("render_humans: interrupted;")
+
+
 def test_read_only_out_dir_is_one_line(gl, tmp_path, monkeypatch, capsys):
     import errno
 
@@ -762,6 +779,13 @@ def run_main_error(capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("repro.py: error:"), err
     return err[0]
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """A folder the tests' user (often root, whom chmod does not stop) is told it cannot write."""
+    def access(path, mode, real=R.os.access):
+        return Path(path) != folder and real(path, mode)
+    monkeypatch.setattr(R.os, "access", access)
 
 
 def _wait_for(condition, seconds=120.0):  # generous: CI machines may be loaded
@@ -2066,6 +2090,9 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
     assert R.main(["--score-mpii", str(tmp_path / "pred.json"), str(gt_path)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "mAP 100.0"
     assert "look swapped" in run_main_error(capsys, ["--score-mpii", str(gt_path), str(tmp_path / "pred.json")])
+    shutil.copy(gt_path, tmp_path / "copy.mat")
+    for twice in (gt_path, tmp_path / "copy.mat"):
+        assert "are identical" in run_main_error(capsys, ["--score-mpii", str(twice), str(gt_path)])
     nan_xy, nan_score = [R.copy.deepcopy(pred) for _ in range(2)]
     nan_xy[0].joints[0, :5, 0] = np.nan
     nan_score[0].scores[1, 2] = np.nan
@@ -2224,6 +2251,46 @@ def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, 
     assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
 
 
+def test_a_strangers_checkpoint_is_checked_like_a_command_line(capsys, tmp_path, toy):
+    """Every reader: predict, --init, eval, --export-onnx, --export-student, --resume."""
+    good = torch.load(tiny_checkpoint(tmp_path / "tiny.pt"), weights_only=True)
+
+    def config(**kw):
+        return dict(good, config=dict(good["config"], **kw))
+    crafted = {"model is an int": (dict(good, model=3), "holds no network weights"),
+               "config is a string": (dict(good, config="coco"), "has a 'config' that is a str"),
+               "unknown skeleton": (config(skeleton="bogus"), "--skeleton 'bogus'"),
+               "stride 0": (config(stride=0), "multiple of --stride"),
+               "negative width": (config(width=-4), "--width must be at least 1")}
+    run, onnx_out, student = tmp_path / "run", tmp_path / "m.onnx", tmp_path / "student.pt"
+    path, images = tmp_path / "crafted.pt", str(toy["val"].parent / "images")
+    for name, (ckpt, words) in crafted.items():
+        torch.save(ckpt, path)
+        for argv in (["--mode", "predict", "--ckpt", str(path), "--input", images,
+                      "--out", str(run), *PREDICT_ARGS],
+                     toy_args(toy, run, "--mode", "real", "--init", str(path)),
+                     toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(path),
+                                           "--out", str(run)],
+                     ["--export-onnx", str(onnx_out), "--ckpt", str(path)],
+                     ["--export-student", str(path), "--out", str(student)]):
+            line = run_main_error(capsys, argv)
+            assert words in line, (name, argv[:2], line)
+            assert not run.exists() and not onnx_out.exists() and not student.exists()
+        run.mkdir()
+        shutil.copy(path, run / "ckpt.pt")
+        assert words in run_main_error(capsys, toy_args(toy, run, "--mode", "real", "--resume"))
+        shutil.rmtree(run)
+    (tmp_path / "notes.txt").write_text("model weights, as text")
+    notes = ["--export-student", str(tmp_path / "notes.txt"), "--out", str(student)]
+    assert "is not a checkpoint (a file written by torch.save)" in run_main_error(capsys, notes)
+    with open(path, "wb") as f:  # a raw pickle: torch's loader warns of its protocol first
+        R.pickle.dump(dict(model={}, payload=R.Path("x")), f, protocol=4)
+    r = subprocess.run([sys.executable, str(ROOT / "repro.py"), "--export-student", str(path),
+                        "--out", str(student)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot read checkpoint" in r.stderr
+
+
 def test_checkpoint_of_another_architecture(capsys, tmp_path, toy):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
     argv = toy_args(toy, tmp_path / "other", "--mode", "real", "--steps", "1", "--init", str(tmp_path / "run/ckpt.pt"))
@@ -2302,6 +2369,16 @@ def test_a_lock_whose_pid_now_names_another_program_is_stale(capsys, tmp_path, t
         other.kill()
 
 
+@pytest.mark.parametrize("pid", [10 ** 30, 0, -1, "junk", 2 ** 31])
+def test_a_lock_with_an_impossible_pid_is_stale(capsys, tmp_path, toy, pid):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / R.LOCK_NAME).write_text(json.dumps(dict(pid=pid, host=os.uname().nodename)))
+    assert R.lock_holder(out) is None
+    assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "1")) == 0
+    assert not (out / R.LOCK_NAME).exists()
+
+
 def _children(pid: int) -> list[int]:
     return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
             if p.read_text().rsplit(")", 1)[-1].split()[1:2] == [str(pid)]]
@@ -2319,8 +2396,17 @@ def test_loader_workers_take_sigterms_default_not_the_runs_handler(toy, tmp_path
         R.signal.signal(R.signal.SIGTERM, previous)
 
 
+def _running(pid: int) -> bool:
+    """A process that exists and is not a zombie (its new parent may be slow to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
-def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_sigterm_during_training_ends_like_ctrl_c_and_no_kill_leaves_a_worker(tmp_path, toy, sig):
     out = tmp_path / "run"
     argv = toy_args(toy, out, "--mode", "real", "--steps", "100000", "--ckpt-every", "2", "--workers", "1",
                     "--minutes", "0")
@@ -2329,12 +2415,14 @@ def test_sigterm_during_training_ends_like_ctrl_c(tmp_path, toy):
     _wait_for(lambda: (out / "ckpt.pt").is_file() or proc.poll() is not None)
     workers = _children(proc.pid)
     assert workers  # the loader's worker
-    proc.send_signal(R.signal.SIGTERM)
+    proc.send_signal(getattr(R.signal, sig))
     err = proc.communicate(timeout=60)[1].strip().splitlines()
-    assert proc.returncode == 143 and err[-1:] == ["repro.py: interrupted; the last checkpoint is kept: rerun with "
-                                                   "--resume"], err
-    assert not (out / R.LOCK_NAME).exists() and R.load_checkpoint(out / "ckpt.pt")["step"] >= 2
-    _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10)  # no worker outlives it
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, err
+        kept = "the last checkpoint is kept: rerun with --resume"
+        assert err[-1:] == [f"repro.py: interrupted; {kept}"], err
+        assert not (out / R.LOCK_NAME).exists() and R.load_checkpoint(out / "ckpt.pt")["step"] >= 2
+    _wait_for(lambda: not any(_running(w) for w in workers), 10)  # no worker outlives its run
 
 
 def test_a_users_default_run_eval_and_compare_write_into_runs_never_into_results(toy, tmp_path, monkeypatch):
@@ -2371,6 +2459,33 @@ def test_eval_mode_and_init(toy, tmp_path):
     assert R.main(toy_args(toy, tmp_path / "ft", "--mode", "augmented", "--steps", "1", "--init", str(ckpt))) == 0
     assert R.main(["--compare", str(tmp_path / "run"), str(tmp_path / "ft"), "--out", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").is_file() and "| ft |" in (tmp_path / "cmp.md").read_text()
+
+
+def test_compare_reads_past_a_cut_last_line_and_refuses_a_non_run(capsys, tmp_path, monkeypatch):
+    run, out = tmp_path / "run", tmp_path / "cmp.png"
+    argv = ["--compare", str(run), "--out", str(out)]
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(argv=["repro.py", "--mode", "real"])))
+    records = [dict(step=s, minutes=s / 2, eval=dict(AP=s / 10)) for s in (1, 2)]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (run / "metrics.jsonl").write_text(lines + '{"step": 3, "minu')  # a killed run's last write
+    assert R.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "its last line is cut off" in printed
+    assert "| `python repro.py --mode real` | 1.0 | 2 | 0.2000" in printed
+    out.unlink()
+    out.with_suffix(".md").unlink()
+    for text, words in ((lines.replace("\n", "\njunk\n", 1), "line 2 is not a metrics record"),
+                        (lines + json.dumps(dict(step=3, eval={})) + "\n", "without its minutes")):
+        (run / "metrics.jsonl").write_text(text)
+        assert words in run_main_error(capsys, argv)
+    (run / "metrics.jsonl").write_text(lines)
+    (run / "config.json").unlink()
+    assert "has no readable config.json" in run_main_error(capsys, argv)
+    (run / "config.json").write_text("{}")
+    read_only(monkeypatch, tmp_path)
+    assert "is not writable" in run_main_error(capsys, argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_steps_0_says_it_evaluates_the_start(toy, tmp_path, capsys):
@@ -2668,6 +2783,8 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
     for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
                         ("[1, 2]", "bad or missing name"),
                         (json.dumps(good | dict(name="scarce/real-s0", ap="high")), "bad or missing ap"),
+                        *((json.dumps(good | dict(name="scarce/real-s0", ap=ap)), "ap out of range")
+                          for ap in (float("nan"), 7.5)),
                         (json.dumps(good), "bad or missing name"),  # another run's summary under this name
                         (json.dumps({k: v for k, v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
                          "bad or missing condition")):
@@ -3082,10 +3199,15 @@ def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_pat
     ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
     (images / "000000000099.jpg").write_bytes(b"not a jpeg")
     (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
+    whole = (images / "000000000001.jpg").read_bytes()
+    (images / "000000000096.jpg").write_bytes(whole[:len(whole) // 2])  # cv2 would decode half
+    (images / "000000000097.jpg").symlink_to(tmp_path / "gone.jpg")
+    (images / "000000000098.jpg").symlink_to(images / "000000000098.jpg")  # a loop
     out = tmp_path / "out"
     assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out", str(out),
                    *PREDICT_ARGS]) == 0
-    assert "skipped 1 of 4 images that do not decode: 000000000099.jpg" in capsys.readouterr().out
+    skipped = ", ".join(f"{i:012d}.jpg" for i in range(96, 100))
+    assert f"skipped 4 of 7 images that do not decode: {skipped}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + ["overview.png",
                                                                                               "predictions.json"]
     assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0], 3)
@@ -3179,6 +3301,9 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
     (tmp_path / "broken.mp4").write_text("not a video")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "bad.onnx").write_text("not a model")
+    whole = (toy["val"].parent / "images" / "0000.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:1000])
+    (tmp_path / "photo.mp4").write_bytes(whole)
     (tmp_path / "clash").mkdir()
     cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
     images = toy["val"].parent / "images"
@@ -3189,6 +3314,12 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
              (["--input", str(tmp_path / "empty")], "no images in this folder"),
              (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
              (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
+             (["--input", str(tmp_path / "cut.jpg")], "cannot decode image"),
+             (["--input", str(tmp_path / "photo.mp4")], "is an image named as a video"),
+             (["--input", str(images), "--threads", "-3"], "--threads must be 0 (torch's default)"),
+             (["--input", str(images), "--steps", "3"], "--mode predict does not take --steps"),
+             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt"),
+               "--onnx", str(tmp_path / "bad.onnx")], "give --onnx or --ckpt, not both"),
              (["--input", str(images), "--skeleton", "mpii"], "predicts the coco skeleton, not mpii"),
              (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found"),
              (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")], "cannot read ONNX model"),
@@ -3202,6 +3333,63 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
     assert "is for --mode predict" in run_main_error(capsys, ["--mode", "eval", "--onnx", str(tmp_path / "bad.onnx")])
     missing_folder = str(tmp_path / "x" / "m.onnx")
     assert ".onnx file in an existing folder" in run_main_error(capsys, ["--export-onnx", missing_folder])
+
+
+def test_predicts_out_is_checked_first_and_never_mixes_two(capsys, tmp_path, toy, monkeypatch):
+    images, ckpt = toy["val"].parent / "images", tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = ["--mode", "predict", "--ckpt", str(ckpt), *PREDICT_ARGS, "--input"]
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "ro").mkdir()
+    with monkeypatch.context() as m:
+        read_only(m, tmp_path / "ro")
+        m.setattr(R, "predictor", lambda *args: pytest.fail("inference started"))
+        for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "o", "is under"),
+                           (tmp_path / "ro" / "o", "ro is not writable")):
+            assert words in run_main_error(capsys, argv + [str(images), "--out", str(out)])
+        assert (tmp_path / "file").read_text() == "not a folder"
+        assert not list((tmp_path / "ro").iterdir())
+    out = tmp_path / "out"
+    assert R.main(argv + [str(images), "--out", str(out)]) == 0
+    assert R.main(argv + [str(images / "0001.jpg"), "--out", str(out)]) == 0
+    assert f"{out} held an earlier prediction: replaced whole" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
+    (out / "notes.txt").write_text("mine")
+    line = run_main_error(capsys, argv + [str(images), "--out", str(out)])
+    assert "holds files predict did not write (notes.txt)" in line
+    (out / "notes.txt").unlink()
+    monkeypatch.setattr(R, "decode_maps", lambda *args: (_ for _ in ()).throw(R.Terminated()))
+    for target in (out, tmp_path / "new"):  # SIGTERM: nothing of the cut prediction is left
+        capsys.readouterr()
+        assert R.main(argv + [str(images), "--out", str(target)]) == 143
+        assert capsys.readouterr().err == "repro.py: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "ro", "tiny.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
+    monkeypatch.setattr(R, "load_data", lambda cfg: None)
+    monkeypatch.setattr(R, "bench", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert R.main(["--bench"]) == 130 and capsys.readouterr().err == "repro.py: interrupted\n"
+
+
+def test_an_onnx_model_of_another_network_is_refused_whatever_its_metadata(capsys, tmp_path, toy):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path, out = tmp_path / "other.onnx", tmp_path / "out"
+    with R.warnings.catch_warnings():
+        R.warnings.simplefilter("ignore")
+        axes = {0: "b", 2: "h", 3: "w"}
+        torch.onnx.export(torch.nn.Conv2d(3, 5, 3, padding=1).eval(), (torch.zeros(1, 3, 32, 32),),
+                          str(path), dynamo=False, opset_version=R.ONNX_OPSET,
+                          input_names=["image"], output_names=["maps"],
+                          dynamic_axes=dict(image=axes, maps=axes))
+    copied = dict(arch="small", stages=2, width=16, input_size=64, stride=4, skeleton="coco")
+    for config, words in ((copied, "gives maps of shape (1, 5, 32, 32), not the (1, 57, 8, 8)"),
+                          (copied | dict(stride=0), "has a config that cannot run")):
+        model = onnx.load(str(path))
+        onnx.helper.set_model_props(model, dict(repro_config=json.dumps(config)))
+        onnx.save(model, str(path))
+        line = run_main_error(capsys, ["--mode", "predict", "--onnx", str(path), "--out", str(out),
+                                       "--input", str(toy["val"].parent / "images"), *PREDICT_ARGS])
+        assert words in line, line
+        assert not out.exists()
 
 
 # ---- The command line: one job per call, each with only its own flags ----------------------------
