@@ -3563,7 +3563,9 @@ CLAIMS = {
 V2_DELTA = {"full": 0.007, "scarce": 0.003}  # smallest effect of interest: ~2.5% of round 1's real-only AP
 
 
-V2_POWER = 0.8  # seeds: the fewest with P(95% half-width < delta) >= 0.8 at round 1's paired sd
+# seeds: the fewest with precision assurance, P(95% half-width < delta), >= 0.8 at round 1's
+# paired sd
+V2_POWER = 0.8
 
 
 V2_LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
@@ -3597,7 +3599,7 @@ V2_SPLIT = {  # claim 4's difference in two parts: what the teacher learns, and 
 }
 
 
-# Round 1's paired sd (claim 4: at 800 steps, the only pilot) -> seeds_for_power; a test recomputes them.
+# Round 1's paired sd (claim 4: at 800 steps, the only pilot) -> seeds_for; a test recomputes them.
 V2_PILOT_SD = {(1, "full"): 0.00292, (1, "scarce"): 0.00259, (2, "full"): 0.00177, (2, "scarce"): 0.00153,
                (4, "scarce"): 0.00172}
 
@@ -3627,9 +3629,11 @@ class ProtocolRun(NamedTuple):
 
 
 def protocol_runs() -> list[ProtocolRun]:
-    """Round 1, then the runs of round 2 that round 1 does not already have."""
+    """Round 1, then the runs of round 2 that round 1 does not already have, then round 3's
+    fine-tunes (its probe trajectories are probe jobs: round3_probe_names)."""
     first = round1_runs()
-    return first + [r for r in round2_runs() if r.name not in {q.name for q in first}]
+    second = [r for r in round2_runs() if r.name not in {q.name for q in first}]
+    return first + second + round3_runs()
 
 
 def round1_runs() -> list[ProtocolRun]:
@@ -3653,10 +3657,13 @@ def round1_runs() -> list[ProtocolRun]:
     return runs
 
 
-def finetune_run(regime: str, condition: str, seed: int, flags: list[str], steps: int) -> ProtocolRun:
+def finetune_run(regime: str, condition: str, seed: int, flags: list[str], steps: int,
+                 student: str | None = None) -> ProtocolRun:
+    """A fine-tune on a regime's images from a student (the regime's own unless `student` names
+    another)."""
     argv = flags + ["--steps", str(steps), "--seed", str(seed), "--train-subset", str(PROTOCOL_REGIMES[regime])]
     return ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed,
-                       argv + PROTOCOL_COMMON + PROTOCOL_FINETUNE, f"{regime}/student")
+                       argv + PROTOCOL_COMMON + PROTOCOL_FINETUNE, f"{student or regime}/student")
 
 
 def round2_runs() -> list[ProtocolRun]:
@@ -3673,6 +3680,27 @@ def round2_runs() -> list[ProtocolRun]:
     for seed in range(V2_SEEDS[(4, "scarce")]):
         long += [finetune_run("scarce", name, seed, c.flags, V2_LONG_STEPS) for name, c in V2_CONDITIONS.items()]
     return sorted(short.values(), key=lambda r: (r.seed, r.regime, r.condition)) + long
+
+
+def stage_runs(stage) -> list[ProtocolRun]:
+    """A round-3 stage's fine-tunes, seed by seed over its arms, named
+    r3/<images>/<condition>-s<seed> so that no summary of rounds 1-2 is taken for one of them."""
+    runs = []
+    for seed in range(stage.seeds if stage.arms else 0):
+        for arm in stage.arms:
+            run = finetune_run(arm.regime, arm.condition, seed, list(arm.flags), stage.steps,
+                               arm.student)
+            runs.append(run._replace(name=f"r3/{run.name}"))
+    return runs
+
+
+def round3_runs() -> list[ProtocolRun]:
+    """Round 3's fine-tunes in stage order; a run two stages share (uniform-3000) is listed once."""
+    return list({r.name: r for stage in ROUND3 for r in stage_runs(stage)}.values())
+
+
+def round3_probe_names() -> list[str]:
+    return [f"r3/{probe_name(s.probe, t)}" for s in ROUND3 if s.probe for t in s.probe.trajectories]
 
 
 def learning_curve(steps: int) -> list[str]:
@@ -3793,11 +3821,12 @@ def summary_device_key(summary: dict) -> str:
 
 
 def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
-    """Runs what is missing: the students, the probe, the grid, then probe v2 (one long job that
-    resumes after its last probed point). Skips finished runs (their summary is in results/protocol),
-    resumes runs that were cut off, and retrains a missing starting checkpoint from its seed. `only`:
-    globs over run names (the probes are "probe" and "probe-v2"); `jobs` runs that many fine-tunes at
-    once (one GPU with spare CPU cores)."""
+    """Runs what is missing: the students, the probe, the grid, probe v2 (one long job that resumes
+    after its last probed point), then round 3 stage by stage. Skips finished runs (their summary is
+    in results/protocol), resumes runs that were cut off, and retrains a missing starting checkpoint
+    from its seed. `only`: globs over run names (the probes are "probe", "probe-v2" and
+    "r3/probe-v3-t<seed>"); `jobs` runs that many fine-tunes at once (one GPU with spare CPU
+    cores)."""
     code_version()  # the commit these runs train on, read before any of them starts
     runs = {r.name: r for r in protocol_runs()}
     todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
@@ -3810,25 +3839,46 @@ def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, .
         if not regime_student(runs[init].regime).is_file():
             print(f"protocol: {init} is missing: training it again from its seed")
             train_protocol_run(runs[init], python)
-    if jobs <= 1:
-        for run in rest:
-            train_protocol_run(run, python)
-    else:
-        train_in_parallel(rest, python, jobs)
+    train_runs([r for r in rest if not r.name.startswith("r3/")], python, jobs)
     if matches(PROBE_V2.name, only):
         run_probe_once(PROBE_V2, runs, python)
+    for stage in ROUND3:  # in order: a stage's runs finish before the next stage's start
+        if stage.probe:
+            wanted = [t for t in stage.probe.trajectories
+                      if matches(f"r3/{probe_name(stage.probe, t)}", only)]
+            run_probe_once(stage.probe, runs, python, tuple(wanted))
+        names = {r.name for r in stage_runs(stage)}
+        train_runs([r for r in rest if r.name in names], python, jobs)
     report_protocol()
 
 
-def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: str) -> None:
-    if (PROTOCOL_RESULTS.parent / f"{design.name}.json").is_file():
-        return
+def train_runs(runs: list[ProtocolRun], python: str, jobs: int) -> None:
+    if jobs <= 1:
+        for run in runs:
+            train_protocol_run(run, python)
+    else:
+        train_in_parallel(runs, python, jobs)
+
+
+def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: str,
+                   trajectories: tuple[int, ...] | None = None) -> None:
+    """Each of the design's trajectories (or of `trajectories`) without a result, one probe job
+    each."""
+    for trajectory in design.trajectories if trajectories is None else trajectories:
+        if not (PROTOCOL_RESULTS.parent / f"{probe_name(design, trajectory)}.json").is_file():
+            run_probe_job(design, trajectory, runs, python)
+
+
+def run_probe_job(design: ProbeDesign, trajectory: int, runs: dict[str, ProtocolRun],
+                  python: str) -> None:
     student = runs[f"{design.regime}/student"]
     if not regime_student(student.regime).is_file():
         train_protocol_run(student, python)
     argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
-            tracked_name(regime_student(student.regime)), "--seed", "0",
+            tracked_name(regime_student(student.regime)), "--seed", str(trajectory),
             "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+    if len(design.trajectories) > 1:  # each trajectory's probe state in a folder of its own
+        argv += ["--out", str(PROTOCOL_RUNS / probe_name(design, trajectory))]
     print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
     process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
                                process_group=0)
@@ -3840,7 +3890,7 @@ def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: st
 
 
 def protocol_argv(run: ProtocolRun) -> list[str]:
-    init = ["--init", tracked_name(regime_student(run.regime))] if run.init else []
+    init = ["--init", tracked_name(regime_student(run.init.split("/")[0]))] if run.init else []
     return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
 
 
@@ -4002,17 +4052,29 @@ def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
     return verdicts
 
 
-def power_of(n: int, sd: float, delta: float) -> float:
-    """P(the 95% interval's half-width of n paired differences with sd `sd` is below delta)."""
+def precision_assurance(n: int, sd: float, delta: float) -> float:
+    """P(the 95% interval's half-width of n paired differences with sd `sd` is below delta): how
+    likely the interval is narrow enough to tell an effect of delta from none. Not the power."""
     from scipy.stats import chi2, t
 
     limit = delta * math.sqrt(n) / (t.ppf(0.975, n - 1) * sd)
     return float(chi2.cdf((n - 1) * limit ** 2, n - 1))
 
 
-def seeds_for_power(sd: float, delta: float, power: float = V2_POWER) -> int:
+def t_test_power(n: int, sd: float, delta: float) -> float:
+    """The conventional power of the two-sided paired t-test at 5%: P(reject 0) when the true
+    mean difference is delta, from the noncentral t."""
+    from scipy.stats import nct, t
+
+    crit, shift = t.ppf(0.975, n - 1), delta * math.sqrt(n) / sd
+    return float(nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift))
+
+
+def seeds_for(sd: float, delta: float, target: float = V2_POWER,
+              measure=precision_assurance) -> int:
+    """The fewest n >= 3 whose `measure` (precision_assurance for rule v2) reaches `target`."""
     n = 3
-    while power_of(n, sd, delta) < power:
+    while measure(n, sd, delta) < target:
         n += 1
     return n
 
@@ -4064,9 +4126,11 @@ def claim_verdicts_v2(runs: list[dict]) -> dict:
                 test["not_paired"] = refused  # seeds whose runs trained under different device keys
             planned = V2_SEEDS.get((claim if claim in CLAIMS_V2 else 4, regime))
             sd = test.get("sd")
+            delta = V2_DELTA[regime]
             test |= dict(planned_seeds=planned, pilot_sd=V2_PILOT_SD.get((claim if claim in CLAIMS_V2 else 4, regime)),
-                         power_now=power_of(planned, sd, V2_DELTA[regime]) if sd else None,
-                         seeds_needed_now=seeds_for_power(sd, V2_DELTA[regime]) if sd else None)
+                         power_now=t_test_power(planned, sd, delta) if sd else None,
+                         assurance_now=precision_assurance(planned, sd, delta) if sd else None,
+                         seeds_needed_now=seeds_for(sd, delta) if sd else None)
             if test["n"] < planned:  # read only at the planned number of seeds: no optional stopping
                 test["verdict"] = f"pending ({test['n']} of {planned} seeds)"
             per_regime[regime] = test
@@ -4087,6 +4151,9 @@ class ProbeDesign(NamedTuple):
     steps: int = 20  # student steps on one bin per probe
     val_crops: int = 64  # the fixed real val crops whose loss is the yardstick
     equal_people: bool = False  # subsample every probed bin to the smallest one's people
+    lr: float | None = None  # every probe step at this lr; None: the run's schedule at the point
+    keep_bn: bool = False  # BatchNorm running statistics put back before each val-loss reading
+    trajectories: tuple[int, ...] = (0,)  # the uniform runs probed (--seed), replicates
 
 
 PROBE_V1 = ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2))
@@ -4098,7 +4165,122 @@ PROBE_V1 = ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2))
 PROBE_V2 = ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 2, 3, 4, 5), equal_people=True)
 
 
-PROBES = {"v1": PROBE_V1, "v2": PROBE_V2}
+# [ours] Probe v3 (results/protocol/README.md, "Rule v3"), fixed before it ran: every probe step at
+# 1.5e-4, the mean of the runs' 3e-4 cosine, so a probe moves the weights as far as the run does on
+# average; BatchNorm statistics put back before each reading, so only the weights count; 3 uniform
+# trajectories, which first differ after step 0, so the points are those after it.
+PROBE_V3 = ProbeDesign("probe-v3", "scarce", (750, 1500, 2250, 3000), (0, 1, 2), equal_people=True,
+                       lr=1.5e-4, keep_bn=True, trajectories=(0, 1, 2))
+
+
+PROBES = {"v1": PROBE_V1, "v2": PROBE_V2, "v3": PROBE_V3}
+
+
+def probe_name(design: ProbeDesign, trajectory: int) -> str:
+    """The results file of one probed trajectory: results/<name>.{json,png}."""
+    return design.name if len(design.trajectories) == 1 else f"{design.name}-t{trajectory}"
+
+
+# ---- Rule v3 and round 3: fixed before any round-3 run (results/protocol/README.md, "Rule v3"),
+# written after round 2's results were known. A rule is an object, a round is data: a stage per
+# question, decided at its planned seeds before the next starts.
+
+@dataclass(frozen=True)
+class Rule:
+    """How a rule plans its seeds: the fewest n >= min_seeds whose t-test power at delta reaches
+    `power` and whose precision assurance (P(95% half-width < delta)) reaches `assurance`, so that
+    both an effect of delta and "no effect of delta or more" can be read."""
+    name: str
+    power: float
+    assurance: float
+    min_seeds: int = 3
+
+    def seeds(self, sd: float, delta: float) -> int:
+        return max(self.min_seeds, seeds_for(sd, delta, self.power, t_test_power),
+                   seeds_for(sd, delta, self.assurance, precision_assurance))
+
+
+RULE_V3 = Rule("v3", power=0.8, assurance=0.8)  # [ours] the conventional 0.8 for both
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A stage's condition: its flags, the images it trains on (a regime), its starting student."""
+    condition: str
+    flags: tuple[str, ...]
+    regime: str = "scarce"
+    student: str = "scarce"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One question of a round: its runs (arms x seeds at `steps`, or a probe), the comparisons its
+    test reads (better, worse), the paired sd measured so far that planned its seeds, delta, and
+    what its verdict decides."""
+    key: str
+    question: str
+    arms: tuple[Arm, ...]
+    steps: int
+    seeds: int
+    comparisons: tuple[tuple[str, str], ...]
+    test: str
+    decides: str
+    delta: float | None = None
+    sd: float | None = None
+    sd_source: str = ""
+    probe: ProbeDesign | None = None
+
+
+DELTA_AT_3000 = 0.005  # [ours] rule v2's delta (2.5% of the reference AP) of uniform-3000's 0.210
+# paper code's teacher, CPU-sized: its soft label, no BatchNorm under its head, its bins, lr, beta1
+PAPER_TEACHER = ("--mode", "student-teacher", "--teacher-update", "paper", "--teacher-arch",
+                 "small-nobn", "--teacher-bins", "paper", "--teacher-lr", "5e-5", "--beta1", "0.8")
+ROUND3 = (  # in this order; a stage's runs are all of its arms on seeds 0 .. seeds - 1
+    Stage("a", "claim 3: do the bins differ, and does which bins help change over training?",
+          arms=(), steps=V2_LONG_STEPS, seeds=len(PROBE_V3.trajectories), comparisons=(),
+          test="probe v2's two-way ANOVA and tau interval, on each trajectory's mean over its "
+          "probe seeds, trajectories as replicates",
+          decides="both parts of claim 3 (probe v1, v2 withdrawn)", probe=PROBE_V3,
+          sd_source="no spread between trajectories measured (probe v2 had one): the issue's "
+          "floor of 3"),
+    Stage("b", "does the synthetic half help at 3000 steps?",
+          arms=(Arm("real-3000", tuple(CONDITIONS["real"].flags)),
+                *(Arm(c, tuple(flags)) for c, (flags, _) in V2_CONDITIONS.items())),
+          steps=V2_LONG_STEPS, seeds=19,
+          comparisons=(("uniform-3000", "real-3000"), ("stratified-3000", "real-3000"),
+                       ("teacher-3000", "real-3000"), ("teacher-3000", "uniform-3000")),
+          test="rule v2's paired t-test and interval against delta",
+          decides="'synthetic data helps' at 3000 steps (scarce); claim 4's gap read against it",
+          delta=DELTA_AT_3000, sd=0.0073, sd_source="the largest paired sd measured in the "
+          "scarce regime for these pairs: real - synthetic at 800 steps (round 1), teacher - "
+          "stratified at 3000 (round 2)"),
+    Stage("c", "claim 2 deconfounded: does the sign of mask - include follow the images or the "
+          "student?",
+          arms=tuple(Arm(f"augmented-{loss}-from-{student}",
+                         ("--mode", "augmented", "--synthetic-loss", loss), images, student)
+                     for images in PROTOCOL_REGIMES for student in PROTOCOL_REGIMES
+                     for loss in ("mask", "include")),
+          steps=PROTOCOL_FINETUNE_STEPS, seeds=7,
+          comparisons=tuple((f"augmented-mask-from-{student}", f"augmented-include-from-{student}")
+                            for student in PROTOCOL_REGIMES),
+          test="per seed, d = mask - include in each of the 4 cells; rule v2's paired test on "
+          "the images contrast (d of 1000 - d of 100 images, mean over students) and the student "
+          "contrast (d from full - d from scarce, mean over images)",
+          decides="claim 2's regime flip: the images, the student, both or neither",
+          delta=V2_DELTA["scarce"], sd=0.00218, sd_source="the contrasts' sd from round 2's "
+          "claim-2 paired sds, sqrt((0.00177^2 + 0.00251^2) / 2)"),
+    Stage("d", "claim 4 with the teacher closest to the paper's code that the CPU affords",
+          arms=(Arm("teacher-paper-3000", PAPER_TEACHER),
+                # the identical loop without the teacher at the paper's beta1 (the student's too)
+                Arm("uniform-paper-3000", ("--mode", "synthetic", "--beta1", "0.8"))),
+          steps=V2_LONG_STEPS, seeds=12,
+          comparisons=(("teacher-paper-3000", "uniform-paper-3000"),
+                       ("teacher-paper-3000", "uniform-3000")),
+          test="rule v2's paired t-test and interval against delta",
+          decides="claim 4 for the paper code's soft label, teacher without BatchNorm, bins and "
+          "learning rate",
+          delta=DELTA_AT_3000, sd=0.00555, sd_source="round 2's teacher-3000 - uniform-3000"),
+)
 
 
 def fixed_val_batch(data: Data, cfg: Config, crops: int) -> Batch:
@@ -4147,10 +4329,20 @@ def bin_usefulness(trainer: Trainer, val_batch: Batch, lr: float, pools: list, d
                 rng = np.random.default_rng([cfg.seed, trainer.step, b, seed, t])
                 trainer.train_step(trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
                 tick()
+            if design.keep_bn:  # what the probe's batches did to the running statistics is not read
+                kept = {k: saved[0][k] for k in batchnorm_keys(trainer.model)}
+                trainer.model.load_state_dict(kept, strict=False)
             out[b, s] = before - val_loss(trainer.model, val_batch, cfg, trainer.device)
     trainer.model.load_state_dict(saved[0])
     trainer.optimizer.load_state_dict(saved[1])
     return out
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """The state_dict keys of a model's BatchNorm running statistics (means, variances, counts)."""
+    return [f"{name}.{key}" if name else key for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for key, _ in m.named_buffers(recurse=False)]
 
 
 PROBE_STATE = "probe.pt"  # in the probe's folder: the uniform run and the points probed so far
@@ -4182,7 +4374,8 @@ def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDe
     state: the uniform run, the points so far and the wall seconds since t0."""
     if trainer.step in {p["step"] for p in points}:
         return
-    lr = learning_rate(trainer.cfg, trainer.step, trainer.step / trainer.cfg.steps)
+    lr = design.lr if design.lr is not None else learning_rate(trainer.cfg, trainer.step,
+                                                                 trainer.step / trainer.cfg.steps)
     use = bin_usefulness(trainer, val_batch, lr, pools, design, tick)
     points.append(dict(step=trainer.step, usefulness=use.tolist()))
     save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict(),
@@ -4229,6 +4422,8 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
     if design is not PROBE_V1:
         result |= dict(design=design.name, regime=design.regime,
                        probed_people=[0 if q is None else len(q) for q in pools], v2=probe_verdict_v2(use))
+    if design.lr is not None:
+        result |= dict(probe_lr=design.lr, keep_bn=design.keep_bn, trajectory=cfg.seed)
     return result
 
 
@@ -4387,7 +4582,10 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     results/protocol alone (no training)."""
     results = results or PROTOCOL_RESULTS.parent
     current = {r.name: r for r in protocol_runs()}
-    runs = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
+    summaries = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
+    # rounds 1 and 2; round 3 reads its own
+    runs = [r for r in summaries if not r["name"].startswith("r3/")]
+    round3 = [stage_status(stage, summaries, results) for stage in ROUND3]
     for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
         if r["name"] in current:
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
@@ -4397,12 +4595,13 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
               if name.startswith("scarce/teacher-3000") and "series" in t}
     # each update's probabilities are in the run's own summary (runs); claims.json keeps them once
     teacher = {name: {k: v for k, v in t.items() if k != "series"} for name, t in teacher.items()}
-    round2 = set(current) - {r.name for r in round1_runs()}
+    round2 = {r.name for r in round2_runs()} - {r.name for r in round1_runs()}
     progress = dict(finished=sum(r["name"] in current and r["name"] not in round2 for r in runs),
-                    total=len(current) - len(round2), probe=bool(probe),
+                    total=len(round1_runs()), probe=bool(probe),
                     round2_finished=sum(r["name"] in round2 for r in runs), round2_total=len(round2))
     claims = dict(runs=runs, progress=progress, verdicts=claim_verdicts(runs, probe),
                   verdicts_v2=claim_verdicts_v2(runs), probe=probe, probe_v2=probe_v2, teacher=teacher,
+                  round3=round3,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
                                 conditions={name: c.flags for name, c in CONDITIONS.items()},
@@ -4464,7 +4663,7 @@ def claims_table(claims: dict) -> str:
              f"{'finished' if progress['probe'] else 'not run yet'}.** "
              + ("Round 1 is complete." if progress["finished"] == progress["total"] else
                 "Claims 1, 2 and 4 stay inconclusive in a regime until it has 3 paired seeds."), "",
-             *verdicts_v2_table(claims), "",
+             *verdicts_v2_table(claims), "", *round3_table(claims.get("round3", [])), "",
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
@@ -4506,16 +4705,20 @@ def probe_v2_rows(v1_verdict: str, v2: dict | None) -> list[str]:
     """Claim 3's two parts in the rule-v2 table: tests of probe v2's two-way ANOVA, and tau's interval."""
     seeds, regime = f"{len(PROBE_V2.seeds)} ({len(PROBE_V2.seeds)})", PROBE_V2.regime
     if not v2:
-        return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **pending** (probe v2 has not run) "
-                "| - | - | - | - |", f"| 3: which bins are useful changes over training | {regime} | (as above) | "
-                "**pending** | - | - | - | - |"]
+        return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **pending** "
+                "(probe v2 has not run) | - | - | - | - | - |",
+                f"| 3: which bins are useful changes over training | {regime} | (as above) | "
+                "**pending** | - | - | - | - | - |"]
     return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **{v2['bins_differ']}** | bins' main "
-            f"effect F = {v2['f_bins']:.2f}, p = {v2['p_bins']:.2g} (two-way ANOVA, points x bins) | {seeds} | - | "
+            f"effect F = {v2['f_bins']:.2f}, p = {v2['p_bins']:.2g} "
+            "(two-way ANOVA, points x bins) | "
+            f"{seeds} | - | - | "
             "a test, not an interval: p < 0.05 rejects equally useful bins |",
             f"| 3: which bins are useful changes over training | {regime} | (as above) | **{v2['ranking_changes']}** "
             f"| bin x point interaction F = {v2['f_interaction']:.2f}, p = {v2['p_interaction']:.2g}; tau first-last "
-            f"{v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}] | {seeds} | - | tau's interval excludes first "
-            f"and last rankings that agree less than tau {v2['tau_lo']:.2f}"
+            f"{v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}] | {seeds} | - | - | "
+            "tau's interval excludes "
+            f"first and last rankings that agree less than tau {v2['tau_lo']:.2f}"
             + ("; cannot exclude identical ones |" if v2["tau_hi"] >= 1 - 1e-9 else " |")]
 
 
@@ -4526,7 +4729,8 @@ def verdicts_v2_table(claims: dict) -> list[str]:
     lines = [f"**Rule v2** (written after round 1's results were known; README, \"Rule v2\"): round 2 has "
              f"{progress.get('round2_finished', 0)} of {progress.get('round2_total', 0)} of its runs.", "",
              "| claim | regime | v1 verdict | v2 verdict | paired AP difference, 95% CI, p | seeds (planned) | "
-             "power at the measured sd | what the interval excludes |", "|---" * 8 + "|"]
+             "power at delta (t-test, measured sd) | precision assurance at the measured sd | "
+             "what the interval excludes |", "|---" * 9 + "|"]
     v1 = claims["verdicts"]
     probe_rows = probe_v2_rows(v1.get(3, {}).get("verdict", "-"), (claims.get("probe_v2") or {}).get("v2"))
     for claim, v in claims.get("verdicts_v2", {}).items():
@@ -4536,14 +4740,90 @@ def verdicts_v2_table(claims: dict) -> list[str]:
             old = v1.get(claim, {}).get("per_regime", {}).get(regime, "-")
             old = old if claim != 4 else f"{old} (teacher - uniform, 800 steps)"
             ci = f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], p = {t['p']:.2g}" if "lo" in t else "-"
-            power = (f"{t['power_now']:.2f} (needs {t['seeds_needed_now']})" if t.get("power_now") is not None
-                     else "-")
+            power = (f"{t['power_now']:.2f} | {t['assurance_now']:.2f} "
+                     f"(needs {t['seeds_needed_now']})"
+                     if t.get("power_now") is not None else "- | -")
             refused = t.get("not_paired")
             refused = f"; seeds {refused} not paired: device keys differ" if refused else ""
             seeds = f"{t['n']} ({t['planned_seeds']}){refused}"
             lines.append(f"| {claim}: {v['better']} - {v['worse']} | {regime} | {old} | "
                          f"**{t['verdict']}** | {ci} | {seeds} | {power} | "
                          f"{interval_reading(t)} (delta {t['delta']}) |")
+    return lines
+
+
+# [ours] Measured rates that price a stage before it runs. This machine (AMD EPYC, AVX2, float32,
+# 2 cores) trains the demo network at about 7 img/s (--bench), 2.3 s per 16-crop step, 7.4 times
+# the 0.31 s per step of round 2's 3000-step runs on an Intel bf16 machine (their summaries'
+# minutes over steps); evaluation took about a minute there, so about 7 here.
+CPU_SECONDS_PER_STEP = 2.3
+CPU_EVAL_MINUTES = 7.0
+# [ours] H200: the median of round 1's 18 H200 fine-tunes (0.057 s per step, six side by side);
+# six scarce fine-tunes took 1.5 minutes in all, 0.7-0.8 of it training
+# (results/protocol/README.md).
+GPU_SECONDS_PER_STEP = 0.057
+GPU_JOBS = 6
+GPU_EVAL_MINUTES = 0.75  # per batch of GPU_JOBS runs side by side
+PROBED_BINS = 5  # [ours] the scarce regime's bins over 32 people, as probe v2 found them
+
+
+def stage_work(stage: Stage) -> tuple[int, int, bool]:
+    """(jobs, steps per job, whether each job ends with an evaluation of the val set)."""
+    if stage.probe:
+        d = stage.probe
+        probes = len(d.points) * PROBED_BINS * len(d.seeds) * d.steps
+        return len(d.trajectories), max(d.points) + probes, False
+    return len(stage_runs(stage)), stage.steps, True
+
+
+def stage_cost(stage: Stage) -> dict:
+    """Hours on this 2-core CPU, one job at a time; minutes on one H200, GPU_JOBS side by side."""
+    jobs, steps, evaluates = stage_work(stage)
+    cpu = jobs * (steps * CPU_SECONDS_PER_STEP / 60 + evaluates * CPU_EVAL_MINUTES) / 60
+    per_batch = steps * GPU_SECONDS_PER_STEP / 60 + evaluates * GPU_EVAL_MINUTES
+    gpu = math.ceil(jobs / GPU_JOBS) * per_batch
+    return dict(jobs=jobs, steps_per_job=steps, cpu_hours=round(cpu, 1), gpu_minutes=round(gpu))
+
+
+def stage_plan(stage: Stage) -> str:
+    """The seeds and the power behind them, in words."""
+    if stage.sd is None:
+        return f"{stage.seeds} trajectories: {stage.sd_source}"
+    power, assurance = (f(stage.seeds, stage.sd, stage.delta)
+                        for f in (t_test_power, precision_assurance))
+    return (f"{stage.seeds} seeds: power {power:.2f} at delta {stage.delta}, precision assurance "
+            f"{assurance:.2f}, at paired sd {stage.sd} ({stage.sd_source})")
+
+
+def stage_status(stage: Stage, runs: list[dict], results: Path) -> dict:
+    """Finished of planned, and "pending" until every planned run or trajectory has its result."""
+    if stage.probe:
+        names = [probe_name(stage.probe, t) for t in stage.probe.trajectories]
+        done = sum((results / f"{n}.json").is_file() for n in names)
+    else:
+        names = [r.name for r in stage_runs(stage)]
+        done = len({r["name"] for r in runs} & set(names))
+    status = ("pending" if done < len(names) else
+              "finished: read by rule v3 (not yet computed by --report)")
+    conditions = list(dict.fromkeys(f"{a.regime}/{a.condition}" for a in stage.arms))
+    return dict(key=stage.key, question=stage.question, planned=len(names), finished=done,
+                status=status, plan=stage_plan(stage), cost=stage_cost(stage),
+                conditions=conditions or [stage.probe.name])
+
+
+def round3_table(stages: list[dict]) -> list[str]:
+    lines = ["**Rule v3 and round 3** (written after round 2's results were known; "
+             "results/protocol/README.md, \"Rule v3\"): each stage is decided at its planned seeds "
+             "before the next starts.", "",
+             "| stage | question | runs | seeds, and the power behind them | finished (planned) | "
+             "status | cost: this CPU (2.3 s/step) | cost: one H200 (6 side by side) |",
+             "|---" * 8 + "|"]
+    for s in stages:
+        c = s["cost"]
+        lines.append(f"| {s['key']} | {s['question']} | {c['jobs']} x {c['steps_per_job']} steps: "
+                     f"{', '.join(s['conditions'])} | {s['plan']} | "
+                     f"{s['finished']} ({s['planned']}) | "
+                     f"**{s['status']}** | {c['cpu_hours']} h | {c['gpu_minutes']} min |")
     return lines
 
 
@@ -5537,6 +5817,7 @@ def job_count(text: str) -> int:
 def protocol_glob(glob: str) -> str:
     """--only GLOB: refused by the parser when it matches no run of the claims protocol."""
     names = [r.name for r in protocol_runs()] + [d.name for d in PROBES.values()]
+    names += round3_probe_names()
     if not any(matches(n, (glob,)) for n in names):
         raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like {names[0]}, "
                                          "full/augmented-mask-s1, full/synthetic-only or probe")
@@ -5579,8 +5860,9 @@ def probe_job(cfg: Config, args: argparse.Namespace) -> None:
     probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
     probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
                   device=device_name(device), device_key=this_device_key(device, cfg))
-    write_json(probe, PROTOCOL_RESULTS.parent / f"{design.name}.json")
-    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{design.name}.png")
+    name = probe_name(design, cfg.seed)
+    write_json(probe, PROTOCOL_RESULTS.parent / f"{name}.json")
+    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
 
 
 def domain_gap_job(cfg: Config, args: argparse.Namespace) -> None:
@@ -5659,8 +5941,11 @@ JOBS = {
     "--report": Job((own_flag("--report", "rebuild results/claims.{json,md,png} and the README's claims table from "
                               "results/protocol", action="store_true"),), (), report_job),
     "--probe": Job((own_flag("--probe", "the informativeness probe of claim 3 from --init (README): v1 (the default) "
-                             "writes results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}",
-                             nargs="?", const="v1", choices=tuple(PROBES), metavar="v1|v2"),),
+                             "writes results/probe.{json,png}, v2 (README, Rule v2) "
+                             "results/probe-v2.{json,png}, v3 (Rule v3) "
+                             "results/probe-v3-t<seed>.{json,png}",
+                             nargs="?", const="v1", choices=tuple(PROBES),
+                             metavar="|".join(PROBES)),),
                    config_fields(*flag_groups(), minus=("mode", "teacher_uniform", "teacher_stratified", "resume",
                                                         "ckpt", "input", "onnx")), probe_job),
     "--domain-gap": Job((own_flag("--domain-gap", "render N scenes per style and per style factor switched (seed "

@@ -2568,7 +2568,7 @@ def test_every_protocol_condition_records_the_real_crops_its_flags_give():
     """The claims table prints each condition's recorded real crops per step: they are what its
     runs' flags give (parsed here once per condition, never by the report)."""
     seen = {}
-    for run in R.protocol_runs():
+    for run in R.round1_runs() + R.round2_runs():  # round 3's: test_round_3_runs_parse_to_...
         if run.condition not in seen:
             cfg, _ = R.parse_args(run.argv)
             seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
@@ -2580,7 +2580,7 @@ def test_every_protocol_condition_records_the_real_crops_its_flags_give():
 
 def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
     first = {r.name: r for r in R.round1_runs()}
-    second = [r for r in R.protocol_runs() if r.name not in first]
+    second = [r for r in R.protocol_runs() if r.name not in first and not r.name.startswith("r3/")]
     assert all(r.init == f"{r.regime}/student" for r in second)
     short = [r for r in second if "3000" not in r.condition]
     assert {(r.regime, r.condition, r.seed) for r in short} == (
@@ -2652,7 +2652,8 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
                           ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init, command="x",
                           teacher=None), R.summary_path(r))
     for design in R.PROBES.values():
-        (tmp_path / "results" / f"{design.name}.json").write_text("{}")
+        for t in design.trajectories:
+            (tmp_path / "results" / f"{R.probe_name(design, t)}.json").write_text("{}")
     trained = []
 
     def train(run, python):
@@ -2669,7 +2670,8 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
     first = len(R.round1_runs())
     assert claims["progress"] == dict(finished=2, total=first, probe=False,  # the probe's json is empty
-                                      round2_finished=0, round2_total=len(runs) - first)
+                                      round2_finished=0,
+                                      round2_total=len(runs) - first - len(R.round3_runs()))
     assert f"2 of {first} runs finished" in (tmp_path / "results" / "claims.md").read_text()
 
 
@@ -2836,14 +2838,15 @@ def test_rule_v2_reads_a_paired_t_interval_against_delta():
 
 
 def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
-    assert all(R.seeds_for_power(sd, R.V2_DELTA[regime]) == R.V2_SEEDS[(claim, regime)]
+    assert all(R.seeds_for(sd, R.V2_DELTA[regime]) == R.V2_SEEDS[(claim, regime)]
                for (claim, regime), sd in R.V2_PILOT_SD.items())
     from scipy.stats import t
     rng = np.random.default_rng(0)  # the formula against simulated paired differences
     for n in (3, 5, 7):
         d = rng.normal(0.001, 0.0017, (20000, n))
         half = t.ppf(0.975, n - 1) * d.std(1, ddof=1) / np.sqrt(n)
-        assert (half < 0.003).mean() == pytest.approx(R.power_of(n, 0.0017, 0.003), abs=0.01)
+        assurance = R.precision_assurance(n, 0.0017, 0.003)
+        assert (half < 0.003).mean() == pytest.approx(assurance, abs=0.01)
     summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("*-s[012].json"))
     if not summaries:
         pytest.skip("round 1's summaries are not here")
@@ -2852,6 +2855,94 @@ def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
         better, worse = R.CLAIMS[claim][:2]
         d = np.subtract(*R.paired_aps(runs, better, worse, regime, R.PROTOCOL_SEEDS))
         assert d.std(ddof=1) == pytest.approx(sd, abs=0.000006), (claim, regime)
+
+
+def test_t_test_power_is_the_rejection_rate_at_delta_and_matches_the_audits_values():
+    from scipy.stats import ttest_1samp
+    rng = np.random.default_rng(1)
+    for n, sd, delta in ((5, 0.0055, 0.003), (7, 0.0022, 0.003), (12, 0.0055, 0.005)):
+        d = rng.normal(delta, sd, (20000, n))
+        rejected = (ttest_1samp(d, 0, axis=1).pvalue < 0.05).mean()
+        assert rejected == pytest.approx(R.t_test_power(n, sd, delta), abs=0.01)
+    # claim 4's measured paired sd (round 2): the audit's 0.16 at delta, 0.93 at -0.0116
+    sd = 0.005547690140022593
+    assert R.t_test_power(5, sd, 0.003) == pytest.approx(0.156, abs=0.001)
+    assert R.t_test_power(5, sd, 0.011634921956770794) == pytest.approx(0.931, abs=0.001)
+
+
+def test_round_3_seeds_come_from_rule_v3s_power_calculation_on_the_measured_spreads():
+    stages = {s.key: s for s in R.ROUND3}
+    assert list(stages) == ["a", "b", "c", "d"]
+    for s in stages.values():
+        if s.sd is None:  # the probe: no spread between trajectories measured yet
+            assert s.probe and s.seeds == len(s.probe.trajectories) == R.RULE_V3.min_seeds
+            continue
+        n = s.seeds
+        assert n == R.RULE_V3.seeds(s.sd, s.delta), s.key
+        at_n, below = (min(f(k, s.sd, s.delta) for f in (R.t_test_power, R.precision_assurance))
+                       for k in (n, n - 1))
+        assert at_n >= 0.8 > below  # both reach 0.8 at n, one of them not at n - 1
+    summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("scarce-*.json"))
+    if not summaries:
+        pytest.skip("round 2's summaries are not here")
+    runs = [json.loads(p.read_text()) for p in summaries]
+    pairs = (("teacher-3000", "uniform-3000"), ("teacher-3000", "stratified-3000"),
+             ("real", "synthetic"), ("augmented-mask", "augmented-include"))
+    sd = [np.subtract(*R.paired_aps(runs, *pair, "scarce")).std(ddof=1) for pair in pairs]
+    assert stages["d"].sd == pytest.approx(sd[0], abs=0.00001)
+    assert stages["b"].sd == pytest.approx(max(sd[1], sd[2]), abs=0.00005)
+    assert stages["c"].sd == pytest.approx(math.sqrt((0.00177 ** 2 + sd[3] ** 2) / 2), abs=0.00001)
+
+
+def test_round_3_runs_parse_to_the_flags_their_names_say_and_collide_with_no_summary():
+    old = {R.summary_path(r) for r in R.round1_runs() + R.round2_runs()}
+    runs = R.round3_runs()
+    assert len({r.name for r in runs}) == len(runs) and not {R.summary_path(r) for r in runs} & old
+    assert all(r.name.startswith("r3/") and R.matches(r.name, ("r3/*",)) for r in runs)
+    assert R.round3_probe_names() == ["r3/probe-v3-t0", "r3/probe-v3-t1", "r3/probe-v3-t2"]
+    for r in runs:
+        cfg, _ = R.parse_args(R.protocol_argv(r))
+        R.check_config(cfg)
+        assert (cfg.seed, cfg.train_subset) == (r.seed, R.PROTOCOL_REGIMES[r.regime])
+        assert cfg.steps == (800 if "-from-" in r.condition else 3000)
+        student = r.condition.split("-from-")[1] if "-from-" in r.condition else "scarce"
+        assert cfg.init == R.tracked_name(R.regime_student(student))
+        assert r.init == f"{student}/student"
+        if r.condition.startswith("augmented-"):
+            assert (cfg.mode, cfg.synthetic_loss) == ("augmented", r.condition.split("-")[1])
+        elif r.condition == "real-3000":
+            assert cfg.mode == "real" and R.batch_sources(cfg, 16).count(R.REAL) == 16
+        elif r.condition == "teacher-paper-3000":
+            teacher = (cfg.mode, cfg.teacher_update, cfg.teacher_arch, cfg.teacher_bins)
+            assert teacher == ("student-teacher", "paper", "small-nobn", "paper")
+            assert (cfg.teacher_lr, cfg.beta1) == (5e-5, 0.8)
+        elif r.condition == "uniform-paper-3000":  # the identical loop at the student's same beta1
+            assert (cfg.mode, cfg.beta1) == ("synthetic", 0.8)
+        else:  # round 2's 3000-step conditions, again, on one device key
+            flags = R.V2_CONDITIONS[r.condition].flags
+            assert r.argv == R.finetune_run("scarce", r.condition, r.seed, flags, 3000).argv
+    cells = {(r.regime, r.condition) for r in runs if "-from-" in r.condition}
+    assert len(cells) == 8  # the 2x2 of images x student, for mask and include
+    probe, _ = R.parse_args(["--probe", "v3", "--seed", "2", "--train-subset", "100"])
+    assert R.probe_name(R.PROBE_V3, 2) == "probe-v3-t2" and probe.seed == 2
+
+
+def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    claims = R.report_protocol()
+    table = (tmp_path / "results" / "claims.md").read_text()
+    rows = [line for line in table.splitlines()
+            if line.startswith(("| a |", "| b |", "| c |", "| d |"))]
+    assert [row[2] for row in rows] == ["a", "b", "c", "d"]
+    for stage, row, status in zip(R.ROUND3, rows, claims["round3"]):
+        cost = R.stage_cost(stage)
+        assert status["status"] == "pending" and status["finished"] == 0 and "**pending**" in row
+        assert f"| {cost['cpu_hours']} h | {cost['gpu_minutes']} min |" in row
+        assert cost["cpu_hours"] > 0
+    b = R.stage_cost(R.ROUND3[1])  # 76 runs of 3000 steps at 2.3 s, 7 minutes of evaluation each
+    assert b["cpu_hours"] == pytest.approx(76 * (3000 * 2.3 / 60 + 7) / 60, abs=0.05)
+    assert b["gpu_minutes"] == round(13 * (3000 * 0.057 / 60 + 0.75))
 
 
 def test_rule_v2_waits_for_the_planned_seeds():
@@ -2932,6 +3023,45 @@ def test_the_probe_job_writes_its_result_with_its_command_device_and_commit(toy,
     assert probe["command"].startswith("python repro.py ") and probe["command"].endswith("--probe v2")
     assert probe["device"] == "cpu" and probe["code"] == R.code_version() and probe["wall_minutes"] >= 0
     assert (tmp_path / "results" / "probe-tiny.png").is_file() and (tmp_path / "probe" / R.PROBE_STATE).is_file()
+
+
+@pytest.mark.parametrize("keep_bn", [True, False])
+def test_probe_v3_steps_at_its_fixed_lr_and_reads_with_untouched_batchnorm_statistics(
+        toy, tmp_path, monkeypatch, keep_bn):
+    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0,), steps=2, val_crops=4,
+                           equal_people=True, lr=7e-4, keep_bn=keep_bn)
+    cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
+    probing, lrs, moved = [], [], []
+    step, usefulness, read = R.Trainer.train_step, R.bin_usefulness, R.val_loss
+
+    def train_step(self, batch, lr):
+        if probing:
+            lrs.append(lr)
+        return step(self, batch, lr)
+
+    def bin_usefulness(trainer, *args):
+        keys = R.batchnorm_keys(trainer.model)
+        probing.append({k: v.clone() for k, v in trainer.model.state_dict().items() if k in keys})
+        try:
+            return usefulness(trainer, *args)
+        finally:
+            probing.clear()
+
+    def val_loss(model, *args):
+        if probing:  # every reading inside a probe: are the running statistics the point's own?
+            now = model.state_dict()
+            moved.append(any(not torch.equal(now[k], v) for k, v in probing[0].items()))
+        return read(model, *args)
+    monkeypatch.setattr(R.Trainer, "train_step", train_step)
+    monkeypatch.setattr(R, "bin_usefulness", bin_usefulness)
+    monkeypatch.setattr(R, "val_loss", val_loss)
+    probe = R.run_probe(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "probe", design)
+    probed = sum(n > 0 for n in probe["probed_people"])
+    assert len(lrs) == 2 * probed * 2 and set(lrs) == {7e-4}  # points x bins x steps, fixed lr
+    # each point reads the loss once before its probes, then once after each bin's steps
+    assert len(moved) == 2 * (1 + probed)
+    assert (probe["probe_lr"], probe["keep_bn"]) == (7e-4, keep_bn)
+    assert sum(moved) == (0 if keep_bn else 2 * probed)  # without keep_bn the probe moves them
 
 
 def test_probe_v2_pools_are_equal_sized_fixed_subsets():
