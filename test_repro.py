@@ -2308,10 +2308,19 @@ def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, m
     assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
     argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
     cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
-    assert cfg.init == str(tmp_path / "student.pt") and (cfg.lr, cfg.lr_schedule) == (5e-5, "constant")
+    assert cfg.init == str(tmp_path / "student.pt") and (cfg.lr, cfg.lr_schedule, cfg.bn_stats) == (5e-5, "constant",
+                                                                                                "keep")
     assert all(R.learning_rate(cfg, step, step / cfg.steps) == 5e-5 for step in (0, 30, cfg.steps))
     cosine = R.parse_args(["--mode", "augmented", "--lr-schedule", "cosine"] + argv)[0]
-    assert (cosine.lr, cosine.lr_schedule) == (1e-3, "cosine")  # a schedule named is a schedule kept
+    assert (cosine.lr, cosine.lr_schedule, cosine.bn_stats) == (1e-3, "cosine", "update")  # name one: set them all
+    student = R.load_checkpoint(tmp_path / "run/ckpt.pt")["model"]
+    for stats in ("keep", "update"):  # BatchNorm's running statistics stay those of --init only when kept
+        out = tmp_path / f"bn-{stats}"
+        assert R.main(toy_args(toy, out, "--mode", "real", "--steps", "2", "--init", str(tmp_path / "run/ckpt.pt"),
+                               "--bn-stats", stats, "--eval-steps", "1")) == 0
+        after = R.load_checkpoint(out / "ckpt.pt")["model"]
+        running = [k for k in after if k.endswith(("running_mean", "running_var"))]
+        assert running and all(torch.equal(after[k], student[k]) for k in running) == (stats == "keep")
     assert R.parse_args(["--mode", "augmented", "--lr", "1e-3"] + argv)[0].lr == 1e-3
     assert R.parse_args(["--mode", "augmented", "--init", "none"] + argv)[0].init is None
     assert R.parse_args(["--mode", "augmented"])[0].init is None  # another network: from scratch
