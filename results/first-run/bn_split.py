@@ -18,7 +18,12 @@ data = R.load_data(cfg)
 dev = torch.device("cpu")
 ship = R.load_checkpoint(cfg.init)["model"]
 final = R.load_checkpoint(f"{run}/ckpt.pt")["model"]
-bn = lambda k: k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def bn(k):
+    return k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
 for name, mix in (("final weights, shipped BN stats", {k: (ship[k] if bn(k) else final[k]) for k in final}),
                   ("shipped weights, final BN stats", {k: (final[k] if bn(k) else ship[k]) for k in final})):
     model = R.build_model(cfg).to(dev)
