@@ -156,11 +156,11 @@ class Config:
     real_share: float = setting(0.5, "share of real crops in a mixed mode's batch (paper code: 16 of 32); "
                                 "0 with --mode synthetic trains on synthetic data only")
     lr: float = setting(1e-3, "Adam learning rate (paper: 5e-5); a demo-preset fine-tune from --init runs at a "
-                        "constant 5e-5 unless --lr, --lr-schedule or --bn-stats is given")
+                        "constant 5e-5 unless --lr or --lr-schedule is given")
     beta1: float = setting(0.9, "Adam beta1 (paper: 0.8)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    bn_stats: str = setting("update", "BatchNorm running statistics while training: update them, or keep those "
-                            "of --init (BatchNorm in eval mode; the paper's network has none)", ("update", "keep"))
+    bn_stats: str = setting("update", "BatchNorm running statistics while training: update them, or keep "
+                            "those of --init (BatchNorm in eval mode; results/first-run)", ("update", "keep"))
     lr_schedule: str = setting("cosine", "cosine (demo, 100-step warm-up), step (paper: x lr_gamma every lr_step "
                                "steps) or constant", ("cosine", "step", "constant"))
     lr_step: int = setting(20000, "steps between learning-rate drops for the step schedule")
@@ -499,10 +499,8 @@ def ignore_mask(rec: ImageRecord) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
     mask = np.full((rec.height, rec.width), 255, np.uint8)
-    with warnings.catch_warnings():  # pycocotools 2.0.11's decoder predates numpy 2's __array__(copy=...)
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        for rle in rec.ignore_rles:
-            mask[mask_utils.decode(rle).astype(bool)] = 0
+    for rle in rec.ignore_rles:
+        mask[mask_utils.decode(rle).astype(bool)] = 0
     return mask
 
 
@@ -2894,11 +2892,9 @@ def tracked_name(path: Path) -> str:
 
 
 # A demo fine-tune that names none of these settings: paper code: the real-only student is fine-tuned
-# with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here; and its
-# network has no BatchNorm, so nothing like our running statistics drifts towards the synthetic
-# half's (with them updated, 60 student-teacher steps lowered AP by 0.021: results/first-run).
-# The protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
-FINETUNE = dict(lr=5e-5, lr_schedule="constant", bn_stats="keep")
+# with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here. The
+# protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
+FINETUNE = dict(lr=5e-5, lr_schedule="constant")
 
 
 def shipped_student_fits(cfg: Config) -> bool:

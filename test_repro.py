@@ -22,6 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
+# pycocotools 2.0.11's RLE decoder predates numpy 2's __array__(copy=...): its warning is about the
+# package, not about anything these tests check (Python shows it outside tests only in __main__).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 import repro as R  # noqa: E402
 
@@ -2308,11 +2311,10 @@ def test_init_auto_takes_the_shipped_student_only_where_it_fits(toy, tmp_path, m
     assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
     argv = ["--input-size", "64", "--width", "16", "--stages", "2"]  # the toy student's network
     cfg, _ = R.parse_args(["--mode", "augmented"] + argv)
-    assert cfg.init == str(tmp_path / "student.pt") and (cfg.lr, cfg.lr_schedule, cfg.bn_stats) == (5e-5, "constant",
-                                                                                                "keep")
+    assert cfg.init == str(tmp_path / "student.pt") and (cfg.lr, cfg.lr_schedule) == (5e-5, "constant")
     assert all(R.learning_rate(cfg, step, step / cfg.steps) == 5e-5 for step in (0, 30, cfg.steps))
     cosine = R.parse_args(["--mode", "augmented", "--lr-schedule", "cosine"] + argv)[0]
-    assert (cosine.lr, cosine.lr_schedule, cosine.bn_stats) == (1e-3, "cosine", "update")  # name one: set them all
+    assert (cosine.lr, cosine.lr_schedule) == (1e-3, "cosine")  # name one of FINETUNE's settings: set them all
     student = R.load_checkpoint(tmp_path / "run/ckpt.pt")["model"]
     for stats in ("keep", "update"):  # BatchNorm's running statistics stay those of --init only when kept
         out = tmp_path / f"bn-{stats}"
@@ -2627,7 +2629,7 @@ def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy
         assert torch.equal(a.target, b.target) and torch.equal(a.loss_mask, b.loss_mask)
     assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
     assert R.V2_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
-    assert not any(r.condition.startswith("uniform") for r in R.protocol_runs())  # read from synthetic's runs
+    assert not any(r.condition in R.SAME_RUNS for r in R.protocol_runs())  # read from synthetic's runs
     runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
             (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
     assert R.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
@@ -3035,6 +3037,8 @@ def test_the_probe_job_writes_its_result_with_its_command_device_and_commit(toy,
 
 
 @pytest.mark.parametrize("keep_bn", [True, False])
+# a toy probe's one trajectory leaves its ANOVA no spread to divide by: NaN, with numpy's and scipy's warnings
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore:.*arrays have length 1", "ignore:.*too small")
 def test_probe_v3_steps_at_its_fixed_lr_and_reads_with_untouched_batchnorm_statistics(
         toy, tmp_path, monkeypatch, keep_bn):
     design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0,), steps=2, val_crops=4,
@@ -3549,7 +3553,8 @@ def readme_commands() -> list[list[str]]:
             found.append(line.split("python repro.py", 1)[1].split("#")[0])
         elif not fenced:
             found += re.findall(r"`python repro\.py([^`]*)`", line)
-    commands = [shlex.split(c) for c in found if "[" not in c and "--help" not in c and " S " not in c]
+    placeholders = ("[", "--help", " S ", " T ")
+    commands = [shlex.split(c) for c in found if not any(p in c for p in placeholders)]
     return [c for c in commands if c]
 
 
