@@ -26,10 +26,11 @@ Where the paper's rules live:
   inference and grouping ................ network_maps, find_peaks, group_people
   what differs between benchmarks ....... CocoBenchmark, MpiiBenchmark (Skeleton.benchmark)
 Part I uses Part II only through these seams (a test checks the list): load_checkpoint, load_weights,
-save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files); and Part II
-sets MPII.benchmark. Part II: MPII's files and scoring, files and checkpoints, run folders, figures,
-the claims protocol (runs, verdicts, probe, report), the domain gap, the bench, predict and ONNX,
-and the command line.
+save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files),
+MpiiBenchmark (MPII's file formats and scoring: Skeleton.benchmark looks it up by the skeleton's
+name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints, run
+folders, figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench,
+predict and ONNX, and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -304,8 +305,7 @@ class Skeleton:
     """A dataset's joints (the json's keypoint order), the network's parts (heatmap channels, the
     background follows) and limbs (PAF channels, x and y each), and the maps between them. Every
     step that depends on the parts reads this table; nothing else names a part. Its `benchmark`
-    (CocoBenchmark, MpiiBenchmark: set where each is defined) is what differs in the evaluation."""
-    benchmark: CocoBenchmark
+    is what differs in the evaluation."""
 
     def __init__(self, name: str, num_joints: int, parts: dict[str, tuple[int, int]],
                  limbs: list[tuple[str, str]], min_centre_keypoints: int, never_start: int = 0):
@@ -338,6 +338,12 @@ class Skeleton:
         out = np.zeros(parts.shape[:-2] + (self.num_joints, parts.shape[-1]), parts.dtype)
         out[..., self.from_joints[self.joint_parts, 0], :] = parts[..., self.joint_parts, :]
         return out
+
+    @property
+    def benchmark(self) -> CocoBenchmark:
+        """The interface is CocoBenchmark, in Part I; MPII's file formats and scoring are Part II's,
+        looked up when first asked for, so the skeleton is whole from its construction."""
+        return {"coco": CocoBenchmark, "mpii": MpiiBenchmark}[self.name]()
 
 
 COCO = Skeleton(  # COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 PAF channels (OpenPose)
@@ -2112,7 +2118,7 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
 
 
 class CocoBenchmark:
-    """What differs between benchmarks, as COCO has it. Each skeleton carries its benchmark
+    """What differs between benchmarks, as COCO has it. Each skeleton names its benchmark
     (Skeleton.benchmark; MPII's is in Part II and answers the same calls), so the shared path never
     asks which one it is."""
 
@@ -2151,8 +2157,6 @@ class CocoBenchmark:
     def write_image_predictions(self, out: Path, predictions: list) -> list[str]:
         return []
 
-
-COCO.benchmark = CocoBenchmark()
 
 
 # ==============================================================================================
@@ -2838,8 +2842,6 @@ class MpiiBenchmark(CocoBenchmark):
         write_pred_mat(out / "predictions.mat", predictions)
         return ["predictions.mat"]
 
-
-MPII.benchmark = MpiiBenchmark()
 
 
 # ----------------------------------------------------------------------------------------------
