@@ -3636,6 +3636,8 @@ def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
 def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
     fields = [f.name for f in R.dataclasses.fields(R.Config)]
     assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)  # each once
+    readers = {job for f in R.dataclasses.fields(R.Config) for job in f.metadata["jobs"]}
+    assert readers <= set(R.JOBS) | {"predict"}, readers  # a misspelt job would read nothing
     assert R.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
