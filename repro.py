@@ -26,10 +26,11 @@ Where the paper's rules live:
   inference and grouping ................ network_maps, find_peaks, group_people
   what differs between benchmarks ....... CocoBenchmark, MpiiBenchmark (Skeleton.benchmark)
 Part I uses Part II only through these seams (a test checks the list): load_checkpoint, load_weights,
-save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files); and Part II
-sets MPII.benchmark. Part II: MPII's files and scoring, files and checkpoints, run folders, figures,
-the claims protocol (runs, verdicts, probe, report), the domain gap, the bench, predict and ONNX,
-and the command line.
+save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files),
+MpiiBenchmark (MPII's file formats and scoring: Skeleton.benchmark looks it up by the skeleton's
+name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints, run
+folders, figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench,
+predict and ONNX, and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -79,7 +80,7 @@ cv2.setNumThreads(1)  # cv2's own pool fights torch for the cores; our images ar
 
 
 # ----------------------------------------------------------------------------------------------
-# Config: every setting once, with its help text (the command line is built from these fields)
+# Config: every setting once, with its help, its --help group and the jobs that read it
 # ----------------------------------------------------------------------------------------------
 
 MODES = ("real", "synthetic", "augmented", "student-teacher", "eval", "predict")
@@ -90,142 +91,206 @@ def config_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def setting(default, help: str, choices: tuple | None = None):
-    """A Config field that carries its own command-line help and choices."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+class FlagGroup(NamedTuple):
+    """A --help group of Config's flags, and the jobs that read its fields besides the --mode runs
+    (which read every field): the job flags of the command line; "predict" for --mode predict."""
+    title: str
+    jobs: str
+
+    def __call__(self, default, help: str, choices: tuple | None = None, jobs: str | None = None):
+        """A Config field of this group with its own help and choices; `jobs`, where a field's
+        readers are not its group's, names them all."""
+        readers = tuple((self.jobs if jobs is None else jobs).split())
+        meta = dict(help=help, choices=choices, group=self.title, jobs=readers)
+        return field(default=default, metadata=meta)
+
+
+# The groups in --help's order, each with the jobs that read its fields. A job reads what its
+# function reads: bench and gpu_report fix the mode (augmented) and the steps, gpu_report also
+# --init, --workers and --compile; the domain gap evaluates a checkpoint on rendered sets (its
+# network is the checkpoint's; --preset sets --eval-height). The probe takes a training run's flags,
+# as the protocol passes it its runs' common ones (--minutes, --log-every, --eval-scales, ... it
+# does not read), less those its design fixes (--mode, the sampling) and other jobs' inputs
+# (--resume, --ckpt, --input, --onnx). --mode predict's network is its checkpoint's: it reads few
+# training flags.
+WHAT = FlagGroup("what to run", "--probe --domain-gap --bench --bench-targets --gpu-report predict")
+DATA = FlagGroup("data", "--probe --bench --bench-targets --gpu-report")
+METHOD = FlagGroup("method", "--probe --bench --gpu-report")
+NETWORK = FlagGroup("network", "--probe --bench --gpu-report")
+GEOMETRY = FlagGroup("geometry", "--probe --bench --bench-targets --gpu-report")
+OPTIMISATION = FlagGroup("optimisation", "--probe")
+INFERENCE = FlagGroup("inference", "--probe --domain-gap --bench predict")
+EVALUATION = FlagGroup("evaluation during training", "--probe")
+TEACHER = FlagGroup("teacher", "--probe --gpu-report")
+RUN = FlagGroup("run", "--probe")
+FILES = FlagGroup("checkpoint and input", "predict")
+MACHINE = FlagGroup("machine", "--probe --domain-gap --bench --gpu-report predict")
+HELP_GROUPS = (WHAT, DATA, METHOD, NETWORK, GEOMETRY, OPTIMISATION, INFERENCE, EVALUATION, TEACHER,
+               RUN, FILES, MACHINE)
+STEPS = "--probe --bench --gpu-report"  # the jobs that take training steps as the --mode runs do
 
 
 @dataclass
 class Config:
     """Every setting of a run; the defaults are the CPU-sized demo preset (README, "Deviations")."""
-    mode: str = setting("augmented", "training regime, eval of --ckpt, or predict: --ckpt on your own --input", MODES)
-    preset: str = setting("demo", "paper: the paper's network and schedule; demo: CPU-sized", ("demo", "paper"))
+    mode: str = WHAT("augmented", "training regime, eval of --ckpt, or predict: --ckpt on your own "
+                     "--input", MODES, jobs="predict")
+    preset: str = WHAT("demo", "paper: the paper's network and schedule; demo: CPU-sized",
+                       ("demo", "paper"))
     # data
-    data: str = setting("auto", "auto: coco when --coco-root/--train-json is given, else the built-in demo "
-                        "benchmark", ("auto", "demo", "coco"))
-    coco_root: str | None = setting(None, "COCO root with train2017/, val2017/, "
-                                    "annotations/person_keypoints_*2017.json")
-    train_json: str | None = setting(None, "any COCO-format keypoint json for training (with --train-images)")
-    train_images: str | None = setting(None, "image folder of --train-json")
-    val_json: str | None = setting(None, "COCO-format keypoint json to evaluate on (with --val-images)")
-    val_images: str | None = setting(None, "image folder of --val-json")
-    synthetic_json: str | None = setting(None, "purely synthetic scenes from render_humans.py, images beside "
-                                         "it in images/ (default: the demo's)")
-    bank_json: str | None = setting(None, "person bank from render_humans.py --kind bank (default: the demo's)")
-    demo_dir: str = setting("data/demo", "where the built-in demo benchmark is rendered and cached")
-    demo_size: str = setting("small", "small: quick first run; large: more images for experiments",
-                             ("small", "large"))
-    demo_val: str = setting("standard", "the demo's val split: standard, or crowded (more people per image, "
-                            "about 2400 in all: the claims protocol's, README)", ("standard", "crowded"))
-    max_val_images: int = setting(0, "evaluate on at most this many val images (0 = all)")
-    train_subset: int = setting(0, "train on the first N training images only (0 = all); subsets are nested")
-    skeleton: str = setting("coco", "coco: COCO-17 + neck, COCO AP; mpii: the paper's OpenPose-MPI parts, "
-                            "MPII multi-person mAP", ("coco", "mpii"))
-    mpii_root: str | None = setting(None, "MPII root: mpii_human_pose_v1_u12_1.mat (the official RELEASE) "
-                                    "and images/ (implies --skeleton mpii)")
+    data: str = DATA("auto", "auto: coco when --coco-root/--train-json is given, else the built-in "
+                     "demo benchmark", ("auto", "demo", "coco"))
+    coco_root: str | None = DATA(None, "COCO root with train2017/, val2017/, "
+                                 "annotations/person_keypoints_*2017.json")
+    train_json: str | None = DATA(None, "any COCO-format keypoint json for training (with "
+                                  "--train-images)")
+    train_images: str | None = DATA(None, "image folder of --train-json")
+    val_json: str | None = DATA(None, "COCO-format keypoint json to evaluate on (with "
+                                "--val-images)")
+    val_images: str | None = DATA(None, "image folder of --val-json")
+    synthetic_json: str | None = DATA(None, "purely synthetic scenes from render_humans.py, images "
+                                      "beside it in images/ (default: the demo's)")
+    bank_json: str | None = DATA(None, "person bank from render_humans.py --kind bank (default: "
+                                 "the demo's)")
+    demo_dir: str = DATA("data/demo", "where the built-in demo benchmark is rendered and cached")
+    demo_size: str = DATA("small", "small: quick first run; large: more images for experiments",
+                          ("small", "large"))
+    demo_val: str = DATA("standard", "the demo's val split: standard, or crowded (more people per "
+                         "image, about 2400 in all: the claims protocol's, README)",
+                         ("standard", "crowded"))
+    max_val_images: int = EVALUATION(0, "evaluate on at most this many val images (0 = all)")
+    train_subset: int = DATA(0, "train on the first N training images only (0 = all); subsets are "
+                             "nested")
+    skeleton: str = DATA("coco", "coco: COCO-17 + neck, COCO AP; mpii: the paper's OpenPose-MPI "
+                         "parts, MPII multi-person mAP", ("coco", "mpii"),
+                         jobs="--probe --bench --bench-targets --gpu-report predict")
+    mpii_root: str | None = DATA(None, "MPII root: mpii_human_pose_v1_u12_1.mat (the official "
+                                 "RELEASE) and images/ (implies --skeleton mpii)")
     # method
-    synthetic_loss: str = setting("mask", "mask: pasted people are out of the loss (paper's best); "
-                                  "include: supervised", ("mask", "include"))
-    paste_mean: float = setting(4.0, "mean of the Poisson number of pasted people per augmented image "
-                                "(paper code: 4)")
-    paste_min: int = setting(2, "least number of pasted people per augmented image (paper code: 2)")
+    synthetic_loss: str = METHOD("mask", "mask: pasted people are out of the loss (paper's best); "
+                                 "include: supervised", ("mask", "include"))
+    paste_mean: float = METHOD(4.0, "mean of the Poisson number of pasted people per augmented "
+                               "image (paper code: 4)")
+    paste_min: int = METHOD(2, "least number of pasted people per augmented image (paper code: 2)")
     # network
-    arch: str = setting("small", "openpose: VGG-19 + 6 CPM stages (paper); small: light backbone for CPUs",
-                        ("small", "openpose"))
-    stages: int = setting(3, "number of prediction stages (paper: 6)")
-    width: int = setting(64, "channels of the small network's stages")
-    pretrained: bool = setting(False, "load torchvision's ImageNet VGG-19 weights (needs a download or a "
-                               "cached file)")
+    arch: str = NETWORK("small", "openpose: VGG-19 + 6 CPM stages (paper); small: light backbone "
+                        "for CPUs", ("small", "openpose"))
+    stages: int = NETWORK(3, "number of prediction stages (paper: 6)")
+    width: int = NETWORK(64, "channels of the small network's stages")
+    pretrained: bool = NETWORK(False, "load torchvision's ImageNet VGG-19 weights (needs a "
+                               "download or a cached file)")
     # geometry (paper preset: 368 input, stride 8, sigma 7, PAF half-width 8). The demo's sigma and
     # PAF width are 1.25 output cells, not the paper's 0.6 at this scale: the sparser target was
     # not picked up within minutes (README, design table).
-    input_size: int = setting(128, "training crop side in pixels (paper: 368)")
-    stride: int = setting(4, "output stride of the network (paper: 8)")
-    sigma: float = setting(5.0, "heatmap Gaussian sigma in input pixels (paper: 7 at 368)")
-    paf_width: float = setting(5.0, "half-width of a limb's PAF in input pixels (paper: 8 at 368)")
+    # --bench-targets times both presets' sizes, so it reads none of these five
+    input_size: int = GEOMETRY(128, "training crop side in pixels (paper: 368)", jobs=STEPS)
+    stride: int = GEOMETRY(4, "output stride of the network (paper: 8)", jobs=STEPS)
+    sigma: float = GEOMETRY(5.0, "heatmap Gaussian sigma in input pixels (paper: 7 at 368)",
+                            jobs=STEPS)
+    paf_width: float = GEOMETRY(5.0, "half-width of a limb's PAF in input pixels (paper: 8 at 368)",
+                                jobs=STEPS)
     # paper code: scale 1.25/person_scale, MPII scale = height/200
-    person_fraction: float = setting(250 / 368, "a crop's centre person is scaled to this fraction of the "
-                                     "input height ...")
-    scale_range: tuple[float, ...] = setting((0.4, 1.6), "... times U(lo, hi) (paper code: 0.4 1.6)")
-    max_rotation: float = setting(40.0, "rotation augmentation U(-r, r) degrees (paper code: 40)")
-    max_center_offset: float = setting(49.0 * 128 / 368, "crop centre jitter in input pixels (paper code: 49 "
-                                       "at 368)")
-    flip_prob: float = setting(0.5, "horizontal flip probability, with left/right swap (paper code: 0.5)")
+    person_fraction: float = GEOMETRY(250 / 368, "a crop's centre person is scaled to this "
+                                      "fraction of the input height ...")
+    scale_range: tuple[float, ...] = GEOMETRY((0.4, 1.6), "... times U(lo, hi) (paper code: 0.4 "
+                                              "1.6)")
+    max_rotation: float = GEOMETRY(40.0, "rotation augmentation U(-r, r) degrees (paper code: 40)")
+    max_center_offset: float = GEOMETRY(49.0 * 128 / 368, "crop centre jitter in input pixels "
+                                        "(paper code: 49 at 368)", jobs=STEPS)
+    flip_prob: float = GEOMETRY(0.5, "horizontal flip probability, with left/right swap (paper "
+                                "code: 0.5)")
     # optimisation
-    batch_size: int = setting(16, "crops per step; mixed modes use half synthetic/augmented, half real")
-    real_share: float = setting(0.5, "share of real crops in a mixed mode's batch (paper code: 16 of 32); "
-                                "0 with --mode synthetic trains on synthetic data only")
-    lr: float = setting(1e-3, "Adam learning rate (paper: 5e-5); a demo-preset fine-tune from --init runs at a "
-                        "constant 5e-5 unless --lr or --lr-schedule is given")
-    beta1: float = setting(0.9, "Adam beta1 (paper: 0.8)")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    bn_stats: str = setting("update", "BatchNorm running statistics while training: update them, or keep "
-                            "those of --init (BatchNorm in eval mode; results/first-run)", ("update", "keep"))
-    lr_schedule: str = setting("cosine", "cosine (demo, 100-step warm-up), step (paper: x lr_gamma every lr_step "
-                               "steps) or constant", ("cosine", "step", "constant"))
-    lr_step: int = setting(20000, "steps between learning-rate drops for the step schedule")
-    lr_gamma: float = setting(0.33, "factor of each learning-rate drop")
+    batch_size: int = OPTIMISATION(16, "crops per step; mixed modes use half synthetic/augmented, "
+                                   "half real", jobs=STEPS)
+    real_share: float = OPTIMISATION(0.5, "share of real crops in a mixed mode's batch (paper "
+                                     "code: 16 of 32); 0 with --mode synthetic trains on synthetic "
+                                     "data only", jobs=STEPS)
+    lr: float = OPTIMISATION(1e-3, "Adam learning rate (paper: 5e-5); a demo-preset fine-tune from "
+                             "--init runs at a constant 5e-5 unless --lr or --lr-schedule is "
+                             "given", jobs=STEPS)
+    beta1: float = OPTIMISATION(0.9, "Adam beta1 (paper: 0.8)", jobs=STEPS)
+    weight_decay: float = OPTIMISATION(0.0, "AdamW weight decay", jobs=STEPS)
+    bn_stats: str = OPTIMISATION("update", "BatchNorm running statistics while training: update "
+                                 "them, or keep those of --init (BatchNorm in eval mode; "
+                                 "results/first-run)", ("update", "keep"))
+    lr_schedule: str = OPTIMISATION("cosine", "cosine (demo, 100-step warm-up), step (paper: x "
+                                    "lr_gamma every lr_step steps) or constant",
+                                    ("cosine", "step", "constant"))
+    lr_step: int = OPTIMISATION(20000, "steps between learning-rate drops for the step schedule")
+    lr_gamma: float = OPTIMISATION(0.33, "factor of each learning-rate drop")
     # [ours] 60 steps: the first run's length, the same experiment on every machine (results/first-run)
-    steps: int = setting(60, "training steps (0: no training, only the evaluation of the start)")
-    minutes: float = setting(0.0, "also stop training after this many wall-clock minutes (0: steps only); the "
-                             "schedule then follows the time, so runs differ between machines")
-    init: str | None = setting("auto", "start from this checkpoint's weights (paper: a real-only student); auto: "
-                               "the shipped demo student on the demo data with its network, else none (from "
-                               "scratch); with --bench: time grouping on its maps")
+    steps: int = OPTIMISATION(60, "training steps (0: no training, only the evaluation of the "
+                              "start)")
+    minutes: float = OPTIMISATION(0.0, "also stop training after this many wall-clock minutes (0: "
+                                  "steps only); the schedule then follows the time, so runs differ "
+                                  "between machines")
+    init: str | None = OPTIMISATION(
+        "auto", "start from this checkpoint's weights (paper: a real-only student); auto: the "
+        "shipped demo student on the demo data with its network, else none (from scratch); with "
+        "--bench: time grouping on its maps", jobs="--probe --bench")
     # inference
-    eval_height: int = setting(192, "val images are resized to this height at scale 1.0")
-    eval_scales: tuple[float, ...] = setting((0.7, 1.0, 1.3), "inference scales (paper code: 0.7 1.0 1.3)")
-    eval_flip: bool = setting(False, "also average the flipped image's maps")
-    eval_steps: tuple[float, ...] = setting((), "also evaluate on val after these steps")
-    eval_init: bool = setting(True, "evaluate the --init weights before training (prints AP before and after)")
-    eval_minutes: tuple[float, ...] = setting((), "evaluate on val when the training time crosses these "
-                                              "minutes")
+    eval_height: int = INFERENCE(192, "val images are resized to this height at scale 1.0")
+    eval_scales: tuple[float, ...] = INFERENCE((0.7, 1.0, 1.3), "inference scales (paper code: 0.7 "
+                                               "1.0 1.3)")
+    eval_flip: bool = INFERENCE(False, "also average the flipped image's maps")
+    eval_steps: tuple[float, ...] = EVALUATION((), "also evaluate on val after these steps")
+    eval_init: bool = EVALUATION(True, "evaluate the --init weights before training (prints AP "
+                                 "before and after)")
+    eval_minutes: tuple[float, ...] = EVALUATION((), "evaluate on val when the training time "
+                                                 "crosses these minutes")
     # teacher
-    teacher_attribute: str = setting("min_dist", "person attribute binned for the teacher")
-    teacher_arch: str = setting(
+    teacher_attribute: str = TEACHER("min_dist", "person attribute binned for the teacher")
+    teacher_arch: str = TEACHER(
         "small", "vgg19: the paper code's VGG-19 trunk and head (no BatchNorm, ReLU on the "
         "logits); small [ours]: 4 convolutions with BatchNorm, linear logits; small-nobn: the "
         "small trunk without BatchNorm under the paper's head", ("small", "small-nobn", "vgg19"))
-    teacher_data: str = setting("synthetic", "synthetic scenes or augmented real images as the teacher's "
-                                "samples", ("synthetic", "augmented"))
-    teacher_interval: int = setting(20, "student steps between teacher decisions (paper code: 20)")
-    bins: int = setting(10, "number of bins of the teacher attribute (paper code: 10)")
-    teacher_step: float = setting(0.01, "soft-label step of the teacher's update (paper code: alpha = beta = "
-                                  "0.01); larger moves the teacher faster [ours]")
-    teacher_update: str = setting(
+    teacher_data: str = TEACHER("synthetic", "synthetic scenes or augmented real images as the "
+                                "teacher's samples", ("synthetic", "augmented"))
+    teacher_interval: int = TEACHER(20, "student steps between teacher decisions (paper code: 20)")
+    bins: int = TEACHER(10, "number of bins of the teacher attribute (paper code: 10)")
+    teacher_step: float = TEACHER(0.01, "soft-label step of the teacher's update (paper code: "
+                                  "alpha = beta = 0.01); larger moves the teacher faster [ours]")
+    teacher_update: str = TEACHER(
         "symmetric", "soft label when the student's loss fell: symmetric [ours] lowers the picked "
         "bin as a rise raises it; paper: as the paper's code runs it, the picked bin stays and "
         "only the others rise", ("symmetric", "paper"))
-    teacher_bins: str = setting(
+    teacher_bins: str = TEACHER(
         "ours", "bin edges of min_dist and camera_angle: ours puts the paper's first edge at bin "
         "0's lower end; paper: np.digitize on them as the paper's code does, so bin 0 holds only "
         "values below the first edge", ("ours", "paper"))
-    teacher_lr: float = setting(
+    teacher_lr: float = TEACHER(
         0.0, "the teacher's learning rate; 0: the student's at each step, as the paper's code (its "
         "teacher steps with the student's optimizer; the paper's lr: 5e-5)")
-    teacher_uniform: bool = setting(False, "baseline: same loop, uniform sampling over all synthetic samples")
-    teacher_stratified: bool = setting(False, "control [ours]: same loop, each window's bin picked uniformly at "
-                                       "random among the bins large enough to train on, no learning")
-    teacher_min_bin: int = setting(32, "bins with at most this many samples are penalised and re-picked "
-                                   "(paper code: 32)")
+    teacher_uniform: bool = TEACHER(False, "baseline: same loop, uniform sampling over all "
+                                    "synthetic samples", jobs="--gpu-report")
+    teacher_stratified: bool = TEACHER(False, "control [ours]: same loop, each window's bin picked "
+                                       "uniformly at random among the bins large enough to train "
+                                       "on, no learning", jobs="--gpu-report")
+    teacher_min_bin: int = TEACHER(32, "bins with at most this many samples are penalised and "
+                                   "re-picked (paper code: 32)")
     # run
-    seed: int = setting(0, "seed for python, numpy and torch")
-    out: str | None = setting(None, "run folder (default runs/<mode>-<data>-s<seed>)")
-    resume: bool = setting(False, "continue from the run folder's checkpoint")
-    ckpt: str | None = setting(None, "checkpoint to evaluate (--mode eval), to predict with (--mode predict) or to "
-                               "export (--export-onnx); predict and export default to the shipped demo student")
-    input: str | None = setting(None, "--mode predict: an image, a folder of images or a video file")
-    onnx: str | None = setting(None, "--mode predict through this ONNX model (from --export-onnx) in onnxruntime "
-                               "instead of torch")
-    ckpt_every: int = setting(200, "steps between checkpoints")
-    log_every: int = setting(20, "steps between metric lines")
-    workers: int = setting(-1, "data loader processes (-1: 1 on CPU, 4 on CUDA); 0 builds batches in the "
-                           "training process")
-    device: str = setting("auto", "where to train", ("auto", "cpu", "cuda"))
-    amp: bool = setting(True, "bfloat16 mixed precision on CUDA and on CPUs with native bf16 "
+    seed: int = RUN(0, "seed for python, numpy and torch",
+                    jobs="--probe --domain-gap --bench --gpu-report")
+    out: str | None = RUN(
+        None, "run folder (default runs/<mode>-<data>-s<seed>)",
+        jobs="--probe --domain-gap --gpu-report --compare --export-student predict")
+    resume: bool = RUN(False, "continue from the run folder's checkpoint", jobs="")
+    ckpt: str | None = FILES(None, "checkpoint to evaluate (--mode eval), to predict with (--mode "
+                             "predict) or to export (--export-onnx); predict and export default to "
+                             "the shipped demo student", jobs="--domain-gap --export-onnx predict")
+    input: str | None = FILES(None, "--mode predict: an image, a folder of images or a video file")
+    onnx: str | None = FILES(None, "--mode predict through this ONNX model (from --export-onnx) in "
+                             "onnxruntime instead of torch")
+    ckpt_every: int = RUN(200, "steps between checkpoints")
+    log_every: int = RUN(20, "steps between metric lines")
+    workers: int = MACHINE(-1, "data loader processes (-1: 1 on CPU, 4 on CUDA); 0 builds batches "
+                           "in the training process", jobs="--probe --bench")
+    device: str = MACHINE("auto", "where to train", ("auto", "cpu", "cuda"))
+    amp: bool = MACHINE(True, "bfloat16 mixed precision on CUDA and on CPUs with native bf16 "
                         "(AVX512-BF16/AMX)")
-    threads: int = setting(0, "torch CPU threads (0: torch's default)")
-    compile: bool = setting(False, "torch.compile the student for training (README, Speed: slower on 2 CPU cores)")
+    threads: int = MACHINE(0, "torch CPU threads (0: torch's default)")
+    compile: bool = MACHINE(False, "torch.compile the student for training (README, Speed: slower "
+                            "on 2 CPU cores)", jobs="--probe --bench")
 
 
 PRESETS: dict[str, dict] = {
@@ -304,8 +369,7 @@ class Skeleton:
     """A dataset's joints (the json's keypoint order), the network's parts (heatmap channels, the
     background follows) and limbs (PAF channels, x and y each), and the maps between them. Every
     step that depends on the parts reads this table; nothing else names a part. Its `benchmark`
-    (CocoBenchmark, MpiiBenchmark: set where each is defined) is what differs in the evaluation."""
-    benchmark: CocoBenchmark
+    is what differs in the evaluation."""
 
     def __init__(self, name: str, num_joints: int, parts: dict[str, tuple[int, int]],
                  limbs: list[tuple[str, str]], min_centre_keypoints: int, never_start: int = 0):
@@ -338,6 +402,12 @@ class Skeleton:
         out = np.zeros(parts.shape[:-2] + (self.num_joints, parts.shape[-1]), parts.dtype)
         out[..., self.from_joints[self.joint_parts, 0], :] = parts[..., self.joint_parts, :]
         return out
+
+    @property
+    def benchmark(self) -> CocoBenchmark:
+        """The interface is CocoBenchmark, in Part I; MPII's file formats and scoring are Part II's,
+        looked up when first asked for, so the skeleton is whole from its construction."""
+        return {"coco": CocoBenchmark, "mpii": MpiiBenchmark}[self.name]()
 
 
 COCO = Skeleton(  # COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 PAF channels (OpenPose)
@@ -2110,7 +2180,7 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
 
 
 class CocoBenchmark:
-    """What differs between benchmarks, as COCO has it. Each skeleton carries its benchmark
+    """What differs between benchmarks, as COCO has it. Each skeleton names its benchmark
     (Skeleton.benchmark; MPII's is in Part II and answers the same calls), so the shared path never
     asks which one it is."""
 
@@ -2149,8 +2219,6 @@ class CocoBenchmark:
     def write_image_predictions(self, out: Path, predictions: list) -> list[str]:
         return []
 
-
-COCO.benchmark = CocoBenchmark()
 
 
 # ==============================================================================================
@@ -2837,7 +2905,15 @@ class MpiiBenchmark(CocoBenchmark):
         return ["predictions.mat"]
 
 
-MPII.benchmark = MpiiBenchmark()
+
+def mpii_release_job(cfg: Config, args: argparse.Namespace) -> None:
+    out = write_mpii_rehearsal(Path(args.write_mpii_release))
+    print(f"MPII-layout rehearsal set: {out / MPII_RELEASE} and {out / 'images'}; train on it with "
+          f"python repro.py --preset paper --mpii-root {out}")
+
+
+def score_mpii_job(cfg: Config, args: argparse.Namespace) -> None:
+    score_mpii_files(*args.score_mpii)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2934,6 +3010,11 @@ def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = 
     weights = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
     save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
     print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
+
+
+def export_student_job(cfg: Config, args: argparse.Namespace) -> None:
+    # an --out the user names is theirs to replace; the default never is
+    export_student(args.export_student, Path(cfg.out or SHIPPED_STUDENT), replace=bool(cfg.out))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -3489,6 +3570,10 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
         tmp.write_text(table)
     print(table)
     return table
+
+
+def compare_job(cfg: Config, args: argparse.Namespace) -> None:
+    compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5113,6 +5198,10 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
     return report
 
 
+def domain_gap_job(cfg: Config, args: argparse.Namespace) -> None:
+    run_domain_gap(cfg, args.domain_gap, start_job(cfg)[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # Benchmark: is the data pipeline ever the bottleneck? is grouping cheaper than the network?
 # ----------------------------------------------------------------------------------------------
@@ -5388,6 +5477,21 @@ def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10),
                       f"{row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: {row['speedup_batched']:4.1f}x and "
                       f"{row['speedup_single']:4.1f}x faster")
     return figures
+
+
+def bench_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    bench(cfg, load_data(cfg), device)
+
+
+def bench_targets_job(cfg: Config, args: argparse.Namespace) -> None:
+    start_job(cfg)
+    bench_targets(cfg, load_data(cfg))
+
+
+def gpu_report_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    gpu_report(cfg, load_data(cfg), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5773,42 +5877,25 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
     return diffs
 
 
+def export_onnx_job(cfg: Config, args: argparse.Namespace) -> None:
+    export_onnx(cfg, Path(args.export_onnx))
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-# Config's flags in groups, for --help and for saying which flags a job takes. A field missing
-# here (a new one) is listed under "other" and taken by the --mode runs only.
-FLAG_GROUPS = {
-    "what to run": ("mode", "preset"),
-    "data": ("data", "coco_root", "train_json", "train_images", "val_json", "val_images", "synthetic_json",
-             "bank_json", "demo_dir", "demo_size", "demo_val", "train_subset", "skeleton", "mpii_root"),
-    "method": ("synthetic_loss", "paste_mean", "paste_min"),
-    "network": ("arch", "stages", "width", "pretrained"),
-    "geometry": ("input_size", "stride", "sigma", "paf_width", "person_fraction", "scale_range", "max_rotation",
-                 "max_center_offset", "flip_prob"),
-    "optimisation": ("batch_size", "real_share", "lr", "beta1", "weight_decay", "bn_stats", "lr_schedule", "lr_step",
-                     "lr_gamma", "steps", "minutes", "init"),
-    "inference": ("eval_height", "eval_scales", "eval_flip"),
-    "evaluation during training": ("max_val_images", "eval_steps", "eval_init", "eval_minutes"),
-    "teacher": ("teacher_attribute", "teacher_arch", "teacher_data", "teacher_interval", "bins",
-                "teacher_step", "teacher_update", "teacher_bins", "teacher_lr", "teacher_uniform",
-                "teacher_stratified", "teacher_min_bin"),
-    "run": ("seed", "out", "resume", "ckpt_every", "log_every"),
-    "checkpoint and input": ("ckpt", "input", "onnx"),
-    "machine": ("workers", "device", "amp", "threads", "compile"),
-}
+# Config's flags in --help's groups, and the ones each job reads, from the fields' own metadata.
+FLAG_GROUPS = {g.title: tuple(f.name for f in dataclasses.fields(Config)
+                              if f.metadata["group"] == g.title) for g in HELP_GROUPS}
 
 
-def flag_groups() -> dict[str, tuple[str, ...]]:
-    """FLAG_GROUPS, and "other" for any Config field they do not name."""
-    named = {n for names in FLAG_GROUPS.values() for n in names}
-    return FLAG_GROUPS | {"other": tuple(f.name for f in dataclasses.fields(Config) if f.name not in named)}
-
-
-def config_fields(*groups: str, plus: tuple[str, ...] = (), minus: tuple[str, ...] = ()) -> tuple[str, ...]:
-    names = [n for g in groups for n in flag_groups()[g]] + list(plus)
-    return tuple(n for n in names if n not in minus)
+def reader_fields(job: str) -> tuple[str, ...]:
+    """The Config fields a job reads, in --help's order: all of them for a --mode run (TRAIN), else
+    those whose metadata names the job ("predict": --mode predict)."""
+    readers = {f.name: f.metadata["jobs"] for f in dataclasses.fields(Config)}
+    return tuple(n for names in FLAG_GROUPS.values() for n in names
+                 if job == TRAIN or job in readers[n])
 
 
 def job_count(text: str) -> int:
@@ -5869,54 +5956,17 @@ def probe_job(cfg: Config, args: argparse.Namespace) -> None:
     save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
 
 
-def domain_gap_job(cfg: Config, args: argparse.Namespace) -> None:
-    run_domain_gap(cfg, args.domain_gap, start_job(cfg)[2])
+class Job:
+    """A job of the command line: what it runs, its own flags (the first one names it; a --mode run
+    has none), and what it keeps when interrupted, and how it goes on (None: nothing half-written).
+    Its parser takes the flags of the Config fields it reads and no other."""
 
+    def __init__(self, run: types.FunctionType, *own: tuple[str, dict], kept: str | None = None):
+        self.run, self.own, self.kept = run, own, kept
 
-def bench_job(cfg: Config, args: argparse.Namespace) -> None:
-    device = start_job(cfg)[2]
-    bench(cfg, load_data(cfg), device)
-
-
-def bench_targets_job(cfg: Config, args: argparse.Namespace) -> None:
-    start_job(cfg)
-    bench_targets(cfg, load_data(cfg))
-
-
-def gpu_report_job(cfg: Config, args: argparse.Namespace) -> None:
-    device = start_job(cfg)[2]
-    gpu_report(cfg, load_data(cfg), device)
-
-
-def compare_job(cfg: Config, args: argparse.Namespace) -> None:
-    compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
-
-
-def export_student_job(cfg: Config, args: argparse.Namespace) -> None:
-    # an --out the user names is theirs to replace; the default never is
-    export_student(args.export_student, Path(cfg.out or SHIPPED_STUDENT), replace=bool(cfg.out))
-
-
-def export_onnx_job(cfg: Config, args: argparse.Namespace) -> None:
-    export_onnx(cfg, Path(args.export_onnx))
-
-
-def mpii_release_job(cfg: Config, args: argparse.Namespace) -> None:
-    out = write_mpii_rehearsal(Path(args.write_mpii_release))
-    print(f"MPII-layout rehearsal set: {out / MPII_RELEASE} and {out / 'images'}; train on it with "
-          f"python repro.py --preset paper --mpii-root {out}")
-
-
-def score_mpii_job(cfg: Config, args: argparse.Namespace) -> None:
-    score_mpii_files(*args.score_mpii)
-
-
-class Job(NamedTuple):
-    """A job of the command line: its own flags (the first one names it; a --mode run has none),
-    the Config fields it reads (its parser takes their flags and no other), and what it runs."""
-    own: tuple[tuple[str, dict], ...]
-    fields: tuple[str, ...]
-    run: types.FunctionType
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return reader_fields(self.own[0][0] if self.own else TRAIN)
 
 
 def own_flag(name: str, help: str, **kwargs) -> tuple[str, dict]:
@@ -5926,68 +5976,60 @@ def own_flag(name: str, help: str, **kwargs) -> tuple[str, dict]:
 TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag, no job flag
 
 
-# What each job reads of Config, from its function: bench and gpu_report fix the mode (augmented) and
-# the steps, gpu_report also --init, --workers and --compile; bench_targets times both presets'
-# geometries; the domain gap evaluates a checkpoint on rendered sets (its network is the checkpoint's;
-# --preset sets --eval-height). The probe takes a training run's flags, as the protocol passes it its
-# runs' common ones (--minutes, --log-every, --eval-scales, ... it does not read), less those its
-# design fixes (--mode, the sampling) and those of other jobs' inputs (--resume, --ckpt, --input, --onnx).
 JOBS = {
-    TRAIN: Job((), config_fields(*flag_groups()), train_job),
-    "--reproduce": Job((
-        own_flag("--reproduce", "run the claims protocol (README): skips finished runs, resumes cut-off ones, then "
-                 "--report", action="store_true"),
+    TRAIN: Job(train_job, kept="the last checkpoint is kept: rerun with --resume"),
+    "--reproduce": Job(
+        reproduce_job,
+        own_flag("--reproduce", "run the claims protocol (README): skips finished runs, resumes "
+                 "cut-off ones, then --report", action="store_true"),
         own_flag("--jobs", "fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
                  "runs/protocol/<run>.log", type=job_count, default=1, metavar="N"),
-        own_flag("--only", "only the runs whose names match one of these, e.g. 'scarce/*-s[12]' full/synthetic-only "
-                 "(the probe is 'probe')", nargs="+", type=protocol_glob, default=["*"], metavar="GLOB")),
-        (), reproduce_job),
-    "--report": Job((own_flag("--report", "rebuild results/claims.{json,md,png} and the README's claims table from "
-                              "results/protocol", action="store_true"),), (), report_job),
-    "--probe": Job((own_flag("--probe", "the informativeness probe of claim 3 from --init (README): v1 (the default) "
-                             "writes results/probe.{json,png}, v2 (README, Rule v2) "
-                             "results/probe-v2.{json,png}, v3 (Rule v3) "
-                             "results/probe-v3-t<seed>.{json,png}",
-                             nargs="?", const="v1", choices=tuple(PROBES),
-                             metavar="|".join(PROBES)),),
-                   config_fields(*flag_groups(), minus=("mode", "teacher_uniform", "teacher_stratified", "resume",
-                                                        "ckpt", "input", "onnx")), probe_job),
-    "--domain-gap": Job((own_flag("--domain-gap", "render N scenes per style and per style factor switched (seed "
-                                  "7000), evaluate --ckpt (default: the shipped student) on each; writes "
-                                  "domain-gap.{json,md} into --out (default results/domain-gap/); README, 'Where the "
-                                  "domain gap comes from'", type=int, metavar="N"),),
-                        config_fields("inference", plus=("preset", "ckpt", "out", "seed", "device", "amp",
-                                                         "threads")), domain_gap_job),
-    "--bench": Job((own_flag("--bench", "print speed figures and exit", action="store_true"),),
-                   config_fields("data", "method", "network", "geometry", "inference", "machine", plus=(
-                       "preset", "batch_size", "real_share", "lr", "beta1", "weight_decay", "init", "seed")),
-                   bench_job),
-    "--bench-targets": Job((own_flag("--bench-targets", "time heatmap + PAF targets against Lightweight OpenPose's "
-                                     "loops at the demo and paper geometries (one thread) and exit",
-                                     action="store_true"),),
-                           config_fields("data", "geometry", plus=("preset",), minus=(
-                               "input_size", "stride", "sigma", "paf_width", "max_center_offset")), bench_targets_job),
-    "--gpu-report": Job((own_flag("--gpu-report", "the device figures of one call (training img/s eager and "
-                                  "compiled, FLOPs per image, MFU, loader ratio, teacher update, a torchrun check) "
-                                  "into results/gpu-bench/, and exit", action="store_true"),),
-                        config_fields("data", "method", "network", "geometry", "teacher", plus=(
-                            "preset", "batch_size", "real_share", "lr", "beta1", "weight_decay", "seed", "out",
-                            "device", "amp", "threads")), gpu_report_job),
-    "--compare": Job((own_flag("--compare", "plot val metrics of these run folders against minutes into --out (png + "
-                               "md table)", nargs="+", metavar="RUN"),), ("out",), compare_job),
-    "--export-student": Job((own_flag("--export-student", "write CKPT's weights in half precision to --out (default "
-                                      "results/student-demo.pt, the shipped student, which is replaced only when "
-                                      "--out names it)", metavar="CKPT"),), ("out",), export_student_job),
-    "--export-onnx": Job((own_flag("--export-onnx", "write the network of --ckpt (default: the shipped student) as an "
-                                   "ONNX model to PATH, checked against torch (dynamic batch and input size); run it "
-                                   "with --mode predict --onnx", metavar="PATH"),), ("ckpt",), export_onnx_job),
-    "--write-mpii-release": Job((own_flag("--write-mpii-release", "render the stand-in benchmark at paper size into "
-                                          "DIR in MPII's own layout (mpii_human_pose_v1_u12_1.mat + images/), a "
-                                          "rehearsal of --mpii-root before the real data", metavar="DIR"),),
-                                (), mpii_release_job),
-    "--score-mpii": Job((own_flag("--score-mpii", "score MPII multi-person predictions (.mat pred struct or .json) "
-                                  "against a ground-truth annotation list with the official rules; prints the table "
-                                  "and 'mAP <value>'", nargs=2, metavar=("PRED", "GT")),), (), score_mpii_job),
+        own_flag("--only", "only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
+                 "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
+                 default=["*"], metavar="GLOB"),
+        kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on"),
+    "--report": Job(report_job, own_flag(
+        "--report", "rebuild results/claims.{json,md,png} and the README's claims table from "
+        "results/protocol", action="store_true")),
+    "--probe": Job(probe_job, own_flag(
+        "--probe", "the informativeness probe of claim 3 from --init (README): v1 (the default) "
+        "writes results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}, v3 "
+        "(Rule v3) results/probe-v3-t<seed>.{json,png}", nargs="?", const="v1",
+        choices=tuple(PROBES), metavar="|".join(PROBES)),
+        kept="the points probed so far are kept: rerun the same command to go on"),
+    "--domain-gap": Job(domain_gap_job, own_flag(
+        "--domain-gap", "render N scenes per style and per style factor switched (seed 7000), "
+        "evaluate --ckpt (default: the shipped student) on each; writes domain-gap.{json,md} into "
+        "--out (default results/domain-gap/); README, 'Where the domain gap comes from'", type=int,
+        metavar="N")),
+    "--bench": Job(bench_job, own_flag(
+        "--bench", "print speed figures and exit", action="store_true")),
+    "--bench-targets": Job(bench_targets_job, own_flag(
+        "--bench-targets", "time heatmap + PAF targets against Lightweight OpenPose's loops at the "
+        "demo and paper geometries (one thread) and exit", action="store_true")),
+    "--gpu-report": Job(gpu_report_job, own_flag(
+        "--gpu-report", "the device figures of one call (training img/s eager and compiled, FLOPs "
+        "per image, MFU, loader ratio, teacher update, a torchrun check) into results/gpu-bench/, "
+        "and exit", action="store_true")),
+    "--compare": Job(compare_job, own_flag(
+        "--compare", "plot val metrics of these run folders against minutes into --out (png + md "
+        "table)", nargs="+", metavar="RUN")),
+    "--export-student": Job(export_student_job, own_flag(
+        "--export-student", "write CKPT's weights in half precision to --out (default "
+        "results/student-demo.pt, the shipped student, which is replaced only when --out names it)",
+        metavar="CKPT")),
+    "--export-onnx": Job(export_onnx_job, own_flag(
+        "--export-onnx", "write the network of --ckpt (default: the shipped student) as an ONNX "
+        "model to PATH, checked against torch (dynamic batch and input size); run it with --mode "
+        "predict --onnx", metavar="PATH")),
+    "--write-mpii-release": Job(mpii_release_job, own_flag(
+        "--write-mpii-release", "render the stand-in benchmark at paper size into DIR in MPII's "
+        "own layout (mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of --mpii-root before "
+        "the real data", metavar="DIR")),
+    "--score-mpii": Job(score_mpii_job, own_flag(
+        "--score-mpii", "score MPII multi-person predictions (.mat pred struct or .json) against a "
+        "ground-truth annotation list with the official rules; prints the table and 'mAP <value>'",
+        nargs=2, metavar=("PRED", "GT"))),
 }
 
 
@@ -5999,10 +6041,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
 
 
-# What --mode predict reads: the network is its checkpoint's, so of the training flags only these.
-PREDICT_FIELDS = config_fields("inference", "checkpoint and input",
-                               plus=("mode", "preset", "skeleton", "out", "device", "amp",
-                                     "threads"))
+PREDICT_FIELDS = reader_fields("predict")
 
 
 def job_flags(flag: str) -> set[str]:
@@ -6028,8 +6067,8 @@ def own_usage(flag: str) -> str:
 
 def fields_in_words(fields: tuple[str, ...]) -> str:
     """A job's Config flags: whole groups by name, the others flag by flag."""
-    groups = [g for g, names in flag_groups().items() if names and set(names) <= set(fields)]
-    whole = {n for g in groups for n in flag_groups()[g]}
+    groups = [g for g, names in FLAG_GROUPS.items() if names and set(names) <= set(fields)]
+    whole = {n for g in groups for n in FLAG_GROUPS[g]}
     single = " ".join(config_flag(n) for n in fields if n not in whole)
     return " and ".join(filter(None, [f"the flags of {', '.join(groups)}" if groups else "", single]))
 
@@ -6055,7 +6094,7 @@ def add_config_flags(p: argparse.ArgumentParser, fields: tuple[str, ...]) -> Non
     def shown(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    for title, names in flag_groups().items():
+    for title, names in FLAG_GROUPS.items():
         names = [n for n in names if n in fields]
         group = p.add_argument_group(title) if names else None
         for name in names:
@@ -6160,13 +6199,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-# What an interrupted job keeps and how it goes on; the jobs not named keep nothing half-written.
-RESUMED = {TRAIN: "the last checkpoint is kept: rerun with --resume",
-           "--probe": "the points probed so far are kept: rerun the same command to go on",
-           "--reproduce": "finished runs and the last checkpoints are kept: rerun --reproduce "
-                          "to go on"}
-
-
 def run_main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
@@ -6183,7 +6215,7 @@ def run_main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         training = args.job != TRAIN or cfg.mode not in ("eval", "predict")
-        kept = RESUMED.get(args.job) if training else None
+        kept = JOBS[args.job].kept if training else None
         print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0

@@ -829,7 +829,7 @@ def test_part_one_uses_part_two_only_through_the_seams_its_docstring_lists():
     used |= {m.id for n in tree.body if n.lineno < part2 and not isinstance(n, (ast.FunctionDef, ast.ClassDef))
              for m in ast.walk(n) if isinstance(m, ast.Name) and m.id in defined}
     seams = re.search(r"only through these seams \(a test checks the list\): (.*?);", R.__doc__, re.S).group(1)
-    listed = set(re.findall(r"\b([a-z_]+)\b(?=,| \(|$)", seams.replace("\n", " ")))
+    listed = set(re.findall(r"\b([A-Za-z_]+)\b(?=,| \(|$)", seams.replace("\n", " ")))
     assert used == listed, (sorted(used), sorted(listed))
 
 
@@ -893,6 +893,15 @@ def test_mpii_skeleton_tables():
     coco = np.zeros((17, 3), np.float32)
     coco[[5, 6], :2], coco[[5, 6], 2] = [[10, 0], [20, 4]], [2, 1]
     assert R.COCO.to_parts(coco)[17].tolist() == [15, 2, 1]  # the neck: shoulder midpoint, lower visibility
+
+
+def test_each_skeleton_names_its_benchmark_and_nothing_sets_it_after():
+    assert type(R.COCO.benchmark) is R.CocoBenchmark
+    assert isinstance(R.MPII.benchmark, R.MpiiBenchmark)
+    tree = ast.parse((ROOT / "repro.py").read_text())
+    set_after = [ast.unparse(t) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Attribute) and t.attr == "benchmark"]
+    assert not set_after, set_after
 
 
 # ---- Datasets: COCO-format json + images (real, stand-in, synthetic scenes, person bank) ---------
@@ -3632,6 +3641,8 @@ def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
 def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
     fields = [f.name for f in R.dataclasses.fields(R.Config)]
     assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)  # each once
+    readers = {job for f in R.dataclasses.fields(R.Config) for job in f.metadata["jobs"]}
+    assert readers <= set(R.JOBS) | {"predict"}, readers  # a misspelt job would read nothing
     assert R.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
