@@ -3126,6 +3126,32 @@ def test_probe_v2_anova_matches_a_regression_and_reads_both_parts():
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "not shown")
 
 
+def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_readme(tmp_path, monkeypatch):
+    def test(verdict, mean, lo, hi):
+        return dict(verdict=verdict, mean=mean, lo=lo, hi=hi, n=5, delta=0.003)
+    verdicts = {1: dict(better="a", worse="b", verdict="reproduced",
+                        per_regime=dict(full=test("reproduced", 0.01, 0.004, 0.016),
+                                        scarce=test("inconclusive", 0.001, -0.002, 0.004))),
+                4: dict(better="t", worse="u", verdict="contradicted",
+                        per_regime=dict(scarce=test("contradicted", -0.01, -0.02, -0.005)))}
+    table = R.answer_table(dict(verdicts_v2=verdicts, runs=[]))
+    rows = {line.split(":")[0].strip("| "): line for line in table.splitlines()
+            if line[:3] in ("| 1", "| 2", "| 3", "| 4")}
+    assert "**reproduced** | full +0.0100 [+0.0040, +0.0160] (5); scarce +0.0010 [-0.0020, +0.0040] (5)" in rows["1"]
+    assert "full: a ahead by 0.004 to 0.016 AP; scarce: cannot tell (-0.002 to +0.004 AP)" in rows["1"]
+    assert "| **not tested** | - | pending |" in rows["2"]  # no verdict yet
+    assert R.WITHDRAWN[3] in rows["3"] and "**not tested**" in rows["3"]
+    assert "**contradicted** for the teacher tested" in rows["4"] and "u ahead by 0.005 to 0.020 AP" in rows["4"]
+    assert "no finished pairs yet" in table
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    (tmp_path / "README.md").write_text(f"intro\n{R.README_MARKERS[0]}\nold\n{R.README_MARKERS[1]}\nrest\n")
+    claims = R.report_protocol()
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert R.answer_table(claims) in text and "| claim |" not in text  # the answer, not claims.md's table
+
+
 def test_the_v2_table_gives_claim_3_its_two_parts_with_their_tests():
     noise = np.random.default_rng(4).normal(0, 0.3, (5, 4, 6))
     crossing = np.linspace(-1, 1, 5)[:, None, None] * np.linspace(-2, 2, 4)[None, :, None] + noise
