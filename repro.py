@@ -1668,6 +1668,10 @@ def learning_rate(cfg: Config, step: int, progress: float) -> float:
     return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class Trainer:
     """Holds the student (and the teacher in student-teacher mode) and runs the steps."""
 
@@ -1712,9 +1716,8 @@ class Trainer:
         """One optimiser step on a batch from BatchMaker.batch."""
         cfg, device, sk = self.cfg, self.device, skeleton(self.cfg)
         if cfg.bn_stats == "keep":  # again each step: an evaluation puts the model back in train mode
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            for m in batchnorm_modules(self.model):
+                m.eval()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         people = batch.people.to(device)
@@ -4429,8 +4432,8 @@ def bin_usefulness(trainer: Trainer, val_batch: Batch, lr: float, pools: list, d
 
 def batchnorm_keys(model: nn.Module) -> list[str]:
     """The state_dict keys of a model's BatchNorm running statistics (means, variances, counts)."""
-    return [f"{name}.{key}" if name else key for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    names = {id(m): name for name, m in model.named_modules()}
+    return [f"{names[id(m)]}.{key}" if names[id(m)] else key for m in batchnorm_modules(model)
             for key, _ in m.named_buffers(recurse=False)]
 
 
@@ -4922,7 +4925,7 @@ def round3_table(stages: list[dict]) -> list[str]:
 WITHDRAWN = {3: "probe v2 is withdrawn (its probes trained at the cosine schedule's learning rate, "
                 "0 at its last point, and moved BatchNorm statistics: it measured those, not the bins); "
                 "probe v3 is pending"}
-TESTED = {4: "the teacher tested: the small network with BatchNorm, the symmetric soft label, the student's "
+TESTED = {4: "The teacher tested: the small network with BatchNorm, the symmetric soft label, the student's "
              "cosine learning rate (3e-4 peak); the paper's (VGG-19, no BatchNorm, 5e-5) is untested"}
 
 
@@ -4930,7 +4933,7 @@ def regime_reading(t: dict, better: str, worse: str) -> str:
     """One regime's rule-v2 result in words a reader can check against the interval."""
     word = t["verdict"]
     if "lo" not in t or word.startswith("pending"):
-        return f"{word}"
+        return word
     if word == "reproduced":
         return f"{better} ahead by {t['lo']:.3f} to {t['hi']:.3f} AP"
     if word == "contradicted":
@@ -4957,7 +4960,7 @@ def answer_table(claims: dict) -> str:
         means = "; ".join(f"{regime}: {regime_reading(t, v['better'], v['worse'])}"
                           for regime, t in v["per_regime"].items())
         lines.append(f"| {claim}: {words} | **{v['verdict']}**{scope} | {ci} | {means}"
-                     + (f". {TESTED[claim][0].upper()}{TESTED[claim][1:]}" if claim in TESTED else "") + " |")
+                     + (f". {TESTED[claim]}" if claim in TESTED else "") + " |")
     return "\n".join(lines) + "\n\n" + control_reading(claims.get("runs", [])) + "\n"
 
 
