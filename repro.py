@@ -3583,25 +3583,22 @@ def compare_job(cfg: Config, args: argparse.Namespace) -> None:
 # The claims protocol: every condition fine-tuned from one real-only student, paired seeds
 # ----------------------------------------------------------------------------------------------
 
+# Rounds are data (ROUNDS), the current rule is an object (RULE_V3); rounds 1 and 2's verdicts are
+# frozen in results/rounds-1-2.json, which the report reprints (results/protocol/README.md).
+
+# ---- What is fixed in advance: the conditions, the rules, the rounds
+
 # [ours] Fixed by the pilot from learning speed and noise, before any condition was compared
-# (README, "The claims protocol"). Budgets are in steps; wall time is recorded beside them.
-PROTOCOL_REGIMES = {"full": 0, "scarce": 100}  # --train-subset: all 1000 stand-in images, or the first 100
-
-
+# (results/protocol/README.md). Budgets are in steps; wall time is recorded beside them.
+PROTOCOL_REGIMES = {"full": 0, "scarce": 100}  # --train-subset: all 1000 stand-in images, or 100
 PROTOCOL_STUDENT_STEPS = {"full": 4000, "scarce": 2000}
-
-
 PROTOCOL_FINETUNE_STEPS = 800
-
-
-PROTOCOL_SEEDS = (0, 1, 2)
-
-
-PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes", "0", "--log-every", "50",
-                   "--ckpt-every", "200"]
-
-
+PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes", "0",
+                   "--log-every", "50", "--ckpt-every", "200"]
 PROTOCOL_FINETUNE = ["--lr", "3e-4", "--no-eval-init"]
+PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from their seeds
+PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
+FROZEN_ROUNDS = Path("results/rounds-1-2.json")  # rounds 1 and 2's verdicts: committed
 
 
 class Condition(NamedTuple):
@@ -3614,102 +3611,245 @@ class Condition(NamedTuple):
 
 # Each condition's flags; real crops per step in a batch of 16: 16 for the control, 8 for the rest.
 CONDITIONS = {
-    "real": Condition(["--mode", "real"], 16),  # the control (paper code: --onlyReal): real crops fill the whole batch
-    "synthetic": Condition(["--mode", "synthetic"], 8),  # + purely synthetic scenes, sampled uniformly
+    # the control (paper code: --onlyReal): real crops fill the whole batch
+    "real": Condition(["--mode", "real"], 16),
+    "synthetic": Condition(["--mode", "synthetic"], 8),  # + purely synthetic scenes, uniformly
     "augmented-include": Condition(["--mode", "augmented", "--synthetic-loss", "include"], 8),
     "augmented-mask": Condition(["--mode", "augmented", "--synthetic-loss", "mask"], 8),
-    "teacher": Condition(["--mode", "student-teacher"], 8),  # the paper's teacher on synthetic scenes, min_dist bins
-    "uniform": Condition(["--mode", "student-teacher", "--teacher-uniform"], 8),  # the identical loop, uniform sampling
+    # the paper's teacher on synthetic scenes, min_dist bins
+    "teacher": Condition(["--mode", "student-teacher"], 8),
+    # the identical loop, uniform sampling
+    "uniform": Condition(["--mode", "student-teacher", "--teacher-uniform"], 8),
     # [ours] a teacher that can move
     "teacher-fast": Condition(["--mode", "student-teacher", "--teacher-step", "0.1"], 8),
 }
-
-
+LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
+LONG_CONDITIONS = {
+    "teacher-3000": Condition(["--mode", "student-teacher"], 8),
+    # a random large-enough bin
+    "stratified-3000": Condition(["--mode", "student-teacher", "--teacher-stratified"], 8),
+    # = the teacher loop with uniform sampling (SAME_RUNS)
+    "synthetic-3000": Condition(["--mode", "synthetic"], 8),
+}
 # The students every fine-tune starts from, and the domain gap's student of synthetic data only:
-# trained from scratch (their steps and seed are added by round1_runs).
+# trained from scratch (scratch_runs adds their steps and seed).
 STUDENT_CONDITIONS = {
     "student": Condition(["--mode", "real", "--init", "none"], 16),
     "synthetic-only": Condition(["--mode", "synthetic", "--real-share", "0", "--init", "none"], 0),
 }
-
-
-# [ours] The paper's baseline for the teacher, the identical loop with uniform sampling, draws exactly
-# the batches of the synthetic condition (same (seed, step) draws, uniform over every synthetic
-# person; tested, and full/uniform-s0 repeated full/synthetic-s0 bit for bit), so its runs are read
-# from synthetic's instead of being trained again.
-SAME_RUNS = {"uniform": "synthetic"}
-
-
-# claim -> (condition expected better, condition expected worse); claim 3 is the probe's
-CLAIMS = {
-    1: ("augmented-mask", "synthetic", "augmented real data beats purely synthetic data"),
-    2: ("augmented-mask", "augmented-include", "pasted people out of the loss beat pasted people in it"),
-    3: (None, None, "not all synthetic samples are equally informative, and which ones changes over training"),
-    4: ("teacher", "uniform", "the adversarial teacher beats uniform sampling of synthetic data"),
+# [ours] The paper's baseline for the teacher, the identical loop with uniform sampling, draws
+# exactly the batches of the synthetic condition (same (seed, step) draws, uniform over every
+# synthetic person; tested, and full/uniform-s0 repeated full/synthetic-s0 bit for bit), so its
+# runs are read from synthetic's instead of being trained again.
+SAME_RUNS = {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
+# the order of the report's table and figure: the students, the 800-step conditions, the long ones
+REPORTED_CONDITIONS = ("student", "synthetic-only", *CONDITIONS, *LONG_CONDITIONS, "uniform-3000")
+CLAIM_WORDS = {
+    1: "augmented real data beats purely synthetic data",
+    2: "pasted people out of the loss beat pasted people in it",
+    3: "not all synthetic samples are equally informative, and which ones changes over training",
+    4: "the adversarial teacher beats uniform sampling of synthetic data",
 }
-
-
-# [ours] Round 2 and its rule v2, fixed before any of its runs (README, "Rule v2"); round 1's runs,
-# rule and verdicts stay as they are. Claim 4 is retested with the paper's teacher as its code does
-# it, at 150 teacher updates, against uniform sampling and against a bin picked at random.
-V2_DELTA = {"full": 0.007, "scarce": 0.003}  # smallest effect of interest: ~2.5% of round 1's real-only AP
-
-
-# seeds: the fewest with precision assurance, P(95% half-width < delta), >= 0.8 at round 1's
-# paired sd
-V2_POWER = 0.8
-
-
-V2_LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
-
-
-V2_CONDITIONS = {
-    "teacher-3000": Condition(["--mode", "student-teacher"], 8),
-    "stratified-3000": Condition(["--mode", "student-teacher", "--teacher-stratified"], 8),  # a random large-enough bin
-    "synthetic-3000": Condition(["--mode", "synthetic"], 8),  # = the teacher loop with uniform sampling (SAME_RUNS)
-}
-
-
-SAME_RUNS["uniform-3000"] = "synthetic-3000"
-
-
-# the order of the report's table and figure: the students, round 1's conditions, round 2's
-REPORTED_CONDITIONS = ("student", "synthetic-only", *CONDITIONS, *V2_CONDITIONS, "uniform-3000")
-
-
-# claim -> (better, worse, regimes); claims 1 and 2 compare round 1's conditions on more seeds
-CLAIMS_V2 = {
-    1: ("augmented-mask", "synthetic", ("full", "scarce")),
-    2: ("augmented-mask", "augmented-include", ("full", "scarce")),
-    4: ("teacher-3000", "uniform-3000", ("scarce",)),  # the scarce regime had the smallest paired sd
-}
-
-
-V2_SPLIT = {  # claim 4's difference in two parts: what the teacher learns, and what per-bin sampling costs
-    "teacher - stratified": ("teacher-3000", "stratified-3000", ("scarce",)),
-    "stratified - uniform": ("stratified-3000", "uniform-3000", ("scarce",)),
-}
-
-
-# Round 1's paired sd (claim 4: at 800 steps, the only pilot) -> seeds_for; a test recomputes them.
-V2_PILOT_SD = {(1, "full"): 0.00292, (1, "scarce"): 0.00259, (2, "full"): 0.00177, (2, "scarce"): 0.00153,
-               (4, "scarce"): 0.00172}
-
-
-V2_SEEDS = {(1, "full"): 4, (1, "scarce"): 7, (2, "full"): 3, (2, "scarce"): 5, (4, "scarce"): 5}
-
-
-PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from their seeds when missing
-
-
-PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
+# [ours] Rule v2's smallest effect of interest, ~2.5% of round 1's real-only AP; rule v3 keeps it.
+DELTA = {"full": 0.007, "scarce": 0.003}
+DELTA_AT_3000 = 0.005  # [ours] rule v2's 2.5% of uniform-3000's 0.210
 
 
 def regime_student(regime: str) -> Path:
-    """A regime's initial student in half precision, committed: every fine-tune of the regime starts
-    from it, on any machine, and the full regime's is the demo's shipped student."""
-    return SHIPPED_STUDENT if regime == "full" else SHIPPED_STUDENT.with_name(f"student-demo-{regime}.pt")
+    """A regime's initial student in half precision, committed: every fine-tune of the regime
+    starts from it, on any machine, and the full regime's is the demo's shipped student."""
+    if regime == "full":
+        return SHIPPED_STUDENT
+    return SHIPPED_STUDENT.with_name(f"student-demo-{regime}.pt")
 
+
+# [ours] The informativeness probe (claim 3), fixed before any probe result: at points of a run
+# that samples synthetic data uniformly, copies of the student train a few steps on one teacher
+# bin each (same real half, same step rule); a bin's usefulness is how much that lowers the loss
+# on a fixed set of real val crops.
+class ProbeDesign(NamedTuple):
+    name: str  # the results file: results/<name>.{json,png}
+    regime: str  # whose student, and its --train-subset
+    points: tuple[int, ...]  # steps of the uniform run at which every bin is probed
+    seeds: tuple[int, ...]
+    steps: int = 20  # student steps on one bin per probe
+    val_crops: int = 64  # the fixed real val crops whose loss is the yardstick
+    equal_people: bool = False  # subsample every probed bin to the smallest one's people
+    lr: float | None = None  # every probe step at this lr; None: the run's schedule at the point
+    keep_bn: bool = False  # BatchNorm running statistics put back before each val-loss reading
+    trajectories: tuple[int, ...] = (0,)  # the uniform runs probed (--seed), replicates
+
+
+# Probe v1 (round 1) and v2 (round 2: the same people in every bin, the 3000-step schedule's
+# points, 6 seeds) are withdrawn (results/protocol/README.md). Probe v3, fixed before it ran:
+# every probe step at 1.5e-4, the mean of the runs' 3e-4 cosine; BatchNorm statistics put back
+# before each reading, so only the weights count; 3 uniform trajectories, which first differ after
+# step 0, so the points are those after it.
+PROBES = {
+    "v1": ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2)),
+    "v2": ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 2, 3, 4, 5),
+                      equal_people=True),
+    "v3": ProbeDesign("probe-v3", "scarce", (750, 1500, 2250, 3000), (0, 1, 2), equal_people=True,
+                      lr=1.5e-4, keep_bn=True, trajectories=(0, 1, 2)),
+}
+
+
+def probe_name(design: ProbeDesign, trajectory: int) -> str:
+    """The results file of one probed trajectory: results/<name>.{json,png}."""
+    return design.name if len(design.trajectories) == 1 else f"{design.name}-t{trajectory}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a rule plans its seeds: the fewest n >= min_seeds whose t-test power at delta reaches
+    `power` and whose precision assurance (P(95% half-width < delta)) reaches `assurance`, so that
+    an effect of delta and "no effect of delta or more" can be read. Every rule since v2 reads a
+    pair with paired_test and a probe with probe_test."""
+    name: str
+    power: float
+    assurance: float
+    min_seeds: int = 3
+
+    def seeds(self, sd: float, delta: float) -> int:
+        return max(self.min_seeds, seeds_for(sd, delta, self.power, t_test_power),
+                   seeds_for(sd, delta, self.assurance, precision_assurance))
+
+
+# [ours] Rule v2 planned by precision assurance alone; rule v3 adds the conventional power.
+RULE_V2 = Rule("v2", power=0.0, assurance=0.8)
+RULE_V3 = Rule("v3", power=0.8, assurance=0.8)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A stage's condition: its flags, the images it trains on (a regime), its starting student."""
+    condition: str
+    flags: tuple[str, ...]
+    regime: str = "scarce"
+    student: str = "scarce"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One question of a round: its runs (arms x seeds at `steps`, or a probe), the comparisons
+    its test reads (better, worse), the paired sd that planned its seeds, delta, what its
+    verdict decides, and the claim whose current verdict it gives once decided. `read`: "pairs"
+    (a paired test per comparison), "contrasts" (the 2x2's two contrasts) or "probe"."""
+    key: str
+    question: str
+    arms: tuple[Arm, ...]
+    steps: int
+    seeds: int
+    comparisons: tuple[tuple[str, str], ...] = ()
+    test: str = ""
+    decides: str = ""
+    delta: float | None = None
+    sd: float | None = None
+    sd_source: str = ""
+    probe: ProbeDesign | None = None
+    claim: int | None = None
+    read: str = "pairs"
+
+
+@dataclass(frozen=True)
+class Round:
+    """A round: its stages in order, the rule that planned and reads them, the prefix of its runs'
+    names ("r3/" from round 3 on, so that no earlier summary is taken for one of its runs), and
+    whether its verdicts are frozen (results/rounds-1-2.json) or computed by this code."""
+    name: str
+    stages: tuple[Stage, ...]
+    rule: Rule | None = None
+    prefix: str = ""
+    frozen: bool = True
+
+
+def arms(conditions: dict[str, Condition], regime: str) -> tuple[Arm, ...]:
+    return tuple(Arm(name, tuple(c.flags), regime, regime) for name, c in conditions.items()
+                 if name not in SAME_RUNS)
+
+
+ROUND1 = Round("1", (  # [ours] rule v1 (results/rounds-1-2.json), seeds 0-2
+    Stage("1", "claims 1, 2, 4 at 800 steps, both regimes",
+          sum((arms(CONDITIONS, r) for r in PROTOCOL_REGIMES), ()), PROTOCOL_FINETUNE_STEPS, 3),
+    Stage("probe v1", "claim 3", (), 0, 1, probe=PROBES["v1"])))
+
+
+def round2_pair(claim: int, regime: str, better: str, worse: str, seeds: int, sd: float) -> Stage:
+    return Stage(f"2: claim {claim}, {regime}", f"claim {claim}",
+                 arms({c: CONDITIONS[c] for c in (better, worse)}, regime), PROTOCOL_FINETUNE_STEPS,
+                 seeds, ((better, worse),), delta=DELTA[regime], sd=sd, sd_source="round 1")
+
+
+# [ours] Round 2 and rule v2, fixed before any of its runs (results/protocol/README.md): claims 1
+# and 2 on the seeds rule v2 asked for at round 1's paired sd (RULE_V2.seeds), claim 4 at 150
+# teacher updates, then probe v2. Round 1's seeds are reused.
+ROUND2 = Round("2", (
+    round2_pair(1, "full", "augmented-mask", "synthetic", 4, 0.00292),
+    round2_pair(1, "scarce", "augmented-mask", "synthetic", 7, 0.00259),
+    round2_pair(2, "full", "augmented-mask", "augmented-include", 3, 0.00177),
+    round2_pair(2, "scarce", "augmented-mask", "augmented-include", 5, 0.00153),
+    Stage("2: claim 4", "claim 4 at 3000 steps", arms(LONG_CONDITIONS, "scarce"), LONG_STEPS, 5,
+          (("teacher-3000", "uniform-3000"),), delta=DELTA["scarce"], sd=0.00172,
+          sd_source="round 1, teacher - uniform at 800 steps"),
+    Stage("probe v2", "claim 3", (), 0, 1, probe=PROBES["v2"])), rule=RULE_V2)
+
+
+# ---- Rule v3 and round 3: fixed before any round-3 run (results/protocol/README.md, "Rule v3"),
+# written after round 2's results were known; a stage per question, decided at its planned seeds
+# before the next starts.
+# paper code's teacher, CPU-sized: its soft label, no BatchNorm under its head, its bins, lr, beta1
+PAPER_TEACHER = ("--mode", "student-teacher", "--teacher-update", "paper", "--teacher-arch",
+                 "small-nobn", "--teacher-bins", "paper", "--teacher-lr", "5e-5", "--beta1", "0.8")
+ROUND3 = Round("3", prefix="r3/", rule=RULE_V3, frozen=False, stages=(
+    Stage("a", "claim 3: do the bins differ, and does which bins help change over training?",
+          arms=(), steps=LONG_STEPS, seeds=len(PROBES["v3"].trajectories),
+          test="probe v2's two-way ANOVA and tau interval, on each trajectory's mean over its "
+          "probe seeds, trajectories as replicates",
+          decides="both parts of claim 3 (probe v1, v2 withdrawn)", probe=PROBES["v3"], claim=3,
+          read="probe", sd_source="no spread between trajectories measured (probe v2 had one): "
+          "the issue's floor of 3"),
+    Stage("b", "does the synthetic half help at 3000 steps?",
+          arms=(Arm("real-3000", tuple(CONDITIONS["real"].flags)),
+                *(Arm(c, tuple(flags)) for c, (flags, _) in LONG_CONDITIONS.items())),
+          steps=LONG_STEPS, seeds=19,
+          comparisons=(("uniform-3000", "real-3000"), ("stratified-3000", "real-3000"),
+                       ("teacher-3000", "real-3000"), ("teacher-3000", "uniform-3000")),
+          test="rule v2's paired t-test and interval against delta",
+          decides="'synthetic data helps' at 3000 steps (scarce); claim 4's gap read against it",
+          delta=DELTA_AT_3000, sd=0.0073, sd_source="the largest paired sd measured in the "
+          "scarce regime for these pairs: real - synthetic at 800 steps (round 1), teacher - "
+          "stratified at 3000 (round 2)"),
+    Stage("c", "claim 2 deconfounded: does the sign of mask - include follow the images or the "
+          "student?",
+          arms=tuple(Arm(f"augmented-{loss}-from-{student}",
+                         ("--mode", "augmented", "--synthetic-loss", loss), images, student)
+                     for images in PROTOCOL_REGIMES for student in PROTOCOL_REGIMES
+                     for loss in ("mask", "include")),
+          steps=PROTOCOL_FINETUNE_STEPS, seeds=7,
+          comparisons=tuple((f"augmented-mask-from-{student}", f"augmented-include-from-{student}")
+                            for student in PROTOCOL_REGIMES),
+          test="per seed, d = mask - include in each of the 4 cells; rule v2's paired test on "
+          "the images contrast (d of 1000 - d of 100 images, mean over students) and the student "
+          "contrast (d from full - d from scarce, mean over images)",
+          decides="claim 2's regime flip: the images, the student, both or neither", claim=2,
+          read="contrasts", delta=DELTA["scarce"], sd=0.00218, sd_source="the contrasts' sd "
+          "from round 2's claim-2 paired sds, sqrt((0.00177^2 + 0.00251^2) / 2)"),
+    Stage("d", "claim 4 with the teacher closest to the paper's code that the CPU affords",
+          arms=(Arm("teacher-paper-3000", PAPER_TEACHER),
+                # the identical loop without the teacher at the paper's beta1 (the student's too)
+                Arm("uniform-paper-3000", ("--mode", "synthetic", "--beta1", "0.8"))),
+          steps=LONG_STEPS, seeds=12,
+          comparisons=(("teacher-paper-3000", "uniform-paper-3000"),
+                       ("teacher-paper-3000", "uniform-3000")),
+          test="rule v2's paired t-test and interval against delta",
+          decides="claim 4 for the paper code's soft label, teacher without BatchNorm, bins and "
+          "learning rate", claim=4,
+          delta=DELTA_AT_3000, sd=0.00555, sd_source="round 2's teacher-3000 - uniform-3000"),
+))
+ROUNDS = (ROUND1, ROUND2, ROUND3)
+
+
+# ---- The runner: each round's runs as subprocesses, resumed where they stopped; their summaries
 
 class ProtocolRun(NamedTuple):
     name: str  # e.g. "full/augmented-mask-s1"
@@ -3721,16 +3861,15 @@ class ProtocolRun(NamedTuple):
 
 
 def protocol_runs() -> list[ProtocolRun]:
-    """Round 1, then the runs of round 2 that round 1 does not already have, then round 3's
-    fine-tunes (its probe trajectories are probe jobs: round3_probe_names)."""
-    first = round1_runs()
-    second = [r for r in round2_runs() if r.name not in {q.name for q in first}]
-    return first + second + round3_runs()
+    """The students first, then every round's fine-tunes stage by stage, seed by seed (a partial
+    grid stays paired); a run that an earlier round or stage has is listed once."""
+    runs = scratch_runs() + [r for rnd in ROUNDS for s in rnd.stages for r in stage_runs(s, rnd)]
+    return list({r.name: r for r in runs}.values())
 
 
-def round1_runs() -> list[ProtocolRun]:
-    """Students first, then seed by seed over every condition (a partial grid stays paired), then the
-    domain gap: a student of synthetic data only."""
+def scratch_runs() -> list[ProtocolRun]:
+    """Runs from scratch: each regime's student (its learning curve evaluated), and the domain
+    gap's student of synthetic data only."""
     runs = []
     for regime, subset in PROTOCOL_REGIMES.items():
         data, steps = ["--train-subset", str(subset)] + PROTOCOL_COMMON, PROTOCOL_STUDENT_STEPS[regime]
@@ -3738,10 +3877,6 @@ def round1_runs() -> list[ProtocolRun]:
                                 STUDENT_CONDITIONS["student"].flags + ["--steps", str(steps), "--seed", "0",
                                                                        "--eval-steps", *learning_curve(steps)] + data,
                                 None))
-    for seed in PROTOCOL_SEEDS:
-        for regime in PROTOCOL_REGIMES:
-            runs += [finetune_run(regime, condition, seed, c.flags, PROTOCOL_FINETUNE_STEPS)
-                     for condition, c in CONDITIONS.items() if condition not in SAME_RUNS]
     runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
                             STUDENT_CONDITIONS["synthetic-only"].flags
                             + ["--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
@@ -3749,55 +3884,188 @@ def round1_runs() -> list[ProtocolRun]:
     return runs
 
 
-def finetune_run(regime: str, condition: str, seed: int, flags: list[str], steps: int,
-                 student: str | None = None) -> ProtocolRun:
-    """A fine-tune on a regime's images from a student (the regime's own unless `student` names
-    another)."""
-    argv = flags + ["--steps", str(steps), "--seed", str(seed), "--train-subset", str(PROTOCOL_REGIMES[regime])]
-    return ProtocolRun(f"{regime}/{condition}-s{seed}", regime, condition, seed,
-                       argv + PROTOCOL_COMMON + PROTOCOL_FINETUNE, f"{student or regime}/student")
-
-
-def round2_runs() -> list[ProtocolRun]:
-    """Rule v2's runs: claims 1 and 2 on the seeds the power calculation asked for (800 steps, as
-    round 1), then claim 4 at V2_LONG_STEPS, seed by seed. Round 1's seeds 0-2 are reused."""
-    short, long = {}, []
-    for (claim, regime), n in V2_SEEDS.items():
-        better, worse, _ = CLAIMS_V2[claim]
-        for seed in range(n):
-            for condition in (better, worse):
-                if condition in CONDITIONS:
-                    run = finetune_run(regime, condition, seed, CONDITIONS[condition].flags, PROTOCOL_FINETUNE_STEPS)
-                    short[run.name] = run
-    for seed in range(V2_SEEDS[(4, "scarce")]):
-        long += [finetune_run("scarce", name, seed, c.flags, V2_LONG_STEPS) for name, c in V2_CONDITIONS.items()]
-    return sorted(short.values(), key=lambda r: (r.seed, r.regime, r.condition)) + long
-
-
-def stage_runs(stage) -> list[ProtocolRun]:
-    """A round-3 stage's fine-tunes, seed by seed over its arms, named
-    r3/<images>/<condition>-s<seed> so that no summary of rounds 1-2 is taken for one of them."""
+def stage_runs(stage: Stage, rnd: Round = ROUND3) -> list[ProtocolRun]:
+    """A stage's fine-tunes, seed by seed over its arms: <prefix><images>/<condition>-s<seed>, from
+    the arm's student, on the arm's images."""
     runs = []
     for seed in range(stage.seeds if stage.arms else 0):
         for arm in stage.arms:
-            run = finetune_run(arm.regime, arm.condition, seed, list(arm.flags), stage.steps,
-                               arm.student)
-            runs.append(run._replace(name=f"r3/{run.name}"))
+            argv = list(arm.flags) + ["--steps", str(stage.steps), "--seed", str(seed),
+                                      "--train-subset", str(PROTOCOL_REGIMES[arm.regime])]
+            runs.append(ProtocolRun(f"{rnd.prefix}{arm.regime}/{arm.condition}-s{seed}", arm.regime,
+                                    arm.condition, seed, argv + PROTOCOL_COMMON + PROTOCOL_FINETUNE,
+                                    f"{arm.student}/student"))
     return runs
 
 
-def round3_runs() -> list[ProtocolRun]:
-    """Round 3's fine-tunes in stage order; a run two stages share (uniform-3000) is listed once."""
-    return list({r.name: r for stage in ROUND3 for r in stage_runs(stage)}.values())
-
-
-def round3_probe_names() -> list[str]:
-    return [f"r3/{probe_name(s.probe, t)}" for s in ROUND3 if s.probe for t in s.probe.trajectories]
+def probe_jobs() -> list[tuple[str, ProbeDesign, int]]:
+    """Every probe trajectory of every round: (its name for --only, its design, its --seed)."""
+    return [(f"{rnd.prefix}{probe_name(s.probe, t)}", s.probe, t) for rnd in ROUNDS
+            for s in rnd.stages if s.probe for t in s.probe.trajectories]
 
 
 def learning_curve(steps: int) -> list[str]:
     """Evaluations at every quarter of a student's training: the protocol's record of learning speed."""
     return [str(steps * k // 4) for k in (1, 2, 3)]
+
+
+def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
+    """Runs what is missing: the runs from scratch, then round by round, stage by stage, its probe
+    trajectories (one long job each, which resumes after its last probed point) and its
+    fine-tunes; a stage's runs finish before the next stage's start. Skips finished runs (their
+    summary is in results/protocol), resumes runs that were cut off, and retrains a missing
+    starting checkpoint from its seed. `only`: globs over run names and probe_jobs' names; `jobs`
+    runs that many fine-tunes at once (one GPU with spare CPU cores)."""
+    code_version()  # the commit these runs train on, read before any of them starts
+    runs = {r.name: r for r in protocol_runs()}
+    todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
+    for run in [r for r in todo if r.init is None]:
+        train_protocol_run(run, python)
+    for init in dict.fromkeys(r.init for r in todo if r.init):  # before any fine-tune starts
+        if not regime_student(runs[init].regime).is_file():
+            print(f"protocol: {init} is missing: training it again from its seed")
+            train_protocol_run(runs[init], python)
+    pending = {r.name: r for r in todo if r.init}
+    for rnd in ROUNDS:
+        for stage in rnd.stages:
+            for name, design, trajectory in probe_jobs():
+                if design == stage.probe and matches(name, only):
+                    run_probe_once(design, trajectory, runs, python)
+            mine = [pending.pop(r.name) for r in stage_runs(stage, rnd) if r.name in pending]
+            train_runs(mine, python, jobs)  # a run two stages share trains with the first
+    report_protocol()
+
+
+def train_runs(runs: list[ProtocolRun], python: str, jobs: int) -> None:
+    if jobs <= 1:
+        for run in runs:
+            train_protocol_run(run, python)
+    else:
+        train_in_parallel(runs, python, jobs)
+
+
+def run_probe_once(design: ProbeDesign, trajectory: int, runs: dict[str, ProtocolRun],
+                   python: str) -> None:
+    """One probe trajectory as a job of its own, unless its result is in results/."""
+    if (PROTOCOL_RESULTS.parent / f"{probe_name(design, trajectory)}.json").is_file():
+        return
+    student = runs[f"{design.regime}/student"]
+    if not regime_student(student.regime).is_file():
+        train_protocol_run(student, python)
+    argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
+            tracked_name(regime_student(student.regime)), "--seed", str(trajectory),
+            "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+    if len(design.trajectories) > 1:  # each trajectory's probe state in a folder of its own
+        argv += ["--out", str(PROTOCOL_RUNS / probe_name(design, trajectory))]
+    print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
+    process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
+                               process_group=0)
+    try:
+        if process.wait() != 0:
+            raise ReproError("the probe failed; rerun --reproduce")
+    finally:
+        end_protocol_run(process)
+
+
+
+def protocol_argv(run: ProtocolRun) -> list[str]:
+    init = ["--init", tracked_name(regime_student(run.init.split("/")[0]))] if run.init else []
+    return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
+
+
+def matches(name: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
+    """Starts a run in a process group of its own (it and its loader workers), which end_protocol_run
+    signals; the child also watches this runner and ends when it is gone. A folder a live process holds
+    is never deleted nor started again."""
+    folder = PROTOCOL_RUNS / run.name
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise ReproError(f"protocol run {run.name} is still running (pid {holder} holds {folder / LOCK_NAME}): "
+                         "wait for it to finish, or end it, and rerun; nothing was deleted")
+    resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
+    argv = protocol_argv(run)
+    command = "python repro.py " + " ".join(argv)
+    print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
+    process = subprocess.Popen([python, __file__, *argv] + (["--resume"] if resume else []),
+                               stdout=log, stderr=subprocess.STDOUT if log else None,
+                               env=(env or os.environ) | {PARENT_ENV: str(os.getpid())}, process_group=0)
+    return process, command
+
+
+PROTOCOL_STOP_SECONDS = 30  # [ours] how long a run may take to checkpoint and end after SIGTERM
+
+
+def end_protocol_run(process: subprocess.Popen) -> None:
+    """SIGTERM to a run's process group (it checkpoints and ends, as on Ctrl-C), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(PROTOCOL_STOP_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: str) -> None:
+    if process.wait() != 0:
+        raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
+    folder = PROTOCOL_RUNS / run.name
+    if run.condition == "student":
+        export_student(str(folder / "ckpt.pt"), regime_student(run.regime), replace=True)
+    PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(run_summary(run, folder, command), summary_path(run))
+
+
+def train_protocol_run(run: ProtocolRun, python: str) -> None:
+    process, command = start_protocol_run(run, python)
+    try:
+        finish_protocol_run(run, process, command)
+    finally:  # the runner interrupted or failed: its run ends with it
+        end_protocol_run(process)
+
+
+def train_in_parallel(runs: list[ProtocolRun], python: str, jobs: int) -> None:
+    """Up to `jobs` runs at once, each logging to runs/protocol/<name>.log and sharing the CPU
+    cores evenly; a failed run is reported after the others finish."""
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    pending, active, failed = list(runs), [], []
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                log_path = PROTOCOL_RUNS / f"{run.name}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = log_path.open("a")
+                try:
+                    active.append((run, log, *start_protocol_run(run, python, log, env)))
+                except ReproError as e:  # held by a live run: the others go on
+                    log.close()
+                    failed.append(str(e))
+            time.sleep(0.2)
+            for job in [j for j in active if j[2].poll() is not None]:
+                active.remove(job)
+                run, log, process, command = job
+                log.close()
+                try:
+                    finish_protocol_run(run, process, command)
+                    print(f"protocol: finished {run.name}", flush=True)
+                except ReproError as e:
+                    failed.append(f"{e} (log: {PROTOCOL_RUNS / run.name}.log)")
+    finally:  # the runner interrupted: every run it started ends with it
+        for _, log, process, _ in active:
+            end_protocol_run(process)
+            log.close()
+    if failed:
+        raise ReproError("; ".join(failed))
 
 
 def summary_path(run: ProtocolRun) -> Path:
@@ -3912,186 +4180,7 @@ def summary_device_key(summary: dict) -> str:
     return summary.get("device_key") or old
 
 
-def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
-    """Runs what is missing: the students, the probe, the grid, probe v2 (one long job that resumes
-    after its last probed point), then round 3 stage by stage. Skips finished runs (their summary is
-    in results/protocol), resumes runs that were cut off, and retrains a missing starting checkpoint
-    from its seed. `only`: globs over run names (the probes are "probe", "probe-v2" and
-    "r3/probe-v3-t<seed>"); `jobs` runs that many fine-tunes at once (one GPU with spare CPU
-    cores)."""
-    code_version()  # the commit these runs train on, read before any of them starts
-    runs = {r.name: r for r in protocol_runs()}
-    todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
-    for run in [r for r in todo if r.condition == "student"]:
-        train_protocol_run(run, python)
-    if matches("probe", only):
-        run_probe_once(PROBE_V1, runs, python)
-    rest = [r for r in todo if r.condition != "student"]
-    for init in dict.fromkeys(r.init for r in rest if r.init):  # a fine-tune's student, before any job starts
-        if not regime_student(runs[init].regime).is_file():
-            print(f"protocol: {init} is missing: training it again from its seed")
-            train_protocol_run(runs[init], python)
-    train_runs([r for r in rest if not r.name.startswith("r3/")], python, jobs)
-    if matches(PROBE_V2.name, only):
-        run_probe_once(PROBE_V2, runs, python)
-    for stage in ROUND3:  # in order: a stage's runs finish before the next stage's start
-        if stage.probe:
-            wanted = [t for t in stage.probe.trajectories
-                      if matches(f"r3/{probe_name(stage.probe, t)}", only)]
-            run_probe_once(stage.probe, runs, python, tuple(wanted))
-        names = {r.name for r in stage_runs(stage)}
-        train_runs([r for r in rest if r.name in names], python, jobs)
-    report_protocol()
-
-
-def train_runs(runs: list[ProtocolRun], python: str, jobs: int) -> None:
-    if jobs <= 1:
-        for run in runs:
-            train_protocol_run(run, python)
-    else:
-        train_in_parallel(runs, python, jobs)
-
-
-def run_probe_once(design: ProbeDesign, runs: dict[str, ProtocolRun], python: str,
-                   trajectories: tuple[int, ...] | None = None) -> None:
-    """Each of the design's trajectories (or of `trajectories`) without a result, one probe job
-    each."""
-    for trajectory in design.trajectories if trajectories is None else trajectories:
-        if not (PROTOCOL_RESULTS.parent / f"{probe_name(design, trajectory)}.json").is_file():
-            run_probe_job(design, trajectory, runs, python)
-
-
-def run_probe_job(design: ProbeDesign, trajectory: int, runs: dict[str, ProtocolRun],
-                  python: str) -> None:
-    student = runs[f"{design.regime}/student"]
-    if not regime_student(student.regime).is_file():
-        train_protocol_run(student, python)
-    argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
-            tracked_name(regime_student(student.regime)), "--seed", str(trajectory),
-            "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
-    if len(design.trajectories) > 1:  # each trajectory's probe state in a folder of its own
-        argv += ["--out", str(PROTOCOL_RUNS / probe_name(design, trajectory))]
-    print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
-    process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
-                               process_group=0)
-    try:
-        if process.wait() != 0:
-            raise ReproError("the probe failed; rerun --reproduce")
-    finally:
-        end_protocol_run(process)
-
-
-def protocol_argv(run: ProtocolRun) -> list[str]:
-    init = ["--init", tracked_name(regime_student(run.init.split("/")[0]))] if run.init else []
-    return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
-
-
-def matches(name: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
-    """Starts a run in a process group of its own (it and its loader workers), which end_protocol_run
-    signals; the child also watches this runner and ends when it is gone. A folder a live process holds
-    is never deleted nor started again."""
-    folder = PROTOCOL_RUNS / run.name
-    holder = lock_holder(folder)
-    if holder is not None:
-        raise ReproError(f"protocol run {run.name} is still running (pid {holder} holds {folder / LOCK_NAME}): "
-                         "wait for it to finish, or end it, and rerun; nothing was deleted")
-    resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
-    argv = protocol_argv(run)
-    command = "python repro.py " + " ".join(argv)
-    print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
-    process = subprocess.Popen([python, __file__, *argv] + (["--resume"] if resume else []),
-                               stdout=log, stderr=subprocess.STDOUT if log else None,
-                               env=(env or os.environ) | {PARENT_ENV: str(os.getpid())}, process_group=0)
-    return process, command
-
-
-PROTOCOL_STOP_SECONDS = 30  # [ours] how long a run may take to checkpoint and end after SIGTERM
-
-
-def end_protocol_run(process: subprocess.Popen) -> None:
-    """SIGTERM to a run's process group (it checkpoints and ends, as on Ctrl-C), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(PROTOCOL_STOP_SECONDS)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: str) -> None:
-    if process.wait() != 0:
-        raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
-    folder = PROTOCOL_RUNS / run.name
-    if run.condition == "student":
-        export_student(str(folder / "ckpt.pt"), regime_student(run.regime), replace=True)
-    PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(run_summary(run, folder, command), summary_path(run))
-
-
-def train_protocol_run(run: ProtocolRun, python: str) -> None:
-    process, command = start_protocol_run(run, python)
-    try:
-        finish_protocol_run(run, process, command)
-    finally:  # the runner interrupted or failed: its run ends with it
-        end_protocol_run(process)
-
-
-def train_in_parallel(runs: list[ProtocolRun], python: str, jobs: int) -> None:
-    """Up to `jobs` runs at once, each logging to runs/protocol/<name>.log and sharing the CPU
-    cores evenly; a failed run is reported after the others finish."""
-    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    pending, active, failed = list(runs), [], []
-    try:
-        while pending or active:
-            while pending and len(active) < jobs:
-                run = pending.pop(0)
-                log_path = PROTOCOL_RUNS / f"{run.name}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = log_path.open("a")
-                try:
-                    active.append((run, log, *start_protocol_run(run, python, log, env)))
-                except ReproError as e:  # held by a live run: the others go on
-                    log.close()
-                    failed.append(str(e))
-            time.sleep(0.2)
-            for job in [j for j in active if j[2].poll() is not None]:
-                active.remove(job)
-                run, log, process, command = job
-                log.close()
-                try:
-                    finish_protocol_run(run, process, command)
-                    print(f"protocol: finished {run.name}", flush=True)
-                except ReproError as e:
-                    failed.append(f"{e} (log: {PROTOCOL_RUNS / run.name}.log)")
-    finally:  # the runner interrupted: every run it started ends with it
-        for _, log, process, _ in active:
-            end_protocol_run(process)
-            log.close()
-    if failed:
-        raise ReproError("; ".join(failed))
-
-
-def paired_verdict(better: list[float], worse: list[float]) -> tuple[str, str]:
-    """The rule, fixed before any run: d = better - worse per seed (same student, same val images);
-    reproduced when mean(d) > 2 SE, contradicted when mean(d) < -2 SE, else inconclusive; fewer
-    than 3 pairs is inconclusive."""
-    d = np.array(better) - np.array(worse)
-    if len(d) < 3:
-        return "inconclusive", f"{len(d)} of 3 seed pairs finished"
-    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-    word = "reproduced" if mean > 2 * se else "contradicted" if mean < -2 * se else "inconclusive"
-    return word, f"mean paired AP difference {mean:+.4f}, 2 SE {2 * se:.4f}, {len(d)} seeds"
-
+# ---- The statistics: pairs within one device key, the paired test, the probe's test
 
 def condition_runs(runs: list[dict], condition: str, regime: str) -> list[dict]:
     """A condition's finished runs in a regime; a condition in SAME_RUNS reads the runs it equals."""
@@ -4122,28 +4211,6 @@ def paired_aps(runs: list[dict], better: str, worse: str, regime: str,
     return [a["ap"] for a, _ in pairs], [b["ap"] for _, b in pairs]
 
 
-def claim_verdicts(runs: list[dict], probe: dict | None) -> dict:
-    """Per claim: the verdict in each regime, then overall: reproduced if reproduced in a regime and
-    contradicted in none, contradicted the other way round, else inconclusive."""
-    verdicts = {}
-    for claim, (better, worse, text) in CLAIMS.items():
-        if better is None:
-            probe = probe or {}
-            verdicts[claim] = dict(claim=text, verdict=probe.get("verdict", "inconclusive"),
-                                   reason=probe.get("reason", "the probe has not run"))
-            continue
-        per_regime = {}
-        for regime in PROTOCOL_REGIMES:
-            per_regime[regime] = paired_verdict(*paired_aps(runs, better, worse, regime, PROTOCOL_SEEDS))
-        words = [w for w, _ in per_regime.values()]
-        overall = ("reproduced" if "reproduced" in words and "contradicted" not in words else
-                   "contradicted" if "contradicted" in words and "reproduced" not in words else "inconclusive")
-        reason = "; ".join(f"{regime}: {w} ({why})" for regime, (w, why) in per_regime.items())
-        verdicts[claim] = dict(claim=text, verdict=overall, reason=reason,
-                               per_regime={regime: w for regime, (w, _) in per_regime.items()})
-    return verdicts
-
-
 def precision_assurance(n: int, sd: float, delta: float) -> float:
     """P(the 95% interval's half-width of n paired differences with sd `sd` is below delta): how
     likely the interval is narrow enough to tell an effect of delta from none. Not the power."""
@@ -4162,9 +4229,8 @@ def t_test_power(n: int, sd: float, delta: float) -> float:
     return float(nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift))
 
 
-def seeds_for(sd: float, delta: float, target: float = V2_POWER,
-              measure=precision_assurance) -> int:
-    """The fewest n >= 3 whose `measure` (precision_assurance for rule v2) reaches `target`."""
+def seeds_for(sd: float, delta: float, target: float, measure=precision_assurance) -> int:
+    """The fewest n >= 3 whose `measure` reaches `target`."""
     n = 3
     while measure(n, sd, delta) < target:
         n += 1
@@ -4172,9 +4238,10 @@ def seeds_for(sd: float, delta: float, target: float = V2_POWER,
 
 
 def paired_test(d: list[float], delta: float) -> dict:
-    """Rule v2 (README, "Rule v2"), written before its runs: a paired two-sided t-test at 5% with its 95%
-    interval. Reproduced: the interval lies above 0; contradicted: below 0; no effect of delta or
-    more: inside (-delta, +delta); otherwise inconclusive. Fewer than 3 pairs is inconclusive."""
+    """Rules v2 and v3 on one comparison (results/protocol/README.md), written before their runs: a
+    paired two-sided t-test at 5% with its 95% interval. Reproduced: the interval lies above 0;
+    contradicted: below 0; no effect of delta or more: inside (-delta, +delta); otherwise
+    inconclusive. Fewer than 3 pairs is inconclusive."""
     from scipy.stats import t
 
     d = np.asarray(d, np.float64)
@@ -4187,193 +4254,110 @@ def paired_test(d: list[float], delta: float) -> dict:
     p = float(2 * t.sf(abs(out["mean"]) / se, len(d) - 1)) if se > 0 else 0.0
     verdict = ("reproduced" if lo > 0 else "contradicted" if hi < 0 else
                "no effect of delta or more" if -delta < lo and hi < delta else "inconclusive")
-    reason = f"mean {out['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}, {len(d)} seeds, delta {delta}"
+    reason = (f"mean {out['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}, {len(d)} seeds, "
+              f"delta {delta}")
     return out | dict(lo=lo, hi=hi, p=p, sd=float(d.std(ddof=1)), verdict=verdict, reason=reason)
 
 
-def overall_v2(words: list[str]) -> str:
-    """Across regimes: pending while a regime lacks its planned seeds; reproduced (or contradicted) if
-    so in a regime and the other way in none; no effect if every regime says so; else inconclusive."""
-    if any(w.startswith("pending") for w in words):
-        return "pending"
-    if any(w == "reproduced" for w in words) and "contradicted" not in words:
-        return "reproduced"
-    if any(w == "contradicted" for w in words) and "reproduced" not in words:
-        return "contradicted"
-    if words and all(w == "no effect of delta or more" for w in words):
-        return words[0]
-    return "inconclusive"
+def planned_test(d: list[float], stage: Stage, rule: Rule, label: str, **more) -> dict:
+    """paired_test at the stage's delta, with the seeds planned and what the rule would plan at the
+    sd now measured; pending below the planned seeds (no optional stopping)."""
+    test = paired_test(d, stage.delta) | dict(label=label, planned_seeds=stage.seeds, **more)
+    if test.get("sd"):
+        sd, delta = test["sd"], stage.delta
+        test |= dict(power_now=t_test_power(stage.seeds, sd, delta),
+                     assurance_now=precision_assurance(stage.seeds, sd, delta),
+                     seeds_needed_now=rule.seeds(sd, delta))
+    if test["n"] < stage.seeds:
+        test["verdict"] = f"pending ({test['n']} of {stage.seeds} seeds)"
+    return test
 
 
-def claim_verdicts_v2(runs: list[dict]) -> dict:
-    """Rule v2 per claim and regime, with the power calculation at the measured paired sd; claim 4
-    with its two parts (V2_SPLIT). Claim 3 is the probe's."""
-    verdicts = {}
-    for claim, (better, worse, regimes) in {**CLAIMS_V2, **V2_SPLIT}.items():
-        per_regime = {}
-        for regime in regimes:
-            pairs, refused = seed_pairs(runs, better, worse, regime)
-            test = paired_test([a["ap"] - b["ap"] for a, b in pairs], V2_DELTA[regime])
-            if refused:
-                test["not_paired"] = refused  # seeds whose runs trained under different device keys
-            planned = V2_SEEDS.get((claim if claim in CLAIMS_V2 else 4, regime))
-            sd = test.get("sd")
-            delta = V2_DELTA[regime]
-            test |= dict(planned_seeds=planned, pilot_sd=V2_PILOT_SD.get((claim if claim in CLAIMS_V2 else 4, regime)),
-                         power_now=t_test_power(planned, sd, delta) if sd else None,
-                         assurance_now=precision_assurance(planned, sd, delta) if sd else None,
-                         seeds_needed_now=seeds_for(sd, delta) if sd else None)
-            if test["n"] < planned:  # read only at the planned number of seeds: no optional stopping
-                test["verdict"] = f"pending ({test['n']} of {planned} seeds)"
-            per_regime[regime] = test
-        verdicts[claim] = dict(better=better, worse=worse, per_regime=per_regime,
-                               verdict=overall_v2([t["verdict"] for t in per_regime.values()]))
-    return verdicts
+def pair_tests(stage: Stage, rule: Rule, runs: list[dict]) -> list[dict]:
+    """One planned_test per comparison, on the stage's images, over the pairs of one device key."""
+    tests = []
+    for better, worse in stage.comparisons:
+        pairs, refused = seed_pairs(runs, better, worse, stage.arms[0].regime)
+        more = dict(not_paired=refused) if refused else {}
+        tests.append(planned_test([a["ap"] - b["ap"] for a, b in pairs], stage, rule,
+                                  f"{better} - {worse}", better=better, worse=worse, **more))
+    return tests
 
 
-# [ours] The informativeness probe (claim 3), fixed before any probe result: at points of a run
-# that samples synthetic data uniformly (the "uniform" condition, from the full regime's student),
-# copies of the student train a few steps on one teacher bin each (same real half, same step
-# rule); a bin's usefulness is how much that lowers the loss on a fixed set of real val crops.
-class ProbeDesign(NamedTuple):
-    name: str  # the results file: results/<name>.{json,png}
-    regime: str  # whose student, and its --train-subset
-    points: tuple[int, ...]  # steps of the uniform run at which every bin is probed (the last one: its length)
-    seeds: tuple[int, ...]
-    steps: int = 20  # student steps on one bin per probe
-    val_crops: int = 64  # the fixed real val crops whose loss is the yardstick
-    equal_people: bool = False  # subsample every probed bin to the smallest one's people
-    lr: float | None = None  # every probe step at this lr; None: the run's schedule at the point
-    keep_bn: bool = False  # BatchNorm running statistics put back before each val-loss reading
-    trajectories: tuple[int, ...] = (0,)  # the uniform runs probed (--seed), replicates
+def contrast_tests(stage: Stage, rule: Rule, runs: list[dict]) -> list[dict]:
+    """The 2x2 of images by student (round 3, stage c): per seed, d = mask - include in each cell;
+    the images contrast (d on 1000 images - d on 100, mean over students) and the student
+    contrast (d from the full regime's student - d from the scarce one's, mean over images)."""
+    big, small = PROTOCOL_REGIMES  # full: 1000 images and its student; scarce: 100 and its own
+    d = {}
+    for (better, worse), student in zip(stage.comparisons, PROTOCOL_REGIMES):
+        for images in PROTOCOL_REGIMES:
+            for a, b in seed_pairs(runs, better, worse, images)[0]:
+                d[images, student, a["seed"]] = a["ap"] - b["ap"]
+    seeds = sorted({s for (_, _, s) in d if all((i, st, s) in d for i in (big, small)
+                                                 for st in (big, small))})
+    images = [np.mean([d[big, st, s] - d[small, st, s] for st in (big, small)]) for s in seeds]
+    student = [np.mean([d[i, big, s] - d[i, small, s] for i in (big, small)]) for s in seeds]
+    return [planned_test(images, stage, rule, "images: d on 1000 - d on 100"),
+            planned_test(student, stage, rule, f"student: d from {big} - d from {small}")]
 
 
-PROBE_V1 = ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2))
+def two_way_anova(use: np.ndarray) -> dict:
+    """(points, bins, seeds) with seeds as replicates: F-tests of the bins' main effect and of the
+    bin x point interaction (does which bin helps most change over training?)."""
+    from scipy.stats import f
+
+    P, B, S = use.shape
+    grand, cells = use.mean(), use.mean(2)
+    ss_points = B * S * ((cells.mean(1) - grand) ** 2).sum()
+    ss_bins = P * S * ((cells.mean(0) - grand) ** 2).sum()
+    ss_inter = S * ((cells - grand) ** 2).sum() - ss_points - ss_bins
+    ms_error = ((use - cells[..., None]) ** 2).sum() / (P * B * (S - 1))
+    df_bins, df_inter = B - 1, (P - 1) * (B - 1)
+    f_bins, f_inter = ss_bins / df_bins / ms_error, ss_inter / df_inter / ms_error
+    return dict(f_bins=float(f_bins), p_bins=float(f.sf(f_bins, df_bins, P * B * (S - 1))),
+                f_interaction=float(f_inter), p_interaction=float(f.sf(f_inter, df_inter, P * B * (S - 1))))
 
 
-# [ours] Probe v2 (README, "Rule v2"), fixed before it ran: the same number of people in every probed
-# bin (round 1's usefulness ranking tracked the bins' sizes), 5 points over the scarce regime's
-# 3000-step schedule (the teacher runs' own), 6 seeds.
-PROBE_V2 = ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 2, 3, 4, 5), equal_people=True)
+def tau_interval(use: np.ndarray, draws: int = 2000) -> tuple[float, float, float]:
+    """Kendall tau between the first and last points' bin rankings, and its 95% bootstrap interval
+    over the probe seeds (resampled independently at each point)."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(0)
+    first, last = use[0], use[-1]
+    tau = float(kendalltau(first.mean(1), last.mean(1)).statistic)
+    S = use.shape[2]
+    taus = [kendalltau(first[:, rng.integers(0, S, S)].mean(1), last[:, rng.integers(0, S, S)].mean(1)).statistic
+            for _ in range(draws)]
+    lo, hi = np.nanpercentile(taus, [2.5, 97.5])
+    return tau, float(lo), float(hi)
 
 
-# [ours] Probe v3 (results/protocol/README.md, "Rule v3"), fixed before it ran: every probe step at
-# 1.5e-4, the mean of the runs' 3e-4 cosine, so a probe moves the weights as far as the run does on
-# average; BatchNorm statistics put back before each reading, so only the weights count; 3 uniform
-# trajectories, which first differ after step 0, so the points are those after it.
-PROBE_V3 = ProbeDesign("probe-v3", "scarce", (750, 1500, 2250, 3000), (0, 1, 2), equal_people=True,
-                       lr=1.5e-4, keep_bn=True, trajectories=(0, 1, 2))
+def probe_test(use: np.ndarray) -> dict:
+    """Claim 3 in two parts on (points, bins, replicates), as probe v2's rule fixed it and rule v3
+    keeps it, on the probed bins. Bins differ: supported when the bins' main effect has p < 0.05,
+    else not supported. Which bins are useful changes over training: shown when the bin x point
+    interaction has p < 0.05; contradicted when it has p >= 0.05 and the bootstrap interval of
+    tau(first, last) lies above 0.6 (the first and last rankings agree); otherwise not shown."""
+    use = use[:, np.isfinite(use).all((0, 2))]
+    anova, (tau, lo, hi) = two_way_anova(use), tau_interval(use)
+    differ = "supported" if anova["p_bins"] < 0.05 else "not supported"
+    changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6 else "not shown")
+    reason = (f"bins: F = {anova['f_bins']:.2f}, p = {anova['p_bins']:.2g}; bin x point: F = "
+              f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; tau first-last {tau:.2f} "
+              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} seeds")
+    return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo, tau_hi=hi, **anova)
 
 
-PROBES = {"v1": PROBE_V1, "v2": PROBE_V2, "v3": PROBE_V3}
+def trajectory_test(stage: Stage, results: Path) -> dict:
+    """Probe v3's test: each trajectory's usefulness, mean over its probe seeds, as a replicate."""
+    names = [probe_name(stage.probe, t) for t in stage.probe.trajectories]
+    use = [np.array(read_probe(results / f"{n}.json")["usefulness"], np.float64).mean(2) for n in names]
+    return probe_test(np.stack(use, 2))
 
 
-def probe_name(design: ProbeDesign, trajectory: int) -> str:
-    """The results file of one probed trajectory: results/<name>.{json,png}."""
-    return design.name if len(design.trajectories) == 1 else f"{design.name}-t{trajectory}"
-
-
-# ---- Rule v3 and round 3: fixed before any round-3 run (results/protocol/README.md, "Rule v3"),
-# written after round 2's results were known. A rule is an object, a round is data: a stage per
-# question, decided at its planned seeds before the next starts.
-
-@dataclass(frozen=True)
-class Rule:
-    """How a rule plans its seeds: the fewest n >= min_seeds whose t-test power at delta reaches
-    `power` and whose precision assurance (P(95% half-width < delta)) reaches `assurance`, so that
-    both an effect of delta and "no effect of delta or more" can be read."""
-    name: str
-    power: float
-    assurance: float
-    min_seeds: int = 3
-
-    def seeds(self, sd: float, delta: float) -> int:
-        return max(self.min_seeds, seeds_for(sd, delta, self.power, t_test_power),
-                   seeds_for(sd, delta, self.assurance, precision_assurance))
-
-
-RULE_V3 = Rule("v3", power=0.8, assurance=0.8)  # [ours] the conventional 0.8 for both
-
-
-@dataclass(frozen=True)
-class Arm:
-    """A stage's condition: its flags, the images it trains on (a regime), its starting student."""
-    condition: str
-    flags: tuple[str, ...]
-    regime: str = "scarce"
-    student: str = "scarce"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One question of a round: its runs (arms x seeds at `steps`, or a probe), the comparisons its
-    test reads (better, worse), the paired sd measured so far that planned its seeds, delta, and
-    what its verdict decides."""
-    key: str
-    question: str
-    arms: tuple[Arm, ...]
-    steps: int
-    seeds: int
-    comparisons: tuple[tuple[str, str], ...]
-    test: str
-    decides: str
-    delta: float | None = None
-    sd: float | None = None
-    sd_source: str = ""
-    probe: ProbeDesign | None = None
-
-
-DELTA_AT_3000 = 0.005  # [ours] rule v2's delta (2.5% of the reference AP) of uniform-3000's 0.210
-# paper code's teacher, CPU-sized: its soft label, no BatchNorm under its head, its bins, lr, beta1
-PAPER_TEACHER = ("--mode", "student-teacher", "--teacher-update", "paper", "--teacher-arch",
-                 "small-nobn", "--teacher-bins", "paper", "--teacher-lr", "5e-5", "--beta1", "0.8")
-ROUND3 = (  # in this order; a stage's runs are all of its arms on seeds 0 .. seeds - 1
-    Stage("a", "claim 3: do the bins differ, and does which bins help change over training?",
-          arms=(), steps=V2_LONG_STEPS, seeds=len(PROBE_V3.trajectories), comparisons=(),
-          test="probe v2's two-way ANOVA and tau interval, on each trajectory's mean over its "
-          "probe seeds, trajectories as replicates",
-          decides="both parts of claim 3 (probe v1, v2 withdrawn)", probe=PROBE_V3,
-          sd_source="no spread between trajectories measured (probe v2 had one): the issue's "
-          "floor of 3"),
-    Stage("b", "does the synthetic half help at 3000 steps?",
-          arms=(Arm("real-3000", tuple(CONDITIONS["real"].flags)),
-                *(Arm(c, tuple(flags)) for c, (flags, _) in V2_CONDITIONS.items())),
-          steps=V2_LONG_STEPS, seeds=19,
-          comparisons=(("uniform-3000", "real-3000"), ("stratified-3000", "real-3000"),
-                       ("teacher-3000", "real-3000"), ("teacher-3000", "uniform-3000")),
-          test="rule v2's paired t-test and interval against delta",
-          decides="'synthetic data helps' at 3000 steps (scarce); claim 4's gap read against it",
-          delta=DELTA_AT_3000, sd=0.0073, sd_source="the largest paired sd measured in the "
-          "scarce regime for these pairs: real - synthetic at 800 steps (round 1), teacher - "
-          "stratified at 3000 (round 2)"),
-    Stage("c", "claim 2 deconfounded: does the sign of mask - include follow the images or the "
-          "student?",
-          arms=tuple(Arm(f"augmented-{loss}-from-{student}",
-                         ("--mode", "augmented", "--synthetic-loss", loss), images, student)
-                     for images in PROTOCOL_REGIMES for student in PROTOCOL_REGIMES
-                     for loss in ("mask", "include")),
-          steps=PROTOCOL_FINETUNE_STEPS, seeds=7,
-          comparisons=tuple((f"augmented-mask-from-{student}", f"augmented-include-from-{student}")
-                            for student in PROTOCOL_REGIMES),
-          test="per seed, d = mask - include in each of the 4 cells; rule v2's paired test on "
-          "the images contrast (d of 1000 - d of 100 images, mean over students) and the student "
-          "contrast (d from full - d from scarce, mean over images)",
-          decides="claim 2's regime flip: the images, the student, both or neither",
-          delta=V2_DELTA["scarce"], sd=0.00218, sd_source="the contrasts' sd from round 2's "
-          "claim-2 paired sds, sqrt((0.00177^2 + 0.00251^2) / 2)"),
-    Stage("d", "claim 4 with the teacher closest to the paper's code that the CPU affords",
-          arms=(Arm("teacher-paper-3000", PAPER_TEACHER),
-                # the identical loop without the teacher at the paper's beta1 (the student's too)
-                Arm("uniform-paper-3000", ("--mode", "synthetic", "--beta1", "0.8"))),
-          steps=V2_LONG_STEPS, seeds=12,
-          comparisons=(("teacher-paper-3000", "uniform-paper-3000"),
-                       ("teacher-paper-3000", "uniform-3000")),
-          test="rule v2's paired t-test and interval against delta",
-          decides="claim 4 for the paper code's soft label, teacher without BatchNorm, bins and "
-          "learning rate",
-          delta=DELTA_AT_3000, sd=0.00555, sd_source="round 2's teacher-3000 - uniform-3000"),
-)
-
+# ---- The probe (claim 3): a uniform run, and copies of its student trained on one bin each
 
 def fixed_val_batch(data: Data, cfg: Config, crops: int) -> Batch:
     """`crops` person-centric crops of the val set, without augmentation: the probe's yardstick."""
@@ -4477,7 +4461,8 @@ def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDe
           f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
 
 
-def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBE_V1) -> dict:
+
+def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBES["v1"]) -> dict:
     """Trains the uniform condition to the last probe point, probing every bin at each point. Each
     point's result is saved with the run's state (out/probe.pt), so a probe cut off resumes after its
     last point and ends with the same result."""
@@ -4506,118 +4491,17 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
     finally:
         lock.unlink(missing_ok=True)
     use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
-    verdict, reason = probe_verdict(use)
     result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
                   usefulness=use.tolist(), steps_per_probe=design.steps, seeds=list(design.seeds),
-                  val_crops=design.val_crops, verdict=verdict, reason=reason,
-                  wall_minutes=round((time.perf_counter() - t0) / 60, 1))
-    if design is not PROBE_V1:
-        result |= dict(design=design.name, regime=design.regime,
-                       probed_people=[0 if q is None else len(q) for q in pools], v2=probe_verdict_v2(use))
+                  val_crops=design.val_crops, wall_minutes=round((time.perf_counter() - t0) / 60, 1),
+                  design=design.name, regime=design.regime,
+                  probed_people=[0 if q is None else len(q) for q in pools], test=probe_test(use))
     if design.lr is not None:
         result |= dict(probe_lr=design.lr, keep_bn=design.keep_bn, trajectory=cfg.seed)
     return result
 
 
-def two_way_anova(use: np.ndarray) -> dict:
-    """(points, bins, seeds) with seeds as replicates: F-tests of the bins' main effect and of the
-    bin x point interaction (does which bin helps most change over training?)."""
-    from scipy.stats import f
-
-    P, B, S = use.shape
-    grand, cells = use.mean(), use.mean(2)
-    ss_points = B * S * ((cells.mean(1) - grand) ** 2).sum()
-    ss_bins = P * S * ((cells.mean(0) - grand) ** 2).sum()
-    ss_inter = S * ((cells - grand) ** 2).sum() - ss_points - ss_bins
-    ms_error = ((use - cells[..., None]) ** 2).sum() / (P * B * (S - 1))
-    df_bins, df_inter = B - 1, (P - 1) * (B - 1)
-    f_bins, f_inter = ss_bins / df_bins / ms_error, ss_inter / df_inter / ms_error
-    return dict(f_bins=float(f_bins), p_bins=float(f.sf(f_bins, df_bins, P * B * (S - 1))),
-                f_interaction=float(f_inter), p_interaction=float(f.sf(f_inter, df_inter, P * B * (S - 1))))
-
-
-def tau_interval(use: np.ndarray, draws: int = 2000) -> tuple[float, float, float]:
-    """Kendall tau between the first and last points' bin rankings, and its 95% bootstrap interval
-    over the probe seeds (resampled independently at each point)."""
-    from scipy.stats import kendalltau
-
-    rng = np.random.default_rng(0)
-    first, last = use[0], use[-1]
-    tau = float(kendalltau(first.mean(1), last.mean(1)).statistic)
-    S = use.shape[2]
-    taus = [kendalltau(first[:, rng.integers(0, S, S)].mean(1), last[:, rng.integers(0, S, S)].mean(1)).statistic
-            for _ in range(draws)]
-    lo, hi = np.nanpercentile(taus, [2.5, 97.5])
-    return tau, float(lo), float(hi)
-
-
-def probe_verdict_v2(use: np.ndarray) -> dict:
-    """Probe v2's rule (README, "Rule v2"), fixed before it ran, on the probed bins. Claim 3 in two
-    parts. Bins differ: supported when the bins' main effect has p < 0.05, else not supported.
-    Which bins are useful changes over training: shown when the bin x point interaction has
-    p < 0.05; contradicted when it has p >= 0.05 and the bootstrap interval of tau(first, last)
-    lies above 0.6 (the first and last rankings agree); otherwise not shown."""
-    use = use[:, np.isfinite(use).all((0, 2))]
-    anova, (tau, lo, hi) = two_way_anova(use), tau_interval(use)
-    differ = "supported" if anova["p_bins"] < 0.05 else "not supported"
-    changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6 else "not shown")
-    reason = (f"bins: F = {anova['f_bins']:.2f}, p = {anova['p_bins']:.2g}; bin x point: F = "
-              f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; tau first-last {tau:.2f} "
-              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} seeds")
-    return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo, tau_hi=hi, **anova)
-
-
-def probe_verdict(use: np.ndarray) -> tuple[str, str]:
-    """The rule for claim 3 on (points, bins, seeds) usefulness, fixed before the probe ran.
-    Unequal: at some point a one-way ANOVA over the bins (probe seeds as replicates) gives
-    p < 0.01. Changing: Kendall's tau between the first and last points' bin rankings < 0.5.
-    Reproduced: unequal and changing; contradicted: never unequal, or unequal with tau >= 0.8."""
-    from scipy.stats import f_oneway, kendalltau
-
-    ok = np.isfinite(use).all((0, 2))  # bins that every point could probe
-    mean = use[:, ok].mean(2)
-    p_values = [float(f_oneway(*point[ok]).pvalue) for point in use]
-    unequal = [p < 0.01 for p in p_values]
-    tau = float(kendalltau(mean[0], mean[-1]).statistic) if ok.sum() >= 3 else float("nan")
-    reason = (f"bins unequal (ANOVA p < 0.01) at {sum(unequal)} of {len(unequal)} points "
-              f"(p = {', '.join(f'{p:.2g}' for p in p_values)}); rank tau first-last {tau:.2f}")
-    if any(unequal) and tau < 0.5:
-        return "reproduced", reason
-    if not any(unequal) or tau >= 0.8:
-        return "contradicted", reason
-    return "inconclusive", reason
-
-
-def plot_usefulness(ax, probe: dict) -> None:
-    """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
-    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
-    use = np.array(probe["usefulness"])
-    colours = bin_colours(len(probe["counts"]))
-    probed = probe.get("probed_people", probe["counts"])
-    for b in range(use.shape[1]):
-        if np.isfinite(use[:, b]).all():
-            se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
-            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
-            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
-                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
-    ax.axhline(0, color="grey", lw=0.5)
-    v2 = probe.get("v2")
-    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
-           title=(f"probe v2: bins differ {v2['bins_differ']}, ranking changes {v2['ranking_changes']}" if v2 else
-                  "informativeness of each min_dist bin over training (claim 3)"))
-    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
-              bbox_to_anchor=(1.0, 0.5))
-
-
-def save_probe_figure(probe: dict, path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    plot_usefulness(ax, probe)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+# ---- The report: rounds 1-2 reprinted, round 3 read, the README's answer, the figures
 
 README_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
 
@@ -4633,69 +4517,59 @@ def read_probe(path: Path) -> dict | None:
     return probe
 
 
-def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
-    """Claim 3 beside claim 4: the paper's teachers' bin probabilities over training (scarce regime,
-    3000 steps; their mean, then one row per run), and probe v2's usefulness of each bin at points
-    of the same schedule."""
-    plt = pyplot()
+def probe_done(path: Path) -> bool:
+    """Whether a probe trajectory has its result (an empty one counts as not run)."""
+    return bool((read_probe(path) or {}).get("usefulness"))
 
-    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
-        steps = min(len(run) for run in series.values())
-        runs = np.array([np.array(run)[:steps] for run in series.values()])
-        mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
-        series = {f"mean of the {len(runs)} runs": mean.tolist(), **dict(sorted(series.items()))}
-    rows = max(len(series), 1)
-    fig = plt.figure(figsize=(13.5, max(4.2, 1.25 * rows + 0.8)))
-    grid = fig.add_gridspec(rows, 2)
-    left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
-    right = fig.add_subplot(grid[:, 1])
-    bins = len(next(iter(series.values()))[0]) - 1 if series else 0
-    for ax, (name, run) in zip(left, series.items()):
-        probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
-        plot_bin_probabilities(ax, probs[:, 0], probs[:, 1:], [f"bin {b}" for b in range(bins)])
-        ax.set(ylabel="p")
-        ax.set_title(name, fontsize=8, loc="left")
-        ax.label_outer()
-    if series:
-        left[-1].set_xlabel("student step")
-        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
-    if probe:
-        plot_usefulness(right, probe)
-    for ax, what in ((left[0], series), (right, probe)):
-        if not what:
-            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def read_frozen(path: Path) -> dict:
+    """Rounds 1 and 2's verdicts as their rules computed them (results/rounds-1-2.json)."""
+    try:
+        frozen = json.loads(path.read_text())
+        assert isinstance(frozen, dict) and {"round1", "round2"} <= set(frozen)
+    except (OSError, UnicodeDecodeError, ValueError, AssertionError) as e:
+        raise ReproError(f"{path} is not rounds 1-2's frozen verdicts ({type(e).__name__}); restore "
+                         f"it with: git checkout {path}") from None
+    return frozen
+
+
+def round_progress(runs: list[dict], results: Path) -> dict:
+    """Per round: its runs and probe trajectories finished, of those planned (a run an earlier
+    round has counts there)."""
+    done, seen, out = {r["name"] for r in runs}, set(), {}
+    for rnd in ROUNDS:
+        names = [r.name for s in rnd.stages for r in stage_runs(s, rnd)] + (
+            [r.name for r in scratch_runs()] if rnd is ROUND1 else [])
+        names = list(dict.fromkeys(n for n in names if n not in seen))
+        seen |= set(names)
+        probes = [probe_name(s.probe, t) for s in rnd.stages if s.probe for t in s.probe.trajectories]
+        out[rnd.name] = dict(finished=len(done & set(names)), planned=len(names),
+                             probes=sum(probe_done(results / f"{p}.json") for p in probes),
+                             probes_planned=len(probes))
+    return out
 
 
 def report_protocol(results: Path | None = None, readme: Path = Path("README.md")) -> dict:
-    """claims.json, claims.md, claims.png and the README's results table, from the run summaries in
-    results/protocol alone (no training)."""
+    """claims.json, claims.md, claims.png and the README's answer table, from the run summaries in
+    results/protocol, the probes' results and the frozen rounds alone (no training)."""
     results = results or PROTOCOL_RESULTS.parent
     current = {r.name: r for r in protocol_runs()}
-    summaries = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
-    # rounds 1 and 2; round 3 reads its own
-    runs = [r for r in summaries if not r["name"].startswith("r3/")]
-    round3 = [stage_status(stage, summaries, results) for stage in ROUND3]
+    runs = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
     for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
         if r["name"] in current:
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
-    probe, probe_v2 = (read_probe(results / f"{d.name}.json") for d in (PROBE_V1, PROBE_V2))
-    teacher = {r["name"]: r["teacher"] for r in runs if r.get("teacher")}
+    early = [r for r in runs if not r["name"].startswith(ROUND3.prefix)]
+    frozen = read_frozen(results / FROZEN_ROUNDS.name)
+    probes = {d.name: read_probe(results / f"{d.name}.json") for d in (PROBES["v1"], PROBES["v2"])}
+    teacher = {r["name"]: r["teacher"] for r in early if r.get("teacher")}
     series = {name: t["series"] for name, t in teacher.items()
               if name.startswith("scarce/teacher-3000") and "series" in t}
     # each update's probabilities are in the run's own summary (runs); claims.json keeps them once
     teacher = {name: {k: v for k, v in t.items() if k != "series"} for name, t in teacher.items()}
-    round2 = {r.name for r in round2_runs()} - {r.name for r in round1_runs()}
-    progress = dict(finished=sum(r["name"] in current and r["name"] not in round2 for r in runs),
-                    total=len(round1_runs()), probe=bool(probe),
-                    round2_finished=sum(r["name"] in round2 for r in runs), round2_total=len(round2))
-    claims = dict(runs=runs, progress=progress, verdicts=claim_verdicts(runs, probe),
-                  verdicts_v2=claim_verdicts_v2(runs), probe=probe, probe_v2=probe_v2, teacher=teacher,
-                  round3=round3,
+    claims = dict(runs=runs, progress=round_progress(runs, results), frozen=frozen,
+                  round3=[stage_status(s, runs, results) for s in ROUND3.stages], teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
-                                finetune_steps=PROTOCOL_FINETUNE_STEPS, seeds=list(PROTOCOL_SEEDS),
+                                finetune_steps=PROTOCOL_FINETUNE_STEPS,
                                 conditions={name: c.flags for name, c in CONDITIONS.items()},
                                 common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
     write_json(claims, results / "claims.json")
@@ -4703,22 +4577,17 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     with atomic_path(results / "claims.md") as tmp:
         tmp.write_text(table)
     # the figures agree with claims.md: without runs (or a probe) an older figure is removed
-    if runs:
-        save_claims_figure(runs, claims["verdicts_v2"], results / "claims.png")
-    else:
-        (results / "claims.png").unlink(missing_ok=True)
-    for design, result in ((PROBE_V1, probe), (PROBE_V2, probe_v2)):
-        if result:
-            save_probe_figure(result, results / f"{design.name}.png")
+    figures = {"claims.png": (save_claims_figure, (early, frozen["round2"]["verdicts"])) if early else None,
+               **{f"{name}.png": (save_probe_figure, (p,)) if p else None for name, p in probes.items()},
+               "teacher-vs-probe.png": (save_teacher_and_probe_figure, (series, probes["probe-v2"]))
+               if series or probes["probe-v2"] else None}
+    for name, figure in figures.items():
+        if figure:
+            figure[0](*figure[1], results / name)
         else:
-            (results / f"{design.name}.png").unlink(missing_ok=True)
-    if series or probe_v2:
-        save_teacher_and_probe_figure(series, probe_v2, results / "teacher-vs-probe.png")
-    else:
-        (results / "teacher-vs-probe.png").unlink(missing_ok=True)
+            (results / name).unlink(missing_ok=True)
     if readme.is_file() and all(m in readme.read_text() for m in README_MARKERS):
-        text = readme.read_text()
-        head, rest = text.split(README_MARKERS[0], 1)
+        head, rest = readme.read_text().split(README_MARKERS[0], 1)
         tail = rest.split(README_MARKERS[1], 1)[1]
         with atomic_path(readme) as tmp:
             tmp.write_text(f"{head}{README_MARKERS[0]}\n{answer_table(claims)}{README_MARKERS[1]}{tail}")
@@ -4736,7 +4605,7 @@ def mean_sd(values: list[float], scale: float = 1.0) -> str:
 def real_crops_per_step(condition: str) -> int:
     """Real crops in a step's batch of a protocol condition, as its record says (no flags parsed)."""
     name = SAME_RUNS.get(condition, condition)
-    return (STUDENT_CONDITIONS | CONDITIONS | V2_CONDITIONS)[name].real_crops
+    return (STUDENT_CONDITIONS | CONDITIONS | LONG_CONDITIONS)[name].real_crops
 
 
 def minutes_by_device(runs: list[dict]) -> str:
@@ -4747,33 +4616,36 @@ def minutes_by_device(runs: list[dict]) -> str:
 
 
 def claims_table(claims: dict) -> str:
-    runs, progress = claims["runs"], claims["progress"]
+    """claims.md: each round's progress; rounds 1 and 2's verdicts as frozen; round 3's stages;
+    every condition's AP; where the runs trained; the teachers' drift."""
+    runs, progress, frozen = claims["runs"], claims["progress"], claims["frozen"]
     bins = list(OCCLUSION_BINS)
-    lines = ["`python repro.py --reproduce` runs (and resumes) the protocol; `python repro.py --report` rebuilds "
-             "this table, `results/claims.{json,md,png}` from `results/protocol/` alone.", "",
-             f"**Round 1: {progress['finished']} of {progress['total']} runs finished; the probe "
-             f"{'finished' if progress['probe'] else 'not run yet'}.** "
-             + ("Round 1 is complete." if progress["finished"] == progress["total"] else
-                "Claims 1, 2 and 4 stay inconclusive in a regime until it has 3 paired seeds."), "",
-             *verdicts_v2_table(claims), "", *round3_table(claims.get("round3", [])), "",
+    lines = ["`python repro.py --reproduce` runs (and resumes) the protocol; `python repro.py --report` "
+             "rebuilds this file and `results/claims.{json,png}` from `results/protocol/`, the probes' "
+             "results and `results/rounds-1-2.json` alone.", "",
+             "Progress: " + "; ".join(f"round {name}: {p['finished']} of {p['planned']} runs, "
+                                      f"{p['probes']} of {p['probes_planned']} probe trajectories"
+                                      for name, p in progress.items()) + ".", "",
+             *round2_table(frozen), "", *round3_table(claims.get("round3", [])), "",
              "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
     for regime in PROTOCOL_REGIMES:
         for condition in REPORTED_CONDITIONS:
-            rs = condition_runs(runs, condition, regime)
+            rs = [r for r in condition_runs(runs, condition, regime) if not r["name"].startswith("r3/")]
             if not rs:
                 continue
-            real = real_crops_per_step(condition)
             occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
             label = f"{condition} (= {SAME_RUNS[condition]}'s runs)" if condition in SAME_RUNS else condition
-            lines.append(f"| {regime} | {label} | {real} | {len(rs)} | {rs[0]['steps']} | "
-                         f"{mean_sd([r['ap'] for r in rs])} | {mean_sd([r['ap50'] for r in rs])} | "
-                         + " | ".join(occ) + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
+            lines.append(f"| {regime} | {label} | {real_crops_per_step(condition)} | {len(rs)} | "
+                         f"{rs[0]['steps']} | {mean_sd([r['ap'] for r in rs])} | "
+                         f"{mean_sd([r['ap50'] for r in rs])} | " + " | ".join(occ)
+                         + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
                          f" | {minutes_by_device(rs)} |")
     lines += ["", f"Where the runs trained: {where_trained(runs)}. Train minutes compare only within a device.",
-              *device_keys_note(runs), "", "| claim | verdict | reason |", "|---|---|---|"]
-    for claim, v in claims["verdicts"].items():
+              *device_keys_note(runs), "", "**Round 1** (superseded; frozen in `results/rounds-1-2.json`): "
+              f"rule {frozen['round1']['rule']}", "", "| claim | verdict | reason |", "|---|---|---|"]
+    for claim, v in frozen["round1"]["verdicts"].items():
         lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
     drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
     if drift:
@@ -4793,54 +4665,53 @@ def interval_reading(t: dict) -> str:
             + (f"; cannot exclude {', '.join(inside)}" if inside else ""))
 
 
-def probe_v2_rows(v1_verdict: str, v2: dict | None) -> list[str]:
-    """Claim 3's two parts in the rule-v2 table: tests of probe v2's two-way ANOVA, and tau's interval."""
-    seeds, regime = f"{len(PROBE_V2.seeds)} ({len(PROBE_V2.seeds)})", PROBE_V2.regime
-    if not v2:
-        return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **pending** "
-                "(probe v2 has not run) | - | - | - | - | - |",
-                f"| 3: which bins are useful changes over training | {regime} | (as above) | "
-                "**pending** | - | - | - | - | - |"]
-    return [f"| 3: bins differ | {regime} | {v1_verdict} (one verdict, full) | **{v2['bins_differ']}** | bins' main "
-            f"effect F = {v2['f_bins']:.2f}, p = {v2['p_bins']:.2g} "
-            "(two-way ANOVA, points x bins) | "
-            f"{seeds} | - | - | "
-            "a test, not an interval: p < 0.05 rejects equally useful bins |",
-            f"| 3: which bins are useful changes over training | {regime} | (as above) | **{v2['ranking_changes']}** "
-            f"| bin x point interaction F = {v2['f_interaction']:.2f}, p = {v2['p_interaction']:.2g}; tau first-last "
-            f"{v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}] | {seeds} | - | - | "
-            "tau's interval excludes "
-            f"first and last rankings that agree less than tau {v2['tau_lo']:.2f}"
-            + ("; cannot exclude identical ones |" if v2["tau_hi"] >= 1 - 1e-9 else " |")]
+TEST_HEADER = ("| comparison | regime | earlier verdict | verdict | paired AP difference, 95% CI, p | "
+               "seeds (planned) | power at delta (t-test, measured sd) | precision assurance at the "
+               "measured sd | what the interval excludes |", "|---" * 9 + "|")
 
 
-def verdicts_v2_table(claims: dict) -> list[str]:
-    """Rule v2 (written after round 1's results were known): each claim and regime with its 95%
-    interval, p-value, delta, seeds finished of those planned, and what the interval excludes."""
-    progress = claims["progress"]
-    lines = [f"**Rule v2** (written after round 1's results were known; README, \"Rule v2\"): round 2 has "
-             f"{progress.get('round2_finished', 0)} of {progress.get('round2_total', 0)} of its runs.", "",
-             "| claim | regime | v1 verdict | v2 verdict | paired AP difference, 95% CI, p | seeds (planned) | "
-             "power at delta (t-test, measured sd) | precision assurance at the measured sd | "
-             "what the interval excludes |", "|---" * 9 + "|"]
-    v1 = claims["verdicts"]
-    probe_rows = probe_v2_rows(v1.get(3, {}).get("verdict", "-"), (claims.get("probe_v2") or {}).get("v2"))
-    for claim, v in claims.get("verdicts_v2", {}).items():
-        if claim == 4:
-            lines += probe_rows
+def test_row(label: str, regime: str, earlier: str, t: dict) -> str:
+    """One paired test (rules v2 and v3) as a row of TEST_HEADER."""
+    ci = f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], p = {t['p']:.2g}" if "lo" in t else "-"
+    power = (f"{t['power_now']:.2f} | {t['assurance_now']:.2f} (needs {t['seeds_needed_now']})"
+             if t.get("power_now") is not None else "- | -")
+    refused = t.get("not_paired")
+    refused = f"; seeds {refused} not paired: device keys differ" if refused else ""
+    return (f"| {label} | {regime} | {earlier} | **{t['verdict']}** | {ci} | "
+            f"{t['n']} ({t['planned_seeds']}){refused} | {power} | {interval_reading(t)} "
+            f"(delta {t['delta']}) |")
+
+
+def probe_rows(regime: str, earlier: str, test: dict | None, replicates: str) -> list[str]:
+    """Claim 3's two parts as rows of TEST_HEADER: the two-way ANOVA's tests and tau's interval."""
+    if not test:
+        return [f"| 3: {part} | {regime} | {earlier} | **pending** | - | - | - | - | - |"
+                for part in ("bins differ", "which bins are useful changes over training")]
+    agree = ("; cannot exclude identical ones" if test["tau_hi"] >= 1 - 1e-9 else "")
+    return [f"| 3: bins differ | {regime} | {earlier} | **{test['bins_differ']}** | bins' main effect "
+            f"F = {test['f_bins']:.2f}, p = {test['p_bins']:.2g} (two-way ANOVA, points x bins) | "
+            f"{replicates} | - | - | a test, not an interval: p < 0.05 rejects equally useful bins |",
+            f"| 3: which bins are useful changes over training | {regime} | (as above) | "
+            f"**{test['ranking_changes']}** | bin x point interaction F = {test['f_interaction']:.2f}, "
+            f"p = {test['p_interaction']:.2g}; tau first-last {test['tau']:.2f} [{test['tau_lo']:.2f}, "
+            f"{test['tau_hi']:.2f}] | {replicates} | - | - | tau's interval excludes first and last "
+            f"rankings that agree less than tau {test['tau_lo']:.2f}{agree} |"]
+
+
+def round2_table(frozen: dict) -> list[str]:
+    """Rule v2's verdicts as frozen, each beside rule v1's verdict of its claim and regime."""
+    v1, v2 = frozen["round1"]["verdicts"], frozen["round2"]
+    seeds = len(PROBES["v2"].seeds)
+    lines = ["**Round 2** (frozen in `results/rounds-1-2.json`; claim 3's rows are withdrawn, see "
+             f"results/protocol/README.md): rule {v2['rule']}", "", *TEST_HEADER]
+    for claim, v in v2["verdicts"].items():
+        if claim == "4":
+            lines += probe_rows("scarce", f"{v1['3']['verdict']} (probe v1, full)", v2["probe"],
+                                f"{seeds} ({seeds})")
         for regime, t in v["per_regime"].items():
             old = v1.get(claim, {}).get("per_regime", {}).get(regime, "-")
-            old = old if claim != 4 else f"{old} (teacher - uniform, 800 steps)"
-            ci = f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], p = {t['p']:.2g}" if "lo" in t else "-"
-            power = (f"{t['power_now']:.2f} | {t['assurance_now']:.2f} "
-                     f"(needs {t['seeds_needed_now']})"
-                     if t.get("power_now") is not None else "- | -")
-            refused = t.get("not_paired")
-            refused = f"; seeds {refused} not paired: device keys differ" if refused else ""
-            seeds = f"{t['n']} ({t['planned_seeds']}){refused}"
-            lines.append(f"| {claim}: {v['better']} - {v['worse']} | {regime} | {old} | "
-                         f"**{t['verdict']}** | {ci} | {seeds} | {power} | "
-                         f"{interval_reading(t)} (delta {t['delta']}) |")
+            old = old if claim != "4" else f"{old} (teacher - uniform, 800 steps)"
+            lines.append(test_row(f"{claim}: {v['better']} - {v['worse']}", regime, old, t))
     return lines
 
 
@@ -4888,18 +4759,25 @@ def stage_plan(stage: Stage) -> str:
 
 
 def stage_status(stage: Stage, runs: list[dict], results: Path) -> dict:
-    """Finished of planned, and "pending" until every planned run or trajectory has its result."""
+    """A round-3 stage: finished of planned, "pending" until every planned run or trajectory has
+    its result, and then rule v3's tests (no verdict is read before)."""
     if stage.probe:
         names = [probe_name(stage.probe, t) for t in stage.probe.trajectories]
-        done = sum((results / f"{n}.json").is_file() for n in names)
+        done = sum(probe_done(results / f"{n}.json") for n in names)
     else:
         names = [r.name for r in stage_runs(stage)]
         done = len({r["name"] for r in runs} & set(names))
-    status = ("pending" if done < len(names) else
-              "finished: read by rule v3 (not yet computed by --report)")
+    mine = [r for r in runs if r["name"].startswith(ROUND3.prefix) and r["seed"] < stage.seeds]
+    tests = [] if done < len(names) else (
+        [trajectory_test(stage, results)] if stage.read == "probe" else
+        {"pairs": pair_tests, "contrasts": contrast_tests}[stage.read](stage, ROUND3.rule, mine))
+    words = ([f"bins differ: {t['bins_differ']}; ranking changes: {t['ranking_changes']}"
+              for t in tests] if stage.probe else [f"{t['label']}: {t['verdict']}" for t in tests])
     conditions = list(dict.fromkeys(f"{a.regime}/{a.condition}" for a in stage.arms))
-    return dict(key=stage.key, question=stage.question, planned=len(names), finished=done,
-                status=status, plan=stage_plan(stage), cost=stage_cost(stage),
+    return dict(key=stage.key, question=stage.question, claim=stage.claim, planned=len(names),
+                finished=done, status="; ".join(words) or "pending", tests=tests,
+                regime=stage.arms[0].regime if stage.arms else stage.probe.regime,
+                plan=stage_plan(stage), cost=stage_cost(stage),
                 conditions=conditions or [stage.probe.name])
 
 
@@ -4916,6 +4794,13 @@ def round3_table(stages: list[dict]) -> list[str]:
                      f"{', '.join(s['conditions'])} | {s['plan']} | "
                      f"{s['finished']} ({s['planned']}) | "
                      f"**{s['status']}** | {c['cpu_hours']} h | {c['gpu_minutes']} min |")
+    decided = [s for s in stages if s["tests"]]
+    if decided:
+        lines += ["", *TEST_HEADER]
+        for s in decided:
+            lines += (probe_rows(s["regime"], "probe v2: withdrawn", s["tests"][0],
+                                 f"{s['planned']} trajectories") if s["key"] == "a" else
+                      [test_row(f"{s['key']}: {t['label']}", s["regime"], "-", t) for t in s["tests"]])
     return lines
 
 
@@ -4930,7 +4815,7 @@ TESTED = {4: "The teacher tested: the small network with BatchNorm, the symmetri
 
 
 def regime_reading(t: dict, better: str, worse: str) -> str:
-    """One regime's rule-v2 result in words a reader can check against the interval."""
+    """One paired test's result in words a reader can check against the interval."""
     word = t["verdict"]
     if "lo" not in t or word.startswith("pending"):
         return word
@@ -4943,34 +4828,60 @@ def regime_reading(t: dict, better: str, worse: str) -> str:
     return f"cannot tell ({t['lo']:+.3f} to {t['hi']:+.3f} AP)"
 
 
+def stage_answer(claim: int, stage: dict) -> str:
+    """A claim's row of the answer table from the round-3 stage that decided it."""
+    words = f"{claim}: {CLAIM_WORDS[claim]}"
+    if stage["key"] == "a":
+        t = stage["tests"][0]
+        return (f"| {words} | **bins differ: {t['bins_differ']}; ranking changes: "
+                f"{t['ranking_changes']}** (probe v3) | - | {t['reason']} |")
+    ci = "; ".join(f"{t['label']} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']})"
+                   for t in stage["tests"] if "lo" in t) or "-"
+    means = "; ".join(f"{t['label']}: " + regime_reading(t, t.get("better", "the first"),
+                                                         t.get("worse", "the second"))
+                      for t in stage["tests"])
+    return f"| {words} | **{stage['status']}** (round 3, stage {stage['key']}) | {ci} | {means} |"
+
+
 def answer_table(claims: dict) -> str:
-    """The README's answer: one row per claim of the paper with its current verdict, the paired AP
-    difference's 95% interval per regime (seeds) and what that means; the control below it."""
+    """The README's answer: one row per claim of the paper with its current verdict (a decided
+    round-3 stage's, else round 2's as frozen), the paired AP difference's 95% interval per regime
+    (seeds) and what that means; the control below it."""
     lines = ["| claim of the paper | verdict | paired AP difference, 95% CI (seeds) | what it means |",
              "|---|---|---|---|"]
-    verdicts = claims.get("verdicts_v2", {})
-    for claim, (_, _, words) in CLAIMS.items():
-        v = verdicts.get(claim) or verdicts.get(str(claim))
-        if claim in WITHDRAWN or not v:
+    verdicts = claims["frozen"]["round2"]["verdicts"]
+    decided = {s["claim"]: s for s in claims.get("round3", []) if s["tests"] and s["claim"]}
+    for claim, words in CLAIM_WORDS.items():
+        v = verdicts.get(str(claim))
+        if claim in decided:
+            lines.append(stage_answer(claim, decided[claim]))
+        elif claim in WITHDRAWN or not v:
             lines.append(f"| {claim}: {words} | **not tested** | - | {WITHDRAWN.get(claim, 'pending')} |")
-            continue
-        scope = "" if claim not in TESTED else " for the teacher tested"
-        ci = "; ".join(f"{regime} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']})"
-                       for regime, t in v["per_regime"].items() if "lo" in t) or "-"
-        means = "; ".join(f"{regime}: {regime_reading(t, v['better'], v['worse'])}"
-                          for regime, t in v["per_regime"].items())
-        lines.append(f"| {claim}: {words} | **{v['verdict']}**{scope} | {ci} | {means}"
-                     + (f". {TESTED[claim]}" if claim in TESTED else "") + " |")
-    return "\n".join(lines) + "\n\n" + control_reading(claims.get("runs", [])) + "\n"
+        else:
+            scope = "" if claim not in TESTED else " for the teacher tested"
+            ci = "; ".join(f"{regime} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']})"
+                           for regime, t in v["per_regime"].items() if "lo" in t) or "-"
+            means = "; ".join(f"{regime}: {regime_reading(t, v['better'], v['worse'])}"
+                              for regime, t in v["per_regime"].items())
+            lines.append(f"| {claim}: {words} | **{v['verdict']}**{scope} | {ci} | {means}"
+                         + (f". {TESTED[claim]}" if claim in TESTED else "") + " |")
+    return "\n".join(lines) + "\n\n" + control_reading(claims) + "\n"
 
 
-def control_reading(runs: list[dict]) -> str:
-    """Not a claim of the paper, and under no rule fixed in advance: the real-only control against the
-    two mixed conditions at round 1's 800 steps, read as rule v2 reads a pair."""
-    parts = []
+def control_reading(claims: dict) -> str:
+    """Does the synthetic half help? Round 3's stage b once decided; before it, exploratory (no
+    rule was fixed for it in advance): the real-only control against the two mixed conditions at
+    round 1's 800 steps, read as rule v2 reads a pair."""
+    b = next((s for s in claims.get("round3", []) if s["key"] == "b" and s["tests"]), None)
+    if b:
+        return ("Does the synthetic half help? Round 3, stage b, at 3000 steps (scarce), paired AP "
+                "difference and 95% CI: " + "; ".join(
+                    f"{t['label']} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']} seeds): "
+                    f"{t['verdict']}" for t in b["tests"] if "lo" in t) + ".")
+    parts, runs = [], [r for r in claims.get("runs", []) if not r["name"].startswith("r3/")]
     for worse in ("augmented-mask", "synthetic"):
         for regime in PROTOCOL_REGIMES:
-            t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(), V2_DELTA[regime])
+            t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(), DELTA[regime])
             if "lo" in t:
                 parts.append(f"real - {worse} ({regime}) {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}]")
     if not parts:
@@ -5003,6 +4914,76 @@ def where_trained(runs: list[dict]) -> str:
                      for device, regimes in sorted(places.items()))
 
 
+# ---- The protocol's figures
+
+def plot_usefulness(ax, probe: dict) -> None:
+    """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
+    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
+    use = np.array(probe["usefulness"])
+    colours = bin_colours(len(probe["counts"]))
+    probed = probe.get("probed_people", probe["counts"])
+    for b in range(use.shape[1]):
+        if np.isfinite(use[:, b]).all():
+            se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
+            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
+            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
+                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
+    ax.axhline(0, color="grey", lw=0.5)
+    test = probe.get("test") or probe.get("v2")  # the current rule's test (written as "v2" by probe v2)
+    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
+           title=(f"{probe.get('design', 'probe')}: bins differ {test['bins_differ']}, ranking changes "
+                  f"{test['ranking_changes']}" if test else
+                  "informativeness of each min_dist bin over training (claim 3)"))
+    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
+              bbox_to_anchor=(1.0, 0.5))
+
+
+def save_probe_figure(probe: dict, path: Path) -> None:
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    plot_usefulness(ax, probe)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
+    """Claim 3 beside claim 4: the paper's teachers' bin probabilities over training (scarce regime,
+    3000 steps; their mean, then one row per run), and probe v2's usefulness of each bin at points
+    of the same schedule."""
+    plt = pyplot()
+
+    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
+        steps = min(len(run) for run in series.values())
+        runs = np.array([np.array(run)[:steps] for run in series.values()])
+        mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
+        series = {f"mean of the {len(runs)} runs": mean.tolist(), **dict(sorted(series.items()))}
+    rows = max(len(series), 1)
+    fig = plt.figure(figsize=(13.5, max(4.2, 1.25 * rows + 0.8)))
+    grid = fig.add_gridspec(rows, 2)
+    left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
+    right = fig.add_subplot(grid[:, 1])
+    bins = len(next(iter(series.values()))[0]) - 1 if series else 0
+    for ax, (name, run) in zip(left, series.items()):
+        probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
+        plot_bin_probabilities(ax, probs[:, 0], probs[:, 1:], [f"bin {b}" for b in range(bins)])
+        ax.set(ylabel="p")
+        ax.set_title(name, fontsize=8, loc="left")
+        ax.label_outer()
+    if series:
+        left[-1].set_xlabel("student step")
+        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
+    if probe:
+        plot_usefulness(right, probe)
+    for ax, what in ((left[0], series), (right, probe)):
+        if not what:
+            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
     """Top: AP per condition and regime, every seed as a dot, the mean as a bar (round 2's 3000-step
     conditions in their own colour). Bottom: what rule v2 reads, the paired AP differences per seed
@@ -5015,11 +4996,11 @@ def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
         conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
         for i, c in enumerate(conditions):
             ap = [r["ap"] for r in condition_runs(runs, c, regime)]
-            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in V2_CONDITIONS else "lightsteelblue")
+            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in LONG_CONDITIONS else "lightsteelblue")
             top.plot([i] * len(ap), ap, "k.", ms=6)
         top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
                        rotation=35, ha="right", fontsize=8)
-        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {V2_LONG_STEPS} steps)", ylabel="AP")
+        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
         compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts_v2.items() if regime in v["per_regime"]]
         for i, (name, v, test) in enumerate(compared):
             d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
@@ -5027,11 +5008,11 @@ def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
             if "lo" in test:
                 bottom.errorbar(i + 0.15, test["mean"], [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
                                 fmt="o", color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None)
-        bottom.axhspan(-V2_DELTA[regime], V2_DELTA[regime], color="grey", alpha=0.15, lw=0,
-                       label=f"+-delta ({V2_DELTA[regime]})")
+        bottom.axhspan(-DELTA[regime], DELTA[regime], color="grey", alpha=0.15, lw=0,
+                       label=f"+-delta ({DELTA[regime]})")
         bottom.axhline(0, color="grey", lw=0.5)
-        short = {c: c.removesuffix(f"-{V2_LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
-        labels = [("claim 4, part" if name in V2_SPLIT else f"claim {name}") +
+        short = {c: c.removesuffix(f"-{LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
+        labels = [(f"claim {name}" if name.isdigit() else "claim 4, part") +
                   f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}" for name, v, test in compared]
         bottom.set_xticks(range(len(compared)), labels, fontsize=7)
         bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
@@ -5910,8 +5891,7 @@ def job_count(text: str) -> int:
 
 def protocol_glob(glob: str) -> str:
     """--only GLOB: refused by the parser when it matches no run of the claims protocol."""
-    names = [r.name for r in protocol_runs()] + [d.name for d in PROBES.values()]
-    names += round3_probe_names()
+    names = [r.name for r in protocol_runs()] + [name for name, _, _ in probe_jobs()]
     if not any(matches(n, (glob,)) for n in names):
         raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like {names[0]}, "
                                          "full/augmented-mask-s1, full/synthetic-only or probe")

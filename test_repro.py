@@ -1548,8 +1548,10 @@ def test_runs_pair_only_within_one_device_key_and_old_summaries_still_read(tmp_p
     pairs, refused = R.seed_pairs(runs, "teacher-3000", "uniform-3000", "scarce")
     assert [a["seed"] for a, _ in pairs] == [0] and refused == [1, 2]
     assert R.paired_aps(runs, "teacher-3000", "uniform-3000", "scarce") == ([0.2], [0.21])
-    verdict = R.claim_verdicts_v2(runs)[4]["per_regime"]["scarce"]
-    assert verdict["n"] == 1 and verdict["not_paired"] == [1, 2]
+    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 3, (("teacher-3000", "uniform-3000"),),
+                    delta=0.003)
+    (verdict,) = R.pair_tests(stage, R.RULE_V3, runs)
+    assert verdict["n"] == 1 and verdict["not_paired"] == [1, 2] and verdict["verdict"] == "pending (1 of 3 seeds)"
     old = [run(c, s, 0.2, device=d) for s, d in ((0, "cpu"), (1, "NVIDIA H200")) for c in ("real", "synthetic")]
     assert R.paired_aps(old, "real", "synthetic", "scarce") == ([0.2] * 2, [0.2] * 2)  # as before keys
     assert R.summary_device_key(old[0]) != R.summary_device_key(old[2]) and R.device_keys_note(old) == []
@@ -2588,18 +2590,19 @@ def test_every_protocol_condition_records_the_real_crops_its_flags_give():
     """The claims table prints each condition's recorded real crops per step: they are what its
     runs' flags give (parsed here once per condition, never by the report)."""
     seen = {}
-    for run in R.round1_runs() + R.round2_runs():  # round 3's: test_round_3_runs_parse_to_...
+    for run in [r for r in R.protocol_runs() if not r.name.startswith("r3/")]:  # round 3's: test_round_3_...
         if run.condition not in seen:
             cfg, _ = R.parse_args(run.argv)
             seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
-    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.V2_CONDITIONS
+    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.LONG_CONDITIONS
     assert set(seen) == set(records) - set(R.SAME_RUNS)
     assert all(records[c].real_crops == n for c, n in seen.items())
     assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c]) for c in R.SAME_RUNS)
 
 
 def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
-    first = {r.name: r for r in R.round1_runs()}
+    first = {r.name: r for r in R.scratch_runs() + R.stage_runs(R.ROUND1.stages[0], R.ROUND1)}
+    assert len(first) == 39 and [r.name for r in R.protocol_runs()[:39]] == list(first)
     second = [r for r in R.protocol_runs() if r.name not in first and not r.name.startswith("r3/")]
     assert all(r.init == f"{r.regime}/student" for r in second)
     short = [r for r in second if "3000" not in r.condition]
@@ -2612,7 +2615,7 @@ def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
         argv[argv.index("--seed") + 1] = "0"
         assert argv == twin.argv
     long = [r for r in second if "3000" in r.condition]
-    assert len(long) == 3 * R.V2_SEEDS[(4, "scarce")] and all(r.regime == "scarce" for r in long)
+    assert len(long) == 3 * 5 and all(r.regime == "scarce" for r in long)
     for r in long:
         cfg, _ = R.parse_args(r.argv)
         assert cfg.steps == 3000 and cfg.steps // cfg.teacher_interval >= 150
@@ -2637,7 +2640,7 @@ def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy
         assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("image", "keypoints", "ignore"))
         assert torch.equal(a.target, b.target) and torch.equal(a.loss_mask, b.loss_mask)
     assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
-    assert R.V2_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
+    assert R.LONG_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
     assert not any(r.condition in R.SAME_RUNS for r in R.protocol_runs())  # read from synthetic's runs
     runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
             (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
@@ -2662,7 +2665,7 @@ def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
 
 
 def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    _report_sandbox(tmp_path, monkeypatch)
     monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
     runs = R.protocol_runs()
     done = [r for r in runs if r.name in ("full/student", "full/real-s0")]
@@ -2687,12 +2690,20 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert trained.index("full/student") < trained.index("full/synthetic-s0")
     assert len(trained) == len(runs) - len(done) + 1
     claims = json.loads((tmp_path / "results" / "claims.json").read_text())
-    assert len(claims["runs"]) == 2 and set(claims["verdicts"]) == {"1", "2", "3", "4"}
-    first = len(R.round1_runs())
-    assert claims["progress"] == dict(finished=2, total=first, probe=False,  # the probe's json is empty
-                                      round2_finished=0,
-                                      round2_total=len(runs) - first - len(R.round3_runs()))
-    assert f"2 of {first} runs finished" in (tmp_path / "results" / "claims.md").read_text()
+    assert len(claims["runs"]) == 2 and set(claims["frozen"]["round1"]["verdicts"]) == {"1", "2", "3", "4"}
+    third = sum(r.name.startswith("r3/") for r in runs)
+    assert claims["progress"] == {
+        "1": dict(finished=2, planned=39, probes=0, probes_planned=1),  # the probes' json files are empty
+        "2": dict(finished=0, planned=len(runs) - 39 - third, probes=0, probes_planned=1),
+        "3": dict(finished=0, planned=third, probes=0, probes_planned=3)}
+    assert "round 1: 2 of 39 runs" in (tmp_path / "results" / "claims.md").read_text()
+
+
+def _report_sandbox(tmp_path, monkeypatch):
+    """An empty results/protocol beside the committed frozen rounds, as cwd."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    shutil.copy(ROOT / R.FROZEN_ROUNDS, tmp_path / R.FROZEN_ROUNDS)
 
 
 FAKE_RUN = """#!{python}
@@ -2727,7 +2738,7 @@ def _protocol_sandbox(tmp_path, monkeypatch, script):
 def test_the_runner_starts_the_probe_with_a_command_that_runs_on_any_machine(tmp_path, monkeypatch, capsys):
     fake = _protocol_sandbox(tmp_path, monkeypatch, "#!{python}\nimport json, sys\n"
                              "open('argv.json', 'w').write(json.dumps(sys.argv[2:]))\n")
-    R.run_probe_once(R.PROBE_V2, {r.name: r for r in R.protocol_runs()}, str(fake))
+    R.run_probe_once(R.PROBES["v2"], 0, {r.name: r for r in R.protocol_runs()}, str(fake))
     argv = json.loads((tmp_path / "argv.json").read_text())
     assert argv[:6] == ["--probe", "v2", "--init", "results/student-demo-scarce.pt", "--seed", "0"]
     assert "the probe: python repro.py " + " ".join(argv) in capsys.readouterr().out
@@ -2822,23 +2833,11 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
         assert trained == ["scarce/real-s0"] and f"protocol: {bad} is not" in capsys.readouterr().out
         monkeypatch.undo()
         monkeypatch.chdir(tmp_path)
-    (tmp_path / "results" / "probe.json").write_text("{")
     bad.unlink()
+    assert "git checkout results/rounds-1-2.json" in run_main_error(capsys, ["--report"])  # the frozen rounds
+    shutil.copy(ROOT / R.FROZEN_ROUNDS, tmp_path / R.FROZEN_ROUNDS)
+    (tmp_path / "results" / "probe.json").write_text("{")
     assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
-
-
-def test_paired_verdict_rule_on_made_up_numbers():
-    assert R.paired_verdict([0.40, 0.41, 0.42], [0.30, 0.32, 0.31])[0] == "reproduced"
-    assert R.paired_verdict([0.30, 0.32, 0.31], [0.40, 0.41, 0.42])[0] == "contradicted"
-    assert R.paired_verdict([0.40, 0.30, 0.35], [0.35, 0.36, 0.34])[0] == "inconclusive"  # noise swamps it
-    assert R.paired_verdict([0.5, 0.5], [0.1, 0.1])[0] == "inconclusive"  # two pairs are too few
-    runs = [dict(condition=c, regime=g, seed=s, ap=ap) for g in R.PROTOCOL_REGIMES for s in range(3)
-            for c, ap in (("augmented-mask", 0.4 + 0.01 * s), ("synthetic", 0.3 + 0.01 * s),
-                          ("augmented-include", 0.4 + 0.01 * s), ("teacher", 0.2 + 0.02 * s), ("uniform", 0.3))]
-    verdicts = R.claim_verdicts(runs, None)
-    assert verdicts[1]["verdict"] == "reproduced" and verdicts[2]["verdict"] == "inconclusive"  # equal: d = 0
-    assert verdicts[3]["verdict"] == "inconclusive" and "probe" in verdicts[3]["reason"]
-    assert verdicts[4]["verdict"] == "contradicted"
 
 
 def test_rule_v2_reads_a_paired_t_interval_against_delta():
@@ -2852,14 +2851,12 @@ def test_rule_v2_reads_a_paired_t_interval_against_delta():
     assert R.paired_test([0.0005, -0.0004, 0.0002, -0.0001], 0.003)["verdict"] == "no effect of delta or more"
     assert R.paired_test([0.004, -0.004, 0.003, -0.002], 0.003)["verdict"] == "inconclusive"
     assert R.paired_test([0.01, 0.02], 0.003)["verdict"] == "inconclusive"  # fewer than 3 pairs
-    assert R.overall_v2(["reproduced", "no effect of delta or more"]) == "reproduced"
-    assert R.overall_v2(["reproduced", "contradicted"]) == "inconclusive"
-    assert R.overall_v2(["reproduced", "pending (3 of 5 seeds)"]) == "pending"
 
 
 def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
-    assert all(R.seeds_for(sd, R.V2_DELTA[regime]) == R.V2_SEEDS[(claim, regime)]
-               for (claim, regime), sd in R.V2_PILOT_SD.items())
+    planned = [s for s in R.ROUND2.stages if s.sd]
+    assert [s.seeds for s in planned] == [4, 7, 3, 5, 5]
+    assert all(R.RULE_V2.seeds(s.sd, s.delta) == s.seeds for s in planned)
     from scipy.stats import t
     rng = np.random.default_rng(0)  # the formula against simulated paired differences
     for n in (3, 5, 7):
@@ -2871,10 +2868,68 @@ def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
     if not summaries:
         pytest.skip("round 1's summaries are not here")
     runs = [json.loads(p.read_text()) for p in summaries]
-    for (claim, regime), sd in R.V2_PILOT_SD.items():  # the pilot sd is round 1's, as committed
-        better, worse = R.CLAIMS[claim][:2]
-        d = np.subtract(*R.paired_aps(runs, better, worse, regime, R.PROTOCOL_SEEDS))
-        assert d.std(ddof=1) == pytest.approx(sd, abs=0.000006), (claim, regime)
+    for s in planned:  # the pilot sd is round 1's (claim 4: teacher - uniform at 800 steps), as committed
+        (better, worse), regime = s.comparisons[0], s.arms[0].regime
+        d = np.subtract(*R.paired_aps(runs, better.removesuffix("-3000"), worse.removesuffix("-3000"), regime,
+                                      (0, 1, 2)))
+        assert d.std(ddof=1) == pytest.approx(s.sd, abs=0.000006), s.key
+
+
+def test_the_frozen_rounds_re_derive_from_their_summaries():
+    """Rounds 1 and 2's verdicts are data (results/rounds-1-2.json), which the report reprints: each
+    is what its rule gives on the committed summaries and probe results, recomputed here (rule v1
+    and probe v1's rule written out, as the code no longer computes them), so the file cannot drift."""
+    from scipy.stats import f_oneway, kendalltau
+    frozen = R.read_frozen(ROOT / R.FROZEN_ROUNDS)
+    runs = [R.read_summary(p) for p in sorted((ROOT / R.PROTOCOL_RESULTS).glob("*.json"))]
+    runs = [r for r in runs if not r["name"].startswith("r3/")]
+
+    def overall(words):  # both rules: a verdict in one regime, and the other way in none
+        for word, other in (("reproduced", "contradicted"), ("contradicted", "reproduced")):
+            if word in words and other not in words:
+                return word
+        return words[0] if words and all(w == "no effect of delta or more" for w in words) else "inconclusive"
+    first = frozen["round1"]["verdicts"]
+    for claim, v in first.items():
+        if claim == "3":
+            continue
+        for regime in R.PROTOCOL_REGIMES:  # rule v1: the mean paired difference against 2 SE, seeds 0-2
+            d = np.subtract(*R.paired_aps(runs, v["better"], v["worse"], regime, (0, 1, 2)))
+            mean, two_se = d.mean(), 2 * d.std(ddof=1) / np.sqrt(3)
+            word = "reproduced" if mean > two_se else "contradicted" if mean < -two_se else "inconclusive"
+            assert v["per_regime"][regime] == word
+            reading = f"mean paired AP difference {mean:+.4f}, 2 SE {two_se:.4f}, 3 seeds"
+            assert f"{regime}: {word} ({reading})" in v["reason"]
+        assert v["verdict"] == overall(list(v["per_regime"].values()))
+    use = np.array(json.loads((ROOT / "results" / "probe.json").read_text())["usefulness"], np.float64)
+    ok = np.isfinite(use).all((0, 2))  # probe v1's rule: a one-way ANOVA per point, tau first-last
+    p = [f_oneway(*point[ok]).pvalue for point in use]
+    tau = kendalltau(use[0, ok].mean(1), use[-1, ok].mean(1)).statistic
+    assert first["3"]["reason"] == (f"bins unequal (ANOVA p < 0.01) at {sum(x < 0.01 for x in p)} of 3 points "
+                                    f"(p = {', '.join(f'{x:.2g}' for x in p)}); rank tau first-last {tau:.2f}")
+    unequal = any(x < 0.01 for x in p)
+    assert first["3"]["verdict"] == ("reproduced" if unequal and tau < 0.5 else
+                                     "contradicted" if not unequal or tau >= 0.8 else "inconclusive")
+    second = frozen["round2"]
+    planned = {(s.comparisons[0], s.arms[0].regime): s.seeds for s in R.ROUND2.stages if s.sd}
+    for name, v in second["verdicts"].items():
+        for regime, t in v["per_regime"].items():  # rule v2: the paired t-test, at every seed both have
+            delta = second["delta"][regime]
+            pairs, _ = R.seed_pairs(runs, v["better"], v["worse"], regime)
+            new = R.paired_test([a["ap"] - b["ap"] for a, b in pairs], delta)
+            assert {k: t[k] for k in new} == pytest.approx(new) and t["delta"] == delta
+            seeds = planned.get(((v["better"], v["worse"]), regime), 5)  # claim 4's two parts: its 5
+            assert t["planned_seeds"] == seeds == t["n"]
+            assert t["power_now"] == pytest.approx(R.t_test_power(seeds, t["sd"], delta))
+            assert t["assurance_now"] == pytest.approx(R.precision_assurance(seeds, t["sd"], delta))
+            assert t["seeds_needed_now"] == R.RULE_V2.seeds(t["sd"], delta)
+        assert v["verdict"] == overall([t["verdict"] for t in v["per_regime"].values()])
+    probe = json.loads((ROOT / "results" / "probe-v2.json").read_text())
+    new = R.probe_test(np.array(probe["usefulness"], np.float64))
+    assert {k: new[k] for k in ("bins_differ", "ranking_changes", "reason")} == {
+        k: second["probe"][k] for k in ("bins_differ", "ranking_changes", "reason")}
+    numbers = ("f_bins", "p_bins", "f_interaction", "p_interaction", "tau", "tau_lo", "tau_hi")
+    assert [second["probe"][k] for k in numbers] == pytest.approx([new[k] for k in numbers])
 
 
 def test_t_test_power_is_the_rejection_rate_at_delta_and_matches_the_audits_values():
@@ -2891,7 +2946,7 @@ def test_t_test_power_is_the_rejection_rate_at_delta_and_matches_the_audits_valu
 
 
 def test_round_3_seeds_come_from_rule_v3s_power_calculation_on_the_measured_spreads():
-    stages = {s.key: s for s in R.ROUND3}
+    stages = {s.key: s for s in R.ROUND3.stages}
     assert list(stages) == ["a", "b", "c", "d"]
     for s in stages.values():
         if s.sd is None:  # the probe: no spread between trajectories measured yet
@@ -2915,11 +2970,13 @@ def test_round_3_seeds_come_from_rule_v3s_power_calculation_on_the_measured_spre
 
 
 def test_round_3_runs_parse_to_the_flags_their_names_say_and_collide_with_no_summary():
-    old = {R.summary_path(r) for r in R.round1_runs() + R.round2_runs()}
-    runs = R.round3_runs()
+    old = {R.summary_path(r) for r in R.protocol_runs() if not r.name.startswith("r3/")}
+    twins = {r.name: r for r in R.protocol_runs()}
+    runs = [r for r in R.protocol_runs() if r.name.startswith("r3/")]
     assert len({r.name for r in runs}) == len(runs) and not {R.summary_path(r) for r in runs} & old
     assert all(r.name.startswith("r3/") and R.matches(r.name, ("r3/*",)) for r in runs)
-    assert R.round3_probe_names() == ["r3/probe-v3-t0", "r3/probe-v3-t1", "r3/probe-v3-t2"]
+    assert [n for n, _, _ in R.probe_jobs()] == ["probe", "probe-v2", "r3/probe-v3-t0", "r3/probe-v3-t1",
+                                                 "r3/probe-v3-t2"]
     for r in runs:
         cfg, _ = R.parse_args(R.protocol_argv(r))
         R.check_config(cfg)
@@ -2939,50 +2996,56 @@ def test_round_3_runs_parse_to_the_flags_their_names_say_and_collide_with_no_sum
         elif r.condition == "uniform-paper-3000":  # the identical loop at the student's same beta1
             assert (cfg.mode, cfg.beta1) == ("synthetic", 0.8)
         else:  # round 2's 3000-step conditions, again, on one device key
-            flags = R.V2_CONDITIONS[r.condition].flags
-            assert r.argv == R.finetune_run("scarce", r.condition, r.seed, flags, 3000).argv
+            twin = list(twins[f"scarce/{r.condition}-s0"].argv)
+            twin[twin.index("--seed") + 1] = str(r.seed)
+            assert r.argv == twin
     cells = {(r.regime, r.condition) for r in runs if "-from-" in r.condition}
     assert len(cells) == 8  # the 2x2 of images x student, for mask and include
     probe, _ = R.parse_args(["--probe", "v3", "--seed", "2", "--train-subset", "100"])
-    assert R.probe_name(R.PROBE_V3, 2) == "probe-v3-t2" and probe.seed == 2
+    assert R.probe_name(R.PROBES["v3"], 2) == "probe-v3-t2" and probe.seed == 2
 
 
 def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    _report_sandbox(tmp_path, monkeypatch)
     claims = R.report_protocol()
     table = (tmp_path / "results" / "claims.md").read_text()
     rows = [line for line in table.splitlines()
             if line.startswith(("| a |", "| b |", "| c |", "| d |"))]
     assert [row[2] for row in rows] == ["a", "b", "c", "d"]
-    for stage, row, status in zip(R.ROUND3, rows, claims["round3"]):
+    for stage, row, status in zip(R.ROUND3.stages, rows, claims["round3"]):
         cost = R.stage_cost(stage)
         assert status["status"] == "pending" and status["finished"] == 0 and "**pending**" in row
         assert f"| {cost['cpu_hours']} h | {cost['gpu_minutes']} min |" in row
         assert cost["cpu_hours"] > 0
-    b = R.stage_cost(R.ROUND3[1])  # 76 runs of 3000 steps at 2.3 s, 7 minutes of evaluation each
+    b = R.stage_cost(R.ROUND3.stages[1])  # 76 runs of 3000 steps at 2.3 s, 7 minutes of evaluation each
     assert b["cpu_hours"] == pytest.approx(76 * (3000 * 2.3 / 60 + 7) / 60, abs=0.05)
     assert b["gpu_minutes"] == round(13 * (3000 * 0.057 / 60 + 0.75))
 
 
-def test_rule_v2_waits_for_the_planned_seeds():
-    runs = [dict(name=f"scarce/{c}-s{s}", condition=c, regime="scarce", seed=s, ap=0.1 + 0.01 * (c == "augmented-mask")
-                 + 0.0001 * s) for s in range(4) for c in ("augmented-mask", "synthetic", "augmented-include")]
-    v = R.claim_verdicts_v2(runs)
-    assert v[1]["per_regime"]["scarce"]["verdict"] == "pending (4 of 7 seeds)" and v[1]["verdict"] == "pending"
-    runs += [dict(r, seed=s, name=r["name"][:-1] + str(s)) for s in (4, 5, 6) for r in runs[:2]]
-    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["scarce"]["verdict"] == "reproduced"
-    assert R.claim_verdicts_v2(runs)[1]["per_regime"]["full"]["verdict"] == "pending (0 of 4 seeds)"
-
-
-def test_probe_verdict_on_made_up_usefulness():
-    rng = np.random.default_rng(0)
-    noise = rng.normal(0, 0.01, (3, 6, 3))
-    rising = np.linspace(0, 1, 6)[None, :, None]
-    changing = np.concatenate([rising, rising[:, ::-1] * 0.5 + 0.2, rising[:, ::-1]]) + noise
-    assert R.probe_verdict(changing)[0] == "reproduced"
-    assert R.probe_verdict(np.repeat(rising, 3, 0) + noise)[0] == "contradicted"  # the same ranking throughout
-    assert R.probe_verdict(noise)[0] == "contradicted"  # every bin equally informative
+def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_student():
+    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 5, (("teacher-3000", "uniform-3000"),),
+                    delta=0.003, sd=0.002)
+    runs = [dict(name=f"r3/scarce/{c}-s{s}", condition=c, regime="scarce", seed=s,
+                 ap=0.2 + (0.01 + 0.001 * s) * (c == "teacher-3000")) for s in range(4)
+            for c in ("teacher-3000", "synthetic-3000")]
+    (t,) = R.pair_tests(stage, R.RULE_V3, runs)
+    assert t["verdict"] == "pending (4 of 5 seeds)" and t["mean"] == pytest.approx(0.0115)  # no early reading
+    runs += [dict(r, seed=4, name=r["name"][:-1] + "4") for r in runs[:2]]
+    (t,) = R.pair_tests(stage, R.RULE_V3, runs)
+    assert t["verdict"] == "reproduced" and t["planned_seeds"] == 5
+    assert t["seeds_needed_now"] == R.RULE_V3.seeds(t["sd"], 0.003) and 0 < t["power_now"] <= 1
+    c = next(s for s in R.ROUND3.stages if s.key == "c")  # mask - include follows the images, not the student
+    d = {"full": 0.01, "scarce": -0.01}
+    runs = [dict(name=f"r3/{images}/augmented-{loss}-from-{student}-s{s}", regime=images, seed=s,
+                 condition=f"augmented-{loss}-from-{student}",
+                 ap=0.2 + (d[images] if loss == "mask" else 0) + 0.0001 * s * (student == "full"))
+            for images in R.PROTOCOL_REGIMES for student in R.PROTOCOL_REGIMES for loss in ("mask", "include")
+            for s in range(7)]
+    images, student = R.contrast_tests(c, R.RULE_V3, runs)
+    assert images["mean"] == pytest.approx(0.02) and images["verdict"] == "reproduced"
+    assert student["mean"] == pytest.approx(0) and student["verdict"] == "no effect of delta or more"
+    images, _ = R.contrast_tests(c, R.RULE_V3, runs[:-1])  # a seed with a missing cell is left out
+    assert images["verdict"] == "pending (6 of 7 seeds)"
 
 
 @pytest.mark.parametrize("equal_people", [False, True])
@@ -2994,10 +3057,9 @@ def test_probe_runs_on_a_tiny_model(toy, tmp_path, equal_people):
     use = np.array(probe["usefulness"])
     assert use.shape == (2, 3, 2) and probe["points"] == [0, 2]
     assert np.isfinite(use[:, np.array(probe["counts"]) > 0]).all()
-    assert probe["verdict"] in ("reproduced", "contradicted", "inconclusive")
     people = [n for n in probe["probed_people"] if n]
     assert len(set(people)) == 1 if equal_people else people == [n for n in probe["counts"] if n]
-    assert probe["v2"]["bins_differ"] in ("supported", "not supported")
+    assert probe["test"]["bins_differ"] in ("supported", "not supported")
     R.save_probe_figure(probe, tmp_path / "probe.png")
     assert (tmp_path / "probe.png").is_file()
 
@@ -3096,7 +3158,7 @@ def test_probe_v2_pools_are_equal_sized_fixed_subsets():
     assert [len(q) for q in R.probe_pools(pools, 32, equal_people=False) if q is not None] == [40, 100, 33]
 
 
-def test_probe_v2_anova_matches_a_regression_and_reads_both_parts():
+def test_the_probes_anova_matches_a_regression_and_reads_both_parts():
     rng = np.random.default_rng(3)
     P, B, S = 5, 4, 6
     noise = rng.normal(0, 0.3, (P, B, S))
@@ -3117,12 +3179,12 @@ def test_probe_v2_anova_matches_a_regression_and_reads_both_parts():
         full, additive = rss(use, True), rss(use, False)
         f = ((additive - full) / ((P - 1) * (B - 1))) / (full / (P * B * (S - 1)))
         assert R.two_way_anova(use)["f_interaction"] == pytest.approx(f)
-    assert R.probe_verdict_v2(stable) | {} == R.probe_verdict_v2(stable)  # deterministic bootstrap
-    v = R.probe_verdict_v2(stable)
+    assert R.probe_test(stable) | {} == R.probe_test(stable)  # deterministic bootstrap
+    v = R.probe_test(stable)
     assert (v["bins_differ"], v["ranking_changes"]) == ("supported", "contradicted") and v["tau_lo"] > 0.6
-    v = R.probe_verdict_v2(crossing)
+    v = R.probe_test(crossing)
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "shown")
-    v = R.probe_verdict_v2(noise)
+    v = R.probe_test(noise)
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "not shown")
 
 
@@ -3134,7 +3196,8 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
                                         scarce=test("inconclusive", 0.001, -0.002, 0.004))),
                 4: dict(better="t", worse="u", verdict="contradicted",
                         per_regime=dict(scarce=test("contradicted", -0.01, -0.02, -0.005)))}
-    table = R.answer_table(dict(verdicts_v2=verdicts, runs=[]))
+    table = R.answer_table(dict(frozen=dict(round2=dict(verdicts={str(k): v for k, v in verdicts.items()})),
+                                runs=[], round3=[]))
     rows = {line.split(":")[0].strip("| "): line for line in table.splitlines()
             if line[:3] in ("| 1", "| 2", "| 3", "| 4")}
     assert "**reproduced** | full +0.0100 [+0.0040, +0.0160] (5); scarce +0.0010 [-0.0020, +0.0040] (5)" in rows["1"]
@@ -3143,8 +3206,14 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
     assert R.WITHDRAWN[3] in rows["3"] and "**not tested**" in rows["3"]
     assert "**contradicted** for the teacher tested" in rows["4"] and "u ahead by 0.005 to 0.020 AP" in rows["4"]
     assert "no finished pairs yet" in table
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    decided = dict(key="d", claim=4, status="teacher-paper-3000 - uniform-paper-3000: contradicted",
+                   tests=[dict(test("contradicted", -0.01, -0.02, -0.005), label="tp - up", better="tp",
+                               worse="up")])
+    table = R.answer_table(dict(frozen=dict(round2=dict(verdicts={"4": verdicts[4]})), runs=[], round3=[decided]))
+    row = next(line for line in table.splitlines() if line.startswith("| 4"))
+    assert "(round 3, stage d) | tp - up -0.0100 [-0.0200, -0.0050] (5) | tp - up: up ahead by 0.005" in row
+    assert R.TESTED[4] not in row  # round 2's teacher is not the one stage d tested
+    _report_sandbox(tmp_path, monkeypatch)
     (tmp_path / "README.md").write_text(f"intro\n{R.README_MARKERS[0]}\nold\n{R.README_MARKERS[1]}\nrest\n")
     claims = R.report_protocol()
     text = (tmp_path / "README.md").read_text()
@@ -3155,22 +3224,22 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
 def test_the_v2_table_gives_claim_3_its_two_parts_with_their_tests():
     noise = np.random.default_rng(4).normal(0, 0.3, (5, 4, 6))
     crossing = np.linspace(-1, 1, 5)[:, None, None] * np.linspace(-2, 2, 4)[None, :, None] + noise
-    v2 = R.probe_verdict_v2(crossing)
-    differ, changes = R.probe_v2_rows("contradicted", v2)
-    assert differ.startswith("| 3: bins differ | scarce | contradicted (one verdict, full) | **not supported** |")
+    v2 = R.probe_test(crossing)
+    differ, changes = R.probe_rows("scarce", "contradicted (probe v1, full)", v2, "6 (6)")
+    assert differ.startswith("| 3: bins differ | scarce | contradicted (probe v1, full) | **not supported** |")
     assert f"p = {v2['p_bins']:.2g}" in differ and "6 (6)" in differ
     assert f"| **shown** | bin x point interaction F = {v2['f_interaction']:.2f}" in changes
     assert f"tau first-last {v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}]" in changes
-    assert all("**pending**" in row for row in R.probe_v2_rows("-", None))
+    assert all("**pending**" in row for row in R.probe_rows("scarce", "-", None, "-"))
 
 
 def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    _report_sandbox(tmp_path, monkeypatch)
     for stale in ("claims.png", "probe.png"):
         (tmp_path / "results" / stale).write_bytes(b"an older report's figure")
     claims = R.report_protocol()
-    assert claims["progress"]["finished"] == 0 and "0 of" in (tmp_path / "results" / "claims.md").read_text()
+    assert claims["progress"]["1"]["finished"] == 0
+    assert "round 1: 0 of 39" in (tmp_path / "results" / "claims.md").read_text()
     assert not (tmp_path / "results" / "claims.png").exists() and not (tmp_path / "results" / "probe.png").exists()
     target = tmp_path / "x.json"
     with R.atomic_path(target) as a, R.atomic_path(target) as b:  # two --report at once
@@ -3182,8 +3251,7 @@ def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monk
 
 def test_the_report_keeps_each_teacher_update_once_in_its_runs_summary(tmp_path, monkeypatch):
     summary = Path(R.__file__).parent / "results" / "protocol" / "scarce-teacher-3000-s0.json"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "results" / "protocol").mkdir(parents=True)
+    _report_sandbox(tmp_path, monkeypatch)
     shutil.copy(summary, tmp_path / "results" / "protocol")
     R.report_protocol()
     text = (tmp_path / "results" / "claims.json").read_text()
@@ -3198,8 +3266,7 @@ def test_claims_table_keeps_each_devices_minutes_apart():
     runs = [dict(name=f"scarce/real-s{s}", condition="real", regime="scarce", seed=s, steps=800, minutes=m,
                  ap=0.1, ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, init="scarce/student",
                  teacher=None, device=d) for s, m, d in ((0, 8.0, "cpu"), (1, 0.6, "GPU X"), (2, 0.8, "GPU X"))]
-    claims = dict(runs=runs, progress=dict(finished=3, total=39, probe=False), teacher={},
-                  verdicts=R.claim_verdicts(runs, None))
+    claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
     table = R.claims_table(claims)
     assert "| 0.7 (GPU X), 8.0 (cpu) |" in table  # never the 3.1 of all three averaged
     assert "Where the runs trained: GPU X: scarce seed 1 + seed 2; cpu: scarce seed 0." in table
@@ -3216,8 +3283,7 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
     runs = [dict(name=f"scarce/{c}-s0", condition=c, regime="scarce", seed=0, steps=800, minutes=1.0, ap=0.1,
                  ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
                  init=None if c in ("student", "synthetic-only") else "scarce/student") for c in conditions]
-    claims = dict(runs=runs, progress=dict(finished=6, total=39, probe=False), teacher={},
-                  verdicts=R.claim_verdicts(runs, None))
+    claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
     rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
     assert {row[1]: row[2] for row in rows} == {
         "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8", "synthetic": "8",
