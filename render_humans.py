@@ -66,7 +66,8 @@ COCO_SKELETON = [  # COCO's 19 limbs, 1-based (as in person_keypoints_*.json)
 
 
 def _category(names: list, limbs: list) -> dict:
-    return {"id": 1, "name": "person", "supercategory": "person", "keypoints": names, "skeleton": limbs}
+    return {"id": 1, "name": "person", "supercategory": "person", "keypoints": names,
+            "skeleton": limbs}
 
 
 CATEGORIES = [_category(COCO_KEYPOINT_NAMES, COCO_SKELETON)]
@@ -75,7 +76,8 @@ MPII_KEYPOINT_NAMES = [
     "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax", "upper_neck",
     "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist",
 ]
-MPII_SKELETON = [  # MPII's 15 limbs, 1-based: legs to the pelvis, spine to the head top, arms to the thorax
+# MPII's 15 limbs, 1-based: legs to the pelvis, spine to the head top, arms to the thorax
+MPII_SKELETON = [
     [1, 2], [2, 3], [3, 7], [7, 4], [4, 5], [5, 6], [7, 8], [8, 9], [9, 10], [11, 12], [12, 13],
     [13, 8], [8, 14], [14, 15], [15, 16],
 ]
@@ -85,8 +87,9 @@ MPII_SKELETON = [  # MPII's 15 limbs, 1-based: legs to the pelvis, spine to the 
 EXTRA_POINTS = ["head_top", "upper_neck", "thorax", "pelvis"]
 MPII_FROM_COCO = {"r_ankle": "right_ankle", "r_knee": "right_knee", "r_hip": "right_hip",
                   "l_hip": "left_hip", "l_knee": "left_knee", "l_ankle": "left_ankle",
-                  "r_wrist": "right_wrist", "r_elbow": "right_elbow", "r_shoulder": "right_shoulder",
-                  "l_shoulder": "left_shoulder", "l_elbow": "left_elbow", "l_wrist": "left_wrist"}
+                  "r_wrist": "right_wrist", "r_elbow": "right_elbow",
+                  "r_shoulder": "right_shoulder", "l_shoulder": "left_shoulder",
+                  "l_elbow": "left_elbow", "l_wrist": "left_wrist"}
 
 
 @dataclass(frozen=True)
@@ -139,16 +142,19 @@ STYLES = ("synthetic", "standin")
 # style_factors switches a factor alone to the other style's value. The style also picks the random
 # stream (_rng), which is no factor: it makes a style's scenes another sample, not another look.
 STYLE_FACTORS = {
-    "bodies": "the age mix: 8% (standin) or 4% (synthetic) teenage bodies (_anny_shape; SMPL shapes have no style)",
+    "bodies": "the age mix: 8% (standin) or 4% (synthetic) teenage bodies (_anny_shape; SMPL "
+              "shapes have no style)",
     "poses": "the archetype mix STYLE_MIX and the angle noise, 3 (standin) or 6 deg (sample_poses)",
-    "yaw": "75% of people facing the camera, yaw ~ N(0, 45 deg) (standin), or all U(0, 360 deg) (sample_yaw)",
+    "yaw": "75% of people facing the camera, yaw ~ N(0, 45 deg) (standin), or all U(0, 360 deg) "
+           "(sample_yaw)",
     "clothing": "the share of patterned garments, 0.75 (standin) or 0.3 (_dress)",
     "lighting": "a warm key light and a fill (standin), or the paper's random SH (sample_lighting)",
     "background": "photos only (standin), or half photos, half procedural (sample_background)",
     "pitch": "camera pitch U(0, 0.6 * 37 deg) (standin) or U(0, 37 deg) (sample_pitch)",
     "blur": "sensor noise (standin), or the paper's pixel and motion blur (post_process)",
 }
-BANK_FACTORS = ("bodies", "poses", "yaw", "clothing", "lighting")  # a bank crop has no scene camera or backdrop
+# a bank crop has no scene camera or backdrop
+BANK_FACTORS = ("bodies", "poses", "yaw", "clothing", "lighting")
 STANDIN_FACING_SHARE = 0.75    # [ours] stand-in people turned towards the camera ...
 STANDIN_FACING_STD_DEG = 45.0  # [ours] ... with yaw ~ N(0, 45 deg); the rest U(0, 360 deg)
 KINDS = ("scenes", "bank")
@@ -183,32 +189,35 @@ class RenderConfig:
     The single list of settings: the CLI flags, render_dataset's keywords and parts/config.json
     all come from these fields.
     """
-    kind: str = _setting("scenes", "scenes: full images with many people; bank: one person per RGBA crop",
-                         choices=KINDS)
+    kind: str = _setting("scenes", "scenes: full images with many people; bank: one person per "
+                         "RGBA crop", choices=KINDS)
     num_images: int = _setting(100, "number of images (bank: people)", int)
     style: str = _setting("synthetic", "synthetic: paper-like SH lighting, blur, procedural+photo "
-                          "backgrounds, varied poses; standin: photo backgrounds, patterned clothes, "
-                          "warm key light, everyday poses", choices=STYLES)
-    image_size: int = _setting(640, "scene width=height in px; bank: approximate person height in px", int)
+                          "backgrounds, varied poses; standin: photo backgrounds, patterned "
+                          "clothes, warm key light, everyday poses", choices=STYLES)
+    image_size: int = _setting(640, "scene width=height in px; "
+                               "bank: approximate person height in px", int)
     mean_people: float = _setting(MEAN_PEOPLE, "Poisson mean of people per scene", float)
     min_people: int = _setting(MIN_PEOPLE, "at least this many people per scene", int)
-    camera_distance: tuple = _setting(CAMERA_DISTANCE, "camera distance ~ N(MEAN, STD) metres", _two_floats,
-                                      type=float, nargs=2, metavar=("MEAN", "STD"))
+    camera_distance: tuple = _setting(CAMERA_DISTANCE, "camera distance ~ N(MEAN, STD) metres",
+                                      _two_floats, type=float, nargs=2, metavar=("MEAN", "STD"))
     seed: int = _setting(0, "same seed and settings give byte-identical output", int)
     backgrounds: str | None = _setting(None, "folder of background photos (e.g. SUN397); default: "
-                                       "people-free photos shipped with scikit-image and scikit-learn",
-                                       _optional_str)
-    poses: str | None = _setting(None, "folder of BVH mocap (CMU or MakeHuman joint names); 75%% of people "
-                                 "then take a mocap frame, the rest a sampled pose", _optional_str)
-    body_model: str = _setting("anny", "anny (built in) or an SMPL-family model (needs --model-path)",
-                               choices=BODY_MODELS)
-    model_path: str | None = _setting(None, "folder with the SMPL-family files: DIR/smpl/SMPL_NEUTRAL.pkl, "
-                                      "DIR/smplh/SMPLH_MALE.pkl, DIR/smplx/SMPLX_NEUTRAL.npz, ...",
-                                      _optional_str)
-    skeleton: str = _setting("coco", "keypoint labels: coco (17 keypoints) or mpii (16 joints, MPII order)",
-                             choices=tuple(LABEL_SETS), new=True)
-    style_factors: tuple = _setting((), "FACTOR=STYLE: these factors of the style take the other style's value, "
-                                    "the rest follow --style (e.g. lighting=standin); factors: "
+                                       "people-free photos shipped with scikit-image and "
+                                       "scikit-learn", _optional_str)
+    poses: str | None = _setting(None, "folder of BVH mocap (CMU or MakeHuman joint names); 75%% "
+                                 "of people then take a mocap frame, the rest a sampled pose",
+                                 _optional_str)
+    body_model: str = _setting("anny", "anny (built in) or an SMPL-family model (needs "
+                               "--model-path)", choices=BODY_MODELS)
+    model_path: str | None = _setting(None, "folder with the SMPL-family files: "
+                                      "DIR/smpl/SMPL_NEUTRAL.pkl, DIR/smplh/SMPLH_MALE.pkl, "
+                                      "DIR/smplx/SMPLX_NEUTRAL.npz, ...", _optional_str)
+    skeleton: str = _setting("coco", "keypoint labels: coco (17 keypoints) or mpii (16 joints, "
+                             "MPII order)", choices=tuple(LABEL_SETS), new=True)
+    style_factors: tuple = _setting((), "FACTOR=STYLE: these factors of the style take the other "
+                                    "style's value, the rest follow --style (e.g. "
+                                    "lighting=standin); factors: "
                                     + ", ".join(STYLE_FACTORS), lambda v: _factor_list(v), new=True,
                                     nargs="*", metavar="FACTOR=STYLE")
 
@@ -231,7 +240,8 @@ def _factor_list(value) -> tuple:
     if isinstance(value, str):
         value = value.split(",")
     items = ([f"{k}={v}" for k, v in value.items()] if isinstance(value, dict)
-             else [y for x in value for y in str(x).split(",")])  # the CLI's words may hold commas too
+             # the CLI's words may hold commas too
+             else [y for x in value for y in str(x).split(",")])
     pairs = [tuple(p.strip() for p in x.partition("=")[::2]) for x in items if x.strip()]
     for name, style in pairs:
         if name not in STYLE_FACTORS or style not in STYLES:
@@ -246,7 +256,8 @@ def _factor_list(value) -> tuple:
 def make_config(settings: dict) -> RenderConfig:
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        raise RenderError(f"unknown render setting {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+        raise RenderError(f"unknown render setting {', '.join(unknown)}; known: "
+                          f"{', '.join(SETTINGS)}")
     return RenderConfig(**settings)
 
 
@@ -257,15 +268,17 @@ def _rng(cfg: RenderConfig, index: int, stream: int = 0) -> np.random.Generator:
 
 
 def factor_style(cfg: RenderConfig, factor: str) -> str:
-    """The style whose value one factor of the style takes: cfg.style unless style_factors names it."""
+    """The style whose value one factor of the style takes:
+    cfg.style unless style_factors names it."""
     return dict(f.split("=") for f in cfg.style_factors).get(factor, cfg.style)
 
 
 def styled(cfg: RenderConfig, rng: np.random.Generator, factor: str, draw):
-    """draw(rng, style) for one factor of the style. A switched factor still makes cfg.style's draws on
-    rng and drops them, then draws its own value from a child stream, so that every other factor takes
-    the random numbers it takes without the switch (people, lights, backdrops stay paired). Only the
-    geometric factors (bodies, poses, yaw, pitch) also move where people stand, and so the draws after."""
+    """draw(rng, style) for one factor of the style. A switched factor still makes cfg.style's draws
+    on rng and drops them, then draws its own value from a child stream, so that every other factor
+    takes the random numbers it takes without the switch (people, lights, backdrops stay paired).
+    Only the geometric factors (bodies, poses, yaw, pitch) also move where people stand,
+    and so the draws after."""
     value = draw(rng, cfg.style)
     style = factor_style(cfg, factor)
     return value if style == cfg.style else draw(rng.spawn(1)[0], style)
@@ -322,7 +335,8 @@ def frame_from(up: np.ndarray, left: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 CANON = ["pelvis", "spine", "chest", "neck", "head",
          "l_hip", "l_knee", "l_ankle", "r_hip", "r_knee", "r_ankle",
-         "l_collar", "l_shoulder", "l_elbow", "l_wrist", "r_collar", "r_shoulder", "r_elbow", "r_wrist"]
+         "l_collar", "l_shoulder", "l_elbow", "l_wrist",
+         "r_collar", "r_shoulder", "r_elbow", "r_wrist"]
 CANON_PARENT = [-1, 0, 1, 2, 3, 0, 5, 6, 0, 8, 9, 2, 11, 12, 13, 2, 15, 16, 17]
 J = {n: i for i, n in enumerate(CANON)}
 # Child whose position ends each limb segment; torso joints keep their orientation (no end).
@@ -332,9 +346,9 @@ CANON_END = {"l_hip": "l_knee", "l_knee": "l_ankle", "l_ankle": "toe", "r_hip": 
              "r_shoulder": "r_elbow", "r_elbow": "r_wrist"}
 _FOOT = np.array([0.0, -0.35, 1.0]) / np.linalg.norm([0.0, -0.35, 1.0])
 CANON_TDIR = {"l_hip": [0, -1, 0], "l_knee": [0, -1, 0], "l_ankle": _FOOT, "r_hip": [0, -1, 0],
-              "r_knee": [0, -1, 0], "r_ankle": _FOOT, "l_collar": [1, 0, 0], "l_shoulder": [1, 0, 0],
-              "l_elbow": [1, 0, 0], "r_collar": [-1, 0, 0], "r_shoulder": [-1, 0, 0],
-              "r_elbow": [-1, 0, 0]}
+              "r_knee": [0, -1, 0], "r_ankle": _FOOT, "l_collar": [1, 0, 0],
+              "l_shoulder": [1, 0, 0], "l_elbow": [1, 0, 0], "r_collar": [-1, 0, 0],
+              "r_shoulder": [-1, 0, 0], "r_elbow": [-1, 0, 0]}
 
 
 def limb_alignments(pos: dict, M: np.ndarray, toe: dict) -> dict:
@@ -382,7 +396,8 @@ class BodyModel:
     rest: np.ndarray           # (V, 3) canonical rest vertices, feet at y=0, for appearance rules
     rest_kp: np.ndarray        # (17, 3) canonical rest keypoints (same frame as rest)
     part: np.ndarray           # (V,) int8 body part of each vertex
-    kp_depth: np.ndarray       # (17 + 4,) how far under the skin each keypoint, then EXTRA_POINTS, sits (m)
+    # (17 + 4,) how far under the skin each keypoint, then EXTRA_POINTS, sits (m)
+    kp_depth: np.ndarray
     bone_parent: np.ndarray    # (B,) parent bone, -1 for the root
     bone_src: np.ndarray       # (B,) canonical joint whose rotation the bone follows
     bone_align: np.ndarray     # (B, 3, 3) rest alignment of that joint (canonical axes)
@@ -392,7 +407,8 @@ class BodyModel:
     sample_shape: object       # (rng, n, style) -> (n, S) shape parameters
 
     def run(self, shape: np.ndarray, world_rot: np.ndarray, extended: bool = False):
-        """-> vertices (n, V, 3), keypoints (n, 17, 3), or (n, 21, 3) with EXTRA_POINTS when extended."""
+        """-> vertices (n, V, 3), keypoints (n, 17, 3), or
+        (n, 21, 3) with EXTRA_POINTS when extended."""
         w = world_rot[:, self.bone_src] @ self.bone_align[None]
         parent = np.where(self.bone_parent < 0, 0, self.bone_parent)
         local = np.swapaxes(w[:, parent], -1, -2) @ w
@@ -431,12 +447,13 @@ def _finish_model(name, faces, verts0, kps0, extra0, part, bone_parent, bone_nam
     """Shared set-up: rest frame, keypoint depths and the canonical->bone retarget tables."""
     rest, rest_kp, rest_extra = verts0 @ M.T, kps0 @ M.T, extra0 @ M.T
     floor = rest[:, 1].min()
-    rest, rest_kp, rest_extra = rest - [0, floor, 0], rest_kp - [0, floor, 0], rest_extra - [0, floor, 0]
+    rest, rest_kp, rest_extra = (rest - [0, floor, 0], rest_kp - [0, floor, 0],
+                                 rest_extra - [0, floor, 0])
     d = np.concatenate([_depth_under_skin(rest_kp, rest), _depth_under_skin(rest_extra, rest)])
     src, bone_align = _retarget_tables(bone_parent, bone_names, bone_pos, canon_bone, toe, M)
-    return BodyModel(name, faces.astype(np.int32), rest.astype(np.float32), rest_kp.astype(np.float32),
-                     part.astype(np.int8), d.astype(np.float32), np.asarray(bone_parent), src,
-                     bone_align, M, forward, sample_shape)
+    return BodyModel(name, faces.astype(np.int32), rest.astype(np.float32),
+                     rest_kp.astype(np.float32), part.astype(np.int8), d.astype(np.float32),
+                     np.asarray(bone_parent), src, bone_align, M, forward, sample_shape)
 
 
 ANNY_CANON = {"pelvis": "root", "spine": "spine05", "chest": "spine03", "neck": "neck01",
@@ -467,7 +484,8 @@ def _anny_shape(rng: np.random.Generator, n: int, style: str) -> np.ndarray:
                      rng.uniform(0.2, 0.9, n), rng.uniform(0.3, 0.7, n)], 1)
 
 
-ANNY_HEAD_TOP = 881  # [ours] MPII head_top: anny's topmost vertex in the rest pose (all phenotypes 0.5)
+# [ours] MPII head_top: anny's topmost vertex in the rest pose (all phenotypes 0.5)
+ANNY_HEAD_TOP = 881
 
 
 def load_anny() -> BodyModel:
@@ -487,7 +505,8 @@ def load_anny() -> BodyModel:
         pose = torch.eye(4).repeat(n, len(labels), 1, 1)
         pose[:, :, :3, :3] = torch.from_numpy(local.astype(np.float32))
         with torch.no_grad():
-            out = model(pose_parameters=pose, phenotype_kwargs=torch.from_numpy(shape.astype(np.float32)))
+            out = model(pose_parameters=pose,
+                        phenotype_kwargs=torch.from_numpy(shape.astype(np.float32)))
             v = out["vertices"]
             k = torch.einsum("kv,bvd->bkd", w17, v)
             e = torch.cat([v[:, [ANNY_HEAD_TOP]], out["bone_poses"][:, extra_bones, :3, 3]], 1)
@@ -500,7 +519,8 @@ def load_anny() -> BodyModel:
     v0, k0, e0 = (a[0].astype(np.float64) for a in
                   forward(np.full((1, 6), 0.5), np.tile(np.eye(3), (1, len(labels), 1, 1))))
     M = frame_from(k0[5:7].mean(0) - k0[11:13].mean(0), k0[11] - k0[12])
-    dominant = model.vertex_bone_indices.gather(1, model.vertex_bone_weights.argmax(1, keepdim=True))[:, 0]
+    dominant = model.vertex_bone_indices.gather(
+        1, model.vertex_bone_weights.argmax(1, keepdim=True))[:, 0]
     part = np.array([_anny_part(labels[i]) for i in dominant.numpy()])
     toe = {"l": heads[labels.index("toe3-1.L")], "r": heads[labels.index("toe3-1.R")]}
     parents = np.array([int(p) for p in model.bone_parents])
@@ -513,14 +533,16 @@ SMPL_CANON = {"pelvis": 0, "spine": 3, "chest": 6, "neck": 12, "head": 15, "l_hi
               "l_knee": 4, "l_ankle": 7, "r_hip": 2, "r_knee": 5, "r_ankle": 8, "l_collar": 13,
               "l_shoulder": 16, "l_elbow": 18, "l_wrist": 20, "r_collar": 14, "r_shoulder": 17,
               "r_elbow": 19, "r_wrist": 21}
-# COCO shoulders..ankles from SMPL's limb joints (paper code labels MPII's limbs with the same joints)
+# COCO shoulders..ankles from SMPL's limb joints
+# (paper code labels MPII's limbs with the same joints)
 SMPL_BODY_KP = [16, 17, 18, 19, 20, 21, 1, 2, 4, 5, 7, 8]
 SMPL_HEAD_TOP = 411  # paper code: MPII head_top = SMPL(-H) vertex 411, the top of the head
 SMPL_PART = {0: "pelvis", 1: "upperleg", 2: "upperleg", 3: "torso", 4: "lowerleg", 5: "lowerleg",
              6: "torso", 7: "foot", 8: "foot", 9: "torso", 10: "foot", 11: "foot", 12: "neck",
              13: "torso", 14: "torso", 15: "head", 16: "upperarm", 17: "upperarm",
              18: "lowerarm", 19: "lowerarm"}
-MODEL_FILES = {"smpl": ("smpl", "SMPL", ("pkl", "npz")), "smplh": ("smplh", "SMPLH", ("pkl", "npz")),
+MODEL_FILES = {"smpl": ("smpl", "SMPL", ("pkl", "npz")),
+               "smplh": ("smplh", "SMPLH", ("pkl", "npz")),
                "smplx": ("smplx", "SMPLX", ("npz", "pkl"))}
 
 
@@ -535,9 +557,10 @@ class _ChumpyStub:
 
 
 def _model_pickle_classes() -> dict:
-    """(module, name) -> object: all that an official SMPL/SMPL-H/SMPL-X pickle may name (numpy arrays,
-    scipy's sparse J_regressor, chumpy's Ch, whose stand-in takes its place, and the set inside a Ch's
-    state), under every module path numpy and scipy have used. Loading a model file never runs code."""
+    """(module, name) -> object: all that an official SMPL/SMPL-H/SMPL-X pickle may name (numpy
+    arrays, scipy's sparse J_regressor, chumpy's Ch, whose stand-in takes its place, and the set
+    inside a Ch's state), under every module path numpy and scipy have used. Loading a model file
+    never runs code."""
     import codecs
 
     import scipy.sparse
@@ -545,10 +568,12 @@ def _model_pickle_classes() -> dict:
     from numpy._core import multiarray
     allowed = {}
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed |= {(core, "_reconstruct"): multiarray._reconstruct, (core, "scalar"): multiarray.scalar}
+        allowed |= {(core, "_reconstruct"): multiarray._reconstruct,
+                    (core, "scalar"): multiarray.scalar}
     allowed |= {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
                 ("__builtin__", "set"): set, ("builtins", "set"): set,
-                ("_codecs", "encode"): codecs.encode}  # how Python 3 writes bytes in a protocol-2 pickle
+                # how Python 3 writes bytes in a protocol-2 pickle
+                ("_codecs", "encode"): codecs.encode}
     for kind in ("csc", "csr"):
         cls = getattr(scipy.sparse, f"{kind}_matrix")
         for module in ("scipy.sparse", f"scipy.sparse.{kind}", f"scipy.sparse._{kind}"):
@@ -556,7 +581,8 @@ def _model_pickle_classes() -> dict:
     return allowed
 
 
-MODEL_PICKLED_KEYS = ("joint2num", "part2num")  # SMPL-X .npz: name tables as pickled dicts, unused here
+# SMPL-X .npz: name tables as pickled dicts, unused here
+MODEL_PICKLED_KEYS = ("joint2num", "part2num")
 
 
 def load_model_arrays(path: Path) -> dict:
@@ -572,8 +598,9 @@ def load_model_arrays(path: Path) -> dict:
                     data[k] = z[k]
                 except ValueError:  # an object array: reading it would unpickle
                     if k not in MODEL_PICKLED_KEYS:
-                        raise RenderError(f"refused {path}: its array {k!r} holds pickled Python objects, "
-                                          "which an official model file does not") from None
+                        raise RenderError(f"refused {path}: its array {k!r} holds pickled "
+                                          "Python objects, which an official model file "
+                                          "does not") from None
     else:
         allowed = _model_pickle_classes()
 
@@ -582,17 +609,20 @@ def load_model_arrays(path: Path) -> dict:
                 if module.split(".")[0] == "chumpy":
                     return _ChumpyStub
                 if (module, name) not in allowed:
-                    raise RenderError(f"refused {path}: it names {module}.{name}, which an official SMPL "
-                                      "model file does not hold (loading it could run code)")
+                    raise RenderError(f"refused {path}: it names {module}.{name}, which an "
+                                      "official SMPL model file does not hold (loading it could "
+                                      "run code)")
                 return allowed[(module, name)]
 
         try:
             with open(path, "rb") as f:
                 data = Unpickler(f, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise RenderError(f"cannot read {path} ({type(e).__name__}): corrupt or not a SMPL model file") from None
+            raise RenderError(f"cannot read {path} ({type(e).__name__}): corrupt or not a SMPL "
+                              "model file") from None
         if not isinstance(data, dict):
-            raise RenderError(f"{path} holds a {type(data).__name__}, not a SMPL model's dict of arrays")
+            raise RenderError(f"{path} holds a {type(data).__name__}, "
+                              "not a SMPL model's dict of arrays")
     out = {}
     for k, v in data.items():
         if isinstance(v, _ChumpyStub):
@@ -669,8 +699,8 @@ def _smpl_call(kind: str, m, rotvecs, betas):
     if kind != "smpl":
         kw.update(left_hand_pose=torch.zeros(b, 45), right_hand_pose=torch.zeros(b, 45))
     if kind == "smplx":
-        kw.update(jaw_pose=torch.zeros(b, 3), leye_pose=torch.zeros(b, 3), reye_pose=torch.zeros(b, 3),
-                  expression=torch.zeros(b, 10))
+        kw.update(jaw_pose=torch.zeros(b, 3), leye_pose=torch.zeros(b, 3),
+                  reye_pose=torch.zeros(b, 3), expression=torch.zeros(b, 10))
     with torch.no_grad():
         return m(**kw)
 
@@ -710,7 +740,8 @@ def _smpl_parts(kind: str, lbs_weights: np.ndarray) -> np.ndarray:
     """Body part per vertex from its dominant joint (SMPL-X's jaw and eyes count as head)."""
     w = lbs_weights.argmax(1)
     return np.array([PART[SMPL_PART[j]] if j in SMPL_PART else
-                     (PART["head"] if kind == "smplx" and j in (22, 23, 24) else PART["hand"]) for j in w])
+                     (PART["head"] if kind == "smplx" and j in (22, 23, 24) else PART["hand"])
+                     for j in w])
 
 
 def _smpl_sample_shape(rng, n, style):
@@ -721,7 +752,8 @@ def load_smpl(kind: str, model_path: str | None) -> BodyModel:
     import torch
     from smplx.vertex_ids import vertex_ids as VIDS
 
-    models = {g: _load_smpl_gender(kind, g, f) for g, f in find_model_files(kind, model_path).items()}
+    models = {g: _load_smpl_gender(kind, g, f)
+              for g, f in find_model_files(kind, model_path).items()}
     base = models.get("neutral") or next(iter(models.values()))
     vid = VIDS["smplx" if kind == "smplx" else "smplh"]
     face_v = [vid["nose"], vid["leye"], vid["reye"], vid["lear"], vid["rear"]]
@@ -870,7 +902,8 @@ def _pose_angles(rng: np.random.Generator, archetype: str) -> np.ndarray:
 
 
 def angles_to_local(A: np.ndarray) -> np.ndarray:
-    """(n, J, 3) (x, z, y) degrees -> (n, J, 3, 3) local rotations Rx @ Rz @ Ry (right side mirrored)."""
+    """(n, J, 3) (x, z, y) degrees -> (n, J, 3, 3) local rotations Rx @ Rz @ Ry
+    (right side mirrored)."""
     A = A.copy()
     right = np.array([c.startswith("r_") for c in CANON])
     for j, c in enumerate(CANON):  # joint limits respected
@@ -895,8 +928,10 @@ BVH_NAMES = {
     "pelvis": ["Hips", "root"], "spine": ["LowerBack", "lowerback", "spine05"],
     "chest": ["Spine1", "Chest", "spine03"], "neck": ["LowerNeck", "lowerneck", "Neck", "neck01"],
     "head": ["Head", "head"], "l_hip": ["LeftUpLeg", "LeftHip", "upperleg01.L"],
-    "l_knee": ["LeftLeg", "LeftKnee", "lowerleg01.L"], "l_ankle": ["LeftFoot", "LeftAnkle", "foot.L"],
-    "r_hip": ["RightUpLeg", "RightHip", "upperleg01.R"], "r_knee": ["RightLeg", "RightKnee", "lowerleg01.R"],
+    "l_knee": ["LeftLeg", "LeftKnee", "lowerleg01.L"],
+    "l_ankle": ["LeftFoot", "LeftAnkle", "foot.L"],
+    "r_hip": ["RightUpLeg", "RightHip", "upperleg01.R"],
+    "r_knee": ["RightLeg", "RightKnee", "lowerleg01.R"],
     "r_ankle": ["RightFoot", "RightAnkle", "foot.R"],
     "l_collar": ["LeftShoulder", "LeftCollar", "clavicle.L"],
     "l_shoulder": ["LeftArm", "LeftShoulder", "upperarm01.L"],
@@ -907,7 +942,8 @@ BVH_NAMES = {
     "r_elbow": ["RightForeArm", "RightElbow", "lowerarm01.R"],
     "r_wrist": ["RightHand", "RightWrist", "wrist.R"],
 }
-BVH_STRIDE_S = 1 / 15          # [ours] keep ~15 poses per second of mocap (neighbours are near-duplicates)
+# [ours] keep ~15 poses per second of mocap (neighbours are near-duplicates)
+BVH_STRIDE_S = 1 / 15
 
 
 def _skip_end_site(tokens: list, i: int):
@@ -927,7 +963,8 @@ def _skip_end_site(tokens: list, i: int):
 
 
 def _parse_hierarchy(tokens: list):
-    """HIERARCHY tokens -> joint names, parents, offsets, channel names, {joint: End Site offset}."""
+    """HIERARCHY tokens -> joint names, parents, offsets, channel names,
+    {joint: End Site offset}."""
     names, parents, offsets, channels, stack, end_sites = [], [], [], [], [], {}
     i, pending = 0, None
     while i < len(tokens):
@@ -973,8 +1010,8 @@ def _parse_motion(path: Path, numbers: list, frames: int, nch: int) -> np.ndarra
     if len(numbers) != frames * nch:
         whole, rest = divmod(len(numbers), nch)
         held = f"{whole} frames" + (f" and {rest} numbers" if rest else "")
-        raise RenderError(f"{path}: truncated or malformed BVH: its header promises {frames} frames of {nch} "
-                          f"channels, the file holds {held}")
+        raise RenderError(f"{path}: truncated or malformed BVH: its header promises {frames} "
+                          f"frames of {nch} channels, the file holds {held}")
     try:
         return np.array(numbers, float).reshape(frames, nch)
     except ValueError:
@@ -992,7 +1029,8 @@ def parse_bvh(path: Path):
     m = re.search(r"Frames:\s*(\d+)\s*Frame Time:\s*([0-9.eE+-]+)", motion)
     if not names or not m:
         raise RenderError(f"{path}: malformed BVH (no joints or no 'Frames:'/'Frame Time:' header)")
-    data = _parse_motion(path, motion[m.end():].split(), int(m.group(1)), sum(len(c) for c in channels))
+    data = _parse_motion(path, motion[m.end():].split(), int(m.group(1)),
+                         sum(len(c) for c in channels))
     return names, parents, np.array(offsets), channels, data, float(m.group(2)), end_sites
 
 
@@ -1032,7 +1070,8 @@ def bvh_to_canonical(path: Path) -> np.ndarray:
         p = parents[k]
         world[:, k] = R if p < 0 else world[:, p] @ R
         rest[k] = offsets[k] if p < 0 else rest[p] + offsets[k]
-    Mb = frame_from(rest[idx["neck"]] - rest[idx["pelvis"]], rest[idx["l_hip"]] - rest[idx["r_hip"]])
+    Mb = frame_from(rest[idx["neck"]] - rest[idx["pelvis"]],
+                    rest[idx["l_hip"]] - rest[idx["r_hip"]])
     pos = {c: rest[k] for c, k in idx.items()}
     toe = {}
     for s in "lr":
@@ -1089,8 +1128,9 @@ def _hsv(h, s, v):
 
 def _garment_colour(rng, style):
     if rng.random() < 0.3:  # greys, black, white, denim
-        return np.array([[0.9, 0.9, 0.88], [0.12, 0.12, 0.13], [0.5, 0.5, 0.52],
-                         [0.2, 0.28, 0.45], [0.7, 0.62, 0.5]])[rng.integers(5)] * rng.uniform(0.85, 1.1)
+        return (np.array([[0.9, 0.9, 0.88], [0.12, 0.12, 0.13], [0.5, 0.5, 0.52],
+                          [0.2, 0.28, 0.45], [0.7, 0.62, 0.5]])[rng.integers(5)]
+                * rng.uniform(0.85, 1.1))
     return _hsv(rng.random(), rng.uniform(0.3, 0.9), rng.uniform(0.25, 0.95))
 
 
@@ -1158,7 +1198,8 @@ def _dress(col, F, rng, style) -> dict:
     vdepth = rng.uniform(0.0, 0.12)
     neckline = F.front & (y > neck_y - vdepth - 0.03 + 1.5 * np.abs(x)) & (np.abs(x) < 0.09)
     upper = (((part == PART["torso"]) & (y >= waist) & ~neckline)
-             | (F.is_arm & (F.arm_d < sleeve)) | ((part == PART["neck"]) & (y < neck_y - 0.04) & ~F.front))
+             | (F.is_arm & (F.arm_d < sleeve))
+             | ((part == PART["neck"]) & (y < neck_y - 0.04) & ~F.front))
     c_low, c_up = _garment_colour(rng, style), _garment_colour(rng, style)
     p_tex = 0.75 if style == "standin" else 0.3
     for mask, c in ((lower, c_low), (upper, c_up)):
@@ -1222,11 +1263,13 @@ def _face(col, F, rng, skin, hair_c):
         col[face & (r < 0.012)] = [0.93, 0.93, 0.9]
         col[face & (r < 0.0065)] = IRIS[rng.integers(len(IRIS))]
         col[face & (r < 0.003)] = [0.03, 0.03, 0.03]
-        col[face & (np.abs(x - e[0]) < 0.02) & (y > e[1] + 0.014) & (y < e[1] + 0.024)] = hair_c * 0.6
+        col[face & (np.abs(x - e[0]) < 0.02) & (y > e[1] + 0.014)
+            & (y < e[1] + 0.024)] = hair_c * 0.6
     mouth_y = nose[1] - rng.uniform(0.032, 0.04)
     lips = face & (np.abs(x) < 0.022 - 20 * (y - mouth_y) ** 2 * 10) & (np.abs(y - mouth_y) < 0.006)
     col[lips] = skin * [0.75, 0.45, 0.45]
-    col[face & (np.hypot(x - nose[0], y - nose[1] + 0.012) < 0.012) & (z > nose[2] - 0.02)] = skin * 0.85
+    col[face & (np.hypot(x - nose[0], y - nose[1] + 0.012) < 0.012)
+        & (z > nose[2] - 0.02)] = skin * 0.85
 
 
 def person_albedo(body: BodyModel, rng: np.random.Generator, style: str) -> np.ndarray:
@@ -1298,7 +1341,8 @@ def background_files(folder: str | None) -> list:
             raise RenderError(f"backgrounds folder {root} does not exist")
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
         if not files:
-            raise RenderError(f"backgrounds folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
+            raise RenderError(f"backgrounds folder {root} holds no images "
+                              f"({', '.join(IMAGE_EXTS)})")
         return files
     import skimage
     import sklearn.datasets
@@ -1338,7 +1382,8 @@ def photo_background(rng, files: list, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     s = int(min(h, w) * rng.uniform(0.45, 1.0))
     y0, x0 = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-    out = cv2.resize(img[y0:y0 + s, x0:x0 + s], (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    out = cv2.resize(img[y0:y0 + s, x0:x0 + s], (size, size),
+                     interpolation=cv2.INTER_AREA).astype(np.float32)
     if rng.random() < 0.5:
         out = out[:, ::-1]
     grey = out.mean(2, keepdims=True)
@@ -1352,7 +1397,8 @@ def procedural_background(rng, size: int) -> np.ndarray:
     """Sky/ground gradients with low-frequency noise, or tiled and striped walls."""
     import cv2
     yy = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
-    top, bottom = (_hsv(rng.random(), rng.uniform(0.05, 0.5), rng.uniform(0.3, 0.95)) * 255 for _ in range(2))
+    top, bottom = (_hsv(rng.random(), rng.uniform(0.05, 0.5), rng.uniform(0.3, 0.95)) * 255
+                   for _ in range(2))
     horizon = rng.uniform(0.2, 0.8)
     img = np.where(yy < horizon, top + (bottom - top) * 0.3 * yy / horizon,
                    bottom * (0.7 + 0.3 * yy)) * np.ones((1, size, 1), np.float32)
@@ -1389,7 +1435,8 @@ class Camera:
     pitch_deg: float
 
     def project(self, X: np.ndarray):
-        """World points (..., 3) -> pixel u, v (COCO convention, origin at the top-left corner), depth."""
+        """World points (..., 3)
+        -> pixel u, v (COCO convention, origin at the top-left corner), depth."""
         p = (X - self.c) @ self.R.T
         d = -p[..., 2]
         safe = np.where(d > 1e-6, d, 1e-6)
@@ -1401,7 +1448,8 @@ class Camera:
         t[:3, 3] = -self.R @ self.c
         sx, sy = 2 * self.f / self.w, 2 * self.f / self.h
         proj = np.array([[sx, 0, 0, 0], [0, sy, 0, 0],
-                         [0, 0, -(FAR + NEAR) / (FAR - NEAR), -2 * FAR * NEAR / (FAR - NEAR)], [0, 0, -1, 0]])
+                         [0, 0, -(FAR + NEAR) / (FAR - NEAR), -2 * FAR * NEAR / (FAR - NEAR)],
+                         [0, 0, -1, 0]])
         return (proj @ t).astype(np.float32)
 
 
@@ -1418,7 +1466,8 @@ def make_camera(distance: float, pitch_deg: float, w: int, h: int,
 
 
 def place_people(rng, cam: Camera, verts: np.ndarray, distance: float):
-    """Ground positions (x, z) inside the visible area without overlaps; returns kept indices too."""
+    """Ground positions (x, z) inside the visible area without overlaps;
+    returns kept indices too."""
     n = len(verts)
     radius = np.sqrt((verts[:, :, [0, 2]] ** 2).sum(-1)).max(1) * 0.9
     heights = verts[:, :, 1].max(1)
@@ -1434,8 +1483,8 @@ def place_people(rng, cam: Camera, verts: np.ndarray, distance: float):
                 continue
             if not (vf < cam.h * 0.98 and vt > -0.1 * cam.h and vf > cam.h * 0.1):
                 continue
-            if all((x - pos[j][0]) ** 2 + (z - pos[j][1]) ** 2 > (radius[i] + radius[placed[j]] + 0.05) ** 2
-                   for j in range(len(placed))):
+            if all((x - pos[j][0]) ** 2 + (z - pos[j][1]) ** 2
+                   > (radius[i] + radius[placed[j]] + 0.05) ** 2 for j in range(len(placed))):
                 placed.append(i)
                 pos.append((x, z))
                 break
@@ -1461,7 +1510,8 @@ void main() { frag = vec4(v_col, v_id); }
 """
 
 
-GL_PLATFORMS = {"egl": "EGL", "osmesa": "OSMesa"}  # PYOPENGL_PLATFORM -> its library (and pyrender class)
+# PYOPENGL_PLATFORM -> its library (and pyrender class)
+GL_PLATFORMS = {"egl": "EGL", "osmesa": "OSMesa"}
 GL_INSTALL = {"egl": "apt-get install libegl1 libegl-mesa0 libgbm1 libgl1-mesa-dri",
               "osmesa": "apt-get install libosmesa6"}
 _GL_PROBE = ("import os; os.environ['PYOPENGL_PLATFORM']='{0}'; "
@@ -1490,11 +1540,13 @@ def choose_gl_platform() -> str:
     name = os.environ.get("PYOPENGL_PLATFORM")
     if name:
         if name not in GL_PLATFORMS:
-            raise RenderError(f"PYOPENGL_PLATFORM={name} is not a headless platform this renderer can use: "
-                              f"set it to {' or '.join(GL_PLATFORMS)}, or unset it to pick one automatically")
+            raise RenderError(f"PYOPENGL_PLATFORM={name} is not a headless platform this renderer "
+                              f"can use: set it to {' or '.join(GL_PLATFORMS)}, or unset it to "
+                              "pick one automatically")
         if not ctypes.util.find_library(GL_PLATFORMS[name]):
-            raise RenderError(f"PYOPENGL_PLATFORM={name}, but lib{GL_PLATFORMS[name]} is not installed "
-                              f"({GL_INSTALL[name]}); or unset PYOPENGL_PLATFORM to pick one automatically")
+            raise RenderError(f"PYOPENGL_PLATFORM={name}, but lib{GL_PLATFORMS[name]} is not "
+                              f"installed ({GL_INSTALL[name]}); or unset PYOPENGL_PLATFORM to pick "
+                              "one automatically")
         return name
     for name, lib in GL_PLATFORMS.items():
         if ctypes.util.find_library(lib) and gl_probe(name):
@@ -1516,7 +1568,8 @@ def _gl_context(name: str):
         platform.make_current()
     except Exception as e:
         raise RenderError(f"cannot make a headless OpenGL context (PYOPENGL_PLATFORM={name}): "
-                          f"{type(e).__name__}: {_one_line(e)}; {GL_INSTALL[name]} may help") from None
+                          f"{type(e).__name__}: {_one_line(e)}; "
+                          f"{GL_INSTALL[name]} may help") from None
     return platform
 
 
@@ -1565,9 +1618,10 @@ class GLRenderer:
             gl.glFramebufferRenderbuffer(gl.GL_FRAMEBUFFER, att, gl.GL_RENDERBUFFER, rb)
         self.size = (w, h)
 
-    def render(self, verts: np.ndarray, colors: np.ndarray, faces: np.ndarray, faces_key, mvp: np.ndarray,
-               w: int, h: int):
-        """-> rgba (h, w, 4) uint8 with the instance id in alpha, depth (h, w) metres (inf = empty)."""
+    def render(self, verts: np.ndarray, colors: np.ndarray, faces: np.ndarray, faces_key,
+               mvp: np.ndarray, w: int, h: int):
+        """-> rgba (h, w, 4) uint8 with the instance id in alpha, depth (h, w) metres
+        (inf = empty)."""
         gl = self.gl
         if self.size != (w, h):
             self._resize(w, h)
@@ -1590,7 +1644,8 @@ class GLRenderer:
         gl.glClear(gl.GL_COLOR_BUFFER_BIT | gl.GL_DEPTH_BUFFER_BIT)
         gl.glDrawElements(gl.GL_TRIANGLES, faces.size, gl.GL_UNSIGNED_INT, None)
         rgba = np.frombuffer(gl.glReadPixels(0, 0, w, h, gl.GL_RGBA, gl.GL_UNSIGNED_BYTE), np.uint8)
-        d = np.frombuffer(gl.glReadPixels(0, 0, w, h, gl.GL_DEPTH_COMPONENT, gl.GL_FLOAT), np.float32)
+        d = np.frombuffer(gl.glReadPixels(0, 0, w, h, gl.GL_DEPTH_COMPONENT, gl.GL_FLOAT),
+                          np.float32)
         rgba, d = rgba.reshape(h, w, 4)[::-1], d.reshape(h, w)[::-1]
         zn = 2.0 * d - 1.0
         depth = np.where(d < 1.0, 2 * FAR * NEAR / ((FAR + NEAR) - zn * (FAR - NEAR)), np.inf)
@@ -1605,7 +1660,8 @@ def get_renderer() -> GLRenderer:
 # ----------------------------------------------------------------------------------------------
 # Labels: exact visibility from the depth and instance buffers, masks, per-person attributes
 # ----------------------------------------------------------------------------------------------
-def keypoint_labels(cam: Camera, kps: np.ndarray, inst: np.ndarray, depth: np.ndarray, kp_tol: np.ndarray):
+def keypoint_labels(cam: Camera, kps: np.ndarray, inst: np.ndarray, depth: np.ndarray,
+                    kp_tol: np.ndarray):
     """kps (n, K, 3) world -> (n, K, 3) x, y, v with v=2 visible, 1 occluded, 0 outside."""
     u, v, d = cam.project(kps)
     inside = (u >= 0) & (u < cam.w) & (v >= 0) & (v < cam.h) & (d > NEAR)
@@ -1649,7 +1705,8 @@ def annotations_for(image_id: int, cam: Camera, kp_labels: np.ndarray, inst: np.
         inter = max(0.0, min(u1, W) - max(u0, 0)) * max(0.0, min(v1, H) - max(v0, 0))
         anns.append({
             "id": image_id * 100 + k + 1, "image_id": image_id, "category_id": 1,
-            "keypoints": [round(float(a), 2) if i % 3 < 2 else int(a) for i, a in enumerate(kl.ravel())],
+            "keypoints": [round(float(a), 2) if i % 3 < 2 else int(a)
+                          for i, a in enumerate(kl.ravel())],
             "num_keypoints": int((kl[:, 2] > 0).sum()),
             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
             "area": float(area), "segmentation": rle(mask), "iscrowd": 0,
@@ -1695,7 +1752,8 @@ def sample_people(body: BodyModel, rng, n: int, cfg: RenderConfig):
     world = styled(cfg, rng, "poses", lambda r, s: pick_poses(r, n, s, cfg.poses))
     yaw = styled(cfg, rng, "yaw", lambda r, s: sample_yaw(r, n, s))
     with _timed("appearance"):
-        albedo = np.stack([styled(cfg, rng, "clothing", lambda r, s: person_albedo(body, r, s)) for _ in range(n)])
+        albedo = np.stack([styled(cfg, rng, "clothing", lambda r, s: person_albedo(body, r, s))
+                           for _ in range(n)])
     return shape, world, yaw, albedo
 
 
@@ -1703,14 +1761,16 @@ def sample_yaw(rng: np.random.Generator, n: int, style: str) -> np.ndarray:
     yaw = rng.uniform(0, 2 * math.pi, n)  # paper code: random yaw U(0, 2 pi) per person
     if style == "standin":
         # [ours] Photos of people are biased towards people facing the camera (yaw 0); the
-        # stand-in for real photos keeps that bias, the synthetic style keeps the paper's U(0, 2 pi).
+        # stand-in for real photos keeps that bias,
+        # the synthetic style keeps the paper's U(0, 2 pi).
         facing = rng.random(n) < STANDIN_FACING_SHARE
         yaw = np.where(facing, rng.normal(0.0, math.radians(STANDIN_FACING_STD_DEG), n), yaw)
     return yaw
 
 
 def sample_pitch(rng: np.random.Generator, style: str) -> float:
-    return rng.uniform(0, PITCH_MAX_DEG) if style == "synthetic" else rng.uniform(0, 0.6 * PITCH_MAX_DEG)
+    return (rng.uniform(0, PITCH_MAX_DEG) if style == "synthetic"
+            else rng.uniform(0, 0.6 * PITCH_MAX_DEG))
 
 
 def build_people(body: BodyModel, shape, world, yaw, extended: bool = False):
@@ -1740,8 +1800,8 @@ def lit_colors(body, verts: np.ndarray, albedo: np.ndarray, light: dict) -> np.n
     return np.concatenate([np.clip(rgb * 255, 0, 255).astype(np.uint8), ids], 1)
 
 
-def render_people(body: BodyModel, verts: np.ndarray, kps: np.ndarray, albedo: np.ndarray, cam: Camera,
-                  light: dict, bg: np.ndarray):
+def render_people(body: BodyModel, verts: np.ndarray, kps: np.ndarray, albedo: np.ndarray,
+                  cam: Camera, light: dict, bg: np.ndarray):
     """Placed people (world coordinates) -> composited RGB, instance ids (0 = none), depth, labels
     of the keypoints given (n, K, 3), K = 17 or 21 (see build_people)."""
     n = len(verts)
@@ -1758,7 +1818,8 @@ def render_people(body: BodyModel, verts: np.ndarray, kps: np.ndarray, albedo: n
 
 
 def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list):
-    """One purely synthetic scene (paper's dataset 1) -> RGB uint8 image, COCO-format annotations."""
+    """One purely synthetic scene (paper's dataset 1) -> RGB uint8 image,
+    COCO-format annotations."""
     rng = _rng(cfg, index)
     S = cfg.image_size
     n = int(min(MAX_PEOPLE, max(cfg.min_people, rng.poisson(cfg.mean_people))))
@@ -1776,7 +1837,8 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
     verts, kps = verts + off, kps + off
     n = len(keep)
     light = styled(cfg, rng, "lighting", sample_lighting)
-    bg = styled(cfg, rng, "background", lambda r, s: sample_background(r, s, cfg.image_size, bg_files))
+    bg = styled(cfg, rng, "background",
+                lambda r, s: sample_background(r, s, cfg.image_size, bg_files))
     img, inst, depth, kl = render_people(body, verts, kps, albedo, cam, light, bg)
     with _timed("labels"):
         kl = LABEL_SETS[cfg.skeleton].labels(kl)
@@ -1790,7 +1852,8 @@ def render_scene(cfg: RenderConfig, index: int, body: BodyModel, bg_files: list)
 
 
 def post_process(rng, img: np.ndarray, style: str) -> np.ndarray:
-    """Paper-style blur for synthetic scenes; sensor noise and a mild vignette-free look for standin."""
+    """Paper-style blur for synthetic scenes;
+    sensor noise and a mild vignette-free look for standin."""
     import cv2
     if style == "synthetic":
         if rng.random() < 0.5:  # pixel blur
@@ -1823,19 +1886,23 @@ def render_bank_group(cfg: RenderConfig, indices: list, body: BodyModel):
     for k, (rng, index) in enumerate(zip(rngs, indices)):
         height = float(verts[k, :, 1].max())
         # [ours] the person fills ~image_size px; the camera keeps the paper's lens and pitch range
-        cam = make_camera(f * max(height, 0.8) / S, rng.uniform(0, PITCH_MAX_DEG), canvas, canvas, height / 2)
+        cam = make_camera(f * max(height, 0.8) / S, rng.uniform(0, PITCH_MAX_DEG), canvas, canvas,
+                          height / 2)
         rgb, inst, depth, kl = render_people(body, verts[k:k + 1], kps[k:k + 1], people[k][3], cam,
-                                           styled(cfg, rng, "lighting", sample_lighting), np.zeros(3, np.uint8))
+                                           styled(cfg, rng, "lighting", sample_lighting),
+                                           np.zeros(3, np.uint8))
         with _timed("labels"):
             kl = skeleton.labels(kl)
             ys, xs = np.nonzero(inst.any(1))[0], np.nonzero(inst.any(0))[0]
             m = int(0.04 * S) + 2
             y0, y1 = max(0, ys[0] - m), min(canvas, ys[-1] + 1 + m)
             x0, x1 = max(0, xs[0] - m), min(canvas, xs[-1] + 1 + m)
-            crop = np.dstack([rgb[y0:y1, x0:x1], np.where(inst[y0:y1, x0:x1] > 0, 255, 0).astype(np.uint8)])
+            crop = np.dstack([rgb[y0:y1, x0:x1],
+                              np.where(inst[y0:y1, x0:x1] > 0, 255, 0).astype(np.uint8)])
             kl[..., 0] -= x0
             kl[..., 1] -= y0
-            outside = (kl[..., 0] < 0) | (kl[..., 0] >= x1 - x0) | (kl[..., 1] < 0) | (kl[..., 1] >= y1 - y0)
+            outside = ((kl[..., 0] < 0) | (kl[..., 0] >= x1 - x0)
+                       | (kl[..., 1] < 0) | (kl[..., 1] >= y1 - y0))
             kl[outside] = 0
             u, v, _ = cam.project(verts[k:k + 1])
             boxes = np.stack([u.min(1) - x0, u.max(1) - x0, v.min(1) - y0, v.max(1) - y0], 1)
@@ -1855,7 +1922,8 @@ def atomic_path(path: Path, keep_suffix: bool = False, error: type[Exception] = 
     atomic writer of both scripts (repro.py raises its own error class through it). keep_suffix: the
     temporary name ends like `path` (cv2's video writer picks the container by it)."""
     unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # one name per writer
-    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix else f"{path.name}.{unique}.tmp")
+    tmp = path.with_name(f"{path.stem}.{unique}.tmp{path.suffix}" if keep_suffix
+                         else f"{path.name}.{unique}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -1864,7 +1932,8 @@ def atomic_path(path: Path, keep_suffix: bool = False, error: type[Exception] = 
             tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, (error, RenderError)):
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise error(f"cannot write {path} ({reason}); the previous version, if any, is kept") from None
+            raise error(f"cannot write {path} ({reason}); "
+                        "the previous version, if any, is kept") from None
         raise
 
 
@@ -1958,8 +2027,8 @@ def check_backgrounds(folder: str | None):
     if not any(_load_photo(f) is not None for f in good[:50]):
         raise RenderError(f"backgrounds folder {folder}: none of its images can be read")
     if junk:
-        print(f"render_humans: backgrounds: skipping {len(junk)} of {len(files)} files that are not "
-              f"readable images (e.g. {junk[0]})", file=sys.stderr)
+        print(f"render_humans: backgrounds: skipping {len(junk)} of {len(files)} files that are "
+              f"not readable images (e.g. {junk[0]})", file=sys.stderr)
 
 
 def validate(cfg: RenderConfig):
@@ -1970,21 +2039,25 @@ def validate(cfg: RenderConfig):
     if not math.isfinite(cfg.mean_people):
         raise RenderError(f"mean_people must be a finite number, not {cfg.mean_people}")
     if cfg.num_images < 1 or cfg.image_size < 32 or cfg.min_people < 1 or cfg.mean_people < 0:
-        raise RenderError("need num_images >= 1, image_size >= 32, min_people >= 1, mean_people >= 0")
+        raise RenderError("need num_images >= 1, image_size >= 32, min_people >= 1, "
+                          "mean_people >= 0")
     if cfg.min_people > MAX_PEOPLE or cfg.mean_people > MAX_PEOPLE:
-        raise RenderError(f"a scene holds at most {MAX_PEOPLE} people (instance ids live in one byte): "
-                          f"min_people {cfg.min_people} and mean_people {cfg.mean_people:g} must be at most that")
+        raise RenderError(f"a scene holds at most {MAX_PEOPLE} people (instance ids live in one "
+                          f"byte): min_people {cfg.min_people} and mean_people "
+                          f"{cfg.mean_people:g} must be at most that")
     if len(cfg.camera_distance) != 2 or cfg.camera_distance[0] <= 1 or cfg.camera_distance[1] < 0:
         raise RenderError("camera_distance must be (mean > 1 m, std >= 0)")
     if cfg.body_model not in BODY_MODELS:
-        raise RenderError(f"unknown body model {cfg.body_model!r}; choose from {', '.join(BODY_MODELS)}")
+        raise RenderError(f"unknown body model {cfg.body_model!r}; choose from "
+                          f"{', '.join(BODY_MODELS)}")
     for f in cfg.style_factors:
         name, style = f.split("=")
         if style == cfg.style:
-            raise RenderError(f"style_factors {f}: the style is {cfg.style} already; name the factors that take "
-                              "the other style")
+            raise RenderError(f"style_factors {f}: the style is {cfg.style} already; name the "
+                              "factors that take the other style")
         if cfg.kind == "bank" and name not in BANK_FACTORS:
-            raise RenderError(f"style_factors {f}: bank crops have no {name}; their factors: {', '.join(BANK_FACTORS)}")
+            raise RenderError(f"style_factors {f}: bank crops have no {name}; their factors: "
+                              f"{', '.join(BANK_FACTORS)}")
     if cfg.body_model != "anny":
         find_model_files(cfg.body_model, cfg.model_path)
     check_backgrounds(cfg.backgrounds)
@@ -2025,7 +2098,8 @@ def _start_output(out: Path, cfg: RenderConfig):
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "parts").mkdir(exist_ok=True)
         if not (out / "parts" / "config.json").exists():
-            atomic_write(out / "parts" / "config.json", json.dumps(_config_json(cfg), indent=1).encode())
+            atomic_write(out / "parts" / "config.json",
+                         json.dumps(_config_json(cfg), indent=1).encode())
     except (OSError, RenderError) as e:
         for d in reversed(made):
             with contextlib.suppress(OSError):
@@ -2046,7 +2120,8 @@ def merge(out: Path, cfg: RenderConfig) -> Path | None:
         images += d["images"]
         anns += d["annotations"]
     skeleton = LABEL_SETS[cfg.skeleton]
-    coco = {"info": {"description": "render_humans.py synthetic people", "config": _config_json(cfg)},
+    coco = {"info": {"description": "render_humans.py synthetic people",
+                     "config": _config_json(cfg)},
             "licenses": [], "images": images, "annotations": anns,
             "categories": [_category(skeleton.names, skeleton.limbs)]}
     path = out / "annotations.json"
@@ -2063,9 +2138,10 @@ def warn_crowding(images: list, anns: list, cfg: RenderConfig) -> None:
     counts = np.bincount([index[a["image_id"]] for a in anns], minlength=len(images)).astype(int)
     short = counts < cfg.min_people
     if short.any():
-        print(f"render_humans: {short.sum()} of {len(images)} scenes hold fewer than min_people {cfg.min_people} "
-              f"people (from {counts.min()} to {counts.max()} per scene): at image size {cfg.image_size} and "
-              f"camera distance {cfg.camera_distance[0]:g} m the frame fits no more", file=sys.stderr)
+        print(f"render_humans: {short.sum()} of {len(images)} scenes hold fewer than min_people "
+              f"{cfg.min_people} people (from {counts.min()} to {counts.max()} per scene): at "
+              f"image size {cfg.image_size} and camera distance {cfg.camera_distance[0]:g} m the "
+              "frame fits no more", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -2091,14 +2167,14 @@ def _run_jobs(jobs: list, workers: int, bar):
             bar.update(k)
 
 
-def render_dataset(out_dir, *, workers: int = 1, num_shards: int = 1, shard: int = 0, progress: bool = True,
-                   **settings) -> Path:
+def render_dataset(out_dir, *, workers: int = 1, num_shards: int = 1, shard: int = 0,
+                   progress: bool = True, **settings) -> Path:
     """Render a COCO keypoint dataset into out_dir; returns out_dir/annotations.json.
 
     settings: RenderConfig's fields (kind, num_images, style, image_size, mean_people, min_people,
-    camera_distance, seed, backgrounds, poses, body_model, model_path, skeleton, style_factors); an unknown one
-    is a RenderError. Finished outputs are a cache: a second call with the same settings returns
-    at once. With num_shards > 1 this call renders chunks c with c % num_shards == shard;
+    camera_distance, seed, backgrounds, poses, body_model, model_path, skeleton, style_factors); an
+    unknown one is a RenderError. Finished outputs are a cache: a second call with the same settings
+    returns at once. With num_shards > 1 this call renders chunks c with c % num_shards == shard;
     whichever shard finds every chunk done writes annotations.json (until then the returned path
     does not exist). A killed run resumes: finished chunks are skipped, every file is written
     atomically. Every check (inputs, GL, body model) runs before the first file is written.
@@ -2127,7 +2203,8 @@ def render_dataset(out_dir, *, workers: int = 1, num_shards: int = 1, shard: int
 # ----------------------------------------------------------------------------------------------
 # Progress: a bar on a terminal, sparse plain lines in logs
 # ----------------------------------------------------------------------------------------------
-PROGRESS_EVERY_S = 30.0  # [ours] in a log, one progress line per 30 s (and one at the end) is plenty
+# [ours] in a log, one progress line per 30 s (and one at the end) is plenty
+PROGRESS_EVERY_S = 30.0
 
 
 class PlainProgress:
@@ -2172,15 +2249,16 @@ class PlainProgress:
         self.close()
 
 
-def progress(total: int | None, initial: int = 0, desc: str = "", unit: str = "it", enabled: bool = True,
-             stream=None):
+def progress(total: int | None, initial: int = 0, desc: str = "", unit: str = "it",
+             enabled: bool = True, stream=None):
     """Progress that fits where it is shown: a tqdm bar where `stream` (default stderr) is a
     terminal, else a PlainProgress (sparse lines). Both have n, update(k), set_postfix(**values),
     close() and work as context managers."""
     stream = stream or sys.stderr
     if enabled and getattr(stream, "isatty", lambda: False)():
         from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream,
+                    dynamic_ncols=True)
     return PlainProgress(total, initial, desc, unit, enabled, stream)
 
 
@@ -2218,7 +2296,8 @@ def draw_keypoints(img: np.ndarray, anns: list, scale: float = 1.0) -> np.ndarra
     return img
 
 
-def make_grid(path="results/render-grid.png", n_cols: int = 3, size: int = 640, seed: int = 0) -> Path:
+def make_grid(path="results/render-grid.png", n_cols: int = 3, size: int = 640,
+              seed: int = 0) -> Path:
     """Two rows of scenes (synthetic, standin) and a row of bank people, keypoints drawn."""
     import cv2
     tiles = []
@@ -2231,8 +2310,9 @@ def make_grid(path="results/render-grid.png", n_cols: int = 3, size: int = 640, 
                 img = cv2.imread(str(ann.parent / "images" / im["file_name"]))[:, :, ::-1]
                 a = [x for x in coco["annotations"] if x["image_id"] == im["id"]]
                 tiles.append(draw_keypoints(img, a))
-        ann = render_dataset(Path(tmp) / "bank", kind="bank", num_images=2 * n_cols, style="synthetic",
-                             image_size=int(size * 0.8), seed=seed, progress=False)
+        ann = render_dataset(Path(tmp) / "bank", kind="bank", num_images=2 * n_cols,
+                             style="synthetic", image_size=int(size * 0.8), seed=seed,
+                             progress=False)
         coco = json.loads(ann.read_text())
         row = np.full((size, size * n_cols, 3), 40, np.uint8)
         x = 4
@@ -2274,7 +2354,8 @@ def bench(n_scenes: int = 20, n_bank: int = 128):
                     else "bank people/s (~256 px tall)")
             print(f"{kind}: {n / dt:.2f} {unit}")
             for k, v in sorted(TIMERS.items(), key=lambda kv: -kv[1]):
-                print(f"    {k:<20} {1000 * v / n:7.1f} ms/{'scene' if kind == 'scenes' else 'person'}")
+                print(f"    {k:<20} {1000 * v / n:7.1f} "
+                      f"ms/{'scene' if kind == 'scenes' else 'person'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2283,7 +2364,8 @@ def bench(n_scenes: int = 20, n_bank: int = 128):
 def _add_setting(p: argparse.ArgumentParser, f):
     """One RenderConfig field as a --flag: its help, choices and type come from the field."""
     meta = f.metadata
-    kw = dict(default=list(f.default) if isinstance(f.default, tuple) else f.default, help=meta["help"])
+    kw = dict(default=list(f.default) if isinstance(f.default, tuple) else f.default,
+              help=meta["help"])
     if meta["choices"]:
         kw["choices"] = meta["choices"]
     if meta["convert"] in (int, float):
@@ -2294,18 +2376,21 @@ def _add_setting(p: argparse.ArgumentParser, f):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="render_humans.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Render synthetic people (anny or SMPL-family bodies) into COCO keypoint datasets: "
-                    "multi-person scenes (JPEG) or a bank of single people (RGBA PNG crops).")
+        description="Render synthetic people (anny or SMPL-family bodies) into COCO keypoint "
+                    "datasets: multi-person scenes (JPEG) or a bank of single people "
+                    "(RGBA PNG crops).")
     p.add_argument("out_dir", nargs="?", help="output folder (images/, annotations.json, parts/)")
     for f in fields(RenderConfig):
         _add_setting(p, f)
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (spawned, one GL context each)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel processes (spawned, one GL context each)")
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the work into this many shards (cluster jobs)")
     p.add_argument("--shard", type=int, default=0, help="which shard this run renders (0-based)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress (a bar on a terminal, else a line every 30 s)")
-    p.add_argument("--bench", action="store_true", help="print scenes/s and bank people/s on this machine")
+    p.add_argument("--bench", action="store_true",
+                   help="print scenes/s and bank people/s on this machine")
     p.add_argument("--grid", nargs="?", const="results/render-grid.png", metavar="PATH",
                    help="write a grid of rendered scenes and bank people with keypoints drawn")
     return p
@@ -2333,8 +2418,10 @@ def main(argv=None):
             settings = {name: getattr(args, name) for name in SETTINGS}
             path = render_dataset(args.out_dir, workers=args.workers, num_shards=args.num_shards,
                                   shard=args.shard, progress=not args.no_progress, **settings)
-            print(path if path.exists() else f"shard {args.shard} done; {path} appears when all shards are")
-    except (RenderError, OSError) as e:  # user input or environment: one line, no traceback, status 2
+            print(path if path.exists()
+                  else f"shard {args.shard} done; {path} appears when all shards are")
+    # user input or environment: one line, no traceback, status 2
+    except (RenderError, OSError) as e:
         if Terminated.received:  # a library swallowed the SIGTERM, then failed half-made
             interrupted(Terminated())
         print(f"render_humans: error: {_one_line(e)}", file=sys.stderr)

@@ -374,7 +374,8 @@ class Skeleton:
     def __init__(self, name: str, num_joints: int, parts: dict[str, tuple[int, int]],
                  limbs: list[tuple[str, str]], min_centre_keypoints: int, never_start: int = 0):
         self.name, self.num_joints, self.parts = name, num_joints, tuple(parts)
-        self.from_joints = np.array(list(parts.values()))  # (K, 2): a part is the midpoint of two joints
+        # (K, 2): a part is the midpoint of two joints
+        self.from_joints = np.array(list(parts.values()))
         index = {n: i for i, n in enumerate(parts)}
         self.limbs = np.array([(index[a], index[b]) for a, b in limbs])  # (L, 2)
         self.num_parts, self.num_limbs = len(parts), len(limbs)
@@ -382,8 +383,10 @@ class Skeleton:
         self.flip_parts = np.array([index[mirror(n)] for n in parts])
         # A flipped limb (a, b) is the limb (flip a, flip b); its PAF's x component changes sign.
         pairs = [tuple(limb) for limb in self.limbs.tolist()]
-        self.flip_limbs = np.array([pairs.index((self.flip_parts[a], self.flip_parts[b])) for a, b in pairs])
-        self.joint_parts = np.nonzero(self.from_joints[:, 0] == self.from_joints[:, 1])[0]  # labelled parts
+        self.flip_limbs = np.array([pairs.index((self.flip_parts[a], self.flip_parts[b]))
+                                    for a, b in pairs])
+        # labelled parts
+        self.joint_parts = np.nonzero(self.from_joints[:, 0] == self.from_joints[:, 1])[0]
         self.min_centre_keypoints, self.never_start = min_centre_keypoints, never_start
 
     def to_parts(self, joints: np.ndarray) -> np.ndarray:
@@ -410,7 +413,8 @@ class Skeleton:
         return {"coco": CocoBenchmark, "mpii": MpiiBenchmark}[self.name]()
 
 
-COCO = Skeleton(  # COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 PAF channels (OpenPose)
+# COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 PAF channels (OpenPose)
+COCO = Skeleton(
     "coco", 17, {n: (i, i) for i, n in enumerate(rh.COCO_KEYPOINT_NAMES)} | {"neck": (5, 6)},
     [("neck", "right_shoulder"), ("neck", "left_shoulder"), ("right_shoulder", "right_elbow"),
      ("right_elbow", "right_wrist"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
@@ -423,15 +427,19 @@ COCO = Skeleton(  # COCO-17 + neck = shoulder midpoint: 18 parts, 19 limbs = 38 
 
 
 MPII = Skeleton(  # paper code (OpenPose's MPI model): 15 parts, 14 limbs = 28 PAF channels
-    "mpii", 16,  # MPII joint ids: 0 r ankle ... 5 l ankle, 6 pelvis, 7 thorax, 8 upper neck, 9 head top, ...
+    # MPII joint ids: 0 r ankle ... 5 l ankle, 6 pelvis, 7 thorax, 8 upper neck, 9 head top, ...
+    "mpii", 16,
     {"head_top": (9, 9), "upper_neck": (8, 8), "right_shoulder": (12, 12), "right_elbow": (11, 11),
-     "right_wrist": (10, 10), "left_shoulder": (13, 13), "left_elbow": (14, 14), "left_wrist": (15, 15),
-     "right_hip": (2, 2), "right_knee": (1, 1), "right_ankle": (0, 0), "left_hip": (3, 3), "left_knee": (4, 4),
+     "right_wrist": (10, 10), "left_shoulder": (13, 13), "left_elbow": (14, 14),
+     "left_wrist": (15, 15), "right_hip": (2, 2), "right_knee": (1, 1), "right_ankle": (0, 0),
+     "left_hip": (3, 3), "left_knee": (4, 4),
      "left_ankle": (5, 5), "centre": (7, 6)},  # paper code: centre = mean of thorax and pelvis
-    [("head_top", "upper_neck"), ("upper_neck", "right_shoulder"), ("right_shoulder", "right_elbow"),
-     ("right_elbow", "right_wrist"), ("upper_neck", "left_shoulder"), ("left_shoulder", "left_elbow"),
-     ("left_elbow", "left_wrist"), ("upper_neck", "centre"), ("centre", "right_hip"), ("right_hip", "right_knee"),
-     ("right_knee", "right_ankle"), ("centre", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle")],
+    [("head_top", "upper_neck"), ("upper_neck", "right_shoulder"),
+     ("right_shoulder", "right_elbow"), ("right_elbow", "right_wrist"),
+     ("upper_neck", "left_shoulder"), ("left_shoulder", "left_elbow"),
+     ("left_elbow", "left_wrist"), ("upper_neck", "centre"),
+     ("centre", "right_hip"), ("right_hip", "right_knee"), ("right_knee", "right_ankle"),
+     ("centre", "left_hip"), ("left_hip", "left_knee"), ("left_knee", "left_ankle")],
     min_centre_keypoints=1)  # paper code: one training sample per annotated MPII person
 
 
@@ -446,7 +454,8 @@ def skeleton(cfg: Config) -> Skeleton:
 # Datasets: COCO-format json + images (real, stand-in, synthetic scenes, person bank)
 # ----------------------------------------------------------------------------------------------
 
-# Per-person attributes render_humans.py writes for the teacher's bins (paper code: minDist, camera_angle, ...)
+# Per-person attributes render_humans.py writes for the teacher's bins
+# (paper code: minDist, camera_angle, ...)
 ATTRIBUTES = ("min_dist", "camera_angle", "visibility_ratio", "truncation", "scale", "num_people")
 
 
@@ -456,7 +465,8 @@ class ImageRecord:
     path: Path
     width: int
     height: int
-    keypoints: np.ndarray  # (P, K, 3) the skeleton's parts in image pixels, v: 0 unlabelled, 1 occluded, 2 visible
+    # (P, K, 3) the skeleton's parts in image pixels, v: 0 unlabelled, 1 occluded, 2 visible
+    keypoints: np.ndarray
     boxes: np.ndarray  # (P, 4) x, y, w, h
     attributes: dict[str, np.ndarray]  # per person, e.g. min_dist, camera_angle (synthetic data)
     ignore_rles: list = field(default_factory=list)  # crowd regions, people without keypoints
@@ -476,7 +486,8 @@ class KeypointSet:
         rec = self.records[index]
         if self.images is not None and rec.image_id in self.images:
             return self.images[rec.image_id]
-        return read_image(rec.path, cv2.IMREAD_UNCHANGED if rec.path.suffix == ".png" else cv2.IMREAD_COLOR)
+        return read_image(rec.path,
+                          cv2.IMREAD_UNCHANGED if rec.path.suffix == ".png" else cv2.IMREAD_COLOR)
 
     def preload(self, max_pixels: float = 4e8) -> None:
         """Decode everything once when it fits in memory (the demo sets, person banks)."""
@@ -503,7 +514,8 @@ def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     return img
 
 
-def load_keypoint_set(json_path: str | Path, images_dir: str | Path, sk: Skeleton = COCO) -> KeypointSet:
+def load_keypoint_set(json_path: str | Path, images_dir: str | Path,
+                      sk: Skeleton = COCO) -> KeypointSet:
     """Loads any COCO-format person-keypoint json with pycocotools; its keypoints are the skeleton's
     joints (COCO's 17, or MPII's 16 as render_humans.py --skeleton mpii writes them)."""
     from pycocotools.coco import COCO
@@ -518,30 +530,35 @@ def load_keypoint_set(json_path: str | Path, images_dir: str | Path, sk: Skeleto
             coco = COCO(str(json_path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         if json_path.suffix.lower() == ".mat":
-            raise ReproError(f"{json_path} is a Matlab .mat file, not COCO json: an MPII annotation list is read "
-                             "with --skeleton mpii") from None
-        raise ReproError(f"{json_path} is not valid json ({e}); re-download or re-render it") from None
+            raise ReproError(f"{json_path} is a Matlab .mat file, not COCO json: an MPII "
+                             "annotation list is read with --skeleton mpii") from None
+        raise ReproError(f"{json_path} is not valid json ({e}); "
+                         "re-download or re-render it") from None
     except (KeyError, TypeError, AssertionError) as e:
-        raise ReproError(f"{json_path} is not a COCO-format annotation file (missing {e})") from None
+        raise ReproError(f"{json_path} is not a COCO-format annotation file "
+                         f"(missing {e})") from None
     anns = coco.dataset.get("annotations", [])
     if not anns or not any("keypoints" in a for a in anns):
-        raise ReproError(f"{json_path} has no person keypoints: expected COCO-format person keypoint "
-                         f"annotations with {sk.num_joints} (x, y, v) keypoints each")
+        raise ReproError(f"{json_path} has no person keypoints: expected COCO-format person "
+                         f"keypoint annotations with {sk.num_joints} (x, y, v) keypoints each")
     records = []
     for image_id in sorted(coco.getImgIds()):
         info = coco.imgs[image_id]
         people, boxes, ignore, attrs = [], [], [], {}
         for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
             kp = np.asarray(a.get("keypoints", []), np.float32)
-            if a.get("iscrowd", 0) or a.get("num_keypoints", int((kp[2::3] > 0).sum()) if kp.size else 0) == 0:
+            if a.get("iscrowd", 0) or a.get("num_keypoints",
+                                            int((kp[2::3] > 0).sum()) if kp.size else 0) == 0:
                 if a.get("segmentation"):
                     ignore.append(coco.annToRLE(a))
                 continue
             if kp.size != 3 * sk.num_joints:
-                other = next((s.name for s in SKELETONS.values() if 3 * s.num_joints == kp.size), None)
+                other = next((s.name for s in SKELETONS.values() if 3 * s.num_joints == kp.size),
+                             None)
                 hint = f" (that is --skeleton {other})" if other else ""
-                raise ReproError(f"{json_path}: annotation {a.get('id')} has {kp.size // 3} keypoints{hint}, "
-                                 f"expected {sk.name.upper()}'s {sk.num_joints} ({3 * sk.num_joints} numbers)")
+                raise ReproError(f"{json_path}: annotation {a.get('id')} has {kp.size // 3} "
+                                 f"keypoints{hint}, expected {sk.name.upper()}'s {sk.num_joints} "
+                                 f"({3 * sk.num_joints} numbers)")
             people.append(kp.reshape(sk.num_joints, 3))
             boxes.append(a.get("bbox", keypoint_box(people[-1])))
             for key in ATTRIBUTES:
@@ -607,7 +624,8 @@ DEMO_BANK = dict(style="synthetic", image_size=160)
 
 # [ours] the claims protocol's val split: enough people that sampling noise sits under the effects
 # (about 2400), and more of them per image, so that the heavy-occlusion bin is populated
-DEMO_CROWDED_VAL = dict(kind="scenes", num_images=800, seed=5000, **(DEMO_STANDIN | dict(mean_people=3.0)))
+DEMO_CROWDED_VAL = dict(kind="scenes", num_images=800, seed=5000,
+                        **(DEMO_STANDIN | dict(mean_people=3.0)))
 
 
 def build_demo(cfg: Config) -> dict[str, Path]:
@@ -615,17 +633,20 @@ def build_demo(cfg: Config) -> dict[str, Path]:
     sizes = DEMO_SIZES[cfg.demo_size]
     # the MPII demo: the same scenes, labelled with MPII's 16 joints, in a cache of its own
     labels = {} if cfg.skeleton == "coco" else dict(skeleton=cfg.skeleton)
-    root = Path(cfg.demo_dir) / (f"v{DEMO_VERSION}-{cfg.demo_size}" + ("" if not labels else f"-{cfg.skeleton}"))
+    root = Path(cfg.demo_dir) / (f"v{DEMO_VERSION}-{cfg.demo_size}"
+                                 + ("" if not labels else f"-{cfg.skeleton}"))
     jobs = {
         "train": dict(kind="scenes", num_images=sizes["standin_train"], seed=1000, **DEMO_STANDIN),
         "val": dict(kind="scenes", num_images=sizes["standin_val"], seed=2000, **DEMO_STANDIN)
         if cfg.demo_val == "standard" else DEMO_CROWDED_VAL,
-        "synthetic": dict(kind="scenes", num_images=sizes["synthetic"], seed=3000, **DEMO_SYNTHETIC),
+        "synthetic": dict(kind="scenes", num_images=sizes["synthetic"], seed=3000,
+                          **DEMO_SYNTHETIC),
         "bank": dict(kind="bank", num_images=sizes["bank"], seed=4000, **DEMO_BANK),
     }
     paths = {}
     for name, job in jobs.items():
-        out = root / (name if name != "val" or cfg.demo_val == "standard" else f"val-{cfg.demo_val}")
+        out = root / (name if name != "val" or cfg.demo_val == "standard"
+                      else f"val-{cfg.demo_val}")
         if not (out / "annotations.json").is_file():
             print(f"rendering the demo benchmark's {name} split into {out} (first use only)")
         paths[name] = Path(rh.render_dataset(out, progress=True, **job, **labels))
@@ -638,9 +659,10 @@ def real_data_paths(cfg: Config) -> dict[str, str | None]:
     if cfg.coco_root:
         root = Path(cfg.coco_root)
         if not root.is_dir():
-            raise ReproError(f"--coco-root {root} does not exist; expected train2017/, val2017/ and "
-                             "annotations/person_keypoints_{train,val}2017.json inside")
-        layout = dict(train_json="annotations/person_keypoints_train2017.json", train_images="train2017",
+            raise ReproError(f"--coco-root {root} does not exist; expected train2017/, val2017/ "
+                             "and annotations/person_keypoints_{train,val}2017.json inside")
+        layout = dict(train_json="annotations/person_keypoints_train2017.json",
+                      train_images="train2017",
                       val_json="annotations/person_keypoints_val2017.json", val_images="val2017")
         paths = {k: v or str(root / layout[k]) for k, v in paths.items()}
     return paths
@@ -651,7 +673,8 @@ def load_data(cfg: Config) -> Data:
     paths = real_data_paths(cfg)
     real = bool(paths["train_json"] or paths["val_json"] or cfg.mpii_root)
     if cfg.data == "coco" and not real:
-        raise ReproError("--data coco needs --coco-root DIR or --train-json/--train-images/--val-json/--val-images")
+        raise ReproError("--data coco needs --coco-root DIR or "
+                         "--train-json/--train-images/--val-json/--val-images")
     needs_synthetic = cfg.mode in ("synthetic", "augmented", "student-teacher")
     demo = None
     if not real or (needs_synthetic and not (cfg.synthetic_json and cfg.bank_json)):
@@ -660,11 +683,13 @@ def load_data(cfg: Config) -> Data:
         train, val = sk.benchmark.load_root(Path(cfg.mpii_root))
         name = "mpii"
     elif real:
-        needed = ("val_json", "val_images") + (("train_json", "train_images") if cfg.mode != "eval" else ())
+        needed = ("val_json", "val_images") + (("train_json", "train_images")
+                                               if cfg.mode != "eval" else ())
         for flag in needed:
             if not paths[flag]:
                 raise ReproError(f"{config_flag(flag)} is missing (or give --coco-root)")
-        train = load_keypoint_set(paths["train_json"], paths["train_images"], sk) if cfg.mode != "eval" else None
+        train = (load_keypoint_set(paths["train_json"], paths["train_images"], sk)
+                 if cfg.mode != "eval" else None)
         val = sk.benchmark.load_val(paths["val_json"], paths["val_images"], sk)
         name = "coco" if cfg.coco_root else Path(paths["val_json"]).stem
     else:
@@ -676,7 +701,8 @@ def load_data(cfg: Config) -> Data:
     synthetic = load_keypoint_set(syn_json, syn_json.parent / "images", sk) if syn_json else None
     bank = load_keypoint_set(bank_json, bank_json.parent / "images", sk) if bank_json else None
     if train is not None and cfg.train_subset:
-        train.records = train.records[:cfg.train_subset]  # the first N: smaller subsets are nested in larger
+        # the first N: smaller subsets are nested in larger
+        train.records = train.records[:cfg.train_subset]
     for s in (bank, train, val, synthetic):
         if s is not None:
             s.preload()
@@ -692,10 +718,12 @@ class Sample:
     image: np.ndarray  # (S, S, 3) uint8 BGR crop
     keypoints: np.ndarray  # (P, 18, 3) the image's own people, crop pixels
     pasted: np.ndarray  # (Q, 18, 3) pasted synthetic people: make_targets decides their loss
-    ignore: np.ndarray  # (S, S) uint8 the crop's ignore mask: 0 where the loss is off, 255 elsewhere
+    # (S, S) uint8 the crop's ignore mask: 0 where the loss is off, 255 elsewhere
+    ignore: np.ndarray
 
 
-def crop_affine(centre: np.ndarray, person_height: float, cfg: Config, rng: np.random.Generator | None):
+def crop_affine(centre: np.ndarray, person_height: float, cfg: Config,
+                rng: np.random.Generator | None):
     """2x3 matrix from image to crop pixels and whether it flips; rng None = no augmentation."""
     size = cfg.input_size
     scale = cfg.person_fraction * size / max(person_height, 1.0)
@@ -713,7 +741,8 @@ def crop_affine(centre: np.ndarray, person_height: float, cfg: Config, rng: np.r
     return np.hstack([linear, shift[:, None]]).astype(np.float32), flip
 
 
-def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray, flip_parts: np.ndarray | None) -> np.ndarray:
+def transform_keypoints(keypoints: np.ndarray, affine: np.ndarray,
+                        flip_parts: np.ndarray | None) -> np.ndarray:
     """(..., K, 3) through a 2x3 affine; a mirroring affine also swaps left and right parts."""
     out = keypoints.copy()
     out[..., :2] = keypoints[..., :2] @ affine[:, :2].T + affine[:, 2]
@@ -746,7 +775,8 @@ def covered(keypoints: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return hit
 
 
-def paste_centres(n: int, size: int, rng: np.random.Generator, near: tuple[float, float] | None) -> np.ndarray:
+def paste_centres(n: int, size: int, rng: np.random.Generator,
+                  near: tuple[float, float] | None) -> np.ndarray:
     """Where pasted people go: anywhere in the crop; with `near` = (lo, hi), the nearest one to the
     crop's centre person lies at a distance in [lo, hi) and the others no nearer."""
     if near is None:
@@ -763,8 +793,8 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
     """Pastes Poisson(paste_mean) (>= paste_min) bank people in front of a real crop.
 
     Real joints they cover become occluded (v=1) and stay supervised (paper code). Pasting happens
-    in crop space, at the real people's scale distribution and anywhere in the crop (README). Whether
-    the pasted people are in the loss is decided with the targets (make_targets)."""
+    in crop space, at the real people's scale distribution and anywhere in the crop (README).
+    Whether the pasted people are in the loss is decided with the targets (make_targets)."""
     size = cfg.input_size
     image = sample.image.astype(np.float32)
     keypoints, pasted = sample.keypoints.copy(), []
@@ -781,14 +811,16 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
         # Resample premultiplied colour, or the person's edge blends towards black (a dark halo).
         premultiplied = rgba.astype(np.float32)
         premultiplied[..., :3] *= premultiplied[..., 3:] / 255
-        layer = cv2.warpAffine(premultiplied, affine, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+        layer = cv2.warpAffine(premultiplied, affine, (size, size), flags=cv2.INTER_LINEAR,
+                               borderValue=(0, 0, 0, 0))
         alpha = layer[..., 3:] / 255
         image = image * (1 - alpha) + layer[..., :3]
         hidden = covered(keypoints, alpha[..., 0]) & (keypoints[..., 2] == 2)
         keypoints[..., 2][hidden] = 1
         for p in pasted:
             p[..., 2][covered(p, alpha[..., 0]) & (p[..., 2] == 2)] = 1
-        pasted.append(transform_keypoints(kp[None], affine, bank.skeleton.flip_parts if flip else None)[0])
+        pasted.append(transform_keypoints(kp[None], affine,
+                                          bank.skeleton.flip_parts if flip else None)[0])
     pasted = np.array(pasted, np.float32).reshape(-1, keypoints.shape[1], 3)
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
     return Sample(image, keypoints, pasted, sample.ignore)
@@ -798,12 +830,14 @@ def paste_people(sample: Sample, bank: KeypointSet, cfg: Config, rng: np.random.
 # Targets and loss masks (torch, vectorised over the grid cells near each joint and limb)
 # ----------------------------------------------------------------------------------------------
 
-def grids(size: int | tuple[int, int], stride: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def grids(size: int | tuple[int, int], stride: int,
+          device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Input-pixel centres of the output cells along y and x."""
     h, w = (size, size) if isinstance(size, int) else size
     # paper code (OpenPose): output cell i sits on input pixel i*stride + (stride-1)/2
     def centres(n):
-        return torch.arange(n // stride, device=device, dtype=torch.float32) * stride + (stride - 1) / 2
+        return (torch.arange(n // stride, device=device, dtype=torch.float32) * stride
+                + (stride - 1) / 2)
     return centres(h), centres(w)
 
 
@@ -863,14 +897,17 @@ def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: in
     length = torch.sqrt((d ** 2).sum(-1))
     valid = (a[..., 2] > 0) & (b[..., 2] > 0) & (length > 1e-3)
     ib, _, il = torch.nonzero(valid, as_tuple=True)
-    a, b, d, length = a[..., :2][valid], b[..., :2][valid], d[valid], length[valid]  # (N, ...) drawn limbs
+    # (N, ...) drawn limbs
+    a, b, d, length = a[..., :2][valid], b[..., :2][valid], d[valid], length[valid]
     u = d / length.clamp(min=1e-3)[:, None]
     # Only the cells of each limb's bounding box are tested: the field reaches `width` along and
     # across the limb, so width * (|ux| + |uy|) in x and y beyond its joints; the 0.01 px margin
     # [ours] is far above float rounding, so no cell the exact test keeps is dropped.
     reach = width * u.abs().sum(1, keepdim=True) + 0.01
-    inst, iy, ix = box_cells(torch.minimum(a, b) - reach, torch.maximum(a, b) + reach, gy, gx, stride)
-    per = torch.cat([a, u, length[:, None]], 1)[inst]  # (M, 5): one gather of what each cell's test needs
+    inst, iy, ix = box_cells(torch.minimum(a, b) - reach, torch.maximum(a, b) + reach, gy, gx,
+                             stride)
+    # (M, 5): one gather of what each cell's test needs
+    per = torch.cat([a, u, length[:, None]], 1)[inst]
     rx, ry, ux, uy = gx[ix] - per[:, 0], gy[iy] - per[:, 1], per[:, 2], per[:, 3]
     along = rx * ux + ry * uy
     across = (rx * uy - ry * ux).abs()
@@ -879,7 +916,8 @@ def paf_targets(keypoints: torch.Tensor, size: int | tuple[int, int], stride: in
     inside = (along >= -width) & (along <= per[:, 4] + width) & (across <= width)
     inst, cell = inst[inside], ((ib * L + il)[inst] * H + iy) * W + ix
     cell = cell[inside]  # flat (b, l, y, x) of each covered cell, once per person covering it
-    count = keypoints.new_zeros(B * L * H * W).index_add_(0, cell, torch.ones_like(cell, dtype=keypoints.dtype))
+    count = keypoints.new_zeros(B * L * H * W).index_add_(
+        0, cell, torch.ones_like(cell, dtype=keypoints.dtype))
     maps = keypoints.new_zeros(B, L, 2, H * W)  # channel 2l + c is limb l's x (c = 0) or y (c = 1)
     flat = maps.view(-1)
     x_at = cell // (H * W) * (2 * H * W) + cell % (H * W)
@@ -899,18 +937,20 @@ def flip_maps(maps: torch.Tensor, sk: Skeleton) -> torch.Tensor:
 
 
 # The paper's rule for pasted people, in one place. "In the loss": their targets are drawn like
-# anyone's. "Not in the loss" (paper code: volumetricMask): targets as usual, but the loss is zeroed,
-# per channel, where their own heatmap or PAF magnitude exceeds this.
+# anyone's. "Not in the loss" (paper code: volumetricMask): targets as usual, but the loss is
+# zeroed, per channel, where their own heatmap or PAF magnitude exceeds this.
 PASTED_MASK_THRESHOLD = 0.25
 
 
 def people_in_targets(keypoints: torch.Tensor, pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """(B, P, 18, 3) image people + (B, Q, 18, 3) pasted people -> the people whose targets are drawn."""
+    """(B, P, 18, 3) image people + (B, Q, 18, 3) pasted people
+    -> the people whose targets are drawn."""
     return torch.cat([keypoints, pasted], 1) if cfg.synthetic_loss == "include" else keypoints
 
 
 def volumetric_mask(pasted: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """(B, PAF + heat, H, W) bool: False where a pasted person's own heatmap / PAF magnitude > 0.25."""
+    """(B, PAF + heat, H, W) bool:
+    False where a pasted person's own heatmap / PAF magnitude > 0.25."""
     size, stride, sk = cfg.input_size, cfg.stride, skeleton(cfg)
     heat = heatmap_targets(pasted, size, stride, cfg.sigma)[:, :sk.num_parts]
     paf = paf_targets(pasted, size, stride, cfg.paf_width, sk.limbs)
@@ -928,7 +968,8 @@ class Targets(NamedTuple):
     loss_mask: torch.Tensor  # (B, PAF + heat, h, w) the loss mask M
 
 
-def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Tensor, cfg: Config) -> Targets:
+def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Tensor,
+                 cfg: Config) -> Targets:
     """Targets and the loss mask M of a batch of crops, with the pasted people in or out of the
     loss by --synthetic-loss (decided here, once per batch).
 
@@ -939,7 +980,8 @@ def make_targets(keypoints: torch.Tensor, pasted: torch.Tensor, ignore: torch.Te
     target = torch.cat([paf_targets(people, size, stride, cfg.paf_width, sk.limbs),
                         heatmap_targets(people, size, stride, cfg.sigma)], 1)
     mask = F.adaptive_avg_pool2d(ignore[:, None].float() / 255, size // stride)  # area-downsampled
-    mask = mask.expand(-1, sk.num_paf + sk.num_heat, -1, -1).contiguous()  # a loader pins it for CUDA: no aliasing
+    # a loader pins it for CUDA: no aliasing
+    mask = mask.expand(-1, sk.num_paf + sk.num_heat, -1, -1).contiguous()
     if cfg.synthetic_loss == "mask" and pasted.shape[1]:
         mask = mask * volumetric_mask(pasted, cfg)
     return Targets(people, target, mask)
@@ -996,25 +1038,30 @@ class Batch:
     loss_mask: torch.Tensor  # (B, PAF + heat, h, w) float32, M
 
     def pin_memory(self) -> Batch:  # the DataLoader's pin_memory=True calls this (CUDA)
-        return dataclasses.replace(self, people=self.people.pin_memory(), target=self.target.pin_memory(),
+        return dataclasses.replace(self, people=self.people.pin_memory(),
+                                   target=self.target.pin_memory(),
                                    loss_mask=self.loss_mask.pin_memory())
 
 
 class BatchMaker:
-    """Turns a step's specs into a Batch: the crops, and the targets and loss mask made from them."""
+    """Turns a step's specs into a Batch: the crops,
+    and the targets and loss mask made from them."""
 
     def __init__(self, data: Data, cfg: Config):
         self.data, self.cfg = data, cfg
-        self.sets = {REAL: data.train, AUGMENTED: data.train if data.bank else None, SYNTHETIC: data.synthetic}
+        self.sets = {REAL: data.train, AUGMENTED: data.train if data.bank else None,
+                     SYNTHETIC: data.synthetic}
         self.centres = {k: s.centre_people() for k, s in self.sets.items() if s is not None}
         needed = other_source(cfg)
         if needed and needed not in self.centres:
-            what = "--bank-json (a person bank)" if needed == AUGMENTED else "--synthetic-json (synthetic scenes)"
+            what = ("--bank-json (a person bank)" if needed == AUGMENTED
+                    else "--synthetic-json (synthetic scenes)")
             raise ReproError(f"--mode {cfg.mode} needs {what}")
         for k, c in self.centres.items():
             if len(c) == 0:
-                raise ReproError(f"the {k} training set has no person with >= {skeleton(cfg).min_centre_keypoints} "
-                                 "labelled keypoints to centre a crop on")
+                raise ReproError(f"the {k} training set has no person with >= "
+                                 f"{skeleton(cfg).min_centre_keypoints} labelled keypoints to "
+                                 "centre a crop on")
 
     @functools.cache
     def ignore_mask(self, source: str, index: int) -> np.ndarray | None:
@@ -1024,7 +1071,8 @@ class BatchMaker:
     def sample(self, spec: Spec, rng: np.random.Generator | None) -> Sample:
         kset = self.sets[spec.source]
         ignore = self.ignore_mask(REAL if spec.source == AUGMENTED else spec.source, spec.index)
-        s = crop_person(kset.image(spec.index), ignore, kset.records[spec.index], spec.person, self.cfg, rng)
+        s = crop_person(kset.image(spec.index), ignore, kset.records[spec.index], spec.person,
+                        self.cfg, rng)
         if spec.source == AUGMENTED:
             s = paste_people(s, self.data.bank, self.cfg, rng, spec.near)
         return s
@@ -1039,14 +1087,17 @@ class BatchMaker:
             n = sources.count(source)
             candidates = pool if (pool is not None and source != REAL) else self.centres[source]
             picks = candidates[rng.integers(len(candidates), size=n)]
-            specs += [Spec(source, int(i), int(p), near if source != REAL else None) for i, p in picks]
+            specs += [Spec(source, int(i), int(p), near if source != REAL else None)
+                      for i, p in picks]
         return specs
 
     def batch(self, specs: list[Spec], rng: np.random.Generator | None) -> Batch:
         image, keypoints, pasted, ignore = collate([self.sample(spec, rng) for spec in specs])
-        people, target, loss_mask = make_targets(torch.as_tensor(keypoints), torch.as_tensor(pasted),
+        people, target, loss_mask = make_targets(torch.as_tensor(keypoints),
+                                                 torch.as_tensor(pasted),
                                                  torch.as_tensor(ignore), self.cfg)
-        return Batch(image, [s.source for s in specs], keypoints, pasted, ignore, people, target, loss_mask)
+        return Batch(image, [s.source for s in specs], keypoints, pasted, ignore, people, target,
+                     loss_mask)
 
 
 def rank_share(maker: BatchMaker, batch_size: int, seed: int, step: int, rank: int = 0,
@@ -1104,8 +1155,8 @@ class StepBatches(torch.utils.data.Dataset):
     """Item t is the batch of step start+t (this rank's share of it), so loader workers stay
     deterministic; batch_size is the whole step's, over all ranks."""
 
-    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
-                 world: int = 1):
+    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1):
         self.maker, self.batch_size, self.seed = maker, batch_size, seed
         self.start, self.stop, self.rank, self.world = start, stop, rank, world
 
@@ -1113,7 +1164,8 @@ class StepBatches(torch.utils.data.Dataset):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        specs, rng = rank_share(self.maker, self.batch_size, self.seed, self.start + i, self.rank, self.world)
+        specs, rng = rank_share(self.maker, self.batch_size, self.seed, self.start + i, self.rank,
+                                self.world)
         return self.maker.batch(specs, rng)
 
 
@@ -1121,8 +1173,10 @@ class StepBatches(torch.utils.data.Dataset):
 # Networks: OpenPose's two-branch multi-stage design on two backbones
 # ----------------------------------------------------------------------------------------------
 
-def conv(cin: int, cout: int, k: int, norm: bool = False, dilation: int = 1, relu: bool = True) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=not norm)]
+def conv(cin: int, cout: int, k: int, norm: bool = False, dilation: int = 1,
+         relu: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=dilation * (k // 2),
+                                         dilation=dilation, bias=not norm)]
     if norm:
         layers.append(nn.BatchNorm2d(cout))
     if relu:
@@ -1145,12 +1199,14 @@ class PoseNet(nn.Module):
 
     forward returns every stage's (B, PAF + heat, H, W) maps: the loss supervises them all."""
 
-    def __init__(self, backbone: nn.Module, features: int, stages: int, stage1: dict, refine: dict, sk: Skeleton):
+    def __init__(self, backbone: nn.Module, features: int, stages: int, stage1: dict,
+                 refine: dict, sk: Skeleton):
         super().__init__()
         self.backbone = backbone
         self.stages = nn.ModuleList()
         for t in range(stages):
-            spec, cin = (stage1, features) if t == 0 else (refine, features + sk.num_paf + sk.num_heat)
+            spec, cin = ((stage1, features) if t == 0
+                         else (refine, features + sk.num_paf + sk.num_heat))
             self.stages.append(nn.ModuleList([branch(cin, cout=sk.num_paf, **spec),
                                               branch(cin, cout=sk.num_heat, **spec)]))
 
@@ -1164,11 +1220,13 @@ class PoseNet(nn.Module):
         return outputs
 
 
-VGG_FROZEN_LAYERS = 10  # paper code: conv1_x and conv2_x (torchvision vgg19.features[:10]) frozen when fine-tuning
+# paper code: conv1_x and conv2_x (torchvision vgg19.features[:10]) frozen when fine-tuning
+VGG_FROZEN_LAYERS = 10
 
 
 def openpose_net(sk: Skeleton, stages: int = 6, pretrained: bool = False) -> PoseNet:
-    """The paper's student: VGG-19 conv1_1..conv4_2 + conv4_3_CPM 256 + conv4_4_CPM 128, stride 8."""
+    """The paper's student: VGG-19 conv1_1..conv4_2 + conv4_3_CPM 256 + conv4_4_CPM 128,
+    stride 8."""
     import torchvision
 
     weights = None
@@ -1177,24 +1235,28 @@ def openpose_net(sk: Skeleton, stages: int = 6, pretrained: bool = False) -> Pos
     try:
         vgg = torchvision.models.vgg19(weights=weights)
     except Exception as e:  # urllib/SSL/OSError: no network, no cached file
-        raise ReproError(f"--pretrained: cannot get torchvision's ImageNet VGG-19 weights ({type(e).__name__}); "
-                         "put vgg19-dcbb9e9d.pth into $TORCH_HOME/hub/checkpoints or drop --pretrained") from None
+        raise ReproError("--pretrained: cannot get torchvision's ImageNet VGG-19 weights "
+                         f"({type(e).__name__}); put vgg19-dcbb9e9d.pth into "
+                         "$TORCH_HOME/hub/checkpoints or drop --pretrained") from None
     backbone = nn.Sequential(*vgg.features[:23], *conv(512, 256, 3), *conv(256, 128, 3))
     return PoseNet(backbone, 128, stages,
                    stage1=dict(hidden=128, head=512, kernel=3, depth=3, norm=False),  # paper code
-                   refine=dict(hidden=128, head=128, kernel=7, depth=5, norm=False), sk=sk)  # paper code
+                   # paper code
+                   refine=dict(hidden=128, head=128, kernel=7, depth=5, norm=False), sk=sk)
 
 
 def small_net(sk: Skeleton, stages: int = 3, width: int = 96) -> PoseNet:
     """CPU-sized student with the same two-branch stages: a stride-4 stem (downsample early, where
-    convolutions are cheap) and dilated 3x3 refinement convs in place of 7x7 for the receptive field."""
+    convolutions are cheap) and dilated 3x3 refinement convs in place of 7x7 for the receptive
+    field."""
     backbone = nn.Sequential(
         *conv(3, 32, 3, True), nn.MaxPool2d(2),
         *conv(32, 64, 3, True), nn.MaxPool2d(2),
         *conv(64, 96, 3, True), *conv(96, 128, 3, True, 2), *conv(128, 128, 3, True))
     return PoseNet(backbone, 128, stages,
                    stage1=dict(hidden=width, head=2 * width, kernel=3, depth=3, norm=True),
-                   refine=dict(hidden=width, head=width, kernel=3, depth=5, norm=True, dilations=(1, 2, 4, 2, 1)),
+                   refine=dict(hidden=width, head=width, kernel=3, depth=5, norm=True,
+                               dilations=(1, 2, 4, 2, 1)),
                    sk=sk)
 
 
@@ -1241,8 +1303,10 @@ def supervised_joints(keypoints: torch.Tensor, size: int, sk: Skeleton) -> torch
     return inside.flatten(1).sum(1).clamp(min=1)
 
 
-def sample_hardness(last_stage: torch.Tensor, people: torch.Tensor, size: int, sk: Skeleton) -> np.ndarray:
-    """(B,) what the teacher reads of each sample: its last-stage loss per supervised joint (paper code)."""
+def sample_hardness(last_stage: torch.Tensor, people: torch.Tensor, size: int,
+                    sk: Skeleton) -> np.ndarray:
+    """(B,) what the teacher reads of each sample: its last-stage loss per supervised joint
+    (paper code)."""
     return (last_stage / supervised_joints(people, size, sk)).cpu().numpy()
 
 
@@ -1264,7 +1328,8 @@ def peak_hits(heat: torch.Tensor, keypoints: torch.Tensor, stride: int, radius: 
     b, _, h, w = parts.shape
     reach = 3 * radius
     cell = torch.round((keypoints[..., :2] - (stride - 1) / 2) / stride).long()  # (B, P, 18, 2)
-    ok = (keypoints[..., 2] > 0) & (cell[..., 0] >= 0) & (cell[..., 0] < w) & (cell[..., 1] >= 0) & (cell[..., 1] < h)
+    ok = ((keypoints[..., 2] > 0) & (cell[..., 0] >= 0) & (cell[..., 0] < w)
+          & (cell[..., 1] >= 0) & (cell[..., 1] < h))
     bi, pi, ki = torch.nonzero(ok, as_tuple=True)
     if len(bi) == 0:
         return 0, 0
@@ -1339,8 +1404,8 @@ def teacher_bins(cfg: Config, maker: BatchMaker) -> tuple[list[np.ndarray], floa
     centres = maker.centres[source]
     if source == AUGMENTED:
         if cfg.teacher_attribute != "min_dist":
-            raise ReproError("--teacher-data augmented bins the distance to the nearest pasted person: "
-                             "use --teacher-attribute min_dist")
+            raise ReproError("--teacher-data augmented bins the distance to the nearest pasted "
+                             "person: use --teacher-attribute min_dist")
         return [centres] * cfg.bins, 0.0, cfg.input_size / cfg.bins
     kset = maker.sets[SYNTHETIC]
     values = person_attribute(kset, centres, cfg.teacher_attribute)
@@ -1378,10 +1443,12 @@ def teacher_net(arch: str, bins: int, input_size: int) -> nn.Module:
     its `fc` layers default to relu=True, the last one too); small [ours]: BatchNorm in the trunk
     and linear logits."""
     norm = arch == "small"
-    if arch == "vgg19":  # paper code: own VGG-19 trunk, conv 256, conv 128, pool, conv 64 x2, pool, FC 512 x2
+    # paper code: own VGG-19 trunk, conv 256, conv 128, pool, conv 64 x2, pool, FC 512 x2
+    if arch == "vgg19":
         import torchvision
-        trunk = nn.Sequential(*torchvision.models.vgg19().features[:23], *conv(512, 256, 3), *conv(256, 128, 3),
-                              nn.MaxPool2d(2), *conv(128, 64, 3), *conv(64, 64, 3), nn.MaxPool2d(2))
+        trunk = nn.Sequential(*torchvision.models.vgg19().features[:23], *conv(512, 256, 3),
+                              *conv(256, 128, 3), nn.MaxPool2d(2), *conv(128, 64, 3),
+                              *conv(64, 64, 3), nn.MaxPool2d(2))
         hidden = 512
     elif arch in ("small", "small-nobn"):
         widths = (3, 16, 32, 64, 64)
@@ -1405,7 +1472,8 @@ class SharedAdam:
     of that one optimiser object, the student's and the teacher's together (TF1's Adam keeps one
     beta-power pair per optimiser). Adam as TF1 computes it; weight decay as the student's AdamW."""
 
-    def __init__(self, params, betas: tuple[float, float], weight_decay: float = 0.0, eps: float = 1e-8):
+    def __init__(self, params, betas: tuple[float, float], weight_decay: float = 0.0,
+                 eps: float = 1e-8):
         self.params = [p for p in params if p.requires_grad]
         self.betas, self.weight_decay, self.eps = betas, weight_decay, eps
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -1417,7 +1485,8 @@ class SharedAdam:
 
     @torch.no_grad()
     def step(self, lr: float, count: int) -> None:
-        """One update; `count` is the optimiser's steps so far including this one (student + teacher)."""
+        """One update; `count` is the optimiser's steps so far including this one
+        (student + teacher)."""
         b1, b2 = self.betas
         lr_t = lr * math.sqrt(1 - b2 ** count) / (1 - b1 ** count)
         for p, m, v in zip(self.params, self.m, self.v):
@@ -1480,19 +1549,22 @@ class Teacher:
 
     def describe(self) -> str:
         edges = ", ".join(f"{e:.1f}" for e in self.edges())
-        return f"teacher bins of {self.cfg.teacher_attribute} (lower edges {edges}): samples per bin {self.counts}"
+        return (f"teacher bins of {self.cfg.teacher_attribute} (lower edges {edges}): "
+                f"samples per bin {self.counts}")
 
     def current_bin(self) -> tuple[np.ndarray | None, tuple[float, float] | None]:
         """(pool, near) for the next student step."""
         if self.cfg.teacher_uniform:
             return self.all, None
         if self.cfg.teacher_data == "augmented":
-            return self.all, (self.low + self.picked * self.width, self.low + (self.picked + 1) * self.width)
+            return self.all, (self.low + self.picked * self.width,
+                              self.low + (self.picked + 1) * self.width)
         return self.pools[self.picked], None
 
     # -- after every student step ----------------------------------------------------------
     def observe(self, step: int, batch: Batch, result: StepResult, lr: float) -> None:
-        """After student step `step` at learning rate `lr`: the window's synthetic loss and hard crops."""
+        """After student step `step` at learning rate `lr`:
+        the window's synthetic loss and hard crops."""
         real = np.array([s == REAL for s in batch.source])
         hardness = result.hardness
         self.window.append(float(hardness[~real].mean()))
@@ -1512,7 +1584,8 @@ class Teacher:
         student's learning rate `lr` unless --teacher-lr sets one."""
         lr = self.cfg.teacher_lr or lr
         logits = self.logits(images)
-        target_t = torch.as_tensor(target, dtype=torch.float32, device=self.device).expand_as(logits)
+        target_t = torch.as_tensor(target, dtype=torch.float32,
+                                   device=self.device).expand_as(logits)
         loss = -(target_t * F.log_softmax(logits, 1)).sum()
         self.optimizer.zero_grad()
         loss.backward()
@@ -1536,8 +1609,8 @@ class Teacher:
     def large_enough(self) -> list[int]:
         ok = [k for k in range(self.bins) if self.counts[k] > self.min_bin]
         if not ok:
-            raise ReproError(f"no teacher bin holds more than {self.min_bin} samples ({self.counts}): "
-                             "render more synthetic scenes or use fewer --bins")
+            raise ReproError(f"no teacher bin holds more than {self.min_bin} samples "
+                             f"({self.counts}): render more synthetic scenes or use fewer --bins")
         return ok
 
     def random_valid_bin(self) -> int:
@@ -1574,7 +1647,8 @@ class Teacher:
             self.probs = self.output(self.pick_images)
             picked, explored = self.choose()
             self.picked = self.valid_pick(picked, lr, step)
-            record |= dict(probs=self.probs.round(4).tolist(), next_bin=self.picked, explored=explored)
+            record |= dict(probs=self.probs.round(4).tolist(), next_bin=self.picked,
+                           explored=explored)
         elif self.cfg.teacher_stratified:
             self.picked = self.random_valid_bin()
             record["next_bin"] = self.picked
@@ -1591,14 +1665,16 @@ class Teacher:
     ARRAYS = ("probs", "hard_scores", "hard_images", "pick_images")
 
     def state(self) -> dict:
-        return dict(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(), rng=self.rng.bit_generator.state,
-                    picked=self.picked, history=self.history, window=self.window, records=self.records,
-                    updates=self.updates, **{key: torch.from_numpy(getattr(self, key).copy()) for key in self.ARRAYS})
+        return dict(net=self.net.state_dict(), optimizer=self.optimizer.state_dict(),
+                    rng=self.rng.bit_generator.state, picked=self.picked, history=self.history,
+                    window=self.window, records=self.records, updates=self.updates,
+                    **{key: torch.from_numpy(getattr(self, key).copy()) for key in self.ARRAYS})
 
     def restore(self, state: dict) -> None:
         if "updates" not in state:
-            raise ReproError("this checkpoint's teacher was saved by an earlier version, which learned on other "
-                             "crops with another optimiser: it cannot resume; start the run again")
+            raise ReproError("this checkpoint's teacher was saved by an earlier version, which "
+                             "learned on other crops with another optimiser: it cannot resume; "
+                             "start the run again")
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
@@ -1626,8 +1702,9 @@ def cpu_bf16_units() -> tuple[bool, bool]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: there oneDNN runs bf16 convolutions about 2x faster than fp32 (`--bench` on
-    the 2-core EPYC: 61 vs 31 img/s for the demo net); elsewhere bf16 on the CPU is emulated and slower."""
+    """AVX512-BF16 or AMX: there oneDNN runs bf16 convolutions about 2x faster than fp32 (`--bench`
+    on the 2-core EPYC: 61 vs 31 img/s for the demo net);
+    elsewhere bf16 on the CPU is emulated and slower."""
     return any(cpu_bf16_units())
 
 
@@ -1638,7 +1715,8 @@ def uses_bf16(device: torch.device, cfg: Config) -> bool:
 def autocast(device: torch.device, cfg: Config):
     # bfloat16 needs no loss scaling, so checkpoints and resume stay simple; weights, optimiser
     # state and the loss stay float32
-    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, cfg) else contextlib.nullcontext()
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, cfg)
+            else contextlib.nullcontext())
 
 
 def precision(device: torch.device, cfg: Config) -> str:
@@ -1675,19 +1753,23 @@ def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
 class Trainer:
     """Holds the student (and the teacher in student-teacher mode) and runs the steps."""
 
-    def __init__(self, cfg: Config, data: Data, device: torch.device, out: Path, rank: int = 0, world: int = 1):
-        self.cfg, self.data, self.device, self.out, self.rank, self.world = cfg, data, device, out, rank, world
+    def __init__(self, cfg: Config, data: Data, device: torch.device, out: Path, rank: int = 0,
+                 world: int = 1):
+        self.cfg, self.data, self.device, self.out, self.rank, self.world = (
+            cfg, data, device, out, rank, world)
         self.model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
         if cfg.init and not cfg.resume:  # a resumed run gets its weights from its own checkpoint
             load_weights(self.model, load_checkpoint(cfg.init), cfg, cfg.init)
         if cfg.arch == "openpose" and (cfg.pretrained or cfg.init):
             for p in self.model.backbone[:VGG_FROZEN_LAYERS].parameters():
                 p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                           betas=(cfg.beta1, 0.999), weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.lr, betas=(cfg.beta1, 0.999),
+                                           weight_decay=cfg.weight_decay)
         self.maker = BatchMaker(data, cfg)
         self.step, self.seconds, self.evals_done, self.log_window = 0, 0.0, 0, LogWindow()
-        self.teacher = make_teacher(cfg, self.maker, device) if cfg.mode == "student-teacher" else None
+        self.teacher = (make_teacher(cfg, self.maker, device) if cfg.mode == "student-teacher"
+                        else None)
         self.net = self.model
         if world > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -1697,15 +1779,17 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict:
-        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step,
-                    seconds=self.seconds, evals_done=self.evals_done, config=dataclasses.asdict(self.cfg),
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    step=self.step, seconds=self.seconds, evals_done=self.evals_done,
+                    config=dataclasses.asdict(self.cfg),
                     teacher=self.teacher.state() if self.teacher else None,
                     torch_rng=torch.get_rng_state(), log_window=dataclasses.asdict(self.log_window))
 
     def restore(self, ckpt: dict, path) -> None:
         load_weights(self.model, ckpt, self.cfg, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step, self.seconds, self.evals_done = ckpt["step"], ckpt["seconds"], ckpt.get("evals_done", 0)
+        self.step, self.seconds, self.evals_done = (ckpt["step"], ckpt["seconds"],
+                                                    ckpt.get("evals_done", 0))
         self.log_window = LogWindow(**ckpt.get("log_window", dict(t0=self.seconds)))
         torch.set_rng_state(ckpt["torch_rng"])
         if self.teacher and ckpt.get("teacher"):
@@ -1715,7 +1799,8 @@ class Trainer:
     def train_step(self, batch: Batch, lr: float) -> StepResult:
         """One optimiser step on a batch from BatchMaker.batch."""
         cfg, device, sk = self.cfg, self.device, skeleton(self.cfg)
-        if cfg.bn_stats == "keep":  # again each step: an evaluation puts the model back in train mode
+        # again each step: an evaluation puts the model back in train mode
+        if cfg.bn_stats == "keep":
             for m in batchnorm_modules(self.model):
                 m.eval()
         for g in self.optimizer.param_groups:
@@ -1728,11 +1813,13 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         hits, labelled = peak_hits(outputs[-1][:, sk.num_paf:].detach(), people, cfg.stride)
-        return StepResult(float(loss.detach()), sample_hardness(last_stage, people, cfg.input_size, sk), hits,
+        return StepResult(float(loss.detach()),
+                          sample_hardness(last_stage, people, cfg.input_size, sk), hits,
                           labelled, len(batch.image))
 
     def batches(self):
-        """Yields (step, batch). Prefetching workers, except when a teacher picks each window's bin."""
+        """Yields (step, batch). Prefetching workers,
+        except when a teacher picks each window's bin."""
         cfg, batch_size = self.cfg, self.cfg.batch_size // self.world
         if self.teacher is not None:
             while self.step < cfg.steps:
@@ -1741,10 +1828,13 @@ class Trainer:
                 yield self.step, self.maker.batch(self.maker.plan(batch_size, rng, pool, near), rng)
             return
         workers = cfg.workers if cfg.workers >= 0 else (4 if self.device.type == "cuda" else 1)
-        steps = StepBatches(self.maker, cfg.batch_size, cfg.seed, self.step, cfg.steps, self.rank, self.world)
-        loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers,
+        steps = StepBatches(self.maker, cfg.batch_size, cfg.seed, self.step, cfg.steps, self.rank,
+                            self.world)
+        loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False,
+                                             num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
-                                             prefetch_factor=4 if workers else None, persistent_workers=False,
+                                             prefetch_factor=4 if workers else None,
+                                             persistent_workers=False,
                                              worker_init_fn=quiet_worker)
         for i, batch in enumerate(loader):
             yield steps.start + i, batch
@@ -1756,7 +1846,8 @@ class Trainer:
         # With a time budget the bar counts training seconds, so its ETA means something.
         bar = rh.progress(total=round(budget) if budget else cfg.steps,
                           initial=round(self.seconds) if budget else self.step,
-                          unit="s" if budget else "step", desc=cfg.mode, enabled=main_rank, stream=sys.stdout)
+                          unit="s" if budget else "step", desc=cfg.mode, enabled=main_rank,
+                          stream=sys.stdout)
         t_last = time.perf_counter()
         for step, batch in self.batches():
             progress = max(step / cfg.steps, self.seconds / budget if budget else 0.0)
@@ -1767,7 +1858,8 @@ class Trainer:
             now = time.perf_counter()
             self.seconds += now - t_last
             t_last = now
-            if self.world > 1:  # rank 0's clock on every rank: one schedule, one stop, no rank left waiting
+            # rank 0's clock on every rank: one schedule, one stop, no rank left waiting
+            if self.world > 1:
                 self.seconds = self.from_rank0(self.seconds)
             self.step = step + 1
             self.log_window.add(r)
@@ -1806,8 +1898,10 @@ class Trainer:
         return at_minute or self.step in {int(s) for s in self.cfg.eval_steps}
 
     def evaluate_now(self) -> dict:
-        stats, _ = evaluate(self.model, self.data.val, self.cfg, self.device, self.cfg.max_val_images, progress=False)
-        append_jsonl(self.out / "metrics.jsonl", dict(step=self.step, minutes=round(self.seconds / 60, 3), eval=stats))
+        stats, _ = evaluate(self.model, self.data.val, self.cfg, self.device,
+                            self.cfg.max_val_images, progress=False)
+        append_jsonl(self.out / "metrics.jsonl",
+                     dict(step=self.step, minutes=round(self.seconds / 60, 3), eval=stats))
         return stats
 
 
@@ -1827,7 +1921,8 @@ class LogWindow:
         self.hits, self.labelled = self.hits + r.hits, self.labelled + r.labelled
 
     def line(self, step: int, seconds: float, lr: float) -> dict:
-        return dict(step=step, minutes=round(seconds / 60, 3), lr=lr, loss=self.loss / max(self.n, 1),
+        return dict(step=step, minutes=round(seconds / 60, 3), lr=lr,
+                    loss=self.loss / max(self.n, 1),
                     peak_hit=self.hits / max(self.labelled, 1),
                     img_s=self.images / max(seconds - self.t0, 1e-9))
 
@@ -1851,8 +1946,9 @@ MIN_PARTS, MIN_PERSON_SCORE = 3, 0.2  # paper code: >= 3 parts, mean score >= 0.
 SMOOTH_SIGMA = 3.0  # paper code: Gaussian smoothing of the heatmaps
 
 
-# [ours] the strongest peaks kept per part: a flat map (an untrained net in bf16 gives exactly
-# constant outputs) makes every pixel a 3x3 maximum, and grouping all-pairs of them ran out of memory
+# [ours] the strongest peaks kept per part: a flat map (an untrained net in bf16 gives
+# exactly constant outputs) makes every pixel a 3x3 maximum, and grouping all-pairs of them
+# ran out of memory
 MAX_PEAKS_PER_PART = 100
 
 
@@ -1866,7 +1962,8 @@ def upsample_maps(grid_maps: torch.Tensor, stride: int, out_hw: tuple[int, int])
 
 
 def resize_maps(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    return maps if maps.shape[-2:] == hw else F.interpolate(maps, size=hw, mode="bicubic", align_corners=False)
+    return maps if maps.shape[-2:] == hw else F.interpolate(maps, size=hw, mode="bicubic",
+                                                            align_corners=False)
 
 
 def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device,
@@ -1880,7 +1977,8 @@ def network_maps(model: nn.Module, image: np.ndarray, cfg: Config, device,
 @torch.no_grad()
 def batch_maps(model: nn.Module, images: np.ndarray, cfg: Config, device,
                base: float | None = None) -> tuple[torch.Tensor, float]:
-    """network_maps of (B, H, W, 3) images of one size in one forward pass per scale: (B, C, H', W')."""
+    """network_maps of (B, H, W, 3) images of one size in one forward pass per scale:
+    (B, C, H', W')."""
     n, height, width = images.shape[:3]
     base = base or cfg.eval_height / height
     out_hw = (round(height * base), round(width * base))
@@ -1888,12 +1986,15 @@ def batch_maps(model: nn.Module, images: np.ndarray, cfg: Config, device,
     for m in cfg.eval_scales:
         h, w = round(height * base * m), round(width * base * m)
         ph, pw = -h % cfg.stride, -w % cfg.stride  # pad to a whole number of cells
-        padded = np.stack([cv2.copyMakeBorder(cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC),
-                                              0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+        padded = np.stack([cv2.copyMakeBorder(cv2.resize(image, (w, h),
+                                                         interpolation=cv2.INTER_CUBIC),
+                                              0, ph, 0, pw, cv2.BORDER_CONSTANT,
+                                              value=(128, 128, 128))
                            for image in images])
         batch = padded if not cfg.eval_flip else np.concatenate([padded, padded[:, :, ::-1]])
         with autocast(device, cfg):
-            maps = model(to_input(batch, device).contiguous(memory_format=torch.channels_last))[-1].float()
+            maps = model(to_input(batch, device).contiguous(
+                memory_format=torch.channels_last))[-1].float()
         if cfg.eval_flip:  # the flipped copy's padding sits on the left: undo the flip first
             maps = torch.stack([maps[:n], flip_maps(maps[n:], skeleton(cfg))]).mean(0)
         maps = upsample_maps(maps, cfg.stride, (h, w))
@@ -1922,7 +2023,8 @@ def find_peaks(heat: torch.Tensor, threshold: float = HEAT_THRESHOLD) -> list[np
 
     def offset(minus, centre, plus):
         curvature = minus - 2 * centre + plus
-        return torch.where(curvature < -1e-6, (0.5 * (minus - plus) / curvature).clamp(-0.5, 0.5), 0.0)
+        return torch.where(curvature < -1e-6,
+                           (0.5 * (minus - plus) / curvature).clamp(-0.5, 0.5), 0.0)
 
     yy, xx = y + 1, x + 1
     dx = offset(logh[part, yy, xx - 1], logh[part, yy, xx], logh[part, yy, xx + 1])
@@ -1939,7 +2041,8 @@ def strongest(peaks: np.ndarray, limit: int) -> np.ndarray:
     return peaks[np.sort(np.argsort(-peaks[:, 2], kind="stable")[:limit])]
 
 
-def connect_limb(a: np.ndarray, b: np.ndarray, paf: np.ndarray, image_height: int) -> list[tuple[int, int, float]]:
+def connect_limb(a: np.ndarray, b: np.ndarray, paf: np.ndarray,
+                 image_height: int) -> list[tuple[int, int, float]]:
     """Greedy one-to-one connections (i, j, score) between candidates a (N, 3) and b (M, 3)."""
     if len(a) == 0 or len(b) == 0:
         return []
@@ -2017,17 +2120,21 @@ def decode_maps(maps: torch.Tensor, base: float, sk: Skeleton) -> list[tuple[np.
     return out
 
 
-def coco_results(image_id: int, people: list[tuple[np.ndarray, float]], scores: bool = False) -> list[dict]:
+def coco_results(image_id: int, people: list[tuple[np.ndarray, float]],
+                 scores: bool = False) -> list[dict]:
     """COCO results of one image's people; each keypoint's third value is 1 where found (COCOeval
-    reads only x, y), or with scores its peak score (0 where not found), as --mode predict writes."""
+    reads only x, y), or with scores its peak score (0 where not found),
+    as --mode predict writes."""
     results = []
     for kp, score in people:
         k = kp.copy()
         k[:, 2] = k[:, 2] if scores else (k[:, 2] > 0).astype(np.float32)
         values = k.flatten().round(2)
-        if scores:  # the same float32 values, written as their 2 decimals rather than 360.67999267578125
+        # the same float32 values, written as their 2 decimals rather than 360.67999267578125
+        if scores:
             values = values.astype(np.float64).round(2)
-        results.append(dict(image_id=int(image_id), category_id=1, keypoints=values.tolist(), score=round(score, 5)))
+        results.append(dict(image_id=int(image_id), category_id=1, keypoints=values.tolist(),
+                            score=round(score, 5)))
     return results
 
 
@@ -2100,7 +2207,8 @@ def coco_ap(ev, image_counts: np.ndarray | None = None) -> float:
         recall = tp[t] / positives
         precision = np.maximum.accumulate((tp[t] / np.maximum(tp[t] + fp[t], 1e-12))[::-1])[::-1]
         at = np.searchsorted(recall, p.recThrs, side="left")
-        aps.append(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0).mean())
+        aps.append(np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)],
+                            0.0).mean())
     return float(np.mean(aps))
 
 
@@ -2112,18 +2220,20 @@ def coco_eval(json_path: Path, results: list[dict], image_ids: list[int],
     from pycocotools.coco import COCO
 
     if not results:
-        return {k: 0.0 for k in STAT_NAMES} | (dict(ap_by_occlusion={k: 0.0 for k in OCCLUSION_BINS},
-                                                    ap_sd=0.0) if detail else {})
+        return {k: 0.0 for k in STAT_NAMES} | (
+            dict(ap_by_occlusion={k: 0.0 for k in OCCLUSION_BINS}, ap_sd=0.0) if detail else {})
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(json_path))
     ev = coco_evaluator(gt, results, image_ids)
     stats = {k: float(max(v, 0.0)) for k, v in zip(STAT_NAMES, ev.stats)}
     if detail:
-        stats["ap_by_occlusion"] = {name: coco_ap(coco_evaluator(occlusion_subset(gt, lo, hi), results, image_ids))
-                                    for name, (lo, hi) in OCCLUSION_BINS.items()}
+        stats["ap_by_occlusion"] = {
+            name: coco_ap(coco_evaluator(occlusion_subset(gt, lo, hi), results, image_ids))
+            for name, (lo, hi) in OCCLUSION_BINS.items()}
         rng = np.random.default_rng(0)
         n = len(ev.params.imgIds)
-        samples = [coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n)) for _ in range(BOOTSTRAP_SAMPLES)]
+        samples = [coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n))
+                   for _ in range(BOOTSTRAP_SAMPLES)]
         stats["ap_sd"] = float(np.std(samples))
     return stats
 
@@ -2136,7 +2246,8 @@ def person_occlusion(dataset: dict) -> dict[int, float]:
             people.setdefault(a["image_id"], []).append(a)
     index = {}
     for anns in people.values():
-        for a, o in zip(anns, occlusion_index(np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4))):
+        for a, o in zip(anns, occlusion_index(np.array([a["bbox"] for a in anns],
+                                                       np.float64).reshape(-1, 4))):
             index[a["id"]] = float(o)
     return index
 
@@ -2167,11 +2278,13 @@ def evaluate(model: nn.Module, kset: KeypointSet, cfg: Config, device, max_image
     bar = rh.progress(total=n, unit="img", desc="evaluating", enabled=progress, stream=sys.stdout)
     for i in range(n):
         rec = kset.records[i]
-        maps, base = network_maps(model, kset.image(i), cfg, device, sk.benchmark.base_scale(rec, cfg))
+        maps, base = network_maps(model, kset.image(i), cfg, device,
+                                  sk.benchmark.base_scale(rec, cfg))
         people.append(decode_maps(maps, base, sk))
         kp = torch.as_tensor(rec.keypoints).clone()
         kp[..., :2] = (kp[..., :2] + 0.5) * base - 0.5
-        h, m = peak_hits(maps[None, sk.num_paf:], kp[None].to(maps.device), stride=1, radius=cfg.stride)
+        h, m = peak_hits(maps[None, sk.num_paf:], kp[None].to(maps.device), stride=1,
+                         radius=cfg.stride)
         hits, labelled = hits + h, labelled + m
         bar.update()
     bar.close()
@@ -2194,11 +2307,14 @@ class CocoBenchmark:
         """The inference base scale (resized / original) of a val record; None: --eval-height's."""
         return None
 
-    def score(self, kset: KeypointSet, people: list[list[tuple[np.ndarray, float]]]) -> tuple[dict, list]:
+    def score(self, kset: KeypointSet,
+              people: list[list[tuple[np.ndarray, float]]]) -> tuple[dict, list]:
         """(stats, predictions) of the people decoded from the first len(people) records."""
         n = len(people)
-        predictions = [r for rec, found in zip(kset.records, people) for r in coco_results(rec.image_id, found)]
-        return coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]], detail=True), predictions
+        predictions = [r for rec, found in zip(kset.records, people)
+                       for r in coco_results(rec.image_id, found)]
+        return coco_eval(kset.json_path, predictions, [r.image_id for r in kset.records[:n]],
+                         detail=True), predictions
 
     def table(self, stats: dict, label: str) -> str:
         """The printed table of an evaluation on the set labelled `label`."""
@@ -2243,7 +2359,8 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except OSError:
-        raise ReproError(f"cannot decode image {path}: the file is corrupt or not an image") from None
+        raise ReproError(f"cannot decode image {path}: "
+                         "the file is corrupt or not an image") from None
 
 
 def mpii_records(groups: list[Group], images: Path, first_id: int = 1) -> list[ImageRecord]:
@@ -2253,20 +2370,24 @@ def mpii_records(groups: list[Group], images: Path, first_id: int = 1) -> list[I
     records = []
     for i, g in enumerate(groups):
         height = 200 * g.scales
-        boxes = np.stack([g.objpos[:, 0] - height / 4, g.objpos[:, 1] - height / 2, height / 2, height], 1)
+        boxes = np.stack([g.objpos[:, 0] - height / 4, g.objpos[:, 1] - height / 2, height / 2,
+                          height], 1)
         fallback = np.array([keypoint_box(j) for j in g.joints], np.float32).reshape(-1, 4)
-        boxes = np.where(np.isfinite(boxes).all(1, keepdims=True), boxes, fallback)  # people without objpos
+        # people without objpos
+        boxes = np.where(np.isfinite(boxes).all(1, keepdims=True), boxes, fallback)
         width, tall = image_size(images / g.image)
-        records.append(ImageRecord(first_id + i, images / g.image, width, tall, MPII.to_parts(g.joints),
-                                   boxes.astype(np.float32), {}))
+        records.append(ImageRecord(first_id + i, images / g.image, width, tall,
+                                   MPII.to_parts(g.joints), boxes.astype(np.float32), {}))
     return records
 
 
 def load_mpii_annolist(mat: Path, images: Path) -> KeypointSet:
-    """An evaluation set given as an MPII annotation list (.mat, e.g. multi-person groups), with images."""
+    """An evaluation set given as an MPII annotation list (.mat, e.g. multi-person groups),
+    with images."""
     groups = read_annolist(mat)
     if any(not g.image for g in groups):
-        raise ReproError(f"{mat} names no images (annolist(i).image.name): evaluating it needs them")
+        raise ReproError(f"{mat} names no images (annolist(i).image.name): "
+                         "evaluating it needs them")
     return KeypointSet(None, mpii_records(groups, images), MPII, groups=groups)
 
 
@@ -2275,9 +2396,11 @@ def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
     toolkit's groups_v12.mat): training people, and the held-out multi-person validation groups."""
     mat = root / MPII_RELEASE
     if not mat.is_file():
-        raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside (the official release)")
+        raise ReproError(f"--mpii-root {root}: no mpii_human_pose_v1_u12_1.mat inside "
+                         "(the official release)")
     groups_mat = root / "groups_v12.mat"
-    train, val = load_release(mat, root / "images", groups_mat=groups_mat if groups_mat.is_file() else None)
+    train, val = load_release(mat, root / "images",
+                              groups_mat=groups_mat if groups_mat.is_file() else None)
     if not val:
         raise ReproError(f"{mat}: no multi-person validation group was held out")
     return (KeypointSet(None, mpii_records(train, root / "images"), MPII),
@@ -2285,8 +2408,8 @@ def load_mpii(root: Path) -> tuple[KeypointSet, KeypointSet]:
 
 
 MPII_JOINTS = ("r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
-               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow",
-               "l_wrist")  # MPII joint ids 0-15
+               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder",
+               "l_elbow", "l_wrist")  # MPII joint ids 0-15
 
 
 MPII_NUM_JOINTS = len(MPII_JOINTS)  # 16
@@ -2296,7 +2419,8 @@ MPII_NUM_JOINTS = len(MPII_JOINTS)  # 16
 MPII_SCORED = np.array([0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 8, 9])
 
 
-# official toolkit: genTableAP's columns, each the mean AP of two joints; Total is the mean of all 14
+# official toolkit: genTableAP's columns, each the mean AP of two joints;
+# Total is the mean of all 14
 MPII_TABLE = (("Head", (9, 8)), ("Shoulder", (12, 13)), ("Elbow", (11, 14)), ("Wrist", (10, 15)),
               ("Hip", (2, 3)), ("Knee", (1, 4)), ("Ankle", (0, 5)))
 
@@ -2310,7 +2434,8 @@ MPII_PCKH = 0.5  # official toolkit: evaluateAP, thresh (PCKh 0.5)
 MPII_VARS = ("annolist_test_multi", "pred", "annolist")  # variables read_annolist looks for
 
 
-MPII_VAL_MODULUS = 10  # [ours] default held-out share: multi-person training images with crc32(name) % 10 == 0
+# [ours] default held-out share: multi-person training images with crc32(name) % 10 == 0
+MPII_VAL_MODULUS = 10
 
 
 @dataclass
@@ -2330,7 +2455,8 @@ class Group:
 def empty_group(image: str = "", with_scores: bool = False) -> Group:
     return Group(image, np.zeros((0, MPII_NUM_JOINTS, 3), np.float32), np.zeros((0, 4), np.float32),
                  np.zeros(0, np.float32), np.zeros((0, 2), np.float32),
-                 np.zeros((0, MPII_NUM_JOINTS), np.float32) if with_scores else None, np.zeros(0, np.int64))
+                 np.zeros((0, MPII_NUM_JOINTS), np.float32) if with_scores else None,
+                 np.zeros(0, np.int64))
 
 
 # -- reading: loadmat(struct_as_record=False, squeeze_me=True) squeezes a one-element struct array
@@ -2363,7 +2489,8 @@ def _num(x, default: float = np.nan) -> float:
 
 def _name(image) -> str:
     """annolist(i).image.name, or "" where the list has no image field."""
-    name = _field(image, "name") if image is not None and not isinstance(image, (str, np.ndarray)) else image
+    name = (_field(image, "name")
+            if image is not None and not isinstance(image, (str, np.ndarray)) else image)
     if isinstance(name, np.ndarray):
         name = name.item() if name.size == 1 else ""
     return str(name) if name is not None else ""
@@ -2387,11 +2514,13 @@ def _parse_rects(rects: list, where: str) -> Group:
         if pos is not None and not isinstance(pos, np.ndarray):
             objpos[k] = _num(_field(pos, "x")), _num(_field(pos, "y"))
         ap = _field(r, "annopoints")
-        points = [] if ap is None or isinstance(ap, (np.ndarray, list)) else _items(_field(ap, "point"))
+        points = ([] if ap is None or isinstance(ap, (np.ndarray, list))
+                  else _items(_field(ap, "point")))
         for p in points:
             jid = _num(_field(p, "id"))
             if not (np.isfinite(jid) and jid == int(jid) and 0 <= jid < MPII_NUM_JOINTS):
-                raise ReproError(f"{where}, person {k + 1}: joint id {_field(p, 'id')} is outside MPII's 0-15")
+                raise ReproError(f"{where}, person {k + 1}: joint id {_field(p, 'id')} is outside "
+                                 "MPII's 0-15")
             j = int(jid)
             if joints[k, j, 2] > 0:
                 continue
@@ -2414,7 +2543,8 @@ def _loadmat(path: Path) -> dict:
     except (MatReadError, ValueError, TypeError, OSError, IndexError, NotImplementedError,
             zlib.error) as e:  # junk bytes (zlib: inside a compressed variable)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""  # v7.3 = HDF5
+        # v7.3 = HDF5
+        hint = "; re-save it in Matlab with save -v7" if isinstance(e, NotImplementedError) else ""
         raise ReproError(f"{path} is not a readable Matlab .mat file ({reason}){hint}") from None
 
 
@@ -2423,21 +2553,24 @@ def _annolist_of(data: dict, path: Path, var: str | None):
     keys = [k for k in data if not k.startswith("__")]
     if var is not None:
         if var not in data:
-            raise ReproError(f"{path} has no variable {var!r} (it has: {', '.join(keys) or 'nothing'})")
+            raise ReproError(f"{path} has no variable {var!r} "
+                             f"(it has: {', '.join(keys) or 'nothing'})")
         return data[var]
     if "RELEASE" in data and _field(data["RELEASE"], "annolist") is not None:
         return data["RELEASE"].annolist
     for k in MPII_VARS:
         if k in data:
             return data[k]
-    raise ReproError(f"{path} has no MPII annotation list: expected RELEASE, {', '.join(MPII_VARS)} "
-                     f"(it has: {', '.join(keys) or 'nothing'})")
+    raise ReproError(f"{path} has no MPII annotation list: expected RELEASE, "
+                     f"{', '.join(MPII_VARS)} (it has: {', '.join(keys) or 'nothing'})")
 
 
-def read_annolist(path: str | Path, var: str | None = None, image_names: list[str] | None = None) -> list[Group]:
+def read_annolist(path: str | Path, var: str | None = None,
+                  image_names: list[str] | None = None) -> list[Group]:
     """An MPII annotation or prediction list (.mat from the toolkit, or our .json) -> one Group per
     entry, in file order (the toolkit pairs ground truth and predictions by position).
-    image_names: names for lists without image fields (annolist_test_multi), e.g. read_image_list."""
+    image_names: names for lists without image fields (annolist_test_multi),
+    e.g. read_image_list."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         if not path.is_file():
@@ -2469,20 +2602,24 @@ def read_image_list(json_path: str | Path) -> list[str]:
     except FileNotFoundError:
         raise ReproError(f"image list not found: {json_path}") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ReproError(f"{json_path} is not an MPII image list (expected root[].im_name; {e!r})") from None
+        raise ReproError(f"{json_path} is not an MPII image list "
+                         f"(expected root[].im_name; {e!r})") from None
 
 
 def _subset(g: Group, keep: np.ndarray) -> Group:
     return Group(g.image, g.joints[keep], g.head_boxes[keep], g.scales[keep], g.objpos[keep],
-                 None if g.scores is None else g.scores[keep], None if g.rects is None else g.rects[keep])
+                 None if g.scores is None else g.scores[keep],
+                 None if g.rects is None else g.rects[keep])
 
 
 def _indices(x) -> np.ndarray:
     """A Matlab index list (scalar, vector or []) -> 0-based int64 array."""
-    return np.atleast_1d(np.asarray(x if x is not None else [], np.float64)).ravel().astype(np.int64) - 1
+    return np.atleast_1d(np.asarray(x if x is not None else [],
+                                    np.float64)).ravel().astype(np.int64) - 1
 
 
-def _multi_person_groups(annotated: np.ndarray, singles: np.ndarray, groups: list | None) -> list[np.ndarray]:
+def _multi_person_groups(annotated: np.ndarray, singles: np.ndarray,
+                         groups: list | None) -> list[np.ndarray]:
     """One image's multi-person groups as arrays of person indices (official toolkit:
     getMultiPersonGroups): its groups (groups_v12.mat) holding no single person, or else its
     annotated people that are not single persons, as one group."""
@@ -2501,14 +2638,15 @@ def _release_arrays(mat_path: Path) -> tuple[list, np.ndarray, list]:
     rel = data.get("RELEASE")
     if rel is None or _field(rel, "annolist") is None:
         keys = ", ".join(k for k in data if not k.startswith("__")) or "nothing"
-        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the official "
-                         "mpii_human_pose_v1_u12_1.mat")
+        raise ReproError(f"{mat_path} has no RELEASE.annolist (it has: {keys}): expected the "
+                         "official mpii_human_pose_v1_u12_1.mat")
     annolist = _items(rel.annolist)
     train_flag = np.atleast_1d(np.asarray(_field(rel, "img_train"), np.float64)).astype(np.int64)
     single = _items(_field(rel, "single_person"))
     if not len(annolist) == len(train_flag) == len(single):
-        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, {len(train_flag)} img_train flags "
-                         f"and {len(single)} single_person entries; they must match")
+        raise ReproError(f"{mat_path}: RELEASE has {len(annolist)} images, "
+                         f"{len(train_flag)} img_train flags and {len(single)} single_person "
+                         "entries; they must match")
     return annolist, train_flag, single
 
 
@@ -2516,7 +2654,8 @@ def _release_groups(groups_mat: Path, images: int) -> list:
     """The toolkit's groups_v12.mat: per RELEASE image, its groups of people."""
     gdata = _loadmat(groups_mat)
     if "groups" not in gdata:
-        raise ReproError(f"{groups_mat} has no variable 'groups' (expected the toolkit's groups_v12.mat)")
+        raise ReproError(f"{groups_mat} has no variable 'groups' "
+                         "(expected the toolkit's groups_v12.mat)")
     groups_of = _items(gdata["groups"])
     if len(groups_of) != images:
         raise ReproError(f"{groups_mat}: {len(groups_of)} entries for {images} RELEASE images")
@@ -2544,7 +2683,8 @@ def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
         if train_flag[i] != 1:
             continue
         name = _name(_field(e, "image"))
-        people = _parse_rects(_items(_field(e, "annorect")), f"{mat_path}: RELEASE.annolist({i + 1})")
+        people = _parse_rects(_items(_field(e, "annorect")),
+                              f"{mat_path}: RELEASE.annolist({i + 1})")
         people.image = name
         annotated = (people.joints[..., 2] > 0).any(1)
         rect_sets = _multi_person_groups(annotated, _indices(single[i]),
@@ -2558,8 +2698,9 @@ def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
             train.append(_subset(people, annotated))
     if wanted is not None and wanted - found:
         missing = sorted(wanted - found)
-        raise ReproError(f"{len(missing)} validation images are not MPII training images in {mat_path}: "
-                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        raise ReproError(f"{len(missing)} validation images are not MPII training images in "
+                         f"{mat_path}: {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}")
     if images_dir is not None:
         images_dir = Path(images_dir)
         for g in train + val:
@@ -2571,11 +2712,13 @@ def load_release(mat_path: str | Path, images_dir: str | Path | None = None,
 
 # -- scoring: the official toolkit's evaluateAP / assignGTmulti / getRPC / VOCap
 def head_sizes(boxes: np.ndarray) -> np.ndarray:
-    """(P, 4) head boxes x1 y1 x2 y2 -> (P,) PCKh reference lengths (official toolkit: util_get_head_size)."""
+    """(P, 4) head boxes x1 y1 x2 y2 -> (P,) PCKh reference lengths
+    (official toolkit: util_get_head_size)."""
     return MPII_HEAD_SIZE * np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
 
 
-def assign_group(gt: Group, pred: Group, thresh: float = MPII_PCKH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def assign_group(gt: Group, pred: Group,
+                 thresh: float = MPII_PCKH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The toolkit's assignGTmulti for one group -> labels (Q, 14) bool (true positive), has (Q, 14)
     bool (joint predicted), n_gt (14,) annotated joints, columns in MPII_SCORED order.
     A pair's score is the share of the GT person's annotated joints predicted within thresh head
@@ -2588,7 +2731,8 @@ def assign_group(gt: Group, pred: Group, thresh: float = MPII_PCKH) -> tuple[np.
     q, p = len(has), len(has_gt)
     labels = np.zeros((q, len(MPII_SCORED)), bool)
     if q and p:
-        d = np.linalg.norm(pred.joints[:, None, MPII_SCORED, :2] - gt.joints[None, :, MPII_SCORED, :2], axis=-1)
+        d = np.linalg.norm(pred.joints[:, None, MPII_SCORED, :2]
+                           - gt.joints[None, :, MPII_SCORED, :2], axis=-1)
         d = d / head_sizes(gt.head_boxes)[None, :, None]  # (Q, P, 14)
         match = (d <= thresh) & has[:, None] & has_gt[None]  # NaN (no head box) never matches
         n_annot = has_gt.sum(1)
@@ -2624,25 +2768,30 @@ def evaluate_mpii(gt: list[Group], pred: list[Group], thresh: float = MPII_PCKH)
     "mAP": Total, "groups", "people"}.  Per joint every predicted joint of the set is pooled and
     ranked by its own score."""
     if len(gt) != len(pred):
-        raise ReproError(f"{len(pred)} predicted groups for {len(gt)} ground-truth groups: the toolkit pairs "
-                         "them by position, so both lists must come from the same group list")
+        raise ReproError(f"{len(pred)} predicted groups for {len(gt)} ground-truth groups: the "
+                         "toolkit pairs them by position, so both lists must come from the same "
+                         "group list")
     scores, labels, n_gt = [], [], np.zeros(len(MPII_SCORED), np.int64)
     for i, (g, p) in enumerate(zip(gt, pred)):
         if g.image and p.image and g.image != p.image:
-            raise ReproError(f"group {i + 1}: prediction for {p.image} but ground truth for {g.image}")
+            raise ReproError(f"group {i + 1}: prediction for {p.image} "
+                             f"but ground truth for {g.image}")
         lab, has, n = assign_group(g, p, thresh)
         s = p.scores[:, MPII_SCORED] if p.scores is not None else np.ones(has.shape, np.float32)
-        scores.append(np.where(has, s, np.nan)), labels.append(np.where(has, lab, -1).astype(np.int8))
+        scores.append(np.where(has, s, np.nan)), labels.append(
+            np.where(has, lab, -1).astype(np.int8))
         n_gt += n
     scores = np.concatenate(scores + [np.zeros((0, len(MPII_SCORED)))])
     labels = np.concatenate(labels + [np.zeros((0, len(MPII_SCORED)), np.int8)])
     ap = {}
     for c, j in enumerate(MPII_SCORED):  # per joint, only the predictions that have it
         present = labels[:, c] >= 0
-        ap[MPII_JOINTS[j]] = 100 * average_precision(scores[present, c], labels[present, c] == 1, int(n_gt[c]))
+        ap[MPII_JOINTS[j]] = 100 * average_precision(scores[present, c], labels[present, c] == 1,
+                                                     int(n_gt[c]))
     table = {row: (ap[MPII_JOINTS[a]] + ap[MPII_JOINTS[b]]) / 2 for row, (a, b) in MPII_TABLE}
     table["Total"] = float(np.mean(list(ap.values())))
-    return dict(joints=ap, table=table, mAP=table["Total"], groups=len(gt), people=sum(len(g.joints) for g in gt))
+    return dict(joints=ap, table=table, mAP=table["Total"], groups=len(gt),
+                people=sum(len(g.joints) for g in gt))
 
 
 def format_mpii_table(result: dict) -> str:
@@ -2663,16 +2812,22 @@ def check_mpii_inputs(gt: list[Group], pred: list[Group], gt_path: Path, pred_pa
         return any(g.scores is not None for g in groups)
     if not boxed(gt) and any(len(g.joints) for g in gt):
         if boxed(pred) or scored(gt):
-            raise ReproError(f"the arguments look swapped: {gt_path} has scores and no head boxes, {pred_path} "
-                             f"has head boxes: the order is --score-mpii PRED GT")
-        raise ReproError(f"{gt_path} has no head boxes (x1 y1 x2 y2), which PCKh needs: not a ground-truth list")
-    present = np.concatenate([g.joints[..., 2] > 0 for g in pred] + [np.zeros((0, MPII_NUM_JOINTS), bool)])
-    xy = np.concatenate([g.joints[..., :2] for g in pred] + [np.zeros((0, MPII_NUM_JOINTS, 2), np.float32)])
+            raise ReproError(f"the arguments look swapped: {gt_path} has scores and no head "
+                             f"boxes, {pred_path} has head boxes: "
+                             "the order is --score-mpii PRED GT")
+        raise ReproError(f"{gt_path} has no head boxes (x1 y1 x2 y2), which PCKh needs: "
+                         "not a ground-truth list")
+    present = np.concatenate([g.joints[..., 2] > 0 for g in pred]
+                             + [np.zeros((0, MPII_NUM_JOINTS), bool)])
+    xy = np.concatenate([g.joints[..., :2] for g in pred]
+                        + [np.zeros((0, MPII_NUM_JOINTS, 2), np.float32)])
     bad_xy = int((present & ~np.isfinite(xy).all(-1)).sum())
-    bad_score = sum(int((g.joints[..., 2] > 0)[~np.isfinite(g.scores)].sum()) for g in pred if g.scores is not None)
+    bad_score = sum(int((g.joints[..., 2] > 0)[~np.isfinite(g.scores)].sum())
+                    for g in pred if g.scores is not None)
     if bad_xy or bad_score:
-        raise ReproError(f"{pred_path}: {bad_xy} of {int(present.sum())} predicted joints have NaN or infinite "
-                         f"coordinates and {bad_score} a NaN score: leave a joint out of annopoints.point instead")
+        raise ReproError(f"{pred_path}: {bad_xy} of {int(present.sum())} predicted joints have NaN "
+                         f"or infinite coordinates and {bad_score} a NaN score: leave a joint out "
+                         "of annopoints.point instead")
 
 
 def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
@@ -2687,7 +2842,8 @@ def score_mpii_files(pred_path: str | Path, gt_path: str | Path) -> dict:
     gt, pred = read_annolist(gt_path), read_annolist(pred_path)
     check_mpii_inputs(gt, pred, Path(gt_path), Path(pred_path))
     result = evaluate_mpii(gt, pred)
-    print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, {result['people']} people")
+    print(f"MPII multi-person AP (PCKh {MPII_PCKH}), {result['groups']} groups, "
+          f"{result['people']} people")
     print(format_mpii_table(result))
     print(f"mAP {result['mAP']:.1f}")
     return result
@@ -2721,12 +2877,14 @@ def _struct_array(rows: list[dict], fields: tuple[str, ...]) -> np.ndarray:
 
 
 def write_pred_mat(path: str | Path, groups: list[Group]) -> None:
-    """Predictions as the toolkit's `pred` (evaluateAP loads pred_keypoints_mpii_multi.mat), atomically."""
+    """Predictions as the toolkit's `pred` (evaluateAP loads pred_keypoints_mpii_multi.mat),
+    atomically."""
     import scipy.io
 
     path = Path(path)
     pred = _struct_array([dict(image=dict(name=e["name"]), annorect=_struct_array(
-        [dict(annopoints=dict(point=_struct_array(pts, ("x", "y", "id", "score")))) for pts in e["rects"]],
+        [dict(annopoints=dict(point=_struct_array(pts, ("x", "y", "id", "score"))))
+         for pts in e["rects"]],
         ("annopoints",))) for e in _pred_entries(groups)], ("image", "annorect"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
@@ -2736,7 +2894,8 @@ def write_pred_mat(path: str | Path, groups: list[Group]) -> None:
 def write_pred_json(path: str | Path, groups: list[Group]) -> None:
     """The same `pred` layout as json (read back by read_annolist), atomically."""
     path = Path(path)
-    pred = [dict(image=dict(name=e["name"]), annorect=[dict(annopoints=dict(point=pts)) for pts in e["rects"]])
+    pred = [dict(image=dict(name=e["name"]),
+                 annorect=[dict(annopoints=dict(point=pts)) for pts in e["rects"]])
             for e in _pred_entries(groups)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -2757,7 +2916,8 @@ def groups_of_records(kset: KeypointSet) -> list[Group]:
         half = np.linalg.norm(top - neck, axis=1, keepdims=True) / 2
         middle = (top + neck) / 2
         labelled = (joints[:, 9, 2] > 0) & (joints[:, 8, 2] > 0)
-        boxes = np.where(labelled[:, None], np.concatenate([middle - half, middle + half], 1), np.nan)
+        boxes = np.where(labelled[:, None], np.concatenate([middle - half, middle + half], 1),
+                         np.nan)
         centre = rec.boxes[:, :2] + rec.boxes[:, 2:] / 2
         groups.append(Group(rec.path.name, joints, boxes.astype(np.float32), rec.boxes[:, 3] / 200,
                             centre.astype(np.float32)))
@@ -2768,15 +2928,16 @@ def groups_of_records(kset: KeypointSet) -> list[Group]:
 MPII_RELEASE = "mpii_human_pose_v1_u12_1.mat"  # official release: the annotation file's name
 
 
-MPII_TEST_EVERY = 10  # [ours] every 10th rehearsal image is a test image (img_train 0, no joints), as in the release
+# [ours] every 10th rehearsal image is a test image (img_train 0, no joints), as in the release
+MPII_TEST_EVERY = 10
 
 
 MPII_NO_VISIBILITY = (8, 9)  # official release: is_visible is empty for upper neck and head top
 
 
 # [ours] the rehearsal set: 640 px scenes of 2+ stand-in people (about 4), MPII's 16 joints
-MPII_REHEARSAL = dict(kind="scenes", num_images=300, seed=5000, style="standin", image_size=640, mean_people=4.0,
-                      min_people=2, camera_distance=(8.0, 1.0), skeleton="mpii")
+MPII_REHEARSAL = dict(kind="scenes", num_images=300, seed=5000, style="standin", image_size=640,
+                      mean_people=4.0, min_people=2, camera_distance=(8.0, 1.0), skeleton="mpii")
 
 
 def single_people(boxes: np.ndarray) -> np.ndarray:
@@ -2785,15 +2946,18 @@ def single_people(boxes: np.ndarray) -> np.ndarray:
     sufficiently separated people, and its multi-person groups are the others."""
     margin = boxes[:, 3:] / 2
     lo, hi = boxes[:, :2] - margin, boxes[:, :2] + boxes[:, 2:] + margin
-    meets = ((lo[:, None] <= (boxes[:, :2] + boxes[:, 2:])[None]) & (hi[:, None] >= boxes[None, :, :2])).all(-1)
+    meets = ((lo[:, None] <= (boxes[:, :2] + boxes[:, 2:])[None])
+             & (hi[:, None] >= boxes[None, :, :2])).all(-1)
     meets |= meets.T
     np.fill_diagonal(meets, False)
     return np.nonzero(~meets.any(1))[0] + 1
 
 
 def _release_rect(g: Group, k: int, test: bool) -> dict:
-    """One person as RELEASE.annolist(i).annorect(k); a test image's people have only scale and objpos."""
-    rect = dict(scale=float(g.scales[k]), objpos=dict(x=float(g.objpos[k, 0]), y=float(g.objpos[k, 1])))
+    """One person as RELEASE.annolist(i).annorect(k);
+    a test image's people have only scale and objpos."""
+    rect = dict(scale=float(g.scales[k]),
+                objpos=dict(x=float(g.objpos[k, 0]), y=float(g.objpos[k, 1])))
     if test:
         return rect
     points = [dict(x=float(x), y=float(y), id=float(j),
@@ -2801,7 +2965,8 @@ def _release_rect(g: Group, k: int, test: bool) -> dict:
               for j, (x, y, v) in enumerate(g.joints[k]) if v > 0]
     x1, y1, x2, y2 = (float(c) for c in g.head_boxes[k])
     return rect | dict(x1=x1, y1=y1, x2=x2, y2=y2, annopoints=dict(
-        point=_struct_array(points, ("x", "y", "id", "is_visible"))) if points else np.zeros((0, 0)))
+        point=_struct_array(points, ("x", "y", "id", "is_visible")))
+        if points else np.zeros((0, 0)))
 
 
 def write_release(path: str | Path, kset: KeypointSet) -> None:
@@ -2812,17 +2977,22 @@ def write_release(path: str | Path, kset: KeypointSet) -> None:
     annolist, img_train, single = [], [], np.empty(len(kset.records), dtype=object)
     for i, (rec, g) in enumerate(zip(kset.records, groups_of_records(kset))):
         test = i % MPII_TEST_EVERY == MPII_TEST_EVERY - 1
-        keep = np.isfinite(g.head_boxes).all(1) | test  # a training person needs a head box to be scored
+        # a training person needs a head box to be scored
+        keep = np.isfinite(g.head_boxes).all(1) | test
         g = _subset(g, keep)
         rects = [_release_rect(g, k, test) for k in range(len(g.joints))]
-        fields = ("scale", "objpos") if test else ("x1", "y1", "x2", "y2", "scale", "objpos", "annopoints")
-        annolist.append(dict(image=dict(name=g.image), annorect=_struct_array(rects, fields) if rects
+        fields = (("scale", "objpos") if test
+                  else ("x1", "y1", "x2", "y2", "scale", "objpos", "annopoints"))
+        annolist.append(dict(image=dict(name=g.image),
+                             annorect=_struct_array(rects, fields) if rects
                              else np.zeros((0, 0))))
         img_train.append(0.0 if test else 1.0)
-        single[i] = np.zeros((0, 1)) if test else single_people(rec.boxes[keep]).astype(np.float64)[:, None]
-    release = dict(annolist=_struct_array(annolist, ("image", "annorect")), img_train=np.array(img_train),
-                   single_person=single, version="12")
-    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:  # a file object: savemat would append .mat
+        single[i] = (np.zeros((0, 1)) if test
+                     else single_people(rec.boxes[keep]).astype(np.float64)[:, None])
+    release = dict(annolist=_struct_array(annolist, ("image", "annorect")),
+                   img_train=np.array(img_train), single_person=single, version="12")
+    # a file object: savemat would append .mat
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
         scipy.io.savemat(f, {"RELEASE": release}, do_compression=True)
 
 
@@ -2853,18 +3023,20 @@ def predicted_group(truth: Group, people: list[tuple[np.ndarray, float]]) -> Gro
     if len(joints) and np.isfinite(truth.objpos).all() and len(truth.objpos):
         half = 100 * truth.scales[:, None]
         lo, hi = (truth.objpos - half).min(0), (truth.objpos + half).max(0)
-        centre = (joints[..., :2] * found[..., None]).sum(1) / np.maximum(found.sum(1, keepdims=True), 1)
+        centre = ((joints[..., :2] * found[..., None]).sum(1)
+                  / np.maximum(found.sum(1, keepdims=True), 1))
         inside = ((centre >= lo) & (centre <= hi)).all(1)
         joints, found = joints[inside], found[inside]
     scores = np.where(found, joints[..., 2], 0).astype(np.float32)
     joints[..., 2] = np.where(found, 2, 0)
     n = len(joints)
-    return Group(truth.image, joints, np.full((n, 4), np.nan, np.float32), np.full(n, np.nan, np.float32),
-                 np.full((n, 2), np.nan, np.float32), scores)
+    return Group(truth.image, joints, np.full((n, 4), np.nan, np.float32),
+                 np.full(n, np.nan, np.float32), np.full((n, 2), np.nan, np.float32), scores)
 
 
 class MpiiBenchmark(CocoBenchmark):
-    """MPII multi-person: the official RELEASE and annotation lists, the toolkit's AP, its pred files."""
+    """MPII multi-person: the official RELEASE and annotation lists, the toolkit's AP,
+    its pred files."""
 
     def load_val(self, json_path: str | Path, images: str | Path, sk: Skeleton) -> KeypointSet:
         if str(json_path).endswith(".mat"):
@@ -2878,18 +3050,22 @@ class MpiiBenchmark(CocoBenchmark):
     def base_scale(self, rec: ImageRecord, cfg: Config) -> float | None:
         if not len(rec.boxes):
             return None
-        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a 368 input;
-        # [ours] times input_size / 368, so that people come out as tall as in the training crops
+        # paper code: (41/35) / the group's mean MPII scale (person height / 200 px), for a
+        # 368 input; [ours] times input_size / 368, so that people come out as tall as in the
+        # training crops
         return MPII_BASE / float(np.mean(rec.boxes[:, 3] / 200)) * cfg.input_size / 368
 
-    def score(self, kset: KeypointSet, people: list[list[tuple[np.ndarray, float]]]) -> tuple[dict, list]:
+    def score(self, kset: KeypointSet,
+              people: list[list[tuple[np.ndarray, float]]]) -> tuple[dict, list]:
         truth = (kset.groups or groups_of_records(kset))[:len(people)]
         predictions = [predicted_group(g, found) for g, found in zip(truth, people)]
         result = evaluate_mpii(truth, predictions)
-        return dict(mAP=result["mAP"], **{k: v for k, v in result["table"].items() if k != "Total"}), predictions
+        return dict(mAP=result["mAP"],
+                    **{k: v for k, v in result["table"].items() if k != "Total"}), predictions
 
     def table(self, stats: dict, label: str) -> str:
-        return (f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, {stats.get('images', '?')} groups\n"
+        return (f"\nMPII multi-person AP (PCKh {MPII_PCKH}) on the {label}, "
+                f"{stats.get('images', '?')} groups\n"
                 + format_mpii_table(dict(table=stats | dict(Total=stats["mAP"])))
                 + f"\npeak_hit {stats['peak_hit']:.3f}")
 
@@ -2897,7 +3073,8 @@ class MpiiBenchmark(CocoBenchmark):
         return f"MPII mAP {stats['mAP']:.1f}"
 
     def write_predictions(self, out: Path, predictions: list) -> None:
-        write_pred_mat(out / "val_predictions.mat", predictions)  # the toolkit's Matlab code scores these too
+        # the toolkit's Matlab code scores these too
+        write_pred_mat(out / "val_predictions.mat", predictions)
         write_pred_json(out / "val_predictions.json", predictions)
 
     def image_predictions(self, name: str, people: list[tuple[np.ndarray, float]]) -> list:
@@ -3429,19 +3606,22 @@ def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world
 # ----------------------------------------------------------------------------------------------
 
 def pyplot():
-    """matplotlib on its headless backend, imported only when a figure is drawn (it is slow to import)."""
+    """matplotlib on its headless backend, imported only when a figure is drawn
+    (it is slow to import)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, device, path: Path, n: int = 8) -> None:
+def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, device, path: Path,
+                            n: int = 8) -> None:
     model.eval()
     tiles = []
     for i in range(min(n, len(kset.records))):
         image = kset.image(i)
-        maps, base = network_maps(model, image, cfg, device, kset.skeleton.benchmark.base_scale(kset.records[i], cfg))
+        maps, base = network_maps(model, image, cfg, device,
+                                  kset.skeleton.benchmark.base_scale(kset.records[i], cfg))
         people = [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
                   for kp, _ in decode_maps(maps, base, kset.skeleton)]
         tile = rh.draw_keypoints(image, people)
@@ -3467,11 +3647,14 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
     axes[0].set(xlabel="step", ylabel="training loss (all stages)", yscale="log", title=title)
-    axes[1].plot([r["minutes"] for r in train], [r["peak_hit"] for r in train], label="train peak-hit")
+    axes[1].plot([r["minutes"] for r in train], [r["peak_hit"] for r in train],
+                 label="train peak-hit")
     for key, marker in (("AP", "o-"), ("AP50", "s-"), ("mAP", "o-")):  # COCO, or MPII's mAP in %
-        points = [(r["minutes"], r["eval"][key] / (100 if key == "mAP" else 1)) for r in evals if key in r["eval"]]
+        points = [(r["minutes"], r["eval"][key] / (100 if key == "mAP" else 1))
+                  for r in evals if key in r["eval"]]
         if points:
-            axes[1].plot(*zip(*points), marker, label=f"val {key}" + (" / 100" if key == "mAP" else ""))
+            axes[1].plot(*zip(*points), marker,
+                         label=f"val {key}" + (" / 100" if key == "mAP" else ""))
     axes[1].set(xlabel="training minutes", ylim=(0, 1))
     axes[1].legend()
     fig.tight_layout()
@@ -3485,13 +3668,15 @@ def bin_colours(bins: int) -> np.ndarray:
 
 
 def plot_bin_probabilities(ax, steps, probs: np.ndarray, labels: list[str]) -> None:
-    """A teacher's output over training, stacked: (updates, bins) probabilities, one band per bin."""
+    """A teacher's output over training, stacked: (updates, bins) probabilities,
+    one band per bin."""
     ax.stackplot(steps, probs.T, colors=bin_colours(probs.shape[1]), labels=labels)
     ax.set(ylim=(0, 1), xlim=(0, steps[-1]))
 
 
 def save_teacher_plot(teacher: Teacher, path: Path) -> None:
-    """The paper's "informative samples change over training" figure: bin probabilities over steps."""
+    """The paper's "informative samples change over training" figure:
+    bin probabilities over steps."""
     plt = pyplot()
 
     records = teacher.records
@@ -3499,7 +3684,8 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
         return
     steps = [r["step"] for r in records]
     probs = np.array([r["probs"] for r in records])
-    fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
+    fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True,
+                             gridspec_kw=dict(height_ratios=[3, 1]))
     plot_bin_probabilities(axes[0], steps, probs, [f"{e:.0f}" for e in teacher.edges()])
     axes[0].set(ylabel="teacher bin probability",
                 title=f"teacher's bins of {teacher.cfg.teacher_attribute} over training")
@@ -3552,7 +3738,8 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    lines = ["| run | command | minutes | steps | AP | AP50 | AP75 | AR | val peak-hit |", "|---" * 9 + "|"]
+    lines = ["| run | command | minutes | steps | AP | AP50 | AP75 | AR | val peak-hit |",
+             "|---" * 9 + "|"]
     for run, (evals, command) in runs.items():
         minutes = [e["minutes"] for e in evals]
         for ax, key in zip(axes, ("AP", "AP50", "peak_hit")):  # MPII runs have none of COCO's APs
@@ -3560,8 +3747,9 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
             ax.set(xlabel="training minutes", title=f"val {key}")
         last = evals[-1]  # the final evaluation, or the last one of a run that was stopped
         e = {k: last["eval"].get(k, np.nan) for k in ("AP", "AP50", "AP75", "AR", "peak_hit")}
-        lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | {e['AP']:.4f} | "
-                     f"{e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | {e['peak_hit']:.3f} |")
+        lines.append(f"| {run.name} | `{command}` | {last['minutes']:.1f} | {last['step']} | "
+                     f"{e['AP']:.4f} | {e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | "
+                     f"{e['peak_hit']:.3f} |")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -5040,19 +5228,22 @@ GAP_OTHER = {"synthetic": "standin", "standin": "synthetic"}
 
 
 GAP_RULE = (  # fixed before the first run: how the table is read
-    "Every set is rendered with seed 7000 and evaluated by the shipped real-only student. A set's dAP is its AP "
-    "minus that of its own style's set as it is, with a paired bootstrap sd over images (200 resamples, the same "
-    "for every set; the sets are paired by image index: a switched factor draws from a stream of its own and the "
-    "others repeat their draws). A factor carries part of the gap, in one direction, when switching it alone "
-    "moves AP towards the other style's set by more than 2 paired sd; it works against the gap when it moves AP "
-    "away by more than 2 sd; otherwise no effect is measured at this size. Its share is dAP / (AP of the other "
-    "style's set - AP of its own). The 'all' row switches every factor: if it lands more than 2 sd from the "
-    "other style's set, the named factors do not cover the style. The geometry row renders the style at the "
-    "demo's synthetic geometry (320 px, Poisson(5) people, 7 m) instead of the stand-in's (256 px, 2.5, 6 m).")
+    "Every set is rendered with seed 7000 and evaluated by the shipped real-only student. A set's "
+    "dAP is its AP minus that of its own style's set as it is, with a paired bootstrap sd over "
+    "images (200 resamples, the same for every set; the sets are paired by image index: a switched "
+    "factor draws from a stream of its own and the others repeat their draws). A factor carries "
+    "part of the gap, in one direction, when switching it alone moves AP towards the other style's "
+    "set by more than 2 paired sd; it works against the gap when it moves AP away by more than 2 "
+    "sd; otherwise no effect is measured at this size. Its share is dAP / (AP of the other style's "
+    "set - AP of its own). The 'all' row switches every factor: if it lands more than 2 sd from "
+    "the other style's set, the named factors do not cover the style. The geometry row renders the "
+    "style at the demo's synthetic geometry (320 px, Poisson(5) people, 7 m) instead of the "
+    "stand-in's (256 px, 2.5, 6 m).")
 
 
 def gap_sets(factors: tuple[str, ...]) -> list[dict]:
-    """The sets: per style, as it is, each factor switched alone, all of them, the synthetic geometry."""
+    """The sets: per style, as it is, each factor switched alone, all of them,
+    the synthetic geometry."""
     sets = []
     for style, other in GAP_OTHER.items():
         rows = [(style, None, {})] + [(f"{style}-{f}", f, {f: other}) for f in factors]
@@ -5060,8 +5251,8 @@ def gap_sets(factors: tuple[str, ...]) -> list[dict]:
         for name, switched, switch in rows:
             sets.append(dict(name=name, style=style, switched=switched, geometry="standin",
                              style_factors=sorted(f"{k}={v}" for k, v in switch.items())))
-        sets.append(dict(name=f"{style}-geometry", style=style, switched="geometry", geometry="synthetic",
-                         style_factors=[]))
+        sets.append(dict(name=f"{style}-geometry", style=style, switched="geometry",
+                         geometry="synthetic", style_factors=[]))
     return sets
 
 
@@ -5079,13 +5270,14 @@ def gap_commands(folder: Path, settings: dict, ckpt: Path, cfg: Config) -> list[
         flags += [config_flag(k)] + [str(x) for x in (v if isinstance(v, tuple) else (v,))]
     scales = " ".join(f"{x:g}" for x in cfg.eval_scales)
     return [" ".join(["python render_humans.py", str(folder), *flags, "--no-progress"]),
-            f"python repro.py --mode eval --ckpt {ckpt} --val-json {folder}/annotations.json --val-images "
-            f"{folder}/images --eval-scales {scales} --out {folder}/eval"]
+            f"python repro.py --mode eval --ckpt {ckpt} --val-json {folder}/annotations.json "
+            f"--val-images {folder}/images --eval-scales {scales} --out {folder}/eval"]
 
 
-def resampled_aps(kset: KeypointSet, results: list[dict], draws: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
-    """AP on `draws` bootstrap resamples of the images; seed 0, so sets of one size share the resamples
-    and the differences of two sets' arrays are a paired bootstrap."""
+def resampled_aps(kset: KeypointSet, results: list[dict],
+                  draws: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
+    """AP on `draws` bootstrap resamples of the images; seed 0, so sets of one size share the
+    resamples and the differences of two sets' arrays are a paired bootstrap."""
     from pycocotools.coco import COCO
 
     n, rng = len(kset.records), np.random.default_rng(0)
@@ -5107,8 +5299,8 @@ def gap_reading(spec: dict, row: dict, rows: dict) -> dict:
         sd_other = float(np.std(row["_draws"] - other["_draws"]))
         word = ("covers the style" if abs(row["AP"] - other["AP"]) <= 2 * sd_other
                 else "does not cover the style")
-        return dict(dAP=d, dAP_sd=sd, share=d / toward if toward else None, vs_other=row["AP"] - other["AP"],
-                    vs_other_sd=sd_other, reading=word)
+        return dict(dAP=d, dAP_sd=sd, share=d / toward if toward else None,
+                    vs_other=row["AP"] - other["AP"], vs_other_sd=sd_other, reading=word)
     if abs(d) <= 2 * sd:
         word = "no measured effect"
     else:
@@ -5120,30 +5312,36 @@ def gap_table(report: dict) -> str:
     def f(x, digits=3, sign=""):
         return "-" if x is None else f"{x:{sign}.{digits}f}"
 
-    lines = ["# Where the domain gap comes from", "", f"Rule, fixed before the run: {report['rule']}", "",
-             f"Command: `{report['command']}` ({report['wall_minutes']:.1f} minutes on {report['device']}; "
-             f"{report['images_per_set']} images per set, checkpoint {report['checkpoint']}).", "",
-             "| set | style | switched to the other style | images | people | AP | AP50 | peak_hit | AP sd "
-             "| dAP vs its style | paired sd | share of the gap | reading |",
+    lines = ["# Where the domain gap comes from", "",
+             f"Rule, fixed before the run: {report['rule']}", "",
+             f"Command: `{report['command']}` ({report['wall_minutes']:.1f} minutes on "
+             f"{report['device']}; {report['images_per_set']} images per set, checkpoint "
+             f"{report['checkpoint']}).", "",
+             "| set | style | switched to the other style | images | people | AP | AP50 | peak_hit "
+             "| AP sd | dAP vs its style | paired sd | share of the gap | reading |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sets"]:
         switched = r["switched"] or "(as it is)"
-        lines.append(f"| {r['name']} | {r['style']} | {switched} | {r['images']} | {r['people']} | {f(r['AP'])} | "
-                     f"{f(r['AP50'])} | {f(r['peak_hit'])} | {f(r['ap_sd'])} | {f(r.get('dAP'), sign='+')} | "
-                     f"{f(r.get('dAP_sd'))} | {f(r.get('share'), 2, '+')} | {r.get('reading', '')} |")
+        lines.append(f"| {r['name']} | {r['style']} | {switched} | {r['images']} | "
+                     f"{r['people']} | {f(r['AP'])} | {f(r['AP50'])} | {f(r['peak_hit'])} | "
+                     f"{f(r['ap_sd'])} | {f(r.get('dAP'), sign='+')} | {f(r.get('dAP_sd'))} | "
+                     f"{f(r.get('share'), 2, '+')} | {r.get('reading', '')} |")
     return "\n".join(lines) + "\n"
 
 
-def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = tuple(rh.STYLE_FACTORS),
+def run_domain_gap(cfg: Config, images: int, device,
+                   factors: tuple[str, ...] = tuple(rh.STYLE_FACTORS),
                    argv: list[str] | None = None, geometries: dict = GAP_GEOMETRIES) -> dict:
-    """Renders every set of gap_sets (cached under the sets folder), evaluates the checkpoint (default:
-    the shipped student) on each, writes domain-gap.json and domain-gap.md into --out (default results/domain-gap/)."""
+    """Renders every set of gap_sets (cached under the sets folder), evaluates the checkpoint
+    (default: the shipped student) on each, writes domain-gap.json and domain-gap.md into --out
+    (default results/domain-gap/)."""
     if images < 1:
         raise ReproError(f"--domain-gap N needs N >= 1 images per set, not {images}")
     ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(tracked_name(SHIPPED_STUDENT))
     model, cfg, _ = model_from_checkpoint(cfg, ckpt if cfg.ckpt else SHIPPED_STUDENT, device)
     if cfg.skeleton != "coco":
-        raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; the sets are COCO")
+        raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; "
+                         "the sets are COCO")
     out = Path(cfg.out) if cfg.out else Path("results/domain-gap")
     sets_root = (out / "domain-gap-sets" if cfg.out else Path("runs/domain-gap")) / f"n{images}"
     specs = gap_sets(factors)
@@ -5157,11 +5355,13 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
         t_render = time.perf_counter() - t
         kset = load_keypoint_set(ann, folder / "images", COCO)
         stats, results = evaluate(model, kset, cfg, device, progress=False)
-        people = [a for a in json.loads(ann.read_text())["annotations"] if a.get("num_keypoints", 0) > 0]
+        people = [a for a in json.loads(ann.read_text())["annotations"]
+                  if a.get("num_keypoints", 0) > 0]
         row = dict(spec, folder=str(folder), images=len(kset.records), people=len(people),
                    **{k: stats[k] for k in ("AP", "AP50", "peak_hit", "ap_sd")},
                    render_s=round(t_render, 1), eval_s=round(time.perf_counter() - t - t_render, 1),
-                   commands=gap_commands(folder, settings, ckpt, cfg), _draws=resampled_aps(kset, results))
+                   commands=gap_commands(folder, settings, ckpt, cfg),
+                   _draws=resampled_aps(kset, results))
         rows[spec["name"]] = row
         print(f"domain gap: {spec['name']}: AP {row['AP']:.3f} (sd {row['ap_sd']:.3f}), peak_hit "
               f"{row['peak_hit']:.3f}, {row['images']} images, {row['people']} people", flush=True)
@@ -5169,7 +5369,8 @@ def run_domain_gap(cfg: Config, images: int, device, factors: tuple[str, ...] = 
         if spec["switched"] is not None:
             rows[spec["name"]] |= gap_reading(spec, rows[spec["name"]], rows)
     command = "python repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = dict(rule=GAP_RULE, command=command, checkpoint=str(ckpt), device=str(device), seed=GAP_SEED,
+    report = dict(rule=GAP_RULE, command=command, checkpoint=str(ckpt), device=str(device),
+                  seed=GAP_SEED,
                   images_per_set=images, eval_scales=list(cfg.eval_scales), geometries=geometries,
                   factors={f: rh.STYLE_FACTORS[f] for f in factors}, code_version=code_version(),
                   wall_minutes=round((time.perf_counter() - t0) / 60, 2),
@@ -5210,13 +5411,14 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def loader_samples_per_second(maker: BatchMaker, cfg: Config, workers: int, rounds: int = 3) -> float:
+def loader_samples_per_second(maker: BatchMaker, cfg: Config, workers: int,
+                              rounds: int = 3) -> float:
     """Samples per second that `workers` loader processes deliver, as training draws them
     (Trainer.batches). Timed from the end of the first round, one batch per worker, which holds
     the workers' start, to the end of `rounds` more."""
     steps = StepBatches(maker, cfg.batch_size, cfg.seed, 0, (rounds + 1) * workers)
-    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers, prefetch_factor=2,
-                                         worker_init_fn=quiet_worker)
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers,
+                                         prefetch_factor=2, worker_init_fn=quiet_worker)
     t = 0.0
     for i, _ in enumerate(loader):
         if i == workers - 1:
@@ -5230,35 +5432,41 @@ def bench_pipeline(cfg: Config, maker: BatchMaker) -> dict:
     workers (N: the cores this process may use)."""
     rng = np.random.default_rng(0)
     specs = maker.plan(cfg.batch_size, rng)
-    _, keypoints, pasted, ignore = map(torch.as_tensor, collate([maker.sample(spec, rng) for spec in specs]))
+    _, keypoints, pasted, ignore = map(torch.as_tensor,
+                                       collate([maker.sample(spec, rng) for spec in specs]))
     with one_thread():  # a loader worker's share of the machine
         crop_s = seconds_per_call(lambda: collate([maker.sample(spec, rng) for spec in specs]), 5)
-        target_s = seconds_per_call(lambda: make_targets(keypoints, pasted, ignore, cfg), 10, warmup=1)
+        target_s = seconds_per_call(lambda: make_targets(keypoints, pasted, ignore, cfg), 10,
+                                    warmup=1)
     figures = dict(crop_and_paste_ms_per_sample=crop_s / cfg.batch_size * 1e3,
                    target_ms_per_sample=target_s / cfg.batch_size * 1e3)
     for workers in range(1, len(os.sched_getaffinity(0)) + 1):
-        figures[f"loader_samples_s_{workers}_workers"] = loader_samples_per_second(maker, cfg, workers)
+        figures[f"loader_samples_s_{workers}_workers"] = loader_samples_per_second(maker, cfg,
+                                                                                   workers)
     return figures
 
 
 def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
     cfg = dataclasses.replace(cfg, mode="augmented", steps=steps + 3)
-    header = (f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, arch {cfg.arch}, "
-              f"batch {cfg.batch_size}, input {cfg.input_size}, eval scales {cfg.eval_scales}, "
-              f"{precision(device, cfg)}")
+    header = (f"\nbench on {device} ({torch.get_num_threads()} threads), preset {cfg.preset}, "
+              f"arch {cfg.arch}, batch {cfg.batch_size}, input {cfg.input_size}, "
+              f"eval scales {cfg.eval_scales}, {precision(device, cfg)}")
     pipeline = bench_pipeline(cfg, BatchMaker(data, cfg))
     if device.type == "cpu" and cfg.arch == "openpose":
         # A step of the paper's VGG-19 network at 368 px takes tens of seconds on a few cores.
-        print(header + "\n  the network is not timed: the paper's VGG-19 student is timed on a GPU (--device cuda)")
+        print(header + "\n  the network is not timed: the paper's VGG-19 student is timed on a GPU "
+              "(--device cuda)")
         for k, v in pipeline.items():
             print(f"  {k:32s} {v:10.2f}")
         return pipeline
-    trainer = Trainer(cfg, data, device, Path("."))  # with --init: grouping is timed on a trained net's maps
+    # with --init: grouping is timed on a trained net's maps
+    trainer = Trainer(cfg, data, device, Path("."))
     maker, model = trainer.maker, trainer.model
     rng = np.random.default_rng(0)
     specs = maker.plan(cfg.batch_size, rng)
     fixed = maker.batch(specs, rng)  # pre-made: crops, targets and masks all ready
-    first_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), 1)  # with --compile: compiling
+    # with --compile: compiling
+    first_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), 1)
     premade_s = seconds_per_call(lambda: trainer.train_step(fixed, cfg.lr), steps, warmup=2)
     stream = (b for _, b in trainer.batches())
     streamed_s = seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr), steps, warmup=3)
@@ -5298,7 +5506,8 @@ def bf16_peak_tflops(device: torch.device) -> tuple[str, float | None]:
 
 
 def train_flops_per_image(trainer: Trainer, batch: Batch) -> float:
-    """Model FLOPs of one training step (forward + backward), per image, as FlopCounterMode counts them."""
+    """Model FLOPs of one training step (forward + backward), per image,
+    as FlopCounterMode counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg, device = trainer.cfg, trainer.device
@@ -5313,29 +5522,33 @@ def train_flops_per_image(trainer: Trainer, batch: Batch) -> float:
 
 def data_argv(cfg: Config) -> list[str]:
     """The flags that name this run's data, for a child process."""
-    flags = ("data", "coco_root", "train_json", "train_images", "val_json", "val_images", "synthetic_json",
-             "bank_json", "demo_dir", "demo_size", "mpii_root", "skeleton")
+    flags = ("data", "coco_root", "train_json", "train_images", "val_json", "val_images",
+             "synthetic_json", "bank_json", "demo_dir", "demo_size", "mpii_root", "skeleton")
     return [a for f in flags if getattr(cfg, f) is not None
             for a in (config_flag(f), str(getattr(cfg, f)))]
 
 
 def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
-    """`torchrun --nproc-per-node 1` (NCCL on a GPU, gloo on a CPU) trains a few steps of this network."""
+    """`torchrun --nproc-per-node 1` (NCCL on a GPU, gloo on a CPU) trains a few steps of this
+    network."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                str(Path(__file__).resolve()), "--preset", cfg.preset, "--mode", "real", *data_argv(cfg),
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "1", str(Path(__file__).resolve()), "--preset", cfg.preset,
+                "--mode", "real", *data_argv(cfg),
                 "--arch", cfg.arch, "--stages", str(cfg.stages), "--width", str(cfg.width),
-                "--input-size", str(cfg.input_size), "--batch-size", str(cfg.batch_size), "--steps", str(steps),
-                "--minutes", "0", "--device", device.type, "--init", "none", "--max-val-images", "1",
-                "--eval-scales", "1.0", "--eval-height", str(cfg.input_size), "--out", str(Path(tmp) / "run")]
+                "--input-size", str(cfg.input_size), "--batch-size", str(cfg.batch_size),
+                "--steps", str(steps), "--minutes", "0", "--device", device.type, "--init", "none",
+                "--max-val-images", "1", "--eval-scales", "1.0", "--eval-height",
+                str(cfg.input_size), "--out", str(Path(tmp) / "run")]
         t = time.perf_counter()
         done = subprocess.run(argv, capture_output=True, text=True)
         seconds = time.perf_counter() - t
         ckpt = Path(tmp) / "run" / "ckpt.pt"
         step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
-    return dict(backend="nccl" if device.type == "cuda" else "gloo", returncode=done.returncode, steps=step,
+    return dict(backend="nccl" if device.type == "cuda" else "gloo", returncode=done.returncode,
+                steps=step,
                 seconds=seconds, ok=done.returncode == 0 and step == steps,
                 stderr_tail=done.stderr[-500:] if done.returncode else "")
 
@@ -5343,30 +5556,37 @@ def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
 def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
     """The issue-20 device figures in one call: the student's training img/s (eager and compiled),
     its FLOPs per image and MFU, the loader against pre-made batches with a worker per core, the
-    teacher's cost per update and a torchrun check; written to results/gpu-bench/gpu-bench.json (or --out)."""
+    teacher's cost per update and a torchrun check; written to results/gpu-bench/gpu-bench.json
+    (or --out)."""
     cores = len(os.sched_getaffinity(0))
     cfg = dataclasses.replace(cfg, mode="augmented", steps=10 * steps, workers=cores, init=None)
     name, peak = bf16_peak_tflops(device)
     report = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, cores=cores,
-                  precision=precision(device, cfg), preset=cfg.preset, arch=cfg.arch, stages=cfg.stages,
-                  input_size=cfg.input_size, batch_size=cfg.batch_size, argv=sys.argv, bf16_peak_tflops=peak)
+                  precision=precision(device, cfg), preset=cfg.preset, arch=cfg.arch,
+                  stages=cfg.stages, input_size=cfg.input_size, batch_size=cfg.batch_size,
+                  argv=sys.argv, bf16_peak_tflops=peak)
     trainer = Trainer(cfg, data, device, Path("."))
     rng = np.random.default_rng(0)
     fixed = trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng), rng)
     report["train_flops_per_image"] = flops = train_flops_per_image(trainer, fixed)
     for compiled in (False, True):
-        t = trainer if not compiled else Trainer(dataclasses.replace(cfg, compile=True), data, device, Path("."))
-        first = seconds_per_call(lambda: t.train_step(fixed, cfg.lr), 1)  # compiled: the compile itself
-        img_s = cfg.batch_size / seconds_per_call(lambda: t.train_step(fixed, cfg.lr), steps, warmup=2)
+        t = trainer if not compiled else Trainer(dataclasses.replace(cfg, compile=True), data,
+                                                 device, Path("."))
+        # compiled: the compile itself
+        first = seconds_per_call(lambda: t.train_step(fixed, cfg.lr), 1)
+        img_s = cfg.batch_size / seconds_per_call(lambda: t.train_step(fixed, cfg.lr), steps,
+                                                  warmup=2)
         key = "compiled" if compiled else "eager"
         report[f"{key}_first_step_s"], report[f"{key}_img_s_premade"] = first, img_s
         report[f"{key}_mfu"] = flops * img_s / (peak * 1e12) if peak else None
     stream = (b for _, b in trainer.batches())
-    streamed = cfg.batch_size / seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr), steps, warmup=3)
+    streamed = cfg.batch_size / seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr),
+                                                 steps, warmup=3)
     report |= dict(eager_img_s_end_to_end=streamed, loader_workers=cores,
                    pipeline_ratio=streamed / report["eager_img_s_premade"])
     teacher = Teacher(dataclasses.replace(cfg, mode="student-teacher"), trainer.maker, device)
-    hard = np.resize(fixed.image, (TEACHER_HARD_CROPS,) + fixed.image.shape[1:])  # a window's hard crops
+    # a window's hard crops
+    hard = np.resize(fixed.image, (TEACHER_HARD_CROPS,) + fixed.image.shape[1:])
     target = np.full(teacher.bins, 1 / teacher.bins)
     report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target, hard, cfg.lr, 0),
                                                            teacher.output(hard)), 5, warmup=1)
@@ -5384,12 +5604,13 @@ def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, th
                  limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For the side-by-side timing only, not used in training: the peer's method, Lightweight
     OpenPose's plain Python loops (datasets/coco.py, _generate_keypoint_maps + _generate_paf_maps),
-    re-implemented on one sample's (P, K, 3) people. Per joint, the cells of a 4-sigma window get the
-    Gaussian (cut at 0.01) added and clipped at 1; per limb, the cells of its joints' box grown by
-    `thickness` cells and within `thickness` cells of its line get its unit vector, the last person
-    winning."""
+    re-implemented on one sample's (P, K, 3) people. Per joint, the cells of a 4-sigma window get
+    the Gaussian (cut at 0.01) added and clipped at 1; per limb, the cells of its joints' box grown
+    by `thickness` cells and within `thickness` cells of its line get its unit vector, the last
+    person winning."""
     n = size // stride
-    heat, paf = np.zeros((keypoints.shape[1] + 1, n, n), np.float32), np.zeros((2 * len(limbs), n, n), np.float32)
+    heat, paf = (np.zeros((keypoints.shape[1] + 1, n, n), np.float32),
+                 np.zeros((2 * len(limbs), n, n), np.float32))
     shift = stride / 2 - 0.5
     for part in range(keypoints.shape[1]):
         for x, y, v in keypoints[:, part]:
@@ -5399,7 +5620,8 @@ def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, th
             x1, y1 = min(int(x + 4 * sigma), size), min(int(y + 4 * sigma), size)
             for row in range(y0 // stride, y1 // stride):
                 for col in range(x0 // stride, x1 // stride):
-                    e = ((col * stride + shift - x) ** 2 + (row * stride + shift - y) ** 2) / (2 * sigma ** 2)
+                    e = (((col * stride + shift - x) ** 2 + (row * stride + shift - y) ** 2)
+                         / (2 * sigma ** 2))
                     if e <= math.log(100):
                         heat[part, row, col] = min(heat[part, row, col] + math.exp(-e), 1.0)
     heat[-1] = 1 - heat[:-1].max(0)
@@ -5410,14 +5632,17 @@ def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, th
             if va <= 0 or vb <= 0 or norm < 1e-7:
                 continue
             ux, uy = (xb - xa) / norm, (yb - ya) / norm
-            for row in range(int(max(min(ya, yb) - thickness, 0)), int(min(max(ya, yb) + thickness, n))):
-                for col in range(int(max(min(xa, xb) - thickness, 0)), int(min(max(xa, xb) + thickness, n))):
+            for row in range(int(max(min(ya, yb) - thickness, 0)),
+                             int(min(max(ya, yb) + thickness, n))):
+                for col in range(int(max(min(xa, xb) - thickness, 0)),
+                                 int(min(max(xa, xb) + thickness, n))):
                     if abs((col - xa) * uy - (row - ya) * ux) <= thickness:
                         paf[2 * limb, row, col], paf[2 * limb + 1, row, col] = ux, uy
     return heat, paf
 
 
-def bench_people(data: Data, cfg: Config, per_sample: int, samples: int, rng: np.random.Generator) -> torch.Tensor:
+def bench_people(data: Data, cfg: Config, per_sample: int, samples: int,
+                 rng: np.random.Generator) -> torch.Tensor:
     """(samples, per_sample, K, 3) people as crops at cfg's geometry place them: everyone in 4x as
     many training crops, drawn at random."""
     maker = BatchMaker(data, dataclasses.replace(cfg, mode="real"))
@@ -5429,18 +5654,21 @@ def bench_people(data: Data, cfg: Config, per_sample: int, samples: int, rng: np
     return torch.as_tensor(pool[rng.choice(len(pool), (samples, per_sample), replace=False)])
 
 
-def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10), batch: int = 16) -> dict:
+def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10),
+                  batch: int = 16) -> dict:
     """heatmap_targets + paf_targets against the peer's loops, on one thread and the same people:
     ms per sample batched as the loader does, one sample at a time, and the peer's (best of 5)."""
     sk, rng, figures = skeleton(cfg), np.random.default_rng(0), {}
     with one_thread():
         for name, preset in (("demo", PRESETS["demo"]), ("paper", PRESETS["paper"])):
             geometry = {k: preset.get(k, getattr(Config(), k))
-                        for k in ("input_size", "stride", "sigma", "paf_width", "max_center_offset")}
+                        for k in ("input_size", "stride", "sigma", "paf_width",
+                                  "max_center_offset")}
             g = dataclasses.replace(cfg, **geometry)
             size, stride = g.input_size, g.stride
-            print(f"\ntargets at the {name} geometry ({size} px, stride {stride}, sigma {g.sigma}, PAF half-width "
-                  f"{g.paf_width} px = the peer's thickness {g.paf_width / stride} cells), 1 thread, ms per sample")
+            print(f"\ntargets at the {name} geometry ({size} px, stride {stride}, sigma "
+                  f"{g.sigma}, PAF half-width {g.paf_width} px = the peer's thickness "
+                  f"{g.paf_width / stride} cells), 1 thread, ms per sample")
             for n in people:
                 kp = bench_people(data, g, n, batch, rng)
 
@@ -5449,17 +5677,22 @@ def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10),
                             paf_targets(k, size, stride, g.paf_width, sk.limbs))
 
                 # the best of 5: on a shared machine the fastest repeat is the least disturbed one
-                batched = min(seconds_per_call(lambda: ours(kp), 1, warmup=1) for _ in range(5)) / batch
-                single = min(seconds_per_call(lambda: [ours(k[None]) for k in kp], 1) for _ in range(5)) / batch
+                batched = min(seconds_per_call(lambda: ours(kp), 1, warmup=1)
+                              for _ in range(5)) / batch
+                single = min(seconds_per_call(lambda: [ours(k[None]) for k in kp], 1)
+                             for _ in range(5)) / batch
                 thickness = g.paf_width / stride
-                peer = min(seconds_per_call(lambda: [peer_targets(k.numpy(), size, stride, g.sigma, thickness, sk.limbs)
+                peer = min(seconds_per_call(lambda: [peer_targets(k.numpy(), size, stride, g.sigma,
+                                                                  thickness, sk.limbs)
                                                      for k in kp], 1) for _ in range(5)) / batch
-                figures[f"{name}_{n}_people"] = row = dict(batched_ms=batched * 1e3, single_ms=single * 1e3,
-                                                           peer_ms=peer * 1e3, speedup_batched=peer / batched,
+                figures[f"{name}_{n}_people"] = row = dict(batched_ms=batched * 1e3,
+                                                           single_ms=single * 1e3,
+                                                           peer_ms=peer * 1e3,
+                                                           speedup_batched=peer / batched,
                                                            speedup_single=peer / single)
-                print(f"  people {n:2d}: ours batched by {batch} {row['batched_ms']:6.3f}, one at a time "
-                      f"{row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: {row['speedup_batched']:4.1f}x and "
-                      f"{row['speedup_single']:4.1f}x faster")
+                print(f"  people {n:2d}: ours batched by {batch} {row['batched_ms']:6.3f}, one at "
+                      f"a time {row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: "
+                      f"{row['speedup_batched']:4.1f}x and {row['speedup_single']:4.1f}x faster")
     return figures
 
 
@@ -5482,10 +5715,12 @@ def gpu_report_job(cfg: Config, args: argparse.Namespace) -> None:
 # Predict: a trained student on your own images and videos; its network as an ONNX model
 # ----------------------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # [ours] what cv2.imread decodes
+# [ours] what cv2.imread decodes
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")  # [ours] cv2's ffmpeg reads
+# [ours] cv2's ffmpeg reads
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
 # [ours] video frames per forward pass: on the 2-core machine the demo network ran about 1.4x faster
@@ -5499,13 +5734,16 @@ VIDEO_FALLBACK_FPS = 30.0  # [ours] where a video does not say its frame rate
 ONNX_OPSET = 17  # [ours] the legacy exporter's well-tested opset; onnxruntime 1.31 runs it
 
 
-ONNX_TOLERANCE = 1e-3  # [ours] largest max abs difference of the maps (heat in [0, 1]) accepted from onnxruntime
+# [ours] largest max abs difference of the maps (heat in [0, 1]) accepted from onnxruntime
+ONNX_TOLERANCE = 1e-3
 
 
-OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)  # [ours] overview.png: the first 8 images in 176 x 132 (under 300 KB)
+# [ours] overview.png: the first 8 images in 176 x 132 (under 300 KB)
+OVERVIEW_IMAGES, OVERVIEW_BOX = 8, (176, 132)
 
 
-PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")  # what predict writes beside the images
+# what predict writes beside the images
+PREDICT_FILES = ("predictions.json", "predictions.mat", "overview.png")
 
 
 def decoded_image(path: Path) -> np.ndarray | None:
@@ -5534,7 +5772,8 @@ def predict_inputs(path: Path) -> list[Path]:
         files = sorted(p for p in path.iterdir()
                        if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
         if not files:
-            raise ReproError(f"--input {path}: no images in this folder (looked for {' '.join(IMAGE_SUFFIXES)})")
+            raise ReproError(f"--input {path}: no images in this folder "
+                             f"(looked for {' '.join(IMAGE_SUFFIXES)})")
         return files
     if not path.is_file():
         raise ReproError(f"--input {path} does not exist")
@@ -5564,8 +5803,9 @@ def onnx_modules():
         import onnx
         import onnxruntime
     except ImportError:
-        raise ReproError("--export-onnx and --onnx need onnx and onnxruntime: pip install onnx==1.23.2 "
-                         "onnxruntime==1.31.1 (both are in requirements.txt)") from None
+        raise ReproError("--export-onnx and --onnx need onnx and onnxruntime: "
+                         "pip install onnx==1.23.2 onnxruntime==1.31.1 "
+                         "(both are in requirements.txt)") from None
     return onnx, onnxruntime
 
 
@@ -5579,14 +5819,16 @@ class OnnxMaps(nn.Module):
         _, ort = onnx_modules()
         if not Path(path).is_file():
             raise ReproError(f"ONNX model not found: {path}")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
         self.path = path
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
-            self.config = json.loads(self.session.get_modelmeta().custom_metadata_map["repro_config"])
+            self.config = json.loads(
+                self.session.get_modelmeta().custom_metadata_map["repro_config"])
         except Exception as e:
-            raise ReproError(f"cannot read ONNX model {path} ({type(e).__name__}): corrupt or not made by "
-                             "--export-onnx") from None
+            raise ReproError(f"cannot read ONNX model {path} ({type(e).__name__}): "
+                             "corrupt or not made by --export-onnx") from None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The model's maps, refused where they are not the shape its metadata (checked by
@@ -5617,15 +5859,17 @@ def predictor(cfg: Config, device) -> tuple[nn.Module, Config]:
         source = cfg.ckpt or str(SHIPPED_STUDENT)
         model, arch, _ = model_from_checkpoint(cfg, source, device)
     if arch.skeleton != cfg.skeleton:
-        raise ReproError(f"{source} predicts the {arch.skeleton} skeleton, not {cfg.skeleton}: pass --skeleton "
-                         f"{arch.skeleton} or a {cfg.skeleton} checkpoint")
+        raise ReproError(f"{source} predicts the {arch.skeleton} skeleton, not {cfg.skeleton}: "
+                         f"pass --skeleton {arch.skeleton} or a {cfg.skeleton} checkpoint")
     return model.eval(), arch
 
 
-def draw_people(image: np.ndarray, people: list[tuple[np.ndarray, float]], scale: float = 1.0) -> np.ndarray:
+def draw_people(image: np.ndarray, people: list[tuple[np.ndarray, float]],
+                scale: float = 1.0) -> np.ndarray:
     """Decoded people's skeletons (found joints only) drawn on a copy of the image, their
     coordinates times scale (the image is that much smaller than the one they were found on)."""
-    return rh.draw_keypoints(image, [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
+    return rh.draw_keypoints(image, [dict(keypoints=np.concatenate([kp[:, :2],
+                                                                    2.0 * (kp[:, 2:] > 0)], 1))
                                      for kp, _ in people], scale)
 
 
@@ -5634,7 +5878,8 @@ def overview_tile(image: np.ndarray, people: list[tuple[np.ndarray, float]]) -> 
     their lines stay visible."""
     (w, h), (height, width) = OVERVIEW_BOX, image.shape[:2]
     scale = min(w / width, h / height)
-    small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(image, (round(width * scale), round(height * scale)),
+                       interpolation=cv2.INTER_AREA)
     top, left = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
     drawn = draw_people(small, people, scale)
     return cv2.copyMakeBorder(drawn, top, h - small.shape[0] - top, left, w - small.shape[1] - left,
@@ -5642,7 +5887,8 @@ def overview_tile(image: np.ndarray, people: list[tuple[np.ndarray, float]]) -> 
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
-    ok, data = cv2.imencode(path.suffix, image, [cv2.IMWRITE_PNG_COMPRESSION, 9] if path.suffix == ".png" else [])
+    ok, data = cv2.imencode(path.suffix, image,
+                            [cv2.IMWRITE_PNG_COMPRESSION, 9] if path.suffix == ".png" else [])
     if not ok:
         raise ReproError(f"cannot encode {path} as {path.suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -5665,7 +5911,8 @@ def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
         else:
             maps, base = network_maps(model, image, cfg, device)  # the base scale as evaluation's
             people = decode_maps(maps, base, sk)
-            results += [r | dict(file_name=path.name) for r in coco_results(image_id, people, scores=True)]
+            results += [r | dict(file_name=path.name)
+                        for r in coco_results(image_id, people, scores=True)]
             groups += sk.benchmark.image_predictions(path.name, people)
             write_image(out / path.name, draw_people(image, people))
             tiles += [overview_tile(image, people)] if len(tiles) < OVERVIEW_IMAGES else []
@@ -5678,15 +5925,18 @@ def predict_images(model: nn.Module, files: list[Path], cfg: Config, device,
 
 def open_video(path: Path) -> tuple[cv2.VideoCapture, np.ndarray, float]:
     """A readable video, its first frame and its frame rate; one line where it cannot be read."""
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # [ours] ffmpeg's own lines would bury ours
+    # [ours] ffmpeg's own lines would bury ours
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     capture = cv2.VideoCapture(str(path))
     ok, first = capture.read() if capture.isOpened() else (False, None)
     if not ok:
         capture.release()
-        raise ReproError(f"cannot read video {path}: the file is corrupt, empty or in a format cv2 cannot decode")
+        raise ReproError(f"cannot read video {path}: the file is corrupt, empty or in a format "
+                         "cv2 cannot decode")
     fps = capture.get(cv2.CAP_PROP_FPS)
     if not fps > 0:
-        print(f"{path} does not say its frame rate: the output is written at {VIDEO_FALLBACK_FPS:g} fps")
+        print(f"{path} does not say its frame rate: the output is written at "
+              f"{VIDEO_FALLBACK_FPS:g} fps")
     return capture, first, fps if fps > 0 else VIDEO_FALLBACK_FPS
 
 
@@ -5696,7 +5946,8 @@ def frame_batches(capture: cv2.VideoCapture, first: np.ndarray, n: int):
     while True:
         ok, frame = capture.read()
         if ok:  # a frame of another size (rare) is fitted to the first's: the writer needs one size
-            batch.append(frame if frame.shape == first.shape else cv2.resize(frame, first.shape[1::-1]))
+            batch.append(frame if frame.shape == first.shape
+                         else cv2.resize(frame, first.shape[1::-1]))
         if len(batch) == n or (not ok and batch):
             yield np.stack(batch)
             batch = []
@@ -5704,7 +5955,8 @@ def frame_batches(capture: cv2.VideoCapture, first: np.ndarray, n: int):
             return
 
 
-def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) -> tuple[list[dict], list[Group], int]:
+def predict_video(model: nn.Module, path: Path, cfg: Config, device,
+                  out: Path) -> tuple[list[dict], list[Group], int]:
     """The video with its skeletons drawn (out/<name>.mp4, the input's frame rate), its COCO
     results with a frame index per person, its MPII groups (one per frame) and its frame count."""
     capture, first, fps = open_video(path)
@@ -5716,7 +5968,8 @@ def predict_video(model: nn.Module, path: Path, cfg: Config, device, out: Path) 
     bar = rh.progress(total=total, unit="frame", desc="predicting", stream=sys.stdout)
     try:
         with atomic_path(target, keep_suffix=True) as tmp:
-            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, first.shape[1::-1])
+            writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                     first.shape[1::-1])
             if not writer.isOpened():
                 raise ReproError(f"cannot write video {target} (cv2 has no mp4v encoder here)")
             for frames in frame_batches(capture, first, PREDICT_BATCH):
@@ -5742,9 +5995,11 @@ def predict_out(cfg: Config, source: Path, files: list[Path]) -> tuple[Path, boo
     input's own folder, a file or under one, read-only, or a folder holding other files."""
     out = Path(cfg.out) if cfg.out else Path("runs") / f"predict-{source.stem}"
     if out.resolve() == (source if source.is_dir() else source.parent).resolve():
-        raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace the originals")
+        raise ReproError(f"--out {out} is the input's own folder: the drawn copies would replace "
+                         "the originals")
     if clash := set(PREDICT_FILES) & {p.name for p in files}:
-        raise ReproError(f"--input has an image named {clash.pop()}, as a file predict writes: rename it")
+        raise ReproError(f"--input has an image named {clash.pop()}, "
+                         "as a file predict writes: rename it")
     check_out(out, folder=True)
     held = sorted(out.iterdir()) if out.is_dir() else []
     drawn = IMAGE_SUFFIXES + (".mp4",) if (out / "predictions.json").is_file() else ()
@@ -5796,7 +6051,8 @@ def run_predict(cfg: Config, device: torch.device) -> list[dict]:
         also = skeleton(cfg).benchmark.write_image_predictions(tmp, groups)
     if replaced:
         print(f"{out} held an earlier prediction: replaced whole by this one")
-    print(f"{len(results)} people in {what} ({'onnxruntime' if cfg.onnx else device}): {out}/predictions.json"
+    print(f"{len(results)} people in {what} ({'onnxruntime' if cfg.onnx else device}): "
+          f"{out}/predictions.json"
           + "".join(f" and {name}" for name in also))
     return results
 
@@ -5837,17 +6093,21 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
         raise ReproError(f"--export-onnx {path}: give a .onnx file in an existing folder")
     source = cfg.ckpt or tracked_name(SHIPPED_STUDENT)
     model, cfg, _ = model_from_checkpoint(cfg, cfg.ckpt or SHIPPED_STUDENT, torch.device("cpu"))
-    net = LastStage(model.float()).eval()  # eval: the exporter restores the wrapper's mode onto the net
-    meta = dict(repro_config=json.dumps({k: getattr(cfg, k) for k in ARCH_KEYS}), source=str(source),
+    # eval: the exporter restores the wrapper's mode onto the net
+    net = LastStage(model.float()).eval()
+    meta = dict(repro_config=json.dumps({k: getattr(cfg, k) for k in ARCH_KEYS}),
+                source=str(source),
                 mean_bgr=json.dumps(IMAGE_MEAN.tolist()), std_bgr=json.dumps(IMAGE_STD.tolist()))
     with atomic_path(path, keep_suffix=True) as tmp:
         example = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
-        with warnings.catch_warnings():  # the legacy exporter's deprecation note; dynamo needs onnxscript
+        # the legacy exporter's deprecation note; dynamo needs onnxscript
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["image"], output_names=["maps"],
                               dynamic_axes=dict(image={0: "batch", 2: "height", 3: "width"},
-                                                maps={0: "batch", 2: "grid_height", 3: "grid_width"}))
+                                                maps={0: "batch", 2: "grid_height",
+                                                      3: "grid_width"}))
         exported = onnx.load(str(tmp))
         onnx.helper.set_model_props(exported, meta)
         onnx.save(exported, str(tmp))
@@ -5855,8 +6115,9 @@ def export_onnx(cfg: Config, path: Path) -> list[float]:
         if max(diffs) > ONNX_TOLERANCE:
             raise ReproError(f"onnxruntime's maps differ from torch's by up to {max(diffs):.2g} "
                              f"(> {ONNX_TOLERANCE:g}): {path} not written")
-    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB from {source}, dynamic batch and input size (multiples of "
-          f"{cfg.stride} px); max abs difference of the maps, onnxruntime vs torch, on {len(diffs)} inputs: "
+    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB from {source}, dynamic batch and input "
+          f"size (multiples of {cfg.stride} px); max abs difference of the maps, onnxruntime vs "
+          f"torch, on {len(diffs)} inputs: "
           + ", ".join(f"{d:.2g}" for d in diffs))
     return diffs
 
