@@ -8,8 +8,8 @@
 
 Reading map. Part I, the method, has these sections: config, skeletons, datasets, person-centric crops
 and compositing, targets and loss masks, batches, networks, loss, teacher, trainer, inference,
-evaluation. Part II, the tooling around it: MPII human pose, files, run folders, figures, the claims
-protocol, where the domain gap comes from, benchmark, predict, the command line.
+evaluation. Part II, the tooling around it: MPII human pose, files, figures, the claims protocol,
+where the domain gap comes from, benchmark, predict, runs, the command line.
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -28,9 +28,9 @@ Where the paper's rules live:
 Part I uses Part II only through these seams (a test checks the list): load_checkpoint, load_weights,
 save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files),
 MpiiBenchmark (MPII's file formats and scoring: Skeleton.benchmark looks it up by the skeleton's
-name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints, run
-folders, figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench,
-predict and ONNX, and the command line.
+name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints,
+figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench, predict
+and ONNX, runs (main, a training run's start, its folder and finish), and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -2984,18 +2984,6 @@ def shipped_student_fits(cfg: Config) -> bool:
     return isinstance(saved, dict) and all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
 
 
-def resolve_init(cfg: Config, finetune_given: bool) -> Config:
-    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
-    --init none -> from scratch. A demo-preset fine-tune that names none of FINETUNE's settings runs it."""
-    init = cfg.init
-    if init == "auto":
-        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
-        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
-    init = None if init == "none" else init
-    finetune = FINETUNE if init and cfg.preset == "demo" and not finetune_given else {}
-    return dataclasses.replace(cfg, init=init, **finetune)
-
-
 def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = False) -> None:
     """A training checkpoint -> a student: weights in float16, config and step, nothing else. An
     existing `out` is replaced only when asked to (the protocol does; the command line's --out)."""
@@ -3146,282 +3134,6 @@ def read_jsonl(path: Path) -> list[dict]:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record, default=float) + "\n")  # one write per line: a cut run loses whole lines
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders: a run's start, lock, signals and finish
-# ----------------------------------------------------------------------------------------------
-
-def default_run_dir(cfg: Config, data_name: str) -> Path:
-    return Path("runs") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
-
-
-def benchmark_label(data_name: str) -> str:
-    if data_name.startswith("demo"):
-        labels = "MPII joints, " if data_name == "demo-mpii" else ""
-        return f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, NOT real data)"
-    return f"{data_name} val"
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg)
-    if world == 1:
-        return 0, 1, device
-    if cfg.batch_size % world:
-        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes: each "
-                         "trains an equal share of every step's batch")
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
-    if not cfg.ckpt:
-        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
-    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
-    if cfg.skeleton != data.val.skeleton.name:
-        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
-                         f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
-    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"eval-{data.name}"  # never beside a tracked checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
-               out / f"eval-{data.name}.json")
-    print(data.val.skeleton.benchmark.table(stats, benchmark_label(data.name)))
-    return stats
-
-
-LOCK_NAME = "run.lock"
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def process_started(pid: int) -> str | None:
-    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
-    one process, so a lock whose pid was reused by another program is told from a live one."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def lock_text() -> str:
-    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()), host=os.uname().nodename))
-
-
-def lock_holder(out: Path) -> int | None:
-    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its process
-    is gone, or its pid now names another process). A lock of another host counts as held. Older
-    locks hold the pid alone."""
-    try:
-        text = (out / LOCK_NAME).read_text().strip()
-    except OSError:
-        return None
-    try:
-        lock = json.loads(text)
-        lock = lock if isinstance(lock, dict) else dict(pid=lock)
-    except ValueError:
-        return None
-    pid = lock.get("pid")
-    # 0 and -1 would signal a process group, and a pid beyond C's int overflows os.kill
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
-        return None
-    if lock.get("host", os.uname().nodename) != os.uname().nodename:
-        return pid
-    started = lock.get("started")
-    if not process_alive(pid) or (started is not None and process_started(pid) not in (started, None)):
-        return None
-    return pid
-
-
-def hold_run_dir(out: Path) -> Path:
-    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
-    host). A folder held by a live process is refused; a lock left by a dead one is stale and taken over."""
-    lock = out / LOCK_NAME
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = lock_holder(out)
-                if holder is not None:
-                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it to finish, "
-                                     "or use another --out") from None
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(lock_text())
-            return lock
-    except OSError as e:
-        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
-    released, loader workers and protocol runs ended."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated
-
-
-PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
-
-
-def watch_parent(every: float = 1.0) -> None:
-    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent is
-    gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
-    import threading
-
-    parent = os.environ.get(PARENT_ENV, "")
-    if not parent.isdigit():
-        return
-
-    def watch():
-        while os.getppid() == int(parent):
-            time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
-
-
-def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int, world: int) -> Trainer:
-    """Everything that can refuse a run happens before the run folder is touched."""
-    ckpt_path = out / "ckpt.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR for a new one")
-    if cfg.resume and not ckpt_path.exists():
-        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    trainer = Trainer(cfg, data, device, out, rank, world)
-    if cfg.resume:
-        try:
-            trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file put there by hand
-            what = str(e).splitlines()[0] if str(e) else "bad content"
-            raise ReproError(f"--resume: {ckpt_path} is not a training checkpoint of this run "
-                             f"({type(e).__name__}: {what})") from None
-        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
-            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
-                             f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")
-    if cfg.steps == 0:
-        print("--steps 0: no training; the starting weights are evaluated (untrained unless --init)")
-    return trainer
-
-
-def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
-    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its checkpoint."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and not r.get("final")]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
-
-
-def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
-    """Final evaluation, metrics, predictions and figures of a finished run."""
-    cfg, device = trainer.cfg, trainer.device
-    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
-    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats,
-                                             final=True))
-    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
-                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
-    data.val.skeleton.benchmark.write_predictions(out, results)
-    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
-    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
-    if trainer.teacher is not None:
-        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
-    benchmark = data.val.skeleton.benchmark
-    print(benchmark.table(stats, benchmark_label(data.name)))
-    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl") if "eval" in r and r["step"] == 0]
-    if start and trainer.step > 0:
-        print(f"from --init to the end of training: {benchmark.headline(start[0])} -> {benchmark.headline(stats)}")
-    print(f"run folder: {out}")
-    return stats
-
-
-def device_name(device: torch.device) -> str:
-    """What a record calls the device: the GPU's name, or cpu."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def instruction_set(amx: bool, avx512_bf16: bool, capability: str) -> str:
-    """The CPU's instruction set that sets a run's speed: AMX or AVX-512 BF16 (native bf16, see
-    cpu_has_native_bf16), else the vector set torch's kernels dispatch to (AVX-512, AVX2, ...)."""
-    if amx or avx512_bf16:
-        return "AMX" if amx else "AVX-512 BF16"
-    names = {"AVX512": "AVX-512", "NO AVX": "no AVX", "DEFAULT": "scalar"}
-    return names.get(capability, capability)
-
-
-def cpu_model() -> str:
-    """/proc/cpuinfo's 'model name' (Linux), else what the platform module says."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    import platform
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_key(model: str, isa: str, precision: str, threads: int | str, torch_version: str) -> str:
-    """Where a run trained, as one key: the CPU's model or the GPU's name, the instruction set that
-    sets its speed (a GPU's: its compute capability), the precision used, torch's threads and
-    version. Runs are compared in pairs only within one key (paired_aps)."""
-    return f"{model} ({isa}), {precision}, {threads} threads, torch {torch_version}"
-
-
-def this_device_key(device: torch.device, cfg: Config) -> str:
-    """The device key of a run of `cfg` on `device` here, now."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        model, isa = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
-    else:
-        capability = torch.backends.cpu.get_cpu_capability()
-        model, isa = cpu_model(), instruction_set(*cpu_bf16_units(), capability)
-    threads, version = torch.get_num_threads(), torch.__version__
-    return device_key(model, isa, precision(device, cfg), threads, version)
-
-
-def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
-    trainer = start_run(cfg, data, device, out, rank, world)
-    if rank != 0:
-        trainer.fit()
-        return {}
-    lock = hold_run_dir(out)
-    try:
-        if cfg.resume:
-            print(f"resumed {out} at step {trainer.step}")
-        prepare_metrics(out, cfg, trainer.step)
-        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        device_name=device_name(device), device_key=this_device_key(device, cfg),
-                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
-                        argv=sys.argv), out / "config.json")
-        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
-            label = f"{benchmark_label(data.name)}, before training (--init)"
-            print(data.val.skeleton.benchmark.table(trainer.evaluate_now(), label))
-        trainer.fit()
-        return finish_run(trainer, data, out)
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5885,6 +5597,357 @@ def export_onnx_job(cfg: Config, args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Runs: main, a training run's start, its folder's lock and signals, its finish
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM ends it as Ctrl-C does (the handler is put back after, for
+    callers)."""
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    watch_parent()
+    try:
+        return run_main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+    except SystemExit as e:  # --help (0), or the parser refused the command line in one line (2)
+        return int(e.code or 0)
+    try:
+        check_config(cfg)
+        JOBS[args.job].run(cfg, args)
+    except (ReproError, rh.RenderError) as e:
+        print(f"repro.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder: one line, no half-files (atomic writes)
+        print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        training = args.job != TRAIN or cfg.mode not in ("eval", "predict")
+        kept = JOBS[args.job].kept if training else None
+        print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    return 0
+
+
+def train_job(cfg: Config, args: argparse.Namespace) -> None:
+    """A --mode run: training, --mode eval or --mode predict."""
+    rank, world, device = start_job(cfg)
+    if cfg.mode == "predict":  # no dataset: the user's own images
+        run_predict(cfg, device)
+        return
+    data = load_data(cfg)
+    if cfg.mode == "eval":
+        run_eval(cfg, data, device)
+    else:
+        run_training(cfg, data, device, rank, world)
+
+
+def start_job(cfg: Config) -> tuple[int, int, torch.device]:
+    """Threads, the device (and torchrun's ranks), the seeds: for the jobs that compute."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup_distributed(cfg)
+    seed_everything(cfg.seed + rank)
+    return rank, world, device
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg)
+    if world == 1:
+        return 0, 1, device
+    if cfg.batch_size % world:
+        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} "
+                         "processes: each trains an equal share of every step's batch")
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
+    trainer = start_run(cfg, data, device, out, rank, world)
+    if rank != 0:
+        trainer.fit()
+        return {}
+    lock = hold_run_dir(out)
+    try:
+        if cfg.resume:
+            print(f"resumed {out} at step {trainer.step}")
+        prepare_metrics(out, cfg, trainer.step)
+        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name),
+                        device=str(device), device_name=device_name(device),
+                        device_key=this_device_key(device, cfg), torch=torch.__version__,
+                        threads=torch.get_num_threads(), precision=precision(device, cfg),
+                        argv=sys.argv), out / "config.json")
+        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
+            label = f"{benchmark_label(data.name)}, before training (--init)"
+            print(data.val.skeleton.benchmark.table(trainer.evaluate_now(), label))
+        trainer.fit()
+        return finish_run(trainer, data, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def default_run_dir(cfg: Config, data_name: str) -> Path:
+    return Path("runs") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
+
+
+def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int,
+              world: int) -> Trainer:
+    """Everything that can refuse a run happens before the run folder is touched."""
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not cfg.resume:
+        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR "
+                         "for a new one")
+    if cfg.resume and not ckpt_path.exists():
+        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
+    trainer = Trainer(cfg, data, device, out, rank, world)
+    if cfg.resume:
+        try:
+            trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file put there by hand
+            what = str(e).splitlines()[0] if str(e) else "bad content"
+            raise ReproError(f"--resume: {ckpt_path} is not a training checkpoint of this run "
+                             f"({type(e).__name__}: {what})") from None
+        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
+            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps "
+                             f"{cfg.steps}, results in {out / 'metrics.json'}); raise --steps to "
+                             f"train on, or --mode eval --ckpt {ckpt_path}")
+    if cfg.steps == 0:
+        print("--steps 0: no training; the starting weights are evaluated (untrained unless "
+              "--init)")
+    return trainer
+
+
+LOCK_NAME = "run.lock"
+
+
+def hold_run_dir(out: Path) -> Path:
+    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
+    host). A folder held by a live process is refused; a lock left by a dead one is stale and
+    taken over."""
+    lock = out / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = lock_holder(out)
+                if holder is not None:
+                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it "
+                                     "to finish, or use another --out") from None
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(lock_text())
+            return lock
+    except OSError as e:
+        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
+
+
+def lock_holder(out: Path) -> int | None:
+    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its
+    process is gone, or its pid now names another process). A lock of another host counts as held.
+    Older locks hold the pid alone."""
+    try:
+        text = (out / LOCK_NAME).read_text().strip()
+    except OSError:
+        return None
+    try:
+        lock = json.loads(text)
+        lock = lock if isinstance(lock, dict) else dict(pid=lock)
+    except ValueError:
+        return None
+    pid = lock.get("pid")
+    # 0 and -1 would signal a process group, and a pid beyond C's int overflows os.kill
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
+        return None
+    if lock.get("host", os.uname().nodename) != os.uname().nodename:
+        return pid
+    started = lock.get("started")
+    reused = started is not None and process_started(pid) not in (started, None)
+    if not process_alive(pid) or reused:
+        return None
+    return pid
+
+
+def lock_text() -> str:
+    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()),
+                           host=os.uname().nodename))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it
+    names one process, so a lock whose pid was reused by another program is told from a live one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
+    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its
+    checkpoint."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and not r.get("final")]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
+
+
+def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
+    """Final evaluation, metrics, predictions and figures of a finished run."""
+    cfg, device = trainer.cfg, trainer.device
+    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
+    minutes = round(trainer.seconds / 60, 3)
+    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=minutes, eval=stats,
+                                             final=True))
+    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
+                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
+    data.val.skeleton.benchmark.write_predictions(out, results)
+    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
+    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
+    if trainer.teacher is not None:
+        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
+    benchmark = data.val.skeleton.benchmark
+    print(benchmark.table(stats, benchmark_label(data.name)))
+    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl")
+             if "eval" in r and r["step"] == 0]
+    if start and trainer.step > 0:
+        print(f"from --init to the end of training: {benchmark.headline(start[0])} -> "
+              f"{benchmark.headline(stats)}")
+    print(f"run folder: {out}")
+    return stats
+
+
+def benchmark_label(data_name: str) -> str:
+    if data_name.startswith("demo"):
+        labels = "MPII joints, " if data_name == "demo-mpii" else ""
+        return (f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, "
+                "NOT real data)")
+    return f"{data_name} val"
+
+
+def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
+    if not cfg.ckpt:
+        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
+    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
+    if cfg.skeleton != data.val.skeleton.name:
+        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val "
+                         f"data is {data.val.skeleton.name}: evaluate it on {cfg.skeleton} data "
+                         f"(--skeleton {cfg.skeleton})")
+    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
+    # never beside a tracked checkpoint
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"eval-{data.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt),
+                    step=ckpt.get("step"), **stats), out / f"eval-{data.name}.json")
+    print(data.val.skeleton.benchmark.table(stats, benchmark_label(data.name)))
+    return stats
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
+    released, loader workers and protocol runs ended."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
+PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
+
+
+def watch_parent(every: float = 1.0) -> None:
+    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent
+    is gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
+    import threading
+
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
+def device_name(device: torch.device) -> str:
+    """What a record calls the device: the GPU's name, or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def instruction_set(amx: bool, avx512_bf16: bool, capability: str) -> str:
+    """The CPU's instruction set that sets a run's speed: AMX or AVX-512 BF16 (native bf16, see
+    cpu_has_native_bf16), else the vector set torch's kernels dispatch to (AVX-512, AVX2, ...)."""
+    if amx or avx512_bf16:
+        return "AMX" if amx else "AVX-512 BF16"
+    names = {"AVX512": "AVX-512", "NO AVX": "no AVX", "DEFAULT": "scalar"}
+    return names.get(capability, capability)
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's 'model name' (Linux), else what the platform module says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_key(model: str, isa: str, precision: str, threads: int | str, torch_version: str) -> str:
+    """Where a run trained, as one key: the CPU's model or the GPU's name, the instruction set that
+    sets its speed (a GPU's: its compute capability), the precision used, torch's threads and
+    version. Runs are compared in pairs only within one key (paired_aps)."""
+    return f"{model} ({isa}), {precision}, {threads} threads, torch {torch_version}"
+
+
+def this_device_key(device: torch.device, cfg: Config) -> str:
+    """The device key of a run of `cfg` on `device` here, now."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        model, isa = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
+    else:
+        capability = torch.backends.cpu.get_cpu_capability()
+        model, isa = cpu_model(), instruction_set(*cpu_bf16_units(), capability)
+    threads, version = torch.get_num_threads(), torch.__version__
+    return device_key(model, isa, precision(device, cfg), threads, version)
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
 
@@ -5916,27 +5979,6 @@ def protocol_glob(glob: str) -> str:
         raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like {names[0]}, "
                                          "full/augmented-mask-s1, full/synthetic-only or probe")
     return glob
-
-
-def start_job(cfg: Config) -> tuple[int, int, torch.device]:
-    """Threads, the device (and torchrun's ranks), the seeds: for the jobs that compute."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, world, device = setup_distributed(cfg)
-    seed_everything(cfg.seed + rank)
-    return rank, world, device
-
-
-def train_job(cfg: Config, args: argparse.Namespace) -> None:
-    rank, world, device = start_job(cfg)
-    if cfg.mode == "predict":  # no dataset: the user's own images
-        run_predict(cfg, device)
-        return
-    data = load_data(cfg)
-    if cfg.mode == "eval":
-        run_eval(cfg, data, device)
-    else:
-        run_training(cfg, data, device, rank, world)
 
 
 def reproduce_job(cfg: Config, args: argparse.Namespace) -> None:
@@ -6166,6 +6208,18 @@ def job_config(flag: str, args: argparse.Namespace) -> Config:
     return resolve_init(cfg, bool(set(FINETUNE) & set(given))) if {"init", "lr"} & set(fields) else cfg
 
 
+def resolve_init(cfg: Config, finetune_given: bool) -> Config:
+    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
+    --init none -> from scratch. A demo-preset fine-tune that names none of FINETUNE's settings runs it."""
+    init = cfg.init
+    if init == "auto":
+        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
+        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
+    init = None if init == "none" else init
+    finetune = FINETUNE if init and cfg.preset == "demo" and not finetune_given else {}
+    return dataclasses.replace(cfg, init=init, **finetune)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode run), args.argv
     the command line."""
@@ -6187,41 +6241,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     return job_config(flag, args), args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; SIGTERM ends it as Ctrl-C does (the handler is put back after, for callers)."""
-    import threading
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-    watch_parent()
-    try:
-        return run_main(argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def run_main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, args = parse_args(argv)
-    except SystemExit as e:  # --help (0), or the parser refused the command line in one line (2)
-        return int(e.code or 0)
-    try:
-        check_config(cfg)
-        JOBS[args.job].run(cfg, args)
-    except (ReproError, rh.RenderError) as e:
-        print(f"repro.py: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only folder: one line, and atomic writes left no half-files
-        print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        training = args.job != TRAIN or cfg.mode not in ("eval", "predict")
-        kept = JOBS[args.job].kept if training else None
-        print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
-    return 0
 if __name__ == "__main__":
     sys.exit(main())
 
