@@ -55,6 +55,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import types
 import warnings
@@ -5876,6 +5877,19 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
     return stats
 
 
+def probe_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    design, code = PROBES[args.probe], code_version()
+    PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before its hour of work
+    out = Path(cfg.out or PROTOCOL_RUNS / design.name)
+    probe = run_probe(cfg, load_data(cfg), device, out, design)
+    probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
+                  device=device_name(device), device_key=this_device_key(device, cfg))
+    name = probe_name(design, cfg.seed)
+    write_json(probe, PROTOCOL_RESULTS.parent / f"{name}.json")
+    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
     released, loader workers and protocol runs ended."""
@@ -5951,17 +5965,167 @@ def this_device_key(device: torch.device, cfg: Config) -> str:
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-# Config's flags in --help's groups, and the ones each job reads, from the fields' own metadata.
+TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode
+    run), args.argv the command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flag = pick_job(argv)
+    parser = build_parser(flag)
+    if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
+        parser.print_help()
+        parser.exit()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        refuse_flags(parser, flag, extra)
+    unread = [config_flag(k) for k, v in vars(args).items()
+              if v is not None and k not in PREDICT_FIELDS]
+    if flag == TRAIN and args.mode == "predict" and unread:
+        parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
+                     + fields_in_words(PREDICT_FIELDS))
+    args.job, args.argv = flag, argv
+    return job_config(flag, args), args
+
+
+def pick_job(argv: list[str]) -> str:
+    """The job whose flag argv gives (TRAIN for none); argparse refuses two jobs at once. What the
+    job's flag is given is left to the job's own parser."""
+    picker = OneLineParser(prog="repro.py", add_help=False, allow_abbrev=False)
+    jobs = picker.add_mutually_exclusive_group()
+    for flag in filter(None, JOBS):
+        jobs.add_argument(flag, nargs="*", dest=flag)
+    picked = vars(picker.parse_known_args(argv)[0])
+    return next((flag for flag, given in picked.items() if given is not None), TRAIN)
+
+
+def build_parser(flag: str = TRAIN) -> argparse.ArgumentParser:
+    """A job's parser: its own flags and the Config flags it reads. A --mode run's (the default)
+    takes every Config flag, and its --help ends with the other jobs."""
+    job = JOBS[flag]
+    if flag:
+        usage = f"repro.py {own_usage(job)}" + (" [its flags below]" if job.fields else "")
+        p = OneLineParser(prog=f"repro.py {flag}", usage=usage, description=job.help)
+    else:
+        p = OneLineParser(prog="repro.py", usage="repro.py [--mode MODE] [its flags below]\n       "
+                          "repro.py JOB [its flags] (the jobs are listed at the end)",
+                          description=__doc__.split("\n\n")[0], epilog=jobs_epilog(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, kwargs in job.own:
+        p.add_argument(name, **kwargs)
+    demo, paper = Config(), PRESETS["paper"]
+    meta = {f.name: f.metadata for f in dataclasses.fields(Config)}
+    for title, names in FLAG_GROUPS.items():  # each Config field's flag, its defaults in its help
+        group = p.add_argument_group(title) if set(names) & set(job.fields) else None
+        for name in (n for n in names if n in job.fields):
+            value, choices = getattr(demo, name), meta[name]["choices"]
+            kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else
+                    dict(type=float, nargs="*") if isinstance(value, tuple) else
+                    dict(type=str if value is None else type(value), choices=choices))
+            defaults = f"demo: {shown(value)}"
+            if paper.get(name, value) != value:
+                defaults += f", paper: {shown(paper[name])}"
+            group.add_argument(config_flag(name), default=None,
+                               help=f"{meta[name]['help']} [{defaults}]", **kind)
+    return p
+
+
+def shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def job_config(flag: str, args: argparse.Namespace) -> Config:
+    """Config defaults, then the preset, then the flags given; --init resolved for the jobs that
+    read it."""
+    fields = JOBS[flag].fields
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
+    values = dataclasses.asdict(Config()) | PRESETS[given.get("preset", "demo")] | given
+    values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+    if given.get("mpii_root") and "skeleton" not in given:
+        values["skeleton"] = "mpii"
+    cfg = Config(**values)
+    finetune_given = bool(set(FINETUNE) & set(given))
+    return resolve_init(cfg, finetune_given) if {"init", "lr"} & set(fields) else cfg
+
+
+def resolve_init(cfg: Config, finetune_given: bool) -> Config:
+    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
+    --init none -> from scratch. A demo-preset fine-tune that names none of FINETUNE's settings
+    runs it."""
+    init = cfg.init
+    if init == "auto":
+        paths = (cfg.coco_root, cfg.train_json, cfg.val_json, cfg.mpii_root)
+        demo = cfg.data != "coco" and not any(paths)
+        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
+    init = None if init == "none" else init
+    finetune = FINETUNE if init and cfg.preset == "demo" and not finetune_given else {}
+    return dataclasses.replace(cfg, init=init, **finetune)
+
+
+def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str]) -> None:
+    """argparse's refusal of what a job does not take, naming the jobs whose flags those are."""
+    takes = {f: {s for a in build_parser(f)._actions for s in a.option_strings} for f in JOBS}
+    notes = []
+    for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
+        owners = [f or "the --mode runs" for f in JOBS if word in takes[f]]
+        notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
+    parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
+                 + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one line on stderr (exit status 2), as repro.py's
+    other input errors are, saying where the job's flags are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
+
+
+def own_usage(job: Job) -> str:
+    """A job's own flags as argparse writes a usage: `--reproduce [--jobs N] [--only GLOB ...]`."""
+    p = argparse.ArgumentParser(prog="repro.py", add_help=False,
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, 1000))
+    for i, (name, kwargs) in enumerate(job.own):
+        p.add_argument(name, required=i == 0, **kwargs)
+    return p.format_usage().removeprefix("usage: repro.py ").strip()
+
+
+def jobs_epilog() -> str:
+    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes."""
+    lines = ["the other jobs, one per call, each taking only its own flags "
+             "(python repro.py JOB --help):"]
+    for job in [job for job in JOBS.values() if job.flag]:
+        takes = f"; takes {fields_in_words(job.fields)}" if job.fields else ""
+        lines += ["  " + own_usage(job), *textwrap.wrap(
+            job.help + takes, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+            break_on_hyphens=False)]
+    return "\n".join(lines)
+
+
+def fields_in_words(fields: tuple[str, ...]) -> str:
+    """A job's Config flags: whole groups by name, the others flag by flag."""
+    groups = [g for g, names in FLAG_GROUPS.items() if names and set(names) <= set(fields)]
+    whole = {n for g in groups for n in FLAG_GROUPS[g]}
+    single = " ".join(config_flag(n) for n in fields if n not in whole)
+    named = f"the flags of {', '.join(groups)}" if groups else ""
+    return " and ".join(filter(None, [named, single]))
+
+
+# Config's flags in --help's groups, from the fields' own metadata; those --mode predict reads
 FLAG_GROUPS = {g.title: tuple(f.name for f in dataclasses.fields(Config)
                               if f.metadata["group"] == g.title) for g in HELP_GROUPS}
 
 
 def reader_fields(job: str) -> tuple[str, ...]:
-    """The Config fields a job reads, in --help's order: all of them for a --mode run (TRAIN), else
-    those whose metadata names the job ("predict": --mode predict)."""
+    """The Config fields a job reads, in --help's order: all of them for a --mode run (TRAIN),
+    else those whose metadata names the job ("predict": --mode predict)."""
     readers = {f.name: f.metadata["jobs"] for f in dataclasses.fields(Config)}
     return tuple(n for names in FLAG_GROUPS.values() for n in names
                  if job == TRAIN or job in readers[n])
+
+
+PREDICT_FIELDS = reader_fields("predict")
 
 
 def job_count(text: str) -> int:
@@ -5976,271 +6140,69 @@ def protocol_glob(glob: str) -> str:
     names = [r.name for r in protocol_runs()] + [d.name for d in PROBES.values()]
     names += round3_probe_names()
     if not any(matches(n, (glob,)) for n in names):
-        raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like {names[0]}, "
-                                         "full/augmented-mask-s1, full/synthetic-only or probe")
+        raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like "
+                                         f"{names[0]}, full/augmented-mask-s1, full/synthetic-only "
+                                         "or probe")
     return glob
 
 
-def reproduce_job(cfg: Config, args: argparse.Namespace) -> None:
-    run_protocol(jobs=args.jobs, only=tuple(args.only))
-
-
-def report_job(cfg: Config, args: argparse.Namespace) -> None:
-    report_protocol()
-
-
-def probe_job(cfg: Config, args: argparse.Namespace) -> None:
-    device = start_job(cfg)[2]
-    design, code = PROBES[args.probe], code_version()
-    PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before the hour of work it ends with
-    probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
-    probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
-                  device=device_name(device), device_key=this_device_key(device, cfg))
-    name = probe_name(design, cfg.seed)
-    write_json(probe, PROTOCOL_RESULTS.parent / f"{name}.json")
-    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
-
-
 class Job:
-    """A job of the command line: what it runs, its own flags (the first one names it; a --mode run
-    has none), and what it keeps when interrupted, and how it goes on (None: nothing half-written).
-    Its parser takes the flags of the Config fields it reads and no other."""
+    """A job of the command line: its flag (TRAIN: a --mode run, which has none), what it runs,
+    the flag's help and argparse keywords, more flags of its own, and what it keeps when
+    interrupted (None: nothing half-written). Its parser takes its own flags and those of the
+    Config fields it reads (its fields), no other."""
 
-    def __init__(self, run: types.FunctionType, *own: tuple[str, dict], kept: str | None = None):
-        self.run, self.own, self.kept = run, own, kept
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return reader_fields(self.own[0][0] if self.own else TRAIN)
-
-
-def own_flag(name: str, help: str, **kwargs) -> tuple[str, dict]:
-    return name, dict(help=help, **kwargs)
+    def __init__(self, flag: str, run, help: str = "", *more: tuple[str, dict],
+                 kept: str | None = None, **kwargs):
+        self.flag, self.run, self.help, self.kept = flag, run, help, kept
+        self.own = ((flag, dict(help=help, **kwargs)), *more) if flag else ()
+        self.fields = reader_fields(flag or TRAIN)
 
 
-TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag, no job flag
-
-
-JOBS = {
-    TRAIN: Job(train_job, kept="the last checkpoint is kept: rerun with --resume"),
-    "--reproduce": Job(
-        reproduce_job,
-        own_flag("--reproduce", "run the claims protocol (README): skips finished runs, resumes "
-                 "cut-off ones, then --report", action="store_true"),
-        own_flag("--jobs", "fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
-                 "runs/protocol/<run>.log", type=job_count, default=1, metavar="N"),
-        own_flag("--only", "only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
-                 "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
-                 default=["*"], metavar="GLOB"),
+JOBS = {job.flag: job for job in (
+    Job(TRAIN, train_job, kept="the last checkpoint is kept: rerun with --resume"),
+    Job("--reproduce", lambda cfg, args: run_protocol(jobs=args.jobs, only=tuple(args.only)),
+        "run the claims protocol (README): skips finished runs, resumes cut-off ones, then "
+        "--report",
+        ("--jobs", dict(help="fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
+                        "runs/protocol/<run>.log", type=job_count, default=1, metavar="N")),
+        ("--only", dict(help="only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
+                        "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
+                        default=["*"], metavar="GLOB")), action="store_true",
         kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on"),
-    "--report": Job(report_job, own_flag(
-        "--report", "rebuild results/claims.{json,md,png} and the README's claims table from "
-        "results/protocol", action="store_true")),
-    "--probe": Job(probe_job, own_flag(
-        "--probe", "the informativeness probe of claim 3 from --init (README): v1 (the default) "
-        "writes results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}, v3 "
-        "(Rule v3) results/probe-v3-t<seed>.{json,png}", nargs="?", const="v1",
-        choices=tuple(PROBES), metavar="|".join(PROBES)),
+    Job("--report", lambda cfg, args: report_protocol(), "rebuild results/claims.{json,md,png} and "
+        "the README's claims table from results/protocol", action="store_true"),
+    Job("--probe", probe_job, "the informativeness probe of claim 3 from --init (README): v1 (the "
+        "default) writes results/probe.{json,png}, v2 (README, Rule v2) "
+        "results/probe-v2.{json,png}, v3 (Rule v3) results/probe-v3-t<seed>.{json,png}", nargs="?",
+        const="v1", choices=tuple(PROBES), metavar="|".join(PROBES),
         kept="the points probed so far are kept: rerun the same command to go on"),
-    "--domain-gap": Job(domain_gap_job, own_flag(
-        "--domain-gap", "render N scenes per style and per style factor switched (seed 7000), "
-        "evaluate --ckpt (default: the shipped student) on each; writes domain-gap.{json,md} into "
-        "--out (default results/domain-gap/); README, 'Where the domain gap comes from'", type=int,
-        metavar="N")),
-    "--bench": Job(bench_job, own_flag(
-        "--bench", "print speed figures and exit", action="store_true")),
-    "--bench-targets": Job(bench_targets_job, own_flag(
-        "--bench-targets", "time heatmap + PAF targets against Lightweight OpenPose's loops at the "
-        "demo and paper geometries (one thread) and exit", action="store_true")),
-    "--gpu-report": Job(gpu_report_job, own_flag(
-        "--gpu-report", "the device figures of one call (training img/s eager and compiled, FLOPs "
-        "per image, MFU, loader ratio, teacher update, a torchrun check) into results/gpu-bench/, "
-        "and exit", action="store_true")),
-    "--compare": Job(compare_job, own_flag(
-        "--compare", "plot val metrics of these run folders against minutes into --out (png + md "
-        "table)", nargs="+", metavar="RUN")),
-    "--export-student": Job(export_student_job, own_flag(
-        "--export-student", "write CKPT's weights in half precision to --out (default "
-        "results/student-demo.pt, the shipped student, which is replaced only when --out names it)",
-        metavar="CKPT")),
-    "--export-onnx": Job(export_onnx_job, own_flag(
-        "--export-onnx", "write the network of --ckpt (default: the shipped student) as an ONNX "
-        "model to PATH, checked against torch (dynamic batch and input size); run it with --mode "
-        "predict --onnx", metavar="PATH")),
-    "--write-mpii-release": Job(mpii_release_job, own_flag(
-        "--write-mpii-release", "render the stand-in benchmark at paper size into DIR in MPII's "
-        "own layout (mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of --mpii-root before "
-        "the real data", metavar="DIR")),
-    "--score-mpii": Job(score_mpii_job, own_flag(
-        "--score-mpii", "score MPII multi-person predictions (.mat pred struct or .json) against a "
-        "ground-truth annotation list with the official rules; prints the table and 'mAP <value>'",
-        nargs=2, metavar=("PRED", "GT"))),
-}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a refused command line is one line on stderr (exit status 2), as repro.py's
-    other input errors are, saying where the job's flags are listed."""
-
-    def error(self, message: str):
-        self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
-
-
-PREDICT_FIELDS = reader_fields("predict")
-
-
-def job_flags(flag: str) -> set[str]:
-    """Every option string of a job's parser but -h/--help."""
-    job, demo = JOBS[flag], Config()
-    flags = {name for name, _ in job.own} | {config_flag(n) for n in job.fields}
-    return flags | {"--no-" + n.replace("_", "-") for n in job.fields if isinstance(getattr(demo, n), bool)}
-
-
-def flag_usage(name: str, kwargs: dict) -> str:
-    metavar, nargs = kwargs.get("metavar"), kwargs.get("nargs")
-    if kwargs.get("action") == "store_true":
-        return name
-    if isinstance(metavar, tuple):
-        return " ".join((name, *metavar))
-    return {"+": f"{name} {metavar} [{metavar} ...]", "?": f"{name} [{metavar}]"}.get(nargs, f"{name} {metavar}")
-
-
-def own_usage(flag: str) -> str:
-    job = JOBS[flag]
-    return " ".join([flag_usage(*job.own[0])] + [f"[{flag_usage(*o)}]" for o in job.own[1:]])
-
-
-def fields_in_words(fields: tuple[str, ...]) -> str:
-    """A job's Config flags: whole groups by name, the others flag by flag."""
-    groups = [g for g, names in FLAG_GROUPS.items() if names and set(names) <= set(fields)]
-    whole = {n for g in groups for n in FLAG_GROUPS[g]}
-    single = " ".join(config_flag(n) for n in fields if n not in whole)
-    return " and ".join(filter(None, [f"the flags of {', '.join(groups)}" if groups else "", single]))
-
-
-def jobs_epilog() -> str:
-    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes."""
-    import textwrap
-
-    lines = ["the other jobs, one per call, each taking only its own flags (python repro.py JOB --help):"]
-    for flag, job in JOBS.items():
-        if flag:
-            text = job.own[0][1]["help"] + (f"; takes {fields_in_words(job.fields)}" if job.fields else "")
-            lines += ["  " + own_usage(flag)]
-            lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                                   break_on_hyphens=False)
-    return "\n".join(lines)
-
-
-def add_config_flags(p: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
-    """The flags of these Config fields, by group; help shows the demo and paper defaults."""
-    demo, paper, meta = Config(), PRESETS["paper"], {f.name: f.metadata for f in dataclasses.fields(Config)}
-
-    def shown(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    for title, names in FLAG_GROUPS.items():
-        names = [n for n in names if n in fields]
-        group = p.add_argument_group(title) if names else None
-        for name in names:
-            value = getattr(demo, name)
-            default = f"demo: {shown(value)}"
-            if paper.get(name, value) != value:
-                default += f", paper: {shown(paper[name])}"
-            flag, text = config_flag(name), f"{meta[name]['help']} [{default}]"
-            if isinstance(value, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-            elif isinstance(value, tuple):
-                group.add_argument(flag, type=float, nargs="*", default=None, help=text)
-            else:
-                group.add_argument(flag, type=type(value) if value is not None else str, default=None,
-                                   choices=meta[name]["choices"], help=text)
-
-
-def build_parser(flag: str = TRAIN) -> argparse.ArgumentParser:
-    """A job's parser: its own flags and the Config flags it reads. A --mode run's (the default) takes
-    every Config flag, and its --help ends with the other jobs."""
-    job = JOBS[flag]
-    if flag:
-        usage = f"repro.py {own_usage(flag)}" + (" [its flags below]" if job.fields else "")
-        p = OneLineParser(prog=f"repro.py {flag}", usage=usage, description=job.own[0][1]["help"])
-    else:
-        p = OneLineParser(prog="repro.py", usage="repro.py [--mode MODE] [its flags below]\n       repro.py JOB "
-                          "[its flags] (the jobs are listed at the end)", description=__doc__.split("\n\n")[0],
-                          epilog=jobs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, kwargs in job.own:
-        p.add_argument(name, **kwargs)
-    add_config_flags(p, job.fields)
-    return p
-
-
-def pick_job(argv: list[str]) -> str:
-    """The job whose flag argv gives (TRAIN for none); argparse refuses two jobs at once. What the
-    job's flag is given is left to the job's own parser."""
-    picker = OneLineParser(prog="repro.py", add_help=False, allow_abbrev=False)
-    jobs = picker.add_mutually_exclusive_group()
-    for flag in JOBS:
-        if flag:
-            jobs.add_argument(flag, nargs="*", default=None)
-    picked, _ = picker.parse_known_args(argv)
-    return next((flag for flag in JOBS if flag and getattr(picked, flag[2:].replace("-", "_")) is not None), TRAIN)
-
-
-def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str]) -> None:
-    """argparse's refusal of what a job does not take, naming the jobs whose flags those are."""
-    notes = []
-    for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
-        owners = [f or "the --mode runs" for f in JOBS if word in job_flags(f)]
-        notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
-    parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
-                 + (f" ({'; '.join(notes)})" if notes else ""))
-
-
-def job_config(flag: str, args: argparse.Namespace) -> Config:
-    """Config defaults, then the preset, then the flags given; --init resolved for the jobs that read it."""
-    fields = JOBS[flag].fields
-    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    values = dataclasses.asdict(Config()) | PRESETS[given.get("preset", "demo")] | given
-    values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-    if given.get("mpii_root") and "skeleton" not in given:
-        values["skeleton"] = "mpii"
-    cfg = Config(**values)
-    return resolve_init(cfg, bool(set(FINETUNE) & set(given))) if {"init", "lr"} & set(fields) else cfg
-
-
-def resolve_init(cfg: Config, finetune_given: bool) -> Config:
-    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
-    --init none -> from scratch. A demo-preset fine-tune that names none of FINETUNE's settings runs it."""
-    init = cfg.init
-    if init == "auto":
-        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
-        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
-    init = None if init == "none" else init
-    finetune = FINETUNE if init and cfg.preset == "demo" and not finetune_given else {}
-    return dataclasses.replace(cfg, init=init, **finetune)
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode run), args.argv
-    the command line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    flag = pick_job(argv)
-    parser = build_parser(flag)
-    if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
-        parser.print_help()
-        parser.exit()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        refuse_flags(parser, flag, extra)
-    unread = [config_flag(k) for k in JOBS[flag].fields
-              if vars(args).get(k) is not None and k not in PREDICT_FIELDS]
-    if flag == TRAIN and args.mode == "predict" and unread:
-        parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
-                     + fields_in_words(PREDICT_FIELDS))
-    args.job, args.argv = flag, argv
-    return job_config(flag, args), args
-
+    Job("--domain-gap", domain_gap_job, "render N scenes per style and per style factor switched "
+        "(seed 7000), evaluate --ckpt (default: the shipped student) on each; writes "
+        "domain-gap.{json,md} into --out (default results/domain-gap/); README, 'Where the domain "
+        "gap comes from'", type=int, metavar="N"),
+    Job("--bench", bench_job, "print speed figures and exit", action="store_true"),
+    Job("--bench-targets", bench_targets_job, "time heatmap + PAF targets against Lightweight "
+        "OpenPose's loops at the demo and paper geometries (one thread) and exit",
+        action="store_true"),
+    Job("--gpu-report", gpu_report_job, "the device figures of one call (training img/s eager and "
+        "compiled, FLOPs per image, MFU, loader ratio, teacher update, a torchrun check) into "
+        "results/gpu-bench/, and exit", action="store_true"),
+    Job("--compare", compare_job, "plot val metrics of these run folders against minutes into "
+        "--out (png + md table)", nargs="+", metavar="RUN"),
+    Job("--export-student", export_student_job, "write CKPT's weights in half precision to --out "
+        "(default results/student-demo.pt, the shipped student, which is replaced only when --out "
+        "names it)", metavar="CKPT"),
+    Job("--export-onnx", export_onnx_job, "write the network of --ckpt (default: the shipped "
+        "student) as an ONNX model to PATH, checked against torch (dynamic batch and input size); "
+        "run it with --mode predict --onnx", metavar="PATH"),
+    Job("--write-mpii-release", mpii_release_job, "render the stand-in benchmark at paper size "
+        "into DIR in MPII's own layout (mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of "
+        "--mpii-root before the real data", metavar="DIR"),
+    Job("--score-mpii", score_mpii_job, "score MPII multi-person predictions (.mat pred struct or "
+        ".json) against a ground-truth annotation list with the official rules; prints the table "
+        "and 'mAP <value>'", nargs=2, metavar=("PRED", "GT")),
+)}
 
 if __name__ == "__main__":
     sys.exit(main())
-
