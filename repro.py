@@ -219,7 +219,8 @@ class Config:
                                     ("cosine", "step", "constant"))
     lr_step: int = OPTIMISATION(20000, "steps between learning-rate drops for the step schedule")
     lr_gamma: float = OPTIMISATION(0.33, "factor of each learning-rate drop")
-    # [ours] 60 steps: the first run's length, the same experiment on every machine (results/first-run)
+    # [ours] 60 steps: the first run's length, the same experiment on every machine
+    # (results/first-run)
     steps: int = OPTIMISATION(60, "training steps (0: no training, only the evaluation of the "
                               "start)")
     minutes: float = OPTIMISATION(0.0, "also stop training after this many wall-clock minutes (0: "
@@ -308,46 +309,54 @@ PRESETS: dict[str, dict] = {
 def check_config(cfg: Config) -> None:
     """Refuses settings that cannot run, before anything is read, rendered or written."""
     mixed = cfg.mode in ("synthetic", "augmented", "student-teacher")
+    teacher = cfg.mode == "student-teacher"
     rules = [
-        (cfg.batch_size >= (2 if mixed else 1),
-         f"--batch-size must be at least {2 if mixed else 1}" + (" (half of it is real)" if mixed else "")),
+        (cfg.batch_size >= (2 if mixed else 1), f"--batch-size must be at least {2 if mixed else 1}"
+         + (" (half of it is real)" if mixed else "")),
         (cfg.steps >= 0, "--steps must be 0 or more"),
         (cfg.minutes >= 0, "--minutes must be 0 (steps only) or more"),
         (cfg.input_size > 0 and cfg.stride > 0 and cfg.input_size % cfg.stride == 0,
          "--input-size must be a positive multiple of --stride"),
         (cfg.stages >= 1 and cfg.width >= 1, "--stages and --width must be at least 1"),
         (cfg.lr > 0, "--lr must be positive"),
-        (cfg.ckpt_every >= 1 and cfg.log_every >= 1, "--ckpt-every and --log-every must be at least 1"),
+        (cfg.ckpt_every >= 1 and cfg.log_every >= 1,
+         "--ckpt-every and --log-every must be at least 1"),
         (cfg.max_val_images >= 0, "--max-val-images must be 0 (all) or more"),
-        (cfg.eval_height >= cfg.stride and all(s > 0 for s in cfg.eval_scales) and len(cfg.eval_scales) > 0,
+        (cfg.eval_height >= cfg.stride and all(s > 0 for s in cfg.eval_scales)
+         and len(cfg.eval_scales) > 0,
          "--eval-height must be at least --stride and --eval-scales positive"),
         (len(cfg.scale_range) == 2 and 0 < cfg.scale_range[0] <= cfg.scale_range[1],
          "--scale-range takes two numbers 0 < lo <= hi"),
-        (cfg.paste_min >= 0 and cfg.paste_mean >= 0, "--paste-min and --paste-mean must be 0 or more"),
+        (cfg.paste_min >= 0 and cfg.paste_mean >= 0,
+         "--paste-min and --paste-mean must be 0 or more"),
         (0 <= cfg.real_share <= 1 and (not mixed or cfg.batch_size * (1 - cfg.real_share) >= 1),
-         "--real-share must be in [0, 1] and leave at least one synthetic/augmented crop per batch"),
-        (cfg.mode != "student-teacher" or cfg.batch_size * cfg.real_share >= 1,
-         "the student-teacher needs real crops in its batches (--real-share > 0): the teacher sees them"),
+         "--real-share must be in [0, 1] and leave at least one synthetic/augmented crop per "
+         "batch"),
+        (not teacher or cfg.batch_size * cfg.real_share >= 1,
+         "the student-teacher needs real crops in its batches (--real-share > 0): the teacher "
+         "sees them"),
         (cfg.train_subset >= 0, "--train-subset must be 0 (all) or more"),
-        (cfg.mode != "student-teacher" or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
-        (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
-        (not (cfg.teacher_uniform and cfg.teacher_stratified), "give --teacher-uniform or --teacher-stratified, "
-         "not both"),
+        (not teacher or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
+        (not teacher or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
+        (not (cfg.teacher_uniform and cfg.teacher_stratified),
+         "give --teacher-uniform or --teacher-stratified, not both"),
         (cfg.teacher_lr >= 0, "--teacher-lr must be 0 (the student's) or positive"),
-        (cfg.mode != "student-teacher" or cfg.teacher_bins == "ours" or (
+        (not teacher or cfg.teacher_bins == "ours" or (
             cfg.teacher_data == "synthetic" and cfg.teacher_attribute in PAPER_BIN_EDGES),
          f"--teacher-bins paper has the paper code's edges for {' and '.join(PAPER_BIN_EDGES)} of "
          "synthetic scenes only: use --teacher-bins ours"),
         (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
-        (cfg.mode != "predict" or cfg.input, "--mode predict needs --input PATH (an image, a folder of images or a "
-                                             "video)"),
-        (not cfg.onnx or cfg.mode == "predict", "--onnx is for --mode predict (make the model with --export-onnx)"),
+        (cfg.mode != "predict" or cfg.input,
+         "--mode predict needs --input PATH (an image, a folder of images or a video)"),
+        (not cfg.onnx or cfg.mode == "predict",
+         "--onnx is for --mode predict (make the model with --export-onnx)"),
         (not (cfg.onnx and cfg.ckpt),
          "give --onnx or --ckpt, not both: --onnx runs the model exported from one"),
         (cfg.threads >= 0 and cfg.workers >= -1,
          "--threads must be 0 (torch's default) or more, --workers -1 (auto) or more"),
         (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
-         "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
+         "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), "
+         "not both"),
     ]
     for ok, message in rules:
         if not ok:
@@ -2946,11 +2955,12 @@ def save_atomic(obj, path: Path) -> None:
         try:
             torch.save(obj, tmp)
         except (OSError, RuntimeError) as e:
-            if getattr(e, "errno", None) != errno.ENOSPC and not any(w in str(e) for w in DISK_FULL_WORDS):
+            full = getattr(e, "errno", None) == errno.ENOSPC
+            if not full and not any(w in str(e) for w in DISK_FULL_WORDS):
                 raise
-            free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, f"no space left on the device: {tensor_bytes(obj) / 1e6:.1f} MB needed, "
-                          f"{free / 1e6:.1f} MB free") from None
+            needed, free = tensor_bytes(obj), shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on the device: {needed / 1e6:.1f} MB "
+                          f"needed, {free / 1e6:.1f} MB free") from None
 
 
 def write_json(obj, path: Path) -> None:
@@ -2961,19 +2971,21 @@ def write_json(obj, path: Path) -> None:
 ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
 
 
-# The demo's initial student: the claims protocol's full-regime real-only student in half precision,
-# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out results/student-demo.pt`.
+# The demo's initial student: the claims protocol's full-regime real-only student in half
+# precision, made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out
+# results/student-demo.pt`.
 SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
 
 
 def tracked_name(path: Path) -> str:
-    """A tracked file's path from the repository root, as commands and records write it on any machine."""
+    """A tracked file's path from the repository root, as commands and records write it on any
+    machine."""
     return str(path.relative_to(SHIPPED_STUDENT.parents[1]))
 
 
-# A demo fine-tune that names none of these settings: paper code: the real-only student is fine-tuned
-# with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here. The
-# protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
+# A demo fine-tune that names none of these settings: paper code: the real-only student is
+# fine-tuned with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here.
+# The protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
 FINETUNE = dict(lr=5e-5, lr_schedule="constant")
 
 
@@ -2995,12 +3007,14 @@ def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = 
         raise ReproError(f"{ckpt_path} has no 'step' of a repro.py training checkpoint")
     out = Path(out)
     if out.exists() and not replace:
-        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
-                         "or --out PATH for a new file")
+        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to "
+                         "replace it, or --out PATH for a new file")
     if out.is_dir():
-        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. {out / 'student.pt'}")
+        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. "
+                         f"{out / 'student.pt'}")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
-    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
+    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"],
+                     source=str(ckpt_path)), out)
     print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
 
 
@@ -3032,14 +3046,16 @@ def load_checkpoint(path: str | Path) -> dict:
             raise ReproError(f"cannot read checkpoint {path} (UnpicklingError): corrupt or not a "
                              "repro.py checkpoint") from None
         what = found.group(1)
-        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
-                         "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
-                         "checkpoints: such a run must be trained again with this version") from None
+        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load "
+                         "(one that can run code) reads; older repro.py versions wrote numpy "
+                         "arrays into student-teacher checkpoints: such a run must be trained "
+                         "again with this version") from None
     except Exception as e:
-        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
-                         "checkpoint") from None
+        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a "
+                         "repro.py checkpoint") from None
     if not isinstance(ckpt, dict):
-        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict with 'model')")
+        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict "
+                         "with 'model')")
     return ckpt
 
 
@@ -3096,7 +3112,8 @@ def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
+        raise ReproError(f"checkpoint {path} does not fit this network: "
+                         f"{str(e).splitlines()[0]}") from None
 
 
 def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Module, Config, dict]:
@@ -3134,7 +3151,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")  # one write per line: a cut run loses whole lines
+        # one write per line: a cut run loses whole lines
+        f.write(json.dumps(record, default=float) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
