@@ -10,6 +10,8 @@ Reading map. Part I, the method, has these sections: config, skeletons, datasets
 and compositing, targets and loss masks, batches, networks, loss, teacher, trainer, inference,
 evaluation. Part II, the tooling around it: MPII human pose, files, figures, the claims protocol,
 where the domain gap comes from, benchmark, predict, runs, the command line.
+The way in, main to Trainer.fit (a test follows its calls and counts the long jumps):
+  main -> parse_args -> check_config -> train_job -> load_data -> run_training -> Trainer.fit
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
