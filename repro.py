@@ -6104,8 +6104,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def own_usage(job: Job) -> str:
     """A job's own flags as argparse writes a usage: `--reproduce [--jobs N] [--only GLOB ...]`."""
-    p = argparse.ArgumentParser(prog="repro.py", add_help=False,
-                                formatter_class=lambda prog: argparse.HelpFormatter(prog, 1000))
+    wide = functools.partial(argparse.HelpFormatter, width=1000)  # one line, whatever $COLUMNS
+    p = argparse.ArgumentParser(prog="repro.py", add_help=False, formatter_class=wide)
     for i, (name, kwargs) in enumerate(job.own):
         p.add_argument(name, required=i == 0, **kwargs)
     return p.format_usage().removeprefix("usage: repro.py ").strip()
