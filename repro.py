@@ -8,8 +8,10 @@
 
 Reading map. Part I, the method, has these sections: config, skeletons, datasets, person-centric crops
 and compositing, targets and loss masks, batches, networks, loss, teacher, trainer, inference,
-evaluation. Part II, the tooling around it: MPII human pose, files, run folders, figures, the claims
-protocol, where the domain gap comes from, benchmark, predict, the command line.
+evaluation. Part II, the tooling around it: MPII human pose, files, figures, the claims protocol,
+where the domain gap comes from, benchmark, predict, runs, the command line.
+The way in, main to Trainer.fit (a test follows its calls and counts the long jumps):
+  main -> parse_args -> check_config -> train_job -> load_data -> run_training -> Trainer.fit
 Part I follows one training step's data (Trainer.fit):
   BatchMaker.plan (which crops: real, synthetic or augmented slots, or the teacher's bin)
   -> BatchMaker.sample: crop_person, paste_people (person-centric crops; synthetic people pasted on)
@@ -28,9 +30,9 @@ Where the paper's rules live:
 Part I uses Part II only through these seams (a test checks the list): load_checkpoint, load_weights,
 save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files),
 MpiiBenchmark (MPII's file formats and scoring: Skeleton.benchmark looks it up by the skeleton's
-name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints, run
-folders, figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench,
-predict and ONNX, and the command line.
+name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints,
+figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench, predict
+and ONNX, runs (main, a training run's start, its folder and finish), and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -55,6 +57,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import types
 import warnings
@@ -218,7 +221,8 @@ class Config:
                                     ("cosine", "step", "constant"))
     lr_step: int = OPTIMISATION(20000, "steps between learning-rate drops for the step schedule")
     lr_gamma: float = OPTIMISATION(0.33, "factor of each learning-rate drop")
-    # [ours] 60 steps: the first run's length, the same experiment on every machine (results/first-run)
+    # [ours] 60 steps: the first run's length, the same experiment on every machine
+    # (results/first-run)
     steps: int = OPTIMISATION(60, "training steps (0: no training, only the evaluation of the "
                               "start)")
     minutes: float = OPTIMISATION(0.0, "also stop training after this many wall-clock minutes (0: "
@@ -307,46 +311,54 @@ PRESETS: dict[str, dict] = {
 def check_config(cfg: Config) -> None:
     """Refuses settings that cannot run, before anything is read, rendered or written."""
     mixed = cfg.mode in ("synthetic", "augmented", "student-teacher")
+    teacher = cfg.mode == "student-teacher"
     rules = [
-        (cfg.batch_size >= (2 if mixed else 1),
-         f"--batch-size must be at least {2 if mixed else 1}" + (" (half of it is real)" if mixed else "")),
+        (cfg.batch_size >= (2 if mixed else 1), f"--batch-size must be at least {2 if mixed else 1}"
+         + (" (half of it is real)" if mixed else "")),
         (cfg.steps >= 0, "--steps must be 0 or more"),
         (cfg.minutes >= 0, "--minutes must be 0 (steps only) or more"),
         (cfg.input_size > 0 and cfg.stride > 0 and cfg.input_size % cfg.stride == 0,
          "--input-size must be a positive multiple of --stride"),
         (cfg.stages >= 1 and cfg.width >= 1, "--stages and --width must be at least 1"),
         (cfg.lr > 0, "--lr must be positive"),
-        (cfg.ckpt_every >= 1 and cfg.log_every >= 1, "--ckpt-every and --log-every must be at least 1"),
+        (cfg.ckpt_every >= 1 and cfg.log_every >= 1,
+         "--ckpt-every and --log-every must be at least 1"),
         (cfg.max_val_images >= 0, "--max-val-images must be 0 (all) or more"),
-        (cfg.eval_height >= cfg.stride and all(s > 0 for s in cfg.eval_scales) and len(cfg.eval_scales) > 0,
+        (cfg.eval_height >= cfg.stride and all(s > 0 for s in cfg.eval_scales)
+         and len(cfg.eval_scales) > 0,
          "--eval-height must be at least --stride and --eval-scales positive"),
         (len(cfg.scale_range) == 2 and 0 < cfg.scale_range[0] <= cfg.scale_range[1],
          "--scale-range takes two numbers 0 < lo <= hi"),
-        (cfg.paste_min >= 0 and cfg.paste_mean >= 0, "--paste-min and --paste-mean must be 0 or more"),
+        (cfg.paste_min >= 0 and cfg.paste_mean >= 0,
+         "--paste-min and --paste-mean must be 0 or more"),
         (0 <= cfg.real_share <= 1 and (not mixed or cfg.batch_size * (1 - cfg.real_share) >= 1),
-         "--real-share must be in [0, 1] and leave at least one synthetic/augmented crop per batch"),
-        (cfg.mode != "student-teacher" or cfg.batch_size * cfg.real_share >= 1,
-         "the student-teacher needs real crops in its batches (--real-share > 0): the teacher sees them"),
+         "--real-share must be in [0, 1] and leave at least one synthetic/augmented crop per "
+         "batch"),
+        (not teacher or cfg.batch_size * cfg.real_share >= 1,
+         "the student-teacher needs real crops in its batches (--real-share > 0): the teacher "
+         "sees them"),
         (cfg.train_subset >= 0, "--train-subset must be 0 (all) or more"),
-        (cfg.mode != "student-teacher" or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
-        (cfg.mode != "student-teacher" or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
-        (not (cfg.teacher_uniform and cfg.teacher_stratified), "give --teacher-uniform or --teacher-stratified, "
-         "not both"),
+        (not teacher or cfg.bins >= 2, "--bins must be at least 2 for the student-teacher"),
+        (not teacher or cfg.teacher_interval >= 1, "--teacher-interval must be at least 1"),
+        (not (cfg.teacher_uniform and cfg.teacher_stratified),
+         "give --teacher-uniform or --teacher-stratified, not both"),
         (cfg.teacher_lr >= 0, "--teacher-lr must be 0 (the student's) or positive"),
-        (cfg.mode != "student-teacher" or cfg.teacher_bins == "ours" or (
+        (not teacher or cfg.teacher_bins == "ours" or (
             cfg.teacher_data == "synthetic" and cfg.teacher_attribute in PAPER_BIN_EDGES),
          f"--teacher-bins paper has the paper code's edges for {' and '.join(PAPER_BIN_EDGES)} of "
          "synthetic scenes only: use --teacher-bins ours"),
         (not cfg.mpii_root or cfg.skeleton == "mpii", "--mpii-root needs --skeleton mpii"),
-        (cfg.mode != "predict" or cfg.input, "--mode predict needs --input PATH (an image, a folder of images or a "
-                                             "video)"),
-        (not cfg.onnx or cfg.mode == "predict", "--onnx is for --mode predict (make the model with --export-onnx)"),
+        (cfg.mode != "predict" or cfg.input,
+         "--mode predict needs --input PATH (an image, a folder of images or a video)"),
+        (not cfg.onnx or cfg.mode == "predict",
+         "--onnx is for --mode predict (make the model with --export-onnx)"),
         (not (cfg.onnx and cfg.ckpt),
          "give --onnx or --ckpt, not both: --onnx runs the model exported from one"),
         (cfg.threads >= 0 and cfg.workers >= -1,
          "--threads must be 0 (torch's default) or more, --workers -1 (auto) or more"),
         (not (cfg.mpii_root and (cfg.coco_root or cfg.train_json or cfg.val_json)),
-         "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), not both"),
+         "give either --mpii-root or COCO-format data (--coco-root, --train-json, --val-json), "
+         "not both"),
     ]
     for ok, message in rules:
         if not ok:
@@ -3122,11 +3134,12 @@ def save_atomic(obj, path: Path) -> None:
         try:
             torch.save(obj, tmp)
         except (OSError, RuntimeError) as e:
-            if getattr(e, "errno", None) != errno.ENOSPC and not any(w in str(e) for w in DISK_FULL_WORDS):
+            full = getattr(e, "errno", None) == errno.ENOSPC
+            if not full and not any(w in str(e) for w in DISK_FULL_WORDS):
                 raise
-            free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, f"no space left on the device: {tensor_bytes(obj) / 1e6:.1f} MB needed, "
-                          f"{free / 1e6:.1f} MB free") from None
+            needed, free = tensor_bytes(obj), shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on the device: {needed / 1e6:.1f} MB "
+                          f"needed, {free / 1e6:.1f} MB free") from None
 
 
 def write_json(obj, path: Path) -> None:
@@ -3137,19 +3150,21 @@ def write_json(obj, path: Path) -> None:
 ARCH_KEYS = ("arch", "stages", "width", "input_size", "stride", "skeleton")
 
 
-# The demo's initial student: the claims protocol's full-regime real-only student in half precision,
-# made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out results/student-demo.pt`.
+# The demo's initial student: the claims protocol's full-regime real-only student in half
+# precision, made by `python repro.py --export-student runs/protocol/full/student/ckpt.pt --out
+# results/student-demo.pt`.
 SHIPPED_STUDENT = Path(__file__).resolve().parent / "results" / "student-demo.pt"
 
 
 def tracked_name(path: Path) -> str:
-    """A tracked file's path from the repository root, as commands and records write it on any machine."""
+    """A tracked file's path from the repository root, as commands and records write it on any
+    machine."""
     return str(path.relative_to(SHIPPED_STUDENT.parents[1]))
 
 
-# A demo fine-tune that names none of these settings: paper code: the real-only student is fine-tuned
-# with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here. The
-# protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
+# A demo fine-tune that names none of these settings: paper code: the real-only student is
+# fine-tuned with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here.
+# The protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
 FINETUNE = dict(lr=5e-5, lr_schedule="constant")
 
 
@@ -3159,18 +3174,6 @@ def shipped_student_fits(cfg: Config) -> bool:
     except ReproError:  # absent or unreadable: train from scratch
         return False
     return isinstance(saved, dict) and all(saved.get(k) == getattr(cfg, k) for k in ARCH_KEYS)
-
-
-def resolve_init(cfg: Config, finetune_given: bool) -> Config:
-    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
-    --init none -> from scratch. A demo-preset fine-tune that names none of FINETUNE's settings runs it."""
-    init = cfg.init
-    if init == "auto":
-        demo = cfg.data != "coco" and not (cfg.coco_root or cfg.train_json or cfg.val_json or cfg.mpii_root)
-        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
-    init = None if init == "none" else init
-    finetune = FINETUNE if init and cfg.preset == "demo" and not finetune_given else {}
-    return dataclasses.replace(cfg, init=init, **finetune)
 
 
 def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = False) -> None:
@@ -3183,12 +3186,14 @@ def export_student(ckpt_path: str, out: Path = SHIPPED_STUDENT, replace: bool = 
         raise ReproError(f"{ckpt_path} has no 'step' of a repro.py training checkpoint")
     out = Path(out)
     if out.exists() and not replace:
-        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to replace it, "
-                         "or --out PATH for a new file")
+        raise ReproError(f"{out} exists and is not replaced unless named: pass --out {out} to "
+                         "replace it, or --out PATH for a new file")
     if out.is_dir():
-        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. {out / 'student.pt'}")
+        raise ReproError(f"--out {out} is a folder: name the file to write, e.g. "
+                         f"{out / 'student.pt'}")
     weights = {k: v.half() if v.is_floating_point() else v for k, v in model.items()}
-    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"], source=str(ckpt_path)), out)
+    save_atomic(dict(model=weights, config=ckpt["config"], step=ckpt["step"],
+                     source=str(ckpt_path)), out)
     print(f"{out}: {out.stat().st_size / 1e6:.1f} MB, step {ckpt['step']}")
 
 
@@ -3220,14 +3225,16 @@ def load_checkpoint(path: str | Path) -> dict:
             raise ReproError(f"cannot read checkpoint {path} (UnpicklingError): corrupt or not a "
                              "repro.py checkpoint") from None
         what = found.group(1)
-        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load (one that can "
-                         "run code) reads; older repro.py versions wrote numpy arrays into student-teacher "
-                         "checkpoints: such a run must be trained again with this version") from None
+        raise ReproError(f"refused checkpoint {path}: it holds {what}, which only an unsafe load "
+                         "(one that can run code) reads; older repro.py versions wrote numpy "
+                         "arrays into student-teacher checkpoints: such a run must be trained "
+                         "again with this version") from None
     except Exception as e:
-        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a repro.py "
-                         "checkpoint") from None
+        raise ReproError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt or not a "
+                         "repro.py checkpoint") from None
     if not isinstance(ckpt, dict):
-        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict with 'model')")
+        raise ReproError(f"{path} holds a {type(ckpt).__name__}, not a repro.py checkpoint (a dict "
+                         "with 'model')")
     return ckpt
 
 
@@ -3284,7 +3291,8 @@ def load_weights(model: nn.Module, ckpt: dict, cfg: Config, path) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ReproError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}") from None
+        raise ReproError(f"checkpoint {path} does not fit this network: "
+                         f"{str(e).splitlines()[0]}") from None
 
 
 def model_from_checkpoint(cfg: Config, path: str | Path, device) -> tuple[nn.Module, Config, dict]:
@@ -3322,283 +3330,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")  # one write per line: a cut run loses whole lines
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders: a run's start, lock, signals and finish
-# ----------------------------------------------------------------------------------------------
-
-def default_run_dir(cfg: Config, data_name: str) -> Path:
-    return Path("runs") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
-
-
-def benchmark_label(data_name: str) -> str:
-    if data_name.startswith("demo"):
-        labels = "MPII joints, " if data_name == "demo-mpii" else ""
-        return f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, NOT real data)"
-    return f"{data_name} val"
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg)
-    if world == 1:
-        return 0, 1, device
-    if cfg.batch_size % world:
-        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes: each "
-                         "trains an equal share of every step's batch")
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
-def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
-    if not cfg.ckpt:
-        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
-    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
-    if cfg.skeleton != data.val.skeleton.name:
-        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val data is "
-                         f"{data.val.skeleton.name}: evaluate it on {cfg.skeleton} data (--skeleton {cfg.skeleton})")
-    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"eval-{data.name}"  # never beside a tracked checkpoint
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt), step=ckpt.get("step"), **stats),
-               out / f"eval-{data.name}.json")
-    print(data.val.skeleton.benchmark.table(stats, benchmark_label(data.name)))
-    return stats
-
-
-LOCK_NAME = "run.lock"
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def process_started(pid: int) -> str | None:
-    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
-    one process, so a lock whose pid was reused by another program is told from a live one."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def lock_text() -> str:
-    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()), host=os.uname().nodename))
-
-
-def lock_holder(out: Path) -> int | None:
-    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its process
-    is gone, or its pid now names another process). A lock of another host counts as held. Older
-    locks hold the pid alone."""
-    try:
-        text = (out / LOCK_NAME).read_text().strip()
-    except OSError:
-        return None
-    try:
-        lock = json.loads(text)
-        lock = lock if isinstance(lock, dict) else dict(pid=lock)
-    except ValueError:
-        return None
-    pid = lock.get("pid")
-    # 0 and -1 would signal a process group, and a pid beyond C's int overflows os.kill
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
-        return None
-    if lock.get("host", os.uname().nodename) != os.uname().nodename:
-        return pid
-    started = lock.get("started")
-    if not process_alive(pid) or (started is not None and process_started(pid) not in (started, None)):
-        return None
-    return pid
-
-
-def hold_run_dir(out: Path) -> Path:
-    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
-    host). A folder held by a live process is refused; a lock left by a dead one is stale and taken over."""
-    lock = out / LOCK_NAME
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = lock_holder(out)
-                if holder is not None:
-                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it to finish, "
-                                     "or use another --out") from None
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(lock_text())
-            return lock
-    except OSError as e:
-        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
-    released, loader workers and protocol runs ended."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated
-
-
-PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
-
-
-def watch_parent(every: float = 1.0) -> None:
-    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent is
-    gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
-    import threading
-
-    parent = os.environ.get(PARENT_ENV, "")
-    if not parent.isdigit():
-        return
-
-    def watch():
-        while os.getppid() == int(parent):
-            time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
-
-
-def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int, world: int) -> Trainer:
-    """Everything that can refuse a run happens before the run folder is touched."""
-    ckpt_path = out / "ckpt.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR for a new one")
-    if cfg.resume and not ckpt_path.exists():
-        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    trainer = Trainer(cfg, data, device, out, rank, world)
-    if cfg.resume:
-        try:
-            trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file put there by hand
-            what = str(e).splitlines()[0] if str(e) else "bad content"
-            raise ReproError(f"--resume: {ckpt_path} is not a training checkpoint of this run "
-                             f"({type(e).__name__}: {what})") from None
-        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
-            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps {cfg.steps}, results in "
-                             f"{out / 'metrics.json'}); raise --steps to train on, or --mode eval --ckpt {ckpt_path}")
-    if cfg.steps == 0:
-        print("--steps 0: no training; the starting weights are evaluated (untrained unless --init)")
-    return trainer
-
-
-def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
-    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its checkpoint."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and not r.get("final")]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
-
-
-def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
-    """Final evaluation, metrics, predictions and figures of a finished run."""
-    cfg, device = trainer.cfg, trainer.device
-    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
-    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=round(trainer.seconds / 60, 3), eval=stats,
-                                             final=True))
-    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
-                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
-    data.val.skeleton.benchmark.write_predictions(out, results)
-    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
-    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
-    if trainer.teacher is not None:
-        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
-    benchmark = data.val.skeleton.benchmark
-    print(benchmark.table(stats, benchmark_label(data.name)))
-    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl") if "eval" in r and r["step"] == 0]
-    if start and trainer.step > 0:
-        print(f"from --init to the end of training: {benchmark.headline(start[0])} -> {benchmark.headline(stats)}")
-    print(f"run folder: {out}")
-    return stats
-
-
-def device_name(device: torch.device) -> str:
-    """What a record calls the device: the GPU's name, or cpu."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def instruction_set(amx: bool, avx512_bf16: bool, capability: str) -> str:
-    """The CPU's instruction set that sets a run's speed: AMX or AVX-512 BF16 (native bf16, see
-    cpu_has_native_bf16), else the vector set torch's kernels dispatch to (AVX-512, AVX2, ...)."""
-    if amx or avx512_bf16:
-        return "AMX" if amx else "AVX-512 BF16"
-    names = {"AVX512": "AVX-512", "NO AVX": "no AVX", "DEFAULT": "scalar"}
-    return names.get(capability, capability)
-
-
-def cpu_model() -> str:
-    """/proc/cpuinfo's 'model name' (Linux), else what the platform module says."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    import platform
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_key(model: str, isa: str, precision: str, threads: int | str, torch_version: str) -> str:
-    """Where a run trained, as one key: the CPU's model or the GPU's name, the instruction set that
-    sets its speed (a GPU's: its compute capability), the precision used, torch's threads and
-    version. Runs are compared in pairs only within one key (paired_aps)."""
-    return f"{model} ({isa}), {precision}, {threads} threads, torch {torch_version}"
-
-
-def this_device_key(device: torch.device, cfg: Config) -> str:
-    """The device key of a run of `cfg` on `device` here, now."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        model, isa = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
-    else:
-        capability = torch.backends.cpu.get_cpu_capability()
-        model, isa = cpu_model(), instruction_set(*cpu_bf16_units(), capability)
-    threads, version = torch.get_num_threads(), torch.__version__
-    return device_key(model, isa, precision(device, cfg), threads, version)
-
-
-def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
-    trainer = start_run(cfg, data, device, out, rank, world)
-    if rank != 0:
-        trainer.fit()
-        return {}
-    lock = hold_run_dir(out)
-    try:
-        if cfg.resume:
-            print(f"resumed {out} at step {trainer.step}")
-        prepare_metrics(out, cfg, trainer.step)
-        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name), device=str(device),
-                        device_name=device_name(device), device_key=this_device_key(device, cfg),
-                        torch=torch.__version__, threads=torch.get_num_threads(), precision=precision(device, cfg),
-                        argv=sys.argv), out / "config.json")
-        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
-            label = f"{benchmark_label(data.name)}, before training (--init)"
-            print(data.val.skeleton.benchmark.table(trainer.evaluate_now(), label))
-        trainer.fit()
-        return finish_run(trainer, data, out)
-    finally:
-        lock.unlink(missing_ok=True)
+        # one write per line: a cut run loses whole lines
+        f.write(json.dumps(record, default=float) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -6127,309 +5860,12 @@ def export_onnx_job(cfg: Config, args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line
+# Runs: main, a training run's start, its folder's lock and signals, its finish
 # ----------------------------------------------------------------------------------------------
 
-# Config's flags in --help's groups, and the ones each job reads, from the fields' own metadata.
-FLAG_GROUPS = {g.title: tuple(f.name for f in dataclasses.fields(Config)
-                              if f.metadata["group"] == g.title) for g in HELP_GROUPS}
-
-
-def reader_fields(job: str) -> tuple[str, ...]:
-    """The Config fields a job reads, in --help's order: all of them for a --mode run (TRAIN), else
-    those whose metadata names the job ("predict": --mode predict)."""
-    readers = {f.name: f.metadata["jobs"] for f in dataclasses.fields(Config)}
-    return tuple(n for names in FLAG_GROUPS.values() for n in names
-                 if job == TRAIN or job in readers[n])
-
-
-def job_count(text: str) -> int:
-    """--jobs N: refused by the parser unless a whole number of 1 or more."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return int(text)
-
-
-def protocol_glob(glob: str) -> str:
-    """--only GLOB: refused by the parser when it matches no run of the claims protocol."""
-    names = [r.name for r in protocol_runs()] + [name for name, _, _ in probe_jobs()]
-    if not any(matches(n, (glob,)) for n in names):
-        raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like {names[0]}, "
-                                         "full/augmented-mask-s1, full/synthetic-only or probe")
-    return glob
-
-
-def start_job(cfg: Config) -> tuple[int, int, torch.device]:
-    """Threads, the device (and torchrun's ranks), the seeds: for the jobs that compute."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, world, device = setup_distributed(cfg)
-    seed_everything(cfg.seed + rank)
-    return rank, world, device
-
-
-def train_job(cfg: Config, args: argparse.Namespace) -> None:
-    rank, world, device = start_job(cfg)
-    if cfg.mode == "predict":  # no dataset: the user's own images
-        run_predict(cfg, device)
-        return
-    data = load_data(cfg)
-    if cfg.mode == "eval":
-        run_eval(cfg, data, device)
-    else:
-        run_training(cfg, data, device, rank, world)
-
-
-def reproduce_job(cfg: Config, args: argparse.Namespace) -> None:
-    run_protocol(jobs=args.jobs, only=tuple(args.only))
-
-
-def report_job(cfg: Config, args: argparse.Namespace) -> None:
-    report_protocol()
-
-
-def probe_job(cfg: Config, args: argparse.Namespace) -> None:
-    device = start_job(cfg)[2]
-    design, code = PROBES[args.probe], code_version()
-    PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before the hour of work it ends with
-    probe = run_probe(cfg, load_data(cfg), device, Path(cfg.out or PROTOCOL_RUNS / design.name), design)
-    probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
-                  device=device_name(device), device_key=this_device_key(device, cfg))
-    name = probe_name(design, cfg.seed)
-    write_json(probe, PROTOCOL_RESULTS.parent / f"{name}.json")
-    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
-
-
-class Job:
-    """A job of the command line: what it runs, its own flags (the first one names it; a --mode run
-    has none), and what it keeps when interrupted, and how it goes on (None: nothing half-written).
-    Its parser takes the flags of the Config fields it reads and no other."""
-
-    def __init__(self, run: types.FunctionType, *own: tuple[str, dict], kept: str | None = None):
-        self.run, self.own, self.kept = run, own, kept
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return reader_fields(self.own[0][0] if self.own else TRAIN)
-
-
-def own_flag(name: str, help: str, **kwargs) -> tuple[str, dict]:
-    return name, dict(help=help, **kwargs)
-
-
-TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag, no job flag
-
-
-JOBS = {
-    TRAIN: Job(train_job, kept="the last checkpoint is kept: rerun with --resume"),
-    "--reproduce": Job(
-        reproduce_job,
-        own_flag("--reproduce", "run the claims protocol (README): skips finished runs, resumes "
-                 "cut-off ones, then --report", action="store_true"),
-        own_flag("--jobs", "fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
-                 "runs/protocol/<run>.log", type=job_count, default=1, metavar="N"),
-        own_flag("--only", "only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
-                 "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
-                 default=["*"], metavar="GLOB"),
-        kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on"),
-    "--report": Job(report_job, own_flag(
-        "--report", "rebuild results/claims.{json,md,png} and the README's claims table from "
-        "results/protocol", action="store_true")),
-    "--probe": Job(probe_job, own_flag(
-        "--probe", "the informativeness probe of claim 3 from --init (README): v1 (the default) "
-        "writes results/probe.{json,png}, v2 (README, Rule v2) results/probe-v2.{json,png}, v3 "
-        "(Rule v3) results/probe-v3-t<seed>.{json,png}", nargs="?", const="v1",
-        choices=tuple(PROBES), metavar="|".join(PROBES)),
-        kept="the points probed so far are kept: rerun the same command to go on"),
-    "--domain-gap": Job(domain_gap_job, own_flag(
-        "--domain-gap", "render N scenes per style and per style factor switched (seed 7000), "
-        "evaluate --ckpt (default: the shipped student) on each; writes domain-gap.{json,md} into "
-        "--out (default results/domain-gap/); README, 'Where the domain gap comes from'", type=int,
-        metavar="N")),
-    "--bench": Job(bench_job, own_flag(
-        "--bench", "print speed figures and exit", action="store_true")),
-    "--bench-targets": Job(bench_targets_job, own_flag(
-        "--bench-targets", "time heatmap + PAF targets against Lightweight OpenPose's loops at the "
-        "demo and paper geometries (one thread) and exit", action="store_true")),
-    "--gpu-report": Job(gpu_report_job, own_flag(
-        "--gpu-report", "the device figures of one call (training img/s eager and compiled, FLOPs "
-        "per image, MFU, loader ratio, teacher update, a torchrun check) into results/gpu-bench/, "
-        "and exit", action="store_true")),
-    "--compare": Job(compare_job, own_flag(
-        "--compare", "plot val metrics of these run folders against minutes into --out (png + md "
-        "table)", nargs="+", metavar="RUN")),
-    "--export-student": Job(export_student_job, own_flag(
-        "--export-student", "write CKPT's weights in half precision to --out (default "
-        "results/student-demo.pt, the shipped student, which is replaced only when --out names it)",
-        metavar="CKPT")),
-    "--export-onnx": Job(export_onnx_job, own_flag(
-        "--export-onnx", "write the network of --ckpt (default: the shipped student) as an ONNX "
-        "model to PATH, checked against torch (dynamic batch and input size); run it with --mode "
-        "predict --onnx", metavar="PATH")),
-    "--write-mpii-release": Job(mpii_release_job, own_flag(
-        "--write-mpii-release", "render the stand-in benchmark at paper size into DIR in MPII's "
-        "own layout (mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of --mpii-root before "
-        "the real data", metavar="DIR")),
-    "--score-mpii": Job(score_mpii_job, own_flag(
-        "--score-mpii", "score MPII multi-person predictions (.mat pred struct or .json) against a "
-        "ground-truth annotation list with the official rules; prints the table and 'mAP <value>'",
-        nargs=2, metavar=("PRED", "GT"))),
-}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a refused command line is one line on stderr (exit status 2), as repro.py's
-    other input errors are, saying where the job's flags are listed."""
-
-    def error(self, message: str):
-        self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
-
-
-PREDICT_FIELDS = reader_fields("predict")
-
-
-def job_flags(flag: str) -> set[str]:
-    """Every option string of a job's parser but -h/--help."""
-    job, demo = JOBS[flag], Config()
-    flags = {name for name, _ in job.own} | {config_flag(n) for n in job.fields}
-    return flags | {"--no-" + n.replace("_", "-") for n in job.fields if isinstance(getattr(demo, n), bool)}
-
-
-def flag_usage(name: str, kwargs: dict) -> str:
-    metavar, nargs = kwargs.get("metavar"), kwargs.get("nargs")
-    if kwargs.get("action") == "store_true":
-        return name
-    if isinstance(metavar, tuple):
-        return " ".join((name, *metavar))
-    return {"+": f"{name} {metavar} [{metavar} ...]", "?": f"{name} [{metavar}]"}.get(nargs, f"{name} {metavar}")
-
-
-def own_usage(flag: str) -> str:
-    job = JOBS[flag]
-    return " ".join([flag_usage(*job.own[0])] + [f"[{flag_usage(*o)}]" for o in job.own[1:]])
-
-
-def fields_in_words(fields: tuple[str, ...]) -> str:
-    """A job's Config flags: whole groups by name, the others flag by flag."""
-    groups = [g for g, names in FLAG_GROUPS.items() if names and set(names) <= set(fields)]
-    whole = {n for g in groups for n in FLAG_GROUPS[g]}
-    single = " ".join(config_flag(n) for n in fields if n not in whole)
-    return " and ".join(filter(None, [f"the flags of {', '.join(groups)}" if groups else "", single]))
-
-
-def jobs_epilog() -> str:
-    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes."""
-    import textwrap
-
-    lines = ["the other jobs, one per call, each taking only its own flags (python repro.py JOB --help):"]
-    for flag, job in JOBS.items():
-        if flag:
-            text = job.own[0][1]["help"] + (f"; takes {fields_in_words(job.fields)}" if job.fields else "")
-            lines += ["  " + own_usage(flag)]
-            lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                                   break_on_hyphens=False)
-    return "\n".join(lines)
-
-
-def add_config_flags(p: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
-    """The flags of these Config fields, by group; help shows the demo and paper defaults."""
-    demo, paper, meta = Config(), PRESETS["paper"], {f.name: f.metadata for f in dataclasses.fields(Config)}
-
-    def shown(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    for title, names in FLAG_GROUPS.items():
-        names = [n for n in names if n in fields]
-        group = p.add_argument_group(title) if names else None
-        for name in names:
-            value = getattr(demo, name)
-            default = f"demo: {shown(value)}"
-            if paper.get(name, value) != value:
-                default += f", paper: {shown(paper[name])}"
-            flag, text = config_flag(name), f"{meta[name]['help']} [{default}]"
-            if isinstance(value, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-            elif isinstance(value, tuple):
-                group.add_argument(flag, type=float, nargs="*", default=None, help=text)
-            else:
-                group.add_argument(flag, type=type(value) if value is not None else str, default=None,
-                                   choices=meta[name]["choices"], help=text)
-
-
-def build_parser(flag: str = TRAIN) -> argparse.ArgumentParser:
-    """A job's parser: its own flags and the Config flags it reads. A --mode run's (the default) takes
-    every Config flag, and its --help ends with the other jobs."""
-    job = JOBS[flag]
-    if flag:
-        usage = f"repro.py {own_usage(flag)}" + (" [its flags below]" if job.fields else "")
-        p = OneLineParser(prog=f"repro.py {flag}", usage=usage, description=job.own[0][1]["help"])
-    else:
-        p = OneLineParser(prog="repro.py", usage="repro.py [--mode MODE] [its flags below]\n       repro.py JOB "
-                          "[its flags] (the jobs are listed at the end)", description=__doc__.split("\n\n")[0],
-                          epilog=jobs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, kwargs in job.own:
-        p.add_argument(name, **kwargs)
-    add_config_flags(p, job.fields)
-    return p
-
-
-def pick_job(argv: list[str]) -> str:
-    """The job whose flag argv gives (TRAIN for none); argparse refuses two jobs at once. What the
-    job's flag is given is left to the job's own parser."""
-    picker = OneLineParser(prog="repro.py", add_help=False, allow_abbrev=False)
-    jobs = picker.add_mutually_exclusive_group()
-    for flag in JOBS:
-        if flag:
-            jobs.add_argument(flag, nargs="*", default=None)
-    picked, _ = picker.parse_known_args(argv)
-    return next((flag for flag in JOBS if flag and getattr(picked, flag[2:].replace("-", "_")) is not None), TRAIN)
-
-
-def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str]) -> None:
-    """argparse's refusal of what a job does not take, naming the jobs whose flags those are."""
-    notes = []
-    for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
-        owners = [f or "the --mode runs" for f in JOBS if word in job_flags(f)]
-        notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
-    parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
-                 + (f" ({'; '.join(notes)})" if notes else ""))
-
-
-def job_config(flag: str, args: argparse.Namespace) -> Config:
-    """Config defaults, then the preset, then the flags given; --init resolved for the jobs that read it."""
-    fields = JOBS[flag].fields
-    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
-    values = dataclasses.asdict(Config()) | PRESETS[given.get("preset", "demo")] | given
-    values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-    if given.get("mpii_root") and "skeleton" not in given:
-        values["skeleton"] = "mpii"
-    cfg = Config(**values)
-    return resolve_init(cfg, bool(set(FINETUNE) & set(given))) if {"init", "lr"} & set(fields) else cfg
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode run), args.argv
-    the command line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    flag = pick_job(argv)
-    parser = build_parser(flag)
-    if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
-        parser.print_help()
-        parser.exit()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        refuse_flags(parser, flag, extra)
-    unread = [config_flag(k) for k in JOBS[flag].fields
-              if vars(args).get(k) is not None and k not in PREDICT_FIELDS]
-    if flag == TRAIN and args.mode == "predict" and unread:
-        parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
-                     + fields_in_words(PREDICT_FIELDS))
-    args.job, args.argv = flag, argv
-    return job_config(flag, args), args
-
-
 def main(argv: list[str] | None = None) -> int:
-    """The command line; SIGTERM ends it as Ctrl-C does (the handler is put back after, for callers)."""
+    """The command line; SIGTERM ends it as Ctrl-C does (the handler is put back after, for
+    callers)."""
     import threading
 
     previous = None
@@ -6454,7 +5890,7 @@ def run_main(argv: list[str] | None = None) -> int:
     except (ReproError, rh.RenderError) as e:
         print(f"repro.py: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a read-only folder: one line, and atomic writes left no half-files
+    except OSError as e:  # a full disk, a read-only folder: one line, no half-files (atomic writes)
         print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
@@ -6463,6 +5899,571 @@ def run_main(argv: list[str] | None = None) -> int:
         print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
+
+
+def train_job(cfg: Config, args: argparse.Namespace) -> None:
+    """A --mode run: training, --mode eval or --mode predict."""
+    rank, world, device = start_job(cfg)
+    if cfg.mode == "predict":  # no dataset: the user's own images
+        run_predict(cfg, device)
+        return
+    data = load_data(cfg)
+    if cfg.mode == "eval":
+        run_eval(cfg, data, device)
+    else:
+        run_training(cfg, data, device, rank, world)
+
+
+def start_job(cfg: Config) -> tuple[int, int, torch.device]:
+    """Threads, the device (and torchrun's ranks), the seeds: for the jobs that compute."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = setup_distributed(cfg)
+    seed_everything(cfg.seed + rank)
+    return rank, world, device
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python repro.py` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg)
+    if world == 1:
+        return 0, 1, device
+    if cfg.batch_size % world:
+        raise ReproError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} "
+                         "processes: each trains an equal share of every step's batch")
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def run_training(cfg: Config, data: Data, device: torch.device, rank: int, world: int) -> dict:
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg, data.name)
+    trainer = start_run(cfg, data, device, out, rank, world)
+    if rank != 0:
+        trainer.fit()
+        return {}
+    lock = hold_run_dir(out)
+    try:
+        if cfg.resume:
+            print(f"resumed {out} at step {trainer.step}")
+        prepare_metrics(out, cfg, trainer.step)
+        write_json(dict(config=dataclasses.asdict(cfg), benchmark=benchmark_label(data.name),
+                        device=str(device), device_name=device_name(device),
+                        device_key=this_device_key(device, cfg), torch=torch.__version__,
+                        threads=torch.get_num_threads(), precision=precision(device, cfg),
+                        argv=sys.argv), out / "config.json")
+        if cfg.init and cfg.eval_init and trainer.step == 0 and cfg.steps > 0:
+            label = f"{benchmark_label(data.name)}, before training (--init)"
+            print(data.val.skeleton.benchmark.table(trainer.evaluate_now(), label))
+        trainer.fit()
+        return finish_run(trainer, data, out)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def default_run_dir(cfg: Config, data_name: str) -> Path:
+    return Path("runs") / f"{cfg.mode}-{data_name}-s{cfg.seed}"
+
+
+def start_run(cfg: Config, data: Data, device: torch.device, out: Path, rank: int,
+              world: int) -> Trainer:
+    """Everything that can refuse a run happens before the run folder is touched."""
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists() and not cfg.resume:
+        raise ReproError(f"{out} already holds a run: pass --resume to continue it, or --out DIR "
+                         "for a new one")
+    if cfg.resume and not ckpt_path.exists():
+        raise ReproError(f"--resume: no checkpoint in {out}; start the run without --resume")
+    trainer = Trainer(cfg, data, device, out, rank, world)
+    if cfg.resume:
+        try:
+            trainer.restore(load_checkpoint(ckpt_path), ckpt_path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file put there by hand
+            what = str(e).splitlines()[0] if str(e) else "bad content"
+            raise ReproError(f"--resume: {ckpt_path} is not a training checkpoint of this run "
+                             f"({type(e).__name__}: {what})") from None
+        if trainer.step >= cfg.steps and (out / "metrics.json").is_file():
+            raise ReproError(f"--resume: {out} is finished (step {trainer.step} of --steps "
+                             f"{cfg.steps}, results in {out / 'metrics.json'}); raise --steps to "
+                             f"train on, or --mode eval --ckpt {ckpt_path}")
+    if cfg.steps == 0:
+        print("--steps 0: no training; the starting weights are evaluated (untrained unless "
+              "--init)")
+    return trainer
+
+
+LOCK_NAME = "run.lock"
+
+
+def hold_run_dir(out: Path) -> Path:
+    """Creates the run folder and holds it with a lock file naming this process (pid, start time,
+    host). A folder held by a live process is refused; a lock left by a dead one is stale and
+    taken over."""
+    lock = out / LOCK_NAME
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = lock_holder(out)
+                if holder is not None:
+                    raise ReproError(f"{out} is in use by another run (pid {holder}); wait for it "
+                                     "to finish, or use another --out") from None
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(lock_text())
+            return lock
+    except OSError as e:
+        raise ReproError(f"cannot write the run folder {out} ({e.strerror})") from None
+
+
+def lock_holder(out: Path) -> int | None:
+    """The pid of the live run holding `out`, or None when it is free or its lock is stale (its
+    process is gone, or its pid now names another process). A lock of another host counts as held.
+    Older locks hold the pid alone."""
+    try:
+        text = (out / LOCK_NAME).read_text().strip()
+    except OSError:
+        return None
+    try:
+        lock = json.loads(text)
+        lock = lock if isinstance(lock, dict) else dict(pid=lock)
+    except ValueError:
+        return None
+    pid = lock.get("pid")
+    # 0 and -1 would signal a process group, and a pid beyond C's int overflows os.kill
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
+        return None
+    if lock.get("host", os.uname().nodename) != os.uname().nodename:
+        return pid
+    started = lock.get("started")
+    reused = started is not None and process_started(pid) not in (started, None)
+    if not process_alive(pid) or reused:
+        return None
+    return pid
+
+
+def lock_text() -> str:
+    return json.dumps(dict(pid=os.getpid(), started=process_started(os.getpid()),
+                           host=os.uname().nodename))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/PID/stat field 22): with the pid it
+    names one process, so a lock whose pid was reused by another program is told from a live one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def prepare_metrics(out: Path, cfg: Config, step: int) -> None:
+    """A new run starts an empty metrics.jsonl; a resumed one drops what was logged after its
+    checkpoint."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    if cfg.resume:  # a final evaluation is redone at the end: one cut off after it is dropped too
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and not r.get("final")]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in kept))
+
+
+def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
+    """Final evaluation, metrics, predictions and figures of a finished run."""
+    cfg, device = trainer.cfg, trainer.device
+    stats, results = evaluate(trainer.model, data.val, cfg, device, cfg.max_val_images)
+    minutes = round(trainer.seconds / 60, 3)
+    append_jsonl(out / "metrics.jsonl", dict(step=trainer.step, minutes=minutes, eval=stats,
+                                             final=True))
+    write_json(dict(benchmark=benchmark_label(data.name), mode=cfg.mode, steps=trainer.step,
+                    train_minutes=trainer.seconds / 60, **stats), out / "metrics.json")
+    data.val.skeleton.benchmark.write_predictions(out, results)
+    save_predictions_figure(trainer.model, data.val, cfg, device, out / "predictions.png")
+    save_curves(out / "metrics.jsonl", out / "curves.png", f"{cfg.mode} ({data.name})")
+    if trainer.teacher is not None:
+        save_teacher_plot(trainer.teacher, out / "teacher_bins.png")
+    benchmark = data.val.skeleton.benchmark
+    print(benchmark.table(stats, benchmark_label(data.name)))
+    start = [r["eval"] for r in read_jsonl(out / "metrics.jsonl")
+             if "eval" in r and r["step"] == 0]
+    if start and trainer.step > 0:
+        print(f"from --init to the end of training: {benchmark.headline(start[0])} -> "
+              f"{benchmark.headline(stats)}")
+    print(f"run folder: {out}")
+    return stats
+
+
+def benchmark_label(data_name: str) -> str:
+    if data_name.startswith("demo"):
+        labels = "MPII joints, " if data_name == "demo-mpii" else ""
+        return (f"built-in demo benchmark, stand-in val split ({labels}rendered stand-in people, "
+                "NOT real data)")
+    return f"{data_name} val"
+
+
+def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
+    if not cfg.ckpt:
+        raise ReproError("--mode eval needs --ckpt PATH (a checkpoint written by a training run)")
+    model, cfg, ckpt = model_from_checkpoint(cfg, cfg.ckpt, device)
+    if cfg.skeleton != data.val.skeleton.name:
+        raise ReproError(f"checkpoint {cfg.ckpt} predicts the {cfg.skeleton} skeleton but the val "
+                         f"data is {data.val.skeleton.name}: evaluate it on {cfg.skeleton} data "
+                         f"(--skeleton {cfg.skeleton})")
+    stats, results = evaluate(model, data.val, cfg, device, cfg.max_val_images)
+    # never beside a tracked checkpoint
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"eval-{data.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(dict(benchmark=benchmark_label(data.name), checkpoint=str(cfg.ckpt),
+                    step=ckpt.get("step"), **stats), out / f"eval-{data.name}.json")
+    print(data.val.skeleton.benchmark.table(stats, benchmark_label(data.name)))
+    return stats
+
+
+def probe_job(cfg: Config, args: argparse.Namespace) -> None:
+    device = start_job(cfg)[2]
+    design, code = PROBES[args.probe], code_version()
+    PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before its hour of work
+    out = Path(cfg.out or PROTOCOL_RUNS / design.name)
+    probe = run_probe(cfg, load_data(cfg), device, out, design)
+    probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
+                  device=device_name(device), device_key=this_device_key(device, cfg))
+    name = probe_name(design, cfg.seed)
+    write_json(probe, PROTOCOL_RESULTS.parent / f"{name}.json")
+    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
+    released, loader workers and protocol runs ended."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
+PARENT_ENV = "REPRO_PARENT_PID"  # set by the protocol runner: its runs end when it is gone
+
+
+def watch_parent(every: float = 1.0) -> None:
+    """When $REPRO_PARENT_PID is set, a daemon thread sends this process SIGTERM once that parent
+    is gone (killed with -9 too: this process is then reparented), so no run trains on unowned."""
+    import threading
+
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+
+    def watch():
+        while os.getppid() == int(parent):
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
+def device_name(device: torch.device) -> str:
+    """What a record calls the device: the GPU's name, or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def instruction_set(amx: bool, avx512_bf16: bool, capability: str) -> str:
+    """The CPU's instruction set that sets a run's speed: AMX or AVX-512 BF16 (native bf16, see
+    cpu_has_native_bf16), else the vector set torch's kernels dispatch to (AVX-512, AVX2, ...)."""
+    if amx or avx512_bf16:
+        return "AMX" if amx else "AVX-512 BF16"
+    names = {"AVX512": "AVX-512", "NO AVX": "no AVX", "DEFAULT": "scalar"}
+    return names.get(capability, capability)
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's 'model name' (Linux), else what the platform module says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_key(model: str, isa: str, precision: str, threads: int | str, torch_version: str) -> str:
+    """Where a run trained, as one key: the CPU's model or the GPU's name, the instruction set that
+    sets its speed (a GPU's: its compute capability), the precision used, torch's threads and
+    version. Runs are compared in pairs only within one key (paired_aps)."""
+    return f"{model} ({isa}), {precision}, {threads} threads, torch {torch_version}"
+
+
+def this_device_key(device: torch.device, cfg: Config) -> str:
+    """The device key of a run of `cfg` on `device` here, now."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        model, isa = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
+    else:
+        capability = torch.backends.cpu.get_cpu_capability()
+        model, isa = cpu_model(), instruction_set(*cpu_bf16_units(), capability)
+    threads, version = torch.get_num_threads(), torch.__version__
+    return device_key(model, isa, precision(device, cfg), threads, version)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode
+    run), args.argv the command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flag = pick_job(argv)
+    parser = build_parser(flag)
+    if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
+        parser.print_help()
+        parser.exit()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        refuse_flags(parser, flag, extra)
+    unread = [config_flag(k) for k, v in vars(args).items()
+              if v is not None and k not in PREDICT_FIELDS]
+    if flag == TRAIN and args.mode == "predict" and unread:
+        parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
+                     + fields_in_words(PREDICT_FIELDS))
+    args.job, args.argv = flag, argv
+    return job_config(flag, args), args
+
+
+def pick_job(argv: list[str]) -> str:
+    """The job whose flag argv gives (TRAIN for none); argparse refuses two jobs at once. What the
+    job's flag is given is left to the job's own parser."""
+    picker = OneLineParser(prog="repro.py", add_help=False, allow_abbrev=False)
+    jobs = picker.add_mutually_exclusive_group()
+    for flag in filter(None, JOBS):
+        jobs.add_argument(flag, nargs="*", dest=flag)
+    picked = vars(picker.parse_known_args(argv)[0])
+    return next((flag for flag, given in picked.items() if given is not None), TRAIN)
+
+
+def build_parser(flag: str = TRAIN) -> argparse.ArgumentParser:
+    """A job's parser: its own flags and the Config flags it reads. A --mode run's (the default)
+    takes every Config flag, and its --help ends with the other jobs."""
+    job = JOBS[flag]
+    if flag:
+        usage = f"repro.py {own_usage(job)}" + (" [its flags below]" if job.fields else "")
+        p = OneLineParser(prog=f"repro.py {flag}", usage=usage, description=job.help)
+    else:
+        p = OneLineParser(prog="repro.py", usage="repro.py [--mode MODE] [its flags below]\n       "
+                          "repro.py JOB [its flags] (the jobs are listed at the end)",
+                          description=__doc__.split("\n\n")[0], epilog=jobs_epilog(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, kwargs in job.own:
+        p.add_argument(name, **kwargs)
+    demo, paper = Config(), PRESETS["paper"]
+    meta = {f.name: f.metadata for f in dataclasses.fields(Config)}
+    for title, names in FLAG_GROUPS.items():  # each Config field's flag, its defaults in its help
+        group = p.add_argument_group(title) if set(names) & set(job.fields) else None
+        for name in (n for n in names if n in job.fields):
+            value, choices = getattr(demo, name), meta[name]["choices"]
+            kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(value, bool) else
+                    dict(type=float, nargs="*") if isinstance(value, tuple) else
+                    dict(type=str if value is None else type(value), choices=choices))
+            defaults = f"demo: {shown(value)}"
+            if paper.get(name, value) != value:
+                defaults += f", paper: {shown(paper[name])}"
+            group.add_argument(config_flag(name), default=None,
+                               help=f"{meta[name]['help']} [{defaults}]", **kind)
+    return p
+
+
+def shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def job_config(flag: str, args: argparse.Namespace) -> Config:
+    """Config defaults, then the preset, then the flags given; --init resolved for the jobs that
+    read it."""
+    fields = JOBS[flag].fields
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
+    values = dataclasses.asdict(Config()) | PRESETS[given.get("preset", "demo")] | given
+    values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+    if given.get("mpii_root") and "skeleton" not in given:
+        values["skeleton"] = "mpii"
+    cfg = Config(**values)
+    finetune_given = bool(set(FINETUNE) & set(given))
+    return resolve_init(cfg, finetune_given) if {"init", "lr"} & set(fields) else cfg
+
+
+def resolve_init(cfg: Config, finetune_given: bool) -> Config:
+    """--init auto -> the shipped student where it fits (the demo data, its network), else none;
+    --init none -> from scratch. A demo-preset fine-tune that names none of FINETUNE's settings
+    runs it."""
+    init = cfg.init
+    if init == "auto":
+        paths = (cfg.coco_root, cfg.train_json, cfg.val_json, cfg.mpii_root)
+        demo = cfg.data != "coco" and not any(paths)
+        init = str(SHIPPED_STUDENT) if demo and shipped_student_fits(cfg) else None
+    init = None if init == "none" else init
+    finetune = FINETUNE if init and cfg.preset == "demo" and not finetune_given else {}
+    return dataclasses.replace(cfg, init=init, **finetune)
+
+
+def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str]) -> None:
+    """argparse's refusal of what a job does not take, naming the jobs whose flags those are."""
+    takes = {f: {s for a in build_parser(f)._actions for s in a.option_strings} for f in JOBS}
+    notes = []
+    for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
+        owners = [f or "the --mode runs" for f in JOBS if word in takes[f]]
+        notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
+    parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
+                 + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one line on stderr (exit status 2), as repro.py's
+    other input errors are, saying where the job's flags are listed."""
+
+    def error(self, message: str):
+        self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
+
+
+def own_usage(job: Job) -> str:
+    """A job's own flags as argparse writes a usage: `--reproduce [--jobs N] [--only GLOB ...]`."""
+    wide = functools.partial(argparse.HelpFormatter, width=1000)  # one line, whatever $COLUMNS
+    p = argparse.ArgumentParser(prog="repro.py", add_help=False, formatter_class=wide)
+    for i, (name, kwargs) in enumerate(job.own):
+        p.add_argument(name, required=i == 0, **kwargs)
+    return p.format_usage().removeprefix("usage: repro.py ").strip()
+
+
+def jobs_epilog() -> str:
+    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes."""
+    lines = ["the other jobs, one per call, each taking only its own flags "
+             "(python repro.py JOB --help):"]
+    for job in [job for job in JOBS.values() if job.flag]:
+        takes = f"; takes {fields_in_words(job.fields)}" if job.fields else ""
+        lines += ["  " + own_usage(job), *textwrap.wrap(
+            job.help + takes, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+            break_on_hyphens=False)]
+    return "\n".join(lines)
+
+
+def fields_in_words(fields: tuple[str, ...]) -> str:
+    """A job's Config flags: whole groups by name, the others flag by flag."""
+    groups = [g for g, names in FLAG_GROUPS.items() if names and set(names) <= set(fields)]
+    whole = {n for g in groups for n in FLAG_GROUPS[g]}
+    single = " ".join(config_flag(n) for n in fields if n not in whole)
+    named = f"the flags of {', '.join(groups)}" if groups else ""
+    return " and ".join(filter(None, [named, single]))
+
+
+# Config's flags in --help's groups, from the fields' own metadata; those --mode predict reads
+FLAG_GROUPS = {g.title: tuple(f.name for f in dataclasses.fields(Config)
+                              if f.metadata["group"] == g.title) for g in HELP_GROUPS}
+
+
+def reader_fields(job: str) -> tuple[str, ...]:
+    """The Config fields a job reads, in --help's order: all of them for a --mode run (TRAIN),
+    else those whose metadata names the job ("predict": --mode predict)."""
+    readers = {f.name: f.metadata["jobs"] for f in dataclasses.fields(Config)}
+    return tuple(n for names in FLAG_GROUPS.values() for n in names
+                 if job == TRAIN or job in readers[n])
+
+
+PREDICT_FIELDS = reader_fields("predict")
+
+
+def job_count(text: str) -> int:
+    """--jobs N: refused by the parser unless a whole number of 1 or more."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def protocol_glob(glob: str) -> str:
+    """--only GLOB: refused by the parser when it matches no run of the claims protocol."""
+    names = [r.name for r in protocol_runs()] + [name for name, _, _ in probe_jobs()]
+    if not any(matches(n, (glob,)) for n in names):
+        raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like "
+                                         f"{names[0]}, full/augmented-mask-s1, full/synthetic-only "
+                                         "or probe")
+    return glob
+
+
+class Job:
+    """A job of the command line: its flag (TRAIN: a --mode run, which has none), what it runs,
+    the flag's help and argparse keywords, more flags of its own, and what it keeps when
+    interrupted (None: nothing half-written). Its parser takes its own flags and those of the
+    Config fields it reads (its fields), no other."""
+
+    def __init__(self, flag: str, run, help: str = "", *more: tuple[str, dict],
+                 kept: str | None = None, **kwargs):
+        self.flag, self.run, self.help, self.kept = flag, run, help, kept
+        self.own = ((flag, dict(help=help, **kwargs)), *more) if flag else ()
+        self.fields = reader_fields(flag or TRAIN)
+
+
+JOBS = {job.flag: job for job in (
+    Job(TRAIN, train_job, kept="the last checkpoint is kept: rerun with --resume"),
+    Job("--reproduce", lambda cfg, args: run_protocol(jobs=args.jobs, only=tuple(args.only)),
+        "run the claims protocol (README): skips finished runs, resumes cut-off ones, then "
+        "--report",
+        ("--jobs", dict(help="fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
+                        "runs/protocol/<run>.log", type=job_count, default=1, metavar="N")),
+        ("--only", dict(help="only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
+                        "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
+                        default=["*"], metavar="GLOB")), action="store_true",
+        kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on"),
+    Job("--report", lambda cfg, args: report_protocol(), "rebuild results/claims.{json,md,png} and "
+        "the README's claims table from results/protocol", action="store_true"),
+    Job("--probe", probe_job, "the informativeness probe of claim 3 from --init (README): v1 (the "
+        "default) writes results/probe.{json,png}, v2 (README, Rule v2) "
+        "results/probe-v2.{json,png}, v3 (Rule v3) results/probe-v3-t<seed>.{json,png}", nargs="?",
+        const="v1", choices=tuple(PROBES), metavar="|".join(PROBES),
+        kept="the points probed so far are kept: rerun the same command to go on"),
+    Job("--domain-gap", domain_gap_job, "render N scenes per style and per style factor switched "
+        "(seed 7000), evaluate --ckpt (default: the shipped student) on each; writes "
+        "domain-gap.{json,md} into --out (default results/domain-gap/); README, 'Where the domain "
+        "gap comes from'", type=int, metavar="N"),
+    Job("--bench", bench_job, "print speed figures and exit", action="store_true"),
+    Job("--bench-targets", bench_targets_job, "time heatmap + PAF targets against Lightweight "
+        "OpenPose's loops at the demo and paper geometries (one thread) and exit",
+        action="store_true"),
+    Job("--gpu-report", gpu_report_job, "the device figures of one call (training img/s eager and "
+        "compiled, FLOPs per image, MFU, loader ratio, teacher update, a torchrun check) into "
+        "results/gpu-bench/, and exit", action="store_true"),
+    Job("--compare", compare_job, "plot val metrics of these run folders against minutes into "
+        "--out (png + md table)", nargs="+", metavar="RUN"),
+    Job("--export-student", export_student_job, "write CKPT's weights in half precision to --out "
+        "(default results/student-demo.pt, the shipped student, which is replaced only when --out "
+        "names it)", metavar="CKPT"),
+    Job("--export-onnx", export_onnx_job, "write the network of --ckpt (default: the shipped "
+        "student) as an ONNX model to PATH, checked against torch (dynamic batch and input size); "
+        "run it with --mode predict --onnx", metavar="PATH"),
+    Job("--write-mpii-release", mpii_release_job, "render the stand-in benchmark at paper size "
+        "into DIR in MPII's own layout (mpii_human_pose_v1_u12_1.mat + images/), a rehearsal of "
+        "--mpii-root before the real data", metavar="DIR"),
+    Job("--score-mpii", score_mpii_job, "score MPII multi-person predictions (.mat pred struct or "
+        ".json) against a ground-truth annotation list with the official rules; prints the table "
+        "and 'mAP <value>'", nargs=2, metavar=("PRED", "GT")),
+)}
+
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -853,6 +853,40 @@ def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_lon
         assert not long, f"{path}: functions over 60 lines: {long}"
 
 
+# The way in, every call from main to Trainer.fit that carries it (utilities such as write_json or
+# resolve_device left out), in the order they are made: each is called by the nearest one before it
+# that calls it. A call jumps when caller and callee are defined more than 200 lines apart.
+WAY_IN = ("main run_main parse_args pick_job build_parser job_config resolve_init check_config "
+          "train_job start_job setup_distributed load_data run_training start_run Trainer.__init__ "
+          "hold_run_dir prepare_metrics Trainer.fit").split()
+
+
+def test_the_way_in_from_main_to_trainer_fit_takes_at_most_five_long_jumps():
+    src, tree, _, _ = repro_parts()
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defs |= {f"{c.name}.{m.name}": m for c in defs.values() if isinstance(c, ast.ClassDef)
+             for m in c.body if isinstance(m, ast.FunctionDef)}
+
+    def calls(caller: str) -> set[str]:
+        """What a function calls by name; a dispatch through JOBS calls every job's function."""
+        called = {getattr(c.func, "id", None) or getattr(c.func, "attr", None)
+                  for c in ast.walk(defs[caller]) if isinstance(c, ast.Call)}
+        jobs = any(isinstance(n, ast.Name) and n.id == "JOBS" for n in ast.walk(defs[caller]))
+        return called | ({job.run.__name__ for job in R.JOBS.values()} if jobs and "run" in called
+                         else set())
+
+    long = []
+    for i, callee in enumerate(WAY_IN[1:], 1):
+        name = "Trainer" if callee == "Trainer.__init__" else callee.split(".")[-1]
+        caller = next((c for c in reversed(WAY_IN[:i]) if name in calls(c)), None)
+        assert caller, f"no function before {callee} on the way in calls it"
+        if abs(defs[caller].lineno - defs[callee].lineno) > 200:
+            long.append(f"{caller} -> {callee}")
+    assert len(long) <= 5, long
+    mapped = re.search(r"The way in, .*?:\n  (.*)\n", R.__doc__).group(1).split(" -> ")
+    assert [n for n in WAY_IN if n in mapped] == mapped, mapped  # the reading map's line, in order
+
+
 # ==============================================================================================
 # Part I: the method, in the order one training step's data flows
 # ==============================================================================================
