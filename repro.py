@@ -31,7 +31,8 @@ Part I uses Part II only through these seams (a test checks the list): load_chec
 save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files),
 MpiiBenchmark (MPII's file formats and scoring: Skeleton.benchmark looks it up by the skeleton's
 name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints,
-figures, the claims protocol (runs, verdicts, probe, report), the domain gap, the bench, predict
+figures, the claims protocol (rounds as data, the runner, the statistics, the probe, the report;
+rounds 1-2's verdicts frozen in results/rounds-1-2.json), the domain gap, the bench, predict
 and ONNX, runs (main, a training run's start, its folder and finish), and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
@@ -3500,6 +3501,115 @@ def compare_job(cfg: Config, args: argparse.Namespace) -> None:
     compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
 
 
+# The claims protocol's figures: the probe's usefulness, the teachers beside it, the claims
+
+def plot_usefulness(ax, probe: dict) -> None:
+    """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
+    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
+    use = np.array(probe["usefulness"])
+    colours = bin_colours(len(probe["counts"]))
+    probed = probe.get("probed_people", probe["counts"])
+    for b in range(use.shape[1]):
+        if np.isfinite(use[:, b]).all():
+            se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
+            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
+            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
+                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
+    ax.axhline(0, color="grey", lw=0.5)
+    test = probe.get("test") or probe.get("v2")  # the current rule's test (written as "v2" by probe v2)
+    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
+           title=(f"{probe.get('design', 'probe')}: bins differ {test['bins_differ']}, ranking changes "
+                  f"{test['ranking_changes']}" if test else
+                  "informativeness of each min_dist bin over training (claim 3)"))
+    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
+              bbox_to_anchor=(1.0, 0.5))
+
+
+def save_probe_figure(probe: dict, path: Path) -> None:
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    plot_usefulness(ax, probe)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
+    """Claim 3 beside claim 4: the paper's teachers' bin probabilities over training (scarce regime,
+    3000 steps; their mean, then one row per run), and probe v2's usefulness of each bin at points
+    of the same schedule."""
+    plt = pyplot()
+
+    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
+        steps = min(len(run) for run in series.values())
+        runs = np.array([np.array(run)[:steps] for run in series.values()])
+        mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
+        series = {f"mean of the {len(runs)} runs": mean.tolist(), **dict(sorted(series.items()))}
+    rows = max(len(series), 1)
+    fig = plt.figure(figsize=(13.5, max(4.2, 1.25 * rows + 0.8)))
+    grid = fig.add_gridspec(rows, 2)
+    left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
+    right = fig.add_subplot(grid[:, 1])
+    bins = len(next(iter(series.values()))[0]) - 1 if series else 0
+    for ax, (name, run) in zip(left, series.items()):
+        probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
+        plot_bin_probabilities(ax, probs[:, 0], probs[:, 1:], [f"bin {b}" for b in range(bins)])
+        ax.set(ylabel="p")
+        ax.set_title(name, fontsize=8, loc="left")
+        ax.label_outer()
+    if series:
+        left[-1].set_xlabel("student step")
+        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
+    if probe:
+        plot_usefulness(right, probe)
+    for ax, what in ((left[0], series), (right, probe)):
+        if not what:
+            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
+    """Top: AP per condition and regime, every seed as a dot, the mean as a bar (round 2's 3000-step
+    conditions in their own colour). Bottom: what rule v2 reads, the paired AP differences per seed
+    with their mean and 95% interval, against the band (-delta, +delta) and 0."""
+    plt = pyplot()
+
+    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(7 * len(PROTOCOL_REGIMES), 8.2), sharey="row",
+                             squeeze=False)
+    for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
+        conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
+        for i, c in enumerate(conditions):
+            ap = [r["ap"] for r in condition_runs(runs, c, regime)]
+            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in LONG_CONDITIONS else "lightsteelblue")
+            top.plot([i] * len(ap), ap, "k.", ms=6)
+        top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
+                       rotation=35, ha="right", fontsize=8)
+        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
+        compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts_v2.items() if regime in v["per_regime"]]
+        for i, (name, v, test) in enumerate(compared):
+            d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
+            bottom.plot([i] * len(d), d, "k.", ms=6, label="seeds" if i == 0 else None)
+            if "lo" in test:
+                bottom.errorbar(i + 0.15, test["mean"], [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
+                                fmt="o", color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None)
+        bottom.axhspan(-DELTA[regime], DELTA[regime], color="grey", alpha=0.15, lw=0,
+                       label=f"+-delta ({DELTA[regime]})")
+        bottom.axhline(0, color="grey", lw=0.5)
+        short = {c: c.removesuffix(f"-{LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
+        labels = [(f"claim {name}" if name.isdigit() else "claim 4, part") +
+                  f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}" for name, v, test in compared]
+        bottom.set_xticks(range(len(compared)), labels, fontsize=7)
+        bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
+                   title=f"{regime} regime: what rule v2 reads")
+        bottom.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------
 # The claims protocol: every condition fine-tuned from one real-only student, paired seeds
 # ----------------------------------------------------------------------------------------------
@@ -4833,115 +4943,6 @@ def where_trained(runs: list[dict]) -> str:
     return "; ".join(f"{device}: " + ", ".join(f"{regime} " + " + ".join(sorted(items))
                                                for regime, items in sorted(regimes.items()))
                      for device, regimes in sorted(places.items()))
-
-
-# ---- The protocol's figures
-
-def plot_usefulness(ax, probe: dict) -> None:
-    """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
-    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
-    use = np.array(probe["usefulness"])
-    colours = bin_colours(len(probe["counts"]))
-    probed = probe.get("probed_people", probe["counts"])
-    for b in range(use.shape[1]):
-        if np.isfinite(use[:, b]).all():
-            se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
-            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
-            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
-                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
-    ax.axhline(0, color="grey", lw=0.5)
-    test = probe.get("test") or probe.get("v2")  # the current rule's test (written as "v2" by probe v2)
-    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
-           title=(f"{probe.get('design', 'probe')}: bins differ {test['bins_differ']}, ranking changes "
-                  f"{test['ranking_changes']}" if test else
-                  "informativeness of each min_dist bin over training (claim 3)"))
-    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
-              bbox_to_anchor=(1.0, 0.5))
-
-
-def save_probe_figure(probe: dict, path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    plot_usefulness(ax, probe)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
-    """Claim 3 beside claim 4: the paper's teachers' bin probabilities over training (scarce regime,
-    3000 steps; their mean, then one row per run), and probe v2's usefulness of each bin at points
-    of the same schedule."""
-    plt = pyplot()
-
-    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
-        steps = min(len(run) for run in series.values())
-        runs = np.array([np.array(run)[:steps] for run in series.values()])
-        mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
-        series = {f"mean of the {len(runs)} runs": mean.tolist(), **dict(sorted(series.items()))}
-    rows = max(len(series), 1)
-    fig = plt.figure(figsize=(13.5, max(4.2, 1.25 * rows + 0.8)))
-    grid = fig.add_gridspec(rows, 2)
-    left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
-    right = fig.add_subplot(grid[:, 1])
-    bins = len(next(iter(series.values()))[0]) - 1 if series else 0
-    for ax, (name, run) in zip(left, series.items()):
-        probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
-        plot_bin_probabilities(ax, probs[:, 0], probs[:, 1:], [f"bin {b}" for b in range(bins)])
-        ax.set(ylabel="p")
-        ax.set_title(name, fontsize=8, loc="left")
-        ax.label_outer()
-    if series:
-        left[-1].set_xlabel("student step")
-        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
-    if probe:
-        plot_usefulness(right, probe)
-    for ax, what in ((left[0], series), (right, probe)):
-        if not what:
-            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
-    """Top: AP per condition and regime, every seed as a dot, the mean as a bar (round 2's 3000-step
-    conditions in their own colour). Bottom: what rule v2 reads, the paired AP differences per seed
-    with their mean and 95% interval, against the band (-delta, +delta) and 0."""
-    plt = pyplot()
-
-    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(7 * len(PROTOCOL_REGIMES), 8.2), sharey="row",
-                             squeeze=False)
-    for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
-        conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
-        for i, c in enumerate(conditions):
-            ap = [r["ap"] for r in condition_runs(runs, c, regime)]
-            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in LONG_CONDITIONS else "lightsteelblue")
-            top.plot([i] * len(ap), ap, "k.", ms=6)
-        top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
-                       rotation=35, ha="right", fontsize=8)
-        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
-        compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts_v2.items() if regime in v["per_regime"]]
-        for i, (name, v, test) in enumerate(compared):
-            d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
-            bottom.plot([i] * len(d), d, "k.", ms=6, label="seeds" if i == 0 else None)
-            if "lo" in test:
-                bottom.errorbar(i + 0.15, test["mean"], [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
-                                fmt="o", color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None)
-        bottom.axhspan(-DELTA[regime], DELTA[regime], color="grey", alpha=0.15, lw=0,
-                       label=f"+-delta ({DELTA[regime]})")
-        bottom.axhline(0, color="grey", lw=0.5)
-        short = {c: c.removesuffix(f"-{LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
-        labels = [(f"claim {name}" if name.isdigit() else "claim 4, part") +
-                  f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}" for name, v, test in compared]
-        bottom.set_xticks(range(len(compared)), labels, fontsize=7)
-        bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
-                   title=f"{regime} regime: what rule v2 reads")
-        bottom.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

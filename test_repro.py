@@ -3056,6 +3056,43 @@ def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, mo
     assert b["gpu_minutes"] == round(13 * (3000 * 0.057 / 60 + 0.75))
 
 
+def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_path, monkeypatch):
+    """Stages a and d finished (made-up results): --report reads them by rule v3 and their rows
+    replace claims 3 and 4's round-2 rows in the README's answer; stages b and c stay pending."""
+    _report_sandbox(tmp_path, monkeypatch)
+    stages = {s.key: s for s in R.ROUND3.stages}
+    d = stages["d"]
+    for seed in range(d.seeds):
+        for condition, ap in (("teacher-paper-3000", 0.215), ("uniform-paper-3000", 0.205),
+                              ("synthetic-3000", 0.210)):
+            name = f"r3/scarce/{condition}-s{seed}"
+            spread = 0.0005 * (seed % 3) * (condition == "teacher-paper-3000")
+            R.write_json(dict(name=name, condition=condition, regime="scarce", seed=seed, steps=3000,
+                              minutes=1.0, ap=ap + spread, ap50=0.5, ap75=0.2, device="cpu",
+                              device_key="k"),
+                         R.PROTOCOL_RESULTS / f"{name.replace('/', '-')}.json")
+    rng = np.random.default_rng(0)
+    for t in stages["a"].probe.trajectories:  # bins that differ, the same ranking at every point
+        use = np.linspace(0, 1, 5)[None, :, None] + rng.normal(0, 0.05, (4, 5, 3))
+        R.write_json(dict(usefulness=use.tolist()), tmp_path / "results" / f"probe-v3-t{t}.json")
+    claims = R.report_protocol()
+    status = {s["key"]: s for s in claims["round3"]}
+    assert status["b"]["status"] == status["c"]["status"] == "pending" and not status["b"]["tests"]
+    first, second = status["d"]["tests"]
+    assert first["label"] == "teacher-paper-3000 - uniform-paper-3000"
+    assert first["verdict"] == "reproduced" and first["n"] == d.seeds
+    assert first["mean"] == pytest.approx(0.0105) and first["seeds_needed_now"] >= 3
+    assert second["worse"] == "uniform-3000" and second["verdict"] == "reproduced"
+    assert status["a"]["tests"][0]["bins_differ"] == "supported"
+    answer = {line[2]: line for line in R.answer_table(claims).splitlines()
+              if line[:3] in ("| 3", "| 4")}
+    assert "(round 3, stage d)" in answer["4"]
+    assert "teacher-paper-3000 - uniform-paper-3000 +0.0105" in answer["4"]
+    assert "**bins differ: supported" in answer["3"] and "(probe v3)" in answer["3"]
+    row = (tmp_path / "results" / "claims.md").read_text().split("| d |")[1].split("\n")[0]
+    assert "**pending**" not in row and "reproduced" in row
+
+
 def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_student():
     stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 5, (("teacher-3000", "uniform-3000"),),
                     delta=0.003, sd=0.002)
