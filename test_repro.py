@@ -52,8 +52,8 @@ def gl():
 @pytest.fixture(scope="module")
 def scenes(gl, tmp_path_factory):
     out = tmp_path_factory.mktemp("scenes")
-    ann = rh.render_dataset(out, num_images=3, seed=1, **{**TINY, "image_size": 160,
-                                                          "mean_people": 4.0})
+    ann = rh.render_dataset(out, num_images=3, seed=1,
+                            **{**TINY, "image_size": 160, "mean_people": 4.0})
     return out, json.loads(ann.read_text())
 
 
@@ -297,14 +297,14 @@ def test_crafted_smpl_files_are_refused_before_any_code_runs(tmp_path, capsys):
     assert hit.exists()
     hit.unlink()
     # an .npz is read without pickles: an object array is refused, not unpickled
-    np.savez(tmp_path / "model.npz", f=np.array([[0, 1, 2]]), v_template=np.array([_Touch(hit)],
-                                                                                  dtype=object))
+    np.savez(tmp_path / "model.npz", f=np.array([[0, 1, 2]]),
+             v_template=np.array([_Touch(hit)], dtype=object))
     with pytest.raises(rh.RenderError, match="refused .*'v_template' holds pickled"):
         rh.load_model_arrays(tmp_path / "model.npz")
     assert not hit.exists()
     # SMPL-X's unused name tables are skipped, the arrays kept
-    np.savez(tmp_path / "x.npz", f=np.array([[0, 1, 2]]), joint2num=np.array([{"pelvis": 0}],
-                                                                             dtype=object))
+    np.savez(tmp_path / "x.npz", f=np.array([[0, 1, 2]]),
+             joint2num=np.array([{"pelvis": 0}], dtype=object))
     assert set(rh.load_model_arrays(tmp_path / "x.npz")) == {"f"}
 
 
@@ -312,13 +312,10 @@ def _fake_smpl(root: Path):
     """A stick-figure stand-in with SMPL's array layout (6890 vertices, 24 joints), for smoke
     tests."""
     par = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21]
-    J = np.array([[0, .9, 0], [.08, .82, 0], [-.08, .82, 0], [0, 1.0, 0], [.1, .45, 0], [-.1, .45,
-                                                                                         0], [0,
-                                                                                              1.15,
-                                                                                              0],
-                  [.1, .08, 0], [-.1, .08, 0], [0, 1.25, 0], [.1, .02, .12], [-.1, .02, .12], [0,
-                                                                                               1.45,
-                                                                                               0],
+    J = np.array([[0, .9, 0], [.08, .82, 0], [-.08, .82, 0], [0, 1.0, 0], [.1, .45, 0],
+                  [-.1, .45, 0], [0, 1.15, 0],
+                  [.1, .08, 0], [-.1, .08, 0], [0, 1.25, 0], [.1, .02, .12], [-.1, .02, .12],
+                  [0, 1.45, 0],
                   [.08, 1.38, 0], [-.08, 1.38, 0], [0, 1.6, .02], [.18, 1.4, 0], [-.18, 1.4, 0],
                   [.45, 1.4, 0],
                   [-.45, 1.4, 0], [.7, 1.4, 0], [-.7, 1.4, 0], [.78, 1.4, 0], [-.78, 1.4, 0]])
@@ -329,9 +326,8 @@ def _fake_smpl(root: Path):
     Jr /= Jr.sum(1, keepdims=True)
     W = np.zeros((V, 24))
     W[np.arange(V), owner] = 1
-    data = dict(v_template=J[owner] + rng.normal(0, 0.04, (V, 3)), shapedirs=rng.normal(0, 1e-3, (V,
-                                                                                                  3,
-                                                                                                  10)),
+    data = dict(v_template=J[owner] + rng.normal(0, 0.04, (V, 3)),
+                shapedirs=rng.normal(0, 1e-3, (V, 3, 10)),
                 posedirs=np.zeros((V, 3, 207)), J_regressor=Jr, weights=W,
                 kintree_table=np.array([[2**32 - 1 if p < 0 else p for p in par], list(range(24))]),
                 f=np.array([[i, i + 24, i + 48] for i in range(V - 48)]))
@@ -342,8 +338,7 @@ def _fake_smpl(root: Path):
 def test_smpl_body_model_path_renders(gl, tmp_path):
     _fake_smpl(tmp_path / "models")
     ann = rh.render_dataset(tmp_path / "out", num_images=1, body_model="smpl",
-                            model_path=tmp_path / "models",
-                            **{**TINY, "image_size": 64})
+                            model_path=tmp_path / "models", **{**TINY, "image_size": 64})
     coco = json.loads(ann.read_text())
     assert coco["images"] and all(len(a["keypoints"]) == 51 for a in coco["annotations"])
 
@@ -451,10 +446,8 @@ def _people_mask(anns: list, shape: tuple) -> np.ndarray:
 
 def test_style_factors_switch_their_factor_alone(gl):
     """Each switched factor changes the image; the appearance factors leave the labels (people,
-    camera)
-    as they are, and in the stand-in style (no blur mixes pixels) lighting and clothing change
-    people's
-    pixels only, the background the backdrop's only."""
+    camera) as they are, and in the stand-in style (no blur mixes pixels) lighting and clothing
+    change people's pixels only, the background the backdrop's only."""
     files = rh.background_files(None)
     geo = dict(image_size=96, mean_people=2.0, min_people=2, camera_distance=(6.0, 0.5), seed=7)
     assert (rh.RenderConfig(style_factors={}) == rh.RenderConfig() and
@@ -552,8 +545,8 @@ def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypat
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "render_humans.py"), str(out), "--num-images",
                         "1"],
-                       capture_output=True, text=True, env={**os.environ,
-                                                            "PYOPENGL_PLATFORM": "bogus"})
+                       capture_output=True, text=True,
+                       env={**os.environ, "PYOPENGL_PLATFORM": "bogus"})
     assert (r.returncode == 2 and r.stderr.strip().count("\n") == 0 and
             "PYOPENGL_PLATFORM=bogus" in r.stderr)
     assert not out.exists()
@@ -577,14 +570,14 @@ def test_unusable_gl_platform_is_one_line_and_writes_nothing(tmp_path, monkeypat
 def test_people_counts_the_scene_cannot_hold_are_refused_or_named(gl, tmp_path, capsys):
     out = tmp_path / "out"
     for argv, words in ((["--mean-people", "inf"], "finite"), (["--mean-people", "nan"], "finite"),
-                        (["--mean-people", "1e9"], "at most 60 people"), (["--min-people", "1000"],
-                                                                          "at most 60")):
+                        (["--mean-people", "1e9"], "at most 60 people"),
+                        (["--min-people", "1000"], "at most 60")):
         assert words in _main_error([str(out), "--num-images", "1", *argv], capsys)
         # validated before parts/config.json: the next run into it is not refused
         assert not out.exists()
     capsys.readouterr()
-    rh.render_dataset(out, num_images=2, **{**TINY, "image_size": 64, "min_people": 40,
-                                            "mean_people": 1.0})
+    rh.render_dataset(out, num_images=2,
+                      **{**TINY, "image_size": 64, "min_people": 40, "mean_people": 1.0})
     err = capsys.readouterr().err
     assert ("scenes hold fewer than min_people 40 people" in err and
             err.count("render_humans:") == 1), err
@@ -680,8 +673,8 @@ def test_junk_backgrounds_are_counted(gl, tmp_path, capsys):
     cv2.imwrite(str(bg / "photo.png"), np.full((64, 64, 3), 128, np.uint8))
     (bg / "notes.jpg").write_text("not an image")
     (bg / "empty.png").write_bytes(b"")
-    rh.render_dataset(tmp_path / "out", num_images=1, style="standin", backgrounds=bg, **{**TINY,
-                                                                                          "image_size": 64})
+    rh.render_dataset(tmp_path / "out", num_images=1, style="standin", backgrounds=bg,
+                      **{**TINY, "image_size": 64})
     lines = [s for s in capsys.readouterr().err.splitlines() if "backgrounds" in s]
     assert len(lines) == 1 and "skipping 2 of 3 files" in lines[0]
 
@@ -717,11 +710,10 @@ def test_progress_off_a_terminal_is_sparse_plain_lines(monkeypatch):
 # the helpers of every section (a refused command line, waiting on a process)
 # ==============================================================================================
 # A standing stick figure in a 1 x 2 box (x right, y down), COCO order.
-TEMPLATE = np.array([[0.5, 0.14], [0.58, 0.08], [0.42, 0.08], [0.66, 0.12], [0.34, 0.12], [0.72,
-                                                                                           0.3],
-                     [0.28, 0.3],
-                     [0.74, 0.52], [0.26, 0.52], [0.78, 0.74], [0.22, 0.74], [0.6, 0.98], [0.4,
-                                                                                           0.98],
+TEMPLATE = np.array([[0.5, 0.14], [0.58, 0.08], [0.42, 0.08], [0.66, 0.12], [0.34, 0.12],
+                     [0.72, 0.3], [0.28, 0.3],
+                     [0.74, 0.52], [0.26, 0.52], [0.78, 0.74], [0.22, 0.74], [0.6, 0.98],
+                     [0.4, 0.98],
                      [0.62, 1.42], [0.38, 1.42], [0.64, 1.86], [0.36, 1.86]], np.float32)
 
 
@@ -751,30 +743,27 @@ def write_toy_set(root: Path, n_images=6, size=128, people=(1, 3), seed=0, crowd
         count = rng.integers(people[0], people[1] + 1)
         for j in range(count):
             h = rng.uniform(0.5, 0.9) * min(size, 2 * size / count)
-            corner = [j * size / count + rng.uniform(0, size / count - h / 2), rng.uniform(0,
-                                                                                           size - h)]
+            corner = [j * size / count + rng.uniform(0, size / count - h / 2),
+                      rng.uniform(0, size - h)]
             kp = stick_figure(rng, h) + corner
             draw_figure(img, kp, tuple(int(c) for c in rng.integers(120, 255, 3)))
             full = np.concatenate([kp, np.full((17, 1), 2, np.float32)], 1)
             x0, y0 = kp.min(0)
             x1, y1 = kp.max(0)
             anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=1, iscrowd=0,
-                             num_keypoints=17,
-                             keypoints=full.flatten().tolist(),
+                             num_keypoints=17, keypoints=full.flatten().tolist(),
                              bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                             area=float((x1 - x0) * (y1 - y0)), min_dist=float(rng.uniform(0,
-                                                                                           size)),
+                             area=float((x1 - x0) * (y1 - y0)),
+                             min_dist=float(rng.uniform(0, size)),
                              camera_angle=float(rng.uniform(0, 37))))
         if crowd:
             anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=1, iscrowd=1,
-                             num_keypoints=0,
-                             keypoints=[0] * 51, bbox=[0, 0, 20, 20], area=400.0,
+                             num_keypoints=0, keypoints=[0] * 51, bbox=[0, 0, 20, 20], area=400.0,
                              segmentation=[[0, 0, 20, 0, 20, 20, 0, 20]]))
         cv2.imwrite(str(root / "images" / f"{i:04d}.jpg"), img)
         images.append(dict(id=i + 1, file_name=f"{i:04d}.jpg", width=size, height=size))
     categories = [dict(id=1, name="person", supercategory="person",
-                       keypoints=list(R.COCO.parts[:17]),
-                       skeleton=rh.COCO_SKELETON)]
+                       keypoints=list(R.COCO.parts[:17]), skeleton=rh.COCO_SKELETON)]
     path = root / "annotations.json"
     path.write_text(json.dumps(dict(images=images, annotations=anns, categories=categories)))
     return path
@@ -796,11 +785,11 @@ def write_toy_bank(root: Path, n=4, seed=1):
         images.append(dict(id=i + 1, file_name=f"{i:04d}.png", width=rgba.shape[1],
                            height=rgba.shape[0]))
         anns.append(dict(id=i + 1, image_id=i + 1, category_id=1, iscrowd=0, num_keypoints=17,
-                         keypoints=full.flatten().tolist(), bbox=[0, 0, rgba.shape[1],
-                                                                  rgba.shape[0]], area=1.0))
+                         keypoints=full.flatten().tolist(),
+                         bbox=[0, 0, rgba.shape[1], rgba.shape[0]], area=1.0))
     path = root / "annotations.json"
-    path.write_text(json.dumps(dict(images=images, annotations=anns, categories=[dict(id=1,
-                                                                                      name="person")])))
+    path.write_text(json.dumps(dict(images=images, annotations=anns,
+                                    categories=[dict(id=1, name="person")])))
     return path
 
 
@@ -896,8 +885,8 @@ def test_part_one_uses_part_two_only_through_the_seams_its_docstring_lists():
     src, tree, _, part2 = repro_parts()
     defined = {t.id if isinstance(t, ast.Name) else None for n in tree.body if n.lineno > part2
                for t in (getattr(n, "targets", None) or [getattr(n, "target", None)])} - {None}
-    defined |= {n.name for n in tree.body if n.lineno > part2 and isinstance(n, (ast.FunctionDef,
-                                                                                 ast.ClassDef))}
+    defined |= {n.name for n in tree.body if n.lineno > part2 and
+                isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     used = set()
 
     def free_names(table):
@@ -908,8 +897,8 @@ def test_part_one_uses_part_two_only_through_the_seams_its_docstring_lists():
     for child in symtable.symtable(src, "repro.py", "exec").get_children():
         if child.get_lineno() < part2:
             free_names(child)
-    used |= {m.id for n in tree.body if n.lineno < part2 and not isinstance(n, (ast.FunctionDef,
-                                                                                ast.ClassDef))
+    used |= {m.id for n in tree.body if n.lineno < part2 and
+             not isinstance(n, (ast.FunctionDef, ast.ClassDef))
              for m in ast.walk(n) if isinstance(m, ast.Name) and m.id in defined}
     seams = re.search(r"only through these seams \(a test checks the list\): (.*?);", R.__doc__,
                       re.S).group(1)
@@ -936,8 +925,8 @@ def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_lon
     for path in ("repro.py", "render_humans.py"):
         long = [(n.name,
                  n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse((ROOT / path).read_text()))
-                if isinstance(n, (ast.FunctionDef,
-                                  ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 60]
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and
+                n.end_lineno - n.lineno >= 60]
         assert not long, f"{path}: functions over 60 lines: {long}"
 
 
@@ -1034,16 +1023,15 @@ def test_person_without_keypoints_goes_into_the_ignore_mask(tmp_path):
     path = write_toy_set(tmp_path, 1, people=(1, 1))
     data = json.loads(path.read_text())
     data["annotations"].append(dict(id=99, image_id=1, category_id=1, iscrowd=0, num_keypoints=0,
-                                    keypoints=[0] * 51,
-                                    bbox=[100, 100, 20, 20], area=400.0,
+                                    keypoints=[0] * 51, bbox=[100, 100, 20, 20], area=400.0,
                                     segmentation=[[100, 100, 120, 100, 120, 120, 100, 120]]))
     path.write_text(json.dumps(data))
     rec = R.load_keypoint_set(path, tmp_path / "images").records[0]
     assert len(rec.keypoints) == 1 and (R.ignore_mask(rec)[105:115, 105:115] == 0).all()
 
 
-@pytest.mark.parametrize("name,json_name", [("coco", "test_coco.json"), ("ochuman",
-                                                                         "test_ochuman.json")])
+@pytest.mark.parametrize("name,json_name",
+                         [("coco", "test_coco.json"), ("ochuman", "test_ochuman.json")])
 def test_real_fixtures_load_and_evaluate(tmp_path, name, json_name):
     root = SHARED / "real" / name
     if not root.is_dir():
@@ -1051,23 +1039,22 @@ def test_real_fixtures_load_and_evaluate(tmp_path, name, json_name):
     kset = R.load_keypoint_set(root / json_name, root)
     assert len(kset.records) >= 3 and all(r.keypoints.shape[1:] == (18, 3) for r in kset.records)
     cfg, _ = R.parse_args(["--input-size", "64", "--width", "16", "--stages", "1", "--eval-height",
-                           "96",
-                           "--eval-scales", "1.0"])
+                           "96", "--eval-scales", "1.0"])
     stats, _ = R.evaluate(R.build_model(cfg), kset, cfg, torch.device("cpu"), progress=False)
     assert set(R.STAT_NAMES) <= set(stats) and stats["images"] == len(kset.records)
 
 
 def test_missing_coco_root(capsys, tmp_path):
-    assert "does not exist" in run_main_error(capsys, ["--mode", "real", "--coco-root",
-                                                       str(tmp_path / "nope")])
+    assert "does not exist" in run_main_error(capsys,
+                                              ["--mode", "real", "--coco-root",
+                                               str(tmp_path / "nope")])
 
 
 def test_json_without_keypoints(capsys, tmp_path, toy):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(images=[dict(id=1, file_name="a.jpg", width=8, height=8)],
-                                   annotations=[dict(id=1, image_id=1, category_id=1, bbox=[0, 0, 1,
-                                                                                            1],
-                                                     area=1)],
+                                   annotations=[dict(id=1, image_id=1, category_id=1,
+                                                     bbox=[0, 0, 1, 1], area=1)],
                                    categories=[dict(id=1, name="person")])))
     argv = toy_args(toy, tmp_path / "o", "--mode", "real")
     argv[argv.index("--train-json") + 1] = str(bad)
@@ -1278,10 +1265,8 @@ def test_windowed_targets_equal_the_dense_ones(size, stride, sigma, width):
                              dense_paf_targets(kp, size, stride, width, R.COCO.limbs))):
             assert mine.shape == dense.shape and mine.dtype == dense.dtype
             assert (mine != 0).equal(dense != 0) and (mine - dense).abs().max() < 1e-6
-        assert torch.equal(R.heatmap_targets(kp, size, stride, sigma), dense_heatmap_targets(kp,
-                                                                                             size,
-                                                                                             stride,
-                                                                                             sigma))
+        assert torch.equal(R.heatmap_targets(kp, size, stride, sigma),
+                           dense_heatmap_targets(kp, size, stride, sigma))
         assert dense.abs().sum() > 0 or not people
 
 
@@ -1316,8 +1301,9 @@ def test_pasted_people_masked_out_of_the_loss():
     include = R.dataclasses.replace(cfg, synthetic_loss="include")
     g_inc, target_inc, mask_inc = grad_of_loss(include, real, pasted, ignore)
     assert g_inc[under].abs().max() > 0 and (mask_inc == 1).all()
-    assert torch.equal(target_inc, R.make_targets(torch.cat([real, pasted], 1), pasted[:, :0],
-                                                  ignore, cfg).target)
+    assert torch.equal(target_inc,
+                       R.make_targets(torch.cat([real, pasted], 1), pasted[:, :0], ignore,
+                                      cfg).target)
 
 
 def test_crowd_and_unlabelled_regions_get_zero_loss(toy):
@@ -1350,8 +1336,7 @@ def test_batches_own_their_memory(toy, tmp_path, mode):
 
 def test_paper_student_trains_and_freezes_conv1_conv2_when_fine_tuning(toy, tmp_path):
     small = ("--preset", "paper", "--mode", "real", "--input-size", "64", "--stages", "2",
-             "--batch-size", "2",
-             "--steps", "2", "--eval-height", "64", "--max-val-images", "1")
+             "--batch-size", "2", "--steps", "2", "--eval-height", "64", "--max-val-images", "1")
     argv = toy_data_args(toy) + ["--out", str(tmp_path / "paper"), "--threads", "2", *small]
     assert R.main(argv) == 0
     cfg, _ = R.parse_args(argv + ["--init", str(tmp_path / "paper/ckpt.pt")])
@@ -1427,8 +1412,7 @@ def test_teacher_update_and_lr_flags_reach_the_teacher(toy, tmp_path, monkeypatc
     steps = []
     monkeypatch.setattr(R.SharedAdam, "step", lambda self, lr, count: steps.append(lr))
     cfg, trainer = teacher_setup(toy, tmp_path, "--steps", "8", "--teacher-update", "paper",
-                                 "--teacher-lr",
-                                 "5e-5", "--lr", "2e-3")
+                                 "--teacher-lr", "5e-5", "--lr", "2e-3")
     teacher = trainer.teacher
     # uniform p over 3 bins; the loss fell on bin 0: bins 1 and 2 rise by p * 0.01 / 3
     third = 1 / 3
@@ -1448,8 +1432,8 @@ def test_paper_bins_are_np_digitize_on_the_papers_edges():
     low, width = R.bin_edges("min_dist", x, 10, 640, rule="paper")
     # bin 0: below 0, always empty
     assert list(R.assign_bins(x, low, width, 10)) == [0, 1, 1, 2, 9, 9]
-    assert list(R.assign_bins(x, low, width, 10)) == list(np.digitize(x, np.linspace(0, 640,
-                                                                                     10)[:-1]))
+    assert list(R.assign_bins(x, low, width, 10)) == list(np.digitize(x,
+                                                                      np.linspace(0, 640, 10)[:-1]))
     # ours
     assert list(R.assign_bins(x, *R.bin_edges("min_dist", x, 10, 640), 10)) == [0, 0, 0, 1, 8, 9]
     angle = np.array([3.0, 3.7, 6.9, 7.0, 29.6, 29.8, 40.0])  # edges 3.68, 6.93, ..., 29.70 degrees
@@ -1473,16 +1457,15 @@ def test_teacher_heads_paper_without_batchnorm_and_relu_on_the_logits():
             last.weight.zero_()
             last.bias.copy_(torch.tensor([-1.0, 2.0, -3.0]))
         logits = net(torch.zeros(1, 3, 64, 64))[0]
-        assert torch.allclose(logits, torch.tensor([0.0, 2.0, 0.0] if paper_head else [-1.0, 2.0,
-                                                                                       -3.0]))
+        assert torch.allclose(logits,
+                              torch.tensor([0.0, 2.0, 0.0] if paper_head else [-1.0, 2.0, -3.0]))
     with pytest.raises(R.ReproError, match="small-nobn"):
         R.teacher_net("tiny", 3, 64)
 
 
 def teacher_setup(toy, tmp_path, *extra):
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--mode", "student-teacher", "--teacher-interval",
-                                   "2",
-                                   "--teacher-min-bin", "0", "--bins", "3", *extra))
+                                   "2", "--teacher-min-bin", "0", "--bins", "3", *extra))
     data = R.load_data(cfg)
     return cfg, R.Trainer(cfg, data, torch.device("cpu"), tmp_path)
 
@@ -1635,14 +1618,15 @@ def test_stratified_control_draws_large_enough_bins_and_never_learns(toy, tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.net.parameters()))
     with pytest.raises(R.ReproError, match="not both"):
         R.check_config(R.parse_args(toy_args(toy, tmp_path, "--mode", "student-teacher",
-                                             "--teacher-stratified",
-                                             "--teacher-uniform"))[0])
+                                             "--teacher-stratified", "--teacher-uniform"))[0])
 
 
 # ---- Trainer: the student's steps, the teacher beside them ---------------------------------------
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                reason="no CUDA GPU"))]
+DEVICES = ["cpu",
+           pytest.param("cuda",
+                        marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                 reason="no CUDA GPU"))]
 
 
 @pytest.mark.parametrize("mode", ["real", "synthetic", "augmented"])
@@ -1658,8 +1642,7 @@ def test_each_mode_runs_end_to_end(toy, tmp_path, mode):
 
 def test_uniform_baseline_and_augmented_teacher_run(toy, tmp_path):
     common = ("--mode", "student-teacher", "--steps", "4", "--teacher-interval", "2",
-              "--teacher-min-bin", "0",
-              "--bins", "3")
+              "--teacher-min-bin", "0", "--bins", "3")
     assert R.main(toy_args(toy, tmp_path / "uniform", *common, "--teacher-uniform")) == 0
     assert R.main(toy_args(toy, tmp_path / "aug", *common, "--teacher-data", "augmented")) == 0
 
@@ -1711,8 +1694,8 @@ def test_device_key_names_the_machine_its_instruction_set_precision_threads_and_
     assert (R.device_key("AMD EPYC 7B13", "AVX2", "float32", 2, "2.5.1")
             == "AMD EPYC 7B13 (AVX2), float32, 2 threads, torch 2.5.1")
     assert [R.instruction_set(*flags) for flags in ((True, True, "AVX512"), (False, True, "AVX512"),
-                                                     (False, False, "AVX512"), (False, False,
-                                                                                "AVX2"))] == [
+                                                     (False, False, "AVX512"),
+                                                    (False, False, "AVX2"))] == [
         "AMX", "AVX-512 BF16", "AVX-512", "AVX2"]
     key = R.this_device_key(torch.device("cpu"), R.Config(amp=False))
     assert key.startswith(R.cpu_model() + " (") and ", float32, " in key
@@ -1722,35 +1705,32 @@ def test_device_key_names_the_machine_its_instruction_set_precision_threads_and_
 def test_runs_pair_only_within_one_device_key_and_old_summaries_still_read(tmp_path):
     def run(condition, seed, ap, **device):
         return dict(name=f"scarce/{condition}-s{seed}", condition=condition, regime="scarce",
-                    seed=seed, ap=ap,
-                    **device)
+                    seed=seed, ap=ap, **device)
     epyc = dict(device="cpu", device_key=R.device_key("AMD EPYC", "AVX2", "float32", 2, "2.5"))
-    xeon = dict(device="cpu", device_key=R.device_key("Intel Xeon", "AMX", "bf16 autocast", 2,
-                                                      "2.5"))
+    xeon = dict(device="cpu",
+                device_key=R.device_key("Intel Xeon", "AMX", "bf16 autocast", 2, "2.5"))
     runs = [run("teacher-3000", s, 0.2, **epyc) for s in range(3)] + [
         run("synthetic-3000", 0, 0.21, **epyc), run("synthetic-3000", 1, 0.22, **xeon),
         run("synthetic-3000", 2, 0.23, device="cpu")]  # seed 2: a summary written before keys
     pairs, refused = R.seed_pairs(runs, "teacher-3000", "uniform-3000", "scarce")
     assert [a["seed"] for a, _ in pairs] == [0] and refused == [1, 2]
     assert R.paired_aps(runs, "teacher-3000", "uniform-3000", "scarce") == ([0.2], [0.21])
-    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 3, (("teacher-3000",
-                                                                       "uniform-3000"),),
-                    delta=0.003)
+    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 3,
+                    (("teacher-3000", "uniform-3000"),), delta=0.003)
     (verdict,) = R.pair_tests(stage, R.RULE_V3, runs)
     assert verdict["n"] == 1 and verdict["not_paired"] == [1,
                                                            2] and verdict["verdict"] == ("pending "
                                                                                          "(1 of 3 "
                                                                                          "seeds)")
-    old = [run(c, s, 0.2, device=d) for s, d in ((0, "cpu"), (1, "NVIDIA H200")) for c in ("real",
-                                                                                           "synthetic")]
+    old = [run(c, s, 0.2, device=d) for s,
+           d in ((0, "cpu"), (1, "NVIDIA H200")) for c in ("real", "synthetic")]
     # as before keys
     assert R.paired_aps(old, "real", "synthetic", "scarce") == ([0.2] * 2, [0.2] * 2)
     assert (R.summary_device_key(old[0]) != R.summary_device_key(old[2]) and
             R.device_keys_note(old) == [])
     assert "Intel Xeon (AMX)" in R.device_keys_note(runs)[1]
     summary = dict(name="scarce/real-s0", condition="real", regime="scarce", seed=0, steps=800,
-                   minutes=1.0,
-                   ap=0.3, ap50=0.6, ap75=0.2, device="cpu")
+                   minutes=1.0, ap=0.3, ap50=0.6, ap75=0.2, device="cpu")
     (tmp_path / "scarce-real-s0.json").write_text(json.dumps(summary))
     # written before keys: still reads
     assert R.read_summary(tmp_path / "scarce-real-s0.json") == summary
@@ -1881,8 +1861,7 @@ def torchrun(tmp_path, name, args, kill_at=-1):
     probe = tmp_path / "probe.py"
     probe.write_text(TORCHRUN_PROBE.format(root=str(ROOT)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PROBE_LOG=str(log),
-               PROBE_OUT=args[args.index("--out") + 1],
-               PROBE_KILL_AT=str(kill_at))
+               PROBE_OUT=args[args.index("--out") + 1], PROBE_KILL_AT=str(kill_at))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2",
                            str(probe), *args], env=env, capture_output=True, text=True, timeout=300)
@@ -1900,8 +1879,8 @@ def joined(a: R.Batch, b: R.Batch) -> R.Batch:
                    keypoints=torch.cat(padded(a.keypoints, b.keypoints)).numpy(),
                    pasted=torch.cat(padded(a.pasted, b.pasted)).numpy(),
                    ignore=np.concatenate([a.ignore, b.ignore]),
-                   people=torch.cat(padded(a.people, b.people)), target=torch.cat([a.target,
-                                                                                   b.target]),
+                   people=torch.cat(padded(a.people, b.people)),
+                   target=torch.cat([a.target, b.target]),
                    loss_mask=torch.cat([a.loss_mask, b.loss_mask]))
 
 
@@ -1911,8 +1890,7 @@ def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path
     each step's planned batch; only rank 0 writes the run folder; a run killed after a checkpoint
     and resumed under torchrun ends with the weights of the uninterrupted one."""
     common = ("--mode", "augmented", "--steps", "4", "--ckpt-every", "2", "--workers", "0",
-              "--threads", "1",
-              "--minutes", "0", "--eval-height", "32", "--no-amp")
+              "--threads", "1", "--minutes", "0", "--eval-height", "32", "--no-amp")
     straight = toy_args(toy, tmp_path / "straight", *common)
     done, log = torchrun(tmp_path, "straight", straight)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -1929,8 +1907,8 @@ def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path
     cfg, _ = R.parse_args(straight)
     R.seed_everything(cfg.seed)
     single = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "single")
-    plans = {t: single.maker.plan(cfg.batch_size, R.step_rng(cfg.seed,
-                                                             t)) for t in range(cfg.steps)}
+    plans = {t: single.maker.plan(cfg.batch_size,
+                                  R.step_rng(cfg.seed, t)) for t in range(cfg.steps)}
     for r, rank in enumerate(ranks):
         assert rank["world"] == 2 and [s for s, _ in rank["shares"]] == list(range(cfg.steps))
         assert all(specs == [list(s[:3]) for s in plans[t][r::2]] for t, specs in rank["shares"])
@@ -1941,8 +1919,8 @@ def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path
     torch.set_num_threads(1)
     try:
         for t in range(cfg.steps):
-            single.train_step(joined(shares[0][t], shares[1][t]), R.learning_rate(cfg, t,
-                                                                                  t / cfg.steps))
+            single.train_step(joined(shares[0][t], shares[1][t]),
+                              R.learning_rate(cfg, t, t / cfg.steps))
     finally:
         torch.set_num_threads(threads)
     mine = single.model.state_dict()
@@ -1987,8 +1965,8 @@ def test_grouping_merges_fragments_joined_by_a_later_limb():
     kp = torch.zeros(1, 1, 18, 3)
     kp[0, 0, :17, :2] = torch.as_tensor(TEMPLATE * 50 + [30, 10])
     kp[0, 0, :17, 2] = 2
-    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs), R.heatmap_targets(kp, 128, 4,
-                                                                                      2.5)], 1)
+    grid = torch.cat([R.paf_targets(kp, 128, 4, 3.0, R.COCO.limbs),
+                      R.heatmap_targets(kp, 128, 4, 2.5)], 1)
     people = R.decode_maps(R.upsample_maps(grid, 4, (128, 128))[0], 1.0, R.COCO)
     # nose, ear, shoulders, right arm
     joined = [p for p, _ in people if p[[0, 4, 5, 6, 8, 10], 2].min() > 0]
@@ -2058,8 +2036,7 @@ def test_perfect_maps_give_ap_1(toy, preset):
                     reason="../shared/data/real/coco is absent")
 def test_perfect_maps_on_real_coco_fixture():
     """Real COCO people: 0.99, not 1.0, because one person's wrist is labelled while its elbow is
-    not:
-    an orphan joint no tree-structured grouping (OpenPose's) can attach."""
+    not: an orphan joint no tree-structured grouping (OpenPose's) can attach."""
     kset = R.load_keypoint_set(SHARED / "real/coco/test_coco.json", SHARED / "real/coco")
     cfg, _ = R.parse_args(["--preset", "paper"])
     stats = perfect_results(kset, cfg)
@@ -2093,8 +2070,9 @@ def test_coco_ap_from_evaluated_images_matches_cocoeval_and_bins_split_the_peopl
     assert set(stats["ap_by_occlusion"]) == set(R.OCCLUSION_BINS) and stats["ap_sd"] > 0
     people = R.person_occlusion(gt.dataset)
     for name, (lo, hi) in R.OCCLUSION_BINS.items():
-        kept = [a for a in R.occlusion_subset(gt, lo,
-                                              hi).dataset["annotations"] if not a.get("iscrowd")]
+        kept = [a
+                for a in R.occlusion_subset(gt, lo,
+                                            hi).dataset["annotations"] if not a.get("iscrowd")]
         assert all(lo <= people[a["id"]] < hi for a in kept)
 
 
@@ -2182,8 +2160,8 @@ def test_mpii_duplicate_of_a_person_is_a_false_positive(mpii_gt):
 @needs_mpii
 def test_mpii_prediction_files_round_trip(mpii_pred, mpii_gt, tmp_path):
     before = R.evaluate_mpii(mpii_gt, mpii_pred)["mAP"]
-    for path, write in ((tmp_path / "pred.mat", R.write_pred_mat), (tmp_path / "pred.json",
-                                                                    R.write_pred_json)):
+    for path, write in ((tmp_path / "pred.mat", R.write_pred_mat),
+                        (tmp_path / "pred.json", R.write_pred_json)):
         write(path, mpii_pred)
         back = R.read_annolist(path)
         assert R.evaluate_mpii(mpii_gt, back)["mAP"] == pytest.approx(before, abs=1e-9)
@@ -2197,8 +2175,7 @@ def test_mpii_prediction_files_round_trip(mpii_pred, mpii_gt, tmp_path):
 
 def test_mpii_average_precision_hand_made_case():
     # ranked TP, FP, TP, FP with 3 positives: precision 1, 1/2, 2/3, 1/2 at recall 1/3, 1/3, 2/3,
-    # 2/3;
-    # the envelope gives 1 x 1/3 + 2/3 x 1/3 = 5/9 (the third positive is never found)
+    # 2/3; the envelope gives 1 x 1/3 + 2/3 x 1/3 = 5/9 (the third positive is never found)
     scores, labels = np.array([0.6, 0.9, 0.7, 0.8]), np.array([False, True, True, False])
     assert R.average_precision(scores, labels, 3) == pytest.approx(5 / 9)
     # ties: file order
@@ -2212,9 +2189,8 @@ def _person(xy_by_id: dict, box=(0, 0, 10, 10)) -> R.Group:
     joints = np.zeros((1, 16, 3), np.float32)
     for j, (x, y) in xy_by_id.items():
         joints[0, j] = x, y, 2
-    return R.Group("x.jpg", joints, np.float32([box]), np.ones(1, np.float32), np.zeros((1, 2),
-                                                                                        np.float32),
-                   (joints[..., 2] > 0).astype(np.float32), g.rects)
+    return R.Group("x.jpg", joints, np.float32([box]), np.ones(1, np.float32),
+                   np.zeros((1, 2), np.float32), (joints[..., 2] > 0).astype(np.float32), g.rects)
 
 
 def _stack(people):
@@ -2259,8 +2235,8 @@ def _release(path: Path, names, rects, img_train, single) -> Path:
     cells[:] = [np.array(s, np.float64) for s in single]
     annolist = _records([dict(image=dict(name=n), annorect=_records(r) if r else np.zeros((0, 0)))
                          for n, r in zip(names, rects)])
-    scipy.io.savemat(path, {"RELEASE": dict(annolist=annolist, img_train=np.array(img_train,
-                                                                                  np.float64),
+    scipy.io.savemat(path,
+                     {"RELEASE": dict(annolist=annolist, img_train=np.array(img_train, np.float64),
                                             single_person=cells)})
     return path
 
@@ -2272,8 +2248,8 @@ def _tiny_release(tmp_path: Path, joint_ids=range(16)) -> Path:
              [_rect(0), _rect(10)],  # test image: never used
              [_rect(0, ids=[])],  # train, nobody annotated
              [_rect(5, ids=[9])]]  # train, one person with one point (squeezed to a bare struct)
-    return _release(tmp_path / "release.mat", names, rects, [1, 1, 0, 1, 1], [[1, 2], [1], [], [],
-                                                                              [1]])
+    return _release(tmp_path / "release.mat", names, rects, [1, 1, 0, 1, 1],
+                    [[1, 2], [1], [], [], [1]])
 
 
 def test_mpii_release_split_follows_img_train(tmp_path):
@@ -2324,13 +2300,14 @@ def test_mpii_bad_input_is_one_line(tmp_path):
 def _gt_annolist(path: Path) -> Path:
     """One group of two people with head boxes, in the toolkit's ground-truth layout."""
     people = [{j: (10.0 + 3 * j + 50 * k, 20.0 + 2 * j) for j in range(16)} for k in range(2)]
-    rects = [dict(x1=5.0 + 50 * k, y1=0.0, x2=25.0 + 50 * k, y2=20.0, scale=1.0, objpos=dict(x=20.0,
-                                                                                             y=30.0),
+    rects = [dict(x1=5.0 + 50 * k, y1=0.0, x2=25.0 + 50 * k, y2=20.0, scale=1.0,
+                  objpos=dict(x=20.0, y=30.0),
                   annopoints=dict(point=_records([dict(x=x, y=y, id=float(j), is_visible=1.0)
                                                   for j, (x, y) in person.items()])))
              for k, person in enumerate(people)]
-    scipy.io.savemat(path, {"annolist": _records([dict(image=dict(name="a.jpg"),
-                                                       annorect=_records(rects))])},
+    scipy.io.savemat(path,
+                     {"annolist": _records([dict(image=dict(name="a.jpg"),
+                                                 annorect=_records(rects))])},
                      do_compression=True)
     return path
 
@@ -2339,13 +2316,13 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
     gt_path = _gt_annolist(tmp_path / "gt.mat")
     gt = R.read_annolist(gt_path)
     pred = [R.Group(g.image, g.joints.copy(), np.full_like(g.head_boxes, np.nan), g.scales,
-                    g.objpos,
-                    np.ones(g.joints.shape[:2], np.float32), g.rects) for g in gt]
+                    g.objpos, np.ones(g.joints.shape[:2], np.float32), g.rects) for g in gt]
     R.write_pred_json(tmp_path / "pred.json", pred)
     assert R.main(["--score-mpii", str(tmp_path / "pred.json"), str(gt_path)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "mAP 100.0"
-    assert "look swapped" in run_main_error(capsys, ["--score-mpii", str(gt_path),
-                                                     str(tmp_path / "pred.json")])
+    assert "look swapped" in run_main_error(capsys,
+                                            ["--score-mpii", str(gt_path),
+                                             str(tmp_path / "pred.json")])
     shutil.copy(gt_path, tmp_path / "copy.mat")
     for twice in (gt_path, tmp_path / "copy.mat"):
         assert "are identical" in run_main_error(capsys, ["--score-mpii", str(twice), str(gt_path)])
@@ -2358,14 +2335,14 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
                           (nan_score,
                            "0 of 32 predicted joints have NaN or infinite coordinates and 1 a NaN")):
         R.write_pred_json(tmp_path / "nan.json", groups)
-        assert words in run_main_error(capsys, ["--score-mpii", str(tmp_path / "nan.json"),
-                                                str(gt_path)])
+        assert words in run_main_error(capsys,
+                                       ["--score-mpii", str(tmp_path / "nan.json"), str(gt_path)])
     # junk bytes inside a compressed variable: zlib's error, named like any other unreadable .mat
     raw = bytearray(gt_path.read_bytes())
     raw[200:204] = b"\xde\xad\xbe\xef"
     (tmp_path / "junk.mat").write_bytes(bytes(raw))
-    line = run_main_error(capsys, ["--score-mpii", str(tmp_path / "pred.json"),
-                                   str(tmp_path / "junk.mat")])
+    line = run_main_error(capsys,
+                          ["--score-mpii", str(tmp_path / "pred.json"), str(tmp_path / "junk.mat")])
     assert "is not a readable Matlab .mat file" in line
 
 
@@ -2375,8 +2352,8 @@ def test_mpii_perfect_maps_give_map_100(mpii_toy, preset):
     kset = R.load_keypoint_set(mpii_toy["train"], mpii_toy["train"].parent / "images", R.MPII)
     assert kset.records[0].keypoints.shape[1:] == (15, 3)
     truth = R.groups_of_records(kset)
-    predictions = [R.predicted_group(g, people) for g, people in zip(truth, perfect_people(kset,
-                                                                                           cfg))]
+    predictions = [R.predicted_group(g, people) for g,
+                   people in zip(truth, perfect_people(kset, cfg))]
     assert R.evaluate_mpii(truth, predictions)["mAP"] == pytest.approx(100)
     for p in predictions:  # every head top 50 px too high: that joint's AP drops to 0
         p.joints[:, 9, 1] -= 50
@@ -2397,13 +2374,12 @@ def test_mpii_demo_path_runs_end_to_end(mpii_toy, tmp_path):
 
 def test_the_mpii_rehearsal_set_trains_and_evaluates_as_the_real_release(mpii_toy, tmp_path):
     """write_mpii_rehearsal writes a set in MPII's own layout, which --preset paper --mpii-root
-    reads
-    as it reads the real release (train people, held-out multi-person groups, test images skipped),
-    trains on, evaluates and predicts in the toolkit's format; here at 64 px and 2 steps."""
+    reads as it reads the real release (train people, held-out multi-person groups, test images
+    skipped), trains on, evaluates and predicts in the toolkit's format; here at 64 px and 2
+    steps."""
     source = relabel_mpii(write_toy_set(tmp_path / "src", 40, people=(2, 4), seed=7))
-    root = R.write_mpii_rehearsal(tmp_path / "mpii", R.load_keypoint_set(source,
-                                                                         tmp_path / "src/images",
-                                                                         R.MPII))
+    root = R.write_mpii_rehearsal(tmp_path / "mpii",
+                                  R.load_keypoint_set(source, tmp_path / "src/images", R.MPII))
     # boxes x, y, w, h: 40 px apart is within half a height
     near, far = [0, 0, 10, 100], [500, 0, 10, 100]
     assert list(R.single_people(np.array([near, [50, 0, 10, 100], far], np.float32))) == [3]
@@ -2447,12 +2423,11 @@ def test_mpii_fixture_groups_become_records_and_evaluate(mpii_gt, tmp_path):
         blank = np.zeros((int(info["im_height"]), int(info["im_width"]), 3), np.uint8)
         cv2.imwrite(str(tmp_path / "images" / g.image), blank)
     records = R.mpii_records(groups, tmp_path / "images")
-    assert records[0].keypoints.shape == (len(groups[0].joints), 15, 3) and (records[0].boxes[:,
-                                                                                              3] > 0).all()
+    assert records[0].keypoints.shape == (len(groups[0].joints), 15,
+                                          3) and (records[0].boxes[:, 3] > 0).all()
     kset = R.KeypointSet(None, records, R.MPII, groups=groups)
     cfg, _ = R.parse_args(["--skeleton", "mpii", "--input-size", "64", "--width", "16", "--stages",
-                           "1",
-                           "--eval-scales", "1.0"])
+                           "1", "--eval-scales", "1.0"])
     stats, predictions = R.evaluate(R.build_model(cfg), kset, cfg, torch.device("cpu"),
                                     progress=False)
     assert stats["images"] == 4 and 0 <= stats["mAP"] <= 100 and len(predictions) == 4
@@ -2463,12 +2438,11 @@ def test_an_mpii_annolist_as_the_val_set(mpii_toy, toy, tmp_path):
     entries = []
     for g in R.groups_of_records(kset):  # the toolkit's ground-truth layout, written with scipy
         rects = [dict(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3]),
-                      scale=float(sc),
-                      objpos=dict(x=float(o[0]), y=float(o[1])),
+                      scale=float(sc), objpos=dict(x=float(o[0]), y=float(o[1])),
                       annopoints=dict(point=_records([dict(x=float(x), y=float(y), id=float(j),
                                                            is_visible=1.0)
-                                                      for j, (x, y,
-                                                              v) in enumerate(person) if v > 0])))
+                                                      for j,
+                                                      (x, y, v) in enumerate(person) if v > 0])))
                  for person, b, sc, o in zip(g.joints, g.head_boxes, g.scales, g.objpos)]
         entries.append(dict(image=dict(name=g.image), annorect=_records(rects)))
     scipy.io.savemat(tmp_path / "val.mat", {"annolist": _records(entries)})
@@ -2503,8 +2477,8 @@ def test_full_disk_while_checkpointing_leaves_no_partial_file(capsys, tmp_path, 
 
 def test_bad_init_leaves_no_run_folder(capsys, tmp_path, toy):
     out = tmp_path / "run"
-    assert "checkpoint not found" in run_main_error(capsys, toy_args(toy, out, "--mode", "real",
-                                                                     "--init",
+    assert "checkpoint not found" in run_main_error(capsys,
+                                                    toy_args(toy, out, "--mode", "real", "--init",
                                                                       str(tmp_path / "missing.pt")))
     assert not out.exists()
 
@@ -2516,18 +2490,17 @@ def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, 
     run = tmp_path / "run"
     eval_argv = toy_data_args(toy) + ["--mode", "eval", "--ckpt", str(evil)]
     for argv in (eval_argv, toy_args(toy, run, "--mode", "real", "--init", str(evil)),
-                 toy_args(toy, run, "--mode", "real", "--resume"), ["--export-student", str(evil),
-                                                                    "--out", str(run)]):
+                 toy_args(toy, run, "--mode", "real", "--resume"),
+                 ["--export-student", str(evil), "--out", str(run)]):
         if "--resume" in argv:
             run.mkdir()
             (run / "ckpt.pt").write_bytes(evil.read_bytes())
         line = run_main_error(capsys, argv)
         assert "refused checkpoint" in line and "it holds getattr" in line, line
-        assert not hit.exists() and (not run.exists() or sorted(p.name
-                                                                for p in run.iterdir()) == ["ckpt.pt"])
+        assert not hit.exists() and (not run.exists() or
+                                     sorted(p.name for p in run.iterdir()) == ["ckpt.pt"])
     r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *eval_argv], capture_output=True,
-                       text=True,
-                       cwd=tmp_path)
+                       text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "refused checkpoint" in r.stderr
     assert not hit.exists()
     torch.load(evil, weights_only=False)  # the unsafe loader runs it: the test would see it
@@ -2535,8 +2508,9 @@ def test_crafted_checkpoints_are_refused_before_any_code_runs(capsys, tmp_path, 
     # a student-teacher checkpoint of an older version (numpy arrays in it): refused, saying what
     # to do
     torch.save(dict(model={}, teacher=dict(probs=np.full(3, 1 / 3))), tmp_path / "old.pt")
-    line = run_main_error(capsys, toy_data_args(toy) + ["--mode", "eval", "--ckpt",
-                                                        str(tmp_path / "old.pt")])
+    line = run_main_error(capsys,
+                          toy_data_args(toy) + ["--mode", "eval", "--ckpt",
+                                                str(tmp_path / "old.pt")])
     assert "numpy._core.multiarray._reconstruct" in line and "trained again" in line
 
 
@@ -2639,10 +2613,11 @@ def test_export_student_writes_out_and_never_replaces_a_file_unasked(capsys, tmp
     assert R.load_checkpoint(shipped)["step"] == 1
     torch.save(dict(config={}, step=3), tmp_path / "nomodel.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    for bad, words in (("nomodel.pt", "holds no network weights"), ("tensor.pt",
-                                                                    "holds a Tensor, not a repro.py")):
-        line = run_main_error(capsys, ["--export-student", str(tmp_path / bad), "--out",
-                                       str(tmp_path / "e2.pt")])
+    for bad, words in (("nomodel.pt", "holds no network weights"),
+                       ("tensor.pt", "holds a Tensor, not a repro.py")):
+        line = run_main_error(capsys,
+                              ["--export-student", str(tmp_path / bad), "--out",
+                               str(tmp_path / "e2.pt")])
         assert words in line, line
     assert not (tmp_path / "e2.pt").exists()
 
@@ -2654,8 +2629,9 @@ def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
     out.mkdir()
     with subprocess.Popen(["sleep", "60"]) as other:  # a live process holds the folder
         (out / R.LOCK_NAME).write_text(str(other.pid))
-        assert "in use by another run" in run_main_error(capsys, toy_args(toy, out, "--mode",
-                                                                          "real", "--steps", "1"))
+        assert "in use by another run" in run_main_error(capsys,
+                                                         toy_args(toy, out, "--mode", "real",
+                                                                  "--steps", "1"))
         other.kill()
     assert not (out / "metrics.jsonl").exists()
     # its process is gone: the lock is stale, the next run takes the folder over and releases it
@@ -2722,8 +2698,7 @@ def _running(pid: int) -> bool:
 def test_sigterm_during_training_ends_like_ctrl_c_and_no_kill_leaves_a_worker(tmp_path, toy, sig):
     out = tmp_path / "run"
     argv = toy_args(toy, out, "--mode", "real", "--steps", "100000", "--ckpt-every", "2",
-                    "--workers", "1",
-                    "--minutes", "0")
+                    "--workers", "1", "--minutes", "0")
     proc = subprocess.Popen([sys.executable, str(ROOT / "repro.py"), *argv],
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -2816,8 +2791,9 @@ def test_steps_0_says_it_evaluates_the_start(toy, tmp_path, capsys):
 
 def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
     assert R.main(toy_args(toy, tmp_path / "run", "--mode", "real", "--steps", "1")) == 0
-    assert "--resume" in run_main_error(capsys, toy_args(toy, tmp_path / "run", "--mode", "real",
-                                                         "--steps", "1"))
+    assert "--resume" in run_main_error(capsys,
+                                        toy_args(toy, tmp_path / "run", "--mode", "real", "--steps",
+                                                 "1"))
 
 
 def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(capsys,
@@ -2843,8 +2819,9 @@ def test_read_only_run_folder_gives_one_line(capsys, tmp_path, toy, monkeypatch)
         raise OSError(errno.EROFS, "Read-only file system", str(self))
     monkeypatch.setattr(R.Path, "mkdir", refuse)
     out = tmp_path / "run"
-    assert "Read-only file system" in run_main_error(capsys, toy_args(toy, out, "--mode", "real",
-                                                                      "--steps", "1"))
+    assert "Read-only file system" in run_main_error(capsys,
+                                                     toy_args(toy, out, "--mode", "real", "--steps",
+                                                              "1"))
     assert not out.exists()
 
 
@@ -2885,8 +2862,7 @@ def test_protocol_conditions_mean_what_their_names_say():
     cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
     real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
     assert real_crops == dict(real=16, synthetic=8, **{"augmented-include": 8, "augmented-mask": 8},
-                              teacher=8,
-                              uniform=8, **{"teacher-fast": 8, "synthetic-only": 0})
+                              teacher=8, uniform=8, **{"teacher-fast": 8, "synthetic-only": 0})
     # the domain gap: no real crop
     assert R.batch_sources(cfgs["synthetic-only"], 16) == [R.SYNTHETIC] * 16
     # what the claims table prints
@@ -2946,8 +2922,7 @@ def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy
     batches = []
     for name in ("synthetic", "uniform"):
         cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name].flags, "--steps",
-                                       "3",
-                                       "--workers", "0"))
+                                       "3", "--workers", "0"))
         trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
         batches.append([])
         for step, batch in itertools.islice(trainer.batches(), 3):
@@ -2998,8 +2973,7 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
         R.write_json(dict(name=r.name, condition=r.condition, regime=r.regime, seed=r.seed, steps=1,
                           minutes=0.1,
                           ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init,
-                          command="x",
-                          teacher=None), R.summary_path(r))
+                          command="x", teacher=None), R.summary_path(r))
     for design in R.PROBES.values():
         for t in design.trajectories:
             (tmp_path / "results" / f"{R.probe_name(design, t)}.json").write_text("{}")
@@ -3115,8 +3089,7 @@ def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, mo
               "sys.exit(R.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
     folders = [R.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
     proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE,
-                            text=True)
+                            stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: all((f / "pid").is_file() for f in folders))
     children = [int((f / "pid").read_text()) for f in folders]
     os.kill(proc.pid, getattr(R.signal, kill))
@@ -3218,8 +3191,7 @@ def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
     for s in planned:
         (better, worse), regime = s.comparisons[0], s.arms[0].regime
         d = np.subtract(*R.paired_aps(runs, better.removesuffix("-3000"),
-                                      worse.removesuffix("-3000"), regime,
-                                      (0, 1, 2)))
+                                      worse.removesuffix("-3000"), regime, (0, 1, 2)))
         assert d.std(ddof=1) == pytest.approx(s.sd, abs=0.000006), s.key
 
 
@@ -3333,8 +3305,7 @@ def test_round_3_runs_parse_to_the_flags_their_names_say_and_collide_with_no_sum
     assert len({r.name for r in runs}) == len(runs) and not {R.summary_path(r) for r in runs} & old
     assert all(r.name.startswith("r3/") and R.matches(r.name, ("r3/*",)) for r in runs)
     assert [n for n, _, _ in R.probe_jobs()] == ["probe", "probe-v2", "r3/probe-v3-t0",
-                                                 "r3/probe-v3-t1",
-                                                 "r3/probe-v3-t2"]
+                                                 "r3/probe-v3-t1", "r3/probe-v3-t2"]
     for r in runs:
         cfg, _ = R.parse_args(R.protocol_argv(r))
         R.check_config(cfg)
@@ -3382,9 +3353,8 @@ def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, mo
 
 
 def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_student():
-    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 5, (("teacher-3000",
-                                                                       "uniform-3000"),),
-                    delta=0.003, sd=0.002)
+    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 5,
+                    (("teacher-3000", "uniform-3000"),), delta=0.003, sd=0.002)
     runs = [dict(name=f"r3/scarce/{c}-s{s}", condition=c, regime="scarce", seed=s,
                  ap=0.2 + (0.01 + 0.001 * s) * (c == "teacher-3000")) for s in range(4)
             for c in ("teacher-3000", "synthetic-3000")]
@@ -3401,8 +3371,8 @@ def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_
     runs = [dict(name=f"r3/{images}/augmented-{loss}-from-{student}-s{s}", regime=images, seed=s,
                  condition=f"augmented-{loss}-from-{student}",
                  ap=0.2 + (d[images] if loss == "mask" else 0) + 0.0001 * s * (student == "full"))
-            for images in R.PROTOCOL_REGIMES for student in R.PROTOCOL_REGIMES for loss in ("mask",
-                                                                                            "include")
+            for images in R.PROTOCOL_REGIMES for student in R.PROTOCOL_REGIMES
+            for loss in ("mask", "include")
             for s in range(7)]
     images, student = R.contrast_tests(c, R.RULE_V3, runs)
     assert images["mean"] == pytest.approx(0.02) and images["verdict"] == "reproduced"
@@ -3526,8 +3496,8 @@ def test_probe_v2_pools_are_equal_sized_fixed_subsets():
     pools = [np.arange(2 * n).reshape(n, 2) for n in (40, 7, 100, 33)]
     out = R.probe_pools(pools, 32, equal_people=True)
     assert out[1] is None and [len(q) for q in out if q is not None] == [33, 33, 33]
-    assert all(set(map(tuple, q)) <= set(map(tuple, p)) for p, q in zip(pools,
-                                                                        out) if q is not None)
+    assert all(set(map(tuple, q)) <= set(map(tuple, p)) for p,
+               q in zip(pools, out) if q is not None)
     again = R.probe_pools(pools, 32, equal_people=True)
     assert all(np.array_equal(a, b) for a, b in zip(out, again) if a is not None)
     assert [len(q) for q in R.probe_pools(pools, 32, equal_people=False) if q is not None] == [40,
@@ -3546,9 +3516,8 @@ def test_the_probes_anova_matches_a_regression_and_reads_both_parts():
         y = use.reshape(-1)
         p, b = np.meshgrid(np.arange(P), np.arange(B), indexing="ij")
         p, b = np.repeat(p.reshape(-1), S), np.repeat(b.reshape(-1), S)
-        cols = [np.ones_like(y)] + [(p == i) * 1.0 for i in range(1,
-                                                                  P)] + [(b == j) * 1.0
-                                                                         for j in range(1, B)]
+        cols = [np.ones_like(y)] + [(p == i) * 1.0 for i in range(1, P)] + [(b == j) * 1.0
+                                                                            for j in range(1, B)]
         if interaction:
             cols += [((p == i) & (b == j)) * 1.0 for i in range(1, P) for j in range(1, B)]
         X = np.stack(cols, 1)
@@ -3592,8 +3561,7 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
     assert "no finished pairs yet" in table
     decided = dict(key="d", claim=4, status="teacher-paper-3000 - uniform-paper-3000: contradicted",
                    tests=[dict(test("contradicted", -0.01, -0.02, -0.005), label="tp - up",
-                               better="tp",
-                               worse="up")])
+                               better="tp", worse="up")])
     table = R.answer_table(dict(frozen=dict(round2=dict(verdicts={"4": verdicts[4]})), runs=[],
                                 round3=[decided]))
     row = next(line for line in table.splitlines() if line.startswith("| 4"))
@@ -3657,10 +3625,8 @@ def test_claims_table_keeps_each_devices_minutes_apart():
                  minutes=m,
                  ap=0.1, ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None,
                  init="scarce/student",
-                 teacher=None, device=d) for s, m, d in ((0, 8.0, "cpu"), (1, 0.6, "GPU X"), (2,
-                                                                                              0.8,
-                                                                                              "GPU "
-                                                                                              "X"))]
+                 teacher=None, device=d) for s, m,
+            d in ((0, 8.0, "cpu"), (1, 0.6, "GPU X"), (2, 0.8, "GPU X"))]
     claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
     table = R.claims_table(claims)
     assert "| 0.7 (GPU X), 8.0 (cpu) |" in table  # never the 3.1 of all three averaged
@@ -3679,8 +3645,8 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
     runs = [dict(name=f"scarce/{c}-s0", condition=c, regime="scarce", seed=0, steps=800,
                  minutes=1.0, ap=0.1,
                  ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
-                 init=None if c in ("student",
-                                    "synthetic-only") else "scarce/student") for c in conditions]
+                 init=None if c in ("student", "synthetic-only") else
+                 "scarce/student") for c in conditions]
     claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
     rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
     assert {row[1]: row[2] for row in rows} == {
@@ -3699,12 +3665,10 @@ def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path
     cfg, _ = R.parse_args(["--eval-scales", "1.0", "--out", str(tmp_path / "gap"), "--threads",
                            "2"])
     report = R.run_domain_gap(cfg, 2, torch.device("cpu"), factors=("lighting",),
-                              argv=["--domain-gap", "2"],
-                              geometries=small)
+                              argv=["--domain-gap", "2"], geometries=small)
     names = [r["name"] for r in report["sets"]]
     assert names == ["synthetic", "synthetic-lighting", "synthetic-geometry", "standin",
-                     "standin-lighting",
-                     "standin-geometry"]
+                     "standin-lighting", "standin-geometry"]
     saved = json.loads((tmp_path / "gap" / "domain-gap.json").read_text())
     assert saved["sets"] == json.loads(json.dumps(report["sets"])) and saved["rule"] == R.GAP_RULE
     md = (tmp_path / "gap" / "domain-gap.md").read_text()
@@ -3753,8 +3717,9 @@ def test_domain_gap_reading_follows_the_rule():
 
 def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
     assert "N >= 1" in run_main_error(capsys, ["--domain-gap", "0", "--out", str(tmp_path / "g")])
-    assert "checkpoint not found" in run_main_error(capsys, ["--domain-gap", "2", "--ckpt",
-                                                             str(tmp_path / "no.pt"),
+    assert "checkpoint not found" in run_main_error(capsys,
+                                                    ["--domain-gap", "2", "--ckpt",
+                                                     str(tmp_path / "no.pt"),
                                                              "--out", str(tmp_path / "g")])
     assert not (tmp_path / "g").exists()
 
@@ -3764,8 +3729,9 @@ def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
 def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
     run = tmp_path / "run"
     assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
-    bench = [a for a in toy_args(toy, tmp_path / "unused") if a not in ("--out",
-                                                                        str(tmp_path / "unused"))]
+    bench = [a
+             for a in toy_args(toy, tmp_path / "unused") if a not in ("--out",
+                                                                      str(tmp_path / "unused"))]
     # the bench logs nothing
     bench = bench[:bench.index("--log-every")] + bench[bench.index("--log-every") + 2:]
     assert R.main(bench + ["--bench", "--init", str(run / "ckpt.pt")]) == 0
@@ -3779,8 +3745,7 @@ def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(t
     """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
     1 .. N loader workers for the N cores."""
     args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4",
-                                 "--input-size", "96",
-                                 "--device", "cpu"]
+                                 "--input-size", "96", "--device", "cpu"]
     assert R.main(args) == 0
     out = capsys.readouterr().out
     workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
@@ -3868,12 +3833,11 @@ def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_pat
     (images / "000000000098.jpg").symlink_to(images / "000000000098.jpg")  # a loop
     out = tmp_path / "out"
     assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out",
-                   str(out),
-                   *PREDICT_ARGS]) == 0
+                   str(out), *PREDICT_ARGS]) == 0
     skipped = ", ".join(f"{i:012d}.jpg" for i in range(96, 100))
     assert f"skipped 4 of 7 images that do not decode: {skipped}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2,
-                                                                               3)] + ["overview.png",
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg"
+                                                     for i in (1, 2, 3)] + ["overview.png",
                                                                                               "predictions.json"]
     assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0],
                                                            3)
@@ -3904,8 +3868,7 @@ def test_image_ids_are_coco_numbers_or_positions():
 def test_predict_video_keeps_frame_count_and_rate(tmp_path):
     video, out = write_video(tmp_path / "clip.avi"), tmp_path / "out"
     assert R.main(["--mode", "predict", "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")),
-                   "--input", str(video),
-                   "--out", str(out), *PREDICT_ARGS]) == 0
+                   "--input", str(video), "--out", str(out), *PREDICT_ARGS]) == 0
     drawn = cv2.VideoCapture(str(out / "clip.mp4"))
     frames = 0
     while drawn.read()[0]:
@@ -3964,11 +3927,10 @@ def test_onnx_export_matches_torch_and_predicts_the_same_people(toy, tmp_path, c
             "dynamic batch and input size" in printed)
     images = toy["val"].parent / "images"
     runs = {}
-    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]), ("onnx", ["--onnx",
-                                                                               str(model_path)])):
+    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]),
+                       ("onnx", ["--onnx", str(model_path)])):
         assert R.main(["--mode", "predict", "--input", str(images), "--out", str(tmp_path / name),
-                       *flag,
-                       *PREDICT_ARGS]) == 0
+                       *flag, *PREDICT_ARGS]) == 0
         runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
     assert len(runs["torch"]) == len(runs["onnx"]) > 0
     for a, b in zip(runs["torch"], runs["onnx"]):
@@ -4011,18 +3973,20 @@ def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy)
               "cannot read ONNX model"),
              (["--input", str(tmp_path / "clash")], "an image named overview.png")]
     for extra, words in cases:
-        assert words in run_main_error(capsys, ["--mode", "predict", "--out", str(out),
-                                                *PREDICT_ARGS, *extra])
+        assert words in run_main_error(capsys,
+                                       ["--mode", "predict", "--out", str(out), *PREDICT_ARGS,
+                                        *extra])
         assert not out.exists(), extra
-    assert "input's own folder" in run_main_error(capsys, ["--mode", "predict", "--input",
-                                                           str(images),
+    assert "input's own folder" in run_main_error(capsys,
+                                                  ["--mode", "predict", "--input", str(images),
                                                            "--out", str(images)])
     assert sorted(p.name for p in images.iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
-    assert "is for --mode predict" in run_main_error(capsys, ["--mode", "eval", "--onnx",
-                                                              str(tmp_path / "bad.onnx")])
+    assert "is for --mode predict" in run_main_error(capsys,
+                                                     ["--mode", "eval", "--onnx",
+                                                      str(tmp_path / "bad.onnx")])
     missing_folder = str(tmp_path / "x" / "m.onnx")
-    assert ".onnx file in an existing folder" in run_main_error(capsys, ["--export-onnx",
-                                                                         missing_folder])
+    assert ".onnx file in an existing folder" in run_main_error(capsys,
+                                                                ["--export-onnx", missing_folder])
 
 
 def test_predicts_out_is_checked_first_and_never_mixes_two(capsys, tmp_path, toy, monkeypatch):
@@ -4107,12 +4071,12 @@ def readme_commands() -> list[list[str]]:
 
 README_JOB_COMMANDS = [  # the README's job commands that wrap over lines there
     ["--probe", "v2", "--init", "results/student-demo-scarce.pt"], ["--bench", "--stages", "2"],
-    ["--bench", "--width", "48"], ["--bench", "--preset", "paper", "--mpii-root",
-                                   "data/mpii-rehearsal"],
+    ["--bench", "--width", "48"],
+    ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
     ["--gpu-report", "--preset", "paper", "--input-size", "64", "--batch-size", "4", "--stages",
      "2", "--demo-size",
-     "small", "--device", "cpu", "--out", "/tmp/gpurep"], ["--write-mpii-release",
-                                                           "data/mpii-rehearsal"]]
+     "small", "--device", "cpu", "--out", "/tmp/gpurep"],
+    ["--write-mpii-release", "data/mpii-rehearsal"]]
 
 
 def test_the_readme_commands_parse_to_the_config_they_always_did():
@@ -4124,8 +4088,7 @@ def test_the_readme_commands_parse_to_the_config_they_always_did():
     cfg, args = R.parse_args(["--mode", "augmented"])
     assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), False)
     cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15",
-                           "--seed", "0",
-                           "--out", "runs/curve-s0"])
+                           "--seed", "0", "--out", "runs/curve-s0"])
     assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
                                           out="runs/curve-s0"), False)
     cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out",
@@ -4185,8 +4148,7 @@ def test_the_protocols_flags_are_checked_by_its_parser(capsys):
 def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
     for argv in (["--report", "--seed", "3"], ["--bench", "--report"]):
         r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *argv], capture_output=True,
-                           text=True,
-                           timeout=300)
+                           text=True, timeout=300)
         assert (r.returncode == 2 and r.stdout == "" and
                 r.stderr.startswith("repro.py: error: ")), r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
