@@ -83,8 +83,8 @@ def test_coco_json_loads_and_gt_as_detections_gives_ap_1(scenes):
     assert gt.loadCats(1)[0]["keypoints"] == rh.COCO_KEYPOINT_NAMES
     assert len(gt.getImgIds()) == 3 and len(gt.getAnnIds()) >= 6
     for a in coco["annotations"]:
-        assert len(a["keypoints"]) == 51 and a["num_keypoints"] == sum(v > 0
-                                                                       for v in a["keypoints"][2::3])
+        assert (len(a["keypoints"]) == 51 and
+                a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3]))
         assert isinstance(a["segmentation"]["counts"], str) and a["iscrowd"] == 0
         for k in ("min_dist", "camera_angle", "visibility_ratio", "truncation", "scale",
                   "num_people"):
@@ -290,7 +290,8 @@ def test_crafted_smpl_files_are_refused_before_any_code_runs(tmp_path, capsys):
             "--num-images", "1"]
     for protocol, named in ((2, "__builtin__.getattr"), (4, "pathlib.Path.touch")):
         (tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").write_bytes(pickle.dumps(evil, protocol=protocol))
-        assert f"refused {tmp_path / 'smpl' / 'SMPL_NEUTRAL.pkl'}: it names {named}," in _main_error(argv, capsys)
+        assert (f"refused {tmp_path / 'smpl' / 'SMPL_NEUTRAL.pkl'}: it names {named},"
+                in _main_error(argv, capsys))
         assert not hit.exists() and not (tmp_path / "out").exists()
     # the same file through a plain unpickler does create it: the test would see code running
     pickle.loads((tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").read_bytes())
@@ -458,9 +459,8 @@ def test_style_factors_switch_their_factor_alone(gl):
         assert people.any() and not people.all()
         for f in rh.STYLE_FACTORS:
             cfg = rh.RenderConfig(style=style, style_factors={f: other}, **geo)
-            assert rh.factor_style(cfg, f) == other and rh.factor_style(cfg,
-                                                                        "lighting" if f != "lighting" else
-                                                                          "pitch") == style
+            assert rh.factor_style(cfg, f) == other and rh.factor_style(
+                cfg, "lighting" if f != "lighting" else "pitch") == style
             img, anns = rh.render_scene(cfg, 0, gl, files)
             changed = (img != base_img).any(2)
             assert changed.any(), f
@@ -909,8 +909,8 @@ def test_part_one_uses_part_two_only_through_the_seams_its_docstring_lists():
 def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_long():
     src, _, _, part2 = repro_parts()
     lines = src.splitlines()
-    titles = [(i, lines[i].lstrip("# ").split(":")[0].split(" (")[0].lower()) for i in range(1,
-                                                                                             len(lines))
+    titles = [(i, lines[i].lstrip("# ").split(":")[0].split(" (")[0].lower())
+              for i in range(1, len(lines))
               if re.match(r"# -{20,}$", lines[i - 1]) and re.match(r"# \w", lines[i])]
     doc = " ".join(R.__doc__.lower().split())
     where = [doc.find("reading map.")]
@@ -923,8 +923,8 @@ def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_lon
     assert all((at < split) == (i < part2) for (i, _), at in zip(titles, where))
     assert not re.search(r"\blines? \d", R.__doc__)  # line numbers go stale with every edit
     for path in ("repro.py", "render_humans.py"):
-        long = [(n.name,
-                 n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse((ROOT / path).read_text()))
+        long = [(n.name, n.end_lineno - n.lineno + 1)
+                for n in ast.walk(ast.parse((ROOT / path).read_text()))
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and
                 n.end_lineno - n.lineno >= 60]
         assert not long, f"{path}: functions over 60 lines: {long}"
@@ -1439,10 +1439,8 @@ def test_paper_bins_are_np_digitize_on_the_papers_edges():
     angle = np.array([3.0, 3.7, 6.9, 7.0, 29.6, 29.8, 40.0])  # edges 3.68, 6.93, ..., 29.70 degrees
     low, width = R.bin_edges("camera_angle", angle, 10, 640, rule="paper")
     assert list(R.assign_bins(angle, low, width, 10)) == [0, 1, 1, 2, 8, 9, 9]
-    assert list(R.assign_bins(angle, low, width, 10)) == list(np.digitize(angle,
-                                                                          np.linspace(3.68161,
-                                                                                      32.95209,
-                                                                                             10)[:-1]))
+    assert list(R.assign_bins(angle, low, width, 10)) == list(
+        np.digitize(angle, np.linspace(3.68161, 32.95209, 10)[:-1]))
     assert list(R.assign_bins(angle, *R.bin_edges("camera_angle", angle, 10, 640), 10)) == [0, 0, 0,
                                                                                             1, 7, 8,
                                                                                             9]
@@ -1635,7 +1633,8 @@ def test_each_mode_runs_end_to_end(toy, tmp_path, mode):
     assert R.main(toy_args(toy, out, "--mode", mode, "--steps", "3")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and 0.0 <= metrics["AP"] <= 1.0
-    assert (out / "config.json").is_file() and (out / "curves.png").is_file() and (out / "predictions.png").is_file()
+    assert ((out / "config.json").is_file() and (out / "curves.png").is_file() and
+            (out / "predictions.png").is_file())
     # 3 steps + the final evaluation
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
@@ -1772,7 +1771,8 @@ def test_resume_gives_the_same_weights(toy, tmp_path, monkeypatch):
     b = torch.load(tmp_path / "stopped/ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     def logged(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     # nothing twice
     assert [r["step"] for r in logged("stopped")] == [r["step"] for r in logged("straight")]
     # the logging window is in the checkpoint: the line after a resume averages the same steps
@@ -1799,7 +1799,8 @@ def test_student_teacher_runs_and_resumes_exactly(toy, tmp_path, monkeypatch, de
         assert torch.equal(a["teacher"]["net"][k], b["teacher"]["net"][k]), k
     assert a["teacher"]["records"] == b["teacher"]["records"] and len(a["teacher"]["records"]) == 4
     assert (tmp_path / "straight/teacher_bins.png").is_file()
-    logged = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)
+              for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("teacher") and "probs" in r["teacher"] for r in logged)
 
 
@@ -1912,8 +1913,8 @@ def test_torchrun_ranks_share_each_step_and_train_like_one_process(toy, tmp_path
     for r, rank in enumerate(ranks):
         assert rank["world"] == 2 and [s for s, _ in rank["shares"]] == list(range(cfg.steps))
         assert all(specs == [list(s[:3]) for s in plans[t][r::2]] for t, specs in rank["shares"])
-    shares = [R.StepBatches(single.maker, cfg.batch_size, cfg.seed, 0, cfg.steps, r, 2) for r in (0,
-                                                                                                  1)]
+    shares = [R.StepBatches(single.maker, cfg.batch_size, cfg.seed, 0, cfg.steps, r, 2)
+              for r in (0, 1)]
     start = {k: v.clone() for k, v in single.model.state_dict().items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -2085,7 +2086,8 @@ def test_coco_ap_from_evaluated_images_matches_cocoeval_and_bins_split_the_peopl
 MPII_DIR = SHARED / "real" / "mpii"
 
 
-MPII_GT, MPII_PRED = MPII_DIR / "mpii_val_multi_groundtruth.mat", MPII_DIR / "mpii_val_multi_predictions.mat"
+MPII_GT, MPII_PRED = (MPII_DIR / "mpii_val_multi_groundtruth.mat",
+                      MPII_DIR / "mpii_val_multi_predictions.mat")
 
 
 needs_mpii = pytest.mark.skipif(not MPII_GT.is_file(),
@@ -2270,9 +2272,8 @@ def test_mpii_release_split_follows_img_train(tmp_path):
     # the group holding a single person is dropped
     assert len(val) == 1 and list(val[0].rects) == [1, 2]
     all_images = R.read_annolist(mat)  # RELEASE.annolist read as plain groups
-    assert len(all_images) == 5 and all_images[3].joints.shape == (1, 16,
-                                                                   3) and all_images[3].joints[...,
-                                                                                               2].sum() == 0
+    assert (len(all_images) == 5 and all_images[3].joints.shape == (1, 16, 3) and
+            all_images[3].joints[..., 2].sum() == 0)
 
 
 def test_mpii_bad_input_is_one_line(tmp_path):
@@ -2329,11 +2330,10 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
     nan_xy, nan_score = [R.copy.deepcopy(pred) for _ in range(2)]
     nan_xy[0].joints[0, :5, 0] = np.nan
     nan_score[0].scores[1, 2] = np.nan
-    for groups, words in ((nan_xy,
-                           "5 of 32 predicted joints have NaN or infinite coordinates and 0 a NaN "
-                           "score"),
-                          (nan_score,
-                           "0 of 32 predicted joints have NaN or infinite coordinates and 1 a NaN")):
+    for groups, words in ((nan_xy, "5 of 32 predicted joints have NaN or infinite coordinates "
+                                   "and 0 a NaN score"),
+                          (nan_score, "0 of 32 predicted joints have NaN or infinite coordinates "
+                                      "and 1 a NaN")):
         R.write_pred_json(tmp_path / "nan.json", groups)
         assert words in run_main_error(capsys,
                                        ["--score-mpii", str(tmp_path / "nan.json"), str(gt_path)])
@@ -2725,7 +2725,8 @@ def test_a_users_default_run_eval_and_compare_write_into_runs_never_into_results
     del argv[argv.index("--out"):argv.index("--out") + 2]
     assert R.main(argv) == 0
     run = Path("runs/real-annotations-s0")
-    assert (run / "ckpt.pt").is_file() and (run / "metrics.json").is_file() and not Path("results").exists()
+    assert ((run / "ckpt.pt").is_file() and (run / "metrics.json").is_file() and
+            not Path("results").exists())
     # a checkpoint in the committed folder, as the shipped students are
     tracked = Path("results/student.pt")
     tracked.parent.mkdir()
@@ -2796,8 +2797,8 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path, toy):
                                                  "1"))
 
 
-def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(capsys,
-                                                                                            tmp_path, toy):
+def test_resume_of_a_finished_run_is_refused_and_a_cut_final_evaluation_is_not_logged_twice(
+        capsys, tmp_path, toy):
     out = tmp_path / "run"
     argv = toy_args(toy, out, "--mode", "real", "--steps", "2")
     assert R.main(argv) == 0
@@ -2890,7 +2891,8 @@ def test_every_protocol_condition_records_the_real_crops_its_flags_give():
     records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.LONG_CONDITIONS
     assert set(seen) == set(records) - set(R.SAME_RUNS)
     assert all(records[c].real_crops == n for c, n in seen.items())
-    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c]) for c in R.SAME_RUNS)
+    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c])
+               for c in R.SAME_RUNS)
 
 
 def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
@@ -2952,8 +2954,8 @@ def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
     assert "entropy_first" not in drift  # round 1's records began with the placeholder: no entropy
     # round 2's: the network's outputs only
     new = R.teacher_drift([dict(r, next_bin=0) for r in records])
-    assert new["entropy_first"] == pytest.approx(math.log(2)) and new["entropy_min"] == pytest.approx(
-        -(0.7 * math.log(0.7) + 0.3 * math.log(0.3)))
+    assert (new["entropy_first"] == pytest.approx(math.log(2)) and
+            new["entropy_min"] == pytest.approx(-(0.7 * math.log(0.7) + 0.3 * math.log(0.3))))
     assert new["series"] == [[r["step"], *r["probs"]] for r in records]
     assert R.teacher_drift([dict(step=1)]) is None
     # the metric lines carry only the latest update at each line: the checkpoint's records win
@@ -3133,8 +3135,8 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
                           for ap in (float("nan"), 7.5)),
                         # another run's summary under this name
                         (json.dumps(good), "bad or missing name"),
-                        (json.dumps({k: v for k,
-                                     v in good.items() if k != "condition"} | dict(name="scarce/real-s0")),
+                        (json.dumps({k: v for k, v in good.items() if k != "condition"}
+                                    | dict(name="scarce/real-s0")),
                          "bad or missing condition")):
         bad.write_text(text)
         line = run_main_error(capsys, ["--report"])
@@ -3219,7 +3221,8 @@ def test_the_frozen_rounds_re_derive_from_their_summaries():
         for regime in R.PROTOCOL_REGIMES:
             d = np.subtract(*R.paired_aps(runs, v["better"], v["worse"], regime, (0, 1, 2)))
             mean, two_se = d.mean(), 2 * d.std(ddof=1) / np.sqrt(3)
-            word = "reproduced" if mean > two_se else "contradicted" if mean < -two_se else "inconclusive"
+            word = ("reproduced" if mean > two_se else "contradicted" if mean < -two_se
+                    else "inconclusive")
             assert v["per_regime"][regime] == word
             reading = f"mean paired AP difference {mean:+.4f}, 2 SE {two_se:.4f}, 3 seeds"
             assert f"{regime}: {word} ({reading})" in v["reason"]
@@ -3446,7 +3449,8 @@ def test_the_probe_job_writes_its_result_with_its_command_device_and_commit(toy,
                                                                                          "v2")
     assert (probe["device"] == "cpu" and probe["code"] == R.code_version() and
             probe["wall_minutes"] >= 0)
-    assert (tmp_path / "results" / "probe-tiny.png").is_file() and (tmp_path / "probe" / R.PROBE_STATE).is_file()
+    assert ((tmp_path / "results" / "probe-tiny.png").is_file() and
+            (tmp_path / "probe" / R.PROBE_STATE).is_file())
 
 
 @pytest.mark.parametrize("keep_bn", [True, False])
@@ -3553,7 +3557,8 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
             if line[:3] in ("| 1", "| 2", "| 3", "| 4")}
     assert ("**reproduced** | full +0.0100 [+0.0040, +0.0160] (5); scarce +0.0010 [-0.0020, "
             "+0.0040] (5)") in rows["1"]
-    assert "full: a ahead by 0.004 to 0.016 AP; scarce: cannot tell (-0.002 to +0.004 AP)" in rows["1"]
+    assert ("full: a ahead by 0.004 to 0.016 AP; scarce: cannot tell (-0.002 to +0.004 AP)"
+            in rows["1"])
     assert "| **not tested** | - | pending |" in rows["2"]  # no verdict yet
     assert R.WITHDRAWN[3] in rows["3"] and "**not tested**" in rows["3"]
     assert ("**contradicted** for the teacher tested" in rows["4"] and
@@ -3569,7 +3574,8 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
             "0.005") in row
     assert R.TESTED[4] not in row  # round 2's teacher is not the one stage d tested
     _report_sandbox(tmp_path, monkeypatch)
-    (tmp_path / "README.md").write_text(f"intro\n{R.README_MARKERS[0]}\nold\n{R.README_MARKERS[1]}\nrest\n")
+    (tmp_path / "README.md").write_text(f"intro\n{R.README_MARKERS[0]}\nold\n"
+                                        f"{R.README_MARKERS[1]}\nrest\n")
     claims = R.report_protocol()
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
@@ -3648,7 +3654,8 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
                  init=None if c in ("student", "synthetic-only") else
                  "scarce/student") for c in conditions]
     claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
-    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines() if line.startswith("| scarce | ")]
+    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines()
+            if line.startswith("| scarce | ")]
     assert {row[1]: row[2] for row in rows} == {
         "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8",
         "synthetic": "8",
@@ -3677,7 +3684,8 @@ def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path
     rows = {r["name"]: r for r in report["sets"]}
     assert (rows["standin-lighting"]["style_factors"] == ["lighting=synthetic"] and
             "dAP" not in rows["standin"])
-    assert rows["standin-lighting"]["dAP"] == pytest.approx(rows["standin-lighting"]["AP"] - rows["standin"]["AP"])
+    assert rows["standin-lighting"]["dAP"] == pytest.approx(
+        rows["standin-lighting"]["AP"] - rows["standin"]["AP"])
     assert rows["standin"]["images"] == 2 and rows["standin"]["people"] >= 2
     # the json's two commands for a set give that set's images and AP on their own
     render, evaluate = rows["synthetic-lighting"]["commands"]
@@ -3685,7 +3693,8 @@ def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path
     argv = shlex.split(render)[2:]
     argv[0] = str(tmp_path / "again")
     rh.main(argv)
-    assert (tmp_path / "again/annotations.json").read_bytes() == (folder / "annotations.json").read_bytes()
+    assert ((tmp_path / "again/annotations.json").read_bytes() ==
+            (folder / "annotations.json").read_bytes())
     argv = shlex.split(evaluate)[2:] + ["--threads", "2"]
     assert R.main(argv) == 0
     stats = json.loads((folder / "eval" / "eval-annotations.json").read_text())
@@ -3836,9 +3845,8 @@ def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_pat
                    str(out), *PREDICT_ARGS]) == 0
     skipped = ", ".join(f"{i:012d}.jpg" for i in range(96, 100))
     assert f"skipped 4 of 7 images that do not decode: {skipped}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg"
-                                                     for i in (1, 2, 3)] + ["overview.png",
-                                                                                              "predictions.json"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + [
+        "overview.png", "predictions.json"]
     assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0],
                                                            3)
     predicted = json.loads((out / "predictions.json").read_text())
@@ -4137,9 +4145,8 @@ def test_the_protocols_flags_are_checked_by_its_parser(capsys):
     line = run_main_error(capsys, ["--reproduce", "--only", "full/*", "scarce/nothing-*"])
     assert "argument --only: 'scarce/nothing-*' matches no protocol run" in line
     for jobs in ("0", "-1", "two"):
-        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(capsys,
-                                                                                        ["--reproduce",
-                                                                                                  "--jobs", jobs])
+        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(
+            capsys, ["--reproduce", "--jobs", jobs])
     _, args = R.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
     assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
     assert R.parse_args(["--reproduce"])[1].only == ["*"]
