@@ -6110,6 +6110,10 @@ def finish_run(trainer: Trainer, data: Data, out: Path) -> dict:
     if start and trainer.step > 0:
         print(f"from --init to the end of training: {benchmark.headline(start[0])} -> "
               f"{benchmark.headline(stats)}")
+        if data.name.startswith("demo") and Path(cfg.init or "").name == SHIPPED_STUDENT.name:
+            # a first run's change depends on the mode (the purely synthetic half costs AP at first)
+            print("the values to expect from the first runs, per precision: README.md, "
+                  "'The first run: what you should see'")
     print(f"run folder: {out}")
     return stats
 

@@ -2622,6 +2622,23 @@ def test_export_student_writes_out_and_never_replaces_a_file_unasked(capsys, tmp
     assert not (tmp_path / "e2.pt").exists()
 
 
+def test_a_demo_fine_tune_of_the_shipped_student_points_to_the_values_to_expect(
+        capsys, tmp_path, toy, monkeypatch):
+    assert R.main(toy_args(toy, tmp_path / "first", "--mode", "real", "--steps", "1")) == 0
+    shipped = tmp_path / R.SHIPPED_STUDENT.name
+    shutil.copy(tmp_path / "first" / "ckpt.pt", shipped)
+    load = R.load_data
+    monkeypatch.setattr(R, "load_data", lambda cfg: R.dataclasses.replace(load(cfg), name="demo"))
+    for init, expected in ((shipped, True), (tmp_path / "first" / "ckpt.pt", False)):
+        capsys.readouterr()
+        out = tmp_path / f"from-{init.stem}"
+        argv = toy_args(toy, out, "--mode", "real", "--steps", "1", "--init", str(init))
+        assert R.main(argv) == 0
+        text = capsys.readouterr().out
+        assert "from --init to the end of training" in text
+        assert ("'The first run: what you should see'" in text) == expected
+
+
 # ---- Run folders: a run's start, lock, signals and finish ----------------------------------------
 
 def test_a_second_run_into_a_held_folder_is_refused(capsys, tmp_path, toy):
@@ -3366,9 +3383,9 @@ def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_pat
                               ("synthetic-3000", 0.210)):
             name = f"r3/scarce/{condition}-s{seed}"
             spread = 0.0005 * (seed % 3) * (condition == "teacher-paper-3000")
-            R.write_json(dict(name=name, condition=condition, regime="scarce", seed=seed, steps=3000,
-                              minutes=1.0, ap=ap + spread, ap50=0.5, ap75=0.2, device="cpu",
-                              device_key="k"),
+            R.write_json(dict(name=name, condition=condition, regime="scarce", seed=seed,
+                              steps=3000, minutes=1.0, ap=ap + spread, ap50=0.5, ap75=0.2,
+                              device="cpu", device_key="k"),
                          R.PROTOCOL_RESULTS / f"{name.replace('/', '-')}.json")
     rng = np.random.default_rng(0)
     for t in stages["a"].probe.trajectories:  # bins that differ, the same ranking at every point
