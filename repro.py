@@ -3878,6 +3878,7 @@ ROUND3 = Round("3", prefix="r3/", rule=RULE_V3, frozen=False, stages=(
           delta=DELTA_AT_3000, sd=0.00555, sd_source="round 2's teacher-3000 - uniform-3000"),
 ))
 ROUNDS = (ROUND1, ROUND2, ROUND3)
+CURRENT = next(r for r in ROUNDS if not r.frozen)  # the round this code's rule reads
 
 
 # ---- The runner: each round's runs as subprocesses, resumed where they stopped; their summaries
@@ -3915,7 +3916,7 @@ def scratch_runs() -> list[ProtocolRun]:
     return runs
 
 
-def stage_runs(stage: Stage, rnd: Round = ROUND3) -> list[ProtocolRun]:
+def stage_runs(stage: Stage, rnd: Round) -> list[ProtocolRun]:
     """A stage's fine-tunes, seed by seed over its arms: <prefix><images>/<condition>-s<seed>, from
     the arm's student, on the arm's images."""
     runs = []
@@ -3978,7 +3979,7 @@ def train_runs(runs: list[ProtocolRun], python: str, jobs: int) -> None:
 def run_probe_once(design: ProbeDesign, trajectory: int, runs: dict[str, ProtocolRun],
                    python: str) -> None:
     """One probe trajectory as a job of its own, unless its result is in results/."""
-    if (PROTOCOL_RESULTS.parent / f"{probe_name(design, trajectory)}.json").is_file():
+    if probe_done(PROTOCOL_RESULTS.parent / f"{probe_name(design, trajectory)}.json"):
         return
     student = runs[f"{design.regime}/student"]
     if not regime_student(student.regime).is_file():
@@ -4320,17 +4321,24 @@ def contrast_tests(stage: Stage, rule: Rule, runs: list[dict]) -> list[dict]:
     the images contrast (d on 1000 images - d on 100, mean over students) and the student
     contrast (d from the full regime's student - d from the scarce one's, mean over images)."""
     big, small = PROTOCOL_REGIMES  # full: 1000 images and its student; scarce: 100 and its own
-    d = {}
-    for (better, worse), student in zip(stage.comparisons, PROTOCOL_REGIMES):
+    d, keys = {}, {}
+    for better, worse in stage.comparisons:
+        student = better.rsplit("-from-", 1)[1]
         for images in PROTOCOL_REGIMES:
             for a, b in seed_pairs(runs, better, worse, images)[0]:
                 d[images, student, a["seed"]] = a["ap"] - b["ap"]
-    seeds = sorted({s for (_, _, s) in d if all((i, st, s) in d for i in (big, small)
-                                                 for st in (big, small))})
+                keys.setdefault(a["seed"], set()).add(summary_device_key(a))
+    whole = sorted({s for (_, _, s) in d if all((i, st, s) in d for i in (big, small)
+                                                for st in (big, small))})
+    seeds = [s for s in whole if len(keys[s]) == 1]  # a seed's eight runs under one device key
+    refused = dict(not_paired=[s for s in whole if s not in seeds]) if len(seeds) < len(whole) else {}
     images = [np.mean([d[big, st, s] - d[small, st, s] for st in (big, small)]) for s in seeds]
     student = [np.mean([d[i, big, s] - d[i, small, s] for i in (big, small)]) for s in seeds]
-    return [planned_test(images, stage, rule, "images: d on 1000 - d on 100"),
-            planned_test(student, stage, rule, f"student: d from {big} - d from {small}")]
+    return [planned_test(images, stage, rule, "images: d on 1000 - d on 100", better="d on 1000 images",
+                         worse="d on 100 images", **refused),
+            planned_test(student, stage, rule, f"student: d from {big} - d from {small}",
+                         better=f"d from the {big} student", worse=f"d from the {small} student",
+                         **refused)]
 
 
 def two_way_anova(use: np.ndarray) -> dict:
@@ -4377,14 +4385,25 @@ def probe_test(use: np.ndarray) -> dict:
     changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6 else "not shown")
     reason = (f"bins: F = {anova['f_bins']:.2f}, p = {anova['p_bins']:.2g}; bin x point: F = "
               f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; tau first-last {tau:.2f} "
-              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} seeds")
+              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} replicates")
     return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo, tau_hi=hi, **anova)
 
 
 def trajectory_test(stage: Stage, results: Path) -> dict:
     """Probe v3's test: each trajectory's usefulness, mean over its probe seeds, as a replicate."""
-    names = [probe_name(stage.probe, t) for t in stage.probe.trajectories]
-    use = [np.array(read_probe(results / f"{n}.json")["usefulness"], np.float64).mean(2) for n in names]
+    design, use = stage.probe, []
+    for t in design.trajectories:
+        path = results / f"{probe_name(design, t)}.json"
+        probe = read_probe(path)
+        want = dict(design=design.name, trajectory=t, points=list(design.points),
+                    probe_lr=design.lr, keep_bn=design.keep_bn,
+                    train_subset=PROTOCOL_REGIMES[design.regime])
+        wrong = [k for k, v in want.items() if probe.get(k) != v]
+        shape = np.shape(probe.get("usefulness"))
+        if wrong or len(shape) != 3 or shape[0] != len(design.points):
+            raise ReproError(f"{path} is not a result of {design.name}, trajectory {t} (bad or missing "
+                             f"{', '.join(wrong) or 'usefulness'}); delete it and rerun --reproduce")
+        use.append(np.array(probe["usefulness"], np.float64).mean(2))
     return probe_test(np.stack(use, 2))
 
 
@@ -4528,7 +4547,8 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
                   design=design.name, regime=design.regime,
                   probed_people=[0 if q is None else len(q) for q in pools], test=probe_test(use))
     if design.lr is not None:
-        result |= dict(probe_lr=design.lr, keep_bn=design.keep_bn, trajectory=cfg.seed)
+        result |= dict(probe_lr=design.lr, keep_bn=design.keep_bn, trajectory=cfg.seed,
+                       train_subset=cfg.train_subset)
     return result
 
 
@@ -4555,12 +4575,26 @@ def probe_done(path: Path) -> bool:
 
 def read_frozen(path: Path) -> dict:
     """Rounds 1 and 2's verdicts as their rules computed them (results/rounds-1-2.json)."""
+    def fault(frozen):
+        rounds = [frozen.get(r) if isinstance(frozen, dict) else None for r in ("round1", "round2")]
+        if not all(isinstance(r, dict) and isinstance(r.get("rule"), str)
+                   and isinstance(r.get("verdicts"), dict) for r in rounds):
+            return "bad or missing round1, round2, their rule or verdicts"
+        second = rounds[1]
+        if not (isinstance(second.get("delta"), dict) and isinstance(second.get("probe"), dict)
+                and all(isinstance(v, dict) and isinstance(v.get("per_regime"), dict)
+                        for v in second["verdicts"].values())):
+            return "bad or missing round2 delta, probe or per_regime"
+        return None
+
     try:
         frozen = json.loads(path.read_text())
-        assert isinstance(frozen, dict) and {"round1", "round2"} <= set(frozen)
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError) as e:
-        raise ReproError(f"{path} is not rounds 1-2's frozen verdicts ({type(e).__name__}); restore "
-                         f"it with: git checkout {path}") from None
+        why = fault(frozen)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = type(e).__name__
+    if why:
+        raise ReproError(f"{path} is not rounds 1-2's frozen verdicts ({why}); restore it with: "
+                         f"git checkout {path}")
     return frozen
 
 
@@ -4589,7 +4623,7 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
         if r["name"] in current:
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
-    early = [r for r in runs if not r["name"].startswith(ROUND3.prefix)]
+    early = [r for r in runs if not r["name"].startswith(CURRENT.prefix)]
     frozen = read_frozen(results / FROZEN_ROUNDS.name)
     probes = {d.name: read_probe(results / f"{d.name}.json") for d in (PROBES["v1"], PROBES["v2"])}
     teacher = {r["name"]: r["teacher"] for r in early if r.get("teacher")}
@@ -4598,7 +4632,7 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     # each update's probabilities are in the run's own summary (runs); claims.json keeps them once
     teacher = {name: {k: v for k, v in t.items() if k != "series"} for name, t in teacher.items()}
     claims = dict(runs=runs, progress=round_progress(runs, results), frozen=frozen,
-                  round3=[stage_status(s, runs, results) for s in ROUND3.stages], teacher=teacher,
+                  round3=[stage_status(s, runs, results) for s in CURRENT.stages], teacher=teacher,
                   protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
                                 finetune_steps=PROTOCOL_FINETUNE_STEPS,
                                 conditions={name: c.flags for name, c in CONDITIONS.items()},
@@ -4663,7 +4697,8 @@ def claims_table(claims: dict) -> str:
              "|---" * (9 + len(bins)) + "|"]
     for regime in PROTOCOL_REGIMES:
         for condition in REPORTED_CONDITIONS:
-            rs = [r for r in condition_runs(runs, condition, regime) if not r["name"].startswith("r3/")]
+            rs = [r for r in condition_runs(runs, condition, regime)
+                  if not r["name"].startswith(CURRENT.prefix)]
             if not rs:
                 continue
             occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
@@ -4767,7 +4802,7 @@ def stage_work(stage: Stage) -> tuple[int, int, bool]:
         d = stage.probe
         probes = len(d.points) * PROBED_BINS * len(d.seeds) * d.steps
         return len(d.trajectories), max(d.points) + probes, False
-    return len(stage_runs(stage)), stage.steps, True
+    return len(stage_runs(stage, CURRENT)), stage.steps, True
 
 
 def stage_cost(stage: Stage) -> dict:
@@ -4789,25 +4824,29 @@ def stage_plan(stage: Stage) -> str:
             f"{assurance:.2f}, at paired sd {stage.sd} ({stage.sd_source})")
 
 
-def stage_status(stage: Stage, runs: list[dict], results: Path) -> dict:
-    """A round-3 stage: finished of planned, "pending" until every planned run or trajectory has
-    its result, and then rule v3's tests (no verdict is read before)."""
+def stage_status(stage: Stage, runs: list[dict], results: Path, rnd: Round = CURRENT) -> dict:
+    """A stage of the current round: finished of planned, "pending" until every planned run or
+    trajectory has its result, then its rule's tests; decided only when no test is still pending
+    (a comparison with another stage's runs waits for them too)."""
     if stage.probe:
         names = [probe_name(stage.probe, t) for t in stage.probe.trajectories]
         done = sum(probe_done(results / f"{n}.json") for n in names)
     else:
-        names = [r.name for r in stage_runs(stage)]
+        names = [r.name for r in stage_runs(stage, rnd)]
         done = len({r["name"] for r in runs} & set(names))
-    mine = [r for r in runs if r["name"].startswith(ROUND3.prefix) and r["seed"] < stage.seeds]
+    mine = [r for r in runs if r["name"].startswith(rnd.prefix) and r["seed"] < stage.seeds]
     tests = [] if done < len(names) else (
         [trajectory_test(stage, results)] if stage.read == "probe" else
-        {"pairs": pair_tests, "contrasts": contrast_tests}[stage.read](stage, ROUND3.rule, mine))
+        {"pairs": pair_tests, "contrasts": contrast_tests}[stage.read](stage, rnd.rule, mine))
     words = ([f"bins differ: {t['bins_differ']}; ranking changes: {t['ranking_changes']}"
               for t in tests] if stage.probe else [f"{t['label']}: {t['verdict']}" for t in tests])
+    decided = bool(tests) and not any(t.get("verdict", "").startswith("pending") for t in tests)
     conditions = list(dict.fromkeys(f"{a.regime}/{a.condition}" for a in stage.arms))
-    return dict(key=stage.key, question=stage.question, claim=stage.claim, planned=len(names),
-                finished=done, status="; ".join(words) or "pending", tests=tests,
-                regime=stage.arms[0].regime if stage.arms else stage.probe.regime,
+    regime = ("images x student" if stage.read == "contrasts" else
+              stage.arms[0].regime if stage.arms else stage.probe.regime)
+    return dict(key=stage.key, question=stage.question, claim=stage.claim, read=stage.read,
+                test=stage.test, decides=stage.decides, planned=len(names), finished=done,
+                status="; ".join(words) or "pending", tests=tests, decided=decided, regime=regime,
                 plan=stage_plan(stage), cost=stage_cost(stage),
                 conditions=conditions or [stage.probe.name])
 
@@ -4825,12 +4864,13 @@ def round3_table(stages: list[dict]) -> list[str]:
                      f"{', '.join(s['conditions'])} | {s['plan']} | "
                      f"{s['finished']} ({s['planned']}) | "
                      f"**{s['status']}** | {c['cpu_hours']} h | {c['gpu_minutes']} min |")
-    decided = [s for s in stages if s["tests"]]
-    if decided:
+    lines += ["", *(f"- stage {s['key']}: test: {s['test']}; decides: {s['decides']}." for s in stages)]
+    read = [s for s in stages if s["tests"]]  # a stage waiting on another's runs shows its tests too
+    if read:
         lines += ["", *TEST_HEADER]
-        for s in decided:
+        for s in read:
             lines += (probe_rows(s["regime"], "probe v2: withdrawn", s["tests"][0],
-                                 f"{s['planned']} trajectories") if s["key"] == "a" else
+                                 f"{s['planned']} trajectories") if s["read"] == "probe" else
                       [test_row(f"{s['key']}: {t['label']}", s["regime"], "-", t) for t in s["tests"]])
     return lines
 
@@ -4862,7 +4902,7 @@ def regime_reading(t: dict, better: str, worse: str) -> str:
 def stage_answer(claim: int, stage: dict) -> str:
     """A claim's row of the answer table from the round-3 stage that decided it."""
     words = f"{claim}: {CLAIM_WORDS[claim]}"
-    if stage["key"] == "a":
+    if stage["read"] == "probe":
         t = stage["tests"][0]
         return (f"| {words} | **bins differ: {t['bins_differ']}; ranking changes: "
                 f"{t['ranking_changes']}** (probe v3) | - | {t['reason']} |")
@@ -4881,7 +4921,7 @@ def answer_table(claims: dict) -> str:
     lines = ["| claim of the paper | verdict | paired AP difference, 95% CI (seeds) | what it means |",
              "|---|---|---|---|"]
     verdicts = claims["frozen"]["round2"]["verdicts"]
-    decided = {s["claim"]: s for s in claims.get("round3", []) if s["tests"] and s["claim"]}
+    decided = {s["claim"]: s for s in claims.get("round3", []) if s["decided"] and s["claim"]}
     for claim, words in CLAIM_WORDS.items():
         v = verdicts.get(str(claim))
         if claim in decided:
@@ -4903,13 +4943,13 @@ def control_reading(claims: dict) -> str:
     """Does the synthetic half help? Round 3's stage b once decided; before it, exploratory (no
     rule was fixed for it in advance): the real-only control against the two mixed conditions at
     round 1's 800 steps, read as rule v2 reads a pair."""
-    b = next((s for s in claims.get("round3", []) if s["key"] == "b" and s["tests"]), None)
+    b = next((s for s in claims.get("round3", []) if s["key"] == "b" and s["decided"]), None)
     if b:
         return ("Does the synthetic half help? Round 3, stage b, at 3000 steps (scarce), paired AP "
                 "difference and 95% CI: " + "; ".join(
                     f"{t['label']} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']} seeds): "
                     f"{t['verdict']}" for t in b["tests"] if "lo" in t) + ".")
-    parts, runs = [], [r for r in claims.get("runs", []) if not r["name"].startswith("r3/")]
+    parts, runs = [], [r for r in claims.get("runs", []) if not r["name"].startswith(CURRENT.prefix)]
     for worse in ("augmented-mask", "synthetic"):
         for regime in PROTOCOL_REGIMES:
             t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(), DELTA[regime])

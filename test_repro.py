@@ -1,5 +1,6 @@
 """Tests for the reproduction (CPU only; run with `python -m pytest -x -q test_repro.py`)."""
 import ast
+import collections
 import errno
 import itertools
 import json
@@ -2993,9 +2994,11 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
                           minutes=0.1,
                           ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init,
                           command="x", teacher=None), R.summary_path(r))
-    for design in R.PROBES.values():
-        for t in design.trajectories:
-            (tmp_path / "results" / f"{R.probe_name(design, t)}.json").write_text("{}")
+    for name in ("probe", "probe-v2"):  # finished probes: the runner skips them
+        shutil.copy(ROOT / "results" / f"{name}.json", tmp_path / "results")
+    _probe_v3_results(tmp_path / "results", np.random.default_rng(0).normal(0, 1, (3, 4, 5, 3)))
+    # a file without a result is not one
+    assert not R.probe_done(tmp_path / "results" / "claims.json")
     trained = []
 
     def train(run, python):
@@ -3007,16 +3010,25 @@ def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, mon
     assert "full/real-s0" not in trained and trained[0] == "scarce/student"
     # full/student finished before, but its exported weights are gone: rebuilt before its first user
     assert trained.index("full/student") < trained.index("full/synthetic-s0")
-    assert len(trained) == len(runs) - len(done) + 1
+    # each run once, the rebuilt student twice
+    assert collections.Counter(trained) == collections.Counter(
+        [r.name for r in runs if r not in done] + ["full/student"])
+    first_of = {name: next(i for i, n in enumerate(trained) if pattern in n)
+                for name, pattern in (("round 2", "full/augmented-mask-s3"),
+                                      ("b", "r3/scarce/real-3000"), ("c", "-from-"),
+                                      ("d", "teacher-paper-3000"))}
+    round1 = [i for i, n in enumerate(trained) if n.endswith(("-s0", "-s1", "-s2"))
+              and not n.startswith("r3/") and "3000" not in n]
+    # round by round, stage by stage
+    assert max(round1) < first_of["round 2"] < first_of["b"] < first_of["c"] < first_of["d"]
     claims = json.loads((tmp_path / "results" / "claims.json").read_text())
     assert len(claims["runs"]) == 2 and set(claims["frozen"]["round1"]["verdicts"]) == {"1", "2",
                                                                                         "3", "4"}
     third = sum(r.name.startswith("r3/") for r in runs)
     assert claims["progress"] == {
-        # the probes' json files are empty
-        "1": dict(finished=2, planned=39, probes=0, probes_planned=1),
-        "2": dict(finished=0, planned=len(runs) - 39 - third, probes=0, probes_planned=1),
-        "3": dict(finished=0, planned=third, probes=0, probes_planned=3)}
+        "1": dict(finished=2, planned=39, probes=1, probes_planned=1),
+        "2": dict(finished=0, planned=len(runs) - 39 - third, probes=1, probes_planned=1),
+        "3": dict(finished=0, planned=third, probes=3, probes_planned=3)}
     assert "round 1: 2 of 39 runs" in (tmp_path / "results" / "claims.md").read_text()
 
 
@@ -3170,8 +3182,10 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
         monkeypatch.undo()
         monkeypatch.chdir(tmp_path)
     bad.unlink()
-    # the frozen rounds
+    # the frozen rounds: missing, then without what the report reads
     assert "git checkout results/rounds-1-2.json" in run_main_error(capsys, ["--report"])
+    (tmp_path / R.FROZEN_ROUNDS).write_text(json.dumps(dict(round1={}, round2={})))
+    assert "bad or missing round1, round2" in run_main_error(capsys, ["--report"])
     shutil.copy(ROOT / R.FROZEN_ROUNDS, tmp_path / R.FROZEN_ROUNDS)
     (tmp_path / "results" / "probe.json").write_text("{")
     assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
@@ -3258,6 +3272,10 @@ def test_the_frozen_rounds_re_derive_from_their_summaries():
                                      "contradicted" if not unequal or tau >= 0.8 else
                                      "inconclusive")
     second = frozen["round2"]
+    assert second["delta"] == R.DELTA and set(first) == {"1", "2", "3", "4"}
+    assert {name: set(v["per_regime"]) for name, v in second["verdicts"].items()} == {
+        "1": {"full", "scarce"}, "2": {"full", "scarce"}, "4": {"scarce"},
+        "teacher - stratified": {"scarce"}, "stratified - uniform": {"scarce"}}
     planned = {(s.comparisons[0], s.arms[0].regime): s.seeds for s in R.ROUND2.stages if s.sd}
     for name, v in second["verdicts"].items():
         # rule v2: the paired t-test, at every seed both have
@@ -3275,8 +3293,8 @@ def test_the_frozen_rounds_re_derive_from_their_summaries():
         assert v["verdict"] == overall([t["verdict"] for t in v["per_regime"].values()])
     probe = json.loads((ROOT / "results" / "probe-v2.json").read_text())
     new = R.probe_test(np.array(probe["usefulness"], np.float64))
-    assert {k: new[k] for k in ("bins_differ", "ranking_changes", "reason")} == {
-        k: second["probe"][k] for k in ("bins_differ", "ranking_changes", "reason")}
+    assert {k: new[k] for k in ("bins_differ", "ranking_changes")} == {
+        k: second["probe"][k] for k in ("bins_differ", "ranking_changes")}
     numbers = ("f_bins", "p_bins", "f_interaction", "p_interaction", "tau", "tau_lo", "tau_hi")
     assert [second["probe"][k] for k in numbers] == pytest.approx([new[k] for k in numbers])
 
@@ -3372,34 +3390,61 @@ def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, mo
     assert b["gpu_minutes"] == round(13 * (3000 * 0.057 / 60 + 0.75))
 
 
+def _summary(name, condition, seed, ap, key="k", regime="scarce", steps=3000):
+    R.write_json(dict(name=name, condition=condition, regime=regime, seed=seed, steps=steps,
+                      minutes=1.0, ap=ap, ap50=0.5, ap75=0.2, device="cpu", device_key=key),
+                 R.PROTOCOL_RESULTS / f"{name.replace('/', '-')}.json")
+
+
+def _probe_v3_results(folder, uses):
+    design = R.PROBES["v3"]
+    for t, use in zip(design.trajectories, uses):
+        R.write_json(dict(design=design.name, trajectory=t, points=list(design.points),
+                          probe_lr=design.lr, keep_bn=design.keep_bn, train_subset=100,
+                          usefulness=use.tolist()), folder / f"probe-v3-t{t}.json")
+
+
 def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_path, monkeypatch):
-    """Stages a and d finished (made-up results): --report reads them by rule v3 and their rows
-    replace claims 3 and 4's round-2 rows in the README's answer; stages b and c stay pending."""
+    """Stages a and d finished (made-up results): --report reads them by rule v3, over round 3's
+    runs at their planned seeds only, and their rows replace claims 3 and 4's round-2 rows in
+    the README's answer; stage d waits for stage b's uniform-3000 runs it compares with."""
     _report_sandbox(tmp_path, monkeypatch)
     stages = {s.key: s for s in R.ROUND3.stages}
     d = stages["d"]
     for seed in range(d.seeds):
-        for condition, ap in (("teacher-paper-3000", 0.215), ("uniform-paper-3000", 0.205),
-                              ("synthetic-3000", 0.210)):
-            name = f"r3/scarce/{condition}-s{seed}"
-            spread = 0.0005 * (seed % 3) * (condition == "teacher-paper-3000")
-            R.write_json(dict(name=name, condition=condition, regime="scarce", seed=seed,
-                              steps=3000, minutes=1.0, ap=ap + spread, ap50=0.5, ap75=0.2,
-                              device="cpu", device_key="k"),
-                         R.PROTOCOL_RESULTS / f"{name.replace('/', '-')}.json")
-    rng = np.random.default_rng(0)
-    for t in stages["a"].probe.trajectories:  # bins that differ, the same ranking at every point
-        use = np.linspace(0, 1, 5)[None, :, None] + rng.normal(0, 0.05, (4, 5, 3))
-        R.write_json(dict(usefulness=use.tolist()), tmp_path / "results" / f"probe-v3-t{t}.json")
+        for condition, ap in (("teacher-paper-3000", 0.215), ("uniform-paper-3000", 0.205)):
+            _summary(f"r3/scarce/{condition}-s{seed}", condition, seed,
+                     ap + 0.0005 * (seed % 3) * (condition == "teacher-paper-3000"))
+    for seed in range(5):  # round 2's uniform-3000: never read by round 3
+        _summary(f"scarce/synthetic-3000-s{seed}", "synthetic-3000", seed, 0.9)
+    for condition in ("teacher-paper-3000", "uniform-paper-3000"):  # past the plan: never read
+        ap = 0.9 if condition.startswith("teacher") else 0.0
+        _summary(f"r3/scarce/{condition}-s{d.seeds}", condition, d.seeds, ap)
+    rng = np.random.default_rng(0)  # bins that differ, the same ranking at every point
+    uses = [np.linspace(0, 1, 5)[None, :, None] + rng.normal(0, 0.05, (4, 5, 3)) + 0.1 * t
+            for t in range(3)]
+    _probe_v3_results(tmp_path / "results", uses)
+    claims = R.report_protocol()
+    status = {s["key"]: s for s in claims["round3"]}
+    assert not status["d"]["decided"]
+    assert "uniform-3000: pending (0 of 12 seeds)" in status["d"]["status"]
+    rows = {line[2]: line for line in R.answer_table(claims).splitlines()
+            if line[:3] in ("| 3", "| 4")}
+    assert "round 3" not in rows["4"] and R.TESTED[4] in rows["4"]  # round 2's row stays
+    for seed in range(d.seeds):
+        _summary(f"r3/scarce/synthetic-3000-s{seed}", "synthetic-3000", seed, 0.210)
     claims = R.report_protocol()
     status = {s["key"]: s for s in claims["round3"]}
     assert status["b"]["status"] == status["c"]["status"] == "pending" and not status["b"]["tests"]
     first, second = status["d"]["tests"]
-    assert first["label"] == "teacher-paper-3000 - uniform-paper-3000"
+    assert first["label"] == "teacher-paper-3000 - uniform-paper-3000" and status["d"]["decided"]
     assert first["verdict"] == "reproduced" and first["n"] == d.seeds
     assert first["mean"] == pytest.approx(0.0105) and first["seeds_needed_now"] >= 3
-    assert second["worse"] == "uniform-3000" and second["verdict"] == "reproduced"
+    assert second["worse"] == "uniform-3000" and second["mean"] == pytest.approx(0.0055)
+    want = R.probe_test(np.stack([u.mean(2) for u in uses], 2))  # trajectories as the replicates
+    assert status["a"]["tests"][0]["f_bins"] == pytest.approx(want["f_bins"])
     assert status["a"]["tests"][0]["bins_differ"] == "supported"
+    assert "3 replicates" in want["reason"]
     answer = {line[2]: line for line in R.answer_table(claims).splitlines()
               if line[:3] in ("| 3", "| 4")}
     assert "(round 3, stage d)" in answer["4"]
@@ -3407,6 +3452,11 @@ def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_pat
     assert "**bins differ: supported" in answer["3"] and "(probe v3)" in answer["3"]
     row = (tmp_path / "results" / "claims.md").read_text().split("| d |")[1].split("\n")[0]
     assert "**pending**" not in row and "reproduced" in row
+    probe = json.loads((tmp_path / "results" / "probe-v3-t1.json").read_text())
+    R.write_json(probe | dict(design="probe-v2"), tmp_path / "results" / "probe-v3-t1.json")
+    with pytest.raises(R.ReproError,
+                       match="probe-v3-t1.json is not a result of probe-v3, trajectory 1"):
+        R.report_protocol()
 
 
 def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_student():
@@ -3422,21 +3472,31 @@ def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_
     (t,) = R.pair_tests(stage, R.RULE_V3, runs)
     assert t["verdict"] == "reproduced" and t["planned_seeds"] == 5
     assert t["seeds_needed_now"] == R.RULE_V3.seeds(t["sd"], 0.003) and 0 < t["power_now"] <= 1
-    # mask - include follows the images, not the student
+    # mask - include: +0.01 with 1000 images, -0.01 with 100, and 0.004 more from the full student
     c = next(s for s in R.ROUND3.stages if s.key == "c")
     d = {"full": 0.01, "scarce": -0.01}
+    noise = np.random.default_rng(5).normal(0, 0.0005, (2, 2, 7))
     runs = [dict(name=f"r3/{images}/augmented-{loss}-from-{student}-s{s}", regime=images, seed=s,
-                 condition=f"augmented-{loss}-from-{student}",
-                 ap=0.2 + (d[images] if loss == "mask" else 0) + 0.0001 * s * (student == "full"))
-            for images in R.PROTOCOL_REGIMES for student in R.PROTOCOL_REGIMES
-            for loss in ("mask", "include")
-            for s in range(7)]
+                 condition=f"augmented-{loss}-from-{student}", device_key="k",
+                 ap=0.2 + (d[images] + 0.004 * (student == "full") + noise[i, j, s]
+                           if loss == "mask" else 0))
+            for i, images in enumerate(R.PROTOCOL_REGIMES)
+            for j, student in enumerate(R.PROTOCOL_REGIMES)
+            for loss in ("mask", "include") for s in range(7)]
     images, student = R.contrast_tests(c, R.RULE_V3, runs)
-    assert images["mean"] == pytest.approx(0.02) and images["verdict"] == "reproduced"
-    assert student["mean"] == pytest.approx(0) and student["verdict"] == ("no effect of delta or "
-                                                                          "more")
+    assert images["mean"] == pytest.approx(0.02 + noise[0].mean() - noise[1].mean())
+    assert images["verdict"] == "reproduced" and images["better"] == "d on 1000 images"
+    assert student["mean"] == pytest.approx(0.004 + noise[:, 0].mean() - noise[:, 1].mean())
+    assert student["verdict"] == "reproduced"
+    assert student["label"] == "student: d from full - d from scarce"
     images, _ = R.contrast_tests(c, R.RULE_V3, runs[:-1])  # a seed with a missing cell is left out
     assert images["verdict"] == "pending (6 of 7 seeds)"
+    for k in (0, 7):  # one cell of seed 0 (mask and include) under another key than its other cells
+        runs[k] = dict(runs[k], device_key="other")
+    assert runs[0]["name"] == "r3/full/augmented-mask-from-full-s0"
+    assert runs[7]["name"] == "r3/full/augmented-include-from-full-s0"
+    images, _ = R.contrast_tests(c, R.RULE_V3, runs)
+    assert images["n"] == 6 and images["not_paired"] == [0]
 
 
 @pytest.mark.parametrize("equal_people", [False, True])
@@ -3618,7 +3678,8 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
     assert ("**contradicted** for the teacher tested" in rows["4"] and
             "u ahead by 0.005 to 0.020 AP" in rows["4"])
     assert "no finished pairs yet" in table
-    decided = dict(key="d", claim=4, status="teacher-paper-3000 - uniform-paper-3000: contradicted",
+    decided = dict(key="d", claim=4, read="pairs", decided=True,
+                   status="teacher-paper-3000 - uniform-paper-3000: contradicted",
                    tests=[dict(test("contradicted", -0.01, -0.02, -0.005), label="tp - up",
                                better="tp", worse="up")])
     table = R.answer_table(dict(frozen=dict(round2=dict(verdicts={"4": verdicts[4]})), runs=[],
