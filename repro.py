@@ -3571,7 +3571,7 @@ def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, p
     plt.close(fig)
 
 
-def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
+def save_claims_figure(runs: list[dict], verdicts: dict, path: Path) -> None:
     """Top: AP per condition and regime, every seed as a dot, the mean as a bar (round 2's 3000-step
     conditions in their own colour). Bottom: what rule v2 reads, the paired AP differences per seed
     with their mean and 95% interval, against the band (-delta, +delta) and 0."""
@@ -3588,7 +3588,8 @@ def save_claims_figure(runs: list[dict], verdicts_v2: dict, path: Path) -> None:
         top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
                        rotation=35, ha="right", fontsize=8)
         top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
-        compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts_v2.items() if regime in v["per_regime"]]
+        compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts.items()
+                    if regime in v["per_regime"]]
         for i, (name, v, test) in enumerate(compared):
             d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
             bottom.plot([i] * len(d), d, "k.", ms=6, label="seeds" if i == 0 else None)
@@ -4736,9 +4737,14 @@ TEST_HEADER = ("| comparison | regime | earlier verdict | verdict | paired AP di
                "measured sd | what the interval excludes |", "|---" * 9 + "|")
 
 
+def ci_text(t: dict) -> str:
+    """A paired test's mean difference and 95% interval, as every table prints them."""
+    return f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}]"
+
+
 def test_row(label: str, regime: str, earlier: str, t: dict) -> str:
     """One paired test (rules v2 and v3) as a row of TEST_HEADER."""
-    ci = f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], p = {t['p']:.2g}" if "lo" in t else "-"
+    ci = f"{ci_text(t)}, p = {t['p']:.2g}" if "lo" in t else "-"
     power = (f"{t['power_now']:.2f} | {t['assurance_now']:.2f} (needs {t['seeds_needed_now']})"
              if t.get("power_now") is not None else "- | -")
     refused = t.get("not_paired")
@@ -4906,7 +4912,7 @@ def stage_answer(claim: int, stage: dict) -> str:
         t = stage["tests"][0]
         return (f"| {words} | **bins differ: {t['bins_differ']}; ranking changes: "
                 f"{t['ranking_changes']}** (probe v3) | - | {t['reason']} |")
-    ci = "; ".join(f"{t['label']} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']})"
+    ci = "; ".join(f"{t['label']} {ci_text(t)} ({t['n']})"
                    for t in stage["tests"] if "lo" in t) or "-"
     means = "; ".join(f"{t['label']}: " + regime_reading(t, t.get("better", "the first"),
                                                          t.get("worse", "the second"))
@@ -4930,7 +4936,7 @@ def answer_table(claims: dict) -> str:
             lines.append(f"| {claim}: {words} | **not tested** | - | {WITHDRAWN.get(claim, 'pending')} |")
         else:
             scope = "" if claim not in TESTED else " for the teacher tested"
-            ci = "; ".join(f"{regime} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']})"
+            ci = "; ".join(f"{regime} {ci_text(t)} ({t['n']})"
                            for regime, t in v["per_regime"].items() if "lo" in t) or "-"
             means = "; ".join(f"{regime}: {regime_reading(t, v['better'], v['worse'])}"
                               for regime, t in v["per_regime"].items())
@@ -4947,14 +4953,14 @@ def control_reading(claims: dict) -> str:
     if b:
         return ("Does the synthetic half help? Round 3, stage b, at 3000 steps (scarce), paired AP "
                 "difference and 95% CI: " + "; ".join(
-                    f"{t['label']} {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] ({t['n']} seeds): "
+                    f"{t['label']} {ci_text(t)} ({t['n']} seeds): "
                     f"{t['verdict']}" for t in b["tests"] if "lo" in t) + ".")
     parts, runs = [], [r for r in claims.get("runs", []) if not r["name"].startswith(CURRENT.prefix)]
     for worse in ("augmented-mask", "synthetic"):
         for regime in PROTOCOL_REGIMES:
             t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(), DELTA[regime])
             if "lo" in t:
-                parts.append(f"real - {worse} ({regime}) {t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}]")
+                parts.append(f"real - {worse} ({regime}) {ci_text(t)}")
     if not parts:
         return "Does the synthetic half help at all? The real-only control has no finished pairs yet."
     return ("Does the synthetic half help at all? At 800 steps no interval shows it (exploratory: no rule "
