@@ -8,8 +8,12 @@
 
 Reading map. Part I, the method, has these sections: config, skeletons, datasets, person-centric crops
 and compositing, targets and loss masks, batches, networks, loss, teacher, trainer, inference,
-evaluation. Part II, the tooling around it: MPII human pose, files, figures, the claims protocol,
-where the domain gap comes from, benchmark, predict, runs, the command line.
+evaluation. Part II, the tooling around it: MPII human pose, files, figures, benchmark, predict,
+runs, the command line. The experiments behind results/ are scripts beside their results, each
+importing this file and using its command line with jobs of its own: results/protocol/claims.py
+(the claims protocol: its rounds as data, the runner, the statistics, the probe, the report),
+results/domain-gap/domain_gap.py, results/speed/speed.py (the GPU report, targets against
+Lightweight OpenPose's loops).
 The way in, main to Trainer.fit (a test follows its calls and counts the long jumps):
   main -> parse_args -> check_config -> train_job -> load_data -> run_training -> Trainer.fit
 Part I follows one training step's data (Trainer.fit):
@@ -31,9 +35,8 @@ Part I uses Part II only through these seams (a test checks the list): load_chec
 save_atomic (checkpoint files), append_jsonl, write_json (metric and prediction files),
 MpiiBenchmark (MPII's file formats and scoring: Skeleton.benchmark looks it up by the skeleton's
 name); a skeleton is whole once built. Part II: MPII's files and scoring, files and checkpoints,
-figures, the claims protocol (rounds as data, the runner, the statistics, the probe, the report;
-rounds 1-2's verdicts frozen in results/rounds-1-2.json), the domain gap, the bench, predict
-and ONNX, runs (main, a training run's start, its folder and finish), and the command line.
+figures, the bench, predict and ONNX, runs (main, a training run's start, its folder and finish),
+and the command line.
 Every constant says where it comes from: "paper code:" for the authors' released code
 (DavHoffmann/LearningToTrainWithSyntheticHumans), "[ours]" for our choices; README.md's sections
 "What the paper's code does" and "Deviations and choices" say both in words.
@@ -42,10 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import errno
-import fnmatch
 import functools
 import io
 import json
@@ -2243,12 +2244,28 @@ def coco_eval(json_path: Path, results: list[dict], image_ids: list[int],
         stats["ap_by_occlusion"] = {
             name: coco_ap(coco_evaluator(occlusion_subset(gt, lo, hi), results, image_ids))
             for name, (lo, hi) in OCCLUSION_BINS.items()}
-        rng = np.random.default_rng(0)
-        n = len(ev.params.imgIds)
-        samples = [coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n))
-                   for _ in range(BOOTSTRAP_SAMPLES)]
-        stats["ap_sd"] = float(np.std(samples))
+        stats["ap_sd"] = float(np.std(bootstrap_aps(ev)))
     return stats
+
+
+def bootstrap_aps(ev, draws: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
+    """AP on `draws` bootstrap resamples of the evaluated images; seed 0, so sets of one size share
+    the resamples and the differences of two sets' arrays are a paired bootstrap."""
+    n, rng = len(ev.params.imgIds), np.random.default_rng(0)
+    return np.array([coco_ap(ev, np.bincount(rng.integers(n, size=n), minlength=n))
+                     for _ in range(draws)])
+
+
+def resampled_aps(kset: KeypointSet, results: list[dict],
+                  draws: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
+    """bootstrap_aps of `results` on every image of `kset` (zeros without results)."""
+    from pycocotools.coco import COCO
+
+    if not results:
+        return np.zeros(draws)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(kset.json_path))
+    return bootstrap_aps(coco_evaluator(gt, results, [r.image_id for r in kset.records]), draws)
 
 
 def person_occlusion(dataset: dict) -> dict[int, float]:
@@ -3165,7 +3182,8 @@ def tracked_name(path: Path) -> str:
 
 # A demo fine-tune that names none of these settings: paper code: the real-only student is
 # fine-tuned with Adam at 5e-5, first lowered after 20k steps, so constant over any fine-tune here.
-# The protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE).
+# The protocol's fine-tunes name their own 3e-4 cosine (PROTOCOL_FINETUNE in
+# results/protocol/claims.py).
 FINETUNE = dict(lr=5e-5, lr_schedule="constant")
 
 
@@ -3501,1672 +3519,6 @@ def compare_job(cfg: Config, args: argparse.Namespace) -> None:
     compare_runs(args.compare, Path(cfg.out or "runs/compare.png"))
 
 
-# The claims protocol's figures: the probe's usefulness, the teachers beside it, the claims
-
-def plot_usefulness(ax, probe: dict) -> None:
-    """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
-    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
-    use = np.array(probe["usefulness"])
-    colours = bin_colours(len(probe["counts"]))
-    probed = probe.get("probed_people", probe["counts"])
-    for b in range(use.shape[1]):
-        if np.isfinite(use[:, b]).all():
-            se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
-            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
-            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
-                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
-    ax.axhline(0, color="grey", lw=0.5)
-    test = probe.get("test") or probe.get("v2")  # the current rule's test (written as "v2" by probe v2)
-    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
-           title=(f"{probe.get('design', 'probe')}: bins differ {test['bins_differ']}, ranking changes "
-                  f"{test['ranking_changes']}" if test else
-                  "informativeness of each min_dist bin over training (claim 3)"))
-    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
-              bbox_to_anchor=(1.0, 0.5))
-
-
-def save_probe_figure(probe: dict, path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    plot_usefulness(ax, probe)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
-    """Claim 3 beside claim 4: the paper's teachers' bin probabilities over training (scarce regime,
-    3000 steps; their mean, then one row per run), and probe v2's usefulness of each bin at points
-    of the same schedule."""
-    plt = pyplot()
-
-    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
-        steps = min(len(run) for run in series.values())
-        runs = np.array([np.array(run)[:steps] for run in series.values()])
-        mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
-        series = {f"mean of the {len(runs)} runs": mean.tolist(), **dict(sorted(series.items()))}
-    rows = max(len(series), 1)
-    fig = plt.figure(figsize=(13.5, max(4.2, 1.25 * rows + 0.8)))
-    grid = fig.add_gridspec(rows, 2)
-    left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
-    right = fig.add_subplot(grid[:, 1])
-    bins = len(next(iter(series.values()))[0]) - 1 if series else 0
-    for ax, (name, run) in zip(left, series.items()):
-        probs = np.array(run)  # (updates, 1 + bins): the step, then the teacher's output
-        plot_bin_probabilities(ax, probs[:, 0], probs[:, 1:], [f"bin {b}" for b in range(bins)])
-        ax.set(ylabel="p")
-        ax.set_title(name, fontsize=8, loc="left")
-        ax.label_outer()
-    if series:
-        left[-1].set_xlabel("student step")
-        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
-    if probe:
-        plot_usefulness(right, probe)
-    for ax, what in ((left[0], series), (right, probe)):
-        if not what:
-            ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def save_claims_figure(runs: list[dict], verdicts: dict, path: Path) -> None:
-    """Top: AP per condition and regime, every seed as a dot, the mean as a bar (round 2's 3000-step
-    conditions in their own colour). Bottom: what rule v2 reads, the paired AP differences per seed
-    with their mean and 95% interval, against the band (-delta, +delta) and 0."""
-    plt = pyplot()
-
-    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(7 * len(PROTOCOL_REGIMES), 8.2), sharey="row",
-                             squeeze=False)
-    for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
-        conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
-        for i, c in enumerate(conditions):
-            ap = [r["ap"] for r in condition_runs(runs, c, regime)]
-            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in LONG_CONDITIONS else "lightsteelblue")
-            top.plot([i] * len(ap), ap, "k.", ms=6)
-        top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
-                       rotation=35, ha="right", fontsize=8)
-        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
-        compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts.items()
-                    if regime in v["per_regime"]]
-        for i, (name, v, test) in enumerate(compared):
-            d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
-            bottom.plot([i] * len(d), d, "k.", ms=6, label="seeds" if i == 0 else None)
-            if "lo" in test:
-                bottom.errorbar(i + 0.15, test["mean"], [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
-                                fmt="o", color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None)
-        bottom.axhspan(-DELTA[regime], DELTA[regime], color="grey", alpha=0.15, lw=0,
-                       label=f"+-delta ({DELTA[regime]})")
-        bottom.axhline(0, color="grey", lw=0.5)
-        short = {c: c.removesuffix(f"-{LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
-        labels = [(f"claim {name}" if name.isdigit() else "claim 4, part") +
-                  f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}" for name, v, test in compared]
-        bottom.set_xticks(range(len(compared)), labels, fontsize=7)
-        bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
-                   title=f"{regime} regime: what rule v2 reads")
-        bottom.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# The claims protocol: every condition fine-tuned from one real-only student, paired seeds
-# ----------------------------------------------------------------------------------------------
-
-# Rounds are data (ROUNDS), the current rule is an object (RULE_V3); rounds 1 and 2's verdicts are
-# frozen in results/rounds-1-2.json, which the report reprints (results/protocol/README.md).
-
-# ---- What is fixed in advance: the conditions, the rules, the rounds
-
-# [ours] Fixed by the pilot from learning speed and noise, before any condition was compared
-# (results/protocol/README.md). Budgets are in steps; wall time is recorded beside them.
-PROTOCOL_REGIMES = {"full": 0, "scarce": 100}  # --train-subset: all 1000 stand-in images, or 100
-PROTOCOL_STUDENT_STEPS = {"full": 4000, "scarce": 2000}
-PROTOCOL_FINETUNE_STEPS = 800
-PROTOCOL_COMMON = ["--demo-val", "crowded", "--eval-scales", "1.0", "--minutes", "0",
-                   "--log-every", "50", "--ckpt-every", "200"]
-PROTOCOL_FINETUNE = ["--lr", "3e-4", "--no-eval-init"]
-PROTOCOL_RUNS = Path("runs/protocol")  # checkpoints: git-ignored, rebuilt from their seeds
-PROTOCOL_RESULTS = Path("results/protocol")  # one small json per finished run: committed
-FROZEN_ROUNDS = Path("results/rounds-1-2.json")  # rounds 1 and 2's verdicts: committed
-
-
-class Condition(NamedTuple):
-    """A protocol condition: the flags its runs are trained with, and the real crops in a step's
-    batch that those flags give (the default --batch-size, 16), which the claims table prints;
-    test_every_protocol_condition_records_the_real_crops_its_flags_give checks the two agree."""
-    flags: list[str]
-    real_crops: int
-
-
-# Each condition's flags; real crops per step in a batch of 16: 16 for the control, 8 for the rest.
-CONDITIONS = {
-    # the control (paper code: --onlyReal): real crops fill the whole batch
-    "real": Condition(["--mode", "real"], 16),
-    "synthetic": Condition(["--mode", "synthetic"], 8),  # + purely synthetic scenes, uniformly
-    "augmented-include": Condition(["--mode", "augmented", "--synthetic-loss", "include"], 8),
-    "augmented-mask": Condition(["--mode", "augmented", "--synthetic-loss", "mask"], 8),
-    # the paper's teacher on synthetic scenes, min_dist bins
-    "teacher": Condition(["--mode", "student-teacher"], 8),
-    # the identical loop, uniform sampling
-    "uniform": Condition(["--mode", "student-teacher", "--teacher-uniform"], 8),
-    # [ours] a teacher that can move
-    "teacher-fast": Condition(["--mode", "student-teacher", "--teacher-step", "0.1"], 8),
-}
-LONG_STEPS = 3000  # 150 teacher updates at the paper's interval of 20
-LONG_CONDITIONS = {
-    "teacher-3000": Condition(["--mode", "student-teacher"], 8),
-    # a random large-enough bin
-    "stratified-3000": Condition(["--mode", "student-teacher", "--teacher-stratified"], 8),
-    # = the teacher loop with uniform sampling (SAME_RUNS)
-    "synthetic-3000": Condition(["--mode", "synthetic"], 8),
-}
-# The students every fine-tune starts from, and the domain gap's student of synthetic data only:
-# trained from scratch (scratch_runs adds their steps and seed).
-STUDENT_CONDITIONS = {
-    "student": Condition(["--mode", "real", "--init", "none"], 16),
-    "synthetic-only": Condition(["--mode", "synthetic", "--real-share", "0", "--init", "none"], 0),
-}
-# [ours] The paper's baseline for the teacher, the identical loop with uniform sampling, draws
-# exactly the batches of the synthetic condition (same (seed, step) draws, uniform over every
-# synthetic person; tested, and full/uniform-s0 repeated full/synthetic-s0 bit for bit), so its
-# runs are read from synthetic's instead of being trained again.
-SAME_RUNS = {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
-# the order of the report's table and figure: the students, the 800-step conditions, the long ones
-REPORTED_CONDITIONS = ("student", "synthetic-only", *CONDITIONS, *LONG_CONDITIONS, "uniform-3000")
-CLAIM_WORDS = {
-    1: "augmented real data beats purely synthetic data",
-    2: "pasted people out of the loss beat pasted people in it",
-    3: "not all synthetic samples are equally informative, and which ones changes over training",
-    4: "the adversarial teacher beats uniform sampling of synthetic data",
-}
-# [ours] Rule v2's smallest effect of interest, ~2.5% of round 1's real-only AP; rule v3 keeps it.
-DELTA = {"full": 0.007, "scarce": 0.003}
-DELTA_AT_3000 = 0.005  # [ours] rule v2's 2.5% of uniform-3000's 0.210
-
-
-def regime_student(regime: str) -> Path:
-    """A regime's initial student in half precision, committed: every fine-tune of the regime
-    starts from it, on any machine, and the full regime's is the demo's shipped student."""
-    if regime == "full":
-        return SHIPPED_STUDENT
-    return SHIPPED_STUDENT.with_name(f"student-demo-{regime}.pt")
-
-
-# [ours] The informativeness probe (claim 3), fixed before any probe result: at points of a run
-# that samples synthetic data uniformly, copies of the student train a few steps on one teacher
-# bin each (same real half, same step rule); a bin's usefulness is how much that lowers the loss
-# on a fixed set of real val crops.
-class ProbeDesign(NamedTuple):
-    name: str  # the results file: results/<name>.{json,png}
-    regime: str  # whose student, and its --train-subset
-    points: tuple[int, ...]  # steps of the uniform run at which every bin is probed
-    seeds: tuple[int, ...]
-    steps: int = 20  # student steps on one bin per probe
-    val_crops: int = 64  # the fixed real val crops whose loss is the yardstick
-    equal_people: bool = False  # subsample every probed bin to the smallest one's people
-    lr: float | None = None  # every probe step at this lr; None: the run's schedule at the point
-    keep_bn: bool = False  # BatchNorm running statistics put back before each val-loss reading
-    trajectories: tuple[int, ...] = (0,)  # the uniform runs probed (--seed), replicates
-
-
-# Probe v1 (round 1) and v2 (round 2: the same people in every bin, the 3000-step schedule's
-# points, 6 seeds) are withdrawn (results/protocol/README.md). Probe v3, fixed before it ran:
-# every probe step at 1.5e-4, the mean of the runs' 3e-4 cosine; BatchNorm statistics put back
-# before each reading, so only the weights count; 3 uniform trajectories, which first differ after
-# step 0, so the points are those after it.
-PROBES = {
-    "v1": ProbeDesign("probe", "full", (0, 400, 800), (0, 1, 2)),
-    "v2": ProbeDesign("probe-v2", "scarce", (0, 750, 1500, 2250, 3000), (0, 1, 2, 3, 4, 5),
-                      equal_people=True),
-    "v3": ProbeDesign("probe-v3", "scarce", (750, 1500, 2250, 3000), (0, 1, 2), equal_people=True,
-                      lr=1.5e-4, keep_bn=True, trajectories=(0, 1, 2)),
-}
-
-
-def probe_name(design: ProbeDesign, trajectory: int) -> str:
-    """The results file of one probed trajectory: results/<name>.{json,png}."""
-    return design.name if len(design.trajectories) == 1 else f"{design.name}-t{trajectory}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """How a rule plans its seeds: the fewest n >= min_seeds whose t-test power at delta reaches
-    `power` and whose precision assurance (P(95% half-width < delta)) reaches `assurance`, so that
-    an effect of delta and "no effect of delta or more" can be read. Every rule since v2 reads a
-    pair with paired_test and a probe with probe_test."""
-    name: str
-    power: float
-    assurance: float
-    min_seeds: int = 3
-
-    def seeds(self, sd: float, delta: float) -> int:
-        return max(self.min_seeds, seeds_for(sd, delta, self.power, t_test_power),
-                   seeds_for(sd, delta, self.assurance, precision_assurance))
-
-
-# [ours] Rule v2 planned by precision assurance alone; rule v3 adds the conventional power.
-RULE_V2 = Rule("v2", power=0.0, assurance=0.8)
-RULE_V3 = Rule("v3", power=0.8, assurance=0.8)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """A stage's condition: its flags, the images it trains on (a regime), its starting student."""
-    condition: str
-    flags: tuple[str, ...]
-    regime: str = "scarce"
-    student: str = "scarce"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One question of a round: its runs (arms x seeds at `steps`, or a probe), the comparisons
-    its test reads (better, worse), the paired sd that planned its seeds, delta, what its
-    verdict decides, and the claim whose current verdict it gives once decided. `read`: "pairs"
-    (a paired test per comparison), "contrasts" (the 2x2's two contrasts) or "probe"."""
-    key: str
-    question: str
-    arms: tuple[Arm, ...]
-    steps: int
-    seeds: int
-    comparisons: tuple[tuple[str, str], ...] = ()
-    test: str = ""
-    decides: str = ""
-    delta: float | None = None
-    sd: float | None = None
-    sd_source: str = ""
-    probe: ProbeDesign | None = None
-    claim: int | None = None
-    read: str = "pairs"
-
-
-@dataclass(frozen=True)
-class Round:
-    """A round: its stages in order, the rule that planned and reads them, the prefix of its runs'
-    names ("r3/" from round 3 on, so that no earlier summary is taken for one of its runs), and
-    whether its verdicts are frozen (results/rounds-1-2.json) or computed by this code."""
-    name: str
-    stages: tuple[Stage, ...]
-    rule: Rule | None = None
-    prefix: str = ""
-    frozen: bool = True
-
-
-def arms(conditions: dict[str, Condition], regime: str) -> tuple[Arm, ...]:
-    return tuple(Arm(name, tuple(c.flags), regime, regime) for name, c in conditions.items()
-                 if name not in SAME_RUNS)
-
-
-ROUND1 = Round("1", (  # [ours] rule v1 (results/rounds-1-2.json), seeds 0-2
-    Stage("1", "claims 1, 2, 4 at 800 steps, both regimes",
-          sum((arms(CONDITIONS, r) for r in PROTOCOL_REGIMES), ()), PROTOCOL_FINETUNE_STEPS, 3),
-    Stage("probe v1", "claim 3", (), 0, 1, probe=PROBES["v1"])))
-
-
-def round2_pair(claim: int, regime: str, better: str, worse: str, seeds: int, sd: float) -> Stage:
-    return Stage(f"2: claim {claim}, {regime}", f"claim {claim}",
-                 arms({c: CONDITIONS[c] for c in (better, worse)}, regime), PROTOCOL_FINETUNE_STEPS,
-                 seeds, ((better, worse),), delta=DELTA[regime], sd=sd, sd_source="round 1")
-
-
-# [ours] Round 2 and rule v2, fixed before any of its runs (results/protocol/README.md): claims 1
-# and 2 on the seeds rule v2 asked for at round 1's paired sd (RULE_V2.seeds), claim 4 at 150
-# teacher updates, then probe v2. Round 1's seeds are reused.
-ROUND2 = Round("2", (
-    round2_pair(1, "full", "augmented-mask", "synthetic", 4, 0.00292),
-    round2_pair(1, "scarce", "augmented-mask", "synthetic", 7, 0.00259),
-    round2_pair(2, "full", "augmented-mask", "augmented-include", 3, 0.00177),
-    round2_pair(2, "scarce", "augmented-mask", "augmented-include", 5, 0.00153),
-    Stage("2: claim 4", "claim 4 at 3000 steps", arms(LONG_CONDITIONS, "scarce"), LONG_STEPS, 5,
-          (("teacher-3000", "uniform-3000"),), delta=DELTA["scarce"], sd=0.00172,
-          sd_source="round 1, teacher - uniform at 800 steps"),
-    Stage("probe v2", "claim 3", (), 0, 1, probe=PROBES["v2"])), rule=RULE_V2)
-
-
-# ---- Rule v3 and round 3: fixed before any round-3 run (results/protocol/README.md, "Rule v3"),
-# written after round 2's results were known; a stage per question, decided at its planned seeds
-# before the next starts.
-# paper code's teacher, CPU-sized: its soft label, no BatchNorm under its head, its bins, lr, beta1
-PAPER_TEACHER = ("--mode", "student-teacher", "--teacher-update", "paper", "--teacher-arch",
-                 "small-nobn", "--teacher-bins", "paper", "--teacher-lr", "5e-5", "--beta1", "0.8")
-ROUND3 = Round("3", prefix="r3/", rule=RULE_V3, frozen=False, stages=(
-    Stage("a", "claim 3: do the bins differ, and does which bins help change over training?",
-          arms=(), steps=LONG_STEPS, seeds=len(PROBES["v3"].trajectories),
-          test="probe v2's two-way ANOVA and tau interval, on each trajectory's mean over its "
-          "probe seeds, trajectories as replicates",
-          decides="both parts of claim 3 (probe v1, v2 withdrawn)", probe=PROBES["v3"], claim=3,
-          read="probe", sd_source="no spread between trajectories measured (probe v2 had one): "
-          "the issue's floor of 3"),
-    Stage("b", "does the synthetic half help at 3000 steps?",
-          arms=(Arm("real-3000", tuple(CONDITIONS["real"].flags)),
-                *(Arm(c, tuple(flags)) for c, (flags, _) in LONG_CONDITIONS.items())),
-          steps=LONG_STEPS, seeds=19,
-          comparisons=(("uniform-3000", "real-3000"), ("stratified-3000", "real-3000"),
-                       ("teacher-3000", "real-3000"), ("teacher-3000", "uniform-3000")),
-          test="rule v2's paired t-test and interval against delta",
-          decides="'synthetic data helps' at 3000 steps (scarce); claim 4's gap read against it",
-          delta=DELTA_AT_3000, sd=0.0073, sd_source="the largest paired sd measured in the "
-          "scarce regime for these pairs: real - synthetic at 800 steps (round 1), teacher - "
-          "stratified at 3000 (round 2)"),
-    Stage("c", "claim 2 deconfounded: does the sign of mask - include follow the images or the "
-          "student?",
-          arms=tuple(Arm(f"augmented-{loss}-from-{student}",
-                         ("--mode", "augmented", "--synthetic-loss", loss), images, student)
-                     for images in PROTOCOL_REGIMES for student in PROTOCOL_REGIMES
-                     for loss in ("mask", "include")),
-          steps=PROTOCOL_FINETUNE_STEPS, seeds=7,
-          comparisons=tuple((f"augmented-mask-from-{student}", f"augmented-include-from-{student}")
-                            for student in PROTOCOL_REGIMES),
-          test="per seed, d = mask - include in each of the 4 cells; rule v2's paired test on "
-          "the images contrast (d of 1000 - d of 100 images, mean over students) and the student "
-          "contrast (d from full - d from scarce, mean over images)",
-          decides="claim 2's regime flip: the images, the student, both or neither", claim=2,
-          read="contrasts", delta=DELTA["scarce"], sd=0.00218, sd_source="the contrasts' sd "
-          "from round 2's claim-2 paired sds, sqrt((0.00177^2 + 0.00251^2) / 2)"),
-    Stage("d", "claim 4 with the teacher closest to the paper's code that the CPU affords",
-          arms=(Arm("teacher-paper-3000", PAPER_TEACHER),
-                # the identical loop without the teacher at the paper's beta1 (the student's too)
-                Arm("uniform-paper-3000", ("--mode", "synthetic", "--beta1", "0.8"))),
-          steps=LONG_STEPS, seeds=12,
-          comparisons=(("teacher-paper-3000", "uniform-paper-3000"),
-                       ("teacher-paper-3000", "uniform-3000")),
-          test="rule v2's paired t-test and interval against delta",
-          decides="claim 4 for the paper code's soft label, teacher without BatchNorm, bins and "
-          "learning rate", claim=4,
-          delta=DELTA_AT_3000, sd=0.00555, sd_source="round 2's teacher-3000 - uniform-3000"),
-))
-ROUNDS = (ROUND1, ROUND2, ROUND3)
-CURRENT = next(r for r in ROUNDS if not r.frozen)  # the round this code's rule reads
-
-
-# ---- The runner: each round's runs as subprocesses, resumed where they stopped; their summaries
-
-class ProtocolRun(NamedTuple):
-    name: str  # e.g. "full/augmented-mask-s1"
-    regime: str
-    condition: str
-    seed: int
-    argv: list[str]
-    init: str | None  # the run whose checkpoint this one starts from
-
-
-def protocol_runs() -> list[ProtocolRun]:
-    """The students first, then every round's fine-tunes stage by stage, seed by seed (a partial
-    grid stays paired); a run that an earlier round or stage has is listed once."""
-    runs = scratch_runs() + [r for rnd in ROUNDS for s in rnd.stages for r in stage_runs(s, rnd)]
-    return list({r.name: r for r in runs}.values())
-
-
-def scratch_runs() -> list[ProtocolRun]:
-    """Runs from scratch: each regime's student (its learning curve evaluated), and the domain
-    gap's student of synthetic data only."""
-    runs = []
-    for regime, subset in PROTOCOL_REGIMES.items():
-        data, steps = ["--train-subset", str(subset)] + PROTOCOL_COMMON, PROTOCOL_STUDENT_STEPS[regime]
-        runs.append(ProtocolRun(f"{regime}/student", regime, "student", 0,
-                                STUDENT_CONDITIONS["student"].flags + ["--steps", str(steps), "--seed", "0",
-                                                                       "--eval-steps", *learning_curve(steps)] + data,
-                                None))
-    runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
-                            STUDENT_CONDITIONS["synthetic-only"].flags
-                            + ["--steps", str(PROTOCOL_STUDENT_STEPS["full"]),
-                               "--seed", "0", "--train-subset", "0"] + PROTOCOL_COMMON, None))
-    return runs
-
-
-def stage_runs(stage: Stage, rnd: Round) -> list[ProtocolRun]:
-    """A stage's fine-tunes, seed by seed over its arms: <prefix><images>/<condition>-s<seed>, from
-    the arm's student, on the arm's images."""
-    runs = []
-    for seed in range(stage.seeds if stage.arms else 0):
-        for arm in stage.arms:
-            argv = list(arm.flags) + ["--steps", str(stage.steps), "--seed", str(seed),
-                                      "--train-subset", str(PROTOCOL_REGIMES[arm.regime])]
-            runs.append(ProtocolRun(f"{rnd.prefix}{arm.regime}/{arm.condition}-s{seed}", arm.regime,
-                                    arm.condition, seed, argv + PROTOCOL_COMMON + PROTOCOL_FINETUNE,
-                                    f"{arm.student}/student"))
-    return runs
-
-
-def probe_jobs() -> list[tuple[str, ProbeDesign, int]]:
-    """Every probe trajectory of every round: (its name for --only, its design, its --seed)."""
-    return [(f"{rnd.prefix}{probe_name(s.probe, t)}", s.probe, t) for rnd in ROUNDS
-            for s in rnd.stages if s.probe for t in s.probe.trajectories]
-
-
-def learning_curve(steps: int) -> list[str]:
-    """Evaluations at every quarter of a student's training: the protocol's record of learning speed."""
-    return [str(steps * k // 4) for k in (1, 2, 3)]
-
-
-def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
-    """Runs what is missing: the runs from scratch, then round by round, stage by stage, its probe
-    trajectories (one long job each, which resumes after its last probed point) and its
-    fine-tunes; a stage's runs finish before the next stage's start. Skips finished runs (their
-    summary is in results/protocol), resumes runs that were cut off, and retrains a missing
-    starting checkpoint from its seed. `only`: globs over run names and probe_jobs' names; `jobs`
-    runs that many fine-tunes at once (one GPU with spare CPU cores)."""
-    code_version()  # the commit these runs train on, read before any of them starts
-    runs = {r.name: r for r in protocol_runs()}
-    todo = [r for r in runs.values() if matches(r.name, only) and not summary_done(r)]
-    for run in [r for r in todo if r.init is None]:
-        train_protocol_run(run, python)
-    for init in dict.fromkeys(r.init for r in todo if r.init):  # before any fine-tune starts
-        if not regime_student(runs[init].regime).is_file():
-            print(f"protocol: {init} is missing: training it again from its seed")
-            train_protocol_run(runs[init], python)
-    pending = {r.name: r for r in todo if r.init}
-    for rnd in ROUNDS:
-        for stage in rnd.stages:
-            for name, design, trajectory in probe_jobs():
-                if design == stage.probe and matches(name, only):
-                    run_probe_once(design, trajectory, runs, python)
-            mine = [pending.pop(r.name) for r in stage_runs(stage, rnd) if r.name in pending]
-            train_runs(mine, python, jobs)  # a run two stages share trains with the first
-    report_protocol()
-
-
-def train_runs(runs: list[ProtocolRun], python: str, jobs: int) -> None:
-    if jobs <= 1:
-        for run in runs:
-            train_protocol_run(run, python)
-    else:
-        train_in_parallel(runs, python, jobs)
-
-
-def run_probe_once(design: ProbeDesign, trajectory: int, runs: dict[str, ProtocolRun],
-                   python: str) -> None:
-    """One probe trajectory as a job of its own, unless its result is in results/."""
-    if probe_done(PROTOCOL_RESULTS.parent / f"{probe_name(design, trajectory)}.json"):
-        return
-    student = runs[f"{design.regime}/student"]
-    if not regime_student(student.regime).is_file():
-        train_protocol_run(student, python)
-    argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
-            tracked_name(regime_student(student.regime)), "--seed", str(trajectory),
-            "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
-    if len(design.trajectories) > 1:  # each trajectory's probe state in a folder of its own
-        argv += ["--out", str(PROTOCOL_RUNS / probe_name(design, trajectory))]
-    print("protocol: the probe: python repro.py " + " ".join(argv), flush=True)
-    process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
-                               process_group=0)
-    try:
-        if process.wait() != 0:
-            raise ReproError("the probe failed; rerun --reproduce")
-    finally:
-        end_protocol_run(process)
-
-
-
-def protocol_argv(run: ProtocolRun) -> list[str]:
-    init = ["--init", tracked_name(regime_student(run.init.split("/")[0]))] if run.init else []
-    return run.argv + init + ["--out", str(PROTOCOL_RUNS / run.name)]
-
-
-def matches(name: str, globs: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
-def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
-    """Starts a run in a process group of its own (it and its loader workers), which end_protocol_run
-    signals; the child also watches this runner and ends when it is gone. A folder a live process holds
-    is never deleted nor started again."""
-    folder = PROTOCOL_RUNS / run.name
-    holder = lock_holder(folder)
-    if holder is not None:
-        raise ReproError(f"protocol run {run.name} is still running (pid {holder} holds {folder / LOCK_NAME}): "
-                         "wait for it to finish, or end it, and rerun; nothing was deleted")
-    resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
-    argv = protocol_argv(run)
-    command = "python repro.py " + " ".join(argv)
-    print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
-    process = subprocess.Popen([python, __file__, *argv] + (["--resume"] if resume else []),
-                               stdout=log, stderr=subprocess.STDOUT if log else None,
-                               env=(env or os.environ) | {PARENT_ENV: str(os.getpid())}, process_group=0)
-    return process, command
-
-
-PROTOCOL_STOP_SECONDS = 30  # [ours] how long a run may take to checkpoint and end after SIGTERM
-
-
-def end_protocol_run(process: subprocess.Popen) -> None:
-    """SIGTERM to a run's process group (it checkpoints and ends, as on Ctrl-C), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(PROTOCOL_STOP_SECONDS)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: str) -> None:
-    if process.wait() != 0:
-        raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
-    folder = PROTOCOL_RUNS / run.name
-    if run.condition == "student":
-        export_student(str(folder / "ckpt.pt"), regime_student(run.regime), replace=True)
-    PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(run_summary(run, folder, command), summary_path(run))
-
-
-def train_protocol_run(run: ProtocolRun, python: str) -> None:
-    process, command = start_protocol_run(run, python)
-    try:
-        finish_protocol_run(run, process, command)
-    finally:  # the runner interrupted or failed: its run ends with it
-        end_protocol_run(process)
-
-
-def train_in_parallel(runs: list[ProtocolRun], python: str, jobs: int) -> None:
-    """Up to `jobs` runs at once, each logging to runs/protocol/<name>.log and sharing the CPU
-    cores evenly; a failed run is reported after the others finish."""
-    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    pending, active, failed = list(runs), [], []
-    try:
-        while pending or active:
-            while pending and len(active) < jobs:
-                run = pending.pop(0)
-                log_path = PROTOCOL_RUNS / f"{run.name}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = log_path.open("a")
-                try:
-                    active.append((run, log, *start_protocol_run(run, python, log, env)))
-                except ReproError as e:  # held by a live run: the others go on
-                    log.close()
-                    failed.append(str(e))
-            time.sleep(0.2)
-            for job in [j for j in active if j[2].poll() is not None]:
-                active.remove(job)
-                run, log, process, command = job
-                log.close()
-                try:
-                    finish_protocol_run(run, process, command)
-                    print(f"protocol: finished {run.name}", flush=True)
-                except ReproError as e:
-                    failed.append(f"{e} (log: {PROTOCOL_RUNS / run.name}.log)")
-    finally:  # the runner interrupted: every run it started ends with it
-        for _, log, process, _ in active:
-            end_protocol_run(process)
-            log.close()
-    if failed:
-        raise ReproError("; ".join(failed))
-
-
-def summary_path(run: ProtocolRun) -> Path:
-    return PROTOCOL_RESULTS / (run.name.replace("/", "-") + ".json")
-
-
-SUMMARY_FIELDS = dict(name=str, condition=str, regime=str, seed=int, steps=int, minutes=(int, float),
-                      ap=(int, float), ap50=(int, float), ap75=(int, float))
-
-
-def read_summary(path: Path) -> dict:
-    """A run summary of results/protocol, or a ReproError naming the file: a truncated or hand-edited
-    summary never enters a verdict, and its run counts as unfinished."""
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ReproError(f"{path} is not a readable run summary ({type(e).__name__}); --reproduce redoes "
-                         "its run") from None
-    wrong = [k for k, kind in SUMMARY_FIELDS.items() if not isinstance(summary, dict) or
-             not isinstance(summary.get(k), kind) or isinstance(summary.get(k), bool)]
-    if not wrong and not isinstance(summary.get("device_key", ""), str):
-        wrong = ["device_key"]  # optional: summaries written before device keys have none
-    if not wrong and summary["name"].replace("/", "-") + ".json" != path.name:
-        wrong = ["name"]
-    fault = f"bad or missing {', '.join(wrong)}" if wrong else ""
-    if not wrong:  # NaN fails both comparisons
-        far = [k for k in ("ap", "ap50", "ap75") if not 0 <= summary[k] <= 1]
-        far += [k for k in ("minutes", "steps") if not 0 <= summary[k] < math.inf]
-        fault = f"{', '.join(far)} out of range" if far else ""
-    if fault:
-        raise ReproError(f"{path} is not a run summary ({fault}); --reproduce redoes its run")
-    return summary
-
-
-def summary_done(run: ProtocolRun) -> bool:
-    """Whether a run has a valid summary; a corrupt one is named in one line and its run is redone."""
-    if not summary_path(run).is_file():
-        return False
-    try:
-        read_summary(summary_path(run))
-    except ReproError as e:
-        print(f"protocol: {e}", flush=True)
-        return False
-    return True
-
-
-def teacher_records(folder: Path) -> list[dict]:
-    """Every teacher update of a finished run, from its final checkpoint; without one, the metric lines,
-    which carry only the latest update at each line."""
-    if (folder / "ckpt.pt").is_file():
-        records = (load_checkpoint(folder / "ckpt.pt").get("teacher") or {}).get("records")
-        if records is not None:
-            return records
-    return [r["teacher"] for r in read_jsonl(folder / "metrics.jsonl") if r.get("teacher")]
-
-
-def teacher_drift(records: list[dict]) -> dict | None:
-    """How far the teacher's bin probabilities moved over a run: L1 between its first output and its
-    last, their entropy (nats; uniform over 10 bins is 2.303), and the output at every update.
-    Round 1's records began with the [1/bins] placeholder the first pick was drawn from; round 2's
-    (records with `next_bin`) hold the network's own outputs only."""
-    probs = [r["probs"] for r in records if r.get("probs")]
-    if not probs:
-        return None
-    first, last = np.array(probs[0]), np.array(probs[-1])
-    entropy = [float(-(np.array(q) * np.log(np.clip(q, 1e-12, None))).sum()) for q in probs]
-    out = dict(updates=len(probs), first=probs[0], last=probs[-1], l1=float(np.abs(last - first).sum()),
-               max_prob=float(np.max(probs)))
-    if "next_bin" in records[0]:
-        out |= dict(entropy_first=entropy[0], entropy_last=entropy[-1], entropy_min=min(entropy),
-                    series=[[r["step"], *r["probs"]] for r in records if r.get("probs")])
-    return out
-
-
-def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
-    final = json.loads((folder / "metrics.json").read_text())
-    return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
-                minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
-                ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
-                command=command, teacher=teacher_drift(teacher_records(folder)),
-                **run_device(folder), code=code_version())
-
-
-@functools.cache
-def code_version() -> str | None:
-    """The commit the runner's code came from (pairs of runs are compared within one), if it is a git
-    checkout; read once, when a job starts, so a commit made while it runs is not credited with its runs."""
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-def run_device(folder: Path) -> dict:
-    """Where a run trained, as its config.json recorded it: `device` ("cpu", or the GPU's name) and
-    `device_key`; a run started before device keys gets what its config recorded, the rest
-    unknown."""
-    config = json.loads((folder / "config.json").read_text())
-    device = config.get("device_name") or config.get("device", "?").split(":")[0]
-    recorded = [config.get(k, "unknown") for k in ("precision", "threads", "torch")]
-    key = config.get("device_key") or device_key(device, "instruction set unknown", *recorded)
-    return dict(device=device, device_key=key)
-
-
-def summary_device_key(summary: dict) -> str:
-    """The device key a run summary pairs by. One written before device keys has only its `device`
-    ("cpu" or the GPU's name): the machine and precision are unknown, and it pairs, as it did, with
-    the others of that device written before keys."""
-    old = f"{summary.get('device', '?')} (written before device keys: the rest unknown)"
-    return summary.get("device_key") or old
-
-
-# ---- The statistics: pairs within one device key, the paired test, the probe's test
-
-def condition_runs(runs: list[dict], condition: str, regime: str) -> list[dict]:
-    """A condition's finished runs in a regime; a condition in SAME_RUNS reads the runs it equals."""
-    source = SAME_RUNS.get(condition, condition)
-    return [r for r in runs if r["condition"] == source and r["regime"] == regime]
-
-
-def seed_pairs(runs: list[dict], better: str, worse: str, regime: str,
-               seeds: tuple[int, ...] | None = None) -> tuple[list[tuple[dict, dict]], list[int]]:
-    """The runs of two conditions of a regime on the seeds both have finished (of `seeds`, if
-    given), in seed order, paired only where both trained under one device key (summary_device_key):
-    a pair across machines, instruction sets or precisions is not formed. Returns (pairs, the seeds
-    refused)."""
-    def by_seed(condition):
-        return {r["seed"]: r for r in condition_runs(runs, condition, regime)
-                if seeds is None or r["seed"] in seeds}
-
-    a, b = by_seed(better), by_seed(worse)
-    both = sorted(set(a) & set(b))
-    same = [s for s in both if summary_device_key(a[s]) == summary_device_key(b[s])]
-    return [(a[s], b[s]) for s in same], [s for s in both if s not in same]
-
-
-def paired_aps(runs: list[dict], better: str, worse: str, regime: str,
-               seeds: tuple[int, ...] | None = None) -> tuple[list[float], list[float]]:
-    """The APs of seed_pairs: the pairs that the verdicts and the figure compare."""
-    pairs = seed_pairs(runs, better, worse, regime, seeds)[0]
-    return [a["ap"] for a, _ in pairs], [b["ap"] for _, b in pairs]
-
-
-def precision_assurance(n: int, sd: float, delta: float) -> float:
-    """P(the 95% interval's half-width of n paired differences with sd `sd` is below delta): how
-    likely the interval is narrow enough to tell an effect of delta from none. Not the power."""
-    from scipy.stats import chi2, t
-
-    limit = delta * math.sqrt(n) / (t.ppf(0.975, n - 1) * sd)
-    return float(chi2.cdf((n - 1) * limit ** 2, n - 1))
-
-
-def t_test_power(n: int, sd: float, delta: float) -> float:
-    """The conventional power of the two-sided paired t-test at 5%: P(reject 0) when the true
-    mean difference is delta, from the noncentral t."""
-    from scipy.stats import nct, t
-
-    crit, shift = t.ppf(0.975, n - 1), delta * math.sqrt(n) / sd
-    return float(nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift))
-
-
-def seeds_for(sd: float, delta: float, target: float, measure=precision_assurance) -> int:
-    """The fewest n >= 3 whose `measure` reaches `target`."""
-    n = 3
-    while measure(n, sd, delta) < target:
-        n += 1
-    return n
-
-
-def paired_test(d: list[float], delta: float) -> dict:
-    """Rules v2 and v3 on one comparison (results/protocol/README.md), written before their runs: a
-    paired two-sided t-test at 5% with its 95% interval. Reproduced: the interval lies above 0;
-    contradicted: below 0; no effect of delta or more: inside (-delta, +delta); otherwise
-    inconclusive. Fewer than 3 pairs is inconclusive."""
-    from scipy.stats import t
-
-    d = np.asarray(d, np.float64)
-    out = dict(n=len(d), delta=delta, mean=float(d.mean()) if len(d) else None)
-    if len(d) < 3:
-        return out | dict(verdict="inconclusive", reason=f"{len(d)} seed pairs finished")
-    se = float(d.std(ddof=1) / math.sqrt(len(d)))
-    half = float(t.ppf(0.975, len(d) - 1) * se)
-    lo, hi = out["mean"] - half, out["mean"] + half
-    p = float(2 * t.sf(abs(out["mean"]) / se, len(d) - 1)) if se > 0 else 0.0
-    verdict = ("reproduced" if lo > 0 else "contradicted" if hi < 0 else
-               "no effect of delta or more" if -delta < lo and hi < delta else "inconclusive")
-    reason = (f"mean {out['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}, {len(d)} seeds, "
-              f"delta {delta}")
-    return out | dict(lo=lo, hi=hi, p=p, sd=float(d.std(ddof=1)), verdict=verdict, reason=reason)
-
-
-def planned_test(d: list[float], stage: Stage, rule: Rule, label: str, **more) -> dict:
-    """paired_test at the stage's delta, with the seeds planned and what the rule would plan at the
-    sd now measured; pending below the planned seeds (no optional stopping)."""
-    test = paired_test(d, stage.delta) | dict(label=label, planned_seeds=stage.seeds, **more)
-    if test.get("sd"):
-        sd, delta = test["sd"], stage.delta
-        test |= dict(power_now=t_test_power(stage.seeds, sd, delta),
-                     assurance_now=precision_assurance(stage.seeds, sd, delta),
-                     seeds_needed_now=rule.seeds(sd, delta))
-    if test["n"] < stage.seeds:
-        test["verdict"] = f"pending ({test['n']} of {stage.seeds} seeds)"
-    return test
-
-
-def pair_tests(stage: Stage, rule: Rule, runs: list[dict]) -> list[dict]:
-    """One planned_test per comparison, on the stage's images, over the pairs of one device key."""
-    tests = []
-    for better, worse in stage.comparisons:
-        pairs, refused = seed_pairs(runs, better, worse, stage.arms[0].regime)
-        more = dict(not_paired=refused) if refused else {}
-        tests.append(planned_test([a["ap"] - b["ap"] for a, b in pairs], stage, rule,
-                                  f"{better} - {worse}", better=better, worse=worse, **more))
-    return tests
-
-
-def contrast_tests(stage: Stage, rule: Rule, runs: list[dict]) -> list[dict]:
-    """The 2x2 of images by student (round 3, stage c): per seed, d = mask - include in each cell;
-    the images contrast (d on 1000 images - d on 100, mean over students) and the student
-    contrast (d from the full regime's student - d from the scarce one's, mean over images)."""
-    big, small = PROTOCOL_REGIMES  # full: 1000 images and its student; scarce: 100 and its own
-    d, keys = {}, {}
-    for better, worse in stage.comparisons:
-        student = better.rsplit("-from-", 1)[1]
-        for images in PROTOCOL_REGIMES:
-            for a, b in seed_pairs(runs, better, worse, images)[0]:
-                d[images, student, a["seed"]] = a["ap"] - b["ap"]
-                keys.setdefault(a["seed"], set()).add(summary_device_key(a))
-    whole = sorted({s for (_, _, s) in d if all((i, st, s) in d for i in (big, small)
-                                                for st in (big, small))})
-    seeds = [s for s in whole if len(keys[s]) == 1]  # a seed's eight runs under one device key
-    refused = dict(not_paired=[s for s in whole if s not in seeds]) if len(seeds) < len(whole) else {}
-    images = [np.mean([d[big, st, s] - d[small, st, s] for st in (big, small)]) for s in seeds]
-    student = [np.mean([d[i, big, s] - d[i, small, s] for i in (big, small)]) for s in seeds]
-    return [planned_test(images, stage, rule, "images: d on 1000 - d on 100", better="d on 1000 images",
-                         worse="d on 100 images", **refused),
-            planned_test(student, stage, rule, f"student: d from {big} - d from {small}",
-                         better=f"d from the {big} student", worse=f"d from the {small} student",
-                         **refused)]
-
-
-def two_way_anova(use: np.ndarray) -> dict:
-    """(points, bins, seeds) with seeds as replicates: F-tests of the bins' main effect and of the
-    bin x point interaction (does which bin helps most change over training?)."""
-    from scipy.stats import f
-
-    P, B, S = use.shape
-    grand, cells = use.mean(), use.mean(2)
-    ss_points = B * S * ((cells.mean(1) - grand) ** 2).sum()
-    ss_bins = P * S * ((cells.mean(0) - grand) ** 2).sum()
-    ss_inter = S * ((cells - grand) ** 2).sum() - ss_points - ss_bins
-    ms_error = ((use - cells[..., None]) ** 2).sum() / (P * B * (S - 1))
-    df_bins, df_inter = B - 1, (P - 1) * (B - 1)
-    f_bins, f_inter = ss_bins / df_bins / ms_error, ss_inter / df_inter / ms_error
-    return dict(f_bins=float(f_bins), p_bins=float(f.sf(f_bins, df_bins, P * B * (S - 1))),
-                f_interaction=float(f_inter), p_interaction=float(f.sf(f_inter, df_inter, P * B * (S - 1))))
-
-
-def tau_interval(use: np.ndarray, draws: int = 2000) -> tuple[float, float, float]:
-    """Kendall tau between the first and last points' bin rankings, and its 95% bootstrap interval
-    over the probe seeds (resampled independently at each point)."""
-    from scipy.stats import kendalltau
-
-    rng = np.random.default_rng(0)
-    first, last = use[0], use[-1]
-    tau = float(kendalltau(first.mean(1), last.mean(1)).statistic)
-    S = use.shape[2]
-    taus = [kendalltau(first[:, rng.integers(0, S, S)].mean(1), last[:, rng.integers(0, S, S)].mean(1)).statistic
-            for _ in range(draws)]
-    lo, hi = np.nanpercentile(taus, [2.5, 97.5])
-    return tau, float(lo), float(hi)
-
-
-def probe_test(use: np.ndarray) -> dict:
-    """Claim 3 in two parts on (points, bins, replicates), as probe v2's rule fixed it and rule v3
-    keeps it, on the probed bins. Bins differ: supported when the bins' main effect has p < 0.05,
-    else not supported. Which bins are useful changes over training: shown when the bin x point
-    interaction has p < 0.05; contradicted when it has p >= 0.05 and the bootstrap interval of
-    tau(first, last) lies above 0.6 (the first and last rankings agree); otherwise not shown."""
-    use = use[:, np.isfinite(use).all((0, 2))]
-    anova, (tau, lo, hi) = two_way_anova(use), tau_interval(use)
-    differ = "supported" if anova["p_bins"] < 0.05 else "not supported"
-    changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6 else "not shown")
-    reason = (f"bins: F = {anova['f_bins']:.2f}, p = {anova['p_bins']:.2g}; bin x point: F = "
-              f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; tau first-last {tau:.2f} "
-              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} replicates")
-    return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo, tau_hi=hi, **anova)
-
-
-def trajectory_test(stage: Stage, results: Path) -> dict:
-    """Probe v3's test: each trajectory's usefulness, mean over its probe seeds, as a replicate."""
-    design, use = stage.probe, []
-    for t in design.trajectories:
-        path = results / f"{probe_name(design, t)}.json"
-        probe = read_probe(path)
-        want = dict(design=design.name, trajectory=t, points=list(design.points),
-                    probe_lr=design.lr, keep_bn=design.keep_bn,
-                    train_subset=PROTOCOL_REGIMES[design.regime])
-        wrong = [k for k, v in want.items() if probe.get(k) != v]
-        shape = np.shape(probe.get("usefulness"))
-        if wrong or len(shape) != 3 or shape[0] != len(design.points):
-            raise ReproError(f"{path} is not a result of {design.name}, trajectory {t} (bad or missing "
-                             f"{', '.join(wrong) or 'usefulness'}); delete it and rerun --reproduce")
-        use.append(np.array(probe["usefulness"], np.float64).mean(2))
-    return probe_test(np.stack(use, 2))
-
-
-# ---- The probe (claim 3): a uniform run, and copies of its student trained on one bin each
-
-def fixed_val_batch(data: Data, cfg: Config, crops: int) -> Batch:
-    """`crops` person-centric crops of the val set, without augmentation: the probe's yardstick."""
-    maker = BatchMaker(dataclasses.replace(data, train=data.val, synthetic=None, bank=None),
-                       dataclasses.replace(cfg, mode="real"))
-    return maker.batch(maker.plan(crops, np.random.default_rng(crops)), None)
-
-
-@torch.no_grad()
-def val_loss(model: nn.Module, batch: Batch, cfg: Config, device) -> float:
-    model.eval()
-    with autocast(device, cfg):
-        outputs = model(to_input(batch.image, device))
-    loss, _ = pose_loss(outputs, batch.target.to(device), batch.loss_mask.to(device))
-    model.train()
-    return float(loss)
-
-
-def probe_pools(pools: list[np.ndarray], min_bin: int, equal_people: bool) -> list[np.ndarray | None]:
-    """The pools a probe trains on: None for bins too small to train on; with equal_people, every
-    other bin subsampled (fixed draw) to the smallest one's size."""
-    probed = [p if len(p) > min_bin else None for p in pools]
-    if not equal_people or not any(p is not None for p in probed):
-        return probed
-    n = min(len(p) for p in probed if p is not None)
-    rng = np.random.default_rng(n)
-    return [p if p is None else p[np.sort(rng.choice(len(p), n, replace=False))] for p in probed]
-
-
-def bin_usefulness(trainer: Trainer, val_batch: Batch, lr: float, pools: list, design: ProbeDesign,
-                   tick=lambda: None) -> np.ndarray:
-    """(bins, seeds) drop of the val loss after design.steps steps on one bin; NaN for bins not
-    probed. The student and its optimiser are restored afterwards; `tick` is called after each step."""
-    cfg = trainer.cfg
-    saved = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
-    before = val_loss(trainer.model, val_batch, cfg, trainer.device)
-    out = np.full((cfg.bins, len(design.seeds)), np.nan)
-    for b, pool in enumerate(pools):
-        if pool is None:
-            continue
-        for s, seed in enumerate(design.seeds):
-            trainer.model.load_state_dict(saved[0])
-            trainer.optimizer.load_state_dict(saved[1])
-            for t in range(design.steps):
-                rng = np.random.default_rng([cfg.seed, trainer.step, b, seed, t])
-                trainer.train_step(trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
-                tick()
-            if design.keep_bn:  # what the probe's batches did to the running statistics is not read
-                kept = {k: saved[0][k] for k in batchnorm_keys(trainer.model)}
-                trainer.model.load_state_dict(kept, strict=False)
-            out[b, s] = before - val_loss(trainer.model, val_batch, cfg, trainer.device)
-    trainer.model.load_state_dict(saved[0])
-    trainer.optimizer.load_state_dict(saved[1])
-    return out
-
-
-def batchnorm_keys(model: nn.Module) -> list[str]:
-    """The state_dict keys of a model's BatchNorm running statistics (means, variances, counts)."""
-    names = {id(m): name for name, m in model.named_modules()}
-    return [f"{names[id(m)]}.{key}" if names[id(m)] else key for m in batchnorm_modules(model)
-            for key, _ in m.named_buffers(recurse=False)]
-
-
-PROBE_STATE = "probe.pt"  # in the probe's folder: the uniform run and the points probed so far
-
-
-def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> tuple[list[dict], float]:
-    """The points already probed and the wall seconds they took, with the trainer restored to the
-    last of them; ([], 0) for a new probe. A state of another design or other settings is refused,
-    never overwritten."""
-    if not path.is_file():
-        return [], 0.0
-    state = load_checkpoint(path)
-    saved = state.get("trainer", {}).get("config", {})
-    here = dataclasses.asdict(trainer.cfg)
-    differ = [f"{config_flag(k)} {saved.get(k)} (here: {v})" for k, v in here.items() if saved.get(k) != v]
-    if state.get("design") != design._asdict() or differ:
-        what = ", ".join(differ[:3]) or f"design {state.get('design', {}).get('name')}"
-        raise ReproError(f"{path} holds a probe with other settings ({what}): delete {path.parent} to start "
-                         "it again, or use another --out")
-    trainer.restore(state["trainer"], path)
-    points = state["points"]
-    print(f"resumed the probe in {path.parent} at step {trainer.step} (probed: {[p['step'] for p in points]})")
-    return points, state.get("seconds", 0.0)
-
-
-def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDesign, points: list[dict],
-                state: Path, t0: float, tick) -> None:
-    """Probes every bin at the trainer's step (unless a resumed probe has), then saves the probe's
-    state: the uniform run, the points so far and the wall seconds since t0."""
-    if trainer.step in {p["step"] for p in points}:
-        return
-    lr = design.lr if design.lr is not None else learning_rate(trainer.cfg, trainer.step,
-                                                                 trainer.step / trainer.cfg.steps)
-    use = bin_usefulness(trainer, val_batch, lr, pools, design, tick)
-    points.append(dict(step=trainer.step, usefulness=use.tolist()))
-    save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict(),
-                     seconds=time.perf_counter() - t0), state)
-    probed = np.isfinite(use).all(1)
-    print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
-          f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
-
-
-
-def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBES["v1"]) -> dict:
-    """Trains the uniform condition to the last probe point, probing every bin at each point. Each
-    point's result is saved with the run's state (out/probe.pt), so a probe cut off resumes after its
-    last point and ends with the same result."""
-    cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True, teacher_stratified=False,
-                              steps=max(design.points))
-    trainer = Trainer(cfg, data, device, out)
-    lock = hold_run_dir(out)
-    try:
-        points, seconds = resume_probe(trainer, out / PROBE_STATE, design)
-        t0 = time.perf_counter() - seconds
-        pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
-        per_point = sum(q is not None for q in pools) * len(design.seeds) * design.steps  # student steps
-        done = trainer.step + len(points) * per_point
-        with rh.progress(total=cfg.steps + len(design.points) * per_point, initial=done, desc="probe", unit="step",
-                         stream=sys.stdout) as bar:
-            here = functools.partial(probe_point, trainer, fixed_val_batch(data, cfg, design.val_crops), pools,
-                                     design, points, out / PROBE_STATE, t0, lambda: bar.update(1))
-            for step, batch in trainer.batches():
-                if step in design.points:
-                    here()
-                lr = learning_rate(cfg, step, step / cfg.steps)
-                trainer.teacher.observe(step, batch, trainer.train_step(batch, lr), lr)
-                trainer.step = step + 1
-                bar.update(1)
-            here()
-    finally:
-        lock.unlink(missing_ok=True)
-    use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
-    result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
-                  usefulness=use.tolist(), steps_per_probe=design.steps, seeds=list(design.seeds),
-                  val_crops=design.val_crops, wall_minutes=round((time.perf_counter() - t0) / 60, 1),
-                  design=design.name, regime=design.regime,
-                  probed_people=[0 if q is None else len(q) for q in pools], test=probe_test(use))
-    if design.lr is not None:
-        result |= dict(probe_lr=design.lr, keep_bn=design.keep_bn, trajectory=cfg.seed,
-                       train_subset=cfg.train_subset)
-    return result
-
-
-# ---- The report: rounds 1-2 reprinted, round 3 read, the README's answer, the figures
-
-README_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
-
-
-def read_probe(path: Path) -> dict | None:
-    try:
-        probe = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ReproError(f"{path} is not readable json ({type(e).__name__}); delete it and rerun "
-                         "--reproduce to redo the probe") from None
-    if probe is not None and not isinstance(probe, dict):
-        raise ReproError(f"{path} is not the probe's result; delete it and rerun --reproduce to redo the probe")
-    return probe
-
-
-def probe_done(path: Path) -> bool:
-    """Whether a probe trajectory has its result (an empty one counts as not run)."""
-    return bool((read_probe(path) or {}).get("usefulness"))
-
-
-def read_frozen(path: Path) -> dict:
-    """Rounds 1 and 2's verdicts as their rules computed them (results/rounds-1-2.json)."""
-    def fault(frozen):
-        rounds = [frozen.get(r) if isinstance(frozen, dict) else None for r in ("round1", "round2")]
-        if not all(isinstance(r, dict) and isinstance(r.get("rule"), str)
-                   and isinstance(r.get("verdicts"), dict) for r in rounds):
-            return "bad or missing round1, round2, their rule or verdicts"
-        second = rounds[1]
-        if not (isinstance(second.get("delta"), dict) and isinstance(second.get("probe"), dict)
-                and all(isinstance(v, dict) and isinstance(v.get("per_regime"), dict)
-                        for v in second["verdicts"].values())):
-            return "bad or missing round2 delta, probe or per_regime"
-        return None
-
-    try:
-        frozen = json.loads(path.read_text())
-        why = fault(frozen)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        why = type(e).__name__
-    if why:
-        raise ReproError(f"{path} is not rounds 1-2's frozen verdicts ({why}); restore it with: "
-                         f"git checkout {path}")
-    return frozen
-
-
-def round_progress(runs: list[dict], results: Path) -> dict:
-    """Per round: its runs and probe trajectories finished, of those planned (a run an earlier
-    round has counts there)."""
-    done, seen, out = {r["name"] for r in runs}, set(), {}
-    for rnd in ROUNDS:
-        names = [r.name for s in rnd.stages for r in stage_runs(s, rnd)] + (
-            [r.name for r in scratch_runs()] if rnd is ROUND1 else [])
-        names = list(dict.fromkeys(n for n in names if n not in seen))
-        seen |= set(names)
-        probes = [probe_name(s.probe, t) for s in rnd.stages if s.probe for t in s.probe.trajectories]
-        out[rnd.name] = dict(finished=len(done & set(names)), planned=len(names),
-                             probes=sum(probe_done(results / f"{p}.json") for p in probes),
-                             probes_planned=len(probes))
-    return out
-
-
-def report_protocol(results: Path | None = None, readme: Path = Path("README.md")) -> dict:
-    """claims.json, claims.md, claims.png and the README's answer table, from the run summaries in
-    results/protocol, the probes' results and the frozen rounds alone (no training)."""
-    results = results or PROTOCOL_RESULTS.parent
-    current = {r.name: r for r in protocol_runs()}
-    runs = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
-    for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
-        if r["name"] in current:
-            r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
-    early = [r for r in runs if not r["name"].startswith(CURRENT.prefix)]
-    frozen = read_frozen(results / FROZEN_ROUNDS.name)
-    probes = {d.name: read_probe(results / f"{d.name}.json") for d in (PROBES["v1"], PROBES["v2"])}
-    teacher = {r["name"]: r["teacher"] for r in early if r.get("teacher")}
-    series = {name: t["series"] for name, t in teacher.items()
-              if name.startswith("scarce/teacher-3000") and "series" in t}
-    # each update's probabilities are in the run's own summary (runs); claims.json keeps them once
-    teacher = {name: {k: v for k, v in t.items() if k != "series"} for name, t in teacher.items()}
-    claims = dict(runs=runs, progress=round_progress(runs, results), frozen=frozen,
-                  round3=[stage_status(s, runs, results) for s in CURRENT.stages], teacher=teacher,
-                  protocol=dict(regimes=PROTOCOL_REGIMES, student_steps=PROTOCOL_STUDENT_STEPS,
-                                finetune_steps=PROTOCOL_FINETUNE_STEPS,
-                                conditions={name: c.flags for name, c in CONDITIONS.items()},
-                                common=PROTOCOL_COMMON + PROTOCOL_FINETUNE))
-    write_json(claims, results / "claims.json")
-    table = claims_table(claims)
-    with atomic_path(results / "claims.md") as tmp:
-        tmp.write_text(table)
-    # the figures agree with claims.md: without runs (or a probe) an older figure is removed
-    figures = {"claims.png": (save_claims_figure, (early, frozen["round2"]["verdicts"])) if early else None,
-               **{f"{name}.png": (save_probe_figure, (p,)) if p else None for name, p in probes.items()},
-               "teacher-vs-probe.png": (save_teacher_and_probe_figure, (series, probes["probe-v2"]))
-               if series or probes["probe-v2"] else None}
-    for name, figure in figures.items():
-        if figure:
-            figure[0](*figure[1], results / name)
-        else:
-            (results / name).unlink(missing_ok=True)
-    if readme.is_file() and all(m in readme.read_text() for m in README_MARKERS):
-        head, rest = readme.read_text().split(README_MARKERS[0], 1)
-        tail = rest.split(README_MARKERS[1], 1)[1]
-        with atomic_path(readme) as tmp:
-            tmp.write_text(f"{head}{README_MARKERS[0]}\n{answer_table(claims)}{README_MARKERS[1]}{tail}")
-    print(table)
-    return claims
-
-
-def mean_sd(values: list[float], scale: float = 1.0) -> str:
-    if not values:
-        return "-"
-    v = np.array(values) * scale
-    return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if len(v) > 1 else "")
-
-
-def real_crops_per_step(condition: str) -> int:
-    """Real crops in a step's batch of a protocol condition, as its record says (no flags parsed)."""
-    name = SAME_RUNS.get(condition, condition)
-    return (STUDENT_CONDITIONS | CONDITIONS | LONG_CONDITIONS)[name].real_crops
-
-
-def minutes_by_device(runs: list[dict]) -> str:
-    """Mean training minutes per device: a GPU's minutes and a CPU's do not average."""
-    devices = sorted({r.get("device", "?") for r in runs})
-    return ", ".join(f"{np.mean([r['minutes'] for r in runs if r.get('device', '?') == d]):.1f} ({d})"
-                     for d in devices)
-
-
-def claims_table(claims: dict) -> str:
-    """claims.md: each round's progress; rounds 1 and 2's verdicts as frozen; round 3's stages;
-    every condition's AP; where the runs trained; the teachers' drift."""
-    runs, progress, frozen = claims["runs"], claims["progress"], claims["frozen"]
-    bins = list(OCCLUSION_BINS)
-    lines = ["`python repro.py --reproduce` runs (and resumes) the protocol; `python repro.py --report` "
-             "rebuilds this file and `results/claims.{json,png}` from `results/protocol/`, the probes' "
-             "results and `results/rounds-1-2.json` alone.", "",
-             "Progress: " + "; ".join(f"round {name}: {p['finished']} of {p['planned']} runs, "
-                                      f"{p['probes']} of {p['probes_planned']} probe trajectories"
-                                      for name, p in progress.items()) + ".", "",
-             *round2_table(frozen), "", *round3_table(claims.get("round3", [])), "",
-             "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
-             + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
-             "|---" * (9 + len(bins)) + "|"]
-    for regime in PROTOCOL_REGIMES:
-        for condition in REPORTED_CONDITIONS:
-            rs = [r for r in condition_runs(runs, condition, regime)
-                  if not r["name"].startswith(CURRENT.prefix)]
-            if not rs:
-                continue
-            occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
-            label = f"{condition} (= {SAME_RUNS[condition]}'s runs)" if condition in SAME_RUNS else condition
-            lines.append(f"| {regime} | {label} | {real_crops_per_step(condition)} | {len(rs)} | "
-                         f"{rs[0]['steps']} | {mean_sd([r['ap'] for r in rs])} | "
-                         f"{mean_sd([r['ap50'] for r in rs])} | " + " | ".join(occ)
-                         + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
-                         f" | {minutes_by_device(rs)} |")
-    lines += ["", f"Where the runs trained: {where_trained(runs)}. Train minutes compare only within a device.",
-              *device_keys_note(runs), "", "**Round 1** (superseded; frozen in `results/rounds-1-2.json`): "
-              f"rule {frozen['round1']['rule']}", "", "| claim | verdict | reason |", "|---|---|---|"]
-    for claim, v in frozen["round1"]["verdicts"].items():
-        lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
-    drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
-    if drift:
-        lines += ["", "| teacher run | updates | L1 drift of its bin probabilities | largest probability |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {t['updates']} | {t['l1']:.3f} | {t['max_prob']:.3f} |" for name, t in drift]
-    return "\n".join(lines) + "\n"
-
-
-def interval_reading(t: dict) -> str:
-    """What a rule-v2 interval can and cannot exclude, in words."""
-    if "lo" not in t:
-        return "no interval yet"
-    inside = [name for name, x in (("0", 0.0), ("+delta", t["delta"]), ("-delta", -t["delta"]))
-              if t["lo"] <= x <= t["hi"]]
-    return (f"excludes effects below {t['lo']:+.4f} and above {t['hi']:+.4f}"
-            + (f"; cannot exclude {', '.join(inside)}" if inside else ""))
-
-
-TEST_HEADER = ("| comparison | regime | earlier verdict | verdict | paired AP difference, 95% CI, p | "
-               "seeds (planned) | power at delta (t-test, measured sd) | precision assurance at the "
-               "measured sd | what the interval excludes |", "|---" * 9 + "|")
-
-
-def ci_text(t: dict) -> str:
-    """A paired test's mean difference and 95% interval, as every table prints them."""
-    return f"{t['mean']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}]"
-
-
-def test_row(label: str, regime: str, earlier: str, t: dict) -> str:
-    """One paired test (rules v2 and v3) as a row of TEST_HEADER."""
-    ci = f"{ci_text(t)}, p = {t['p']:.2g}" if "lo" in t else "-"
-    power = (f"{t['power_now']:.2f} | {t['assurance_now']:.2f} (needs {t['seeds_needed_now']})"
-             if t.get("power_now") is not None else "- | -")
-    refused = t.get("not_paired")
-    refused = f"; seeds {refused} not paired: device keys differ" if refused else ""
-    return (f"| {label} | {regime} | {earlier} | **{t['verdict']}** | {ci} | "
-            f"{t['n']} ({t['planned_seeds']}){refused} | {power} | {interval_reading(t)} "
-            f"(delta {t['delta']}) |")
-
-
-def probe_rows(regime: str, earlier: str, test: dict | None, replicates: str) -> list[str]:
-    """Claim 3's two parts as rows of TEST_HEADER: the two-way ANOVA's tests and tau's interval."""
-    if not test:
-        return [f"| 3: {part} | {regime} | {earlier} | **pending** | - | - | - | - | - |"
-                for part in ("bins differ", "which bins are useful changes over training")]
-    agree = ("; cannot exclude identical ones" if test["tau_hi"] >= 1 - 1e-9 else "")
-    return [f"| 3: bins differ | {regime} | {earlier} | **{test['bins_differ']}** | bins' main effect "
-            f"F = {test['f_bins']:.2f}, p = {test['p_bins']:.2g} (two-way ANOVA, points x bins) | "
-            f"{replicates} | - | - | a test, not an interval: p < 0.05 rejects equally useful bins |",
-            f"| 3: which bins are useful changes over training | {regime} | (as above) | "
-            f"**{test['ranking_changes']}** | bin x point interaction F = {test['f_interaction']:.2f}, "
-            f"p = {test['p_interaction']:.2g}; tau first-last {test['tau']:.2f} [{test['tau_lo']:.2f}, "
-            f"{test['tau_hi']:.2f}] | {replicates} | - | - | tau's interval excludes first and last "
-            f"rankings that agree less than tau {test['tau_lo']:.2f}{agree} |"]
-
-
-def round2_table(frozen: dict) -> list[str]:
-    """Rule v2's verdicts as frozen, each beside rule v1's verdict of its claim and regime."""
-    v1, v2 = frozen["round1"]["verdicts"], frozen["round2"]
-    seeds = len(PROBES["v2"].seeds)
-    lines = ["**Round 2** (frozen in `results/rounds-1-2.json`; claim 3's rows are withdrawn, see "
-             f"results/protocol/README.md): rule {v2['rule']}", "", *TEST_HEADER]
-    for claim, v in v2["verdicts"].items():
-        if claim == "4":
-            lines += probe_rows("scarce", f"{v1['3']['verdict']} (probe v1, full)", v2["probe"],
-                                f"{seeds} ({seeds})")
-        for regime, t in v["per_regime"].items():
-            old = v1.get(claim, {}).get("per_regime", {}).get(regime, "-")
-            old = old if claim != "4" else f"{old} (teacher - uniform, 800 steps)"
-            lines.append(test_row(f"{claim}: {v['better']} - {v['worse']}", regime, old, t))
-    return lines
-
-
-# [ours] Measured rates that price a stage before it runs. This machine (AMD EPYC, AVX2, float32,
-# 2 cores) trains the demo network at about 7 img/s (--bench), 2.3 s per 16-crop step, 7.4 times
-# the 0.31 s per step of round 2's 3000-step runs on an Intel bf16 machine (their summaries'
-# minutes over steps); evaluation took about a minute there, so about 7 here.
-CPU_SECONDS_PER_STEP = 2.3
-CPU_EVAL_MINUTES = 7.0
-# [ours] H200: the median of round 1's 18 H200 fine-tunes (0.057 s per step, six side by side);
-# six scarce fine-tunes took 1.5 minutes in all, 0.7-0.8 of it training
-# (results/protocol/README.md).
-GPU_SECONDS_PER_STEP = 0.057
-GPU_JOBS = 6
-GPU_EVAL_MINUTES = 0.75  # per batch of GPU_JOBS runs side by side
-PROBED_BINS = 5  # [ours] the scarce regime's bins over 32 people, as probe v2 found them
-
-
-def stage_work(stage: Stage) -> tuple[int, int, bool]:
-    """(jobs, steps per job, whether each job ends with an evaluation of the val set)."""
-    if stage.probe:
-        d = stage.probe
-        probes = len(d.points) * PROBED_BINS * len(d.seeds) * d.steps
-        return len(d.trajectories), max(d.points) + probes, False
-    return len(stage_runs(stage, CURRENT)), stage.steps, True
-
-
-def stage_cost(stage: Stage) -> dict:
-    """Hours on this 2-core CPU, one job at a time; minutes on one H200, GPU_JOBS side by side."""
-    jobs, steps, evaluates = stage_work(stage)
-    cpu = jobs * (steps * CPU_SECONDS_PER_STEP / 60 + evaluates * CPU_EVAL_MINUTES) / 60
-    per_batch = steps * GPU_SECONDS_PER_STEP / 60 + evaluates * GPU_EVAL_MINUTES
-    gpu = math.ceil(jobs / GPU_JOBS) * per_batch
-    return dict(jobs=jobs, steps_per_job=steps, cpu_hours=round(cpu, 1), gpu_minutes=round(gpu))
-
-
-def stage_plan(stage: Stage) -> str:
-    """The seeds and the power behind them, in words."""
-    if stage.sd is None:
-        return f"{stage.seeds} trajectories: {stage.sd_source}"
-    power, assurance = (f(stage.seeds, stage.sd, stage.delta)
-                        for f in (t_test_power, precision_assurance))
-    return (f"{stage.seeds} seeds: power {power:.2f} at delta {stage.delta}, precision assurance "
-            f"{assurance:.2f}, at paired sd {stage.sd} ({stage.sd_source})")
-
-
-def stage_status(stage: Stage, runs: list[dict], results: Path, rnd: Round = CURRENT) -> dict:
-    """A stage of the current round: finished of planned, "pending" until every planned run or
-    trajectory has its result, then its rule's tests; decided only when no test is still pending
-    (a comparison with another stage's runs waits for them too)."""
-    if stage.probe:
-        names = [probe_name(stage.probe, t) for t in stage.probe.trajectories]
-        done = sum(probe_done(results / f"{n}.json") for n in names)
-    else:
-        names = [r.name for r in stage_runs(stage, rnd)]
-        done = len({r["name"] for r in runs} & set(names))
-    mine = [r for r in runs if r["name"].startswith(rnd.prefix) and r["seed"] < stage.seeds]
-    tests = [] if done < len(names) else (
-        [trajectory_test(stage, results)] if stage.read == "probe" else
-        {"pairs": pair_tests, "contrasts": contrast_tests}[stage.read](stage, rnd.rule, mine))
-    words = ([f"bins differ: {t['bins_differ']}; ranking changes: {t['ranking_changes']}"
-              for t in tests] if stage.probe else [f"{t['label']}: {t['verdict']}" for t in tests])
-    decided = bool(tests) and not any(t.get("verdict", "").startswith("pending") for t in tests)
-    conditions = list(dict.fromkeys(f"{a.regime}/{a.condition}" for a in stage.arms))
-    regime = ("images x student" if stage.read == "contrasts" else
-              stage.arms[0].regime if stage.arms else stage.probe.regime)
-    return dict(key=stage.key, question=stage.question, claim=stage.claim, read=stage.read,
-                test=stage.test, decides=stage.decides, planned=len(names), finished=done,
-                status="; ".join(words) or "pending", tests=tests, decided=decided, regime=regime,
-                plan=stage_plan(stage), cost=stage_cost(stage),
-                conditions=conditions or [stage.probe.name])
-
-
-def round3_table(stages: list[dict]) -> list[str]:
-    lines = ["**Rule v3 and round 3** (written after round 2's results were known; "
-             "results/protocol/README.md, \"Rule v3\"): each stage is decided at its planned seeds "
-             "before the next starts.", "",
-             "| stage | question | runs | seeds, and the power behind them | finished (planned) | "
-             "status | cost: this CPU (2.3 s/step) | cost: one H200 (6 side by side) |",
-             "|---" * 8 + "|"]
-    for s in stages:
-        c = s["cost"]
-        lines.append(f"| {s['key']} | {s['question']} | {c['jobs']} x {c['steps_per_job']} steps: "
-                     f"{', '.join(s['conditions'])} | {s['plan']} | "
-                     f"{s['finished']} ({s['planned']}) | "
-                     f"**{s['status']}** | {c['cpu_hours']} h | {c['gpu_minutes']} min |")
-    lines += ["", *(f"- stage {s['key']}: test: {s['test']}; decides: {s['decides']}." for s in stages)]
-    read = [s for s in stages if s["tests"]]  # a stage waiting on another's runs shows its tests too
-    if read:
-        lines += ["", *TEST_HEADER]
-        for s in read:
-            lines += (probe_rows(s["regime"], "probe v2: withdrawn", s["tests"][0],
-                                 f"{s['planned']} trajectories") if s["read"] == "probe" else
-                      [test_row(f"{s['key']}: {t['label']}", s["regime"], "-", t) for t in s["tests"]])
-    return lines
-
-
-# What each current verdict is about, where the audit after round 2 found it narrower than its
-# name (results/protocol/README.md, "What is superseded"): a withdrawn verdict's reason, and the
-# exact thing a verdict tested. Data, read by the README's answer table.
-WITHDRAWN = {3: "probe v2 is withdrawn (its probes trained at the cosine schedule's learning rate, "
-                "0 at its last point, and moved BatchNorm statistics: it measured those, not the bins); "
-                "probe v3 is pending"}
-TESTED = {4: "The teacher tested: the small network with BatchNorm, the symmetric soft label, the student's "
-             "cosine learning rate (3e-4 peak); the paper's (VGG-19, no BatchNorm, 5e-5) is untested"}
-
-
-def regime_reading(t: dict, better: str, worse: str) -> str:
-    """One paired test's result in words a reader can check against the interval."""
-    word = t["verdict"]
-    if "lo" not in t or word.startswith("pending"):
-        return word
-    if word == "reproduced":
-        return f"{better} ahead by {t['lo']:.3f} to {t['hi']:.3f} AP"
-    if word == "contradicted":
-        return f"{worse} ahead by {-t['hi']:.3f} to {-t['lo']:.3f} AP"
-    if word.startswith("no effect"):
-        return f"no difference of {t['delta']} AP or more"
-    return f"cannot tell ({t['lo']:+.3f} to {t['hi']:+.3f} AP)"
-
-
-def stage_answer(claim: int, stage: dict) -> str:
-    """A claim's row of the answer table from the round-3 stage that decided it."""
-    words = f"{claim}: {CLAIM_WORDS[claim]}"
-    if stage["read"] == "probe":
-        t = stage["tests"][0]
-        return (f"| {words} | **bins differ: {t['bins_differ']}; ranking changes: "
-                f"{t['ranking_changes']}** (probe v3) | - | {t['reason']} |")
-    ci = "; ".join(f"{t['label']} {ci_text(t)} ({t['n']})"
-                   for t in stage["tests"] if "lo" in t) or "-"
-    means = "; ".join(f"{t['label']}: " + regime_reading(t, t.get("better", "the first"),
-                                                         t.get("worse", "the second"))
-                      for t in stage["tests"])
-    return f"| {words} | **{stage['status']}** (round 3, stage {stage['key']}) | {ci} | {means} |"
-
-
-def answer_table(claims: dict) -> str:
-    """The README's answer: one row per claim of the paper with its current verdict (a decided
-    round-3 stage's, else round 2's as frozen), the paired AP difference's 95% interval per regime
-    (seeds) and what that means; the control below it."""
-    lines = ["| claim of the paper | verdict | paired AP difference, 95% CI (seeds) | what it means |",
-             "|---|---|---|---|"]
-    verdicts = claims["frozen"]["round2"]["verdicts"]
-    decided = {s["claim"]: s for s in claims.get("round3", []) if s["decided"] and s["claim"]}
-    for claim, words in CLAIM_WORDS.items():
-        v = verdicts.get(str(claim))
-        if claim in decided:
-            lines.append(stage_answer(claim, decided[claim]))
-        elif claim in WITHDRAWN or not v:
-            lines.append(f"| {claim}: {words} | **not tested** | - | {WITHDRAWN.get(claim, 'pending')} |")
-        else:
-            scope = "" if claim not in TESTED else " for the teacher tested"
-            ci = "; ".join(f"{regime} {ci_text(t)} ({t['n']})"
-                           for regime, t in v["per_regime"].items() if "lo" in t) or "-"
-            means = "; ".join(f"{regime}: {regime_reading(t, v['better'], v['worse'])}"
-                              for regime, t in v["per_regime"].items())
-            lines.append(f"| {claim}: {words} | **{v['verdict']}**{scope} | {ci} | {means}"
-                         + (f". {TESTED[claim]}" if claim in TESTED else "") + " |")
-    return "\n".join(lines) + "\n\n" + control_reading(claims) + "\n"
-
-
-def control_reading(claims: dict) -> str:
-    """Does the synthetic half help? Round 3's stage b once decided; before it, exploratory (no
-    rule was fixed for it in advance): the real-only control against the two mixed conditions at
-    round 1's 800 steps, read as rule v2 reads a pair."""
-    b = next((s for s in claims.get("round3", []) if s["key"] == "b" and s["decided"]), None)
-    if b:
-        return ("Does the synthetic half help? Round 3, stage b, at 3000 steps (scarce), paired AP "
-                "difference and 95% CI: " + "; ".join(
-                    f"{t['label']} {ci_text(t)} ({t['n']} seeds): "
-                    f"{t['verdict']}" for t in b["tests"] if "lo" in t) + ".")
-    parts, runs = [], [r for r in claims.get("runs", []) if not r["name"].startswith(CURRENT.prefix)]
-    for worse in ("augmented-mask", "synthetic"):
-        for regime in PROTOCOL_REGIMES:
-            t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(), DELTA[regime])
-            if "lo" in t:
-                parts.append(f"real - {worse} ({regime}) {ci_text(t)}")
-    if not parts:
-        return "Does the synthetic half help at all? The real-only control has no finished pairs yet."
-    return ("Does the synthetic half help at all? At 800 steps no interval shows it (exploratory: no rule "
-            "was fixed for it in advance): the real-only control, 16 real crops a step, against the mixed "
-            f"conditions' 8, paired AP difference and 95% CI over 3 seeds: {'; '.join(parts)}. At 3000 steps "
-            "no real-only run exists yet (round 3, pending).")
-
-
-def device_keys_note(runs: list[dict]) -> list[str]:
-    """Once summaries carry device keys: that pairs form only within one key, and the keys.
-    Summaries written before keys (rounds 1 and 2) pair as they did, by their device."""
-    if not any(r.get("device_key") for r in runs):
-        return []
-    keys = "; ".join(sorted({summary_device_key(r) for r in runs}))
-    return ["", "Paired differences pair only runs of one device key (CPU model or GPU, "
-            f"instruction set, precision, threads, torch version); the keys: {keys}."]
-
-
-def where_trained(runs: list[dict]) -> str:
-    """Each device with what was trained on it: the fine-tunes by seed (a seed's pairs share a
-    device), the students and the domain gap by name."""
-    places: dict[str, dict[str, set]] = {}
-    for r in runs:
-        what = f"seed {r['seed']}" if r.get("init") else r["condition"]
-        places.setdefault(r.get("device", "?"), {}).setdefault(r["regime"], set()).add(what)
-    return "; ".join(f"{device}: " + ", ".join(f"{regime} " + " + ".join(sorted(items))
-                                               for regime, items in sorted(regimes.items()))
-                     for device, regimes in sorted(places.items()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Where the domain gap comes from: the shipped student on scenes with one style factor switched
-# ----------------------------------------------------------------------------------------------
-
-GAP_SEED = 7000  # [ours] a seed no split of the demo uses (they take 1000-5000)
-
-
-# [ours] one geometry for every set, the stand-in's (the student's own), so that the sets differ in
-# style alone; the geometry rows render each style at the demo's synthetic geometry instead
-GAP_GEOMETRIES = {name: {k: v for k, v in demo.items() if k != "style"}
-                  for name, demo in (("standin", DEMO_STANDIN), ("synthetic", DEMO_SYNTHETIC))}
-
-
-GAP_OTHER = {"synthetic": "standin", "standin": "synthetic"}
-
-
-GAP_RULE = (  # fixed before the first run: how the table is read
-    "Every set is rendered with seed 7000 and evaluated by the shipped real-only student. A set's "
-    "dAP is its AP minus that of its own style's set as it is, with a paired bootstrap sd over "
-    "images (200 resamples, the same for every set; the sets are paired by image index: a switched "
-    "factor draws from a stream of its own and the others repeat their draws). A factor carries "
-    "part of the gap, in one direction, when switching it alone moves AP towards the other style's "
-    "set by more than 2 paired sd; it works against the gap when it moves AP away by more than 2 "
-    "sd; otherwise no effect is measured at this size. Its share is dAP / (AP of the other style's "
-    "set - AP of its own). The 'all' row switches every factor: if it lands more than 2 sd from "
-    "the other style's set, the named factors do not cover the style. The geometry row renders the "
-    "style at the demo's synthetic geometry (320 px, Poisson(5) people, 7 m) instead of the "
-    "stand-in's (256 px, 2.5, 6 m).")
-
-
-def gap_sets(factors: tuple[str, ...]) -> list[dict]:
-    """The sets: per style, as it is, each factor switched alone, all of them,
-    the synthetic geometry."""
-    sets = []
-    for style, other in GAP_OTHER.items():
-        rows = [(style, None, {})] + [(f"{style}-{f}", f, {f: other}) for f in factors]
-        rows += [(f"{style}-all", "all", {f: other for f in factors})] if len(factors) > 1 else []
-        for name, switched, switch in rows:
-            sets.append(dict(name=name, style=style, switched=switched, geometry="standin",
-                             style_factors=sorted(f"{k}={v}" for k, v in switch.items())))
-        sets.append(dict(name=f"{style}-geometry", style=style, switched="geometry",
-                         geometry="synthetic", style_factors=[]))
-    return sets
-
-
-def gap_render_settings(spec: dict, images: int, geometries: dict = GAP_GEOMETRIES) -> dict:
-    return dict(kind="scenes", num_images=images, seed=GAP_SEED, style=spec["style"],
-                style_factors=tuple(spec["style_factors"]), **geometries[spec["geometry"]])
-
-
-def gap_commands(folder: Path, settings: dict, ckpt: Path, cfg: Config) -> list[str]:
-    """The two commands that give one set's numbers on their own: render, then --mode eval."""
-    flags = []
-    for k, v in settings.items():
-        if k == "kind" or v == ():
-            continue
-        flags += [config_flag(k)] + [str(x) for x in (v if isinstance(v, tuple) else (v,))]
-    scales = " ".join(f"{x:g}" for x in cfg.eval_scales)
-    return [" ".join(["python render_humans.py", str(folder), *flags, "--no-progress"]),
-            f"python repro.py --mode eval --ckpt {ckpt} --val-json {folder}/annotations.json "
-            f"--val-images {folder}/images --eval-scales {scales} --out {folder}/eval"]
-
-
-def resampled_aps(kset: KeypointSet, results: list[dict],
-                  draws: int = BOOTSTRAP_SAMPLES) -> np.ndarray:
-    """AP on `draws` bootstrap resamples of the images; seed 0, so sets of one size share the
-    resamples and the differences of two sets' arrays are a paired bootstrap."""
-    from pycocotools.coco import COCO
-
-    n, rng = len(kset.records), np.random.default_rng(0)
-    counts = [np.bincount(rng.integers(n, size=n), minlength=n) for _ in range(draws)]
-    if not results:
-        return np.zeros(draws)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(kset.json_path))
-    ev = coco_evaluator(gt, results, [r.image_id for r in kset.records])
-    return np.array([coco_ap(ev, c) for c in counts])
-
-
-def gap_reading(spec: dict, row: dict, rows: dict) -> dict:
-    """dAP against its own style's set, paired sd, share of the gap and the rule's word."""
-    own, other = rows[spec["style"]], rows[GAP_OTHER[spec["style"]]]
-    d, toward = row["AP"] - own["AP"], other["AP"] - own["AP"]
-    sd = float(np.std(row["_draws"] - own["_draws"]))
-    if spec["switched"] == "all":
-        sd_other = float(np.std(row["_draws"] - other["_draws"]))
-        word = ("covers the style" if abs(row["AP"] - other["AP"]) <= 2 * sd_other
-                else "does not cover the style")
-        return dict(dAP=d, dAP_sd=sd, share=d / toward if toward else None,
-                    vs_other=row["AP"] - other["AP"], vs_other_sd=sd_other, reading=word)
-    if abs(d) <= 2 * sd:
-        word = "no measured effect"
-    else:
-        word = "carries part of the gap" if d * toward > 0 else "works against the gap"
-    return dict(dAP=d, dAP_sd=sd, share=d / toward if toward else None, reading=word)
-
-
-def gap_table(report: dict) -> str:
-    def f(x, digits=3, sign=""):
-        return "-" if x is None else f"{x:{sign}.{digits}f}"
-
-    lines = ["# Where the domain gap comes from", "",
-             f"Rule, fixed before the run: {report['rule']}", "",
-             f"Command: `{report['command']}` ({report['wall_minutes']:.1f} minutes on "
-             f"{report['device']}; {report['images_per_set']} images per set, checkpoint "
-             f"{report['checkpoint']}).", "",
-             "| set | style | switched to the other style | images | people | AP | AP50 | peak_hit "
-             "| AP sd | dAP vs its style | paired sd | share of the gap | reading |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["sets"]:
-        switched = r["switched"] or "(as it is)"
-        lines.append(f"| {r['name']} | {r['style']} | {switched} | {r['images']} | "
-                     f"{r['people']} | {f(r['AP'])} | {f(r['AP50'])} | {f(r['peak_hit'])} | "
-                     f"{f(r['ap_sd'])} | {f(r.get('dAP'), sign='+')} | {f(r.get('dAP_sd'))} | "
-                     f"{f(r.get('share'), 2, '+')} | {r.get('reading', '')} |")
-    return "\n".join(lines) + "\n"
-
-
-def run_domain_gap(cfg: Config, images: int, device,
-                   factors: tuple[str, ...] = tuple(rh.STYLE_FACTORS),
-                   argv: list[str] | None = None, geometries: dict = GAP_GEOMETRIES) -> dict:
-    """Renders every set of gap_sets (cached under the sets folder), evaluates the checkpoint
-    (default: the shipped student) on each, writes domain-gap.json and domain-gap.md into --out
-    (default results/domain-gap/)."""
-    if images < 1:
-        raise ReproError(f"--domain-gap N needs N >= 1 images per set, not {images}")
-    ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(tracked_name(SHIPPED_STUDENT))
-    model, cfg, _ = model_from_checkpoint(cfg, ckpt if cfg.ckpt else SHIPPED_STUDENT, device)
-    if cfg.skeleton != "coco":
-        raise ReproError(f"--domain-gap: checkpoint {ckpt} predicts the {cfg.skeleton} skeleton; "
-                         "the sets are COCO")
-    out = Path(cfg.out) if cfg.out else Path("results/domain-gap")
-    sets_root = (out / "domain-gap-sets" if cfg.out else Path("runs/domain-gap")) / f"n{images}"
-    specs = gap_sets(factors)
-    for spec in specs:  # every setting checked before anything is rendered
-        rh.validate(rh.make_config(gap_render_settings(spec, images, geometries)))
-    t0, rows = time.perf_counter(), {}
-    for spec in specs:
-        folder, settings = sets_root / spec["name"], gap_render_settings(spec, images, geometries)
-        t = time.perf_counter()
-        ann = rh.render_dataset(folder, progress=False, **settings)
-        t_render = time.perf_counter() - t
-        kset = load_keypoint_set(ann, folder / "images", COCO)
-        stats, results = evaluate(model, kset, cfg, device, progress=False)
-        people = [a for a in json.loads(ann.read_text())["annotations"]
-                  if a.get("num_keypoints", 0) > 0]
-        row = dict(spec, folder=str(folder), images=len(kset.records), people=len(people),
-                   **{k: stats[k] for k in ("AP", "AP50", "peak_hit", "ap_sd")},
-                   render_s=round(t_render, 1), eval_s=round(time.perf_counter() - t - t_render, 1),
-                   commands=gap_commands(folder, settings, ckpt, cfg),
-                   _draws=resampled_aps(kset, results))
-        rows[spec["name"]] = row
-        print(f"domain gap: {spec['name']}: AP {row['AP']:.3f} (sd {row['ap_sd']:.3f}), peak_hit "
-              f"{row['peak_hit']:.3f}, {row['images']} images, {row['people']} people", flush=True)
-    for spec in specs:
-        if spec["switched"] is not None:
-            rows[spec["name"]] |= gap_reading(spec, rows[spec["name"]], rows)
-    command = "python repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = dict(rule=GAP_RULE, command=command, checkpoint=str(ckpt), device=str(device),
-                  seed=GAP_SEED,
-                  images_per_set=images, eval_scales=list(cfg.eval_scales), geometries=geometries,
-                  factors={f: rh.STYLE_FACTORS[f] for f in factors}, code_version=code_version(),
-                  wall_minutes=round((time.perf_counter() - t0) / 60, 2),
-                  sets=[{k: v for k, v in r.items() if k != "_draws"} for r in rows.values()])
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(report, out / "domain-gap.json")
-    with atomic_path(out / "domain-gap.md") as tmp:
-        tmp.write_text(gap_table(report))
-    print(f"domain gap: {out / 'domain-gap.json'}, {out / 'domain-gap.md'}")
-    return report
-
-
-def domain_gap_job(cfg: Config, args: argparse.Namespace) -> None:
-    run_domain_gap(cfg, args.domain_gap, start_job(cfg)[2])
-
-
 # ----------------------------------------------------------------------------------------------
 # Benchmark: is the data pipeline ever the bottleneck? is grouping cheaper than the network?
 # ----------------------------------------------------------------------------------------------
@@ -5274,221 +3626,9 @@ def bench(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dic
     return figures
 
 
-# [ours] from NVIDIA's datasheets: dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a part
-# of the name torch reports; the first match counts, so the specific names come first
-GPU_BF16_PEAK_TFLOPS = (("H200", 989.5), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.5),
-                        ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0))
-
-
-def bf16_peak_tflops(device: torch.device) -> tuple[str, float | None]:
-    name = device_name(device)
-    return name, next((peak for part, peak in GPU_BF16_PEAK_TFLOPS if part in name), None)
-
-
-def train_flops_per_image(trainer: Trainer, batch: Batch) -> float:
-    """Model FLOPs of one training step (forward + backward), per image,
-    as FlopCounterMode counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg, device = trainer.cfg, trainer.device
-    with FlopCounterMode(display=False) as counter:
-        with autocast(device, cfg):
-            outputs = trainer.model(to_input(batch.image, device))
-        loss, _ = pose_loss(outputs, batch.target.to(device), batch.loss_mask.to(device))
-        loss.backward()
-    trainer.model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch.image)
-
-
-def data_argv(cfg: Config) -> list[str]:
-    """The flags that name this run's data, for a child process."""
-    flags = ("data", "coco_root", "train_json", "train_images", "val_json", "val_images",
-             "synthetic_json", "bank_json", "demo_dir", "demo_size", "mpii_root", "skeleton")
-    return [a for f in flags if getattr(cfg, f) is not None
-            for a in (config_flag(f), str(getattr(cfg, f)))]
-
-
-def torchrun_check(cfg: Config, device: torch.device, steps: int = 3) -> dict:
-    """`torchrun --nproc-per-node 1` (NCCL on a GPU, gloo on a CPU) trains a few steps of this
-    network."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "1", str(Path(__file__).resolve()), "--preset", cfg.preset,
-                "--mode", "real", *data_argv(cfg),
-                "--arch", cfg.arch, "--stages", str(cfg.stages), "--width", str(cfg.width),
-                "--input-size", str(cfg.input_size), "--batch-size", str(cfg.batch_size),
-                "--steps", str(steps), "--minutes", "0", "--device", device.type, "--init", "none",
-                "--max-val-images", "1", "--eval-scales", "1.0", "--eval-height",
-                str(cfg.input_size), "--out", str(Path(tmp) / "run")]
-        t = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True)
-        seconds = time.perf_counter() - t
-        ckpt = Path(tmp) / "run" / "ckpt.pt"
-        step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
-    return dict(backend="nccl" if device.type == "cuda" else "gloo", returncode=done.returncode,
-                steps=step,
-                seconds=seconds, ok=done.returncode == 0 and step == steps,
-                stderr_tail=done.stderr[-500:] if done.returncode else "")
-
-
-def gpu_report(cfg: Config, data: Data, device: torch.device, steps: int = 20) -> dict:
-    """The issue-20 device figures in one call: the student's training img/s (eager and compiled),
-    its FLOPs per image and MFU, the loader against pre-made batches with a worker per core, the
-    teacher's cost per update and a torchrun check; written to results/gpu-bench/gpu-bench.json
-    (or --out)."""
-    cores = len(os.sched_getaffinity(0))
-    cfg = dataclasses.replace(cfg, mode="augmented", steps=10 * steps, workers=cores, init=None)
-    name, peak = bf16_peak_tflops(device)
-    report = dict(device=name, torch=torch.__version__, cuda=torch.version.cuda, cores=cores,
-                  precision=precision(device, cfg), preset=cfg.preset, arch=cfg.arch,
-                  stages=cfg.stages, input_size=cfg.input_size, batch_size=cfg.batch_size,
-                  argv=sys.argv, bf16_peak_tflops=peak)
-    trainer = Trainer(cfg, data, device, Path("."))
-    rng = np.random.default_rng(0)
-    fixed = trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng), rng)
-    report["train_flops_per_image"] = flops = train_flops_per_image(trainer, fixed)
-    for compiled in (False, True):
-        t = trainer if not compiled else Trainer(dataclasses.replace(cfg, compile=True), data,
-                                                 device, Path("."))
-        # compiled: the compile itself
-        first = seconds_per_call(lambda: t.train_step(fixed, cfg.lr), 1)
-        img_s = cfg.batch_size / seconds_per_call(lambda: t.train_step(fixed, cfg.lr), steps,
-                                                  warmup=2)
-        key = "compiled" if compiled else "eager"
-        report[f"{key}_first_step_s"], report[f"{key}_img_s_premade"] = first, img_s
-        report[f"{key}_mfu"] = flops * img_s / (peak * 1e12) if peak else None
-    stream = (b for _, b in trainer.batches())
-    streamed = cfg.batch_size / seconds_per_call(lambda: trainer.train_step(next(stream), cfg.lr),
-                                                 steps, warmup=3)
-    report |= dict(eager_img_s_end_to_end=streamed, loader_workers=cores,
-                   pipeline_ratio=streamed / report["eager_img_s_premade"])
-    teacher = Teacher(dataclasses.replace(cfg, mode="student-teacher"), trainer.maker, device)
-    # a window's hard crops
-    hard = np.resize(fixed.image, (TEACHER_HARD_CROPS,) + fixed.image.shape[1:])
-    target = np.full(teacher.bins, 1 / teacher.bins)
-    report["teacher_update_s"] = seconds_per_call(lambda: (teacher.learn(target, hard, cfg.lr, 0),
-                                                           teacher.output(hard)), 5, warmup=1)
-    report["torchrun"] = torchrun_check(cfg, device)
-    path = Path(cfg.out) / "gpu-bench.json" if cfg.out else Path("results/gpu-bench/gpu-bench.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(report, path)
-    for k, v in report.items():
-        print(f"  {k:28s} {v:10.3f}" if isinstance(v, float) else f"  {k:28s} {v}")
-    print(f"written: {path}")
-    return report
-
-
-def peer_targets(keypoints: np.ndarray, size: int, stride: int, sigma: float, thickness: float,
-                 limbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the side-by-side timing only, not used in training: the peer's method, Lightweight
-    OpenPose's plain Python loops (datasets/coco.py, _generate_keypoint_maps + _generate_paf_maps),
-    re-implemented on one sample's (P, K, 3) people. Per joint, the cells of a 4-sigma window get
-    the Gaussian (cut at 0.01) added and clipped at 1; per limb, the cells of its joints' box grown
-    by `thickness` cells and within `thickness` cells of its line get its unit vector, the last
-    person winning."""
-    n = size // stride
-    heat, paf = (np.zeros((keypoints.shape[1] + 1, n, n), np.float32),
-                 np.zeros((2 * len(limbs), n, n), np.float32))
-    shift = stride / 2 - 0.5
-    for part in range(keypoints.shape[1]):
-        for x, y, v in keypoints[:, part]:
-            if v <= 0:
-                continue
-            x0, y0 = max(int(x - 4 * sigma), 0), max(int(y - 4 * sigma), 0)
-            x1, y1 = min(int(x + 4 * sigma), size), min(int(y + 4 * sigma), size)
-            for row in range(y0 // stride, y1 // stride):
-                for col in range(x0 // stride, x1 // stride):
-                    e = (((col * stride + shift - x) ** 2 + (row * stride + shift - y) ** 2)
-                         / (2 * sigma ** 2))
-                    if e <= math.log(100):
-                        heat[part, row, col] = min(heat[part, row, col] + math.exp(-e), 1.0)
-    heat[-1] = 1 - heat[:-1].max(0)
-    for limb, (ja, jb) in enumerate(limbs):
-        in_cells = keypoints / [stride, stride, 1]
-        for (xa, ya, va), (xb, yb, vb) in zip(in_cells[:, ja], in_cells[:, jb]):
-            norm = math.hypot(xb - xa, yb - ya)
-            if va <= 0 or vb <= 0 or norm < 1e-7:
-                continue
-            ux, uy = (xb - xa) / norm, (yb - ya) / norm
-            for row in range(int(max(min(ya, yb) - thickness, 0)),
-                             int(min(max(ya, yb) + thickness, n))):
-                for col in range(int(max(min(xa, xb) - thickness, 0)),
-                                 int(min(max(xa, xb) + thickness, n))):
-                    if abs((col - xa) * uy - (row - ya) * ux) <= thickness:
-                        paf[2 * limb, row, col], paf[2 * limb + 1, row, col] = ux, uy
-    return heat, paf
-
-
-def bench_people(data: Data, cfg: Config, per_sample: int, samples: int,
-                 rng: np.random.Generator) -> torch.Tensor:
-    """(samples, per_sample, K, 3) people as crops at cfg's geometry place them: everyone in 4x as
-    many training crops, drawn at random."""
-    maker = BatchMaker(data, dataclasses.replace(cfg, mode="real"))
-    pool = []
-    while len(pool) < 4 * samples * per_sample:
-        for kp in collate([maker.sample(spec, rng) for spec in maker.plan(16, rng)])[1]:
-            pool += [person for person in kp if (person[:, 2] > 0).any()]
-    pool = np.stack(pool)
-    return torch.as_tensor(pool[rng.choice(len(pool), (samples, per_sample), replace=False)])
-
-
-def bench_targets(cfg: Config, data: Data, people: tuple[int, ...] = (1, 5, 10),
-                  batch: int = 16) -> dict:
-    """heatmap_targets + paf_targets against the peer's loops, on one thread and the same people:
-    ms per sample batched as the loader does, one sample at a time, and the peer's (best of 5)."""
-    sk, rng, figures = skeleton(cfg), np.random.default_rng(0), {}
-    with one_thread():
-        for name, preset in (("demo", PRESETS["demo"]), ("paper", PRESETS["paper"])):
-            geometry = {k: preset.get(k, getattr(Config(), k))
-                        for k in ("input_size", "stride", "sigma", "paf_width",
-                                  "max_center_offset")}
-            g = dataclasses.replace(cfg, **geometry)
-            size, stride = g.input_size, g.stride
-            print(f"\ntargets at the {name} geometry ({size} px, stride {stride}, sigma "
-                  f"{g.sigma}, PAF half-width {g.paf_width} px = the peer's thickness "
-                  f"{g.paf_width / stride} cells), 1 thread, ms per sample")
-            for n in people:
-                kp = bench_people(data, g, n, batch, rng)
-
-                def ours(k):
-                    return (heatmap_targets(k, size, stride, g.sigma),
-                            paf_targets(k, size, stride, g.paf_width, sk.limbs))
-
-                # the best of 5: on a shared machine the fastest repeat is the least disturbed one
-                batched = min(seconds_per_call(lambda: ours(kp), 1, warmup=1)
-                              for _ in range(5)) / batch
-                single = min(seconds_per_call(lambda: [ours(k[None]) for k in kp], 1)
-                             for _ in range(5)) / batch
-                thickness = g.paf_width / stride
-                peer = min(seconds_per_call(lambda: [peer_targets(k.numpy(), size, stride, g.sigma,
-                                                                  thickness, sk.limbs)
-                                                     for k in kp], 1) for _ in range(5)) / batch
-                figures[f"{name}_{n}_people"] = row = dict(batched_ms=batched * 1e3,
-                                                           single_ms=single * 1e3,
-                                                           peer_ms=peer * 1e3,
-                                                           speedup_batched=peer / batched,
-                                                           speedup_single=peer / single)
-                print(f"  people {n:2d}: ours batched by {batch} {row['batched_ms']:6.3f}, one at "
-                      f"a time {row['single_ms']:6.3f}, peer {row['peer_ms']:6.3f}: "
-                      f"{row['speedup_batched']:4.1f}x and {row['speedup_single']:4.1f}x faster")
-    return figures
-
-
 def bench_job(cfg: Config, args: argparse.Namespace) -> None:
     device = start_job(cfg)[2]
     bench(cfg, load_data(cfg), device)
-
-
-def bench_targets_job(cfg: Config, args: argparse.Namespace) -> None:
-    start_job(cfg)
-    bench_targets(cfg, load_data(cfg))
-
-
-def gpu_report_job(cfg: Config, args: argparse.Namespace) -> None:
-    device = start_job(cfg)[2]
-    gpu_report(cfg, load_data(cfg), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5910,9 +4050,9 @@ def export_onnx_job(cfg: Config, args: argparse.Namespace) -> None:
 # Runs: main, a training run's start, its folder's lock and signals, its finish
 # ----------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; SIGTERM ends it as Ctrl-C does (the handler is put back after, for
-    callers)."""
+def main(argv: list[str] | None = None, jobs: dict | None = None) -> int:
+    """The command line (of repro.py's JOBS, or a script's own); SIGTERM ends it as Ctrl-C does
+    (the handler is put back after, for callers)."""
     import threading
 
     previous = None
@@ -5920,30 +4060,32 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     watch_parent()
     try:
-        return run_main(argv)
+        return run_main(argv, jobs)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def run_main(argv: list[str] | None = None) -> int:
+def run_main(argv: list[str] | None = None, jobs: dict | None = None) -> int:
+    jobs = JOBS if jobs is None else jobs
+    name = Path(next(iter(jobs.values())).prog).name
     try:
-        cfg, args = parse_args(argv)
+        cfg, args = parse_args(argv, jobs)
     except SystemExit as e:  # --help (0), or the parser refused the command line in one line (2)
         return int(e.code or 0)
     try:
         check_config(cfg)
-        JOBS[args.job].run(cfg, args)
+        jobs[args.job].run(cfg, args)
     except (ReproError, rh.RenderError) as e:
-        print(f"repro.py: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder: one line, no half-files (atomic writes)
-        print(f"repro.py: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        print(f"{name}: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         training = args.job != TRAIN or cfg.mode not in ("eval", "predict")
-        kept = JOBS[args.job].kept if training else None
-        print("repro.py: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        kept = jobs[args.job].kept if training else None
+        print(f"{name}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
 
@@ -6190,19 +4332,6 @@ def run_eval(cfg: Config, data: Data, device: torch.device) -> dict:
     return stats
 
 
-def probe_job(cfg: Config, args: argparse.Namespace) -> None:
-    device = start_job(cfg)[2]
-    design, code = PROBES[args.probe], code_version()
-    PROTOCOL_RESULTS.parent.mkdir(parents=True, exist_ok=True)  # before its hour of work
-    out = Path(cfg.out or PROTOCOL_RUNS / design.name)
-    probe = run_probe(cfg, load_data(cfg), device, out, design)
-    probe |= dict(command=" ".join(["python", "repro.py", *args.argv]), code=code,
-                  device=device_name(device), device_key=this_device_key(device, cfg))
-    name = probe_name(design, cfg.seed)
-    write_json(probe, PROTOCOL_RESULTS.parent / f"{name}.json")
-    save_probe_figure(probe, PROTOCOL_RESULTS.parent / f"{name}.png")
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that it ends like Ctrl-C: checkpoint kept, lock
     released, loader workers and protocol runs ended."""
@@ -6236,6 +4365,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+@functools.cache
+def code_version() -> str | None:
+    """The commit the runner's code came from (pairs of runs are compared within one), if it is a git
+    checkout; read once, when a job starts, so a commit made while it runs is not credited with its runs."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def instruction_set(amx: bool, avx512_bf16: bool, capability: str) -> str:
     """The CPU's instruction set that sets a run's speed: AMX or AVX-512 BF16 (native bf16, see
     cpu_has_native_bf16), else the vector set torch's kernels dispatch to (AVX-512, AVX2, ...)."""
@@ -6258,7 +4399,7 @@ def cpu_model() -> str:
 def device_key(model: str, isa: str, precision: str, threads: int | str, torch_version: str) -> str:
     """Where a run trained, as one key: the CPU's model or the GPU's name, the instruction set that
     sets its speed (a GPU's: its compute capability), the precision used, torch's threads and
-    version. Runs are compared in pairs only within one key (paired_aps)."""
+    version. Runs are compared in pairs only within one key (the claims protocol's seed_pairs)."""
     return f"{model} ({isa}), {precision}, {threads} threads, torch {torch_version}"
 
 
@@ -6281,45 +4422,54 @@ def this_device_key(device: torch.device, cfg: Config) -> str:
 TRAIN = ""  # the job of a --mode run (training, --mode eval, --mode predict): every Config flag
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+def parse_args(argv: list[str] | None = None,
+               jobs: dict | None = None) -> tuple[Config, argparse.Namespace]:
     """The job argv names, then that job's parser; args.job is the job's flag (TRAIN: a --mode
-    run), args.argv the command line."""
+    run), args.argv the command line. `jobs`: repro.py's JOBS, or a script's own (claims.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    flag = pick_job(argv)
-    parser = build_parser(flag)
+    jobs = JOBS if jobs is None else jobs
+    flag = pick_job(argv, jobs)
+    parser = build_parser(flag, jobs)
     if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
         parser.print_help()
         parser.exit()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        refuse_flags(parser, flag, extra)
+        refuse_flags(parser, flag, extra, jobs)
     unread = [config_flag(k) for k, v in vars(args).items()
               if v is not None and k not in PREDICT_FIELDS]
     if flag == TRAIN and args.mode == "predict" and unread:
         parser.error(f"--mode predict does not take {' '.join(unread)}: it takes "
                      + fields_in_words(PREDICT_FIELDS))
     args.job, args.argv = flag, argv
-    return job_config(flag, args), args
+    return job_config(jobs[flag], args), args
 
 
-def pick_job(argv: list[str]) -> str:
-    """The job whose flag argv gives (TRAIN for none); argparse refuses two jobs at once. What the
-    job's flag is given is left to the job's own parser."""
-    picker = OneLineParser(prog="repro.py", add_help=False, allow_abbrev=False)
-    jobs = picker.add_mutually_exclusive_group()
-    for flag in filter(None, JOBS):
-        jobs.add_argument(flag, nargs="*", dest=flag)
+def pick_job(argv: list[str], jobs: dict) -> str:
+    """The job whose flag argv gives (TRAIN for none, refused where `jobs` has no --mode run);
+    argparse refuses two jobs at once. What the job's flag is given is left to the job's own
+    parser."""
+    prog = next(iter(jobs.values())).prog
+    picker = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
+    group = picker.add_mutually_exclusive_group()
+    for flag in filter(None, jobs):
+        group.add_argument(flag, nargs="*", dest=flag)
     picked = vars(picker.parse_known_args(argv)[0])
-    return next((flag for flag, given in picked.items() if given is not None), TRAIN)
+    flag = next((flag for flag, given in picked.items() if given is not None), TRAIN)
+    if flag not in jobs and {"-h", "--help"} & set(argv):
+        picker.exit(0, f"usage: {prog} JOB [its flags]\n\n{jobs_epilog(jobs)}\n")
+    if flag not in jobs:
+        picker.error(f"give one of {', '.join(jobs)}")
+    return flag
 
 
-def build_parser(flag: str = TRAIN) -> argparse.ArgumentParser:
+def build_parser(flag: str = TRAIN, jobs: dict | None = None) -> argparse.ArgumentParser:
     """A job's parser: its own flags and the Config flags it reads. A --mode run's (the default)
     takes every Config flag, and its --help ends with the other jobs."""
-    job = JOBS[flag]
+    job = (JOBS if jobs is None else jobs)[flag]
     if flag:
-        usage = f"repro.py {own_usage(job)}" + (" [its flags below]" if job.fields else "")
-        p = OneLineParser(prog=f"repro.py {flag}", usage=usage, description=job.help)
+        usage = f"{job.prog} {own_usage(job)}" + (" [its flags below]" if job.fields else "")
+        p = OneLineParser(prog=f"{job.prog} {flag}", usage=usage, description=job.help)
     else:
         p = OneLineParser(prog="repro.py", usage="repro.py [--mode MODE] [its flags below]\n       "
                           "repro.py JOB [its flags] (the jobs are listed at the end)",
@@ -6348,10 +4498,10 @@ def shown(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def job_config(flag: str, args: argparse.Namespace) -> Config:
+def job_config(job: Job, args: argparse.Namespace) -> Config:
     """Config defaults, then the preset, then the flags given; --init resolved for the jobs that
     read it."""
-    fields = JOBS[flag].fields
+    fields = job.fields
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     values = dataclasses.asdict(Config()) | PRESETS[given.get("preset", "demo")] | given
     values |= {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
@@ -6376,12 +4526,15 @@ def resolve_init(cfg: Config, finetune_given: bool) -> Config:
     return dataclasses.replace(cfg, init=init, **finetune)
 
 
-def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str]) -> None:
-    """argparse's refusal of what a job does not take, naming the jobs whose flags those are."""
-    takes = {f: {s for a in build_parser(f)._actions for s in a.option_strings} for f in JOBS}
+def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str], jobs: dict) -> None:
+    """argparse's refusal of what a job does not take, naming the jobs whose flags those are (or
+    the script whose they are: ELSEWHERE)."""
+    takes = {f: {s for a in build_parser(f, jobs)._actions for s in a.option_strings} for f in jobs}
     notes = []
     for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
-        owners = [f or "the --mode runs" for f in JOBS if word in takes[f]]
+        owners = [f or "the --mode runs" for f in jobs if word in takes[f]]
+        owners += [f"python {script}" for script, flags in ELSEWHERE.items()
+                   if word in flags.split() and not owners]
         notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
     parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
                  + (f" ({'; '.join(notes)})" if notes else ""))
@@ -6392,27 +4545,34 @@ class OneLineParser(argparse.ArgumentParser):
     other input errors are, saying where the job's flags are listed."""
 
     def error(self, message: str):
-        self.exit(2, f"repro.py: error: {message}; `python {self.prog} --help` lists its flags\n")
+        name = Path(self.prog.split()[0]).name
+        self.exit(2, f"{name}: error: {message}; `python {self.prog} --help` lists its flags\n")
 
 
 def own_usage(job: Job) -> str:
     """A job's own flags as argparse writes a usage: `--reproduce [--jobs N] [--only GLOB ...]`."""
     wide = functools.partial(argparse.HelpFormatter, width=1000)  # one line, whatever $COLUMNS
-    p = argparse.ArgumentParser(prog="repro.py", add_help=False, formatter_class=wide)
+    p = argparse.ArgumentParser(prog=job.prog, add_help=False, formatter_class=wide)
     for i, (name, kwargs) in enumerate(job.own):
         p.add_argument(name, required=i == 0, **kwargs)
-    return p.format_usage().removeprefix("usage: repro.py ").strip()
+    return p.format_usage().removeprefix(f"usage: {job.prog} ").strip()
 
 
-def jobs_epilog() -> str:
-    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes."""
-    lines = ["the other jobs, one per call, each taking only its own flags "
-             "(python repro.py JOB --help):"]
-    for job in [job for job in JOBS.values() if job.flag]:
+def jobs_epilog(jobs: dict | None = None) -> str:
+    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes (a
+    script's --help, without a job, is its jobs)."""
+    jobs = JOBS if jobs is None else jobs
+    prog = next(iter(jobs.values())).prog
+    lines = [f"the {'other ' if TRAIN in jobs else ''}jobs, one per call, each taking only its own "
+             f"flags (python {prog} JOB --help):"]
+    for job in [job for job in jobs.values() if job.flag]:
         takes = f"; takes {fields_in_words(job.fields)}" if job.fields else ""
         lines += ["  " + own_usage(job), *textwrap.wrap(
             job.help + takes, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
             break_on_hyphens=False)]
+    if jobs is JOBS:
+        lines += ["the experiments behind results/ are scripts of their own (python SCRIPT --help):"]
+        lines += [f"  {script}: {flags}" for script, flags in ELSEWHERE.items()]
     return "\n".join(lines)
 
 
@@ -6441,23 +4601,6 @@ def reader_fields(job: str) -> tuple[str, ...]:
 PREDICT_FIELDS = reader_fields("predict")
 
 
-def job_count(text: str) -> int:
-    """--jobs N: refused by the parser unless a whole number of 1 or more."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return int(text)
-
-
-def protocol_glob(glob: str) -> str:
-    """--only GLOB: refused by the parser when it matches no run of the claims protocol."""
-    names = [r.name for r in protocol_runs()] + [name for name, _, _ in probe_jobs()]
-    if not any(matches(n, (glob,)) for n in names):
-        raise argparse.ArgumentTypeError(f"{glob!r} matches no protocol run; names look like "
-                                         f"{names[0]}, full/augmented-mask-s1, full/synthetic-only "
-                                         "or probe")
-    return glob
-
-
 class Job:
     """A job of the command line: its flag (TRAIN: a --mode run, which has none), what it runs,
     the flag's help and argparse keywords, more flags of its own, and what it keeps when
@@ -6465,41 +4608,21 @@ class Job:
     Config fields it reads (its fields), no other."""
 
     def __init__(self, flag: str, run, help: str = "", *more: tuple[str, dict],
-                 kept: str | None = None, **kwargs):
-        self.flag, self.run, self.help, self.kept = flag, run, help, kept
+                 kept: str | None = None, prog: str = "repro.py", **kwargs):
+        self.flag, self.run, self.help, self.kept, self.prog = flag, run, help, kept, prog
         self.own = ((flag, dict(help=help, **kwargs)), *more) if flag else ()
         self.fields = reader_fields(flag or TRAIN)
 
 
+# The experiments behind results/, each a script beside its results with jobs of its own (their
+# flags named here so that repro.py's refusal of them says where they are).
+ELSEWHERE = {"results/protocol/claims.py": "--reproduce --report --probe --jobs --only",
+             "results/domain-gap/domain_gap.py": "--domain-gap",
+             "results/speed/speed.py": "--bench-targets --gpu-report"}
+
 JOBS = {job.flag: job for job in (
     Job(TRAIN, train_job, kept="the last checkpoint is kept: rerun with --resume"),
-    Job("--reproduce", lambda cfg, args: run_protocol(jobs=args.jobs, only=tuple(args.only)),
-        "run the claims protocol (README): skips finished runs, resumes cut-off ones, then "
-        "--report",
-        ("--jobs", dict(help="fine-tune N runs at once (a GPU with spare CPU cores); each logs to "
-                        "runs/protocol/<run>.log", type=job_count, default=1, metavar="N")),
-        ("--only", dict(help="only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
-                        "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
-                        default=["*"], metavar="GLOB")), action="store_true",
-        kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on"),
-    Job("--report", lambda cfg, args: report_protocol(), "rebuild results/claims.{json,md,png} and "
-        "the README's claims table from results/protocol", action="store_true"),
-    Job("--probe", probe_job, "the informativeness probe of claim 3 from --init (README): v1 (the "
-        "default) writes results/probe.{json,png}, v2 (README, Rule v2) "
-        "results/probe-v2.{json,png}, v3 (Rule v3) results/probe-v3-t<seed>.{json,png}", nargs="?",
-        const="v1", choices=tuple(PROBES), metavar="|".join(PROBES),
-        kept="the points probed so far are kept: rerun the same command to go on"),
-    Job("--domain-gap", domain_gap_job, "render N scenes per style and per style factor switched "
-        "(seed 7000), evaluate --ckpt (default: the shipped student) on each; writes "
-        "domain-gap.{json,md} into --out (default results/domain-gap/); README, 'Where the domain "
-        "gap comes from'", type=int, metavar="N"),
     Job("--bench", bench_job, "print speed figures and exit", action="store_true"),
-    Job("--bench-targets", bench_targets_job, "time heatmap + PAF targets against Lightweight "
-        "OpenPose's loops at the demo and paper geometries (one thread) and exit",
-        action="store_true"),
-    Job("--gpu-report", gpu_report_job, "the device figures of one call (training img/s eager and "
-        "compiled, FLOPs per image, MFU, loader ratio, teacher update, a torchrun check) into "
-        "results/gpu-bench/, and exit", action="store_true"),
     Job("--compare", compare_job, "plot val metrics of these run folders against minutes into "
         "--out (png + md table)", nargs="+", metavar="RUN"),
     Job("--export-student", export_student_job, "write CKPT's weights in half precision to --out "

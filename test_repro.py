@@ -1,7 +1,9 @@
 """Tests for the reproduction (CPU only; run with `python -m pytest -x -q test_repro.py`)."""
 import ast
 import collections
+import copy
 import errno
+import importlib.util
 import itertools
 import json
 import math
@@ -29,6 +31,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
                                         "keyword")
 
 import repro as R  # noqa: E402
+
+
+
+def _script(path: str) -> types.ModuleType:
+    """An experiment's script under results/ (README, "Code map"), imported by its path."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+C = _script("results/protocol/claims.py")  # the claims protocol
+G = _script("results/domain-gap/domain_gap.py")  # where the domain gap comes from
+S = _script("results/speed/speed.py")  # the GPU report, targets against Lightweight OpenPose's
+SCRIPTS = {"repro.py": R, "results/protocol/claims.py": C, "results/domain-gap/domain_gap.py": G,
+           "results/speed/speed.py": S}
 
 # ==============================================================================================
 # Renderer (render_humans.py)
@@ -847,10 +865,14 @@ def mpii_toy(toy):
 
 
 def run_main_error(capsys, argv):
+    """The one line a refused command gives: repro.py's, or a script's (SCRIPTS) where the first
+    job flag given is one of its jobs."""
+    script = next((path for a in argv for path, m in SCRIPTS.items() if a and a in m.JOBS),
+                  "repro.py")
     capsys.readouterr()
-    assert R.main(argv) == 2
+    assert SCRIPTS[script].main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("repro.py: error:"), err
+    assert len(err) == 1 and err[0].startswith(f"{Path(script).name}: error:"), err
     return err[0]
 
 
@@ -923,7 +945,8 @@ def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_lon
     split = doc.find("part ii, the tooling")
     assert all((at < split) == (i < part2) for (i, _), at in zip(titles, where))
     assert not re.search(r"\blines? \d", R.__doc__)  # line numbers go stale with every edit
-    for path in ("repro.py", "render_humans.py"):
+    assert len(lines) - part2 <= len(lines) / 2, "Part II, the tooling, outweighs the method"
+    for path in ("repro.py", "render_humans.py", *SCRIPTS):
         long = [(n.name, n.end_lineno - n.lineno + 1)
                 for n in ast.walk(ast.parse((ROOT / path).read_text()))
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and
@@ -1523,7 +1546,7 @@ def test_teacher_learns_on_the_crops_behind_its_previous_pick(toy, tmp_path):
     assert np.allclose(teacher.probs, teacher.output(old))
     teacher.window, teacher.hard_images = [2.0], new  # the loss rose: reward the pick made on `old`
     target = R.soft_target(teacher.probs, teacher.picked, True, cfg.teacher_step)
-    on_old, on_new = R.copy.deepcopy(teacher), R.copy.deepcopy(teacher)
+    on_old, on_new = copy.deepcopy(teacher), copy.deepcopy(teacher)
     on_old.learn(target, old, lr, 4)
     on_new.learn(target, new, lr, 4)
     teacher.decide(4, lr)
@@ -1712,12 +1735,12 @@ def test_runs_pair_only_within_one_device_key_and_old_summaries_still_read(tmp_p
     runs = [run("teacher-3000", s, 0.2, **epyc) for s in range(3)] + [
         run("synthetic-3000", 0, 0.21, **epyc), run("synthetic-3000", 1, 0.22, **xeon),
         run("synthetic-3000", 2, 0.23, device="cpu")]  # seed 2: a summary written before keys
-    pairs, refused = R.seed_pairs(runs, "teacher-3000", "uniform-3000", "scarce")
+    pairs, refused = C.seed_pairs(runs, "teacher-3000", "uniform-3000", "scarce")
     assert [a["seed"] for a, _ in pairs] == [0] and refused == [1, 2]
-    assert R.paired_aps(runs, "teacher-3000", "uniform-3000", "scarce") == ([0.2], [0.21])
-    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 3,
+    assert C.paired_aps(runs, "teacher-3000", "uniform-3000", "scarce") == ([0.2], [0.21])
+    stage = C.Stage("x", "q", (C.Arm("teacher-3000", ()),), 3000, 3,
                     (("teacher-3000", "uniform-3000"),), delta=0.003)
-    (verdict,) = R.pair_tests(stage, R.RULE_V3, runs)
+    (verdict,) = C.pair_tests(stage, C.RULE_V3, runs)
     assert verdict["n"] == 1 and verdict["not_paired"] == [1,
                                                            2] and verdict["verdict"] == ("pending "
                                                                                          "(1 of 3 "
@@ -1725,27 +1748,27 @@ def test_runs_pair_only_within_one_device_key_and_old_summaries_still_read(tmp_p
     old = [run(c, s, 0.2, device=d) for s,
            d in ((0, "cpu"), (1, "NVIDIA H200")) for c in ("real", "synthetic")]
     # as before keys
-    assert R.paired_aps(old, "real", "synthetic", "scarce") == ([0.2] * 2, [0.2] * 2)
-    assert (R.summary_device_key(old[0]) != R.summary_device_key(old[2]) and
-            R.device_keys_note(old) == [])
-    assert "Intel Xeon (AMX)" in R.device_keys_note(runs)[1]
+    assert C.paired_aps(old, "real", "synthetic", "scarce") == ([0.2] * 2, [0.2] * 2)
+    assert (C.summary_device_key(old[0]) != C.summary_device_key(old[2]) and
+            C.device_keys_note(old) == [])
+    assert "Intel Xeon (AMX)" in C.device_keys_note(runs)[1]
     summary = dict(name="scarce/real-s0", condition="real", regime="scarce", seed=0, steps=800,
                    minutes=1.0, ap=0.3, ap50=0.6, ap75=0.2, device="cpu")
     (tmp_path / "scarce-real-s0.json").write_text(json.dumps(summary))
     # written before keys: still reads
-    assert R.read_summary(tmp_path / "scarce-real-s0.json") == summary
+    assert C.read_summary(tmp_path / "scarce-real-s0.json") == summary
     (tmp_path / "scarce-real-s0.json").write_text(json.dumps(summary | dict(device_key=3)))
     with pytest.raises(R.ReproError, match="device_key"):
-        R.read_summary(tmp_path / "scarce-real-s0.json")
+        C.read_summary(tmp_path / "scarce-real-s0.json")
     (tmp_path / "config.json").write_text(json.dumps(dict(device="cpu", device_name="cpu",
                                                           precision="float32",
                                                           threads=2, torch="2.1")))
-    assert R.run_device(tmp_path) == dict(device="cpu",
+    assert C.run_device(tmp_path) == dict(device="cpu",
                                           device_key="cpu (instruction set unknown), float32, 2 "
                                                      "threads, torch 2.1")
     (tmp_path / "config.json").write_text(json.dumps(dict(device="cpu", device_name="cpu",
                                                           device_key="k")))
-    assert R.run_device(tmp_path) == dict(device="cpu", device_key="k")
+    assert C.run_device(tmp_path) == dict(device="cpu", device_key="k")
 
 
 def interrupt_at_step(monkeypatch, stop):
@@ -2328,7 +2351,7 @@ def test_mpii_scoring_refuses_what_would_score_silently_wrong(tmp_path, capsys):
     shutil.copy(gt_path, tmp_path / "copy.mat")
     for twice in (gt_path, tmp_path / "copy.mat"):
         assert "are identical" in run_main_error(capsys, ["--score-mpii", str(twice), str(gt_path)])
-    nan_xy, nan_score = [R.copy.deepcopy(pred) for _ in range(2)]
+    nan_xy, nan_score = [copy.deepcopy(pred) for _ in range(2)]
     nan_xy[0].joints[0, :5, 0] = np.nan
     nan_score[0].scores[1, 2] = np.nan
     for groups, words in ((nan_xy, "5 of 32 predicted joints have NaN or infinite coordinates "
@@ -2876,8 +2899,8 @@ def test_mpii_val_mat_and_checkpoints_of_the_other_skeleton_are_named(capsys, tm
 # ---- The claims protocol: every condition fine-tuned from one real-only student ------------------
 
 def test_protocol_conditions_mean_what_their_names_say():
-    cfgs = {name: R.parse_args(c.flags)[0] for name, c in R.CONDITIONS.items()}
-    gap = next(r for r in R.protocol_runs() if r.condition == "synthetic-only")
+    cfgs = {name: R.parse_args(c.flags)[0] for name, c in C.CONDITIONS.items()}
+    gap = next(r for r in C.protocol_runs() if r.condition == "synthetic-only")
     cfgs["synthetic-only"] = R.parse_args(gap.argv)[0]
     real_crops = {name: R.batch_sources(cfg, 16).count(R.REAL) for name, cfg in cfgs.items()}
     assert real_crops == dict(real=16, synthetic=8, **{"augmented-include": 8, "augmented-mask": 8},
@@ -2885,7 +2908,7 @@ def test_protocol_conditions_mean_what_their_names_say():
     # the domain gap: no real crop
     assert R.batch_sources(cfgs["synthetic-only"], 16) == [R.SYNTHETIC] * 16
     # what the claims table prints
-    assert all(R.real_crops_per_step(c) == n for c, n in real_crops.items())
+    assert all(C.real_crops_per_step(c) == n for c, n in real_crops.items())
     assert [cfgs[c].synthetic_loss for c in ("augmented-include", "augmented-mask")] == ["include",
                                                                                          "mask"]
     teachers = [cfgs[c] for c in ("teacher", "uniform", "teacher-fast")]
@@ -2902,21 +2925,21 @@ def test_every_protocol_condition_records_the_real_crops_its_flags_give():
     runs' flags give (parsed here once per condition, never by the report)."""
     seen = {}
     # round 3's: test_round_3_...
-    for run in [r for r in R.protocol_runs() if not r.name.startswith("r3/")]:
+    for run in [r for r in C.protocol_runs() if not r.name.startswith("r3/")]:
         if run.condition not in seen:
             cfg, _ = R.parse_args(run.argv)
             seen[run.condition] = R.batch_sources(cfg, cfg.batch_size).count(R.REAL)
-    records = R.STUDENT_CONDITIONS | R.CONDITIONS | R.LONG_CONDITIONS
-    assert set(seen) == set(records) - set(R.SAME_RUNS)
+    records = C.STUDENT_CONDITIONS | C.CONDITIONS | C.LONG_CONDITIONS
+    assert set(seen) == set(records) - set(C.SAME_RUNS)
     assert all(records[c].real_crops == n for c, n in seen.items())
-    assert all(R.real_crops_per_step(c) == R.real_crops_per_step(R.SAME_RUNS[c])
-               for c in R.SAME_RUNS)
+    assert all(C.real_crops_per_step(c) == C.real_crops_per_step(C.SAME_RUNS[c])
+               for c in C.SAME_RUNS)
 
 
 def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
-    first = {r.name: r for r in R.scratch_runs() + R.stage_runs(R.ROUND1.stages[0], R.ROUND1)}
-    assert len(first) == 39 and [r.name for r in R.protocol_runs()[:39]] == list(first)
-    second = [r for r in R.protocol_runs() if r.name not in first and not r.name.startswith("r3/")]
+    first = {r.name: r for r in C.scratch_runs() + C.stage_runs(C.ROUND1.stages[0], C.ROUND1)}
+    assert len(first) == 39 and [r.name for r in C.protocol_runs()[:39]] == list(first)
+    second = [r for r in C.protocol_runs() if r.name not in first and not r.name.startswith("r3/")]
     assert all(r.init == f"{r.regime}/student" for r in second)
     short = [r for r in second if "3000" not in r.condition]
     assert {(r.regime, r.condition, r.seed) for r in short} == (
@@ -2941,7 +2964,7 @@ def test_round_2_runs_are_round_1s_flags_on_new_seeds_and_longer_teachers():
 def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy, tmp_path):
     batches = []
     for name in ("synthetic", "uniform"):
-        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *R.CONDITIONS[name].flags, "--steps",
+        cfg, _ = R.parse_args(toy_args(toy, tmp_path / name, *C.CONDITIONS[name].flags, "--steps",
                                        "3", "--workers", "0"))
         trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / name)
         batches.append([])
@@ -2955,58 +2978,58 @@ def test_the_uniform_teacher_loop_trains_on_the_synthetic_conditions_batches(toy
         assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("image", "keypoints",
                                                                           "ignore"))
         assert torch.equal(a.target, b.target) and torch.equal(a.loss_mask, b.loss_mask)
-    assert R.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
-    assert R.LONG_CONDITIONS["synthetic-3000"] == R.CONDITIONS["synthetic"]
+    assert C.SAME_RUNS == {"uniform": "synthetic", "uniform-3000": "synthetic-3000"}
+    assert C.LONG_CONDITIONS["synthetic-3000"] == C.CONDITIONS["synthetic"]
     # read from synthetic's runs
-    assert not any(r.condition in R.SAME_RUNS for r in R.protocol_runs())
+    assert not any(r.condition in C.SAME_RUNS for r in C.protocol_runs())
     runs = [dict(condition=c, regime="full", seed=s, ap=ap) for s in range(3) for c, ap in
             (("synthetic", 0.3 + 0.01 * s), ("teacher", 0.2))]
-    assert R.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
+    assert C.paired_aps(runs, "teacher", "uniform", "full") == ([0.2] * 3, [0.3, 0.31, 0.32])
 
 
 def test_teacher_drift_counts_every_update_of_the_checkpoint(tmp_path):
     records = [dict(step=20 * k, probs=[0.5 + 0.1 * k, 0.5 - 0.1 * k]) for k in range(3)]
-    drift = R.teacher_drift(records)
+    drift = C.teacher_drift(records)
     assert (drift["updates"] == 3 and drift["l1"] == pytest.approx(0.4) and
             drift["max_prob"] == pytest.approx(0.7))
     assert "entropy_first" not in drift  # round 1's records began with the placeholder: no entropy
     # round 2's: the network's outputs only
-    new = R.teacher_drift([dict(r, next_bin=0) for r in records])
+    new = C.teacher_drift([dict(r, next_bin=0) for r in records])
     assert (new["entropy_first"] == pytest.approx(math.log(2)) and
             new["entropy_min"] == pytest.approx(-(0.7 * math.log(0.7) + 0.3 * math.log(0.3))))
     assert new["series"] == [[r["step"], *r["probs"]] for r in records]
-    assert R.teacher_drift([dict(step=1)]) is None
+    assert C.teacher_drift([dict(step=1)]) is None
     # the metric lines carry only the latest update at each line: the checkpoint's records win
     R.append_jsonl(tmp_path / "metrics.jsonl", dict(step=50, teacher=records[-1]))
-    assert R.teacher_records(tmp_path) == records[-1:]
+    assert C.teacher_records(tmp_path) == records[-1:]
     torch.save(dict(teacher=dict(records=records)), tmp_path / "ckpt.pt")
-    assert R.teacher_records(tmp_path) == records
+    assert C.teacher_records(tmp_path) == records
 
 
 def test_runner_skips_finished_runs_and_rebuilds_a_missing_student(tmp_path, monkeypatch):
     _report_sandbox(tmp_path, monkeypatch)
     monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
-    runs = R.protocol_runs()
+    runs = C.protocol_runs()
     done = [r for r in runs if r.name in ("full/student", "full/real-s0")]
     for r in done:
-        R.PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
+        C.PROTOCOL_RESULTS.mkdir(parents=True, exist_ok=True)
         R.write_json(dict(name=r.name, condition=r.condition, regime=r.regime, seed=r.seed, steps=1,
                           minutes=0.1,
                           ap=0.3, ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init=r.init,
-                          command="x", teacher=None), R.summary_path(r))
+                          command="x", teacher=None), C.summary_path(r))
     for name in ("probe", "probe-v2"):  # finished probes: the runner skips them
         shutil.copy(ROOT / "results" / f"{name}.json", tmp_path / "results")
     _probe_v3_results(tmp_path / "results", np.random.default_rng(0).normal(0, 1, (3, 4, 5, 3)))
     # a file without a result is not one
-    assert not R.probe_done(tmp_path / "results" / "claims.json")
+    assert not C.probe_done(tmp_path / "results" / "claims.json")
     trained = []
 
     def train(run, python):
         trained.append(run.name)
         if run.condition == "student":
-            R.regime_student(run.regime).write_bytes(b"")
-    monkeypatch.setattr(R, "train_protocol_run", train)
-    R.run_protocol()
+            C.regime_student(run.regime).write_bytes(b"")
+    monkeypatch.setattr(C, "train_protocol_run", train)
+    C.run_protocol()
     assert "full/real-s0" not in trained and trained[0] == "scarce/student"
     # full/student finished before, but its exported weights are gone: rebuilt before its first user
     assert trained.index("full/student") < trained.index("full/synthetic-s0")
@@ -3036,7 +3059,7 @@ def _report_sandbox(tmp_path, monkeypatch):
     """An empty results/protocol beside the committed frozen rounds, as cwd."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results" / "protocol").mkdir(parents=True)
-    shutil.copy(ROOT / R.FROZEN_ROUNDS, tmp_path / R.FROZEN_ROUNDS)
+    shutil.copy(ROOT / C.FROZEN_ROUNDS, tmp_path / C.FROZEN_ROUNDS)
 
 
 FAKE_RUN = """#!{python}
@@ -3059,9 +3082,9 @@ if out.name == "teacher-s1":
 def _protocol_sandbox(tmp_path, monkeypatch, script):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(R, "SHIPPED_STUDENT", tmp_path / "results" / "student-demo.pt")
-    for regime in R.PROTOCOL_REGIMES:
-        R.regime_student(regime).parent.mkdir(parents=True, exist_ok=True)
-        R.regime_student(regime).write_bytes(b"")
+    for regime in C.PROTOCOL_REGIMES:
+        C.regime_student(regime).parent.mkdir(parents=True, exist_ok=True)
+        C.regime_student(regime).write_bytes(b"")
     fake = tmp_path / "fake-python"
     fake.write_text(script.format(python=sys.executable, root=str(ROOT)))
     fake.chmod(0o755)
@@ -3072,26 +3095,26 @@ def test_the_runner_starts_the_probe_with_a_command_that_runs_on_any_machine(tmp
                                                                              capsys):
     fake = _protocol_sandbox(tmp_path, monkeypatch, "#!{python}\nimport json, sys\n"
                              "open('argv.json', 'w').write(json.dumps(sys.argv[2:]))\n")
-    R.run_probe_once(R.PROBES["v2"], 0, {r.name: r for r in R.protocol_runs()}, str(fake))
+    C.run_probe_once(C.PROBES["v2"], 0, {r.name: r for r in C.protocol_runs()}, str(fake))
     argv = json.loads((tmp_path / "argv.json").read_text())
     assert argv[:6] == ["--probe", "v2", "--init", "results/student-demo-scarce.pt", "--seed", "0"]
-    assert "the probe: python repro.py " + " ".join(argv) in capsys.readouterr().out
+    assert f"the probe: python {C.PROG} " + " ".join(argv) in capsys.readouterr().out
 
 
 def test_runner_trains_matching_runs_in_parallel_and_reports_a_failed_one(tmp_path, monkeypatch):
     fake = _protocol_sandbox(tmp_path, monkeypatch, FAKE_RUN)
     with pytest.raises(R.ReproError, match="scarce/teacher-s1 failed .exit status 3"):
         # round 1's seed 1
-        R.run_protocol(str(fake), jobs=2, only=("scarce/*[!0-9]-s1", "scarce/nothing"))
-    summaries = sorted(p.name for p in R.PROTOCOL_RESULTS.glob("*.json"))
+        C.run_protocol(str(fake), jobs=2, only=("scarce/*[!0-9]-s1", "scarce/nothing"))
+    summaries = sorted(p.name for p in C.PROTOCOL_RESULTS.glob("*.json"))
     assert summaries == sorted(f"scarce-{c}-s1.json"
-                               for c in R.CONDITIONS if c not in R.SAME_RUNS and c != "teacher")
+                               for c in C.CONDITIONS if c not in C.SAME_RUNS and c != "teacher")
     seen = [line.split() for line in (tmp_path / "concurrency.txt").read_text().splitlines()]
     assert len(seen) == 6 and max(int(n) for n, _ in seen) == 2  # two at a time, never more
     assert {threads for _, threads in seen} == {str(max(1, (os.cpu_count() or 1) // 2))}
-    assert json.loads((R.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
-    assert (R.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
-    assert R.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
+    assert json.loads((C.PROTOCOL_RESULTS / "scarce-real-s1.json").read_text())["device"] == "cpu"
+    assert (C.PROTOCOL_RUNS / "scarce" / "real-s1.log").is_file()
+    assert C.main(["--jobs", "4"]) == 2  # without --reproduce: one line, nothing runs
 
 
 LIVE_RUN = """#!{python}
@@ -3114,11 +3137,11 @@ except KeyboardInterrupt:
 @pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
 def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, monkeypatch, kill):
     fake = _protocol_sandbox(tmp_path, monkeypatch, LIVE_RUN)
-    runner = (f"import functools, sys; sys.path.insert(0, {str(ROOT)!r}); import repro as R; "
-              f"R.SHIPPED_STUDENT = R.Path({str(R.SHIPPED_STUDENT)!r}); "
-              f"R.run_protocol = functools.partial(R.run_protocol, {str(fake)!r}); "
-              "sys.exit(R.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
-    folders = [R.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
+    runner = (f"import functools, sys; sys.path.insert(0, {str(ROOT / 'results' / 'protocol')!r}); "
+              f"import claims as C; C.R.SHIPPED_STUDENT = C.Path({str(R.SHIPPED_STUDENT)!r}); "
+              f"C.run_protocol = functools.partial(C.run_protocol, {str(fake)!r}); "
+              "sys.exit(C.main(['--reproduce', '--jobs', '2', '--only', 'scarce/real-s[01]']))")
+    folders = [C.PROTOCOL_RUNS / "scarce" / f"real-s{s}" for s in (0, 1)]
     proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: all((f / "pid").is_file() for f in folders))
@@ -3141,21 +3164,21 @@ def test_runs_end_with_their_runner_and_a_live_run_is_never_deleted(tmp_path, mo
         for jobs in (1, 2):
             with pytest.raises(R.ReproError,
                                match=f"real-s0 is still running .pid {other.pid} holds"):
-                R.run_protocol(str(fake), jobs=jobs, only=("scarce/real-s0",))
+                C.run_protocol(str(fake), jobs=jobs, only=("scarce/real-s0",))
             assert (folder / "ended").is_file() and (folder / "pid").read_text() == str(children[0])
         other.kill()
 
 
 def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    runs = {r.name: r for r in R.protocol_runs()}
-    R.PROTOCOL_RESULTS.mkdir(parents=True)
+    runs = {r.name: r for r in C.protocol_runs()}
+    C.PROTOCOL_RESULTS.mkdir(parents=True)
     good = dict(name="full/real-s0", condition="real", regime="full", seed=0, steps=800,
                 minutes=1.0, ap=0.3,
                 ap50=0.6, ap75=0.2, ap_sd=0.01, ap_by_occlusion=None, init="full/student",
                 command="x", teacher=None)
-    R.write_json(good, R.summary_path(runs["full/real-s0"]))
-    bad = R.summary_path(runs["scarce/real-s0"])
+    R.write_json(good, C.summary_path(runs["full/real-s0"]))
+    bad = C.summary_path(runs["scarce/real-s0"])
     for text, words in (('{"name": "scarce/real-s0", "condi', "not a readable run summary"),
                         ("[1, 2]", "bad or missing name"),
                         (json.dumps(good | dict(name="scarce/real-s0", ap="high")),
@@ -3173,10 +3196,10 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
         # nothing written from a partial set
         assert not (tmp_path / "results" / "claims.json").exists()
         trained = []
-        monkeypatch.setattr(R, "train_protocol_run", lambda run, python: trained.append(run.name))
-        monkeypatch.setattr(R, "report_protocol", lambda: None)
+        monkeypatch.setattr(C, "train_protocol_run", lambda run, python: trained.append(run.name))
+        monkeypatch.setattr(C, "report_protocol", lambda: None)
         capsys.readouterr()
-        R.run_protocol(only=("*/real-s0",))
+        C.run_protocol(only=("*/real-s0",))
         assert (trained == ["scarce/real-s0"] and
                 f"protocol: {bad} is not" in capsys.readouterr().out)
         monkeypatch.undo()
@@ -3184,9 +3207,9 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
     bad.unlink()
     # the frozen rounds: missing, then without what the report reads
     assert "git checkout results/rounds-1-2.json" in run_main_error(capsys, ["--report"])
-    (tmp_path / R.FROZEN_ROUNDS).write_text(json.dumps(dict(round1={}, round2={})))
+    (tmp_path / C.FROZEN_ROUNDS).write_text(json.dumps(dict(round1={}, round2={})))
     assert "bad or missing round1, round2" in run_main_error(capsys, ["--report"])
-    shutil.copy(ROOT / R.FROZEN_ROUNDS, tmp_path / R.FROZEN_ROUNDS)
+    shutil.copy(ROOT / C.FROZEN_ROUNDS, tmp_path / C.FROZEN_ROUNDS)
     (tmp_path / "results" / "probe.json").write_text("{")
     assert "probe.json is not readable json" in run_main_error(capsys, ["--report"])
 
@@ -3194,27 +3217,27 @@ def test_corrupt_run_summaries_are_named_and_their_runs_redone(tmp_path, monkeyp
 def test_rule_v2_reads_a_paired_t_interval_against_delta():
     from scipy.stats import ttest_1samp
     d = [0.004, 0.006, 0.005, 0.0055]
-    t = R.paired_test(d, 0.003)
+    t = C.paired_test(d, 0.003)
     assert t["p"] == pytest.approx(ttest_1samp(d, 0).pvalue) and t["verdict"] == "reproduced"
     ci = ttest_1samp(d, 0).confidence_interval(0.95)
     assert (t["lo"], t["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
-    assert R.paired_test([-x for x in d], 0.003)["verdict"] == "contradicted"
-    assert R.paired_test([0.0005, -0.0004, 0.0002, -0.0001],
+    assert C.paired_test([-x for x in d], 0.003)["verdict"] == "contradicted"
+    assert C.paired_test([0.0005, -0.0004, 0.0002, -0.0001],
                          0.003)["verdict"] == "no effect of delta or more"
-    assert R.paired_test([0.004, -0.004, 0.003, -0.002], 0.003)["verdict"] == "inconclusive"
-    assert R.paired_test([0.01, 0.02], 0.003)["verdict"] == "inconclusive"  # fewer than 3 pairs
+    assert C.paired_test([0.004, -0.004, 0.003, -0.002], 0.003)["verdict"] == "inconclusive"
+    assert C.paired_test([0.01, 0.02], 0.003)["verdict"] == "inconclusive"  # fewer than 3 pairs
 
 
 def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
-    planned = [s for s in R.ROUND2.stages if s.sd]
+    planned = [s for s in C.ROUND2.stages if s.sd]
     assert [s.seeds for s in planned] == [4, 7, 3, 5, 5]
-    assert all(R.RULE_V2.seeds(s.sd, s.delta) == s.seeds for s in planned)
+    assert all(C.RULE_V2.seeds(s.sd, s.delta) == s.seeds for s in planned)
     from scipy.stats import t
     rng = np.random.default_rng(0)  # the formula against simulated paired differences
     for n in (3, 5, 7):
         d = rng.normal(0.001, 0.0017, (20000, n))
         half = t.ppf(0.975, n - 1) * d.std(1, ddof=1) / np.sqrt(n)
-        assurance = R.precision_assurance(n, 0.0017, 0.003)
+        assurance = C.precision_assurance(n, 0.0017, 0.003)
         assert (half < 0.003).mean() == pytest.approx(assurance, abs=0.01)
     summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("*-s[012].json"))
     if not summaries:
@@ -3223,7 +3246,7 @@ def test_rule_v2_seeds_come_from_the_power_calculation_on_round_1():
     # the pilot sd is round 1's (claim 4: teacher - uniform at 800 steps), as committed
     for s in planned:
         (better, worse), regime = s.comparisons[0], s.arms[0].regime
-        d = np.subtract(*R.paired_aps(runs, better.removesuffix("-3000"),
+        d = np.subtract(*C.paired_aps(runs, better.removesuffix("-3000"),
                                       worse.removesuffix("-3000"), regime, (0, 1, 2)))
         assert d.std(ddof=1) == pytest.approx(s.sd, abs=0.000006), s.key
 
@@ -3234,8 +3257,8 @@ def test_the_frozen_rounds_re_derive_from_their_summaries():
     and probe v1's rule written out, as the code no longer computes them), so the file cannot
     drift."""
     from scipy.stats import f_oneway, kendalltau
-    frozen = R.read_frozen(ROOT / R.FROZEN_ROUNDS)
-    runs = [R.read_summary(p) for p in sorted((ROOT / R.PROTOCOL_RESULTS).glob("*.json"))]
+    frozen = C.read_frozen(ROOT / C.FROZEN_ROUNDS)
+    runs = [C.read_summary(p) for p in sorted((ROOT / C.PROTOCOL_RESULTS).glob("*.json"))]
     runs = [r for r in runs if not r["name"].startswith("r3/")]
 
     def overall(words):  # both rules: a verdict in one regime, and the other way in none
@@ -3249,8 +3272,8 @@ def test_the_frozen_rounds_re_derive_from_their_summaries():
         if claim == "3":
             continue
         # rule v1: the mean paired difference against 2 SE, seeds 0-2
-        for regime in R.PROTOCOL_REGIMES:
-            d = np.subtract(*R.paired_aps(runs, v["better"], v["worse"], regime, (0, 1, 2)))
+        for regime in C.PROTOCOL_REGIMES:
+            d = np.subtract(*C.paired_aps(runs, v["better"], v["worse"], regime, (0, 1, 2)))
             mean, two_se = d.mean(), 2 * d.std(ddof=1) / np.sqrt(3)
             word = ("reproduced" if mean > two_se else "contradicted" if mean < -two_se
                     else "inconclusive")
@@ -3272,27 +3295,27 @@ def test_the_frozen_rounds_re_derive_from_their_summaries():
                                      "contradicted" if not unequal or tau >= 0.8 else
                                      "inconclusive")
     second = frozen["round2"]
-    assert second["delta"] == R.DELTA and set(first) == {"1", "2", "3", "4"}
+    assert second["delta"] == C.DELTA and set(first) == {"1", "2", "3", "4"}
     assert {name: set(v["per_regime"]) for name, v in second["verdicts"].items()} == {
         "1": {"full", "scarce"}, "2": {"full", "scarce"}, "4": {"scarce"},
         "teacher - stratified": {"scarce"}, "stratified - uniform": {"scarce"}}
-    planned = {(s.comparisons[0], s.arms[0].regime): s.seeds for s in R.ROUND2.stages if s.sd}
+    planned = {(s.comparisons[0], s.arms[0].regime): s.seeds for s in C.ROUND2.stages if s.sd}
     for name, v in second["verdicts"].items():
         # rule v2: the paired t-test, at every seed both have
         for regime, t in v["per_regime"].items():
             delta = second["delta"][regime]
-            pairs, _ = R.seed_pairs(runs, v["better"], v["worse"], regime)
-            new = R.paired_test([a["ap"] - b["ap"] for a, b in pairs], delta)
+            pairs, _ = C.seed_pairs(runs, v["better"], v["worse"], regime)
+            new = C.paired_test([a["ap"] - b["ap"] for a, b in pairs], delta)
             assert {k: t[k] for k in new} == pytest.approx(new) and t["delta"] == delta
             # claim 4's two parts: its 5
             seeds = planned.get(((v["better"], v["worse"]), regime), 5)
             assert t["planned_seeds"] == seeds == t["n"]
-            assert t["power_now"] == pytest.approx(R.t_test_power(seeds, t["sd"], delta))
-            assert t["assurance_now"] == pytest.approx(R.precision_assurance(seeds, t["sd"], delta))
-            assert t["seeds_needed_now"] == R.RULE_V2.seeds(t["sd"], delta)
+            assert t["power_now"] == pytest.approx(C.t_test_power(seeds, t["sd"], delta))
+            assert t["assurance_now"] == pytest.approx(C.precision_assurance(seeds, t["sd"], delta))
+            assert t["seeds_needed_now"] == C.RULE_V2.seeds(t["sd"], delta)
         assert v["verdict"] == overall([t["verdict"] for t in v["per_regime"].values()])
     probe = json.loads((ROOT / "results" / "probe-v2.json").read_text())
-    new = R.probe_test(np.array(probe["usefulness"], np.float64))
+    new = C.probe_test(np.array(probe["usefulness"], np.float64))
     assert {k: new[k] for k in ("bins_differ", "ranking_changes")} == {
         k: second["probe"][k] for k in ("bins_differ", "ranking_changes")}
     numbers = ("f_bins", "p_bins", "f_interaction", "p_interaction", "tau", "tau_lo", "tau_hi")
@@ -3305,23 +3328,23 @@ def test_t_test_power_is_the_rejection_rate_at_delta_and_matches_the_audits_valu
     for n, sd, delta in ((5, 0.0055, 0.003), (7, 0.0022, 0.003), (12, 0.0055, 0.005)):
         d = rng.normal(delta, sd, (20000, n))
         rejected = (ttest_1samp(d, 0, axis=1).pvalue < 0.05).mean()
-        assert rejected == pytest.approx(R.t_test_power(n, sd, delta), abs=0.01)
+        assert rejected == pytest.approx(C.t_test_power(n, sd, delta), abs=0.01)
     # claim 4's measured paired sd (round 2): the audit's 0.16 at delta, 0.93 at -0.0116
     sd = 0.005547690140022593
-    assert R.t_test_power(5, sd, 0.003) == pytest.approx(0.156, abs=0.001)
-    assert R.t_test_power(5, sd, 0.011634921956770794) == pytest.approx(0.931, abs=0.001)
+    assert C.t_test_power(5, sd, 0.003) == pytest.approx(0.156, abs=0.001)
+    assert C.t_test_power(5, sd, 0.011634921956770794) == pytest.approx(0.931, abs=0.001)
 
 
 def test_round_3_seeds_come_from_rule_v3s_power_calculation_on_the_measured_spreads():
-    stages = {s.key: s for s in R.ROUND3.stages}
+    stages = {s.key: s for s in C.ROUND3.stages}
     assert list(stages) == ["a", "b", "c", "d"]
     for s in stages.values():
         if s.sd is None:  # the probe: no spread between trajectories measured yet
-            assert s.probe and s.seeds == len(s.probe.trajectories) == R.RULE_V3.min_seeds
+            assert s.probe and s.seeds == len(s.probe.trajectories) == C.RULE_V3.min_seeds
             continue
         n = s.seeds
-        assert n == R.RULE_V3.seeds(s.sd, s.delta), s.key
-        at_n, below = (min(f(k, s.sd, s.delta) for f in (R.t_test_power, R.precision_assurance))
+        assert n == C.RULE_V3.seeds(s.sd, s.delta), s.key
+        at_n, below = (min(f(k, s.sd, s.delta) for f in (C.t_test_power, C.precision_assurance))
                        for k in (n, n - 1))
         assert at_n >= 0.8 > below  # both reach 0.8 at n, one of them not at n - 1
     summaries = sorted((Path(R.__file__).parent / "results" / "protocol").glob("scarce-*.json"))
@@ -3330,27 +3353,27 @@ def test_round_3_seeds_come_from_rule_v3s_power_calculation_on_the_measured_spre
     runs = [json.loads(p.read_text()) for p in summaries]
     pairs = (("teacher-3000", "uniform-3000"), ("teacher-3000", "stratified-3000"),
              ("real", "synthetic"), ("augmented-mask", "augmented-include"))
-    sd = [np.subtract(*R.paired_aps(runs, *pair, "scarce")).std(ddof=1) for pair in pairs]
+    sd = [np.subtract(*C.paired_aps(runs, *pair, "scarce")).std(ddof=1) for pair in pairs]
     assert stages["d"].sd == pytest.approx(sd[0], abs=0.00001)
     assert stages["b"].sd == pytest.approx(max(sd[1], sd[2]), abs=0.00005)
     assert stages["c"].sd == pytest.approx(math.sqrt((0.00177 ** 2 + sd[3] ** 2) / 2), abs=0.00001)
 
 
 def test_round_3_runs_parse_to_the_flags_their_names_say_and_collide_with_no_summary():
-    old = {R.summary_path(r) for r in R.protocol_runs() if not r.name.startswith("r3/")}
-    twins = {r.name: r for r in R.protocol_runs()}
-    runs = [r for r in R.protocol_runs() if r.name.startswith("r3/")]
-    assert len({r.name for r in runs}) == len(runs) and not {R.summary_path(r) for r in runs} & old
-    assert all(r.name.startswith("r3/") and R.matches(r.name, ("r3/*",)) for r in runs)
-    assert [n for n, _, _ in R.probe_jobs()] == ["probe", "probe-v2", "r3/probe-v3-t0",
+    old = {C.summary_path(r) for r in C.protocol_runs() if not r.name.startswith("r3/")}
+    twins = {r.name: r for r in C.protocol_runs()}
+    runs = [r for r in C.protocol_runs() if r.name.startswith("r3/")]
+    assert len({r.name for r in runs}) == len(runs) and not {C.summary_path(r) for r in runs} & old
+    assert all(r.name.startswith("r3/") and C.matches(r.name, ("r3/*",)) for r in runs)
+    assert [n for n, _, _ in C.probe_jobs()] == ["probe", "probe-v2", "r3/probe-v3-t0",
                                                  "r3/probe-v3-t1", "r3/probe-v3-t2"]
     for r in runs:
-        cfg, _ = R.parse_args(R.protocol_argv(r))
+        cfg, _ = R.parse_args(C.protocol_argv(r))
         R.check_config(cfg)
-        assert (cfg.seed, cfg.train_subset) == (r.seed, R.PROTOCOL_REGIMES[r.regime])
+        assert (cfg.seed, cfg.train_subset) == (r.seed, C.PROTOCOL_REGIMES[r.regime])
         assert cfg.steps == (800 if "-from-" in r.condition else 3000)
         student = r.condition.split("-from-")[1] if "-from-" in r.condition else "scarce"
-        assert cfg.init == R.tracked_name(R.regime_student(student))
+        assert cfg.init == R.tracked_name(C.regime_student(student))
         assert r.init == f"{student}/student"
         if r.condition.startswith("augmented-"):
             assert (cfg.mode, cfg.synthetic_loss) == ("augmented", r.condition.split("-")[1])
@@ -3368,24 +3391,24 @@ def test_round_3_runs_parse_to_the_flags_their_names_say_and_collide_with_no_sum
             assert r.argv == twin
     cells = {(r.regime, r.condition) for r in runs if "-from-" in r.condition}
     assert len(cells) == 8  # the 2x2 of images x student, for mask and include
-    probe, _ = R.parse_args(["--probe", "v3", "--seed", "2", "--train-subset", "100"])
-    assert R.probe_name(R.PROBES["v3"], 2) == "probe-v3-t2" and probe.seed == 2
+    probe, _ = C.parse_args(["--probe", "v3", "--seed", "2", "--train-subset", "100"])
+    assert C.probe_name(C.PROBES["v3"], 2) == "probe-v3-t2" and probe.seed == 2
 
 
 def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, monkeypatch):
     _report_sandbox(tmp_path, monkeypatch)
-    claims = R.report_protocol()
+    claims = C.report_protocol()
     table = (tmp_path / "results" / "claims.md").read_text()
     rows = [line for line in table.splitlines()
             if line.startswith(("| a |", "| b |", "| c |", "| d |"))]
     assert [row[2] for row in rows] == ["a", "b", "c", "d"]
-    for stage, row, status in zip(R.ROUND3.stages, rows, claims["round3"]):
-        cost = R.stage_cost(stage)
+    for stage, row, status in zip(C.ROUND3.stages, rows, claims["round3"]):
+        cost = C.stage_cost(stage)
         assert status["status"] == "pending" and status["finished"] == 0 and "**pending**" in row
         assert f"| {cost['cpu_hours']} h | {cost['gpu_minutes']} min |" in row
         assert cost["cpu_hours"] > 0
     # 76 runs of 3000 steps at 2.3 s, 7 minutes of evaluation each
-    b = R.stage_cost(R.ROUND3.stages[1])
+    b = C.stage_cost(C.ROUND3.stages[1])
     assert b["cpu_hours"] == pytest.approx(76 * (3000 * 2.3 / 60 + 7) / 60, abs=0.05)
     assert b["gpu_minutes"] == round(13 * (3000 * 0.057 / 60 + 0.75))
 
@@ -3393,11 +3416,11 @@ def test_the_report_shows_every_round_3_stage_pending_with_its_cost(tmp_path, mo
 def _summary(name, condition, seed, ap, key="k", regime="scarce", steps=3000):
     R.write_json(dict(name=name, condition=condition, regime=regime, seed=seed, steps=steps,
                       minutes=1.0, ap=ap, ap50=0.5, ap75=0.2, device="cpu", device_key=key),
-                 R.PROTOCOL_RESULTS / f"{name.replace('/', '-')}.json")
+                 C.PROTOCOL_RESULTS / f"{name.replace('/', '-')}.json")
 
 
 def _probe_v3_results(folder, uses):
-    design = R.PROBES["v3"]
+    design = C.PROBES["v3"]
     for t, use in zip(design.trajectories, uses):
         R.write_json(dict(design=design.name, trajectory=t, points=list(design.points),
                           probe_lr=design.lr, keep_bn=design.keep_bn, train_subset=100,
@@ -3409,7 +3432,7 @@ def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_pat
     runs at their planned seeds only, and their rows replace claims 3 and 4's round-2 rows in
     the README's answer; stage d waits for stage b's uniform-3000 runs it compares with."""
     _report_sandbox(tmp_path, monkeypatch)
-    stages = {s.key: s for s in R.ROUND3.stages}
+    stages = {s.key: s for s in C.ROUND3.stages}
     d = stages["d"]
     for seed in range(d.seeds):
         for condition, ap in (("teacher-paper-3000", 0.215), ("uniform-paper-3000", 0.205)):
@@ -3424,16 +3447,16 @@ def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_pat
     uses = [np.linspace(0, 1, 5)[None, :, None] + rng.normal(0, 0.05, (4, 5, 3)) + 0.1 * t
             for t in range(3)]
     _probe_v3_results(tmp_path / "results", uses)
-    claims = R.report_protocol()
+    claims = C.report_protocol()
     status = {s["key"]: s for s in claims["round3"]}
     assert not status["d"]["decided"]
     assert "uniform-3000: pending (0 of 12 seeds)" in status["d"]["status"]
-    rows = {line[2]: line for line in R.answer_table(claims).splitlines()
+    rows = {line[2]: line for line in C.answer_table(claims).splitlines()
             if line[:3] in ("| 3", "| 4")}
-    assert "round 3" not in rows["4"] and R.TESTED[4] in rows["4"]  # round 2's row stays
+    assert "round 3" not in rows["4"] and C.TESTED[4] in rows["4"]  # round 2's row stays
     for seed in range(d.seeds):
         _summary(f"r3/scarce/synthetic-3000-s{seed}", "synthetic-3000", seed, 0.210)
-    claims = R.report_protocol()
+    claims = C.report_protocol()
     status = {s["key"]: s for s in claims["round3"]}
     assert status["b"]["status"] == status["c"]["status"] == "pending" and not status["b"]["tests"]
     first, second = status["d"]["tests"]
@@ -3441,11 +3464,11 @@ def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_pat
     assert first["verdict"] == "reproduced" and first["n"] == d.seeds
     assert first["mean"] == pytest.approx(0.0105) and first["seeds_needed_now"] >= 3
     assert second["worse"] == "uniform-3000" and second["mean"] == pytest.approx(0.0055)
-    want = R.probe_test(np.stack([u.mean(2) for u in uses], 2))  # trajectories as the replicates
+    want = C.probe_test(np.stack([u.mean(2) for u in uses], 2))  # trajectories as the replicates
     assert status["a"]["tests"][0]["f_bins"] == pytest.approx(want["f_bins"])
     assert status["a"]["tests"][0]["bins_differ"] == "supported"
     assert "3 replicates" in want["reason"]
-    answer = {line[2]: line for line in R.answer_table(claims).splitlines()
+    answer = {line[2]: line for line in C.answer_table(claims).splitlines()
               if line[:3] in ("| 3", "| 4")}
     assert "(round 3, stage d)" in answer["4"]
     assert "teacher-paper-3000 - uniform-paper-3000 +0.0105" in answer["4"]
@@ -3456,90 +3479,90 @@ def test_the_report_reads_a_finished_round_3_stage_into_the_answer_table(tmp_pat
     R.write_json(probe | dict(design="probe-v2"), tmp_path / "results" / "probe-v3-t1.json")
     with pytest.raises(R.ReproError,
                        match="probe-v3-t1.json is not a result of probe-v3, trajectory 1"):
-        R.report_protocol()
+        C.report_protocol()
 
 
 def test_a_stage_is_read_at_its_planned_seeds_and_the_2x2_separates_images_from_student():
-    stage = R.Stage("x", "q", (R.Arm("teacher-3000", ()),), 3000, 5,
+    stage = C.Stage("x", "q", (C.Arm("teacher-3000", ()),), 3000, 5,
                     (("teacher-3000", "uniform-3000"),), delta=0.003, sd=0.002)
     runs = [dict(name=f"r3/scarce/{c}-s{s}", condition=c, regime="scarce", seed=s,
                  ap=0.2 + (0.01 + 0.001 * s) * (c == "teacher-3000")) for s in range(4)
             for c in ("teacher-3000", "synthetic-3000")]
-    (t,) = R.pair_tests(stage, R.RULE_V3, runs)
+    (t,) = C.pair_tests(stage, C.RULE_V3, runs)
     # no early reading
     assert t["verdict"] == "pending (4 of 5 seeds)" and t["mean"] == pytest.approx(0.0115)
     runs += [dict(r, seed=4, name=r["name"][:-1] + "4") for r in runs[:2]]
-    (t,) = R.pair_tests(stage, R.RULE_V3, runs)
+    (t,) = C.pair_tests(stage, C.RULE_V3, runs)
     assert t["verdict"] == "reproduced" and t["planned_seeds"] == 5
-    assert t["seeds_needed_now"] == R.RULE_V3.seeds(t["sd"], 0.003) and 0 < t["power_now"] <= 1
+    assert t["seeds_needed_now"] == C.RULE_V3.seeds(t["sd"], 0.003) and 0 < t["power_now"] <= 1
     # mask - include: +0.01 with 1000 images, -0.01 with 100, and 0.004 more from the full student
-    c = next(s for s in R.ROUND3.stages if s.key == "c")
+    c = next(s for s in C.ROUND3.stages if s.key == "c")
     d = {"full": 0.01, "scarce": -0.01}
     noise = np.random.default_rng(5).normal(0, 0.0005, (2, 2, 7))
     runs = [dict(name=f"r3/{images}/augmented-{loss}-from-{student}-s{s}", regime=images, seed=s,
                  condition=f"augmented-{loss}-from-{student}", device_key="k",
                  ap=0.2 + (d[images] + 0.004 * (student == "full") + noise[i, j, s]
                            if loss == "mask" else 0))
-            for i, images in enumerate(R.PROTOCOL_REGIMES)
-            for j, student in enumerate(R.PROTOCOL_REGIMES)
+            for i, images in enumerate(C.PROTOCOL_REGIMES)
+            for j, student in enumerate(C.PROTOCOL_REGIMES)
             for loss in ("mask", "include") for s in range(7)]
-    images, student = R.contrast_tests(c, R.RULE_V3, runs)
+    images, student = C.contrast_tests(c, C.RULE_V3, runs)
     assert images["mean"] == pytest.approx(0.02 + noise[0].mean() - noise[1].mean())
     assert images["verdict"] == "reproduced" and images["better"] == "d on 1000 images"
     assert student["mean"] == pytest.approx(0.004 + noise[:, 0].mean() - noise[:, 1].mean())
     assert student["verdict"] == "reproduced"
     assert student["label"] == "student: d from full - d from scarce"
-    images, _ = R.contrast_tests(c, R.RULE_V3, runs[:-1])  # a seed with a missing cell is left out
+    images, _ = C.contrast_tests(c, C.RULE_V3, runs[:-1])  # a seed with a missing cell is left out
     assert images["verdict"] == "pending (6 of 7 seeds)"
     for k in (0, 7):  # one cell of seed 0 (mask and include) under another key than its other cells
         runs[k] = dict(runs[k], device_key="other")
     assert runs[0]["name"] == "r3/full/augmented-mask-from-full-s0"
     assert runs[7]["name"] == "r3/full/augmented-include-from-full-s0"
-    images, _ = R.contrast_tests(c, R.RULE_V3, runs)
+    images, _ = C.contrast_tests(c, C.RULE_V3, runs)
     assert images["n"] == 6 and images["not_paired"] == [0]
 
 
 @pytest.mark.parametrize("equal_people", [False, True])
 def test_probe_runs_on_a_tiny_model(toy, tmp_path, equal_people):
-    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0, 1), steps=2, val_crops=4,
+    design = C.ProbeDesign("probe-tiny", "scarce", (0, 2), (0, 1), steps=2, val_crops=4,
                            equal_people=equal_people)
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
     data = R.load_data(cfg)
-    probe = R.run_probe(cfg, data, torch.device("cpu"), tmp_path, design)
+    probe = C.run_probe(cfg, data, torch.device("cpu"), tmp_path, design)
     use = np.array(probe["usefulness"])
     assert use.shape == (2, 3, 2) and probe["points"] == [0, 2]
     assert np.isfinite(use[:, np.array(probe["counts"]) > 0]).all()
     people = [n for n in probe["probed_people"] if n]
     assert len(set(people)) == 1 if equal_people else people == [n for n in probe["counts"] if n]
     assert probe["test"]["bins_differ"] in ("supported", "not supported")
-    R.save_probe_figure(probe, tmp_path / "probe.png")
+    C.save_probe_figure(probe, tmp_path / "probe.png")
     assert (tmp_path / "probe.png").is_file()
 
 
 def test_a_probe_cut_off_resumes_after_its_last_point_to_the_same_result(toy, tmp_path,
                                                                          monkeypatch):
-    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2, 4), (0, 1), steps=2, val_crops=4,
+    design = C.ProbeDesign("probe-tiny", "scarce", (0, 2, 4), (0, 1), steps=2, val_crops=4,
                            equal_people=True)
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
     data = R.load_data(cfg)
 
     def probe(out, design=design, cfg=cfg):  # seeded as --probe's start_job seeds it
         R.seed_everything(cfg.seed)
-        return R.run_probe(cfg, data, torch.device("cpu"), tmp_path / out, design)
+        return C.run_probe(cfg, data, torch.device("cpu"), tmp_path / out, design)
     whole = probe("whole")
-    probe_bins, calls = R.bin_usefulness, []
+    probe_bins, calls = C.bin_usefulness, []
 
     def cut_at_the_second_point(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return probe_bins(*args)
-    monkeypatch.setattr(R, "bin_usefulness", cut_at_the_second_point)
+    monkeypatch.setattr(C, "bin_usefulness", cut_at_the_second_point)
     with pytest.raises(KeyboardInterrupt):
         probe("cut")
     assert not (tmp_path / "cut" / R.LOCK_NAME).exists()
-    monkeypatch.setattr(R, "bin_usefulness", probe_bins)
-    assert [p["step"] for p in R.load_checkpoint(tmp_path / "cut" / R.PROBE_STATE)["points"]] == [0]
+    monkeypatch.setattr(C, "bin_usefulness", probe_bins)
+    assert [p["step"] for p in R.load_checkpoint(tmp_path / "cut" / C.PROBE_STATE)["points"]] == [0]
     def same(a, b):  # bins not probed are NaN, which == would not match; wall time is no result
         return json.dumps(a | dict(wall_minutes=0)) == json.dumps(b | dict(wall_minutes=0))
     assert same(probe("cut"), whole)
@@ -3553,18 +3576,18 @@ def test_a_probe_cut_off_resumes_after_its_last_point_to_the_same_result(toy, tm
 def test_the_probe_job_writes_its_result_with_its_command_device_and_commit(toy, tmp_path,
                                                                             monkeypatch):
     monkeypatch.chdir(tmp_path)
-    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0, 1), steps=1, val_crops=4,
+    design = C.ProbeDesign("probe-tiny", "scarce", (0, 2), (0, 1), steps=1, val_crops=4,
                            equal_people=True)
-    monkeypatch.setitem(R.PROBES, "v2", design)
-    assert R.main(toy_args(toy, tmp_path / "probe", "--bins", "3", "--teacher-min-bin",
+    monkeypatch.setitem(C.PROBES, "v2", design)
+    assert C.main(toy_args(toy, tmp_path / "probe", "--bins", "3", "--teacher-min-bin",
                            "0") + ["--probe", "v2"]) == 0
     probe = json.loads((tmp_path / "results" / "probe-tiny.json").read_text())
-    assert probe["command"].startswith("python repro.py ") and probe["command"].endswith("--probe "
+    assert probe["command"].startswith(f"python {C.PROG} ") and probe["command"].endswith("--probe "
                                                                                          "v2")
     assert (probe["device"] == "cpu" and probe["code"] == R.code_version() and
             probe["wall_minutes"] >= 0)
     assert ((tmp_path / "results" / "probe-tiny.png").is_file() and
-            (tmp_path / "probe" / R.PROBE_STATE).is_file())
+            (tmp_path / "probe" / C.PROBE_STATE).is_file())
 
 
 @pytest.mark.parametrize("keep_bn", [True, False])
@@ -3574,11 +3597,11 @@ def test_the_probe_job_writes_its_result_with_its_command_device_and_commit(toy,
                             "ignore:.*too small")
 def test_probe_v3_steps_at_its_fixed_lr_and_reads_with_untouched_batchnorm_statistics(
         toy, tmp_path, monkeypatch, keep_bn):
-    design = R.ProbeDesign("probe-tiny", "scarce", (0, 2), (0,), steps=2, val_crops=4,
+    design = C.ProbeDesign("probe-tiny", "scarce", (0, 2), (0,), steps=2, val_crops=4,
                            equal_people=True, lr=7e-4, keep_bn=keep_bn)
     cfg, _ = R.parse_args(toy_args(toy, tmp_path, "--bins", "3", "--teacher-min-bin", "0"))
     probing, lrs, moved = [], [], []
-    step, usefulness, read = R.Trainer.train_step, R.bin_usefulness, R.val_loss
+    step, usefulness, read = R.Trainer.train_step, C.bin_usefulness, C.val_loss
 
     def train_step(self, batch, lr):
         if probing:
@@ -3586,7 +3609,7 @@ def test_probe_v3_steps_at_its_fixed_lr_and_reads_with_untouched_batchnorm_stati
         return step(self, batch, lr)
 
     def bin_usefulness(trainer, *args):
-        keys = R.batchnorm_keys(trainer.model)
+        keys = C.batchnorm_keys(trainer.model)
         probing.append({k: v.clone() for k, v in trainer.model.state_dict().items() if k in keys})
         try:
             return usefulness(trainer, *args)
@@ -3599,9 +3622,9 @@ def test_probe_v3_steps_at_its_fixed_lr_and_reads_with_untouched_batchnorm_stati
             moved.append(any(not torch.equal(now[k], v) for k, v in probing[0].items()))
         return read(model, *args)
     monkeypatch.setattr(R.Trainer, "train_step", train_step)
-    monkeypatch.setattr(R, "bin_usefulness", bin_usefulness)
-    monkeypatch.setattr(R, "val_loss", val_loss)
-    probe = R.run_probe(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "probe", design)
+    monkeypatch.setattr(C, "bin_usefulness", bin_usefulness)
+    monkeypatch.setattr(C, "val_loss", val_loss)
+    probe = C.run_probe(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path / "probe", design)
     probed = sum(n > 0 for n in probe["probed_people"])
     assert len(lrs) == 2 * probed * 2 and set(lrs) == {7e-4}  # points x bins x steps, fixed lr
     # each point reads the loss once before its probes, then once after each bin's steps
@@ -3612,13 +3635,13 @@ def test_probe_v3_steps_at_its_fixed_lr_and_reads_with_untouched_batchnorm_stati
 
 def test_probe_v2_pools_are_equal_sized_fixed_subsets():
     pools = [np.arange(2 * n).reshape(n, 2) for n in (40, 7, 100, 33)]
-    out = R.probe_pools(pools, 32, equal_people=True)
+    out = C.probe_pools(pools, 32, equal_people=True)
     assert out[1] is None and [len(q) for q in out if q is not None] == [33, 33, 33]
     assert all(set(map(tuple, q)) <= set(map(tuple, p)) for p,
                q in zip(pools, out) if q is not None)
-    again = R.probe_pools(pools, 32, equal_people=True)
+    again = C.probe_pools(pools, 32, equal_people=True)
     assert all(np.array_equal(a, b) for a, b in zip(out, again) if a is not None)
-    assert [len(q) for q in R.probe_pools(pools, 32, equal_people=False) if q is not None] == [40,
+    assert [len(q) for q in C.probe_pools(pools, 32, equal_people=False) if q is not None] == [40,
                                                                                                100,
                                                                                                33]
 
@@ -3644,14 +3667,14 @@ def test_the_probes_anova_matches_a_regression_and_reads_both_parts():
     for use in (stable, crossing):
         full, additive = rss(use, True), rss(use, False)
         f = ((additive - full) / ((P - 1) * (B - 1))) / (full / (P * B * (S - 1)))
-        assert R.two_way_anova(use)["f_interaction"] == pytest.approx(f)
-    assert R.probe_test(stable) | {} == R.probe_test(stable)  # deterministic bootstrap
-    v = R.probe_test(stable)
+        assert C.two_way_anova(use)["f_interaction"] == pytest.approx(f)
+    assert C.probe_test(stable) | {} == C.probe_test(stable)  # deterministic bootstrap
+    v = C.probe_test(stable)
     assert (v["bins_differ"], v["ranking_changes"]) == ("supported",
                                                         "contradicted") and v["tau_lo"] > 0.6
-    v = R.probe_test(crossing)
+    v = C.probe_test(crossing)
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "shown")
-    v = R.probe_test(noise)
+    v = C.probe_test(noise)
     assert (v["bins_differ"], v["ranking_changes"]) == ("not supported", "not shown")
 
 
@@ -3664,7 +3687,7 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
                                         scarce=test("inconclusive", 0.001, -0.002, 0.004))),
                 4: dict(better="t", worse="u", verdict="contradicted",
                         per_regime=dict(scarce=test("contradicted", -0.01, -0.02, -0.005)))}
-    table = R.answer_table(dict(frozen=dict(round2=dict(verdicts={str(k): v for k,
+    table = C.answer_table(dict(frozen=dict(round2=dict(verdicts={str(k): v for k,
                                                                   v in verdicts.items()})),
                                 runs=[], round3=[]))
     rows = {line.split(":")[0].strip("| "): line for line in table.splitlines()
@@ -3674,7 +3697,7 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
     assert ("full: a ahead by 0.004 to 0.016 AP; scarce: cannot tell (-0.002 to +0.004 AP)"
             in rows["1"])
     assert "| **not tested** | - | pending |" in rows["2"]  # no verdict yet
-    assert R.WITHDRAWN[3] in rows["3"] and "**not tested**" in rows["3"]
+    assert C.WITHDRAWN[3] in rows["3"] and "**not tested**" in rows["3"]
     assert ("**contradicted** for the teacher tested" in rows["4"] and
             "u ahead by 0.005 to 0.020 AP" in rows["4"])
     assert "no finished pairs yet" in table
@@ -3682,40 +3705,40 @@ def test_the_answer_table_reads_each_interval_and_the_report_writes_it_into_the_
                    status="teacher-paper-3000 - uniform-paper-3000: contradicted",
                    tests=[dict(test("contradicted", -0.01, -0.02, -0.005), label="tp - up",
                                better="tp", worse="up")])
-    table = R.answer_table(dict(frozen=dict(round2=dict(verdicts={"4": verdicts[4]})), runs=[],
+    table = C.answer_table(dict(frozen=dict(round2=dict(verdicts={"4": verdicts[4]})), runs=[],
                                 round3=[decided]))
     row = next(line for line in table.splitlines() if line.startswith("| 4"))
     assert ("(round 3, stage d) | tp - up -0.0100 [-0.0200, -0.0050] (5) | tp - up: up ahead by "
             "0.005") in row
-    assert R.TESTED[4] not in row  # round 2's teacher is not the one stage d tested
+    assert C.TESTED[4] not in row  # round 2's teacher is not the one stage d tested
     _report_sandbox(tmp_path, monkeypatch)
-    (tmp_path / "README.md").write_text(f"intro\n{R.README_MARKERS[0]}\nold\n"
-                                        f"{R.README_MARKERS[1]}\nrest\n")
-    claims = R.report_protocol()
+    (tmp_path / "README.md").write_text(f"intro\n{C.README_MARKERS[0]}\nold\n"
+                                        f"{C.README_MARKERS[1]}\nrest\n")
+    claims = C.report_protocol()
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
     # the answer, not claims.md's table
-    assert R.answer_table(claims) in text and "| claim |" not in text
+    assert C.answer_table(claims) in text and "| claim |" not in text
 
 
 def test_the_v2_table_gives_claim_3_its_two_parts_with_their_tests():
     noise = np.random.default_rng(4).normal(0, 0.3, (5, 4, 6))
     crossing = np.linspace(-1, 1, 5)[:, None, None] * np.linspace(-2, 2, 4)[None, :, None] + noise
-    v2 = R.probe_test(crossing)
-    differ, changes = R.probe_rows("scarce", "contradicted (probe v1, full)", v2, "6 (6)")
+    v2 = C.probe_test(crossing)
+    differ, changes = C.probe_rows("scarce", "contradicted (probe v1, full)", v2, "6 (6)")
     assert differ.startswith("| 3: bins differ | scarce | contradicted (probe v1, full) | **not "
                              "supported** |")
     assert f"p = {v2['p_bins']:.2g}" in differ and "6 (6)" in differ
     assert f"| **shown** | bin x point interaction F = {v2['f_interaction']:.2f}" in changes
     assert f"tau first-last {v2['tau']:.2f} [{v2['tau_lo']:.2f}, {v2['tau_hi']:.2f}]" in changes
-    assert all("**pending**" in row for row in R.probe_rows("scarce", "-", None, "-"))
+    assert all("**pending**" in row for row in C.probe_rows("scarce", "-", None, "-"))
 
 
 def test_report_files_agree_and_each_writer_has_its_own_temp_name(tmp_path, monkeypatch):
     _report_sandbox(tmp_path, monkeypatch)
     for stale in ("claims.png", "probe.png"):
         (tmp_path / "results" / stale).write_bytes(b"an older report's figure")
-    claims = R.report_protocol()
+    claims = C.report_protocol()
     assert claims["progress"]["1"]["finished"] == 0
     assert "round 1: 0 of 39" in (tmp_path / "results" / "claims.md").read_text()
     assert (not (tmp_path / "results" / "claims.png").exists() and
@@ -3732,7 +3755,7 @@ def test_the_report_keeps_each_teacher_update_once_in_its_runs_summary(tmp_path,
     summary = Path(R.__file__).parent / "results" / "protocol" / "scarce-teacher-3000-s0.json"
     _report_sandbox(tmp_path, monkeypatch)
     shutil.copy(summary, tmp_path / "results" / "protocol")
-    R.report_protocol()
+    C.report_protocol()
     text = (tmp_path / "results" / "claims.json").read_text()
     claims = json.loads(text)
     (run,) = claims["runs"]
@@ -3748,8 +3771,8 @@ def test_claims_table_keeps_each_devices_minutes_apart():
                  init="scarce/student",
                  teacher=None, device=d) for s, m,
             d in ((0, 8.0, "cpu"), (1, 0.6, "GPU X"), (2, 0.8, "GPU X"))]
-    claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
-    table = R.claims_table(claims)
+    claims = dict(runs=runs, progress={}, teacher={}, frozen=C.read_frozen(ROOT / C.FROZEN_ROUNDS))
+    table = C.claims_table(claims)
     assert "| 0.7 (GPU X), 8.0 (cpu) |" in table  # never the 3.1 of all three averaged
     assert "Where the runs trained: GPU X: scarce seed 1 + seed 2; cpu: scarce seed 0." in table
 
@@ -3768,8 +3791,8 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
                  ap50=0.3, ap75=0.05, ap_sd=0.005, ap_by_occlusion=None, teacher=None, device="cpu",
                  init=None if c in ("student", "synthetic-only") else
                  "scarce/student") for c in conditions]
-    claims = dict(runs=runs, progress={}, teacher={}, frozen=R.read_frozen(ROOT / R.FROZEN_ROUNDS))
-    rows = [line.split(" | ") for line in R.claims_table(claims).splitlines()
+    claims = dict(runs=runs, progress={}, teacher={}, frozen=C.read_frozen(ROOT / C.FROZEN_ROUNDS))
+    rows = [line.split(" | ") for line in C.claims_table(claims).splitlines()
             if line.startswith("| scarce | ")]
     assert {row[1]: row[2] for row in rows} == {
         "student": "16", "synthetic-only": "0", "real": "16", "augmented-mask": "8",
@@ -3783,18 +3806,18 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
 def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path, monkeypatch,
                                                                         capsys):
     import shlex
-    small = {k: dict(v, image_size=64) for k, v in R.GAP_GEOMETRIES.items()}
+    small = {k: dict(v, image_size=64) for k, v in G.GAP_GEOMETRIES.items()}
     cfg, _ = R.parse_args(["--eval-scales", "1.0", "--out", str(tmp_path / "gap"), "--threads",
                            "2"])
-    report = R.run_domain_gap(cfg, 2, torch.device("cpu"), factors=("lighting",),
+    report = G.run_domain_gap(cfg, 2, torch.device("cpu"), factors=("lighting",),
                               argv=["--domain-gap", "2"], geometries=small)
     names = [r["name"] for r in report["sets"]]
     assert names == ["synthetic", "synthetic-lighting", "synthetic-geometry", "standin",
                      "standin-lighting", "standin-geometry"]
     saved = json.loads((tmp_path / "gap" / "domain-gap.json").read_text())
-    assert saved["sets"] == json.loads(json.dumps(report["sets"])) and saved["rule"] == R.GAP_RULE
+    assert saved["sets"] == json.loads(json.dumps(report["sets"])) and saved["rule"] == G.GAP_RULE
     md = (tmp_path / "gap" / "domain-gap.md").read_text()
-    assert (R.GAP_RULE in md and md.count("| standin-") == 2 and
+    assert (G.GAP_RULE in md and md.count("| standin-") == 2 and
             not list((tmp_path / "gap").glob("*.tmp")))
     rows = {r["name"]: r for r in report["sets"]}
     assert (rows["standin-lighting"]["style_factors"] == ["lighting=synthetic"] and
@@ -3822,7 +3845,7 @@ def test_domain_gap_reading_follows_the_rule():
     spread = np.random.default_rng(0).normal(0, 0.01, 200)  # paired sd 0.01
 
     def word(style, ap, switched="yaw"):
-        return R.gap_reading(dict(style=style, switched=switched), dict(AP=ap, _draws=spread),
+        return G.gap_reading(dict(style=style, switched=switched), dict(AP=ap, _draws=spread),
                              rows)["reading"]
 
     # +0.03, over 2 sd towards the stand-in
@@ -3834,7 +3857,7 @@ def test_domain_gap_reading_follows_the_rule():
     assert word("standin", 0.32) == "works against the gap"
     assert word("synthetic", 0.27, "all") == "covers the style"
     assert word("synthetic", 0.15, "all") == "does not cover the style"
-    share = R.gap_reading(dict(style="standin", switched="yaw"), dict(AP=0.155, _draws=spread),
+    share = G.gap_reading(dict(style="standin", switched="yaw"), dict(AP=0.155, _draws=spread),
                           rows)["share"]
     assert share == pytest.approx(0.5)
 
@@ -3887,17 +3910,17 @@ def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_pat
     trainer = R.Trainer(cfg, R.load_data(cfg), torch.device("cpu"), tmp_path)
     rng = np.random.default_rng(0)
     batches = [trainer.maker.batch(trainer.maker.plan(n, rng), rng) for n in (2, 4)]
-    per_image = [R.train_flops_per_image(trainer, b) for b in batches]
+    per_image = [S.train_flops_per_image(trainer, b) for b in batches]
     assert per_image[0] == pytest.approx(per_image[1], rel=1e-6) and per_image[0] > 0
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as forward, torch.no_grad():
         trainer.model(R.to_input(batches[0].image, torch.device("cpu")))
     assert 2.5 < per_image[0] * 2 / forward.get_total_flops() < 3.5
-    child, _ = R.parse_args(R.data_argv(cfg))
+    child, _ = R.parse_args(S.data_argv(cfg))
     data_flags = ("train_json", "val_images", "synthetic_json", "bank_json")
     assert all(getattr(child, f) == getattr(cfg, f) for f in data_flags)
-    assert [R.bf16_peak_tflops(torch.device("cpu"))] == [("cpu", None)]
-    assert [p for part, p in R.GPU_BF16_PEAK_TFLOPS if part in "NVIDIA H100 PCIe"][0] == 756.0
+    assert [S.bf16_peak_tflops(torch.device("cpu"))] == [("cpu", None)]
+    assert [p for part, p in S.GPU_BF16_PEAK_TFLOPS if part in "NVIDIA H100 PCIe"][0] == 756.0
 
 
 def test_the_peers_targets_as_reimplemented_for_the_bench():
@@ -3906,7 +3929,7 @@ def test_the_peers_targets_as_reimplemented_for_the_bench():
     kp = torch.zeros(1, 1, 18, 3)
     # 40 px apart
     kp[0, 0, 5], kp[0, 0, 7] = torch.tensor([41.5, 61.5, 2]), torch.tensor([81.5, 61.5, 2])
-    heat, paf = R.peer_targets(kp[0].numpy(), 128, 4, 5.0, 1.25, R.COCO.limbs)
+    heat, paf = S.peer_targets(kp[0].numpy(), 128, 4, 5.0, 1.25, R.COCO.limbs)
     assert np.allclose(heat, R.heatmap_targets(kp, 128, 4, 5.0)[0].numpy(),
                        atol=1e-6) and heat[5].max() > 0.9
     limb = [i for i, (a, b) in enumerate(R.COCO.limbs) if (a, b) == (5, 7)][0]
@@ -3917,7 +3940,7 @@ def test_the_peers_targets_as_reimplemented_for_the_bench():
 def test_bench_targets_times_ours_and_the_peers_on_the_same_people(toy, capsys):
     cfg, _ = R.parse_args(toy_data_args(toy))
     threads = torch.get_num_threads()
-    figures = R.bench_targets(cfg, R.load_data(cfg), people=(1, 3), batch=2)
+    figures = S.bench_targets(cfg, R.load_data(cfg), people=(1, 3), batch=2)
     assert torch.get_num_threads() == threads  # timed on one thread, then given back
     assert set(figures) == {f"{g}_{n}_people" for g in ("demo", "paper") for n in (1, 3)}
     assert all(v > 0 for row in figures.values() for v in row.values())
@@ -4171,42 +4194,44 @@ def test_an_onnx_model_of_another_network_is_refused_whatever_its_metadata(capsy
 
 # ---- The command line: one job per call, each with only its own flags ----------------------------
 
-def readme_commands() -> list[list[str]]:
-    """The complete `python repro.py ...` commands of the README and the results' READMEs it links:
+def readme_commands(script: str = "repro.py") -> list[list[str]]:
+    """The complete `python SCRIPT ...` commands of the README and the results' READMEs it links:
     code-block lines and one-line inline spans, without placeholders (`--seed S`), alternatives
     ([a | b]) or --help."""
     import re
     import shlex
 
-    found, fenced = [], False
+    found, fenced, name = [], False, re.escape(script)
     readmes = [ROOT / "README.md", *sorted((ROOT / "results").glob("*/README.md"))]
     for line in "\n".join(p.read_text() for p in readmes).splitlines():
         if line.startswith("```"):
             fenced = not fenced
-        elif fenced and re.match(r"\s*(\$ )?python repro\.py", line):
-            found.append(line.split("python repro.py", 1)[1].split("#")[0])
+        elif fenced and re.match(rf"\s*(\$ )?python {name}( |$)", line):
+            found.append(line.split(f"python {script}", 1)[1].split("#")[0])
         elif not fenced:
-            found += re.findall(r"`python repro\.py([^`]*)`", line)
+            found += re.findall(rf"`python {name}((?: [^`]*)?)`", line)
     placeholders = ("[", "--help", " S ", " T ")
     commands = [shlex.split(c) for c in found if not any(p in c for p in placeholders)]
     return [c for c in commands if c]
 
 
-README_JOB_COMMANDS = [  # the README's job commands that wrap over lines there
-    ["--probe", "v2", "--init", "results/student-demo-scarce.pt"], ["--bench", "--stages", "2"],
-    ["--bench", "--width", "48"],
-    ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
-    ["--gpu-report", "--preset", "paper", "--input-size", "64", "--batch-size", "4", "--stages",
-     "2", "--demo-size",
-     "small", "--device", "cpu", "--out", "/tmp/gpurep"],
-    ["--write-mpii-release", "data/mpii-rehearsal"]]
+README_JOB_COMMANDS = {  # the READMEs' job commands that wrap over lines there
+    "repro.py": [["--bench", "--stages", "2"], ["--bench", "--width", "48"],
+                 ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
+                 ["--write-mpii-release", "data/mpii-rehearsal"]],
+    "results/protocol/claims.py": [["--probe", "v2", "--init", "results/student-demo-scarce.pt"]],
+    "results/speed/speed.py": [["--gpu-report", "--preset", "paper", "--input-size", "64",
+                                "--batch-size", "4", "--stages", "2", "--demo-size", "small",
+                                "--device", "cpu", "--out", "/tmp/gpurep"]]}
 
 
 def test_the_readme_commands_parse_to_the_config_they_always_did():
-    commands = readme_commands()
-    assert len(commands) > 40 and ["--mode", "augmented"] in commands and ["--report"] in commands
-    jobs = {R.parse_args(argv)[1].job for argv in commands + README_JOB_COMMANDS}  # none is refused
-    assert jobs == set(R.JOBS)
+    commands = {path: readme_commands(path) + README_JOB_COMMANDS.get(path, []) for path in SCRIPTS}
+    assert len(commands["repro.py"]) > 40 and ["--mode", "augmented"] in commands["repro.py"]
+    assert ["--report"] in commands["results/protocol/claims.py"]
+    for path, script in SCRIPTS.items():  # none is refused, and each job is shown at least once
+        assert {script.parse_args(argv)[1].job for argv in commands[path]} == set(script.JOBS), path
+    probe = README_JOB_COMMANDS["results/protocol/claims.py"][0]
     asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
     cfg, args = R.parse_args(["--mode", "augmented"])
     assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), False)
@@ -4220,7 +4245,7 @@ def test_the_readme_commands_parse_to_the_config_they_always_did():
                                                                mpii_root="DIR",
                                                                skeleton="mpii",
                                                                out="runs/mpii-real", init=None))
-    cfg, args = R.parse_args(["--probe", "v2", "--init", "results/student-demo-scarce.pt"])
+    cfg, args = C.parse_args(probe)
     assert (args.probe == "v2" and
             cfg == R.resolve_init(R.Config(init="results/student-demo-scarce.pt"), False))
     cfg, args = R.parse_args(["--export-student", "runs/real/ckpt.pt", "--out",
@@ -4229,25 +4254,27 @@ def test_the_readme_commands_parse_to_the_config_they_always_did():
     cfg, args = R.parse_args(["--score-mpii", "PRED.mat", "GT.mat"])
     # reads no Config, loads nothing
     assert args.score_mpii == ["PRED.mat", "GT.mat"] and cfg == R.Config()
-    cfg, args = R.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
+    cfg, args = G.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
     assert args.domain_gap == 120 and cfg == R.Config(eval_scales=(1.0,))
-    cfg, _ = R.parse_args(README_JOB_COMMANDS[-2])
+    cfg, _ = S.parse_args(README_JOB_COMMANDS["results/speed/speed.py"][0])
     assert cfg == R.resolve_init(R.Config(**asdict(R.Config()) | paper | dict(
         preset="paper", input_size=64, batch_size=4, stages=2, demo_size="small", device="cpu",
         out="/tmp/gpurep")), False)
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--mode", "augmented", "--only", "x"],
-     "a --mode run does not take --only x (--only is a flag of --reproduce)"),
-    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of --reproduce)"),
-    (["--report", "--seed", "3"],
-     "--report does not take --seed 3 (--seed is a flag of the --mode runs, --probe"),
+    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag "
+     "of python results/protocol/claims.py)"),
+    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of python "
+     "results/protocol/claims.py)"),
+    (["--bench", "--report"], "--bench does not take --report (--report is a flag of python "
+     "results/protocol/claims.py)"),
+    (["--report", "--seed", "3"], "--report does not take --seed 3 (--seed is a flag of --probe)"),
     (["--mode", "real", "--report"], "--report does not take --mode real"),
     (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
     (["--bench", "--mode", "real"], "--bench does not take --mode real"),
     (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
-    (["--report", "--bench"], "argument --bench: not allowed with argument --report"),
+    (["--report", "--bench"], "--report does not take --bench"),
     (["--reproduce", "--jobs", "2", "--probe", "v2"],
      "argument --probe: not allowed with argument --reproduce"),
     (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
@@ -4262,17 +4289,18 @@ def test_the_protocols_flags_are_checked_by_its_parser(capsys):
     for jobs in ("0", "-1", "two"):
         assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(
             capsys, ["--reproduce", "--jobs", jobs])
-    _, args = R.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
+    _, args = C.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
     assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
-    assert R.parse_args(["--reproduce"])[1].only == ["*"]
+    assert C.parse_args(["--reproduce"])[1].only == ["*"]
 
 
 def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
-    for argv in (["--report", "--seed", "3"], ["--bench", "--report"]):
-        r = subprocess.run([sys.executable, str(ROOT / "repro.py"), *argv], capture_output=True,
+    for script, argv in (("results/protocol/claims.py", ["--report", "--seed", "3"]),
+                         ("repro.py", ["--bench", "--report"])):
+        r = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True,
                            text=True, timeout=300)
         assert (r.returncode == 2 and r.stdout == "" and
-                r.stderr.startswith("repro.py: error: ")), r.stderr
+                r.stderr.startswith(f"{Path(script).name}: error: ")), r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
 
 
@@ -4281,7 +4309,8 @@ def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
     # each once
     assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)
     readers = {job for f in R.dataclasses.fields(R.Config) for job in f.metadata["jobs"]}
-    assert readers <= set(R.JOBS) | {"predict"}, readers  # a misspelt job would read nothing
+    jobs = {job for script in SCRIPTS.values() for job in script.JOBS}
+    assert readers <= jobs | {"predict"}, readers  # a misspelt job would read nothing
     assert R.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
