@@ -2896,7 +2896,419 @@ def test_mpii_val_mat_and_checkpoints_of_the_other_skeleton_are_named(capsys, tm
     assert not (tmp_path / "eval").exists()
 
 
-# ---- The claims protocol: every condition fine-tuned from one real-only student ------------------
+# ---- Benchmark: is the data pipeline ever the bottleneck? ----------------------------------------
+
+def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
+    bench = [a
+             for a in toy_args(toy, tmp_path / "unused") if a not in ("--out",
+                                                                      str(tmp_path / "unused"))]
+    # the bench logs nothing
+    bench = bench[:bench.index("--log-every")] + bench[bench.index("--log-every") + 2:]
+    assert R.main(bench + ["--bench", "--init", str(run / "ckpt.pt")]) == 0
+    out = capsys.readouterr().out
+    precision = R.precision(torch.device("cpu"), R.Config())
+    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
+        assert figure in out
+
+
+def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(toy, capsys):
+    """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
+    1 .. N loader workers for the N cores."""
+    args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4",
+                                 "--input-size", "96", "--device", "cpu"]
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
+    for figure in ("crop_and_paste_ms_per_sample", "target_ms_per_sample", *workers):
+        assert figure in out
+    assert "preset paper, arch openpose, batch 4, input 96" in out and "network is not timed" in out
+    assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
+
+
+# ---- Predict: a trained student on your own images and videos; ONNX ------------------------------
+
+def write_video(path, frames=6, size=(96, 64), fps=12.5):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        writer.write(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3),
+                                                       dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def coco_named_copy(toy, folder):
+    """The toy val images under COCO-style names (their image ids), so predict's ids are the
+    json's."""
+    folder.mkdir()
+    for image in json.loads(toy["val"].read_text())["images"]:
+        shutil.copy(toy["val"].parent / "images" / image["file_name"],
+                    folder / f"{image['id']:012d}.jpg")
+    return folder
+
+
+def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
+    (images / "000000000099.jpg").write_bytes(b"not a jpeg")
+    (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
+    whole = (images / "000000000001.jpg").read_bytes()
+    (images / "000000000096.jpg").write_bytes(whole[:len(whole) // 2])  # cv2 would decode half
+    (images / "000000000097.jpg").symlink_to(tmp_path / "gone.jpg")
+    (images / "000000000098.jpg").symlink_to(images / "000000000098.jpg")  # a loop
+    out = tmp_path / "out"
+    assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out",
+                   str(out), *PREDICT_ARGS]) == 0
+    skipped = ", ".join(f"{i:012d}.jpg" for i in range(96, 100))
+    assert f"skipped 4 of 7 images that do not decode: {skipped}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + [
+        "overview.png", "predictions.json"]
+    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0],
+                                                           3)
+    predicted = json.loads((out / "predictions.json").read_text())
+    with R.contextlib.redirect_stdout(R.io.StringIO()):
+        assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
+    cfg, _ = R.parse_args(toy_data_args(toy) + list(PREDICT_ARGS))
+    model, cfg, _ = R.model_from_checkpoint(cfg, ckpt, torch.device("cpu"))
+    _, evaluated = R.evaluate(model, R.load_data(cfg).val, cfg, torch.device("cpu"), progress=False)
+    assert [(r["image_id"], r["score"]) for r in predicted] == [(r["image_id"],
+                                                                 r["score"]) for r in evaluated]
+    mine = np.array([r["keypoints"] for r in predicted], np.float32).reshape(len(predicted), 17, 3)
+    theirs = np.array([r["keypoints"] for r in evaluated], np.float32).reshape(len(evaluated), 17,
+                                                                               3)
+    # the same float32 values, only written shorter
+    assert np.array_equal(mine[..., :2], theirs[..., :2])
+    # peak scores
+    assert np.array_equal(mine[..., 2] > 0, theirs[..., 2] == 1) and (mine[..., 2] <= 1).all()
+    assert {r["file_name"] for r in predicted} <= {f"{i:012d}.jpg" for i in (1, 2, 3)}
+
+
+def test_image_ids_are_coco_numbers_or_positions():
+    assert R.image_ids([Path("000000000785.jpg"), Path("000000040083.png")]) == [785, 40083]
+    assert R.image_ids([Path("785.jpg"), Path("holiday.jpg")]) == [1, 2]
+    assert R.image_ids([Path("01.jpg"), Path("1.jpg")]) == [1, 2]  # the same number twice
+
+
+def test_predict_video_keeps_frame_count_and_rate(tmp_path):
+    video, out = write_video(tmp_path / "clip.avi"), tmp_path / "out"
+    assert R.main(["--mode", "predict", "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")),
+                   "--input", str(video), "--out", str(out), *PREDICT_ARGS]) == 0
+    drawn = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = 0
+    while drawn.read()[0]:
+        frames += 1
+    assert frames == 6 and drawn.get(cv2.CAP_PROP_FPS) == pytest.approx(12.5)
+    predicted = json.loads((out / "predictions.json").read_text())
+    assert (predicted and {r["frame"] for r in predicted} <= set(range(6)) and
+            len({r["frame"] for r in predicted}) > 1)
+    assert all(r["image_id"] == r["frame"] and r["file_name"] == "clip.avi" for r in predicted)
+    # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "predictions.json"]
+
+
+def test_predict_with_the_shipped_student_on_one_image(toy, tmp_path, capsys):
+    image, out = toy["val"].parent / "images" / "0000.jpg", tmp_path / "out"
+    assert R.main(["--mode", "predict", "--input", str(image), "--out", str(out),
+                   *PREDICT_ARGS]) == 0
+    assert cv2.imread(str(out / "0000.jpg")).shape == cv2.imread(str(image)).shape
+    predicted = json.loads((out / "predictions.json").read_text())
+    # "0000"
+    assert predicted and all(r["image_id"] == 0 and len(r["keypoints"]) == 51 for r in predicted)
+    cfg, _ = R.parse_args(list(PREDICT_ARGS))
+    model, cfg = R.predictor(cfg, torch.device("cpu"))  # no --ckpt: the shipped student
+    people = R.decode_maps(*R.network_maps(model, cv2.imread(str(image)), cfg, torch.device("cpu")),
+                           R.COCO)
+    assert [round(score, 5) for _, score in people] == [r["score"] for r in predicted]
+
+
+def test_predict_mpii_writes_16_joints_and_the_toolkits_pred(toy, tmp_path, monkeypatch):
+    person = np.zeros((16, 3), np.float32)
+    person[[0, 9, 12]] = [[10, 50, 0.7], [12, 8, 0.9], [11, 20, 0.8]]
+    monkeypatch.setattr(R, "decode_maps", lambda maps, base, sk: [(person.copy(), 0.6)])
+    images, out = coco_named_copy(toy, tmp_path / "images"), tmp_path / "out"
+    assert R.main(["--mode", "predict", "--skeleton", "mpii", "--ckpt",
+                   str(tiny_checkpoint(tmp_path / "m.pt", "mpii")),
+                   "--input", str(images), "--out", str(out), *PREDICT_ARGS]) == 0
+    predicted = json.loads((out / "predictions.json").read_text())
+    # 48 values
+    assert len(predicted) == 3 and all(np.allclose(r["keypoints"],
+                                                   person.flatten()) for r in predicted)
+    groups = R.read_annolist(out / "predictions.mat")
+    assert [g.image for g in groups] == [f"{i:012d}.jpg" for i in (1, 2, 3)]
+    assert np.allclose(groups[0].joints[0, [0, 9, 12], :2], person[[0, 9, 12], :2])
+    assert np.allclose(groups[0].scores[0, [0, 9, 12]], person[[0, 9, 12], 2])
+
+
+def test_onnx_export_matches_torch_and_predicts_the_same_people(toy, tmp_path, capsys):
+    """The shipped student (the default): an untrained net's flat maps would make sub-pixel peaks
+    hang on the 1e-6 differences."""
+    pytest.importorskip("onnxruntime")
+    ckpt, model_path = R.SHIPPED_STUDENT, tmp_path / "student.onnx"
+    assert R.main(["--export-onnx", str(model_path)]) == 0
+    printed = capsys.readouterr().out
+    diffs = [float(d) for d in printed.rsplit(":", 1)[1].split(",")]
+    assert (len(diffs) == 3 and max(diffs) <= R.ONNX_TOLERANCE and
+            "dynamic batch and input size" in printed)
+    images = toy["val"].parent / "images"
+    runs = {}
+    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]),
+                       ("onnx", ["--onnx", str(model_path)])):
+        assert R.main(["--mode", "predict", "--input", str(images), "--out", str(tmp_path / name),
+                       *flag, *PREDICT_ARGS]) == 0
+        runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+    assert len(runs["torch"]) == len(runs["onnx"]) > 0
+    for a, b in zip(runs["torch"], runs["onnx"]):
+        assert a["image_id"] == b["image_id"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
+        mine, theirs = np.reshape(a["keypoints"], (17, 3)), np.reshape(b["keypoints"], (17, 3))
+        assert np.array_equal(mine[:, 2] > 0, theirs[:, 2] > 0) and np.allclose(mine, theirs,
+                                                                                atol=0.02)
+
+
+def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.mp4").write_text("not a video")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "bad.onnx").write_text("not a model")
+    whole = (toy["val"].parent / "images" / "0000.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:1000])
+    (tmp_path / "photo.mp4").write_bytes(whole)
+    (tmp_path / "clash").mkdir()
+    cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
+    images = toy["val"].parent / "images"
+    out = tmp_path / "out"
+    cases = [([], "needs --input"),
+             (["--input", str(tmp_path / "nope.jpg")], "does not exist"),
+             (["--input", str(tmp_path / "notes.txt")], "is not an image"),
+             (["--input", str(tmp_path / "empty")], "no images in this folder"),
+             (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
+             (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
+             (["--input", str(tmp_path / "cut.jpg")], "cannot decode image"),
+             (["--input", str(tmp_path / "photo.mp4")], "is an image named as a video"),
+             (["--input", str(images), "--threads", "-3"], "--threads must be 0 (torch's default)"),
+             (["--input", str(images), "--steps", "3"], "--mode predict does not take --steps"),
+             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt"),
+               "--onnx", str(tmp_path / "bad.onnx")], "give --onnx or --ckpt, not both"),
+             (["--input", str(images), "--skeleton", "mpii"],
+              "predicts the coco skeleton, not mpii"),
+             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")],
+              "checkpoint not found"),
+             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")],
+              "cannot read ONNX model"),
+             (["--input", str(tmp_path / "clash")], "an image named overview.png")]
+    for extra, words in cases:
+        assert words in run_main_error(capsys,
+                                       ["--mode", "predict", "--out", str(out), *PREDICT_ARGS,
+                                        *extra])
+        assert not out.exists(), extra
+    assert "input's own folder" in run_main_error(capsys,
+                                                  ["--mode", "predict", "--input", str(images),
+                                                           "--out", str(images)])
+    assert sorted(p.name for p in images.iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert "is for --mode predict" in run_main_error(capsys,
+                                                     ["--mode", "eval", "--onnx",
+                                                      str(tmp_path / "bad.onnx")])
+    missing_folder = str(tmp_path / "x" / "m.onnx")
+    assert ".onnx file in an existing folder" in run_main_error(capsys,
+                                                                ["--export-onnx", missing_folder])
+
+
+def test_predicts_out_is_checked_first_and_never_mixes_two(capsys, tmp_path, toy, monkeypatch):
+    images, ckpt = toy["val"].parent / "images", tiny_checkpoint(tmp_path / "tiny.pt")
+    argv = ["--mode", "predict", "--ckpt", str(ckpt), *PREDICT_ARGS, "--input"]
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "ro").mkdir()
+    with monkeypatch.context() as m:
+        read_only(m, tmp_path / "ro")
+        m.setattr(R, "predictor", lambda *args: pytest.fail("inference started"))
+        for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "o", "is under"),
+                           (tmp_path / "ro" / "o", "ro is not writable")):
+            assert words in run_main_error(capsys, argv + [str(images), "--out", str(out)])
+        assert (tmp_path / "file").read_text() == "not a folder"
+        assert not list((tmp_path / "ro").iterdir())
+    out = tmp_path / "out"
+    assert R.main(argv + [str(images), "--out", str(out)]) == 0
+    assert R.main(argv + [str(images / "0001.jpg"), "--out", str(out)]) == 0
+    assert f"{out} held an earlier prediction: replaced whole" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
+    (out / "notes.txt").write_text("mine")
+    line = run_main_error(capsys, argv + [str(images), "--out", str(out)])
+    assert "holds files predict did not write (notes.txt)" in line
+    (out / "notes.txt").unlink()
+    monkeypatch.setattr(R, "decode_maps", lambda *args: (_ for _ in ()).throw(R.Terminated()))
+    for target in (out, tmp_path / "new"):  # SIGTERM: nothing of the cut prediction is left
+        capsys.readouterr()
+        assert R.main(argv + [str(images), "--out", str(target)]) == 143
+        assert capsys.readouterr().err == "repro.py: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "ro", "tiny.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
+    monkeypatch.setattr(R, "load_data", lambda cfg: None)
+    monkeypatch.setattr(R, "bench", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert R.main(["--bench"]) == 130 and capsys.readouterr().err == "repro.py: interrupted\n"
+
+
+def test_an_onnx_model_of_another_network_is_refused_whatever_its_metadata(capsys, tmp_path, toy):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path, out = tmp_path / "other.onnx", tmp_path / "out"
+    with R.warnings.catch_warnings():
+        R.warnings.simplefilter("ignore")
+        axes = {0: "b", 2: "h", 3: "w"}
+        torch.onnx.export(torch.nn.Conv2d(3, 5, 3, padding=1).eval(), (torch.zeros(1, 3, 32, 32),),
+                          str(path), dynamo=False, opset_version=R.ONNX_OPSET,
+                          input_names=["image"], output_names=["maps"],
+                          dynamic_axes=dict(image=axes, maps=axes))
+    copied = dict(arch="small", stages=2, width=16, input_size=64, stride=4, skeleton="coco")
+    for config, words in ((copied, "gives maps of shape (1, 5, 32, 32), not the (1, 57, 8, 8)"),
+                          (copied | dict(stride=0), "has a config that cannot run")):
+        model = onnx.load(str(path))
+        onnx.helper.set_model_props(model, dict(repro_config=json.dumps(config)))
+        onnx.save(model, str(path))
+        line = run_main_error(capsys, ["--mode", "predict", "--onnx", str(path), "--out", str(out),
+                                       "--input", str(toy["val"].parent / "images"), *PREDICT_ARGS])
+        assert words in line, line
+        assert not out.exists()
+
+
+# ---- The command line: one job per call, each with only its own flags ----------------------------
+
+def readme_commands(script: str = "repro.py") -> list[list[str]]:
+    """The complete `python SCRIPT ...` commands of the README and the results' READMEs it links:
+    code-block lines and one-line inline spans, without placeholders (`--seed S`), alternatives
+    ([a | b]) or --help."""
+    import re
+    import shlex
+
+    found, fenced, name = [], False, re.escape(script)
+    readmes = [ROOT / "README.md", *sorted((ROOT / "results").glob("*/README.md"))]
+    for line in "\n".join(p.read_text() for p in readmes).splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif fenced and re.match(rf"\s*(\$ )?python {name}( |$)", line):
+            found.append(line.split(f"python {script}", 1)[1].split("#")[0])
+        elif not fenced:
+            found += re.findall(rf"`python {name}((?: [^`]*)?)`", line)
+    placeholders = ("[", "--help", " S ", " T ")
+    commands = [shlex.split(c) for c in found if not any(p in c for p in placeholders)]
+    return [c for c in commands if c]
+
+
+README_JOB_COMMANDS = {  # the READMEs' job commands that wrap over lines there
+    "repro.py": [["--bench", "--stages", "2"], ["--bench", "--width", "48"],
+                 ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
+                 ["--write-mpii-release", "data/mpii-rehearsal"]],
+    "results/protocol/claims.py": [["--probe", "v2", "--init", "results/student-demo-scarce.pt"]],
+    "results/speed/speed.py": [["--gpu-report", "--preset", "paper", "--input-size", "64",
+                                "--batch-size", "4", "--stages", "2", "--demo-size", "small",
+                                "--device", "cpu", "--out", "/tmp/gpurep"]]}
+
+
+def test_the_readme_commands_parse_to_the_config_they_always_did():
+    commands = {path: readme_commands(path) + README_JOB_COMMANDS.get(path, []) for path in SCRIPTS}
+    assert len(commands["repro.py"]) > 40 and ["--mode", "augmented"] in commands["repro.py"]
+    assert ["--report"] in commands["results/protocol/claims.py"]
+    for path, script in SCRIPTS.items():  # none is refused, and each job is shown at least once
+        assert {script.parse_args(argv)[1].job for argv in commands[path]} == set(script.JOBS), path
+    probe = README_JOB_COMMANDS["results/protocol/claims.py"][0]
+    asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
+    cfg, args = R.parse_args(["--mode", "augmented"])
+    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), False)
+    cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15",
+                           "--seed", "0", "--out", "runs/curve-s0"])
+    assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
+                                          out="runs/curve-s0"), False)
+    cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out",
+                           "runs/mpii-real"])
+    assert cfg == R.Config(**asdict(R.Config()) | paper | dict(preset="paper", mode="real",
+                                                               mpii_root="DIR",
+                                                               skeleton="mpii",
+                                                               out="runs/mpii-real", init=None))
+    cfg, args = C.parse_args(probe)
+    assert (args.probe == "v2" and
+            cfg == R.resolve_init(R.Config(init="results/student-demo-scarce.pt"), False))
+    cfg, args = R.parse_args(["--export-student", "runs/real/ckpt.pt", "--out",
+                              "results/student-demo.pt"])
+    assert (args.export_student, cfg.out) == ("runs/real/ckpt.pt", "results/student-demo.pt")
+    cfg, args = R.parse_args(["--score-mpii", "PRED.mat", "GT.mat"])
+    # reads no Config, loads nothing
+    assert args.score_mpii == ["PRED.mat", "GT.mat"] and cfg == R.Config()
+    cfg, args = G.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
+    assert args.domain_gap == 120 and cfg == R.Config(eval_scales=(1.0,))
+    cfg, _ = S.parse_args(README_JOB_COMMANDS["results/speed/speed.py"][0])
+    assert cfg == R.resolve_init(R.Config(**asdict(R.Config()) | paper | dict(
+        preset="paper", input_size=64, batch_size=4, stages=2, demo_size="small", device="cpu",
+        out="/tmp/gpurep")), False)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag "
+     "of python results/protocol/claims.py)"),
+    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of python "
+     "results/protocol/claims.py)"),
+    (["--bench", "--report"], "--bench does not take --report (--report is a flag of python "
+     "results/protocol/claims.py)"),
+    (["--report", "--seed", "3"], "--report does not take --seed 3 (--seed is a flag of --probe)"),
+    (["--mode", "real", "--report"], "--report does not take --mode real"),
+    (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
+    (["--bench", "--mode", "real"], "--bench does not take --mode real"),
+    (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
+    (["--report", "--bench"], "--report does not take --bench"),
+    (["--reproduce", "--jobs", "2", "--probe", "v2"],
+     "argument --probe: not allowed with argument --reproduce"),
+    (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
+])
+def test_each_job_takes_only_its_own_flags_and_one_job_at_a_time(capsys, argv, words):
+    assert words in run_main_error(capsys, argv)  # argparse's refusal: exit status 2, one line
+
+
+def test_the_protocols_flags_are_checked_by_its_parser(capsys):
+    line = run_main_error(capsys, ["--reproduce", "--only", "full/*", "scarce/nothing-*"])
+    assert "argument --only: 'scarce/nothing-*' matches no protocol run" in line
+    for jobs in ("0", "-1", "two"):
+        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(
+            capsys, ["--reproduce", "--jobs", jobs])
+    _, args = C.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
+    assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
+    assert C.parse_args(["--reproduce"])[1].only == ["*"]
+
+
+def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
+    for script, argv in (("results/protocol/claims.py", ["--report", "--seed", "3"]),
+                         ("repro.py", ["--bench", "--report"])):
+        r = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True,
+                           text=True, timeout=300)
+        assert (r.returncode == 2 and r.stdout == "" and
+                r.stderr.startswith(f"{Path(script).name}: error: ")), r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
+
+
+def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
+    fields = [f.name for f in R.dataclasses.fields(R.Config)]
+    # each once
+    assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)
+    readers = {job for f in R.dataclasses.fields(R.Config) for job in f.metadata["jobs"]}
+    jobs = {job for script in SCRIPTS.values() for job in script.JOBS}
+    assert readers <= jobs | {"predict"}, readers  # a misspelt job would read nothing
+    assert R.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
+    assert all(f"\n  {flag}" in out.split("the other jobs")[1] for flag in R.JOBS if flag)
+    for flag, job in R.JOBS.items():
+        assert (set(job.fields) <= set(fields) and
+                (flag == R.TRAIN) == (set(job.fields) == set(fields)))
+        if flag:
+            # also where the flag wants a value: --compare --help
+            assert R.main([flag, "--help"]) == 0
+            assert capsys.readouterr().out.startswith(f"usage: repro.py {flag}")
+
+
+# ==============================================================================================
+# The experiments' scripts beside their results (results/*/*.py), in the README's order
+# ==============================================================================================
+
+# ---- results/protocol/claims.py: the claims protocol --------------------------------------------
 
 def test_protocol_conditions_mean_what_their_names_say():
     cfgs = {name: R.parse_args(c.flags)[0] for name, c in C.CONDITIONS.items()}
@@ -3801,7 +4213,7 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
         "uniform-3000 (= synthetic-3000's runs)": "8"}
 
 
-# ---- Where the domain gap comes from: one style factor switched at a time ------------------------
+# ---- results/domain-gap/domain_gap.py: one style factor switched at a time ----------------------
 
 def test_domain_gap_runner_end_to_end_and_its_commands_give_its_numbers(tmp_path, monkeypatch,
                                                                         capsys):
@@ -3871,36 +4283,7 @@ def test_domain_gap_bad_input_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-# ---- Benchmark: is the data pipeline ever the bottleneck? ----------------------------------------
-
-def test_bench_runs_and_reports_every_figure(toy, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert R.main(toy_args(toy, run, "--mode", "real", "--steps", "2")) == 0
-    bench = [a
-             for a in toy_args(toy, tmp_path / "unused") if a not in ("--out",
-                                                                      str(tmp_path / "unused"))]
-    # the bench logs nothing
-    bench = bench[:bench.index("--log-every")] + bench[bench.index("--log-every") + 2:]
-    assert R.main(bench + ["--bench", "--init", str(run / "ckpt.pt")]) == 0
-    out = capsys.readouterr().out
-    precision = R.precision(torch.device("cpu"), R.Config())
-    for figure in ("pipeline_ratio", "train_img_s_end_to_end", "grouping_ms_per_image", precision):
-        assert figure in out
-
-
-def test_bench_at_the_paper_geometry_times_the_pipeline_for_every_worker_count(toy, capsys):
-    """On a CPU the paper's network is not timed (minutes per step); the data pipeline is, with
-    1 .. N loader workers for the N cores."""
-    args = toy_data_args(toy) + ["--preset", "paper", "--bench", "--batch-size", "4",
-                                 "--input-size", "96", "--device", "cpu"]
-    assert R.main(args) == 0
-    out = capsys.readouterr().out
-    workers = [f"loader_samples_s_{w}_workers" for w in range(1, len(os.sched_getaffinity(0)) + 1)]
-    for figure in ("crop_and_paste_ms_per_sample", "target_ms_per_sample", *workers):
-        assert figure in out
-    assert "preset paper, arch openpose, batch 4, input 96" in out and "network is not timed" in out
-    assert "train_img_s" not in out and f"loader_samples_s_{len(workers) + 1}_workers" not in out
-
+# ---- results/speed/speed.py: the GPU report, targets against the peer's --------------------------
 
 def test_gpu_report_parts_flops_per_image_and_the_childs_data_flags(toy, tmp_path):
     """The device report's pieces that can silently go wrong on a CPU: FLOPs are per image (the
@@ -3945,380 +4328,3 @@ def test_bench_targets_times_ours_and_the_peers_on_the_same_people(toy, capsys):
     assert set(figures) == {f"{g}_{n}_people" for g in ("demo", "paper") for n in (1, 3)}
     assert all(v > 0 for row in figures.values() for v in row.values())
     assert "paper geometry (368 px, stride 8, sigma 7.0" in capsys.readouterr().out
-
-
-# ---- Predict: a trained student on your own images and videos; ONNX ------------------------------
-
-def write_video(path, frames=6, size=(96, 64), fps=12.5):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    for i in range(frames):
-        writer.write(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3),
-                                                       dtype=np.uint8))
-    writer.release()
-    return path
-
-
-def coco_named_copy(toy, folder):
-    """The toy val images under COCO-style names (their image ids), so predict's ids are the
-    json's."""
-    folder.mkdir()
-    for image in json.loads(toy["val"].read_text())["images"]:
-        shutil.copy(toy["val"].parent / "images" / image["file_name"],
-                    folder / f"{image['id']:012d}.jpg")
-    return folder
-
-
-def test_predict_folder_matches_evaluation_and_skips_a_broken_image(toy, tmp_path, capsys):
-    from pycocotools.coco import COCO
-
-    ckpt, images = tiny_checkpoint(tmp_path / "tiny.pt"), coco_named_copy(toy, tmp_path / "images")
-    (images / "000000000099.jpg").write_bytes(b"not a jpeg")
-    (images / "notes.txt").write_text("not an image either, and not one by its name: ignored")
-    whole = (images / "000000000001.jpg").read_bytes()
-    (images / "000000000096.jpg").write_bytes(whole[:len(whole) // 2])  # cv2 would decode half
-    (images / "000000000097.jpg").symlink_to(tmp_path / "gone.jpg")
-    (images / "000000000098.jpg").symlink_to(images / "000000000098.jpg")  # a loop
-    out = tmp_path / "out"
-    assert R.main(["--mode", "predict", "--ckpt", str(ckpt), "--input", str(images), "--out",
-                   str(out), *PREDICT_ARGS]) == 0
-    skipped = ", ".join(f"{i:012d}.jpg" for i in range(96, 100))
-    assert f"skipped 4 of 7 images that do not decode: {skipped}" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)] + [
-        "overview.png", "predictions.json"]
-    assert cv2.imread(str(out / "overview.png")).shape == (R.OVERVIEW_BOX[1], 4 * R.OVERVIEW_BOX[0],
-                                                           3)
-    predicted = json.loads((out / "predictions.json").read_text())
-    with R.contextlib.redirect_stdout(R.io.StringIO()):
-        assert len(COCO(str(toy["val"])).loadRes(predicted).getAnnIds()) == len(predicted) > 0
-    cfg, _ = R.parse_args(toy_data_args(toy) + list(PREDICT_ARGS))
-    model, cfg, _ = R.model_from_checkpoint(cfg, ckpt, torch.device("cpu"))
-    _, evaluated = R.evaluate(model, R.load_data(cfg).val, cfg, torch.device("cpu"), progress=False)
-    assert [(r["image_id"], r["score"]) for r in predicted] == [(r["image_id"],
-                                                                 r["score"]) for r in evaluated]
-    mine = np.array([r["keypoints"] for r in predicted], np.float32).reshape(len(predicted), 17, 3)
-    theirs = np.array([r["keypoints"] for r in evaluated], np.float32).reshape(len(evaluated), 17,
-                                                                               3)
-    # the same float32 values, only written shorter
-    assert np.array_equal(mine[..., :2], theirs[..., :2])
-    # peak scores
-    assert np.array_equal(mine[..., 2] > 0, theirs[..., 2] == 1) and (mine[..., 2] <= 1).all()
-    assert {r["file_name"] for r in predicted} <= {f"{i:012d}.jpg" for i in (1, 2, 3)}
-
-
-def test_image_ids_are_coco_numbers_or_positions():
-    assert R.image_ids([Path("000000000785.jpg"), Path("000000040083.png")]) == [785, 40083]
-    assert R.image_ids([Path("785.jpg"), Path("holiday.jpg")]) == [1, 2]
-    assert R.image_ids([Path("01.jpg"), Path("1.jpg")]) == [1, 2]  # the same number twice
-
-
-def test_predict_video_keeps_frame_count_and_rate(tmp_path):
-    video, out = write_video(tmp_path / "clip.avi"), tmp_path / "out"
-    assert R.main(["--mode", "predict", "--ckpt", str(tiny_checkpoint(tmp_path / "tiny.pt")),
-                   "--input", str(video), "--out", str(out), *PREDICT_ARGS]) == 0
-    drawn = cv2.VideoCapture(str(out / "clip.mp4"))
-    frames = 0
-    while drawn.read()[0]:
-        frames += 1
-    assert frames == 6 and drawn.get(cv2.CAP_PROP_FPS) == pytest.approx(12.5)
-    predicted = json.loads((out / "predictions.json").read_text())
-    assert (predicted and {r["frame"] for r in predicted} <= set(range(6)) and
-            len({r["frame"] for r in predicted}) > 1)
-    assert all(r["image_id"] == r["frame"] and r["file_name"] == "clip.avi" for r in predicted)
-    # no temporary file left
-    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "predictions.json"]
-
-
-def test_predict_with_the_shipped_student_on_one_image(toy, tmp_path, capsys):
-    image, out = toy["val"].parent / "images" / "0000.jpg", tmp_path / "out"
-    assert R.main(["--mode", "predict", "--input", str(image), "--out", str(out),
-                   *PREDICT_ARGS]) == 0
-    assert cv2.imread(str(out / "0000.jpg")).shape == cv2.imread(str(image)).shape
-    predicted = json.loads((out / "predictions.json").read_text())
-    # "0000"
-    assert predicted and all(r["image_id"] == 0 and len(r["keypoints"]) == 51 for r in predicted)
-    cfg, _ = R.parse_args(list(PREDICT_ARGS))
-    model, cfg = R.predictor(cfg, torch.device("cpu"))  # no --ckpt: the shipped student
-    people = R.decode_maps(*R.network_maps(model, cv2.imread(str(image)), cfg, torch.device("cpu")),
-                           R.COCO)
-    assert [round(score, 5) for _, score in people] == [r["score"] for r in predicted]
-
-
-def test_predict_mpii_writes_16_joints_and_the_toolkits_pred(toy, tmp_path, monkeypatch):
-    person = np.zeros((16, 3), np.float32)
-    person[[0, 9, 12]] = [[10, 50, 0.7], [12, 8, 0.9], [11, 20, 0.8]]
-    monkeypatch.setattr(R, "decode_maps", lambda maps, base, sk: [(person.copy(), 0.6)])
-    images, out = coco_named_copy(toy, tmp_path / "images"), tmp_path / "out"
-    assert R.main(["--mode", "predict", "--skeleton", "mpii", "--ckpt",
-                   str(tiny_checkpoint(tmp_path / "m.pt", "mpii")),
-                   "--input", str(images), "--out", str(out), *PREDICT_ARGS]) == 0
-    predicted = json.loads((out / "predictions.json").read_text())
-    # 48 values
-    assert len(predicted) == 3 and all(np.allclose(r["keypoints"],
-                                                   person.flatten()) for r in predicted)
-    groups = R.read_annolist(out / "predictions.mat")
-    assert [g.image for g in groups] == [f"{i:012d}.jpg" for i in (1, 2, 3)]
-    assert np.allclose(groups[0].joints[0, [0, 9, 12], :2], person[[0, 9, 12], :2])
-    assert np.allclose(groups[0].scores[0, [0, 9, 12]], person[[0, 9, 12], 2])
-
-
-def test_onnx_export_matches_torch_and_predicts_the_same_people(toy, tmp_path, capsys):
-    """The shipped student (the default): an untrained net's flat maps would make sub-pixel peaks
-    hang on the 1e-6 differences."""
-    pytest.importorskip("onnxruntime")
-    ckpt, model_path = R.SHIPPED_STUDENT, tmp_path / "student.onnx"
-    assert R.main(["--export-onnx", str(model_path)]) == 0
-    printed = capsys.readouterr().out
-    diffs = [float(d) for d in printed.rsplit(":", 1)[1].split(",")]
-    assert (len(diffs) == 3 and max(diffs) <= R.ONNX_TOLERANCE and
-            "dynamic batch and input size" in printed)
-    images = toy["val"].parent / "images"
-    runs = {}
-    for name, flag in (("torch", ["--ckpt", str(ckpt), "--no-amp"]),
-                       ("onnx", ["--onnx", str(model_path)])):
-        assert R.main(["--mode", "predict", "--input", str(images), "--out", str(tmp_path / name),
-                       *flag, *PREDICT_ARGS]) == 0
-        runs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
-    assert len(runs["torch"]) == len(runs["onnx"]) > 0
-    for a, b in zip(runs["torch"], runs["onnx"]):
-        assert a["image_id"] == b["image_id"] and a["score"] == pytest.approx(b["score"], abs=1e-3)
-        mine, theirs = np.reshape(a["keypoints"], (17, 3)), np.reshape(b["keypoints"], (17, 3))
-        assert np.array_equal(mine[:, 2] > 0, theirs[:, 2] > 0) and np.allclose(mine, theirs,
-                                                                                atol=0.02)
-
-
-def test_predict_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, toy):
-    (tmp_path / "notes.txt").write_text("hello")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "broken.mp4").write_text("not a video")
-    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    (tmp_path / "bad.onnx").write_text("not a model")
-    whole = (toy["val"].parent / "images" / "0000.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(whole[:1000])
-    (tmp_path / "photo.mp4").write_bytes(whole)
-    (tmp_path / "clash").mkdir()
-    cv2.imwrite(str(tmp_path / "clash" / "overview.png"), np.zeros((8, 8, 3), np.uint8))
-    images = toy["val"].parent / "images"
-    out = tmp_path / "out"
-    cases = [([], "needs --input"),
-             (["--input", str(tmp_path / "nope.jpg")], "does not exist"),
-             (["--input", str(tmp_path / "notes.txt")], "is not an image"),
-             (["--input", str(tmp_path / "empty")], "no images in this folder"),
-             (["--input", str(tmp_path / "broken.jpg")], "cannot decode image"),
-             (["--input", str(tmp_path / "broken.mp4")], "cannot read video"),
-             (["--input", str(tmp_path / "cut.jpg")], "cannot decode image"),
-             (["--input", str(tmp_path / "photo.mp4")], "is an image named as a video"),
-             (["--input", str(images), "--threads", "-3"], "--threads must be 0 (torch's default)"),
-             (["--input", str(images), "--steps", "3"], "--mode predict does not take --steps"),
-             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt"),
-               "--onnx", str(tmp_path / "bad.onnx")], "give --onnx or --ckpt, not both"),
-             (["--input", str(images), "--skeleton", "mpii"],
-              "predicts the coco skeleton, not mpii"),
-             (["--input", str(images), "--ckpt", str(tmp_path / "none.pt")],
-              "checkpoint not found"),
-             (["--input", str(images), "--onnx", str(tmp_path / "bad.onnx")],
-              "cannot read ONNX model"),
-             (["--input", str(tmp_path / "clash")], "an image named overview.png")]
-    for extra, words in cases:
-        assert words in run_main_error(capsys,
-                                       ["--mode", "predict", "--out", str(out), *PREDICT_ARGS,
-                                        *extra])
-        assert not out.exists(), extra
-    assert "input's own folder" in run_main_error(capsys,
-                                                  ["--mode", "predict", "--input", str(images),
-                                                           "--out", str(images)])
-    assert sorted(p.name for p in images.iterdir()) == ["0000.jpg", "0001.jpg", "0002.jpg"]
-    assert "is for --mode predict" in run_main_error(capsys,
-                                                     ["--mode", "eval", "--onnx",
-                                                      str(tmp_path / "bad.onnx")])
-    missing_folder = str(tmp_path / "x" / "m.onnx")
-    assert ".onnx file in an existing folder" in run_main_error(capsys,
-                                                                ["--export-onnx", missing_folder])
-
-
-def test_predicts_out_is_checked_first_and_never_mixes_two(capsys, tmp_path, toy, monkeypatch):
-    images, ckpt = toy["val"].parent / "images", tiny_checkpoint(tmp_path / "tiny.pt")
-    argv = ["--mode", "predict", "--ckpt", str(ckpt), *PREDICT_ARGS, "--input"]
-    (tmp_path / "file").write_text("not a folder")
-    (tmp_path / "ro").mkdir()
-    with monkeypatch.context() as m:
-        read_only(m, tmp_path / "ro")
-        m.setattr(R, "predictor", lambda *args: pytest.fail("inference started"))
-        for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "o", "is under"),
-                           (tmp_path / "ro" / "o", "ro is not writable")):
-            assert words in run_main_error(capsys, argv + [str(images), "--out", str(out)])
-        assert (tmp_path / "file").read_text() == "not a folder"
-        assert not list((tmp_path / "ro").iterdir())
-    out = tmp_path / "out"
-    assert R.main(argv + [str(images), "--out", str(out)]) == 0
-    assert R.main(argv + [str(images / "0001.jpg"), "--out", str(out)]) == 0
-    assert f"{out} held an earlier prediction: replaced whole" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
-    (out / "notes.txt").write_text("mine")
-    line = run_main_error(capsys, argv + [str(images), "--out", str(out)])
-    assert "holds files predict did not write (notes.txt)" in line
-    (out / "notes.txt").unlink()
-    monkeypatch.setattr(R, "decode_maps", lambda *args: (_ for _ in ()).throw(R.Terminated()))
-    for target in (out, tmp_path / "new"):  # SIGTERM: nothing of the cut prediction is left
-        capsys.readouterr()
-        assert R.main(argv + [str(images), "--out", str(target)]) == 143
-        assert capsys.readouterr().err == "repro.py: interrupted\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "ro", "tiny.pt"]
-    assert sorted(p.name for p in out.iterdir()) == ["0001.jpg", "overview.png", "predictions.json"]
-    monkeypatch.setattr(R, "load_data", lambda cfg: None)
-    monkeypatch.setattr(R, "bench", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert R.main(["--bench"]) == 130 and capsys.readouterr().err == "repro.py: interrupted\n"
-
-
-def test_an_onnx_model_of_another_network_is_refused_whatever_its_metadata(capsys, tmp_path, toy):
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    path, out = tmp_path / "other.onnx", tmp_path / "out"
-    with R.warnings.catch_warnings():
-        R.warnings.simplefilter("ignore")
-        axes = {0: "b", 2: "h", 3: "w"}
-        torch.onnx.export(torch.nn.Conv2d(3, 5, 3, padding=1).eval(), (torch.zeros(1, 3, 32, 32),),
-                          str(path), dynamo=False, opset_version=R.ONNX_OPSET,
-                          input_names=["image"], output_names=["maps"],
-                          dynamic_axes=dict(image=axes, maps=axes))
-    copied = dict(arch="small", stages=2, width=16, input_size=64, stride=4, skeleton="coco")
-    for config, words in ((copied, "gives maps of shape (1, 5, 32, 32), not the (1, 57, 8, 8)"),
-                          (copied | dict(stride=0), "has a config that cannot run")):
-        model = onnx.load(str(path))
-        onnx.helper.set_model_props(model, dict(repro_config=json.dumps(config)))
-        onnx.save(model, str(path))
-        line = run_main_error(capsys, ["--mode", "predict", "--onnx", str(path), "--out", str(out),
-                                       "--input", str(toy["val"].parent / "images"), *PREDICT_ARGS])
-        assert words in line, line
-        assert not out.exists()
-
-
-# ---- The command line: one job per call, each with only its own flags ----------------------------
-
-def readme_commands(script: str = "repro.py") -> list[list[str]]:
-    """The complete `python SCRIPT ...` commands of the README and the results' READMEs it links:
-    code-block lines and one-line inline spans, without placeholders (`--seed S`), alternatives
-    ([a | b]) or --help."""
-    import re
-    import shlex
-
-    found, fenced, name = [], False, re.escape(script)
-    readmes = [ROOT / "README.md", *sorted((ROOT / "results").glob("*/README.md"))]
-    for line in "\n".join(p.read_text() for p in readmes).splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        elif fenced and re.match(rf"\s*(\$ )?python {name}( |$)", line):
-            found.append(line.split(f"python {script}", 1)[1].split("#")[0])
-        elif not fenced:
-            found += re.findall(rf"`python {name}((?: [^`]*)?)`", line)
-    placeholders = ("[", "--help", " S ", " T ")
-    commands = [shlex.split(c) for c in found if not any(p in c for p in placeholders)]
-    return [c for c in commands if c]
-
-
-README_JOB_COMMANDS = {  # the READMEs' job commands that wrap over lines there
-    "repro.py": [["--bench", "--stages", "2"], ["--bench", "--width", "48"],
-                 ["--bench", "--preset", "paper", "--mpii-root", "data/mpii-rehearsal"],
-                 ["--write-mpii-release", "data/mpii-rehearsal"]],
-    "results/protocol/claims.py": [["--probe", "v2", "--init", "results/student-demo-scarce.pt"]],
-    "results/speed/speed.py": [["--gpu-report", "--preset", "paper", "--input-size", "64",
-                                "--batch-size", "4", "--stages", "2", "--demo-size", "small",
-                                "--device", "cpu", "--out", "/tmp/gpurep"]]}
-
-
-def test_the_readme_commands_parse_to_the_config_they_always_did():
-    commands = {path: readme_commands(path) + README_JOB_COMMANDS.get(path, []) for path in SCRIPTS}
-    assert len(commands["repro.py"]) > 40 and ["--mode", "augmented"] in commands["repro.py"]
-    assert ["--report"] in commands["results/protocol/claims.py"]
-    for path, script in SCRIPTS.items():  # none is refused, and each job is shown at least once
-        assert {script.parse_args(argv)[1].job for argv in commands[path]} == set(script.JOBS), path
-    probe = README_JOB_COMMANDS["results/protocol/claims.py"][0]
-    asdict, paper = R.dataclasses.asdict, R.PRESETS["paper"]
-    cfg, args = R.parse_args(["--mode", "augmented"])
-    assert args.job == R.TRAIN and cfg == R.resolve_init(R.Config(), False)
-    cfg, _ = R.parse_args(["--mode", "real", "--minutes", "20", "--eval-minutes", "5", "10", "15",
-                           "--seed", "0", "--out", "runs/curve-s0"])
-    assert cfg == R.resolve_init(R.Config(mode="real", minutes=20.0, eval_minutes=(5.0, 10.0, 15.0),
-                                          out="runs/curve-s0"), False)
-    cfg, _ = R.parse_args(["--mode", "real", "--preset", "paper", "--mpii-root", "DIR", "--out",
-                           "runs/mpii-real"])
-    assert cfg == R.Config(**asdict(R.Config()) | paper | dict(preset="paper", mode="real",
-                                                               mpii_root="DIR",
-                                                               skeleton="mpii",
-                                                               out="runs/mpii-real", init=None))
-    cfg, args = C.parse_args(probe)
-    assert (args.probe == "v2" and
-            cfg == R.resolve_init(R.Config(init="results/student-demo-scarce.pt"), False))
-    cfg, args = R.parse_args(["--export-student", "runs/real/ckpt.pt", "--out",
-                              "results/student-demo.pt"])
-    assert (args.export_student, cfg.out) == ("runs/real/ckpt.pt", "results/student-demo.pt")
-    cfg, args = R.parse_args(["--score-mpii", "PRED.mat", "GT.mat"])
-    # reads no Config, loads nothing
-    assert args.score_mpii == ["PRED.mat", "GT.mat"] and cfg == R.Config()
-    cfg, args = G.parse_args(["--domain-gap", "120", "--eval-scales", "1.0"])
-    assert args.domain_gap == 120 and cfg == R.Config(eval_scales=(1.0,))
-    cfg, _ = S.parse_args(README_JOB_COMMANDS["results/speed/speed.py"][0])
-    assert cfg == R.resolve_init(R.Config(**asdict(R.Config()) | paper | dict(
-        preset="paper", input_size=64, batch_size=4, stages=2, demo_size="small", device="cpu",
-        out="/tmp/gpurep")), False)
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag "
-     "of python results/protocol/claims.py)"),
-    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of python "
-     "results/protocol/claims.py)"),
-    (["--bench", "--report"], "--bench does not take --report (--report is a flag of python "
-     "results/protocol/claims.py)"),
-    (["--report", "--seed", "3"], "--report does not take --seed 3 (--seed is a flag of --probe)"),
-    (["--mode", "real", "--report"], "--report does not take --mode real"),
-    (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
-    (["--bench", "--mode", "real"], "--bench does not take --mode real"),
-    (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
-    (["--report", "--bench"], "--report does not take --bench"),
-    (["--reproduce", "--jobs", "2", "--probe", "v2"],
-     "argument --probe: not allowed with argument --reproduce"),
-    (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
-])
-def test_each_job_takes_only_its_own_flags_and_one_job_at_a_time(capsys, argv, words):
-    assert words in run_main_error(capsys, argv)  # argparse's refusal: exit status 2, one line
-
-
-def test_the_protocols_flags_are_checked_by_its_parser(capsys):
-    line = run_main_error(capsys, ["--reproduce", "--only", "full/*", "scarce/nothing-*"])
-    assert "argument --only: 'scarce/nothing-*' matches no protocol run" in line
-    for jobs in ("0", "-1", "two"):
-        assert "argument --jobs: must be a whole number of 1 or more" in run_main_error(
-            capsys, ["--reproduce", "--jobs", jobs])
-    _, args = C.parse_args(["--reproduce", "--jobs", "6", "--only", "scarce/*", "probe"])
-    assert (args.job, args.jobs, args.only) == ("--reproduce", 6, ["scarce/*", "probe"])
-    assert C.parse_args(["--reproduce"])[1].only == ["*"]
-
-
-def test_a_refused_command_line_is_one_line_and_exit_status_2_from_the_shell():
-    for script, argv in (("results/protocol/claims.py", ["--report", "--seed", "3"]),
-                         ("repro.py", ["--bench", "--report"])):
-        r = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True,
-                           text=True, timeout=300)
-        assert (r.returncode == 2 and r.stdout == "" and
-                r.stderr.startswith(f"{Path(script).name}: error: ")), r.stderr
-        assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1
-
-
-def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
-    fields = [f.name for f in R.dataclasses.fields(R.Config)]
-    # each once
-    assert sorted(n for names in R.FLAG_GROUPS.values() for n in names) == sorted(fields)
-    readers = {job for f in R.dataclasses.fields(R.Config) for job in f.metadata["jobs"]}
-    jobs = {job for script in SCRIPTS.values() for job in script.JOBS}
-    assert readers <= jobs | {"predict"}, readers  # a misspelt job would read nothing
-    assert R.main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert all(f"  {R.config_flag(n)} " in out or f"  {R.config_flag(n)}," in out for n in fields)
-    assert all(f"\n  {flag}" in out.split("the other jobs")[1] for flag in R.JOBS if flag)
-    for flag, job in R.JOBS.items():
-        assert (set(job.fields) <= set(fields) and
-                (flag == R.TRAIN) == (set(job.fields) == set(fields)))
-        if flag:
-            # also where the flag wants a value: --compare --help
-            assert R.main([flag, "--help"]) == 0
-            assert capsys.readouterr().out.startswith(f"usage: repro.py {flag}")

@@ -2,7 +2,8 @@
 from one real-only student over paired seeds, and read by rules fixed before the runs.
 
     python results/protocol/claims.py --reproduce [--jobs N] [--only GLOB ...]   # runs, resumes
-    python results/protocol/claims.py --report    # results/claims.{json,md,png}, the README's answer
+    python results/protocol/claims.py --report
+        # results/claims.{json,md,png}, the README's answer
     python results/protocol/claims.py --probe v3 --init results/student-demo-scarce.pt --seed 0 ...
 
 Run from the repository's root. Every run is `python repro.py ...`, a training run in a process of
@@ -40,9 +41,9 @@ import repro as R  # noqa: E402
 from repro import (  # noqa: E402
     LOCK_NAME, OCCLUSION_BINS, PARENT_ENV, Batch, BatchMaker, Config, Data, Job,
     ReproError, Trainer, atomic_path, autocast, batchnorm_modules, bin_colours, code_version,
-    config_flag, device_key, device_name, export_student, hold_run_dir, learning_rate, load_checkpoint,
-    load_data, lock_holder, plot_bin_probabilities, pose_loss, pyplot, read_jsonl, rh, save_atomic,
-    start_job, this_device_key, to_input, tracked_name, write_json)
+    config_flag, device_key, device_name, export_student, hold_run_dir, learning_rate,
+    load_checkpoint, load_data, lock_holder, plot_bin_probabilities, pose_loss, pyplot, read_jsonl,
+    rh, save_atomic, start_job, this_device_key, to_input, tracked_name, write_json)
 
 PROG = "results/protocol/claims.py"
 
@@ -336,10 +337,12 @@ def scratch_runs() -> list[ProtocolRun]:
     gap's student of synthetic data only."""
     runs = []
     for regime, subset in PROTOCOL_REGIMES.items():
-        data, steps = ["--train-subset", str(subset)] + PROTOCOL_COMMON, PROTOCOL_STUDENT_STEPS[regime]
+        data, steps = (["--train-subset", str(subset)] + PROTOCOL_COMMON,
+                       PROTOCOL_STUDENT_STEPS[regime])
         runs.append(ProtocolRun(f"{regime}/student", regime, "student", 0,
-                                STUDENT_CONDITIONS["student"].flags + ["--steps", str(steps), "--seed", "0",
-                                                                       "--eval-steps", *learning_curve(steps)] + data,
+                                STUDENT_CONDITIONS["student"].flags
+                                + ["--steps", str(steps), "--seed", "0",
+                                   "--eval-steps", *learning_curve(steps)] + data,
                                 None))
     runs.append(ProtocolRun("full/synthetic-only", "full", "synthetic-only", 0,  # the domain gap
                             STUDENT_CONDITIONS["synthetic-only"].flags
@@ -369,11 +372,13 @@ def probe_jobs() -> list[tuple[str, ProbeDesign, int]]:
 
 
 def learning_curve(steps: int) -> list[str]:
-    """Evaluations at every quarter of a student's training: the protocol's record of learning speed."""
+    """Evaluations at every quarter of a student's training: the protocol's record of learning
+    speed."""
     return [str(steps * k // 4) for k in (1, 2, 3)]
 
 
-def run_protocol(python: str = sys.executable, jobs: int = 1, only: tuple[str, ...] = ("*",)) -> None:
+def run_protocol(python: str = sys.executable, jobs: int = 1,
+                 only: tuple[str, ...] = ("*",)) -> None:
     """Runs what is missing: the runs from scratch, then round by round, stage by stage, its probe
     trajectories (one long job each, which resumes after its last probed point) and its
     fine-tunes; a stage's runs finish before the next stage's start. Skips finished runs (their
@@ -416,14 +421,15 @@ def run_probe_once(design: ProbeDesign, trajectory: int, runs: dict[str, Protoco
     student = runs[f"{design.regime}/student"]
     if not regime_student(student.regime).is_file():
         train_protocol_run(student, python)
-    argv = ["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
-            tracked_name(regime_student(student.regime)), "--seed", str(trajectory),
-            "--train-subset", str(PROTOCOL_REGIMES[design.regime])] + PROTOCOL_COMMON + PROTOCOL_FINETUNE
+    argv = (["--probe", next(k for k, d in PROBES.items() if d == design), "--init",
+             tracked_name(regime_student(student.regime)), "--seed", str(trajectory),
+             "--train-subset", str(PROTOCOL_REGIMES[design.regime])]
+            + PROTOCOL_COMMON + PROTOCOL_FINETUNE)
     if len(design.trajectories) > 1:  # each trajectory's probe state in a folder of its own
         argv += ["--out", str(PROTOCOL_RUNS / probe_name(design, trajectory))]
     print(f"protocol: the probe: python {PROG} " + " ".join(argv), flush=True)
-    process = subprocess.Popen([python, __file__, *argv], env=os.environ | {PARENT_ENV: str(os.getpid())},
-                               process_group=0)
+    process = subprocess.Popen([python, __file__, *argv],
+                               env=os.environ | {PARENT_ENV: str(os.getpid())}, process_group=0)
     try:
         if process.wait() != 0:
             raise ReproError("the probe failed; rerun --reproduce")
@@ -441,24 +447,28 @@ def matches(name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-def start_protocol_run(run: ProtocolRun, python: str, log=None, env=None) -> tuple[subprocess.Popen, str]:
-    """Starts a run in a process group of its own (it and its loader workers), which end_protocol_run
-    signals; the child also watches this runner and ends when it is gone. A folder a live process holds
-    is never deleted nor started again."""
+def start_protocol_run(run: ProtocolRun, python: str,
+                       log=None, env=None) -> tuple[subprocess.Popen, str]:
+    """Starts a run in a process group of its own (it and its loader workers), which
+    end_protocol_run signals; the child also watches this runner and ends when it is gone. A folder
+    a live process holds is never deleted nor started again."""
     folder = PROTOCOL_RUNS / run.name
     holder = lock_holder(folder)
     if holder is not None:
-        raise ReproError(f"protocol run {run.name} is still running (pid {holder} holds {folder / LOCK_NAME}): "
+        raise ReproError(f"protocol run {run.name} is still running "
+                         f"(pid {holder} holds {folder / LOCK_NAME}): "
                          "wait for it to finish, or end it, and rerun; nothing was deleted")
     resume = (folder / "ckpt.pt").is_file() and not (folder / "metrics.json").is_file()
     if folder.exists() and not resume:
-        shutil.rmtree(folder)  # cut off before its first checkpoint, or a finished run being rebuilt
+        # cut off before its first checkpoint, or a finished run being rebuilt
+        shutil.rmtree(folder)
     argv = protocol_argv(run)
     command = "python repro.py " + " ".join(argv)
     print(f"protocol: {'resuming' if resume else 'starting'} {run.name}: {command}", flush=True)
     process = subprocess.Popen([python, R.__file__, *argv] + (["--resume"] if resume else []),
                                stdout=log, stderr=subprocess.STDOUT if log else None,
-                               env=(env or os.environ) | {PARENT_ENV: str(os.getpid())}, process_group=0)
+                               env=(env or os.environ) | {PARENT_ENV: str(os.getpid())},
+                               process_group=0)
     return process, command
 
 
@@ -481,7 +491,8 @@ def end_protocol_run(process: subprocess.Popen) -> None:
 
 def finish_protocol_run(run: ProtocolRun, process: subprocess.Popen, command: str) -> None:
     if process.wait() != 0:
-        raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); rerun to resume it")
+        raise ReproError(f"protocol run {run.name} failed (exit status {process.returncode}); "
+                         "rerun to resume it")
     folder = PROTOCOL_RUNS / run.name
     if run.condition == "student":
         export_student(str(folder / "ckpt.pt"), regime_student(run.regime), replace=True)
@@ -536,18 +547,18 @@ def summary_path(run: ProtocolRun) -> Path:
     return PROTOCOL_RESULTS / (run.name.replace("/", "-") + ".json")
 
 
-SUMMARY_FIELDS = dict(name=str, condition=str, regime=str, seed=int, steps=int, minutes=(int, float),
-                      ap=(int, float), ap50=(int, float), ap75=(int, float))
+SUMMARY_FIELDS = dict(name=str, condition=str, regime=str, seed=int, steps=int,
+                      minutes=(int, float), ap=(int, float), ap50=(int, float), ap75=(int, float))
 
 
 def read_summary(path: Path) -> dict:
-    """A run summary of results/protocol, or a ReproError naming the file: a truncated or hand-edited
-    summary never enters a verdict, and its run counts as unfinished."""
+    """A run summary of results/protocol, or a ReproError naming the file: a truncated or
+    hand-edited summary never enters a verdict, and its run counts as unfinished."""
     try:
         summary = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ReproError(f"{path} is not a readable run summary ({type(e).__name__}); --reproduce redoes "
-                         "its run") from None
+        raise ReproError(f"{path} is not a readable run summary ({type(e).__name__}); "
+                         "--reproduce redoes its run") from None
     wrong = [k for k, kind in SUMMARY_FIELDS.items() if not isinstance(summary, dict) or
              not isinstance(summary.get(k), kind) or isinstance(summary.get(k), bool)]
     if not wrong and not isinstance(summary.get("device_key", ""), str):
@@ -565,7 +576,8 @@ def read_summary(path: Path) -> dict:
 
 
 def summary_done(run: ProtocolRun) -> bool:
-    """Whether a run has a valid summary; a corrupt one is named in one line and its run is redone."""
+    """Whether a run has a valid summary; a corrupt one is named in one line and its run is
+    redone."""
     if not summary_path(run).is_file():
         return False
     try:
@@ -577,8 +589,8 @@ def summary_done(run: ProtocolRun) -> bool:
 
 
 def teacher_records(folder: Path) -> list[dict]:
-    """Every teacher update of a finished run, from its final checkpoint; without one, the metric lines,
-    which carry only the latest update at each line."""
+    """Every teacher update of a finished run, from its final checkpoint; without one, the metric
+    lines, which carry only the latest update at each line."""
     if (folder / "ckpt.pt").is_file():
         records = (load_checkpoint(folder / "ckpt.pt").get("teacher") or {}).get("records")
         if records is not None:
@@ -596,8 +608,8 @@ def teacher_drift(records: list[dict]) -> dict | None:
         return None
     first, last = np.array(probs[0]), np.array(probs[-1])
     entropy = [float(-(np.array(q) * np.log(np.clip(q, 1e-12, None))).sum()) for q in probs]
-    out = dict(updates=len(probs), first=probs[0], last=probs[-1], l1=float(np.abs(last - first).sum()),
-               max_prob=float(np.max(probs)))
+    out = dict(updates=len(probs), first=probs[0], last=probs[-1],
+               l1=float(np.abs(last - first).sum()), max_prob=float(np.max(probs)))
     if "next_bin" in records[0]:
         out |= dict(entropy_first=entropy[0], entropy_last=entropy[-1], entropy_min=min(entropy),
                     series=[[r["step"], *r["probs"]] for r in records if r.get("probs")])
@@ -606,10 +618,11 @@ def teacher_drift(records: list[dict]) -> dict | None:
 
 def run_summary(run: ProtocolRun, folder: Path, command: str) -> dict:
     final = json.loads((folder / "metrics.json").read_text())
-    return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed, steps=final["steps"],
-                minutes=round(final["train_minutes"], 2), ap=final["AP"], ap50=final["AP50"], ap75=final["AP75"],
-                ap_sd=final.get("ap_sd"), ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init,
-                command=command, teacher=teacher_drift(teacher_records(folder)),
+    return dict(name=run.name, condition=run.condition, regime=run.regime, seed=run.seed,
+                steps=final["steps"], minutes=round(final["train_minutes"], 2), ap=final["AP"],
+                ap50=final["AP50"], ap75=final["AP75"], ap_sd=final.get("ap_sd"),
+                ap_by_occlusion=final.get("ap_by_occlusion"), init=run.init, command=command,
+                teacher=teacher_drift(teacher_records(folder)),
                 **run_device(folder), code=code_version())
 
 
@@ -635,7 +648,8 @@ def summary_device_key(summary: dict) -> str:
 # ---- The statistics: pairs within one device key, the paired test, the probe's test
 
 def condition_runs(runs: list[dict], condition: str, regime: str) -> list[dict]:
-    """A condition's finished runs in a regime; a condition in SAME_RUNS reads the runs it equals."""
+    """A condition's finished runs in a regime; a condition in SAME_RUNS reads the runs it
+    equals."""
     source = SAME_RUNS.get(condition, condition)
     return [r for r in runs if r["condition"] == source and r["regime"] == regime]
 
@@ -706,8 +720,8 @@ def paired_test(d: list[float], delta: float) -> dict:
     p = float(2 * t.sf(abs(out["mean"]) / se, len(d) - 1)) if se > 0 else 0.0
     verdict = ("reproduced" if lo > 0 else "contradicted" if hi < 0 else
                "no effect of delta or more" if -delta < lo and hi < delta else "inconclusive")
-    reason = (f"mean {out['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}, {len(d)} seeds, "
-              f"delta {delta}")
+    reason = (f"mean {out['mean']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}, "
+              f"{len(d)} seeds, delta {delta}")
     return out | dict(lo=lo, hi=hi, p=p, sd=float(d.std(ddof=1)), verdict=verdict, reason=reason)
 
 
@@ -751,11 +765,12 @@ def contrast_tests(stage: Stage, rule: Rule, runs: list[dict]) -> list[dict]:
     whole = sorted({s for (_, _, s) in d if all((i, st, s) in d for i in (big, small)
                                                 for st in (big, small))})
     seeds = [s for s in whole if len(keys[s]) == 1]  # a seed's eight runs under one device key
-    refused = dict(not_paired=[s for s in whole if s not in seeds]) if len(seeds) < len(whole) else {}
+    refused = (dict(not_paired=[s for s in whole if s not in seeds]) if len(seeds) < len(whole)
+               else {})
     images = [np.mean([d[big, st, s] - d[small, st, s] for st in (big, small)]) for s in seeds]
     student = [np.mean([d[i, big, s] - d[i, small, s] for i in (big, small)]) for s in seeds]
-    return [planned_test(images, stage, rule, "images: d on 1000 - d on 100", better="d on 1000 images",
-                         worse="d on 100 images", **refused),
+    return [planned_test(images, stage, rule, "images: d on 1000 - d on 100",
+                         better="d on 1000 images", worse="d on 100 images", **refused),
             planned_test(student, stage, rule, f"student: d from {big} - d from {small}",
                          better=f"d from the {big} student", worse=f"d from the {small} student",
                          **refused)]
@@ -775,7 +790,8 @@ def two_way_anova(use: np.ndarray) -> dict:
     df_bins, df_inter = B - 1, (P - 1) * (B - 1)
     f_bins, f_inter = ss_bins / df_bins / ms_error, ss_inter / df_inter / ms_error
     return dict(f_bins=float(f_bins), p_bins=float(f.sf(f_bins, df_bins, P * B * (S - 1))),
-                f_interaction=float(f_inter), p_interaction=float(f.sf(f_inter, df_inter, P * B * (S - 1))))
+                f_interaction=float(f_inter),
+                p_interaction=float(f.sf(f_inter, df_inter, P * B * (S - 1))))
 
 
 def tau_interval(use: np.ndarray, draws: int = 2000) -> tuple[float, float, float]:
@@ -787,7 +803,8 @@ def tau_interval(use: np.ndarray, draws: int = 2000) -> tuple[float, float, floa
     first, last = use[0], use[-1]
     tau = float(kendalltau(first.mean(1), last.mean(1)).statistic)
     S = use.shape[2]
-    taus = [kendalltau(first[:, rng.integers(0, S, S)].mean(1), last[:, rng.integers(0, S, S)].mean(1)).statistic
+    taus = [kendalltau(first[:, rng.integers(0, S, S)].mean(1),
+                       last[:, rng.integers(0, S, S)].mean(1)).statistic
             for _ in range(draws)]
     lo, hi = np.nanpercentile(taus, [2.5, 97.5])
     return tau, float(lo), float(hi)
@@ -802,11 +819,14 @@ def probe_test(use: np.ndarray) -> dict:
     use = use[:, np.isfinite(use).all((0, 2))]
     anova, (tau, lo, hi) = two_way_anova(use), tau_interval(use)
     differ = "supported" if anova["p_bins"] < 0.05 else "not supported"
-    changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6 else "not shown")
+    changes = ("shown" if anova["p_interaction"] < 0.05 else "contradicted" if lo > 0.6
+               else "not shown")
     reason = (f"bins: F = {anova['f_bins']:.2f}, p = {anova['p_bins']:.2g}; bin x point: F = "
-              f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; tau first-last {tau:.2f} "
-              f"[{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, {use.shape[0]} points, {use.shape[2]} replicates")
-    return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo, tau_hi=hi, **anova)
+              f"{anova['f_interaction']:.2f}, p = {anova['p_interaction']:.2g}; "
+              f"tau first-last {tau:.2f} [{lo:.2f}, {hi:.2f}]; {use.shape[1]} bins, "
+              f"{use.shape[0]} points, {use.shape[2]} replicates")
+    return dict(bins_differ=differ, ranking_changes=changes, reason=reason, tau=tau, tau_lo=lo,
+                tau_hi=hi, **anova)
 
 
 def trajectory_test(stage: Stage, results: Path) -> dict:
@@ -821,8 +841,9 @@ def trajectory_test(stage: Stage, results: Path) -> dict:
         wrong = [k for k, v in want.items() if probe.get(k) != v]
         shape = np.shape(probe.get("usefulness"))
         if wrong or len(shape) != 3 or shape[0] != len(design.points):
-            raise ReproError(f"{path} is not a result of {design.name}, trajectory {t} (bad or missing "
-                             f"{', '.join(wrong) or 'usefulness'}); delete it and rerun --reproduce")
+            raise ReproError(f"{path} is not a result of {design.name}, trajectory {t} "
+                             f"(bad or missing {', '.join(wrong) or 'usefulness'}); "
+                             "delete it and rerun --reproduce")
         use.append(np.array(probe["usefulness"], np.float64).mean(2))
     return probe_test(np.stack(use, 2))
 
@@ -846,7 +867,8 @@ def val_loss(model: nn.Module, batch: Batch, cfg: Config, device) -> float:
     return float(loss)
 
 
-def probe_pools(pools: list[np.ndarray], min_bin: int, equal_people: bool) -> list[np.ndarray | None]:
+def probe_pools(pools: list[np.ndarray], min_bin: int,
+                equal_people: bool) -> list[np.ndarray | None]:
     """The pools a probe trains on: None for bins too small to train on; with equal_people, every
     other bin subsampled (fixed draw) to the smallest one's size."""
     probed = [p if len(p) > min_bin else None for p in pools]
@@ -860,7 +882,8 @@ def probe_pools(pools: list[np.ndarray], min_bin: int, equal_people: bool) -> li
 def bin_usefulness(trainer: Trainer, val_batch: Batch, lr: float, pools: list, design: ProbeDesign,
                    tick=lambda: None) -> np.ndarray:
     """(bins, seeds) drop of the val loss after design.steps steps on one bin; NaN for bins not
-    probed. The student and its optimiser are restored afterwards; `tick` is called after each step."""
+    probed. The student and its optimiser are restored afterwards; `tick` is called after each
+    step."""
     cfg = trainer.cfg
     saved = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
     before = val_loss(trainer.model, val_batch, cfg, trainer.device)
@@ -873,7 +896,8 @@ def bin_usefulness(trainer: Trainer, val_batch: Batch, lr: float, pools: list, d
             trainer.optimizer.load_state_dict(saved[1])
             for t in range(design.steps):
                 rng = np.random.default_rng([cfg.seed, trainer.step, b, seed, t])
-                trainer.train_step(trainer.maker.batch(trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
+                trainer.train_step(trainer.maker.batch(
+                    trainer.maker.plan(cfg.batch_size, rng, pool), rng), lr)
                 tick()
             if design.keep_bn:  # what the probe's batches did to the running statistics is not read
                 kept = {k: saved[0][k] for k in batchnorm_keys(trainer.model)}
@@ -903,19 +927,21 @@ def resume_probe(trainer: Trainer, path: Path, design: ProbeDesign) -> tuple[lis
     state = load_checkpoint(path)
     saved = state.get("trainer", {}).get("config", {})
     here = dataclasses.asdict(trainer.cfg)
-    differ = [f"{config_flag(k)} {saved.get(k)} (here: {v})" for k, v in here.items() if saved.get(k) != v]
+    differ = [f"{config_flag(k)} {saved.get(k)} (here: {v})" for k, v in here.items()
+              if saved.get(k) != v]
     if state.get("design") != design._asdict() or differ:
         what = ", ".join(differ[:3]) or f"design {state.get('design', {}).get('name')}"
-        raise ReproError(f"{path} holds a probe with other settings ({what}): delete {path.parent} to start "
-                         "it again, or use another --out")
+        raise ReproError(f"{path} holds a probe with other settings ({what}): "
+                         f"delete {path.parent} to start it again, or use another --out")
     trainer.restore(state["trainer"], path)
     points = state["points"]
-    print(f"resumed the probe in {path.parent} at step {trainer.step} (probed: {[p['step'] for p in points]})")
+    print(f"resumed the probe in {path.parent} at step {trainer.step} "
+          f"(probed: {[p['step'] for p in points]})")
     return points, state.get("seconds", 0.0)
 
 
-def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDesign, points: list[dict],
-                state: Path, t0: float, tick) -> None:
+def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDesign,
+                points: list[dict], state: Path, t0: float, tick) -> None:
     """Probes every bin at the trainer's step (unless a resumed probe has), then saves the probe's
     state: the uniform run, the points so far and the wall seconds since t0."""
     if trainer.step in {p["step"] for p in points}:
@@ -927,29 +953,33 @@ def probe_point(trainer: Trainer, val_batch: Batch, pools: list, design: ProbeDe
     save_atomic(dict(trainer=trainer.state(), points=points, design=design._asdict(),
                      seconds=time.perf_counter() - t0), state)
     probed = np.isfinite(use).all(1)
-    print(f"probe at step {trainer.step}: mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
+    print(f"probe at step {trainer.step}: "
+          f"mean usefulness of bins {np.nonzero(probed)[0].tolist()}: "
           f"{np.round(use[probed].mean(1), 2).tolist()}", flush=True)
 
 
 
-def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: ProbeDesign = PROBES["v1"]) -> dict:
+def run_probe(cfg: Config, data: Data, device: torch.device, out: Path,
+              design: ProbeDesign = PROBES["v1"]) -> dict:
     """Trains the uniform condition to the last probe point, probing every bin at each point. Each
-    point's result is saved with the run's state (out/probe.pt), so a probe cut off resumes after its
-    last point and ends with the same result."""
-    cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True, teacher_stratified=False,
-                              steps=max(design.points))
+    point's result is saved with the run's state (out/probe.pt), so a probe cut off resumes after
+    its last point and ends with the same result."""
+    cfg = dataclasses.replace(cfg, mode="student-teacher", teacher_uniform=True,
+                              teacher_stratified=False, steps=max(design.points))
     trainer = Trainer(cfg, data, device, out)
     lock = hold_run_dir(out)
     try:
         points, seconds = resume_probe(trainer, out / PROBE_STATE, design)
         t0 = time.perf_counter() - seconds
         pools = probe_pools(trainer.teacher.pools, cfg.teacher_min_bin, design.equal_people)
-        per_point = sum(q is not None for q in pools) * len(design.seeds) * design.steps  # student steps
+        # student steps
+        per_point = sum(q is not None for q in pools) * len(design.seeds) * design.steps
         done = trainer.step + len(points) * per_point
-        with rh.progress(total=cfg.steps + len(design.points) * per_point, initial=done, desc="probe", unit="step",
-                         stream=sys.stdout) as bar:
-            here = functools.partial(probe_point, trainer, fixed_val_batch(data, cfg, design.val_crops), pools,
-                                     design, points, out / PROBE_STATE, t0, lambda: bar.update(1))
+        with rh.progress(total=cfg.steps + len(design.points) * per_point, initial=done,
+                         desc="probe", unit="step", stream=sys.stdout) as bar:
+            here = functools.partial(probe_point, trainer,
+                                     fixed_val_batch(data, cfg, design.val_crops), pools, design,
+                                     points, out / PROBE_STATE, t0, lambda: bar.update(1))
             for step, batch in trainer.batches():
                 if step in design.points:
                     here()
@@ -961,11 +991,13 @@ def run_probe(cfg: Config, data: Data, device: torch.device, out: Path, design: 
     finally:
         lock.unlink(missing_ok=True)
     use = np.array([p["usefulness"] for p in points])  # (points, bins, seeds)
-    result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(), counts=trainer.teacher.counts,
-                  usefulness=use.tolist(), steps_per_probe=design.steps, seeds=list(design.seeds),
-                  val_crops=design.val_crops, wall_minutes=round((time.perf_counter() - t0) / 60, 1),
-                  design=design.name, regime=design.regime,
-                  probed_people=[0 if q is None else len(q) for q in pools], test=probe_test(use))
+    result = dict(points=[p["step"] for p in points], edges=trainer.teacher.edges(),
+                  counts=trainer.teacher.counts, usefulness=use.tolist(),
+                  steps_per_probe=design.steps, seeds=list(design.seeds),
+                  val_crops=design.val_crops,
+                  wall_minutes=round((time.perf_counter() - t0) / 60, 1), design=design.name,
+                  regime=design.regime, probed_people=[0 if q is None else len(q) for q in pools],
+                  test=probe_test(use))
     if design.lr is not None:
         result |= dict(probe_lr=design.lr, keep_bn=design.keep_bn, trajectory=cfg.seed,
                        train_subset=cfg.train_subset)
@@ -984,7 +1016,8 @@ def read_probe(path: Path) -> dict | None:
         raise ReproError(f"{path} is not readable json ({type(e).__name__}); delete it and rerun "
                          "--reproduce to redo the probe") from None
     if probe is not None and not isinstance(probe, dict):
-        raise ReproError(f"{path} is not the probe's result; delete it and rerun --reproduce to redo the probe")
+        raise ReproError(f"{path} is not the probe's result; "
+                         "delete it and rerun --reproduce to redo the probe")
     return probe
 
 
@@ -1027,7 +1060,8 @@ def round_progress(runs: list[dict], results: Path) -> dict:
             [r.name for r in scratch_runs()] if rnd is ROUND1 else [])
         names = list(dict.fromkeys(n for n in names if n not in seen))
         seen |= set(names)
-        probes = [probe_name(s.probe, t) for s in rnd.stages if s.probe for t in s.probe.trajectories]
+        probes = [probe_name(s.probe, t) for s in rnd.stages if s.probe
+                  for t in s.probe.trajectories]
         out[rnd.name] = dict(finished=len(done & set(names)), planned=len(names),
                              probes=sum(probe_done(results / f"{p}.json") for p in probes),
                              probes_planned=len(probes))
@@ -1040,7 +1074,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     results = results or PROTOCOL_RESULTS.parent
     current = {r.name: r for r in protocol_runs()}
     runs = [read_summary(p) for p in sorted((results / "protocol").glob("*.json"))]
-    for r in runs:  # the command that reproduces a run with this code (the protocol's one definition)
+    # the command that reproduces a run with this code (the protocol's one definition)
+    for r in runs:
         if r["name"] in current:
             r["command"] = "python repro.py " + " ".join(protocol_argv(current[r["name"]]))
     early = [r for r in runs if not r["name"].startswith(CURRENT.prefix)]
@@ -1062,8 +1097,10 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
     with atomic_path(results / "claims.md") as tmp:
         tmp.write_text(table)
     # the figures agree with claims.md: without runs (or a probe) an older figure is removed
-    figures = {"claims.png": (save_claims_figure, (early, frozen["round2"]["verdicts"])) if early else None,
-               **{f"{name}.png": (save_probe_figure, (p,)) if p else None for name, p in probes.items()},
+    figures = {"claims.png": (save_claims_figure, (early, frozen["round2"]["verdicts"]))
+               if early else None,
+               **{f"{name}.png": (save_probe_figure, (p,)) if p else None
+                  for name, p in probes.items()},
                "teacher-vs-probe.png": (save_teacher_and_probe_figure, (series, probes["probe-v2"]))
                if series or probes["probe-v2"] else None}
     for name, figure in figures.items():
@@ -1075,7 +1112,8 @@ def report_protocol(results: Path | None = None, readme: Path = Path("README.md"
         head, rest = readme.read_text().split(README_MARKERS[0], 1)
         tail = rest.split(README_MARKERS[1], 1)[1]
         with atomic_path(readme) as tmp:
-            tmp.write_text(f"{head}{README_MARKERS[0]}\n{answer_table(claims)}{README_MARKERS[1]}{tail}")
+            tmp.write_text(f"{head}{README_MARKERS[0]}\n"
+                           f"{answer_table(claims)}{README_MARKERS[1]}{tail}")
     print(table)
     return claims
 
@@ -1088,7 +1126,8 @@ def mean_sd(values: list[float], scale: float = 1.0) -> str:
 
 
 def real_crops_per_step(condition: str) -> int:
-    """Real crops in a step's batch of a protocol condition, as its record says (no flags parsed)."""
+    """Real crops in a step's batch of a protocol condition, as its record says (no flags
+    parsed)."""
     name = SAME_RUNS.get(condition, condition)
     return (STUDENT_CONDITIONS | CONDITIONS | LONG_CONDITIONS)[name].real_crops
 
@@ -1096,8 +1135,9 @@ def real_crops_per_step(condition: str) -> int:
 def minutes_by_device(runs: list[dict]) -> str:
     """Mean training minutes per device: a GPU's minutes and a CPU's do not average."""
     devices = sorted({r.get("device", "?") for r in runs})
-    return ", ".join(f"{np.mean([r['minutes'] for r in runs if r.get('device', '?') == d]):.1f} ({d})"
-                     for d in devices)
+    return ", ".join(
+        f"{np.mean([r['minutes'] for r in runs if r.get('device', '?') == d]):.1f} ({d})"
+        for d in devices)
 
 
 def claims_table(claims: dict) -> str:
@@ -1105,14 +1145,16 @@ def claims_table(claims: dict) -> str:
     every condition's AP; where the runs trained; the teachers' drift."""
     runs, progress, frozen = claims["runs"], claims["progress"], claims["frozen"]
     bins = list(OCCLUSION_BINS)
-    lines = [f"`python {PROG} --reproduce` runs (and resumes) the protocol; `python {PROG} --report` "
-             "rebuilds this file and `results/claims.{json,png}` from `results/protocol/`, the probes' "
+    lines = [f"`python {PROG} --reproduce` runs (and resumes) the protocol; "
+             f"`python {PROG} --report` rebuilds this file and "
+             "`results/claims.{json,png}` from `results/protocol/`, the probes' "
              "results and `results/rounds-1-2.json` alone.", "",
              "Progress: " + "; ".join(f"round {name}: {p['finished']} of {p['planned']} runs, "
                                       f"{p['probes']} of {p['probes_planned']} probe trajectories"
                                       for name, p in progress.items()) + ".", "",
              *round2_table(frozen), "", *round3_table(claims.get("round3", [])), "",
-             "| regime | condition | real crops / step | seeds | steps | AP (mean ± sd over seeds) | AP50 | "
+             "| regime | condition | real crops / step | seeds | steps | "
+             "AP (mean ± sd over seeds) | AP50 | "
              + " | ".join(f"AP {b}" for b in bins) + " | bootstrap sd | train min (device) |",
              "|---" * (9 + len(bins)) + "|"]
     for regime in PROTOCOL_REGIMES:
@@ -1121,23 +1163,29 @@ def claims_table(claims: dict) -> str:
                   if not r["name"].startswith(CURRENT.prefix)]
             if not rs:
                 continue
-            occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")]) for b in bins]
-            label = f"{condition} (= {SAME_RUNS[condition]}'s runs)" if condition in SAME_RUNS else condition
+            occ = [mean_sd([r["ap_by_occlusion"][b] for r in rs if r.get("ap_by_occlusion")])
+                   for b in bins]
+            label = (f"{condition} (= {SAME_RUNS[condition]}'s runs)" if condition in SAME_RUNS
+                     else condition)
             lines.append(f"| {regime} | {label} | {real_crops_per_step(condition)} | {len(rs)} | "
                          f"{rs[0]['steps']} | {mean_sd([r['ap'] for r in rs])} | "
                          f"{mean_sd([r['ap50'] for r in rs])} | " + " | ".join(occ)
                          + f" | {mean_sd([r['ap_sd'] for r in rs if r.get('ap_sd') is not None])}"
                          f" | {minutes_by_device(rs)} |")
-    lines += ["", f"Where the runs trained: {where_trained(runs)}. Train minutes compare only within a device.",
-              *device_keys_note(runs), "", "**Round 1** (superseded; frozen in `results/rounds-1-2.json`): "
-              f"rule {frozen['round1']['rule']}", "", "| claim | verdict | reason |", "|---|---|---|"]
+    lines += ["", f"Where the runs trained: {where_trained(runs)}. "
+              "Train minutes compare only within a device.",
+              *device_keys_note(runs), "",
+              "**Round 1** (superseded; frozen in `results/rounds-1-2.json`): "
+              f"rule {frozen['round1']['rule']}", "", "| claim | verdict | reason |",
+              "|---|---|---|"]
     for claim, v in frozen["round1"]["verdicts"].items():
         lines.append(f"| {claim}: {v['claim']} | **{v['verdict']}** | {v['reason']} |")
     drift = [(name, t) for name, t in claims["teacher"].items() if "uniform" not in name]
     if drift:
-        lines += ["", "| teacher run | updates | L1 drift of its bin probabilities | largest probability |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {t['updates']} | {t['l1']:.3f} | {t['max_prob']:.3f} |" for name, t in drift]
+        lines += ["", "| teacher run | updates | L1 drift of its bin probabilities | "
+                  "largest probability |", "|---|---|---|---|"]
+        lines += [f"| {name} | {t['updates']} | {t['l1']:.3f} | {t['max_prob']:.3f} |"
+                  for name, t in drift]
     return "\n".join(lines) + "\n"
 
 
@@ -1151,8 +1199,9 @@ def interval_reading(t: dict) -> str:
             + (f"; cannot exclude {', '.join(inside)}" if inside else ""))
 
 
-TEST_HEADER = ("| comparison | regime | earlier verdict | verdict | paired AP difference, 95% CI, p | "
-               "seeds (planned) | power at delta (t-test, measured sd) | precision assurance at the "
+TEST_HEADER = ("| comparison | regime | earlier verdict | verdict | "
+               "paired AP difference, 95% CI, p | seeds (planned) | "
+               "power at delta (t-test, measured sd) | precision assurance at the "
                "measured sd | what the interval excludes |", "|---" * 9 + "|")
 
 
@@ -1179,13 +1228,16 @@ def probe_rows(regime: str, earlier: str, test: dict | None, replicates: str) ->
         return [f"| 3: {part} | {regime} | {earlier} | **pending** | - | - | - | - | - |"
                 for part in ("bins differ", "which bins are useful changes over training")]
     agree = ("; cannot exclude identical ones" if test["tau_hi"] >= 1 - 1e-9 else "")
-    return [f"| 3: bins differ | {regime} | {earlier} | **{test['bins_differ']}** | bins' main effect "
-            f"F = {test['f_bins']:.2f}, p = {test['p_bins']:.2g} (two-way ANOVA, points x bins) | "
-            f"{replicates} | - | - | a test, not an interval: p < 0.05 rejects equally useful bins |",
+    return [f"| 3: bins differ | {regime} | {earlier} | **{test['bins_differ']}** | "
+            f"bins' main effect F = {test['f_bins']:.2f}, p = {test['p_bins']:.2g} "
+            f"(two-way ANOVA, points x bins) | {replicates} | - | - | "
+            "a test, not an interval: p < 0.05 rejects equally useful bins |",
             f"| 3: which bins are useful changes over training | {regime} | (as above) | "
-            f"**{test['ranking_changes']}** | bin x point interaction F = {test['f_interaction']:.2f}, "
-            f"p = {test['p_interaction']:.2g}; tau first-last {test['tau']:.2f} [{test['tau_lo']:.2f}, "
-            f"{test['tau_hi']:.2f}] | {replicates} | - | - | tau's interval excludes first and last "
+            f"**{test['ranking_changes']}** | "
+            f"bin x point interaction F = {test['f_interaction']:.2f}, "
+            f"p = {test['p_interaction']:.2g}; tau first-last {test['tau']:.2f} "
+            f"[{test['tau_lo']:.2f}, {test['tau_hi']:.2f}] | {replicates} | - | - | "
+            "tau's interval excludes first and last "
             f"rankings that agree less than tau {test['tau_lo']:.2f}{agree} |"]
 
 
@@ -1289,14 +1341,17 @@ def round3_table(stages: list[dict]) -> list[str]:
                      f"{', '.join(s['conditions'])} | {s['plan']} | "
                      f"{s['finished']} ({s['planned']}) | "
                      f"**{s['status']}** | {c['cpu_hours']} h | {c['gpu_minutes']} min |")
-    lines += ["", *(f"- stage {s['key']}: test: {s['test']}; decides: {s['decides']}." for s in stages)]
-    read = [s for s in stages if s["tests"]]  # a stage waiting on another's runs shows its tests too
+    lines += ["", *(f"- stage {s['key']}: test: {s['test']}; decides: {s['decides']}."
+                    for s in stages)]
+    # a stage waiting on another's runs shows its tests too
+    read = [s for s in stages if s["tests"]]
     if read:
         lines += ["", *TEST_HEADER]
         for s in read:
             lines += (probe_rows(s["regime"], "probe v2: withdrawn", s["tests"][0],
                                  f"{s['planned']} trajectories") if s["read"] == "probe" else
-                      [test_row(f"{s['key']}: {t['label']}", s["regime"], "-", t) for t in s["tests"]])
+                      [test_row(f"{s['key']}: {t['label']}", s["regime"], "-", t)
+                       for t in s["tests"]])
     return lines
 
 
@@ -1304,10 +1359,11 @@ def round3_table(stages: list[dict]) -> list[str]:
 # name (results/protocol/README.md, "What is superseded"): a withdrawn verdict's reason, and the
 # exact thing a verdict tested. Data, read by the README's answer table.
 WITHDRAWN = {3: "probe v2 is withdrawn (its probes trained at the cosine schedule's learning rate, "
-                "0 at its last point, and moved BatchNorm statistics: it measured those, not the bins); "
-                "probe v3 is pending"}
-TESTED = {4: "The teacher tested: the small network with BatchNorm, the symmetric soft label, the student's "
-             "cosine learning rate (3e-4 peak); the paper's (VGG-19, no BatchNorm, 5e-5) is untested"}
+                "0 at its last point, and moved BatchNorm statistics: it measured those, "
+                "not the bins); probe v3 is pending"}
+TESTED = {4: "The teacher tested: the small network with BatchNorm, the symmetric soft label, "
+             "the student's cosine learning rate (3e-4 peak); the paper's (VGG-19, no BatchNorm, "
+             "5e-5) is untested"}
 
 
 def regime_reading(t: dict, better: str, worse: str) -> str:
@@ -1343,7 +1399,8 @@ def answer_table(claims: dict) -> str:
     """The README's answer: one row per claim of the paper with its current verdict (a decided
     round-3 stage's, else round 2's as frozen), the paired AP difference's 95% interval per regime
     (seeds) and what that means; the control below it."""
-    lines = ["| claim of the paper | verdict | paired AP difference, 95% CI (seeds) | what it means |",
+    lines = ["| claim of the paper | verdict | paired AP difference, 95% CI (seeds) | "
+             "what it means |",
              "|---|---|---|---|"]
     verdicts = claims["frozen"]["round2"]["verdicts"]
     decided = {s["claim"]: s for s in claims.get("round3", []) if s["decided"] and s["claim"]}
@@ -1352,7 +1409,8 @@ def answer_table(claims: dict) -> str:
         if claim in decided:
             lines.append(stage_answer(claim, decided[claim]))
         elif claim in WITHDRAWN or not v:
-            lines.append(f"| {claim}: {words} | **not tested** | - | {WITHDRAWN.get(claim, 'pending')} |")
+            lines.append(f"| {claim}: {words} | **not tested** | - | "
+                         f"{WITHDRAWN.get(claim, 'pending')} |")
         else:
             scope = "" if claim not in TESTED else " for the teacher tested"
             ci = "; ".join(f"{regime} {ci_text(t)} ({t['n']})"
@@ -1374,17 +1432,21 @@ def control_reading(claims: dict) -> str:
                 "difference and 95% CI: " + "; ".join(
                     f"{t['label']} {ci_text(t)} ({t['n']} seeds): "
                     f"{t['verdict']}" for t in b["tests"] if "lo" in t) + ".")
-    parts, runs = [], [r for r in claims.get("runs", []) if not r["name"].startswith(CURRENT.prefix)]
+    parts, runs = [], [r for r in claims.get("runs", [])
+                       if not r["name"].startswith(CURRENT.prefix)]
     for worse in ("augmented-mask", "synthetic"):
         for regime in PROTOCOL_REGIMES:
-            t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(), DELTA[regime])
+            t = paired_test(np.subtract(*paired_aps(runs, "real", worse, regime)).tolist(),
+                            DELTA[regime])
             if "lo" in t:
                 parts.append(f"real - {worse} ({regime}) {ci_text(t)}")
     if not parts:
-        return "Does the synthetic half help at all? The real-only control has no finished pairs yet."
-    return ("Does the synthetic half help at all? At 800 steps no interval shows it (exploratory: no rule "
-            "was fixed for it in advance): the real-only control, 16 real crops a step, against the mixed "
-            f"conditions' 8, paired AP difference and 95% CI over 3 seeds: {'; '.join(parts)}. At 3000 steps "
+        return ("Does the synthetic half help at all? "
+                "The real-only control has no finished pairs yet.")
+    return ("Does the synthetic half help at all? At 800 steps no interval shows it "
+            "(exploratory: no rule was fixed for it in advance): the real-only control, "
+            "16 real crops a step, against the mixed conditions' 8, paired AP difference and "
+            f"95% CI over 3 seeds: {'; '.join(parts)}. At 3000 steps "
             "no real-only run exists yet (round 3, pending).")
 
 
@@ -1417,24 +1479,28 @@ def where_trained(runs: list[dict]) -> str:
 
 def plot_usefulness(ax, probe: dict) -> None:
     """Each probed bin's usefulness against training progress (mean and SE over probe seeds); the
-    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the bin)."""
+    legend gives each bin's lower edge and the people it was probed on (v2: a subsample of the
+    bin)."""
     use = np.array(probe["usefulness"])
     colours = bin_colours(len(probe["counts"]))
     probed = probe.get("probed_people", probe["counts"])
     for b in range(use.shape[1]):
         if np.isfinite(use[:, b]).all():
             se = np.std(use[:, b], 1, ddof=1) / np.sqrt(use.shape[2])
-            people = f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b] else probed[b]
-            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o", capsize=3,
-                        label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
+            people = (f"{probed[b]} of {probe['counts'][b]}" if probed[b] != probe["counts"][b]
+                      else probed[b])
+            ax.errorbar(probe["points"], use[:, b].mean(1), se, color=colours[b], marker="o",
+                        capsize=3, label=f"bin {b}: {probe['edges'][b]:.0f} px ({people})")
     ax.axhline(0, color="grey", lw=0.5)
-    test = probe.get("test") or probe.get("v2")  # the current rule's test (written as "v2" by probe v2)
-    ax.set(xlabel="step of the uniform run", ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
-           title=(f"{probe.get('design', 'probe')}: bins differ {test['bins_differ']}, ranking changes "
-                  f"{test['ranking_changes']}" if test else
+    # the current rule's test (written as "v2" by probe v2)
+    test = probe.get("test") or probe.get("v2")
+    ax.set(xlabel="step of the uniform run",
+           ylabel=f"val loss drop after {probe['steps_per_probe']} steps on the bin",
+           title=(f"{probe.get('design', 'probe')}: bins differ {test['bins_differ']}, "
+                  f"ranking changes {test['ranking_changes']}" if test else
                   "informativeness of each min_dist bin over training (claim 3)"))
-    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7, loc="center left",
-              bbox_to_anchor=(1.0, 0.5))
+    ax.legend(title="bin: lower edge (people probed)", fontsize=7, title_fontsize=7,
+              loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 def save_probe_figure(probe: dict, path: Path) -> None:
@@ -1453,7 +1519,8 @@ def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, p
     of the same schedule."""
     plt = pyplot()
 
-    if series:  # the mean over runs first, as the design promised (README, "Rule v2"), then each run
+    # the mean over runs first, as the design promised (README, "Rule v2"), then each run
+    if series:
         steps = min(len(run) for run in series.values())
         runs = np.array([np.array(run)[:steps] for run in series.values()])
         mean = np.concatenate([runs[0, :, :1], runs[:, :, 1:].mean(0)], 1)
@@ -1472,7 +1539,8 @@ def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, p
         ax.label_outer()
     if series:
         left[-1].set_xlabel("student step")
-        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15), frameon=False)
+        left[0].legend(fontsize=6, ncol=bins, loc="lower left", bbox_to_anchor=(0.0, 1.15),
+                       frameon=False)
     if probe:
         plot_usefulness(right, probe)
     for ax, what in ((left[0], series), (right, probe)):
@@ -1489,31 +1557,38 @@ def save_claims_figure(runs: list[dict], verdicts: dict, path: Path) -> None:
     with their mean and 95% interval, against the band (-delta, +delta) and 0."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(7 * len(PROTOCOL_REGIMES), 8.2), sharey="row",
-                             squeeze=False)
+    fig, axes = plt.subplots(2, len(PROTOCOL_REGIMES), figsize=(7 * len(PROTOCOL_REGIMES), 8.2),
+                             sharey="row", squeeze=False)
     for (top, bottom), regime in zip(axes.T, PROTOCOL_REGIMES):
         conditions = [c for c in REPORTED_CONDITIONS if condition_runs(runs, c, regime)]
         for i, c in enumerate(conditions):
             ap = [r["ap"] for r in condition_runs(runs, c, regime)]
-            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in LONG_CONDITIONS else "lightsteelblue")
+            top.bar(i, np.mean(ap), color="navajowhite" if SAME_RUNS.get(c, c) in LONG_CONDITIONS
+                    else "lightsteelblue")
             top.plot([i] * len(ap), ap, "k.", ms=6)
-        top.set_xticks(range(len(conditions)), [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
+        top.set_xticks(range(len(conditions)),
+                       [f"{c} (= {SAME_RUNS[c]})" if c in SAME_RUNS else c for c in conditions],
                        rotation=35, ha="right", fontsize=8)
-        top.set(title=f"{regime} regime: val AP (crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
+        top.set(title=f"{regime} regime: val AP "
+                      f"(crowded stand-in val; orange: {LONG_STEPS} steps)", ylabel="AP")
         compared = [(name, v, v["per_regime"][regime]) for name, v in verdicts.items()
                     if regime in v["per_regime"]]
         for i, (name, v, test) in enumerate(compared):
             d = np.subtract(*paired_aps(runs, v["better"], v["worse"], regime))
             bottom.plot([i] * len(d), d, "k.", ms=6, label="seeds" if i == 0 else None)
             if "lo" in test:
-                bottom.errorbar(i + 0.15, test["mean"], [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
-                                fmt="o", color="C3", capsize=4, label="mean, 95% CI" if i == 0 else None)
+                bottom.errorbar(i + 0.15, test["mean"],
+                                [[test["mean"] - test["lo"]], [test["hi"] - test["mean"]]],
+                                fmt="o", color="C3", capsize=4,
+                                label="mean, 95% CI" if i == 0 else None)
         bottom.axhspan(-DELTA[regime], DELTA[regime], color="grey", alpha=0.15, lw=0,
                        label=f"+-delta ({DELTA[regime]})")
         bottom.axhline(0, color="grey", lw=0.5)
-        short = {c: c.removesuffix(f"-{LONG_STEPS}").replace("augmented-", "aug-") for c in REPORTED_CONDITIONS}
+        short = {c: c.removesuffix(f"-{LONG_STEPS}").replace("augmented-", "aug-")
+                 for c in REPORTED_CONDITIONS}
         labels = [(f"claim {name}" if name.isdigit() else "claim 4, part") +
-                  f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}" for name, v, test in compared]
+                  f"\n{short[v['better']]}\n- {short[v['worse']]}\n{test['verdict']}"
+                  for name, v, test in compared]
         bottom.set_xticks(range(len(compared)), labels, fontsize=7)
         bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
                    title=f"{regime} regime: what rule v2 reads")
@@ -1566,7 +1641,8 @@ JOBS = {job.flag: job for job in (
         ("--only", dict(help="only the runs whose names match one of these, e.g. 'scarce/*-s[12]' "
                         "full/synthetic-only (the probe is 'probe')", nargs="+", type=protocol_glob,
                         default=["*"], metavar="GLOB")), action="store_true",
-        kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on", prog=PROG),
+        kept="finished runs and the last checkpoints are kept: rerun --reproduce to go on",
+        prog=PROG),
     Job("--report", lambda cfg, args: report_protocol(), "rebuild results/claims.{json,md,png} and "
         "the README's claims table from results/protocol", action="store_true", prog=PROG),
     Job("--probe", probe_job, "the informativeness probe of claim 3 from --init (README): v1 (the "
