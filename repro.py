@@ -117,7 +117,8 @@ class FlagGroup(NamedTuple):
 # as the protocol passes it its runs' common ones (--minutes, --log-every, --eval-scales, ... it
 # does not read), less those its design fixes (--mode, the sampling) and other jobs' inputs
 # (--resume, --ckpt, --input, --onnx). --mode predict's network is its checkpoint's: it reads few
-# training flags.
+# training flags. --probe, --domain-gap, --gpu-report and --bench-targets are the jobs of the
+# scripts under results/ (ELSEWHERE), which read these fields through this file's parser.
 WHAT = FlagGroup("what to run", "--probe --domain-gap --bench --bench-targets --gpu-report predict")
 DATA = FlagGroup("data", "--probe --bench --bench-targets --gpu-report")
 METHOD = FlagGroup("method", "--probe --bench --gpu-report")
@@ -2371,7 +2372,7 @@ class CocoBenchmark:
 
 
 # ==============================================================================================
-# Part II: the tooling around the method (file formats, runs, protocol, reports, command line)
+# Part II: the tooling around the method (file formats, figures, bench, predict, runs, command line)
 # ==============================================================================================
 
 
@@ -4430,6 +4431,9 @@ def parse_args(argv: list[str] | None = None,
     jobs = JOBS if jobs is None else jobs
     flag = pick_job(argv, jobs)
     parser = build_parser(flag, jobs)
+    moved = [w for w in argv if jobs is JOBS and w in " ".join(ELSEWHERE.values()).split()]
+    if moved:  # before --help: `python repro.py --report --help` says where --report went
+        refuse_flags(parser, flag, moved, jobs)
     if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
         parser.print_help()
         parser.exit()
@@ -4457,9 +4461,12 @@ def pick_job(argv: list[str], jobs: dict) -> str:
     picked = vars(picker.parse_known_args(argv)[0])
     flag = next((flag for flag, given in picked.items() if given is not None), TRAIN)
     if flag not in jobs and {"-h", "--help"} & set(argv):
-        picker.exit(0, f"usage: {prog} JOB [its flags]\n\n{jobs_epilog(jobs)}\n")
-    if flag not in jobs:
-        picker.error(f"give one of {', '.join(jobs)}")
+        print(f"usage: {prog} JOB [its flags]\n\n{jobs_epilog(jobs)}")
+        picker.exit(0)
+    if flag not in jobs:  # a script's command without its job: say whose flags were given
+        own = [f"{w} is a flag of {job.flag}" for w in dict.fromkeys(argv) for job in jobs.values()
+               if w in (name for name, _ in job.own[1:])]
+        picker.error(f"give one of {', '.join(jobs)}" + (f" ({'; '.join(own)})" if own else ""))
     return flag
 
 
@@ -4527,17 +4534,40 @@ def resolve_init(cfg: Config, finetune_given: bool) -> Config:
 
 
 def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str], jobs: dict) -> None:
-    """argparse's refusal of what a job does not take, naming the jobs whose flags those are (or
-    the script whose they are: ELSEWHERE)."""
-    takes = {f: {s for a in build_parser(f, jobs)._actions for s in a.option_strings} for f in jobs}
-    notes = []
+    """argparse's refusal of what a job does not take, naming the jobs whose flags those are: this
+    command's, else another file's (a script's, ELSEWHERE; from a script, repro.py's)."""
+    def flags_of(table: dict) -> dict[str, set]:
+        return {f: {s for a in build_parser(f, table)._actions for s in a.option_strings}
+                for f in table}
+
+    takes, theirs = flags_of(jobs), flags_of(JOBS) if jobs is not JOBS else {}
+    notes: dict[str, list[str]] = {}  # whose flags -> the words given
     for word in dict.fromkeys(w.split("=", 1)[0] for w in extra if w.startswith("--")):
         owners = [f or "the --mode runs" for f in jobs if word in takes[f]]
-        owners += [f"python {script}" for script, flags in ELSEWHERE.items()
-                   if word in flags.split() and not owners]
-        notes += [f"{word} is a flag of {', '.join(owners)}"] if owners else []
+        owners = owners or [f"repro.py's {f or '--mode runs'}" for f in theirs if word in theirs[f]]
+        owners = owners or [f"python {script}" for script, flags in ELSEWHERE.items()
+                            if word in flags.split()]
+        if owners:
+            notes.setdefault(", ".join(owners), []).append(word)
+    said = [f"{' '.join(words)} {'is a flag' if len(words) == 1 else 'are flags'} of {owners}"
+            for owners, words in notes.items()]
     parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
-                 + (f" ({'; '.join(notes)})" if notes else ""))
+                 + (f" ({'; '.join(said)})" if said else ""))
+
+
+def command_line(jobs: dict) -> tuple:
+    """A script's parse_args and main (results/*/*.py): repro.py's, over the script's own jobs.
+    Its paths are relative to the repository's root, as repro.py's are: run from a folder inside
+    the repository, it would look for results/ and runs/ there, so that is refused in one line."""
+    def script_main(argv: list[str] | None = None) -> int:
+        root, here = Path(__file__).resolve().parent, Path.cwd().resolve()
+        if root in here.parents:
+            name = Path(next(iter(jobs.values())).prog).name
+            print(f"{name}: error: run it from the repository's root ({root}): its paths "
+                  "(results/, runs/, data/) are relative to it", file=sys.stderr)
+            return 2
+        return main(argv, jobs)
+    return functools.partial(parse_args, jobs=jobs), script_main
 
 
 class OneLineParser(argparse.ArgumentParser):

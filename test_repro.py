@@ -3243,9 +3243,9 @@ def test_the_readme_commands_parse_to_the_config_they_always_did():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only x (--only is a flag "
+    (["--mode", "augmented", "--only", "x"], "a --mode run does not take --only (--only is a flag "
      "of python results/protocol/claims.py)"),
-    (["--jobs", "2"], "a --mode run does not take --jobs 2 (--jobs is a flag of python "
+    (["--jobs", "2"], "a --mode run does not take --jobs (--jobs is a flag of python "
      "results/protocol/claims.py)"),
     (["--bench", "--report"], "--bench does not take --report (--report is a flag of python "
      "results/protocol/claims.py)"),
@@ -3254,7 +3254,9 @@ def test_the_readme_commands_parse_to_the_config_they_always_did():
     (["--score-mpii", "P", "G", "--out", "x"], "--score-mpii does not take --out x"),
     (["--bench", "--mode", "real"], "--bench does not take --mode real"),
     (["--probe", "--teacher-uniform"], "--probe does not take --teacher-uniform"),
-    (["--report", "--bench"], "--report does not take --bench"),
+    (["--report", "--bench"], "--report does not take --bench (--bench is a flag of repro.py's "
+     "--bench)"),
+    (["--report", "--mode", "real"], "--mode is a flag of repro.py's --mode runs"),
     (["--reproduce", "--jobs", "2", "--probe", "v2"],
      "argument --probe: not allowed with argument --reproduce"),
     (["--export-onnx", "m.onnx", "--compare", "a"], "not allowed with argument --export-onnx"),
@@ -3307,6 +3309,37 @@ def test_help_lists_every_job_and_every_config_flag_in_groups(capsys):
 # ==============================================================================================
 # The experiments' scripts beside their results (results/*/*.py), in the README's order
 # ==============================================================================================
+
+def test_each_script_lists_its_jobs_and_a_command_without_one_is_one_line(capsys):
+    for path, script in SCRIPTS.items():
+        if script is R:
+            continue
+        assert script.main(["--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {path} JOB") and all(flag in out for flag in script.JOBS)
+        assert script.main([]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"give one of {', '.join(script.JOBS)}" in err, err
+        assert script.PROG == path and set(R.ELSEWHERE[path].split()) == {
+            name for job in script.JOBS.values() for name, _ in job.own}  # what repro.py refuses
+    assert R.main(["--help"]) == 0  # repro.py's --help says where the scripts' jobs are
+    out = capsys.readouterr().out
+    assert all(f"{path}: " in out for path in SCRIPTS if path != "repro.py")
+    assert R.main(["--report", "--help"]) == 2  # a moved job's --help says where it went
+    assert "(--report is a flag of python results/protocol/claims.py)" in capsys.readouterr().err
+    assert C.main(["--jobs", "4"]) == 2  # a job's flag without its job: whose flag it is
+    assert "give one of --reproduce, --report, --probe (--jobs is a flag of --reproduce)" in (
+        capsys.readouterr().err)
+
+
+def test_a_script_run_from_a_folder_inside_the_repository_is_refused(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT / "results" / "protocol")  # results/ and runs/ would be looked up here
+    before = sorted(p.name for p in Path.cwd().iterdir())
+    assert C.main(["--report"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "run it from the repository's root" in err[0], err
+    assert sorted(p.name for p in Path.cwd().iterdir()) == before
+
 
 # ---- results/protocol/claims.py: the claims protocol --------------------------------------------
 
@@ -4195,6 +4228,8 @@ def test_the_claims_table_parses_no_flags_and_loads_no_checkpoint(monkeypatch):
 
     for name in ("parse_args", "build_parser", "resolve_init", "load_checkpoint"):
         monkeypatch.setattr(R, name, refuse)
+    for name in ("parse_args", "load_checkpoint"):  # the script's own bindings of them
+        monkeypatch.setattr(C, name, refuse)
     monkeypatch.setattr(R.torch, "load", refuse)
     conditions = ("student", "synthetic-only", "real", "augmented-mask", "synthetic",
                   "synthetic-3000")

@@ -258,13 +258,7 @@ JOBS = {job.flag: job for job in (
 )}
 
 
-def parse_args(argv: list[str] | None = None):
-    return R.parse_args(argv, JOBS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return R.main(argv, JOBS)
-
+parse_args, main = R.command_line(JOBS)  # repro.py's, over this file's jobs
 
 if __name__ == "__main__":
     sys.exit(main())
