@@ -4450,9 +4450,8 @@ def parse_args(argv: list[str] | None = None,
 
 
 def pick_job(argv: list[str], jobs: dict) -> str:
-    """The job whose flag argv gives (TRAIN for none, refused where `jobs` has no --mode run);
-    argparse refuses two jobs at once. What the job's flag is given is left to the job's own
-    parser."""
+    """The job whose flag argv gives (TRAIN for none; a script has no --mode run); argparse refuses
+    two jobs at once. What the job's flag is given is left to the job's own parser."""
     prog = next(iter(jobs.values())).prog
     picker = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
     group = picker.add_mutually_exclusive_group()
@@ -4460,14 +4459,14 @@ def pick_job(argv: list[str], jobs: dict) -> str:
         group.add_argument(flag, nargs="*", dest=flag)
     picked = vars(picker.parse_known_args(argv)[0])
     flag = next((flag for flag, given in picked.items() if given is not None), TRAIN)
-    if flag not in jobs and {"-h", "--help"} & set(argv):
+    if flag in jobs:
+        return flag
+    if {"-h", "--help"} & set(argv):  # a script's --help without a job: its jobs
         print(f"usage: {prog} JOB [its flags]\n\n{jobs_epilog(jobs)}")
         picker.exit(0)
-    if flag not in jobs:  # a script's command without its job: say whose flags were given
-        own = [f"{w} is a flag of {job.flag}" for w in dict.fromkeys(argv) for job in jobs.values()
-               if w in (name for name, _ in job.own[1:])]
-        picker.error(f"give one of {', '.join(jobs)}" + (f" ({'; '.join(own)})" if own else ""))
-    return flag
+    own = [f"{w} is a flag of {job.flag}" for w in dict.fromkeys(argv) for job in jobs.values()
+           if w in (name for name, _ in job.own[1:])]
+    picker.error(f"give one of {', '.join(jobs)}" + (f" ({'; '.join(own)})" if own else ""))
 
 
 def build_parser(flag: str = TRAIN, jobs: dict | None = None) -> argparse.ArgumentParser:
@@ -4556,15 +4555,13 @@ def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str], j
 
 
 def command_line(jobs: dict) -> tuple:
-    """A script's parse_args and main (results/*/*.py): repro.py's, over the script's own jobs.
-    Its paths are relative to the repository's root, as repro.py's are: run from a folder inside
-    the repository, it would look for results/ and runs/ there, so that is refused in one line."""
+    """A script's parse_args and main (results/*/*.py): repro.py's, over the script's own jobs;
+    run from a folder inside the repository (its paths are the root's), refused in one line."""
     def script_main(argv: list[str] | None = None) -> int:
-        root, here = Path(__file__).resolve().parent, Path.cwd().resolve()
-        if root in here.parents:
-            name = Path(next(iter(jobs.values())).prog).name
-            print(f"{name}: error: run it from the repository's root ({root}): its paths "
-                  "(results/, runs/, data/) are relative to it", file=sys.stderr)
+        root, prog = Path(__file__).resolve().parent, next(iter(jobs.values())).prog
+        if root in Path.cwd().resolve().parents:
+            print(f"{Path(prog).name}: error: run it from the repository's root ({root}): its "
+                  "paths (results/, runs/, data/) are relative to it", file=sys.stderr)
             return 2
         return main(argv, jobs)
     return functools.partial(parse_args, jobs=jobs), script_main
@@ -4589,8 +4586,8 @@ def own_usage(job: Job) -> str:
 
 
 def jobs_epilog(jobs: dict | None = None) -> str:
-    """The --help of a --mode run ends with the other jobs, each with the Config flags it takes (a
-    script's --help, without a job, is its jobs)."""
+    """The other jobs that a --mode run's --help ends with (a script's --help: its jobs), each
+    with the Config flags it takes."""
     jobs = JOBS if jobs is None else jobs
     prog = next(iter(jobs.values())).prog
     lines = [f"the {'other ' if TRAIN in jobs else ''}jobs, one per call, each taking only its own "
@@ -4644,8 +4641,7 @@ class Job:
         self.fields = reader_fields(flag or TRAIN)
 
 
-# The experiments behind results/, each a script beside its results with jobs of its own (their
-# flags named here so that repro.py's refusal of them says where they are).
+# The scripts beside results/ and their jobs' flags, which repro.py's refusal names.
 ELSEWHERE = {"results/protocol/claims.py": "--reproduce --report --probe --jobs --only",
              "results/domain-gap/domain_gap.py": "--domain-gap",
              "results/speed/speed.py": "--bench-targets --gpu-report"}
