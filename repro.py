@@ -4069,7 +4069,7 @@ def main(argv: list[str] | None = None, jobs: dict | None = None) -> int:
 
 def run_main(argv: list[str] | None = None, jobs: dict | None = None) -> int:
     jobs = JOBS if jobs is None else jobs
-    name = Path(next(iter(jobs.values())).prog).name
+    name = Path(command_name(jobs)).name
     try:
         cfg, args = parse_args(argv, jobs)
     except SystemExit as e:  # --help (0), or the parser refused the command line in one line (2)
@@ -4368,11 +4368,12 @@ def device_name(device: torch.device) -> str:
 
 @functools.cache
 def code_version() -> str | None:
-    """The commit the runner's code came from (pairs of runs are compared within one), if it is a git
-    checkout; read once, when a job starts, so a commit made while it runs is not credited with its runs."""
+    """The commit the runner's code came from (pairs of runs are compared within one), if it is a
+    git checkout; read once, when a job starts, so a commit made while it runs is not credited
+    with its runs."""
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse",
+                              "--short", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -4431,7 +4432,8 @@ def parse_args(argv: list[str] | None = None,
     jobs = JOBS if jobs is None else jobs
     flag = pick_job(argv, jobs)
     parser = build_parser(flag, jobs)
-    moved = [w for w in argv if jobs is JOBS and w in " ".join(ELSEWHERE.values()).split()]
+    elsewhere = " ".join(ELSEWHERE.values()).split() if jobs is JOBS else []
+    moved = [w for w in argv if w in elsewhere]
     if moved:  # before --help: `python repro.py --report --help` says where --report went
         refuse_flags(parser, flag, moved, jobs)
     if {"-h", "--help"} & set(argv):  # before the job's flag wants its value: `--compare --help`
@@ -4452,7 +4454,7 @@ def parse_args(argv: list[str] | None = None,
 def pick_job(argv: list[str], jobs: dict) -> str:
     """The job whose flag argv gives (TRAIN for none; a script has no --mode run); argparse refuses
     two jobs at once. What the job's flag is given is left to the job's own parser."""
-    prog = next(iter(jobs.values())).prog
+    prog = command_name(jobs)
     picker = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
     group = picker.add_mutually_exclusive_group()
     for flag in filter(None, jobs):
@@ -4554,13 +4556,19 @@ def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str], j
                  + (f" ({'; '.join(said)})" if said else ""))
 
 
+def command_name(jobs: dict) -> str:
+    """The file whose jobs these are, as its help and errors name it (repro.py, or a script's
+    path)."""
+    return next(iter(jobs.values())).prog
+
+
 def command_line(jobs: dict) -> tuple:
     """A script's parse_args and main (results/*/*.py): repro.py's, over the script's own jobs;
     run from a folder inside the repository (its paths are the root's), refused in one line."""
     def script_main(argv: list[str] | None = None) -> int:
-        root, prog = Path(__file__).resolve().parent, next(iter(jobs.values())).prog
+        root = Path(__file__).resolve().parent
         if root in Path.cwd().resolve().parents:
-            print(f"{Path(prog).name}: error: run it from the repository's root ({root}): its "
+            print(f"{Path(command_name(jobs)).name}: error: run it from the repository's root ({root}): its "
                   "paths (results/, runs/, data/) are relative to it", file=sys.stderr)
             return 2
         return main(argv, jobs)
@@ -4589,7 +4597,7 @@ def jobs_epilog(jobs: dict | None = None) -> str:
     """The other jobs that a --mode run's --help ends with (a script's --help: its jobs), each
     with the Config flags it takes."""
     jobs = JOBS if jobs is None else jobs
-    prog = next(iter(jobs.values())).prog
+    prog = command_name(jobs)
     lines = [f"the {'other ' if TRAIN in jobs else ''}jobs, one per call, each taking only its own "
              f"flags (python {prog} JOB --help):"]
     for job in [job for job in jobs.values() if job.flag]:
