@@ -4091,6 +4091,25 @@ def run_main(argv: list[str] | None = None, jobs: dict | None = None) -> int:
     return 0
 
 
+def command_name(jobs: dict) -> str:
+    """The file whose jobs these are, as its help and errors name it (repro.py or a script)."""
+    return next(iter(jobs.values())).prog
+
+
+def command_line(jobs: dict) -> tuple:
+    """A script's parse_args and main (results/*/*.py): repro.py's, over the script's own jobs;
+    run from a folder inside the repository (its paths are the root's), refused in one line."""
+    def script_main(argv: list[str] | None = None) -> int:
+        root = Path(__file__).resolve().parent
+        if root in Path.cwd().resolve().parents:
+            print(f"{Path(command_name(jobs)).name}: error: run it from the repository's root "
+                  f"({root}): its paths (results/, runs/, data/) are relative to it",
+                  file=sys.stderr)
+            return 2
+        return main(argv, jobs)
+    return functools.partial(parse_args, jobs=jobs), script_main
+
+
 def train_job(cfg: Config, args: argparse.Namespace) -> None:
     """A --mode run: training, --mode eval or --mode predict."""
     rank, world, device = start_job(cfg)
@@ -4554,25 +4573,6 @@ def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str], j
             for owners, words in notes.items()]
     parser.error(f"{flag or 'a --mode run'} does not take {' '.join(extra)}"
                  + (f" ({'; '.join(said)})" if said else ""))
-
-
-def command_name(jobs: dict) -> str:
-    """The file whose jobs these are, as its help and errors name it (repro.py, or a script's
-    path)."""
-    return next(iter(jobs.values())).prog
-
-
-def command_line(jobs: dict) -> tuple:
-    """A script's parse_args and main (results/*/*.py): repro.py's, over the script's own jobs;
-    run from a folder inside the repository (its paths are the root's), refused in one line."""
-    def script_main(argv: list[str] | None = None) -> int:
-        root = Path(__file__).resolve().parent
-        if root in Path.cwd().resolve().parents:
-            print(f"{Path(command_name(jobs)).name}: error: run it from the repository's root ({root}): its "
-                  "paths (results/, runs/, data/) are relative to it", file=sys.stderr)
-            return 2
-        return main(argv, jobs)
-    return functools.partial(parse_args, jobs=jobs), script_main
 
 
 class OneLineParser(argparse.ArgumentParser):

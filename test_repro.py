@@ -946,6 +946,8 @@ def test_the_docstring_names_each_parts_sections_in_order_and_no_function_is_lon
     assert all((at < split) == (i < part2) for (i, _), at in zip(titles, where))
     assert not re.search(r"\blines? \d", R.__doc__)  # line numbers go stale with every edit
     assert len(lines) - part2 <= len(lines) / 2, "Part II, the tooling, outweighs the method"
+    command_line = len(lines) - lines.index("# The command line") + 1  # the last section, its banner
+    assert command_line <= 250, f"the command line is {command_line} lines"
     for path in ("repro.py", "render_humans.py", *SCRIPTS):
         long = [(n.name, n.end_lineno - n.lineno + 1)
                 for n in ast.walk(ast.parse((ROOT / path).read_text()))
