@@ -3367,6 +3367,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """A finished figure laid out, written atomically (a cut-off write keeps the previous file) and
+    closed: every figure of the project ends here."""
+    fig.tight_layout()
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=110)
+    pyplot().close(fig)
+
+
 def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, device, path: Path,
                             n: int = 8) -> None:
     model.eval()
@@ -3375,12 +3384,10 @@ def save_predictions_figure(model: nn.Module, kset: KeypointSet, cfg: Config, de
         image = kset.image(i)
         maps, base = network_maps(model, image, cfg, device,
                                   kset.skeleton.benchmark.base_scale(kset.records[i], cfg))
-        people = [dict(keypoints=np.concatenate([kp[:, :2], 2.0 * (kp[:, 2:] > 0)], 1))
-                  for kp, _ in decode_maps(maps, base, kset.skeleton)]
-        tile = rh.draw_keypoints(image, people)
+        tile = draw_people(image, decode_maps(maps, base, kset.skeleton))
         tiles.append(cv2.resize(tile, (256, round(256 * tile.shape[0] / tile.shape[1]))))
     model.train()
-    cv2.imwrite(str(path), tile_grid(tiles))
+    write_image(path, tile_grid(tiles))
 
 
 def tile_grid(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
@@ -3410,9 +3417,7 @@ def save_curves(metrics_path: Path, path: Path, title: str) -> None:
                          label=f"val {key}" + (" / 100" if key == "mAP" else ""))
     axes[1].set(xlabel="training minutes", ylim=(0, 1))
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def bin_colours(bins: int) -> np.ndarray:
@@ -3445,9 +3450,7 @@ def save_teacher_plot(teacher: Teacher, path: Path) -> None:
     axes[0].legend(title="bin lower edge", fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     axes[1].plot(steps, [r["bin"] for r in records], ".", ms=4)
     axes[1].set(xlabel="student step", ylabel="picked bin", ylim=(-0.5, teacher.bins - 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def check_out(out: Path, folder: bool) -> None:
@@ -3504,11 +3507,8 @@ def compare_runs(run_dirs: list[str], out: Path) -> str:
                      f"{e['AP']:.4f} | {e['AP50']:.4f} | {e['AP75']:.4f} | {e['AR']:.4f} | "
                      f"{e['peak_hit']:.3f} |")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, keep_suffix=True) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
     table = "\n".join(lines) + "\n"
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(table)

@@ -43,7 +43,7 @@ from repro import (  # noqa: E402
     ReproError, Trainer, atomic_path, autocast, batchnorm_modules, bin_colours, code_version,
     config_flag, device_key, device_name, export_student, hold_run_dir, learning_rate,
     load_checkpoint, load_data, lock_holder, plot_bin_probabilities, pose_loss, pyplot, read_jsonl,
-    rh, save_atomic, start_job, this_device_key, to_input, tracked_name, write_json)
+    rh, save_atomic, save_figure, start_job, this_device_key, to_input, tracked_name, write_json)
 
 PROG = "results/protocol/claims.py"
 
@@ -1508,9 +1508,7 @@ def save_probe_figure(probe: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8.5, 4))
     plot_usefulness(ax, probe)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, path: Path) -> None:
@@ -1546,9 +1544,7 @@ def save_teacher_and_probe_figure(series: dict[str, list], probe: dict | None, p
     for ax, what in ((left[0], series), (right, probe)):
         if not what:
             ax.text(0.5, 0.5, "not run yet", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_claims_figure(runs: list[dict], verdicts: dict, path: Path) -> None:
@@ -1593,9 +1589,7 @@ def save_claims_figure(runs: list[dict], verdicts: dict, path: Path) -> None:
         bottom.set(xlim=(-0.5, len(compared) - 0.5), ylabel="paired AP difference",
                    title=f"{regime} regime: what rule v2 reads")
         bottom.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
