@@ -4451,7 +4451,7 @@ def parse_args(argv: list[str] | None = None,
     jobs = JOBS if jobs is None else jobs
     flag = pick_job(argv, jobs)
     parser = build_parser(flag, jobs)
-    elsewhere = " ".join(ELSEWHERE.values()).split() if jobs is JOBS else []
+    elsewhere = [f for flags in ELSEWHERE.values() for f in flags] if jobs is JOBS else []
     moved = [w for w in argv if w in elsewhere]
     if moved:  # before --help: `python repro.py --report --help` says where --report went
         refuse_flags(parser, flag, moved, jobs)
@@ -4566,7 +4566,7 @@ def refuse_flags(parser: argparse.ArgumentParser, flag: str, extra: list[str], j
         owners = [f or "the --mode runs" for f in jobs if word in takes[f]]
         owners = owners or [f"repro.py's {f or '--mode runs'}" for f in theirs if word in theirs[f]]
         owners = owners or [f"python {script}" for script, flags in ELSEWHERE.items()
-                            if word in flags.split()]
+                            if word in flags]
         if owners:
             notes.setdefault(", ".join(owners), []).append(word)
     said = [f"{' '.join(words)} {'is a flag' if len(words) == 1 else 'are flags'} of {owners}"
@@ -4607,7 +4607,7 @@ def jobs_epilog(jobs: dict | None = None) -> str:
             break_on_hyphens=False)]
     if jobs is JOBS:
         lines += ["the experiments behind results/ are scripts of their own (python SCRIPT --help):"]
-        lines += [f"  {script}: {flags}" for script, flags in ELSEWHERE.items()]
+        lines += [f"  {script}: {' '.join(flags)}" for script, flags in ELSEWHERE.items()]
     return "\n".join(lines)
 
 
@@ -4650,9 +4650,10 @@ class Job:
 
 
 # The scripts beside results/ and their jobs' flags, which repro.py's refusal names.
-ELSEWHERE = {"results/protocol/claims.py": "--reproduce --report --probe --jobs --only",
-             "results/domain-gap/domain_gap.py": "--domain-gap",
-             "results/speed/speed.py": "--bench-targets --gpu-report"}
+ELSEWHERE = {"results/protocol/claims.py": ("--reproduce", "--report", "--probe", "--jobs",
+                                            "--only"),
+             "results/domain-gap/domain_gap.py": ("--domain-gap",),
+             "results/speed/speed.py": ("--bench-targets", "--gpu-report")}
 
 JOBS = {job.flag: job for job in (
     Job(TRAIN, train_job, kept="the last checkpoint is kept: rerun with --resume"),

@@ -3322,7 +3322,7 @@ def test_each_script_lists_its_jobs_and_a_command_without_one_is_one_line(capsys
         assert script.main([]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"give one of {', '.join(script.JOBS)}" in err, err
-        assert script.PROG == path and set(R.ELSEWHERE[path].split()) == {
+        assert script.PROG == path and set(R.ELSEWHERE[path]) == {
             name for job in script.JOBS.values() for name, _ in job.own}  # what repro.py refuses
     assert R.main(["--help"]) == 0  # repro.py's --help says where the scripts' jobs are
     out = capsys.readouterr().out
